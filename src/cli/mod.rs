@@ -1,0 +1,111 @@
+//! The command line: one thin file per subcommand over the library.
+
+pub mod bench;
+pub mod convert;
+pub mod generate;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wick",
+    version,
+    about = "Run, chat with, convert, quantize and fine-tune local LLMs (mlx_lm's command line, in Rust)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt (mlx_lm.generate)
+    Generate(generate::GenerateArgs),
+    /// Chat with a model in the terminal (mlx_lm.chat)
+    Chat(NotYet),
+    /// Convert a Hugging Face folder or a GGUF file to an mlx-style folder, optionally quantized (mlx_lm.convert)
+    Convert(convert::ConvertArgs),
+    /// Quantize an existing model folder (short form of `convert -q`)
+    Quantize(NotYet),
+    /// Fine-tune with LoRA, DoRA or fully (mlx_lm.lora)
+    Lora(NotYet),
+    /// Fuse LoRA adapters into the base model (mlx_lm.fuse)
+    Fuse(NotYet),
+    /// Scan or delete models in the Hugging Face cache (mlx_lm.manage)
+    Manage(NotYet),
+    /// Serve an OpenAI-compatible HTTP API (mlx_lm.server)
+    Server(NotYet),
+    /// Measure prompt and generation speed (mlx_lm benchmark)
+    Bench(bench::BenchArgs),
+    /// Measure perplexity on a text or jsonl file (mlx_lm.perplexity)
+    Perplexity(NotYet),
+}
+
+/// A subcommand a later release fills in: accepts anything, says so, exits with code 2.
+#[derive(Args, Debug)]
+pub struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+/// Options every model-loading command shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelOpts {
+    /// Model folder (mlx-style or Hugging Face layout); the default model when omitted
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Compute dtype: float16, bfloat16 or float32 (default: the dtype the weights are stored in)
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// cpu, cuda, cuda:N, metal or auto
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl ModelOpts {
+    /// Resolves the folder, device and dtype, and loads the model and tokenizer.
+    pub fn load(
+        &self,
+    ) -> anyhow::Result<(crate::models::LoadedModel, crate::tokenizer::Tokenizer)> {
+        let dir = crate::load::resolve_model(self.model.as_deref())?;
+        let device = crate::device::select_device(self.device.as_deref())?;
+        let dtype = self
+            .dtype
+            .as_deref()
+            .map(crate::device::parse_dtype)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+        let model = crate::models::load_model(&dir, dtype, &device)?;
+        let tok = crate::tokenizer::Tokenizer::load(&dir)?;
+        Ok((model, tok))
+    }
+}
+
+/// Parses `True`/`False`/`T`/`F`/`1`/`0` as mlx_lm's `str2bool`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" | "yes" | "y" => Ok(true),
+        "false" | "f" | "0" | "no" | "n" => Ok(false),
+        _ => Err(format!("expected True or False, got `{s}`")),
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let not_yet = |name: &str| {
+        eprintln!("wick {name}: not yet available in this version of wick");
+        Ok(2)
+    };
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Chat(_) => not_yet("chat"),
+        Command::Quantize(_) => not_yet("quantize"),
+        Command::Lora(_) => not_yet("lora"),
+        Command::Fuse(_) => not_yet("fuse"),
+        Command::Manage(_) => not_yet("manage"),
+        Command::Server(_) => not_yet("server"),
+        Command::Perplexity(_) => not_yet("perplexity"),
+    }
+}

@@ -1,0 +1,145 @@
+//! The generation loop: chunked prefill, then one token at a time, with mlx_lm's statistics.
+
+use crate::cache::KvCache;
+use crate::models::LanguageModel;
+use crate::sample::{Sampler, SamplerConfig};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+/// Options of one generation, named as mlx_lm's `generate_step` arguments.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub prefill_step_size: usize,
+    pub sampler: SamplerConfig,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            prefill_step_size: 2048,
+            sampler: SamplerConfig::default(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// mlx_lm's closing statistics.
+#[derive(Debug, Clone)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub prompt_tps: f64,
+    pub generation_tokens: usize,
+    pub generation_tps: f64,
+    pub peak_memory_gb: f64,
+    pub finish_reason: FinishReason,
+}
+
+/// Runs the model over `tokens` and returns the last position's logits as a host vector.
+pub fn step_logits(
+    model: &dyn LanguageModel,
+    tokens: &[u32],
+    cache: &mut [KvCache],
+) -> Result<Vec<f32>> {
+    let input = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&input, cache, true)?;
+    Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Processes all but the last prompt token in chunks of `step` (filling `cache`), then the last
+/// one; returns the logits after the whole prompt.
+pub fn prefill(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    cache: &mut [KvCache],
+    step: usize,
+) -> Result<Vec<f32>> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty: nothing to generate from");
+    }
+    if step == 0 {
+        bail!("--prefill-step-size must be at least 1");
+    }
+    let mut rest = prompt;
+    while rest.len() > 1 {
+        let n = step.min(rest.len() - 1);
+        let input = Tensor::new(&rest[..n], model.device())?.unsqueeze(0)?;
+        // Only the cache matters here; compute just the last position's logits.
+        model.forward(&input, cache, true)?;
+        rest = &rest[n..];
+    }
+    step_logits(model, rest, cache)
+}
+
+/// Checks that the prompt fits the model's context.
+pub fn check_context(model: &dyn LanguageModel, prompt_len: usize) -> Result<()> {
+    if let Some(ctx) = model.max_context() {
+        if prompt_len > ctx {
+            bail!(
+                "the prompt has {prompt_len} tokens, more than the model's context of {ctx} tokens \
+                 (max_position_embeddings in config.json); shorten the prompt"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` for each generated
+/// token (eos tokens are not passed on); `on_token` returns `false` to stop early.
+pub fn generate(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    eos_token_ids: &BTreeSet<u32>,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<GenerationStats> {
+    check_context(model, prompt.len())?;
+    let mut sampler = Sampler::new(opts.sampler.clone())?;
+    let mut cache = model.make_cache();
+    let tic = Instant::now();
+    let mut logits = prefill(model, prompt, &mut cache, opts.prefill_step_size)?;
+    let mut token = sampler.sample(&logits)?;
+    let prompt_time = tic.elapsed().as_secs_f64();
+    let tic = Instant::now();
+    // As mlx_lm's stream_generate: every drawn token counts, the eos that stops generation too.
+    let mut n = 0usize;
+    let mut finish = FinishReason::Length;
+    while n < opts.max_tokens {
+        n += 1;
+        if eos_token_ids.contains(&token) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if !on_token(token)? {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if n == opts.max_tokens {
+            break;
+        }
+        logits = step_logits(model, &[token], &mut cache)?;
+        token = sampler.sample(&logits)?;
+    }
+    let gen_time = tic.elapsed().as_secs_f64();
+    Ok(GenerationStats {
+        prompt_tokens: prompt.len(),
+        prompt_tps: prompt.len() as f64 / prompt_time.max(1e-9),
+        generation_tokens: n,
+        generation_tps: if n > 0 {
+            n as f64 / gen_time.max(1e-9)
+        } else {
+            0.0
+        },
+        peak_memory_gb: crate::memory::peak_memory_gb(),
+        finish_reason: finish,
+    })
+}

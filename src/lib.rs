@@ -1,0 +1,19 @@
+//! wick: mlx_lm's command line as a Rust library.
+//!
+//! Data flows one way: resolve → load → model → generate → output. See `docs/ARCHITECTURE.md`.
+
+pub mod cache;
+pub mod cli;
+pub mod device;
+pub mod generate;
+pub mod gguf;
+pub mod load;
+pub mod memory;
+pub mod models;
+pub mod nn;
+pub mod output;
+pub mod quant;
+pub mod sample;
+pub mod tokenizer;
+
+pub use anyhow::{Error, Result};

@@ -1,0 +1,126 @@
+//! Resolving a model reference to a folder and reading what is in it:
+//! `config.json`, the safetensors weights (memory-mapped) and the tokenizer files.
+
+mod weights;
+
+pub use weights::Weights;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Where the default model lives, relative to the repository (see `models/README.md`).
+pub const DEFAULT_MODEL_DIR: &str = "models/SmolLM2-135M-Instruct";
+
+/// Finds the default model folder: `$WICK_DEFAULT_MODEL`, else `models/SmolLM2-135M-Instruct`
+/// under the current directory or next to the executable's repository.
+pub fn default_model_dir() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("WICK_DEFAULT_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = vec![PathBuf::from(DEFAULT_MODEL_DIR)];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/{release,debug}/wick → repository root
+        for anc in exe.ancestors().skip(1).take(4) {
+            candidates.push(anc.join(DEFAULT_MODEL_DIR));
+        }
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL_DIR));
+    for c in &candidates {
+        if c.join("config.json").is_file() {
+            return Ok(c.clone());
+        }
+    }
+    bail!(
+        "no --model given and the default model is not installed at {DEFAULT_MODEL_DIR}; \
+         run `models/fetch-default.sh` (see models/README.md) or pass --model PATH"
+    )
+}
+
+/// Resolves `--model`: a local folder (or the default model when `None`).
+pub fn resolve_model(model: Option<&str>) -> Result<PathBuf> {
+    let Some(m) = model else {
+        return default_model_dir();
+    };
+    let p = PathBuf::from(m);
+    if p.is_dir() {
+        if !p.join("config.json").is_file() {
+            bail!("model folder {} has no config.json", p.display());
+        }
+        return Ok(p);
+    }
+    if p.is_file() {
+        if m.ends_with(".gguf") {
+            bail!(
+                "{m} is a GGUF file: import it first with `wick convert --gguf {m} --mlx-path DIR`, then pass --model DIR"
+            );
+        }
+        bail!("--model {m} is a file; expected a model folder with config.json and *.safetensors");
+    }
+    bail!(
+        "model '{m}' not found: no such folder (Hugging Face downloads are not available yet; \
+         pass a local folder with config.json, *.safetensors and tokenizer.json)"
+    )
+}
+
+/// config.json, parsed to JSON with its path kept for error messages.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub value: Value,
+}
+
+impl ConfigFile {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        if !value.is_object() {
+            bail!("{}: expected a JSON object", path.display());
+        }
+        Ok(Self { path, value })
+    }
+
+    /// `model_type`, required.
+    pub fn model_type(&self) -> Result<&str> {
+        match self.value.get("model_type") {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => bail!(
+                "{}: field `model_type` must be a string",
+                self.path.display()
+            ),
+            None => bail!(
+                "{}: missing required field `model_type`",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// Deserializes the whole config into an architecture's argument struct; serde's
+    /// message names the missing or mistyped key.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.value.clone())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
+    }
+}
+
+/// eos ids from `generation_config.json` (`eos_token_id`: int or list), when present.
+pub fn generation_eos_ids(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(vec![]);
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(match v.get("eos_token_id") {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
+    })
+}

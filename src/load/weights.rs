@@ -1,0 +1,212 @@
+//! Memory-mapped safetensors weights: one `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json` (or matching `model-*.safetensors`).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// All tensors of a model folder, by (sanitized) name, read lazily from the mapped files.
+pub struct Weights {
+    shards: Vec<Shard>,
+    /// sanitized name → (shard index, name in the file)
+    index: BTreeMap<String, (usize, String)>,
+    pub dir: PathBuf,
+}
+
+impl Weights {
+    /// Maps every safetensors file of `dir`, validating headers and sizes.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = weight_files(dir)?;
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open weights file {}", path.display()))?;
+            // SAFETY: the file is only read; a concurrent writer is the user's error, as with mlx.
+            let mmap = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map weights file {}", path.display()))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                anyhow::anyhow!(
+                    "weights file {} is not a valid safetensors file ({e}); it may be truncated or corrupt — re-download or re-convert it",
+                    path.display()
+                )
+            })?;
+            for name in st.names() {
+                index.insert(name.to_string(), (i, name.to_string()));
+            }
+            drop(st);
+            shards.push(Shard {
+                path: path.clone(),
+                mmap,
+            });
+        }
+        Ok(Self {
+            shards,
+            index,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Renames or drops tensors (an architecture's `sanitize`): `f` returns the new name or `None`.
+    pub fn sanitize(&mut self, f: impl Fn(&str) -> Option<String>) {
+        let old = std::mem::take(&mut self.index);
+        for (k, v) in old {
+            if let Some(n) = f(&k) {
+                self.index.insert(n, v);
+            }
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|s| s.as_str())
+    }
+
+    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
+        let Some((i, orig)) = self.index.get(name) else {
+            bail!(
+                "tensor `{name}` is missing from the weights in {}",
+                self.dir.display()
+            );
+        };
+        let shard = &self.shards[*i];
+        let st = SafeTensors::deserialize(&shard.mmap)?;
+        let view = st.tensor(orig)?;
+        Ok((view, &shard.path))
+    }
+
+    /// Stored shape of a tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.view(name)?.0.shape().to_vec())
+    }
+
+    /// Stored dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        let (v, p) = self.view(name)?;
+        st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))
+    }
+
+    /// A tensor as stored (dtype unchanged), on `device`.
+    pub fn raw(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let (v, p) = self.view(name)?;
+        let dtype =
+            st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))?;
+        let t = Tensor::from_raw_buffer(v.data(), dtype, v.shape(), &Device::Cpu)
+            .with_context(|| format!("tensor `{name}` in {}", p.display()))?;
+        Ok(t.to_device(device)?)
+    }
+
+    /// A float tensor with a checked shape, cast to `dtype`.
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (v, p) = self.view(name)?;
+        if v.shape() != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, expected {:?} from config.json",
+                p.display(),
+                v.shape(),
+                shape
+            );
+        }
+        let t = self.raw(name, device)?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// The float dtype most weights are stored in (the model's native dtype).
+    pub fn dominant_float_dtype(&self) -> DType {
+        let mut counts: HashMap<DType, usize> = HashMap::new();
+        for name in self.index.keys() {
+            if let Ok(d) = self.dtype(name) {
+                if d.is_float() {
+                    *counts.entry(d).or_default() += 1;
+                }
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(_, c)| *c)
+            .map(|(d, _)| d)
+            .unwrap_or(DType::F32)
+    }
+}
+
+fn st_dtype(d: safetensors::Dtype) -> Result<DType> {
+    use safetensors::Dtype as S;
+    Ok(match d {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::U32 => DType::U32,
+        S::U8 => DType::U8,
+        S::I64 => DType::I64,
+        S::F64 => DType::F64,
+        other => bail!("unsupported tensor dtype {other:?}"),
+    })
+}
+
+/// The safetensors files of a model folder.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!("model folder {} does not exist", dir.display());
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+            bail!("{}: missing object field `weight_map`", index.display());
+        };
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        let mut out = vec![];
+        for f in files {
+            let p = dir.join(&f);
+            if !p.is_file() {
+                bail!(
+                    "{} lists shard {f}, which is missing from {}",
+                    index.display(),
+                    dir.display()
+                );
+            }
+            out.push(p);
+        }
+        return Ok(out);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("model") || n.starts_with("weights")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no model*.safetensors files in {}", dir.display());
+    }
+    Ok(files)
+}

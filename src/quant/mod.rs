@@ -1,0 +1,12 @@
+//! MLX affine group quantization: the format (pack/unpack, quantize, dequantize — bit-exact
+//! with `mx.quantize` / `mx.dequantize`), the config.json `quantization` block, and the
+//! quantized weight used by `Linear` and `Embedding`.
+
+pub mod affine;
+pub mod config;
+pub mod weight;
+
+pub use affine::{dequantize, pack, quantize, unpack, QuantParams};
+pub use config::QuantSpec;
+pub use weight::QuantizedWeight;
+pub mod matmul;

@@ -1,0 +1,167 @@
+//! The default model (SmolLM2-135M-Instruct imported from its GGUF) against mlx_lm goldens:
+//! prompt token ids (raw and chat-templated), 32 greedy tokens in f32, last-position logits.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use wick::generate::{prefill, step_logits};
+use wick::models::load_model;
+use wick::sample::argmax;
+use wick::tokenizer::Tokenizer;
+
+fn goldens() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(golden("smollm2_greedy.json")).unwrap()).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn prompt_ids_match_mlx_lm() {
+    let tok = Tokenizer::load(&default_model()).unwrap();
+    let g = goldens();
+    let cases = g["cases"].as_array().unwrap();
+    assert!(cases.len() >= 6);
+    for c in cases {
+        let prompt = c["prompt"].as_str().unwrap();
+        let system = c["system_prompt"].as_str();
+        let ignore = !c["chat"].as_bool().unwrap();
+        let ids = wick::cli::generate::prompt_ids(&tok, prompt, system, ignore, None).unwrap();
+        assert_eq!(
+            ids,
+            ids_of(&c["prompt_ids"]),
+            "prompt ids differ for {prompt:?}"
+        );
+        if !ignore {
+            let msgs: Vec<_> = system
+                .map(|s| wick::tokenizer::Message::new("system", s))
+                .into_iter()
+                .chain([wick::tokenizer::Message::new("user", prompt)])
+                .collect();
+            let text = tok
+                .apply_chat_template(&msgs, true, &Default::default())
+                .unwrap();
+            assert_eq!(
+                text,
+                c["rendered"].as_str().unwrap(),
+                "chat template rendering differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_and_logits_match_mlx_lm_in_f32() {
+    let dir = default_model();
+    let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let model = m.model.as_ref();
+    let g = goldens();
+    let logits = load_f32(&golden("smollm2_logits.safetensors"));
+    for (i, c) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids_of(&c["prompt_ids"]);
+        let want = ids_of(&c["greedy_f32"]);
+        let mut cache = model.make_cache();
+        // a small prefill step so chunking is exercised too
+        let mut l = prefill(model, &prompt, &mut cache, 7).unwrap();
+        if let Some((_, gold)) = logits.get(&format!("case{i}")) {
+            let d = max_abs_diff(&l, gold);
+            assert!(
+                d < 1e-2,
+                "case {i}: last-position logits differ from mlx_lm by {d}"
+            );
+        }
+        let mut got = vec![];
+        for _ in 0..want.len() {
+            let t = argmax(&l);
+            got.push(t);
+            l = step_logits(model, &[t], &mut cache).unwrap();
+        }
+        assert_eq!(
+            got, want,
+            "case {i} ({:?}): greedy tokens differ from mlx_lm",
+            c["prompt"]
+        );
+    }
+    assert_eq!(logits.len(), 2, "two logits goldens expected");
+}
+
+#[test]
+fn streaming_detokenizer_never_splits_characters() {
+    let tok = Tokenizer::load(&default_model()).unwrap();
+    for text in [
+        "日本の首都は東京です。",
+        "Zürich café — naïve 🤖 emoji",
+        " leading  spaces\tand\nnewlines",
+    ] {
+        let ids = tok.encode(text, false).unwrap();
+        let mut d = tok.streaming_detokenizer();
+        let mut pieces = vec![];
+        for &t in &ids {
+            let p = d.add_token(t);
+            assert!(
+                !p.contains('\u{FFFD}'),
+                "emitted a broken character for {text:?}: {p:?}"
+            );
+            pieces.push(p);
+        }
+        pieces.push(d.finalize());
+        assert_eq!(pieces.concat(), tok.decode(&ids).unwrap());
+        assert_eq!(pieces.concat(), text);
+    }
+}
+
+#[test]
+fn gguf_import_matches_gguf_package_dequantization() {
+    use sha2_like::sha256_hex;
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("gguf_import_f16.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("imported");
+    wick::gguf::import(&default_gguf(), &out, DType::F16, false).unwrap();
+    let w = wick::load::Weights::open(&out).unwrap();
+    let want = want.as_object().unwrap();
+    assert_eq!(w.names().count(), want.len(), "tensor count");
+    for (name, info) in want {
+        let t = w.raw(name, &Device::Cpu).unwrap();
+        assert_eq!(t.dtype(), DType::F16);
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.dims(), shape.as_slice(), "{name} shape");
+        let bytes: Vec<u8> = t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(
+            sha256_hex(&bytes),
+            info["sha256_f16"].as_str().unwrap(),
+            "{name} differs from the gguf package's dequantization"
+        );
+    }
+    // the imported folder's tokenizer loads with its chat template and eos token
+    let a = Tokenizer::load(&out).unwrap();
+    assert!(a.has_chat_template());
+    assert_eq!(a.eos_token.as_deref(), Some("<|im_end|>"));
+}
+
+mod sha2_like {
+    pub fn sha256_hex(data: &[u8]) -> String {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(data);
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

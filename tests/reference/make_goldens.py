@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Regenerates wick's golden files from mlx / mlx_lm (the oracle) on CPU.
+
+Usage (from the repository root, after `models/fetch-default.sh`):
+    pip install "mlx[cpu]" mlx-lm gguf numpy
+    python3 tests/reference/make_goldens.py [--only foundation|quant]
+
+Writes tests/golden/*. Nothing here reads wick's outputs except the default model folder that
+`wick convert --gguf` imported; that import is itself checked against the `gguf` package below.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
+GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# Prompts: chat-templated (as mlx_lm.generate does by default) and raw. Chosen to cover ASCII,
+# digits, code, whitespace runs and multi-byte UTF-8.
+CHAT_PROMPTS = [
+    ("What is the capital of France?", None),
+    ("Write a haiku about the sea.", None),
+    ("List three prime numbers greater than 100.", "You are a terse math tutor."),
+    ("Translate 'good morning' into German and Japanese.", None),
+]
+RAW_PROMPTS = [
+    "The quick brown fox",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a café near Zürich, 42 travellers",
+    "日本の首都は",
+]
+N_GREEDY = 32
+
+
+def to_f32(model):
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+
+
+def greedy(model, ids, n):
+    from mlx_lm.generate import generate_step
+
+    out = []
+    for tok, _ in generate_step(mx.array(ids), model, max_tokens=n):
+        out.append(int(tok))
+    return out
+
+
+def last_logits(model, ids):
+    logits = model(mx.array(ids)[None])
+    return np.array(logits[0, -1].astype(mx.float32))
+
+
+def prompt_ids(tok, prompt, system):
+    """As mlx_lm.generate's main(): chat template with no added special tokens, else raw with them."""
+    if system is not None or prompt in [p for p, _ in CHAT_PROMPTS]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, tok.encode(text, add_special_tokens=False)
+    return prompt, tok.encode(prompt, add_special_tokens=True)
+
+
+def save_f32(path, arrays):
+    mx.save_safetensors(path, {k: mx.array(v.astype(np.float32)) for k, v in arrays.items()})
+
+
+def foundation():
+    from mlx_lm import load
+
+    model, tok = load(MODEL)
+    to_f32(model)
+    cases = []
+    logits = {}
+    for i, (prompt, system) in enumerate(CHAT_PROMPTS + [(p, None) for p in RAW_PROMPTS]):
+        chat = i < len(CHAT_PROMPTS)
+        text, ids = prompt_ids(tok, prompt, system) if chat else (prompt, tok.encode(prompt, add_special_tokens=True))
+        toks = greedy(model, ids, N_GREEDY)
+        cases.append({"prompt": prompt, "system_prompt": system, "chat": chat, "rendered": text,
+                      "prompt_ids": ids, "greedy_f32": toks, "greedy_text": tok.decode(toks)})
+        if i in (0, len(CHAT_PROMPTS)):
+            logits[f"case{i}"] = last_logits(model, ids)
+        print(f"[{i}] {prompt!r} -> {tok.decode(toks)!r}")
+    json.dump({"model": "SmolLM2-135M-Instruct (imported from the Q4_1 GGUF, float16)", "dtype": "float32",
+               "cases": cases}, open(os.path.join(GOLDEN, "smollm2_greedy.json"), "w"), indent=1, ensure_ascii=False)
+    save_f32(os.path.join(GOLDEN, "smollm2_logits.safetensors"), logits)
+
+
+def gguf_import():
+    """Per-tensor sha256 of the GGUF's tensors dequantized by the `gguf` package, with llama.cpp's
+    Q/K row permutation undone, cast to float16 — what `wick convert --gguf` must write."""
+    import gguf
+    from gguf.quants import dequantize
+
+    r = gguf.GGUFReader(GGUF)
+    f = r.fields
+    heads = int(f["llama.attention.head_count"].contents())
+    kv = int(f["llama.attention.head_count_kv"].contents())
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per = {"attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+           "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+           "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+           "ffn_down.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
+           "ffn_norm.weight": "post_attention_layernorm.weight"}
+
+    def unpermute(w, n):
+        return w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    out = {}
+    for t in r.tensors:
+        if t.name in names:
+            hf = names[t.name]
+        else:
+            _, i, rest = t.name.split(".", 2)
+            hf = f"model.layers.{i}.{per[rest]}"
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute(w, heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute(w, kv)
+        w16 = np.ascontiguousarray(w.astype(np.float16))
+        out[hf] = {"shape": list(w16.shape), "ggml_type": t.tensor_type.name,
+                   "sha256_f16": hashlib.sha256(w16.tobytes()).hexdigest()}
+    json.dump(out, open(os.path.join(GOLDEN, "gguf_import_f16.json"), "w"), indent=1, sort_keys=True)
+    print(f"gguf import: {len(out)} tensors hashed")
+
+
+TINY_CONFIGS = {
+    # GQA, untied head, Llama-3 RoPE scaling, attention bias
+    "tiny_llama3": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128,
+                        rope_theta=500000.0, max_position_embeddings=256, tie_word_embeddings=False,
+                        attention_bias=True,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=32)),
+    # mistral model_type, tied embeddings, explicit head_dim, linear RoPE scaling, no GQA
+    "tiny_mistral": dict(model_type="mistral", hidden_size=48, num_hidden_layers=3, intermediate_size=80,
+                         num_attention_heads=3, num_key_value_heads=3, head_dim=32, rms_norm_eps=1e-6,
+                         vocab_size=100, rope_theta=10000.0, max_position_embeddings=128,
+                         tie_word_embeddings=True, rope_scaling=dict(type="linear", factor=2.0)),
+}
+
+
+def tiny_models():
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx.utils import tree_flatten
+
+    for name, cfg in TINY_CONFIGS.items():
+        mx.random.seed(7)
+        args = llama.ModelArgs.from_dict(cfg)
+        model = llama.Model(args)
+        # Non-trivial norms and biases so every weight matters.
+        params = dict(tree_flatten(model.parameters()))
+        for k in params:
+            if k.endswith("norm.weight") or k.endswith(".bias"):
+                params[k] = mx.random.normal(params[k].shape) * 0.2 + (1.0 if "norm" in k else 0.0)
+        model.load_weights(list(params.items()))
+        # Store weights in float16 (small); compute in float32 on both sides.
+        params = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+        d = os.path.join(GOLDEN, name)
+        os.makedirs(d, exist_ok=True)
+        mx.save_safetensors(os.path.join(d, "model.safetensors"), params, metadata={"format": "mlx"})
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
+        model.load_weights([(k, v.astype(mx.float32)) for k, v in params.items()])
+        rng = np.random.default_rng(3)
+        ids = rng.integers(0, cfg["vocab_size"], size=40).tolist()
+        full = np.array(model(mx.array(ids)[None])[0])
+        # prefill 24 tokens in chunks of 10 (mlx_lm-style), then decode the rest one at a time
+        cache = make_prompt_cache(model)
+        steps = []
+        for a, b in [(0, 10), (10, 20), (20, 24)]:
+            steps.append(np.array(model(mx.array(ids[a:b])[None], cache=cache)[0]))
+        for t in range(24, 40):
+            steps.append(np.array(model(mx.array(ids[t:t + 1])[None], cache=cache)[0]))
+        cached = np.concatenate(steps, axis=0)
+        save_f32(os.path.join(d, "logits.safetensors"), {"full": full, "cached": cached})
+        json.dump({"ids": ids, "chunks": [[0, 10], [10, 20], [20, 24]]}, open(os.path.join(d, "inputs.json"), "w"))
+        print(f"{name}: {sum(v.size for v in params.values())} params")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny"], default=None)
+    a = ap.parse_args()
+    os.makedirs(GOLDEN, exist_ok=True)
+    mx.set_default_device(mx.cpu)
+    jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation}
+    for k, f in jobs.items():
+        if a.only in (None, k):
+            f()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
