@@ -30,12 +30,7 @@ impl KvCache {
         let (b, h, l, dk) = k.dims4()?;
         let dv = v.dim(3)?;
         let prev = self.offset;
-        let capacity = self
-            .keys
-            .as_ref()
-            .map(|t| t.dim(2))
-            .transpose()?
-            .unwrap_or(0);
+        let capacity = self.keys.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
         if prev + l > capacity {
             let steps = (l + CACHE_STEP - 1) / CACHE_STEP;
             let grow = steps * CACHE_STEP;
@@ -46,10 +41,7 @@ impl KvCache {
                     // Trim unused tail (as mlx_lm does when the previous size is not a multiple of the step).
                     let ok = ok.narrow(2, 0, prev)?;
                     let ov = ov.narrow(2, 0, prev)?;
-                    (
-                        Tensor::cat(&[&ok, &new_k], 2)?,
-                        Tensor::cat(&[&ov, &new_v], 2)?,
-                    )
+                    (Tensor::cat(&[&ok, &new_k], 2)?, Tensor::cat(&[&ov, &new_v], 2)?)
                 }
                 _ => (new_k, new_v),
             };
@@ -61,10 +53,7 @@ impl KvCache {
         keys.slice_set(&k.contiguous()?, 2, prev)?;
         values.slice_set(&v.contiguous()?, 2, prev)?;
         self.offset = prev + l;
-        Ok((
-            keys.narrow(2, 0, self.offset)?,
-            values.narrow(2, 0, self.offset)?,
-        ))
+        Ok((keys.narrow(2, 0, self.offset)?, values.narrow(2, 0, self.offset)?))
     }
 
     /// Drops everything stored.

@@ -23,18 +23,16 @@ pub fn select_device(name: Option<&str>) -> Result<Device> {
             if !cfg!(feature = "cuda") {
                 bail!("--device {s}: this wick was built without CUDA support (rebuild with `--features cuda`)");
             }
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!("--device {s}: cannot open CUDA device {ordinal}: {e}")
-            })
+            Device::new_cuda(ordinal)
+                .map_err(|e| anyhow::anyhow!("--device {s}: cannot open CUDA device {ordinal}: {e}"))
         }
         Some(s) if s == "metal" || s.starts_with("metal:") => {
             let ordinal = parse_ordinal(s)?;
             if !cfg!(feature = "metal") {
                 bail!("--device {s}: this wick was built without Metal support (rebuild with `--features metal` on a Mac)");
             }
-            Device::new_metal(ordinal).map_err(|e| {
-                anyhow::anyhow!("--device {s}: cannot open Metal device {ordinal}: {e}")
-            })
+            Device::new_metal(ordinal)
+                .map_err(|e| anyhow::anyhow!("--device {s}: cannot open Metal device {ordinal}: {e}"))
         }
         Some(s) => bail!("--device {s}: expected one of cpu, cuda, cuda:N, metal, auto"),
     }
@@ -43,9 +41,9 @@ pub fn select_device(name: Option<&str>) -> Result<Device> {
 fn parse_ordinal(s: &str) -> Result<usize> {
     match s.split_once(':') {
         None => Ok(0),
-        Some((_, n)) => n.parse().map_err(|_| {
-            anyhow::anyhow!("--device {s}: the device index after ':' must be a number")
-        }),
+        Some((_, n)) => {
+            n.parse().map_err(|_| anyhow::anyhow!("--device {s}: the device index after ':' must be a number"))
+        }
     }
 }
 
@@ -71,4 +69,17 @@ pub fn dtype_name(dtype: DType) -> &'static str {
         DType::F64 => "float64",
         _ => "unknown",
     }
+}
+
+/// One-time process setup for the CPU backend: candle asks for the thread count on every
+/// matmul and, unless `RAYON_NUM_THREADS` is set, re-reads /proc/cpuinfo each time; pin it once.
+pub fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            // Called before any other thread reads the environment (first model load).
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    });
 }

@@ -18,11 +18,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self {
-            max_tokens: 256,
-            prefill_step_size: 2048,
-            sampler: SamplerConfig::default(),
-        }
+        Self { max_tokens: 256, prefill_step_size: 2048, sampler: SamplerConfig::default() }
     }
 }
 
@@ -45,11 +41,7 @@ pub struct GenerationStats {
 }
 
 /// Runs the model over `tokens` and returns the last position's logits as a host vector.
-pub fn step_logits(
-    model: &dyn LanguageModel,
-    tokens: &[u32],
-    cache: &mut [KvCache],
-) -> Result<Vec<f32>> {
+pub fn step_logits(model: &dyn LanguageModel, tokens: &[u32], cache: &mut [KvCache]) -> Result<Vec<f32>> {
     let input = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
     let logits = model.forward(&input, cache, true)?;
     Ok(logits.flatten_all()?.to_vec1::<f32>()?)
@@ -57,12 +49,7 @@ pub fn step_logits(
 
 /// Processes all but the last prompt token in chunks of `step` (filling `cache`), then the last
 /// one; returns the logits after the whole prompt.
-pub fn prefill(
-    model: &dyn LanguageModel,
-    prompt: &[u32],
-    cache: &mut [KvCache],
-    step: usize,
-) -> Result<Vec<f32>> {
+pub fn prefill(model: &dyn LanguageModel, prompt: &[u32], cache: &mut [KvCache], step: usize) -> Result<Vec<f32>> {
     if prompt.is_empty() {
         bail!("the prompt is empty: nothing to generate from");
     }
@@ -134,11 +121,7 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         prompt_tps: prompt.len() as f64 / prompt_time.max(1e-9),
         generation_tokens: n,
-        generation_tps: if n > 0 {
-            n as f64 / gen_time.max(1e-9)
-        } else {
-            0.0
-        },
+        generation_tps: if n > 0 { n as f64 / gen_time.max(1e-9) } else { 0.0 },
         peak_memory_gb: crate::memory::peak_memory_gb(),
         finish_reason: finish,
     })

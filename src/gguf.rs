@@ -22,21 +22,14 @@ fn meta_err(path: &Path, key: &str, what: &str) -> anyhow::Error {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f = std::fs::File::open(path)
-            .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let content = Content::read(&mut f)
             .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            content,
-        })
+        Ok(Self { path: path.to_path_buf(), content })
     }
 
     fn get(&self, key: &str) -> Result<&GValue> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| meta_err(&self.path, key, "is missing"))
+        self.content.metadata.get(key).ok_or_else(|| meta_err(&self.path, key, "is missing"))
     }
 
     fn opt(&self, key: &str) -> Option<&GValue> {
@@ -55,18 +48,12 @@ impl GgufFile {
     /// An f32 metadata value as the shortest decimal that reads back to it (1e-5, not 9.99e-6).
     fn float(&self, key: &str) -> Result<f64> {
         let v = self.get(key)?;
-        let f = v
-            .to_f32()
-            .map_err(|_| meta_err(&self.path, key, "is not a float"))?;
+        let f = v.to_f32().map_err(|_| meta_err(&self.path, key, "is not a float"))?;
         Ok(format!("{f}").parse::<f64>()?)
     }
 
     fn string(&self, key: &str) -> Result<String> {
-        Ok(self
-            .get(key)?
-            .to_string()
-            .map_err(|_| meta_err(&self.path, key, "is not a string"))?
-            .clone())
+        Ok(self.get(key)?.to_string().map_err(|_| meta_err(&self.path, key, "is not a string"))?.clone())
     }
 
     fn strings(&self, key: &str) -> Result<Vec<String>> {
@@ -74,11 +61,7 @@ impl GgufFile {
             .to_vec()
             .map_err(|_| meta_err(&self.path, key, "is not an array"))?
             .iter()
-            .map(|v| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|_| meta_err(&self.path, key, "must hold strings"))
-            })
+            .map(|v| v.to_string().cloned().map_err(|_| meta_err(&self.path, key, "must hold strings")))
             .collect()
     }
 
@@ -135,10 +118,7 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let rows = shape[0];
     let mut split = vec![n_heads, rows / n_heads / 2, 2];
     split.extend_from_slice(&shape[1..]);
-    Ok(w.reshape(split)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(shape)?)
+    Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(shape)?)
 }
 
 /// Imports `gguf` into an mlx-style folder at `out` with weights in `dtype`.
@@ -146,10 +126,7 @@ pub fn import(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<Path
     let g = GgufFile::open(gguf)?;
     let arch = g.string("general.architecture")?;
     if arch != "llama" {
-        bail!(
-            "{}: GGUF architecture `{arch}` cannot be imported yet (supported: llama)",
-            gguf.display()
-        );
+        bail!("{}: GGUF architecture `{arch}` cannot be imported yet (supported: llama)", gguf.display());
     }
     let folder = AtomicFolder::create(out, force, "--mlx-path")?;
     let p = |k: &str| format!("{arch}.{k}");
@@ -167,9 +144,7 @@ pub fn import(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<Path
     let mut names: Vec<&String> = g.content.tensor_infos.keys().collect();
     names.sort();
     let bar = ProgressBar::new(names.len() as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "importing {bar:40} {pos}/{len} tensors {msg}",
-    )?);
+    bar.set_style(ProgressStyle::with_template("importing {bar:40} {pos}/{len} tensors {msg}")?);
     let mut file = std::fs::File::open(gguf)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for name in names {
@@ -183,11 +158,7 @@ pub fn import(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<Path
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", gguf.display()))?;
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: cannot dequantize tensor {name} ({:?}): {e}",
-                gguf.display(),
-                q.dtype()
-            )
+            anyhow::anyhow!("{}: cannot dequantize tensor {name} ({:?}): {e}", gguf.display(), q.dtype())
         })?;
         if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
             t = unpermute_qk(&t, heads)?;
@@ -206,55 +177,29 @@ pub fn import(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<Path
     cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
     cfg.insert("model_type".into(), json!("llama"));
     cfg.insert("hidden_size".into(), json!(hidden));
-    cfg.insert(
-        "intermediate_size".into(),
-        json!(g.usize(&p("feed_forward_length"))?),
-    );
+    cfg.insert("intermediate_size".into(), json!(g.usize(&p("feed_forward_length"))?));
     cfg.insert("num_hidden_layers".into(), json!(layers));
     cfg.insert("num_attention_heads".into(), json!(heads));
     cfg.insert("num_key_value_heads".into(), json!(kv_heads));
-    if let Some(d) = g
-        .opt(&p("rope.dimension_count"))
-        .map(|_| g.usize(&p("rope.dimension_count")))
-        .transpose()?
-    {
+    if let Some(d) = g.opt(&p("rope.dimension_count")).map(|_| g.usize(&p("rope.dimension_count"))).transpose()? {
         if d != hidden / heads {
             cfg.insert("head_dim".into(), json!(d));
         }
     }
-    cfg.insert(
-        "rms_norm_eps".into(),
-        json!(g.float(&p("attention.layer_norm_rms_epsilon"))?),
-    );
+    cfg.insert("rms_norm_eps".into(), json!(g.float(&p("attention.layer_norm_rms_epsilon"))?));
     cfg.insert(
         "rope_theta".into(),
-        json!(if g.opt(&p("rope.freq_base")).is_some() {
-            g.float(&p("rope.freq_base"))?
-        } else {
-            10000.0
-        }),
+        json!(if g.opt(&p("rope.freq_base")).is_some() { g.float(&p("rope.freq_base"))? } else { 10000.0 }),
     );
     if let Some(_) = g.opt(&p("context_length")) {
-        cfg.insert(
-            "max_position_embeddings".into(),
-            json!(g.usize(&p("context_length"))?),
-        );
+        cfg.insert("max_position_embeddings".into(), json!(g.usize(&p("context_length"))?));
     }
     cfg.insert("vocab_size".into(), json!(tokens.len()));
     cfg.insert("tie_word_embeddings".into(), json!(tied));
     cfg.insert("hidden_act".into(), json!("silu"));
-    cfg.insert(
-        "torch_dtype".into(),
-        json!(crate::device::dtype_name(dtype)),
-    );
-    let bos = g
-        .opt("tokenizer.ggml.bos_token_id")
-        .map(|_| g.usize("tokenizer.ggml.bos_token_id"))
-        .transpose()?;
-    let eos = g
-        .opt("tokenizer.ggml.eos_token_id")
-        .map(|_| g.usize("tokenizer.ggml.eos_token_id"))
-        .transpose()?;
+    cfg.insert("torch_dtype".into(), json!(crate::device::dtype_name(dtype)));
+    let bos = g.opt("tokenizer.ggml.bos_token_id").map(|_| g.usize("tokenizer.ggml.bos_token_id")).transpose()?;
+    let eos = g.opt("tokenizer.ggml.eos_token_id").map(|_| g.usize("tokenizer.ggml.eos_token_id")).transpose()?;
     if let Some(b) = bos {
         cfg.insert("bos_token_id".into(), json!(b));
     }
@@ -296,15 +241,13 @@ fn pre_tokenizer(pre: &str, path: &Path) -> Result<Value> {
     })
 }
 
-fn build_tokenizer(
-    g: &GgufFile,
-    tokens: &[String],
-    bos: Option<usize>,
-    eos: Option<usize>,
-) -> Result<(Value, Value)> {
+fn build_tokenizer(g: &GgufFile, tokens: &[String], bos: Option<usize>, eos: Option<usize>) -> Result<(Value, Value)> {
     let model = g.string("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        bail!("{}: tokenizer.ggml.model = `{model}` cannot be imported yet (supported: gpt2 byte-level BPE)", g.path.display());
+        bail!(
+            "{}: tokenizer.ggml.model = `{model}` cannot be imported yet (supported: gpt2 byte-level BPE)",
+            g.path.display()
+        );
     }
     let merges = g.strings("tokenizer.ggml.merges")?;
     let types = if g.opt("tokenizer.ggml.token_type").is_some() {
@@ -312,15 +255,8 @@ fn build_tokenizer(
     } else {
         vec![1; tokens.len()]
     };
-    let pre = if g.opt("tokenizer.ggml.pre").is_some() {
-        g.string("tokenizer.ggml.pre")?
-    } else {
-        "default".into()
-    };
-    let add_bos = g
-        .opt("tokenizer.ggml.add_bos_token")
-        .map(|v| v.to_bool().unwrap_or(false))
-        .unwrap_or(false);
+    let pre = if g.opt("tokenizer.ggml.pre").is_some() { g.string("tokenizer.ggml.pre")? } else { "default".into() };
+    let add_bos = g.opt("tokenizer.ggml.add_bos_token").map(|v| v.to_bool().unwrap_or(false)).unwrap_or(false);
 
     let mut vocab = Map::new();
     for (i, t) in tokens.iter().enumerate() {
@@ -366,9 +302,7 @@ fn build_tokenizer(
     tc.insert("add_eos_token".into(), json!(false));
     tc.insert("clean_up_tokenization_spaces".into(), json!(false));
     let tok_id = |key: &str| -> Option<String> {
-        g.opt(key)
-            .and_then(|v| v.to_u32().ok())
-            .and_then(|i| tokens.get(i as usize).cloned())
+        g.opt(key).and_then(|v| v.to_u32().ok()).and_then(|i| tokens.get(i as usize).cloned())
     };
     if let Some(b) = bos {
         tc.insert("bos_token".into(), json!(tokens[b]));
@@ -383,16 +317,10 @@ fn build_tokenizer(
         tc.insert("pad_token".into(), json!(pd));
     }
     if g.opt("tokenizer.chat_template").is_some() {
-        tc.insert(
-            "chat_template".into(),
-            json!(g.string("tokenizer.chat_template")?),
-        );
+        tc.insert("chat_template".into(), json!(g.string("tokenizer.chat_template")?));
     }
     if g.opt("llama.context_length").is_some() {
-        tc.insert(
-            "model_max_length".into(),
-            json!(g.usize("llama.context_length")?),
-        );
+        tc.insert("model_max_length".into(), json!(g.usize("llama.context_length")?));
     }
     tc.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     Ok((tj, Value::Object(tc)))

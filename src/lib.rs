@@ -7,6 +7,7 @@ pub mod cli;
 pub mod device;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod load;
 pub mod memory;
 pub mod models;

@@ -24,30 +24,14 @@ impl Loader<'_> {
 /// A linear layer `y = x Wᵀ + b`, dense or MLX-affine-quantized.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    Dense {
-        weight: Tensor,
-        bias: Option<Tensor>,
-    },
-    Quantized {
-        weight: QuantizedWeight,
-        bias: Option<Tensor>,
-    },
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    Quantized { weight: QuantizedWeight, bias: Option<Tensor> },
 }
 
 impl Linear {
     /// Loads `{prefix}.weight` (and `.bias` when `bias`), quantized when the config says so.
-    pub fn load(
-        ld: &Loader,
-        prefix: &str,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        let bias = if bias {
-            Some(ld.tensor(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
+    pub fn load(ld: &Loader, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let bias = if bias { Some(ld.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         if let Some(params) = ld.quant.and_then(|q| q.params_for(prefix)) {
             let weight = QuantizedWeight::load(ld, prefix, out_dim, in_dim, params)?;
             return Ok(Linear::Quantized { weight, bias });
@@ -68,16 +52,80 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ` for `x` of any rank (…, in) and `W` (out, in).
+/// `x Wᵀ` for `x` of any rank (…, in) and `W` (out, in). On the CPU our own kernels run
+/// (`kernels`: matrix-vector for decode, f32 tiles + gemm for half-precision prefill); elsewhere,
+/// and for f32 prefill, the device's matmul.
 pub fn dense_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().context("matmul input has no dimensions")?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((rows, in_dim))?;
-    let y = x2.matmul(&w.t()?)?;
+    let own_kernel = x.device().is_cpu()
+        && w.is_contiguous()
+        && x.dtype() == w.dtype()
+        && (rows <= crate::kernels::GEMV_MAX_ROWS || w.dtype() != DType::F32);
+    let y = if own_kernel { x2.contiguous()?.apply_op2(w, DenseMatMul)? } else { x2.matmul(&w.t()?)? };
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(w.dim(0)?);
     Ok(y.reshape(out_dims)?)
+}
+
+/// `x (m × k) · Wᵀ (k × n)` on the CPU with our kernels; differentiable in both arguments.
+struct DenseMatMul;
+
+impl candle_core::CustomOp2 for DenseMatMul {
+    fn name(&self) -> &'static str {
+        "dense-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use crate::kernels::{matmul_f32, DenseRows, Elem};
+        use candle_core::CpuStorage as C;
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("dense matmul: input has {k} features, the weight {k2}");
+        }
+        let (xa, xb) = xl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dense matmul: input not contiguous".into()))?;
+        let (wa, wb) = wl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dense matmul: weight not contiguous".into()))?;
+        fn go<T: Elem>(x: &[T], w: &[T], m: usize, n: usize, k: usize) -> Vec<f32> {
+            let mut xf = vec![0f32; x.len()];
+            T::to_f32_slice(x, &mut xf);
+            matmul_f32(&DenseRows { data: w, n, k }, &xf, m)
+        }
+        let out = match (xs, ws) {
+            (C::F32(x), C::F32(w)) => C::F32(go(&x[xa..xb], &w[wa..wb], m, n, k)),
+            (C::F16(x), C::F16(w)) => {
+                C::F16(go(&x[xa..xb], &w[wa..wb], m, n, k).into_iter().map(half::f16::from_f32).collect())
+            }
+            (C::BF16(x), C::BF16(w)) => {
+                C::BF16(go(&x[xa..xb], &w[wa..wb], m, n, k).into_iter().map(half::bf16::from_f32).collect())
+            }
+            _ => candle_core::bail!("dense matmul: input and weight must share a float dtype"),
+        };
+        Ok((out, candle_core::Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // y = x Wᵀ: dx = dy W, dW = dyᵀ x
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
 }
 
 /// Token embeddings, dense or quantized; `as_linear` serves as the tied lm head.
@@ -90,13 +138,9 @@ pub enum Embedding {
 impl Embedding {
     pub fn load(ld: &Loader, prefix: &str, vocab: usize, dim: usize) -> Result<Self> {
         if let Some(params) = ld.quant.and_then(|q| q.params_for(prefix)) {
-            return Ok(Embedding::Quantized(QuantizedWeight::load(
-                ld, prefix, vocab, dim, params,
-            )?));
+            return Ok(Embedding::Quantized(QuantizedWeight::load(ld, prefix, vocab, dim, params)?));
         }
-        Ok(Embedding::Dense(
-            ld.tensor(&format!("{prefix}.weight"), &[vocab, dim])?,
-        ))
+        Ok(Embedding::Dense(ld.tensor(&format!("{prefix}.weight"), &[vocab, dim])?))
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
@@ -129,18 +173,11 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: ld.tensor(&format!("{name}.weight"), &[dim])?,
-            eps: eps as f32,
-        })
+        Ok(Self { weight: ld.tensor(&format!("{name}.weight"), &[dim])?, eps: eps as f32 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
 }
 
@@ -166,16 +203,13 @@ impl Rope {
         max_position_embeddings: Option<usize>,
     ) -> Result<Self> {
         let half = dims / 2;
-        let mut periods: Vec<f64> = (0..half)
-            .map(|i| base.powf(2.0 * i as f64 / dims as f64))
-            .collect();
+        let mut periods: Vec<f64> = (0..half).map(|i| base.powf(2.0 * i as f64 / dims as f64)).collect();
         let mut scale = 1.0f64;
         let kind = scaling
             .and_then(|s| s.get("type").or_else(|| s.get("rope_type")))
             .and_then(|t| t.as_str())
             .unwrap_or("default");
-        let get =
-            |k: &str| -> Option<f64> { scaling.and_then(|s| s.get(k)).and_then(|v| v.as_f64()) };
+        let get = |k: &str| -> Option<f64> { scaling.and_then(|s| s.get(k)).and_then(|v| v.as_f64()) };
         match kind {
             "default" => {}
             "linear" => {
@@ -201,9 +235,9 @@ impl Rope {
                     };
                 }
             }
-            other => anyhow::bail!(
-                "rope_scaling type `{other}` is not supported yet (supported: default, linear, llama3)"
-            ),
+            other => {
+                anyhow::bail!("rope_scaling type `{other}` is not supported yet (supported: default, linear, llama3)")
+            }
         }
         let _ = max_position_embeddings;
         Ok(Self {
@@ -214,8 +248,9 @@ impl Rope {
         })
     }
 
-    /// cos/sin tables for positions `offset .. offset + len`, shape (len, dims/2), f32.
-    fn tables(&self, offset: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables for positions `offset .. offset + len`, computed once per forward pass and
+    /// shared by every layer.
+    pub fn tables(&self, offset: usize, len: usize, dtype: DType, device: &Device) -> Result<RopeTables> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -227,28 +262,29 @@ impl Rope {
                 sin.push(theta.sin());
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
+        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+        Ok(RopeTables { cos, sin, dims: self.dims, traditional: self.traditional })
     }
+}
 
-    /// Applies RoPE to `x` of shape (B, heads, L, head_dim) at positions starting at `offset`.
-    pub fn forward(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, len, head_dim) = x.dims4()?;
-        let (cos, sin) = self.tables(offset, len, x.device())?;
-        let dtype = x.dtype();
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let rot = if self.dims < head_dim {
-            x.narrow(D::Minus1, 0, self.dims)?
-        } else {
-            x.clone()
-        };
-        let rot = rot.contiguous()?;
+/// RoPE tables for one forward pass.
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+    dims: usize,
+    traditional: bool,
+}
+
+impl RopeTables {
+    /// Applies RoPE to `x` of shape (B, heads, L, head_dim).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let head_dim = x.dim(3)?;
+        let rot = if self.dims < head_dim { x.narrow(D::Minus1, 0, self.dims)?.contiguous()? } else { x.contiguous()? };
         let out = if self.traditional {
-            candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?
+            candle_nn::rotary_emb::rope_i(&rot, &self.cos, &self.sin)?
         } else {
-            candle_nn::rotary_emb::rope(&rot, &cos, &sin)?
+            candle_nn::rotary_emb::rope(&rot, &self.cos, &self.sin)?
         };
         if self.dims < head_dim {
             let pass = x.narrow(D::Minus1, self.dims, head_dim - self.dims)?;
@@ -257,6 +293,42 @@ impl Rope {
             Ok(out)
         }
     }
+}
+
+/// Causal attention of `q` (B, H, L, D) over `k`, `v` (B, KV, T, D) where the queries sit at
+/// positions `offset ..`; grouped-query heads share their KV head without copying it.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 {
+        return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32 })?);
+    }
+    let (b, h, l, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let t = k.dim(2)?;
+    let n_rep = h / kv;
+    let q = (q.reshape((b, kv, n_rep * l, d))? * scale)?;
+    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let scores = if l > 1 {
+        let mask = causal_mask(n_rep, l, t, offset, q.device())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(out.reshape((b, h, l, v.dim(3)?))?)
+}
+
+/// Additive mask (n_rep·L, T): query `i` (at position offset + i) sees keys `0 ..= offset + i`.
+fn causal_mask(n_rep: usize, l: usize, t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let mut m = Vec::with_capacity(n_rep * l * t);
+    for _ in 0..n_rep {
+        for i in 0..l {
+            for j in 0..t {
+                m.push(if j > offset + i { f32::NEG_INFINITY } else { 0.0 });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (n_rep * l, t), device)?)
 }
 
 /// SwiGLU activation: `silu(gate) * up`.
@@ -268,5 +340,93 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Linear::forward(self, x).map_err(candle_core::Error::wrap)
+    }
+}
+
+/// Attention of one query position over the whole cache on the CPU (the decode step): per head,
+/// scores by dot products against the strided cache, softmax in f32, weighted sum of values.
+struct DecodeAttention {
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &candle_core::CpuStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CpuStorage,
+        kl: &candle_core::Layout,
+        vs: &candle_core::CpuStorage,
+        vl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use crate::kernels::Elem;
+        use candle_core::CpuStorage as C;
+        let (b, h, _, d) = ql.shape().dims4()?;
+        let (_, kvh, t, _) = kl.shape().dims4()?;
+        let dv = vl.shape().dims4()?.3;
+        let n_rep = h / kvh;
+        let (qa, _) = ql.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("query not contiguous".into()))?;
+        let scale = self.scale;
+        fn go<T: Elem>(
+            q: &[T],
+            k: &[T],
+            v: &[T],
+            kl: &candle_core::Layout,
+            vl: &candle_core::Layout,
+            dims: (usize, usize, usize, usize, usize, usize, usize),
+            scale: f32,
+        ) -> Vec<T> {
+            let (b, h, d, dv, t, n_rep, _kvh) = dims;
+            let (ks, vs) = (kl.stride(), vl.stride());
+            let (ko, vo) = (kl.start_offset(), vl.start_offset());
+            let mut out = vec![T::from_f32(0.0); b * h * dv];
+            let mut qf = vec![0f32; d];
+            let mut scores = vec![0f32; t];
+            let mut acc = vec![0f32; dv];
+            let mut vf = vec![0f32; dv];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let kv = hi / n_rep;
+                    T::to_f32_slice(&q[(bi * h + hi) * d..(bi * h + hi + 1) * d], &mut qf);
+                    let kbase = ko + bi * ks[0] + kv * ks[1];
+                    let mut max = f32::NEG_INFINITY;
+                    for (ti, sc) in scores.iter_mut().enumerate() {
+                        let row = &k[kbase + ti * ks[2]..kbase + ti * ks[2] + d];
+                        *sc = T::dot(&qf, row) * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    let vbase = vo + bi * vs[0] + kv * vs[1];
+                    for (ti, sc) in scores.iter().enumerate() {
+                        let p = sc / sum;
+                        T::to_f32_slice(&v[vbase + ti * vs[2]..vbase + ti * vs[2] + dv], &mut vf);
+                        for (a, x) in acc.iter_mut().zip(&vf) {
+                            *a += p * x;
+                        }
+                    }
+                    for (o, a) in out[(bi * h + hi) * dv..(bi * h + hi + 1) * dv].iter_mut().zip(&acc) {
+                        *o = T::from_f32(*a);
+                    }
+                }
+            }
+            out
+        }
+        let dims = (b, h, d, dv, t, n_rep, kvh);
+        let out = match (qs, ks, vs) {
+            (C::F32(q), C::F32(k), C::F32(v)) => C::F32(go(&q[qa..], k, v, kl, vl, dims, scale)),
+            (C::F16(q), C::F16(k), C::F16(v)) => C::F16(go(&q[qa..], k, v, kl, vl, dims, scale)),
+            (C::BF16(q), C::BF16(k), C::BF16(v)) => C::BF16(go(&q[qa..], k, v, kl, vl, dims, scale)),
+            _ => candle_core::bail!("decode attention: q, k and v must share a float dtype"),
+        };
+        Ok((out, candle_core::Shape::from((b, h, 1, dv))))
     }
 }

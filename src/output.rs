@@ -14,30 +14,19 @@ impl AtomicFolder {
     /// Prepares to write `target`; fails at once if it exists and `force` is not set.
     pub fn create(target: &Path, force: bool, flag: &str) -> Result<Self> {
         if target.exists() && !force {
-            bail!(
-                "{flag} {} already exists; pass --force to replace it",
-                target.display()
-            );
+            bail!("{flag} {} already exists; pass --force to replace it", target.display());
         }
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "out".into());
+        std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}.wick-tmp-"))
             .tempdir_in(&parent)
             .with_context(|| format!("cannot create a temporary folder in {}", parent.display()))?;
-        Ok(Self {
-            target: target.to_path_buf(),
-            tmp: Some(tmp),
-            force,
-        })
+        Ok(Self { target: target.to_path_buf(), tmp: Some(tmp), force })
     }
 
     /// Path of a file inside the folder being written.
@@ -57,10 +46,7 @@ impl AtomicFolder {
         make_readable(&tmp)?;
         if self.target.exists() {
             if !self.force {
-                bail!(
-                    "{} appeared while writing; not replacing it",
-                    self.target.display()
-                );
+                bail!("{} appeared while writing; not replacing it", self.target.display());
             }
             let old = tmp.with_extension("old");
             std::fs::rename(&self.target, &old)?;
@@ -71,12 +57,8 @@ impl AtomicFolder {
                 std::fs::remove_file(&old)?;
             }
         } else {
-            std::fs::rename(&tmp, &self.target).with_context(|| {
-                format!(
-                    "cannot move the finished folder to {}",
-                    self.target.display()
-                )
-            })?;
+            std::fs::rename(&tmp, &self.target)
+                .with_context(|| format!("cannot move the finished folder to {}", self.target.display()))?;
         }
         Ok(self.target.clone())
     }
@@ -97,8 +79,7 @@ pub fn copy_tokenizer_files(src: &Path, out: &AtomicFolder) -> Result<()> {
     ] {
         let p = src.join(f);
         if p.is_file() {
-            std::fs::copy(&p, out.path(f))
-                .with_context(|| format!("cannot copy {}", p.display()))?;
+            std::fs::copy(&p, out.path(f)).with_context(|| format!("cannot copy {}", p.display()))?;
         }
     }
     Ok(())

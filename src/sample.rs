@@ -18,14 +18,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self {
-            temp: 0.0,
-            top_p: 1.0,
-            min_p: 0.0,
-            min_tokens_to_keep: 1,
-            top_k: 0,
-            seed: None,
-        }
+        Self { temp: 0.0, top_p: 1.0, min_p: 0.0, min_tokens_to_keep: 1, top_k: 0, seed: None }
     }
 }
 
@@ -40,22 +33,13 @@ impl Sampler {
             bail!("--temp must be a finite number ≥ 0, got {}", cfg.temp);
         }
         if !(0.0..=1.0).contains(&cfg.min_p) {
-            bail!(
-                "--min-p has to be a float in the [0, 1] interval, but is {}",
-                cfg.min_p
-            );
+            bail!("--min-p has to be a float in the [0, 1] interval, but is {}", cfg.min_p);
         }
         if !(0.0..=1.0).contains(&cfg.top_p) {
-            bail!(
-                "--top-p has to be a float in the [0, 1] interval, but is {}",
-                cfg.top_p
-            );
+            bail!("--top-p has to be a float in the [0, 1] interval, but is {}", cfg.top_p);
         }
         if cfg.min_tokens_to_keep < 1 {
-            bail!(
-                "--min-tokens-to-keep has to be a positive integer, but is {}",
-                cfg.min_tokens_to_keep
-            );
+            bail!("--min-tokens-to-keep has to be a positive integer, but is {}", cfg.min_tokens_to_keep);
         }
         let rng = match cfg.seed {
             Some(s) => StdRng::seed_from_u64(s),
@@ -79,11 +63,7 @@ impl Sampler {
         }
         if c.top_k > 0 {
             if c.top_k >= logprobs.len() {
-                bail!(
-                    "`top_k` has to be an integer in the (0, {}) interval, but is {}",
-                    logprobs.len(),
-                    c.top_k
-                );
+                bail!("`top_k` has to be an integer in the (0, {}) interval, but is {}", logprobs.len(), c.top_k);
             }
             apply_top_k(logprobs, c.top_k);
         }
@@ -99,10 +79,7 @@ impl Sampler {
         self.filter(&mut lp)?;
         let inv_t = 1.0 / self.cfg.temp;
         let max = lp.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f64> = lp
-            .iter()
-            .map(|&x| (((x - max) * inv_t) as f64).exp())
-            .collect();
+        let weights: Vec<f64> = lp.iter().map(|&x| (((x - max) * inv_t) as f64).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut u = self.rng.random::<f64>() * total;
         for (i, w) in weights.iter().enumerate() {
@@ -168,11 +145,7 @@ pub fn apply_min_p(lp: &mut [f32], min_p: f32, keep: usize) {
     let mut protected = vec![false; lp.len()];
     if keep > 1 {
         let mut idx: Vec<usize> = (0..lp.len()).collect();
-        idx.sort_by(|&a, &b| {
-            lp[b]
-                .partial_cmp(&lp[a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
+        idx.sort_by(|&a, &b| lp[b].partial_cmp(&lp[a]).unwrap_or(std::cmp::Ordering::Equal));
         for &i in idx.iter().take(keep) {
             protected[i] = true;
         }
@@ -187,11 +160,7 @@ pub fn apply_min_p(lp: &mut [f32], min_p: f32, keep: usize) {
 /// Keeps the `k` most likely tokens.
 pub fn apply_top_k(lp: &mut [f32], k: usize) {
     let mut idx: Vec<usize> = (0..lp.len()).collect();
-    idx.select_nth_unstable_by(k - 1, |&a, &b| {
-        lp[b]
-            .partial_cmp(&lp[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    idx.select_nth_unstable_by(k - 1, |&a, &b| lp[b].partial_cmp(&lp[a]).unwrap_or(std::cmp::Ordering::Equal));
     let mut keep = vec![false; lp.len()];
     for &i in &idx[..k] {
         keep[i] = true;

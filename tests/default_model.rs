@@ -15,11 +15,7 @@ fn goldens() -> serde_json::Value {
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -33,25 +29,15 @@ fn prompt_ids_match_mlx_lm() {
         let system = c["system_prompt"].as_str();
         let ignore = !c["chat"].as_bool().unwrap();
         let ids = wick::cli::generate::prompt_ids(&tok, prompt, system, ignore, None).unwrap();
-        assert_eq!(
-            ids,
-            ids_of(&c["prompt_ids"]),
-            "prompt ids differ for {prompt:?}"
-        );
+        assert_eq!(ids, ids_of(&c["prompt_ids"]), "prompt ids differ for {prompt:?}");
         if !ignore {
             let msgs: Vec<_> = system
                 .map(|s| wick::tokenizer::Message::new("system", s))
                 .into_iter()
                 .chain([wick::tokenizer::Message::new("user", prompt)])
                 .collect();
-            let text = tok
-                .apply_chat_template(&msgs, true, &Default::default())
-                .unwrap();
-            assert_eq!(
-                text,
-                c["rendered"].as_str().unwrap(),
-                "chat template rendering differs"
-            );
+            let text = tok.apply_chat_template(&msgs, true, &Default::default()).unwrap();
+            assert_eq!(text, c["rendered"].as_str().unwrap(), "chat template rendering differs");
         }
     }
 }
@@ -71,10 +57,7 @@ fn greedy_tokens_and_logits_match_mlx_lm_in_f32() {
         let mut l = prefill(model, &prompt, &mut cache, 7).unwrap();
         if let Some((_, gold)) = logits.get(&format!("case{i}")) {
             let d = max_abs_diff(&l, gold);
-            assert!(
-                d < 1e-2,
-                "case {i}: last-position logits differ from mlx_lm by {d}"
-            );
+            assert!(d < 1e-2, "case {i}: last-position logits differ from mlx_lm by {d}");
         }
         let mut got = vec![];
         for _ in 0..want.len() {
@@ -82,11 +65,7 @@ fn greedy_tokens_and_logits_match_mlx_lm_in_f32() {
             got.push(t);
             l = step_logits(model, &[t], &mut cache).unwrap();
         }
-        assert_eq!(
-            got, want,
-            "case {i} ({:?}): greedy tokens differ from mlx_lm",
-            c["prompt"]
-        );
+        assert_eq!(got, want, "case {i} ({:?}): greedy tokens differ from mlx_lm", c["prompt"]);
     }
     assert_eq!(logits.len(), 2, "two logits goldens expected");
 }
@@ -94,20 +73,14 @@ fn greedy_tokens_and_logits_match_mlx_lm_in_f32() {
 #[test]
 fn streaming_detokenizer_never_splits_characters() {
     let tok = Tokenizer::load(&default_model()).unwrap();
-    for text in [
-        "日本の首都は東京です。",
-        "Zürich café — naïve 🤖 emoji",
-        " leading  spaces\tand\nnewlines",
-    ] {
+    for text in ["日本の首都は東京です。", "Zürich café — naïve 🤖 emoji", " leading  spaces\tand\nnewlines"]
+    {
         let ids = tok.encode(text, false).unwrap();
         let mut d = tok.streaming_detokenizer();
         let mut pieces = vec![];
         for &t in &ids {
             let p = d.add_token(t);
-            assert!(
-                !p.contains('\u{FFFD}'),
-                "emitted a broken character for {text:?}: {p:?}"
-            );
+            assert!(!p.contains('\u{FFFD}'), "emitted a broken character for {text:?}: {p:?}");
             pieces.push(p);
         }
         pieces.push(d.finalize());
@@ -120,8 +93,7 @@ fn streaming_detokenizer_never_splits_characters() {
 fn gguf_import_matches_gguf_package_dequantization() {
     use sha2_like::sha256_hex;
     let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("gguf_import_f16.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden("gguf_import_f16.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("imported");
     wick::gguf::import(&default_gguf(), &out, DType::F16, false).unwrap();
@@ -131,21 +103,11 @@ fn gguf_import_matches_gguf_package_dequantization() {
     for (name, info) in want {
         let t = w.raw(name, &Device::Cpu).unwrap();
         assert_eq!(t.dtype(), DType::F16);
-        let shape: Vec<usize> = info["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> =
+            info["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
         assert_eq!(t.dims(), shape.as_slice(), "{name} shape");
-        let bytes: Vec<u8> = t
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<half::f16>()
-            .unwrap()
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> =
+            t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(
             sha256_hex(&bytes),
             info["sha256_f16"].as_str().unwrap(),

@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    wick::device::init_threads();
     let cli = wick::cli::Cli::parse();
     match wick::cli::run(cli) {
         Ok(code) => std::process::exit(code),

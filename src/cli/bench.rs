@@ -31,10 +31,7 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> Result<i32> {
     if a.batch_size != 1 {
-        bail!(
-            "-b/--batch-size {}: batched benchmarking is not available yet; use -b 1",
-            a.batch_size
-        );
+        bail!("-b/--batch-size {}: batched benchmarking is not available yet; use -b 1", a.batch_size);
     }
     if a.num_trials == 0 {
         bail!("-n/--num-trials must be at least 1");
@@ -43,9 +40,7 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     let model = loaded.model.as_ref();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = model.vocab_size() as u32;
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| rng.random_range(0..vocab))
-        .collect();
+    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| rng.random_range(0..vocab)).collect();
     let opts = GenerateOptions {
         max_tokens: a.generation_tokens,
         prefill_step_size: a.prefill_step_size,

@@ -27,9 +27,7 @@ pub struct ConvertArgs {
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if let Some(g) = &a.gguf {
         let dtype = match &a.dtype {
-            Some(d) => {
-                crate::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
-            }
+            Some(d) => crate::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
             None => candle_core::DType::F16,
         };
         let out = crate::gguf::import(g, &a.mlx_path, dtype, a.force)?;

@@ -68,9 +68,7 @@ pub fn prompt_ids(
     let mut prompt = prompt.replace("\\n", "\n").replace("\\t", "\t");
     if prompt == "-" {
         prompt.clear();
-        std::io::stdin()
-            .read_to_string(&mut prompt)
-            .context("cannot read the prompt from stdin")?;
+        std::io::stdin().read_to_string(&mut prompt).context("cannot read the prompt from stdin")?;
     }
     let extra = match chat_template_config {
         Some(s) => match serde_json::from_str::<serde_json::Value>(s) {
@@ -105,9 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<i32> {
     )?;
     let mut eos = tok.eos_token_ids.clone();
     for t in &a.extra_eos_token {
-        let id = tok
-            .token_to_id(t)
-            .with_context(|| format!("--extra-eos-token {t}: not a token of this tokenizer"))?;
+        let id = tok.token_to_id(t).with_context(|| format!("--extra-eos-token {t}: not a token of this tokenizer"))?;
         eos.insert(id);
     }
     let opts = GenerateOptions {
@@ -145,14 +141,8 @@ pub fn run(a: GenerateArgs) -> Result<i32> {
             println!("No text generated for this prompt");
             return Ok(0);
         }
-        println!(
-            "Prompt: {} tokens, {:.3} tokens-per-sec",
-            stats.prompt_tokens, stats.prompt_tps
-        );
-        println!(
-            "Generation: {} tokens, {:.3} tokens-per-sec",
-            stats.generation_tokens, stats.generation_tps
-        );
+        println!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, stats.prompt_tps);
+        println!("Generation: {} tokens, {:.3} tokens-per-sec", stats.generation_tokens, stats.generation_tps);
         println!("Peak memory: {:.3} GB", stats.peak_memory_gb);
     } else {
         println!("{}", detok.text());

@@ -64,9 +64,7 @@ pub struct ModelOpts {
 
 impl ModelOpts {
     /// Resolves the folder, device and dtype, and loads the model and tokenizer.
-    pub fn load(
-        &self,
-    ) -> anyhow::Result<(crate::models::LoadedModel, crate::tokenizer::Tokenizer)> {
+    pub fn load(&self) -> anyhow::Result<(crate::models::LoadedModel, crate::tokenizer::Tokenizer)> {
         let dir = crate::load::resolve_model(self.model.as_deref())?;
         let device = crate::device::select_device(self.device.as_deref())?;
         let dtype = self

@@ -73,10 +73,9 @@ pub struct ConfigFile {
 impl ConfigFile {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         if !value.is_object() {
             bail!("{}: expected a JSON object", path.display());
         }
@@ -87,22 +86,15 @@ impl ConfigFile {
     pub fn model_type(&self) -> Result<&str> {
         match self.value.get("model_type") {
             Some(Value::String(s)) => Ok(s),
-            Some(_) => bail!(
-                "{}: field `model_type` must be a string",
-                self.path.display()
-            ),
-            None => bail!(
-                "{}: missing required field `model_type`",
-                self.path.display()
-            ),
+            Some(_) => bail!("{}: field `model_type` must be a string", self.path.display()),
+            None => bail!("{}: missing required field `model_type`", self.path.display()),
         }
     }
 
     /// Deserializes the whole config into an architecture's argument struct; serde's
     /// message names the missing or mistyped key.
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(self.value.clone())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
+        serde_json::from_value(self.value.clone()).map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
     }
 }
 
@@ -116,11 +108,7 @@ pub fn generation_eos_ids(dir: &Path) -> Result<Vec<u32>> {
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     Ok(match v.get("eos_token_id") {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     })
 }

@@ -28,11 +28,11 @@ impl Weights {
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in files.iter().enumerate() {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open weights file {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
             // SAFETY: the file is only read; a concurrent writer is the user's error, as with mlx.
-            let mmap = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot map weights file {}", path.display()))?;
+            let mmap =
+                unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map weights file {}", path.display()))?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| {
                 anyhow::anyhow!(
                     "weights file {} is not a valid safetensors file ({e}); it may be truncated or corrupt — re-download or re-convert it",
@@ -43,16 +43,9 @@ impl Weights {
                 index.insert(name.to_string(), (i, name.to_string()));
             }
             drop(st);
-            shards.push(Shard {
-                path: path.clone(),
-                mmap,
-            });
+            shards.push(Shard { path: path.clone(), mmap });
         }
-        Ok(Self {
-            shards,
-            index,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { shards, index, dir: dir.to_path_buf() })
     }
 
     /// Renames or drops tensors (an architecture's `sanitize`): `f` returns the new name or `None`.
@@ -75,10 +68,7 @@ impl Weights {
 
     fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
         let Some((i, orig)) = self.index.get(name) else {
-            bail!(
-                "tensor `{name}` is missing from the weights in {}",
-                self.dir.display()
-            );
+            bail!("tensor `{name}` is missing from the weights in {}", self.dir.display());
         };
         let shard = &self.shards[*i];
         let st = SafeTensors::deserialize(&shard.mmap)?;
@@ -100,21 +90,14 @@ impl Weights {
     /// A tensor as stored (dtype unchanged), on `device`.
     pub fn raw(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (v, p) = self.view(name)?;
-        let dtype =
-            st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))?;
+        let dtype = st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))?;
         let t = Tensor::from_raw_buffer(v.data(), dtype, v.shape(), &Device::Cpu)
             .with_context(|| format!("tensor `{name}` in {}", p.display()))?;
         Ok(t.to_device(device)?)
     }
 
     /// A float tensor with a checked shape, cast to `dtype`.
-    pub fn get(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let (v, p) = self.view(name)?;
         if v.shape() != shape {
             bail!(
@@ -138,11 +121,7 @@ impl Weights {
                 }
             }
         }
-        counts
-            .into_iter()
-            .max_by_key(|(_, c)| *c)
-            .map(|(d, _)| d)
-            .unwrap_or(DType::F32)
+        counts.into_iter().max_by_key(|(_, c)| *c).map(|(d, _)| d).unwrap_or(DType::F32)
     }
 }
 
@@ -172,21 +151,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
             bail!("{}: missing object field `weight_map`", index.display());
         };
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|x| x.as_str().map(String::from))
-            .collect();
+        let mut files: Vec<String> = map.values().filter_map(|x| x.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         let mut out = vec![];
         for f in files {
             let p = dir.join(&f);
             if !p.is_file() {
-                bail!(
-                    "{} lists shard {f}, which is missing from {}",
-                    index.display(),
-                    dir.display()
-                );
+                bail!("{} lists shard {f}, which is missing from {}", index.display(), dir.display());
             }
             out.push(p);
         }

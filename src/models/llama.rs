@@ -4,7 +4,7 @@
 use super::LanguageModel;
 use crate::cache::KvCache;
 use crate::load::Weights;
-use crate::nn::{swiglu, Embedding, Linear, Loader, RmsNorm, Rope};
+use crate::nn::{scaled_dot_product_attention, swiglu, Embedding, Linear, Loader, RmsNorm, Rope, RopeTables};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -50,8 +50,7 @@ impl ModelArgs {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 }
 
@@ -76,17 +75,11 @@ struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     scale: f64,
-    rope: Rope,
 }
 
 impl Attention {
     fn load(args: &ModelArgs, ld: &Loader, p: &str) -> Result<Self> {
-        let (dim, h, kv, hd) = (
-            args.hidden_size,
-            args.num_attention_heads,
-            args.n_kv_heads(),
-            args.head_dim(),
-        );
+        let (dim, h, kv, hd) = (args.hidden_size, args.num_attention_heads, args.n_kv_heads(), args.head_dim());
         let b = args.attention_bias;
         Ok(Self {
             q_proj: Linear::load(ld, &format!("{p}.q_proj"), dim, h * hd, b)?,
@@ -97,86 +90,22 @@ impl Attention {
             n_kv_heads: kv,
             head_dim: hd,
             scale: (hd as f64).powf(-0.5),
-            rope: Rope::from_config(
-                hd,
-                args.rope_theta,
-                args.rope_traditional,
-                args.rope_scaling.as_ref(),
-                args.max_position_embeddings,
-            )?,
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, l, self.n_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, l, self.n_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, l, self.n_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
+        let q = self.q_proj.forward(x)?.reshape((b, l, self.n_heads, self.head_dim))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, l, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, l, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
         let offset = cache.offset();
-        let q = self.rope.forward(&q.contiguous()?, offset)?;
-        let k = self.rope.forward(&k.contiguous()?, offset)?;
+        let q = rope.apply(&q.contiguous()?)?;
+        let k = rope.apply(&k.contiguous()?)?;
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale, offset)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, l, self.n_heads * self.head_dim))?;
+        let out = out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
-}
-
-/// Causal attention of `q` (B, H, L, D) over `k`, `v` (B, KV, T, D) where the queries sit at
-/// positions `offset ..`; grouped-query heads share their KV head without copying it.
-pub fn scaled_dot_product_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    offset: usize,
-) -> Result<Tensor> {
-    let (b, h, l, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    let t = k.dim(2)?;
-    let n_rep = h / kv;
-    let q = (q.reshape((b, kv, n_rep * l, d))? * scale)?;
-    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-    let scores = if l > 1 {
-        let mask = causal_mask(n_rep, l, t, offset, q.device())?;
-        scores.broadcast_add(&mask)?
-    } else {
-        scores
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    Ok(out.reshape((b, h, l, v.dim(3)?))?)
-}
-
-/// Additive mask (n_rep·L, T): query `i` (at position offset + i) sees keys `0 ..= offset + i`.
-fn causal_mask(n_rep: usize, l: usize, t: usize, offset: usize, device: &Device) -> Result<Tensor> {
-    let mut m = Vec::with_capacity(n_rep * l * t);
-    for _ in 0..n_rep {
-        for i in 0..l {
-            for j in 0..t {
-                m.push(if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                });
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (n_rep * l, t), device)?)
 }
 
 struct Mlp {
@@ -196,10 +125,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&swiglu(
-            &self.gate_proj.forward(x)?,
-            &self.up_proj.forward(x)?,
-        )?)
+        self.down_proj.forward(&swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
     }
 }
 
@@ -217,23 +143,13 @@ impl TransformerBlock {
             self_attn: Attention::load(args, ld, &format!("{p}.self_attn"))?,
             mlp: Mlp::load(args, ld, &format!("{p}.mlp"))?,
             input_layernorm: RmsNorm::load(ld, &format!("{p}.input_layernorm"), d, eps)?,
-            post_attention_layernorm: RmsNorm::load(
-                ld,
-                &format!("{p}.post_attention_layernorm"),
-                d,
-                eps,
-            )?,
+            post_attention_layernorm: RmsNorm::load(ld, &format!("{p}.post_attention_layernorm"), d, eps)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cache)?)?;
-        Ok((&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?)?;
+        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 }
 
@@ -243,14 +159,14 @@ pub struct Model {
     layers: Vec<TransformerBlock>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
+    rope: Rope,
     dtype: DType,
     device: Device,
 }
 
 impl Model {
     pub fn load(args: ModelArgs, ld: &Loader) -> Result<Self> {
-        let embed_tokens =
-            Embedding::load(ld, "model.embed_tokens", args.vocab_size, args.hidden_size)?;
+        let embed_tokens = Embedding::load(ld, "model.embed_tokens", args.vocab_size, args.hidden_size)?;
         let layers = (0..args.num_hidden_layers)
             .map(|i| TransformerBlock::load(&args, ld, &format!("model.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
@@ -258,31 +174,26 @@ impl Model {
         let lm_head = if args.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(
-                ld,
-                "lm_head",
-                args.hidden_size,
-                args.vocab_size,
-                false,
-            )?)
+            Some(Linear::load(ld, "lm_head", args.hidden_size, args.vocab_size, false)?)
         };
-        Ok(Self {
-            args,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            dtype: ld.dtype,
-            device: ld.device.clone(),
-        })
+        let rope = Rope::from_config(
+            args.head_dim(),
+            args.rope_theta,
+            args.rope_traditional,
+            args.rope_scaling.as_ref(),
+            args.max_position_embeddings,
+        )?;
+        Ok(Self { args, embed_tokens, layers, norm, lm_head, rope, dtype: ld.dtype, device: ld.device.clone() })
     }
 }
 
 impl LanguageModel for Model {
     fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
         let mut h = self.embed_tokens.forward(tokens)?;
+        let offset = cache.first().map(|c| c.offset()).unwrap_or(0);
+        let rope = self.rope.tables(offset, tokens.dim(1)?, self.dtype, &self.device)?;
         for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
-            h = layer.forward(&h, c)?;
+            h = layer.forward(&h, &rope, c)?;
         }
         if last_only {
             let l = h.dim(1)?;

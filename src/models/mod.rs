@@ -36,6 +36,7 @@ pub struct LoadedModel {
 
 /// Loads the model of `dir` in `dtype` (or the dtype its weights are stored in) on `device`.
 pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<LoadedModel> {
+    crate::device::init_threads();
     if !dir.is_dir() {
         bail!("model folder {} does not exist", dir.display());
     }
@@ -62,19 +63,10 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
             }
-            let ld = Loader {
-                weights: &weights,
-                dtype,
-                device: device.clone(),
-                quant: quant.as_ref(),
-            };
+            let ld = Loader { weights: &weights, dtype, device: device.clone(), quant: quant.as_ref() };
             Box::new(llama::Model::load(args, &ld)?)
         }
         _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
     };
-    Ok(LoadedModel {
-        model,
-        config,
-        model_type,
-    })
+    Ok(LoadedModel { model, config, model_type })
 }

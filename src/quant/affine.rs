@@ -21,7 +21,9 @@ impl QuantParams {
     /// Checks that MLX supports this combination; `what` names the layer or flag for the error.
     pub fn new(bits: usize, group_size: usize, what: &str) -> Result<Self> {
         if !SUPPORTED_BITS.contains(&bits) {
-            bail!("{what}: bits = {bits} is not supported by MLX affine quantization (expected one of 2, 3, 4, 5, 6, 8)");
+            bail!(
+                "{what}: bits = {bits} is not supported by MLX affine quantization (expected one of 2, 3, 4, 5, 6, 8)"
+            );
         }
         if !SUPPORTED_GROUP_SIZES.contains(&group_size) {
             bail!("{what}: group_size = {group_size} is not supported by MLX affine quantization (expected 32, 64 or 128)");
@@ -71,12 +73,7 @@ pub fn unpack(words: &[u32], bits: usize, out: &mut [u8]) {
 /// Returns packed words (rows × cols·bits/32) and per-group scale and bias as f32 — the caller
 /// rounds those to the source dtype, exactly as MLX stores them. The integer codes are computed
 /// with the f32 scale before that rounding, as MLX does.
-pub fn quantize(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    p: QuantParams,
-) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
+pub fn quantize(w: &[f32], rows: usize, cols: usize, p: QuantParams) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
     if cols % p.group_size != 0 {
         bail!("cannot quantize a matrix with {cols} columns in groups of {}: the last dimension must be divisible by the group size", p.group_size);
     }

@@ -18,19 +18,12 @@ pub struct QuantSpec {
 impl QuantSpec {
     /// Reads the block from a config, `None` when the model is not quantized.
     pub fn from_config(config: &Value, path: &str) -> Result<Option<Self>> {
-        let block = match config
-            .get("quantization")
-            .or_else(|| config.get("quantization_config"))
-        {
+        let block = match config.get("quantization").or_else(|| config.get("quantization_config")) {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(m)) => m,
             Some(_) => bail!("{path}: `quantization` must be an object"),
         };
-        let mode = block
-            .get("mode")
-            .and_then(|m| m.as_str())
-            .unwrap_or("affine")
-            .to_string();
+        let mode = block.get("mode").and_then(|m| m.as_str()).unwrap_or("affine").to_string();
         if mode != "affine" {
             bail!("{path}: quantization mode `{mode}` is not supported (supported: affine)");
         }
@@ -46,18 +39,13 @@ impl QuantSpec {
                     layers.insert(k.clone(), Some(default));
                 }
                 (_, Value::Object(m)) => {
-                    let p =
-                        params_of(m, &format!("{path}: quantization override for layer `{k}`"))?;
+                    let p = params_of(m, &format!("{path}: quantization override for layer `{k}`"))?;
                     layers.insert(k.clone(), Some(p));
                 }
                 _ => {}
             }
         }
-        Ok(Some(Self {
-            default,
-            mode,
-            layers,
-        }))
+        Ok(Some(Self { default, mode, layers }))
     }
 
     /// The parameters of the layer at `path` (e.g. `model.layers.0.self_attn.q_proj`), or `None`

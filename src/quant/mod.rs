@@ -9,4 +9,5 @@ pub mod weight;
 pub use affine::{dequantize, pack, quantize, unpack, QuantParams};
 pub use config::QuantSpec;
 pub use weight::QuantizedWeight;
+pub mod cpu;
 pub mod matmul;

@@ -18,13 +18,7 @@ pub struct QuantizedWeight {
 
 impl QuantizedWeight {
     /// Loads and validates the three tensors of a quantized layer.
-    pub fn load(
-        ld: &Loader,
-        prefix: &str,
-        out_dim: usize,
-        in_dim: usize,
-        params: QuantParams,
-    ) -> Result<Self> {
+    pub fn load(ld: &Loader, prefix: &str, out_dim: usize, in_dim: usize, params: QuantParams) -> Result<Self> {
         let w = ld.weights;
         let wname = format!("{prefix}.weight");
         if !w.contains(&format!("{prefix}.scales")) {
@@ -36,16 +30,10 @@ impl QuantizedWeight {
         }
         let wshape = w.shape(&wname)?;
         if w.dtype(&wname)? != DType::U32 {
-            bail!(
-                "layer `{prefix}`: quantized weight `{wname}` must be uint32, found {:?}",
-                w.dtype(&wname)?
-            );
+            bail!("layer `{prefix}`: quantized weight `{wname}` must be uint32, found {:?}", w.dtype(&wname)?);
         }
         if in_dim % params.group_size != 0 {
-            bail!(
-                "layer `{prefix}`: input dimension {in_dim} is not divisible by group_size {}",
-                params.group_size
-            );
+            bail!("layer `{prefix}`: input dimension {in_dim} is not divisible by group_size {}", params.group_size);
         }
         let expect_w = [out_dim, params.packed_width(in_dim)];
         if wshape != expect_w {
@@ -65,20 +53,9 @@ impl QuantizedWeight {
             }
         }
         let packed = w.raw(&wname, &ld.device)?;
-        let scales = w
-            .raw(&format!("{prefix}.scales"), &ld.device)?
-            .to_dtype(ld.dtype)?;
-        let biases = w
-            .raw(&format!("{prefix}.biases"), &ld.device)?
-            .to_dtype(ld.dtype)?;
-        Ok(Self {
-            packed,
-            scales,
-            biases,
-            params,
-            out_dim,
-            in_dim,
-        })
+        let scales = w.raw(&format!("{prefix}.scales"), &ld.device)?.to_dtype(ld.dtype)?;
+        let biases = w.raw(&format!("{prefix}.biases"), &ld.device)?.to_dtype(ld.dtype)?;
+        Ok(Self { packed, scales, biases, params, out_dim, in_dim })
     }
 
     /// The dense matrix (out × in) in the scales' dtype.
@@ -86,18 +63,8 @@ impl QuantizedWeight {
         let packed: Vec<u32> = self.packed.flatten_all()?.to_vec1()?;
         let scales: Vec<f32> = self.scales.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let biases: Vec<f32> = self.biases.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let w = affine::dequantize(
-            &packed,
-            &scales,
-            &biases,
-            self.out_dim,
-            self.in_dim,
-            self.params,
-        );
-        Ok(
-            Tensor::from_vec(w, (self.out_dim, self.in_dim), self.packed.device())?
-                .to_dtype(self.scales.dtype())?,
-        )
+        let w = affine::dequantize(&packed, &scales, &biases, self.out_dim, self.in_dim, self.params);
+        Ok(Tensor::from_vec(w, (self.out_dim, self.in_dim), self.packed.device())?.to_dtype(self.scales.dtype())?)
     }
 
     /// `x Wᵀ` for `x` of shape (…, in).
@@ -111,14 +78,7 @@ impl QuantizedWeight {
         let scales = self.scales.index_select(ids, 0)?;
         let biases = self.biases.index_select(ids, 0)?;
         let n = ids.dim(0)?;
-        let sub = QuantizedWeight {
-            packed,
-            scales,
-            biases,
-            params: self.params,
-            out_dim: n,
-            in_dim: self.in_dim,
-        };
+        let sub = QuantizedWeight { packed, scales, biases, params: self.params, out_dim: n, in_dim: self.in_dim };
         sub.dequantize()
     }
 }

@@ -15,10 +15,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -32,10 +29,8 @@ fn raise_exception(msg: String) -> std::result::Result<JValue, minijinja::Error>
 
 fn strftime_now(fmt: String) -> String {
     // Templates use this for a "today's date" line; UTC civil date from the system clock.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let days = secs.div_euclid(86400);
     // civil-from-days (Howard Hinnant's algorithm)
     let z = days + 719468;
@@ -62,9 +57,7 @@ fn strftime_now(fmt: String) -> String {
         "November",
         "December",
     ];
-    const MON: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MON: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     fmt.replace("%Y", &y.to_string())
         .replace("%m", &format!("{m:02}"))
         .replace("%d", &format!("{d:02}"))
@@ -97,15 +90,11 @@ impl ChatTemplate {
             ctx.insert(k.clone(), Value::String(v.clone()));
         }
         ctx.insert("messages".into(), serde_json::to_value(messages)?);
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Value::Bool(add_generation_prompt),
-        );
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
         let tmpl = self.env.get_template("chat")?;
-        tmpl.render(JValue::from_serialize(&ctx))
-            .map_err(|e| anyhow::anyhow!("chat template failed: {e}"))
+        tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| anyhow::anyhow!("chat template failed: {e}"))
     }
 }

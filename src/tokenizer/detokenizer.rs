@@ -15,13 +15,7 @@ pub struct StreamingDetokenizer<'a> {
 
 impl<'a> StreamingDetokenizer<'a> {
     pub fn new(tok: &'a tokenizers::Tokenizer) -> Self {
-        Self {
-            tok,
-            tokens: vec![],
-            prefix_offset: 0,
-            read_offset: 0,
-            text: String::new(),
-        }
+        Self { tok, tokens: vec![], prefix_offset: 0, read_offset: 0, text: String::new() }
     }
 
     fn decode(&self, ids: &[u32]) -> String {
@@ -51,11 +45,7 @@ impl<'a> StreamingDetokenizer<'a> {
         }
         let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset]);
         let full = self.decode(&self.tokens[self.prefix_offset..]);
-        let new = if full.starts_with(&prefix) {
-            full[prefix.len()..].to_string()
-        } else {
-            full
-        };
+        let new = if full.starts_with(&prefix) { full[prefix.len()..].to_string() } else { full };
         self.prefix_offset = self.read_offset;
         self.read_offset = self.tokens.len();
         self.text.push_str(&new);

@@ -40,8 +40,8 @@ impl Tokenizer {
         if !tj.is_file() {
             anyhow::bail!("model folder {} has no tokenizer.json", dir.display());
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
-            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tj.display()))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tj.display()))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Value = if tc_path.is_file() {
             serde_json::from_str(&std::fs::read_to_string(&tc_path)?)
@@ -82,36 +82,21 @@ impl Tokenizer {
             }
         };
         let chat_template = match template_src {
-            Some(s) => Some(
-                ChatTemplate::new(&s)
-                    .with_context(|| format!("chat template of {}", dir.display()))?,
-            ),
+            Some(s) => Some(ChatTemplate::new(&s).with_context(|| format!("chat template of {}", dir.display()))?),
             None => None,
         };
-        Ok(Self {
-            inner,
-            bos_token,
-            eos_token,
-            eos_token_ids,
-            chat_template,
-            special_tokens,
-        })
+        Ok(Self { inner, bos_token, eos_token, eos_token_ids, chat_template, special_tokens })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+        self.inner.decode(ids, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
@@ -134,10 +119,7 @@ impl Tokenizer {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, Value>,
     ) -> Result<String> {
-        let t = self
-            .chat_template
-            .as_ref()
-            .context("this tokenizer has no chat template")?;
+        let t = self.chat_template.as_ref().context("this tokenizer has no chat template")?;
         t.render(messages, add_generation_prompt, &self.special_tokens, extra)
     }
 

@@ -26,28 +26,17 @@ pub fn default_model() -> PathBuf {
 
 pub fn default_gguf() -> PathBuf {
     let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run models/fetch-default.sh first",
-        p.display()
-    );
+    assert!(p.is_file(), "{} is missing: run models/fetch-default.sh first", p.display());
     p
 }
 
 /// f32 tensors of a golden safetensors file as flat vectors with shapes.
 pub fn load_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .expect("golden safetensors");
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).expect("golden safetensors");
     t.into_iter()
         .map(|(k, v)| {
             let shape = v.dims().to_vec();
-            let data = v
-                .to_dtype(candle_core::DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let data = v.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             (k, (shape, data))
         })
         .collect()
@@ -55,10 +44,7 @@ pub fn load_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 pub fn wick() -> std::process::Command {

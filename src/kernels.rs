@@ -1,0 +1,481 @@
+//! CPU building blocks shared by the dense and the quantized matmul ops: element conversion,
+//! a lane-parallel dot product the compiler vectorizes, and the two matmul drivers — a
+//! matrix-vector path for decode (rayon over output rows, each weight row read once for all
+//! inputs) and a matrix-matrix path for prefill (weight tiles decoded to f32, then gemm).
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A float element type of activations and weights.
+pub trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]);
+    fn from_f32(x: f32) -> Self;
+    /// `Σ x·w` with `w` converted on the fly, accumulated in f32.
+    fn dot(x: &[f32], w: &[Self]) -> f32;
+    /// Four rows at once, where a fused kernel exists.
+    fn dot4(_x: &[f32], _w: [&[Self]; 4]) -> Option<[f32; 4]> {
+        None
+    }
+}
+
+impl Elem for f32 {
+    fn to_f32_slice(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    fn dot(x: &[f32], w: &[f32]) -> f32 {
+        dot(x, w)
+    }
+}
+
+impl Elem for f16 {
+    fn to_f32_slice(src: &[f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    fn from_f32(x: f32) -> f16 {
+        f16::from_f32(x)
+    }
+    fn dot(x: &[f32], w: &[f16]) -> f32 {
+        simd::dot_f16(x, w)
+    }
+    fn dot4(x: &[f32], w: [&[f16]; 4]) -> Option<[f32; 4]> {
+        simd::dot4_f16(x, w)
+    }
+}
+
+impl Elem for bf16 {
+    fn to_f32_slice(src: &[bf16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    fn from_f32(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+    fn dot(x: &[f32], w: &[bf16]) -> f32 {
+        simd::dot_bf16(x, w)
+    }
+}
+
+/// `Σ a·b` in f32.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    simd::dot_f32(a, b)
+}
+
+/// Explicit SIMD where the build targets AVX2+FMA (+F16C); portable loops elsewhere (the
+/// compiler vectorizes them for NEON on Apple Silicon).
+pub mod simd {
+    use half::{bf16, f16};
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        #[inline(always)]
+        pub unsafe fn hsum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+
+        /// Σ a·b over the first `n` (a multiple of 32) elements.
+        #[inline(always)]
+        pub unsafe fn dot_f32(a: *const f32, b: *const f32, n: usize) -> f32 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < n {
+                for (j, a_) in acc.iter_mut().enumerate() {
+                    *a_ = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8 * j)), _mm256_loadu_ps(b.add(i + 8 * j)), *a_);
+                }
+                i += 32;
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+        }
+
+        /// Σ x·w for f16 `w` (raw bits), first `n` (multiple of 32) elements.
+        #[cfg(target_feature = "f16c")]
+        #[inline(always)]
+        pub unsafe fn dot_f16(x: *const f32, w: *const u16, n: usize) -> f32 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < n {
+                for (j, a_) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(i + 8 * j) as *const __m128i));
+                    *a_ = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * j)), wv, *a_);
+                }
+                i += 32;
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+        }
+
+        /// Σ x·w_r for four f16 rows at once (more loads in flight), first `n` (multiple of 16).
+        #[cfg(target_feature = "f16c")]
+        #[inline(always)]
+        pub unsafe fn dot4_f16(x: *const f32, w: [*const u16; 4], n: usize) -> [f32; 4] {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = 0;
+            while i < n {
+                let x0 = _mm256_loadu_ps(x.add(i));
+                let x1 = _mm256_loadu_ps(x.add(i + 8));
+                for r in 0..4 {
+                    let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(i) as *const __m128i));
+                    let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(i + 8) as *const __m128i));
+                    acc[r][0] = _mm256_fmadd_ps(x0, w0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(x1, w1, acc[r][1]);
+                }
+                i += 16;
+            }
+            [
+                hsum(_mm256_add_ps(acc[0][0], acc[0][1])),
+                hsum(_mm256_add_ps(acc[1][0], acc[1][1])),
+                hsum(_mm256_add_ps(acc[2][0], acc[2][1])),
+                hsum(_mm256_add_ps(acc[3][0], acc[3][1])),
+            ]
+        }
+
+        /// Σ x·w for bf16 `w` (raw bits), first `n` (multiple of 32) elements.
+        #[inline(always)]
+        pub unsafe fn dot_bf16(x: *const f32, w: *const u16, n: usize) -> f32 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < n {
+                for (j, a_) in acc.iter_mut().enumerate() {
+                    let h = _mm_loadu_si128(w.add(i + 8 * j) as *const __m128i);
+                    let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                    *a_ = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * j)), wv, *a_);
+                }
+                i += 32;
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+        }
+
+        /// Σ x·q over 8·`words` 4-bit codes packed little-endian in u32 words.
+        #[inline(always)]
+        pub unsafe fn dot_q4(x: *const f32, words: *const u32, nwords: usize) -> f32 {
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let mask = _mm256_set1_epi32(0xf);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 1 < nwords {
+                let q0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*words.add(i) as i32), shifts), mask);
+                let q1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*words.add(i + 1) as i32), shifts), mask);
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8 * i)), _mm256_cvtepi32_ps(q0), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8 * i + 8)), _mm256_cvtepi32_ps(q1), acc1);
+                i += 2;
+            }
+            if i < nwords {
+                let q0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*words.add(i) as i32), shifts), mask);
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8 * i)), _mm256_cvtepi32_ps(q0), acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }
+
+        /// Σ x·q over 4·`words` 8-bit codes.
+        #[inline(always)]
+        pub unsafe fn dot_q8(x: *const f32, words: *const u32, nwords: usize) -> f32 {
+            let bytes = words as *const u8;
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0; // in bytes
+            let n = nwords * 4;
+            while i + 16 <= n {
+                let b = _mm_loadu_si128(bytes.add(i) as *const __m128i);
+                let q0 = _mm256_cvtepu8_epi32(b);
+                let q1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i)), _mm256_cvtepi32_ps(q0), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8)), _mm256_cvtepi32_ps(q1), acc1);
+                i += 16;
+            }
+            let mut s = hsum(_mm256_add_ps(acc0, acc1));
+            while i < n {
+                s += *x.add(i) * (*bytes.add(i)) as f32;
+                i += 1;
+            }
+            s
+        }
+    }
+
+    fn dot_tail<T: Copy>(x: &[f32], w: &[T], f: impl Fn(T) -> f32) -> f32 {
+        let mut acc = [0f32; 8];
+        let cx = x.chunks_exact(8);
+        let cw = w.chunks_exact(8);
+        let (rx, rw) = (cx.remainder(), cw.remainder());
+        for (a, b) in cx.zip(cw) {
+            for i in 0..8 {
+                acc[i] += a[i] * f(b[i]);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (a, b) in rx.iter().zip(rw) {
+            s += a * f(*b);
+        }
+        s
+    }
+
+    /// Σ a·b.
+    #[inline]
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            let main = n / 32 * 32;
+            // SAFETY: both slices hold at least `main` elements; the target has AVX2 and FMA.
+            let s = unsafe { x86::dot_f32(a.as_ptr(), b.as_ptr(), main) };
+            s + dot_tail(&a[main..n], &b[main..n], |v| v)
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            dot_tail(&a[..n], &b[..n], |v| v)
+        }
+    }
+
+    /// Σ x·w for f16 `w`.
+    #[inline]
+    pub fn dot_f16(x: &[f32], w: &[f16]) -> f32 {
+        let n = x.len().min(w.len());
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        {
+            let main = n / 32 * 32;
+            // SAFETY: both slices hold at least `main` elements; f16 is 16 raw bits.
+            let s = unsafe { x86::dot_f16(x.as_ptr(), w.as_ptr() as *const u16, main) };
+            s + dot_tail(&x[main..n], &w[main..n], |v| v.to_f32())
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        )))]
+        {
+            dot_tail(&x[..n], &w[..n], |v| v.to_f32())
+        }
+    }
+
+    /// Σ x·w_r for four f16 rows of x's length; `None` where there is no fast path.
+    #[inline]
+    pub fn dot4_f16(x: &[f32], w: [&[f16]; 4]) -> Option<[f32; 4]> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        {
+            let n = x.len();
+            if n % 16 == 0 && w.iter().all(|r| r.len() == n) {
+                let p = w.map(|r| r.as_ptr() as *const u16);
+                // SAFETY: all four rows and x hold n elements, n is a multiple of 16.
+                return Some(unsafe { x86::dot4_f16(x.as_ptr(), p, n) });
+            }
+        }
+        let _ = (x, w);
+        None
+    }
+
+    /// Σ x·w for bf16 `w`.
+    #[inline]
+    pub fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
+        let n = x.len().min(w.len());
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            let main = n / 32 * 32;
+            // SAFETY: both slices hold at least `main` elements; bf16 is 16 raw bits.
+            let s = unsafe { x86::dot_bf16(x.as_ptr(), w.as_ptr() as *const u16, main) };
+            s + dot_tail(&x[main..n], &w[main..n], |v| v.to_f32())
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            dot_tail(&x[..n], &w[..n], |v| v.to_f32())
+        }
+    }
+
+    /// Σ x·q for codes of `bits` bits packed in `words` (x.len() = words.len()·32/bits).
+    #[inline]
+    pub fn dot_codes(x: &[f32], words: &[u32], bits: usize) -> f32 {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            // SAFETY: x holds 32/bits values per word, checked below.
+            if bits == 4 && x.len() >= words.len() * 8 {
+                return unsafe { x86::dot_q4(x.as_ptr(), words.as_ptr(), words.len()) };
+            }
+            if bits == 8 && x.len() >= words.len() * 4 {
+                return unsafe { x86::dot_q8(x.as_ptr(), words.as_ptr(), words.len()) };
+            }
+        }
+        let mut q = [0f32; 256];
+        let n = words.len() * 32 / bits;
+        let mut s = 0f32;
+        let mut done = 0;
+        // in chunks of 256 codes (a multiple of every pack size)
+        while done < n {
+            let cnt = 256.min(n - done);
+            let w0 = done * bits / 32;
+            let w1 = (done + cnt) * bits / 32;
+            crate::quant::cpu::unpack_row_f32(&words[w0..w1], bits, &mut q[..cnt]);
+            s += dot_f32(&x[done..done + cnt], &q[..cnt]);
+            done += cnt;
+        }
+        s
+    }
+}
+
+/// A weight matrix of `n` rows × `k` columns that can be read as f32.
+pub trait WeightRows: Sync {
+    fn n(&self) -> usize;
+    fn k(&self) -> usize;
+    /// Per-input data computed once per call (e.g. group sums of the input for affine weights).
+    type Prep: Sync;
+    fn prepare(&self, xs: &[f32], m: usize) -> Self::Prep;
+    /// `out[i] = x_i · row(r)` for the `m` input rows `xs` (m × k).
+    fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]);
+    /// Four rows' dot products with one input row (m = 1), when a fused kernel exists.
+    fn dot4(&self, _r: usize, _x: &[f32]) -> Option<[f32; 4]> {
+        None
+    }
+    /// Rows `r0 .. r0 + cnt` as f32 into `dst` (cnt × k).
+    fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]);
+}
+
+/// Output rows handled per rayon task in the decode path.
+const GEMV_BLOCK: usize = 32;
+/// Weight rows decoded per tile in the prefill path.
+const GEMM_TILE: usize = 64;
+
+/// `y (m × n) = x (m × k) · Wᵀ`, x given as f32, result as f32 — the decode driver.
+pub fn gemv<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.n(), w.k());
+    debug_assert_eq!(xs.len(), m * k);
+    let prep = w.prepare(xs, m);
+    // results laid out (n × m) per block, transposed at the end
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(GEMV_BLOCK * m).enumerate().for_each_init(Vec::new, |scratch, (bi, chunk)| {
+        let r0 = bi * GEMV_BLOCK;
+        let rows = chunk.len() / m;
+        let mut j = 0;
+        if m == 1 {
+            while j + 4 <= rows {
+                match w.dot4(r0 + j, xs) {
+                    Some(d) => chunk[j..j + 4].copy_from_slice(&d),
+                    None => break,
+                }
+                j += 4;
+            }
+        }
+        while j < rows {
+            w.row_dots(r0 + j, xs, m, &prep, scratch, &mut chunk[j * m..(j + 1) * m]);
+            j += 1;
+        }
+    });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for r in 0..n {
+        for i in 0..m {
+            y[i * n + r] = yt[r * m + i];
+        }
+    }
+    y
+}
+
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `y (m × n) = x (m × k) · Wᵀ` — the prefill driver: tiles of W decoded to f32, then gemm.
+pub fn gemm_tiles<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.n(), w.k());
+    let mut y = vec![0f32; m * n];
+    let yp = SendPtr(y.as_mut_ptr());
+    let tiles = n.div_ceil(GEMM_TILE);
+    (0..tiles).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, t| {
+        let r0 = t * GEMM_TILE;
+        let cnt = GEMM_TILE.min(n - r0);
+        buf.resize(cnt * k, 0.0);
+        w.rows_f32(r0, cnt, buf);
+        let yp = &yp;
+        // SAFETY: each tile writes the disjoint column block r0..r0+cnt of y (row stride n);
+        // the pointers stay within y, xs and buf for the given sizes and strides.
+        unsafe {
+            gemm::gemm(
+                m,
+                cnt,
+                k,
+                yp.0.add(r0),
+                1,
+                n as isize,
+                false,
+                xs.as_ptr(),
+                1,
+                k as isize,
+                buf.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    y
+}
+
+/// Largest input row count that takes the decode path.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Chooses the driver by the number of input rows.
+pub fn matmul_f32<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
+    if m <= GEMV_MAX_ROWS {
+        gemv(w, xs, m)
+    } else {
+        gemm_tiles(w, xs, m)
+    }
+}
+
+/// A dense row-major weight (n × k) of element type `T`.
+pub struct DenseRows<'a, T: Elem> {
+    pub data: &'a [T],
+    pub n: usize,
+    pub k: usize,
+}
+
+impl<T: Elem> WeightRows for DenseRows<'_, T> {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    type Prep = ();
+    fn prepare(&self, _xs: &[f32], _m: usize) {}
+    fn row_dots(&self, r: usize, xs: &[f32], m: usize, _prep: &(), scratch: &mut Vec<f32>, out: &mut [f32]) {
+        let k = self.k;
+        let _ = scratch;
+        let row = &self.data[r * k..(r + 1) * k];
+        for i in 0..m {
+            out[i] = T::dot(&xs[i * k..(i + 1) * k], row);
+        }
+    }
+    fn dot4(&self, r: usize, x: &[f32]) -> Option<[f32; 4]> {
+        let k = self.k;
+        let d = &self.data;
+        T::dot4(
+            x,
+            [
+                &d[r * k..(r + 1) * k],
+                &d[(r + 1) * k..(r + 2) * k],
+                &d[(r + 2) * k..(r + 3) * k],
+                &d[(r + 3) * k..(r + 4) * k],
+            ],
+        )
+    }
+    fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
+        let k = self.k;
+        T::to_f32_slice(&self.data[r0 * k..(r0 + cnt) * k], &mut dst[..cnt * k]);
+    }
+}

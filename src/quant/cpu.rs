@@ -1,0 +1,120 @@
+//! CPU kernels of the affine quantized matmul. Decode: codes are unpacked in registers-sized
+//! runs to f32 and dotted with the input per group, `Σ_g s_g·(x_g·q_g) + b_g·Σx_g`, so scale
+//! and bias are applied once per group, not per element. Prefill: rows dequantized to f32 tiles
+//! for gemm (see `kernels`).
+
+use super::affine::{unpack, QuantParams};
+use crate::kernels::{simd::dot_codes, Elem, WeightRows};
+
+/// A quantized matrix (n × k) as stored by MLX.
+pub struct AffineRows<'a, S: Elem> {
+    pub packed: &'a [u32],
+    pub scales: &'a [S],
+    pub biases: &'a [S],
+    pub n: usize,
+    pub k: usize,
+    pub p: QuantParams,
+}
+
+/// Unpacks one packed row of `k` codes into f32 values.
+#[inline]
+pub fn unpack_row_f32(words: &[u32], bits: usize, out: &mut [f32]) {
+    match bits {
+        4 => {
+            for (w, o) in words.iter().zip(out.chunks_exact_mut(8)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((w >> (4 * j)) & 0xf) as f32;
+                }
+            }
+        }
+        8 => {
+            for (w, o) in words.iter().zip(out.chunks_exact_mut(4)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((w >> (8 * j)) & 0xff) as f32;
+                }
+            }
+        }
+        2 => {
+            for (w, o) in words.iter().zip(out.chunks_exact_mut(16)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((w >> (2 * j)) & 0x3) as f32;
+                }
+            }
+        }
+        _ => {
+            let mut codes = vec![0u8; out.len()];
+            unpack(words, bits, &mut codes);
+            for (o, c) in out.iter_mut().zip(codes) {
+                *o = c as f32;
+            }
+        }
+    }
+}
+
+impl<S: Elem> AffineRows<'_, S> {
+    fn groups(&self) -> usize {
+        self.k / self.p.group_size
+    }
+
+    fn group_params(&self, r: usize) -> (Vec<f32>, Vec<f32>) {
+        let g = self.groups();
+        let mut s = vec![0f32; g];
+        let mut b = vec![0f32; g];
+        S::to_f32_slice(&self.scales[r * g..(r + 1) * g], &mut s);
+        S::to_f32_slice(&self.biases[r * g..(r + 1) * g], &mut b);
+        (s, b)
+    }
+}
+
+impl<S: Elem> WeightRows for AffineRows<'_, S> {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    /// Σx per (input row, group).
+    type Prep = Vec<f32>;
+    fn prepare(&self, xs: &[f32], m: usize) -> Vec<f32> {
+        let gs = self.p.group_size;
+        let g = self.groups();
+        let mut sums = vec![0f32; m * g];
+        for i in 0..m {
+            for j in 0..g {
+                sums[i * g + j] = xs[i * self.k + j * gs..i * self.k + (j + 1) * gs].iter().sum();
+            }
+        }
+        sums
+    }
+    fn row_dots(&self, r: usize, xs: &[f32], m: usize, xsum: &Vec<f32>, _scratch: &mut Vec<f32>, out: &mut [f32]) {
+        let (k, gs, g) = (self.k, self.p.group_size, self.groups());
+        let width = self.p.packed_width(k);
+        let gw = self.p.packed_width(gs);
+        let words = &self.packed[r * width..(r + 1) * width];
+        let (s, b) = self.group_params(r);
+        for i in 0..m {
+            let x = &xs[i * k..(i + 1) * k];
+            let mut acc = 0f32;
+            for j in 0..g {
+                let d = dot_codes(&x[j * gs..(j + 1) * gs], &words[j * gw..(j + 1) * gw], self.p.bits);
+                acc += s[j] * d + b[j] * xsum[i * g + j];
+            }
+            out[i] = acc;
+        }
+    }
+    fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
+        let (k, gs) = (self.k, self.p.group_size);
+        let width = self.p.packed_width(k);
+        for rr in 0..cnt {
+            let r = r0 + rr;
+            let row = &mut dst[rr * k..(rr + 1) * k];
+            unpack_row_f32(&self.packed[r * width..(r + 1) * width], self.p.bits, row);
+            let (s, b) = self.group_params(r);
+            for (j, chunk) in row.chunks_exact_mut(gs).enumerate() {
+                for v in chunk.iter_mut() {
+                    *v = s[j] * *v + b[j];
+                }
+            }
+        }
+    }
+}
