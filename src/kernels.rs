@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 /// A float element type of activations and weights.
 pub trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
     fn to_f32_slice(src: &[Self], dst: &mut [f32]);
     fn from_f32(x: f32) -> Self;
     /// `Σ x·w` with `w` converted on the fly, accumulated in f32.
@@ -19,6 +20,9 @@ pub trait Elem: Copy + Send + Sync + 'static {
 }
 
 impl Elem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
     fn to_f32_slice(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
@@ -31,6 +35,9 @@ impl Elem for f32 {
 }
 
 impl Elem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
     fn to_f32_slice(src: &[f16], dst: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
@@ -47,6 +54,9 @@ impl Elem for f16 {
 }
 
 impl Elem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
     fn to_f32_slice(src: &[bf16], dst: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
@@ -177,6 +187,72 @@ pub mod simd {
             hsum(_mm256_add_ps(acc0, acc1))
         }
 
+        /// Σ_g scale(g)·(x_g·q_g) over one row of 4-bit codes, `gw` words per group; one
+        /// horizontal sum per row.
+        #[inline(always)]
+        pub unsafe fn row_affine_q4(
+            x: *const f32,
+            words: *const u32,
+            groups: usize,
+            gw: usize,
+            scale: impl Fn(usize) -> f32,
+        ) -> f32 {
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let mask = _mm256_set1_epi32(0xf);
+            let mut acc = _mm256_setzero_ps();
+            for g in 0..groups {
+                let w = words.add(g * gw);
+                let xg = x.add(g * gw * 8);
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 1 < gw {
+                    let q0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*w.add(i) as i32), shifts), mask);
+                    let q1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*w.add(i + 1) as i32), shifts), mask);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg.add(8 * i)), _mm256_cvtepi32_ps(q0), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg.add(8 * i + 8)), _mm256_cvtepi32_ps(q1), a1);
+                    i += 2;
+                }
+                if i < gw {
+                    let q0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*w.add(i) as i32), shifts), mask);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg.add(8 * i)), _mm256_cvtepi32_ps(q0), a0);
+                }
+                acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scale(g)), acc);
+            }
+            hsum(acc)
+        }
+
+        /// As [`row_affine_q4`] for 8-bit codes (`gw` words = group/4, a multiple of 4).
+        #[inline(always)]
+        pub unsafe fn row_affine_q8(
+            x: *const f32,
+            words: *const u32,
+            groups: usize,
+            gw: usize,
+            scale: impl Fn(usize) -> f32,
+        ) -> f32 {
+            let bytes = words as *const u8;
+            let gs = gw * 4;
+            let mut acc = _mm256_setzero_ps();
+            for g in 0..groups {
+                let b = bytes.add(g * gs);
+                let xg = x.add(g * gs);
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut i = 0;
+                while i < gs {
+                    let v = _mm_loadu_si128(b.add(i) as *const __m128i);
+                    let q0 = _mm256_cvtepu8_epi32(v);
+                    let q1 = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg.add(i)), _mm256_cvtepi32_ps(q0), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg.add(i + 8)), _mm256_cvtepi32_ps(q1), a1);
+                    i += 16;
+                }
+                acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scale(g)), acc);
+            }
+            hsum(acc)
+        }
+
         /// Σ x·q over 4·`words` 8-bit codes.
         #[inline(always)]
         pub unsafe fn dot_q8(x: *const f32, words: *const u32, nwords: usize) -> f32 {
@@ -289,6 +365,30 @@ pub mod simd {
         {
             dot_tail(&x[..n], &w[..n], |v| v.to_f32())
         }
+    }
+
+    /// Σ_g scale(g)·(x_g·q_g) over a row of `groups` groups of `gs` codes of `bits` bits.
+    #[inline]
+    pub fn row_affine(x: &[f32], words: &[u32], bits: usize, gs: usize, scale: impl Fn(usize) -> f32) -> f32 {
+        let groups = x.len() / gs;
+        let gw = gs * bits / 32;
+        debug_assert!(words.len() >= groups * gw);
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        {
+            // SAFETY: x holds groups·gs values and words groups·gw words (checked by the callers'
+            // shapes); group sizes are multiples of 32, so 8-bit groups are whole 16-byte steps.
+            if bits == 4 {
+                return unsafe { x86::row_affine_q4(x.as_ptr(), words.as_ptr(), groups, gw, scale) };
+            }
+            if bits == 8 {
+                return unsafe { x86::row_affine_q8(x.as_ptr(), words.as_ptr(), groups, gw, scale) };
+            }
+        }
+        let mut acc = 0f32;
+        for g in 0..groups {
+            acc += scale(g) * dot_codes(&x[g * gs..(g + 1) * gs], &words[g * gw..(g + 1) * gw], bits);
+        }
+        acc
     }
 
     /// Σ x·q for codes of `bits` bits packed in `words` (x.len() = words.len()·32/bits).

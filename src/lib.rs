@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod convert;
 pub mod device;
 pub mod generate;
 pub mod gguf;

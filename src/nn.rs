@@ -2,7 +2,7 @@
 //! `Embedding` (dense or quantized, also the tied lm head), `RmsNorm`, `Rope`.
 
 use crate::load::Weights;
-use crate::quant::{QuantSpec, QuantizedWeight};
+use crate::quant::{QuantParams, QuantSpec, QuantizedWeight};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -19,6 +19,43 @@ impl Loader<'_> {
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.weights.get(name, shape, self.dtype, &self.device)
     }
+
+    /// How the layer at `prefix` (with `in_dim` inputs) is quantized, as mlx_lm decides it: a
+    /// layer listed in the config's `quantization` block uses its entry (`false`: kept in float);
+    /// any other layer is quantized when `{prefix}.scales` exists, with bits and group size read
+    /// off the stored shapes.
+    pub fn quant_params(&self, prefix: &str, in_dim: usize) -> Result<Option<QuantParams>> {
+        let w = self.weights;
+        let scales = format!("{prefix}.scales");
+        let weight = format!("{prefix}.weight");
+        let has_scales = w.contains(&scales);
+        let Some(spec) = self.quant else {
+            if w.contains(&weight) && w.dtype(&weight)? == DType::U32 {
+                anyhow::bail!("`{weight}` is a packed (uint32) weight but config.json has no `quantization` block");
+            }
+            return Ok(None);
+        };
+        match spec.layers.get(prefix) {
+            Some(None) => Ok(None),
+            Some(Some(p)) if has_scales => Ok(Some(*p)),
+            Some(Some(p)) => anyhow::bail!(
+                "config.json lists layer `{prefix}` as quantized ({}-bit, group {}), but `{scales}` is missing from the weights",
+                p.bits,
+                p.group_size
+            ),
+            None if !has_scales => Ok(None),
+            None => {
+                let width = *w.shape(&weight)?.last().context("packed weight has no dimensions")?;
+                let groups = *w.shape(&scales)?.last().context("scales have no dimensions")?;
+                if width * 32 % in_dim != 0 || groups == 0 || in_dim % groups != 0 {
+                    anyhow::bail!(
+                        "layer `{prefix}`: packed weight rows of {width} u32 words and {groups} scale groups do not fit {in_dim} inputs for any bits / group size"
+                    );
+                }
+                Ok(Some(QuantParams::new(width * 32 / in_dim, in_dim / groups, &format!("layer `{prefix}`"))?))
+            }
+        }
+    }
 }
 
 /// A linear layer `y = x Wᵀ + b`, dense or MLX-affine-quantized.
@@ -32,7 +69,7 @@ impl Linear {
     /// Loads `{prefix}.weight` (and `.bias` when `bias`), quantized when the config says so.
     pub fn load(ld: &Loader, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let bias = if bias { Some(ld.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        if let Some(params) = ld.quant.and_then(|q| q.params_for(prefix)) {
+        if let Some(params) = ld.quant_params(prefix, in_dim)? {
             let weight = QuantizedWeight::load(ld, prefix, out_dim, in_dim, params)?;
             return Ok(Linear::Quantized { weight, bias });
         }
@@ -137,7 +174,7 @@ pub enum Embedding {
 
 impl Embedding {
     pub fn load(ld: &Loader, prefix: &str, vocab: usize, dim: usize) -> Result<Self> {
-        if let Some(params) = ld.quant.and_then(|q| q.params_for(prefix)) {
+        if let Some(params) = ld.quant_params(prefix, dim)? {
             return Ok(Embedding::Quantized(QuantizedWeight::load(ld, prefix, vocab, dim, params)?));
         }
         Ok(Embedding::Dense(ld.tensor(&format!("{prefix}.weight"), &[vocab, dim])?))

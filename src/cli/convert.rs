@@ -1,9 +1,65 @@
-//! `wick convert`: a GGUF file (`--gguf`) or a Hugging Face / mlx folder (`--hf-path`) to an
-//! mlx-style folder, optionally cast, quantized or dequantized (mlx_lm.convert's flags).
+//! `wick convert` (mlx_lm.convert's flags) and `wick quantize` (its short form for a folder):
+//! a GGUF file (`--gguf`) or a model folder (`--hf-path`) to an mlx-style folder, optionally
+//! cast (`--dtype`), quantized (`-q`) or dequantized (`-d`).
 
+use crate::convert::{convert, ConvertOptions, QuantizeOptions, QUANT_RECIPES};
+use crate::quant::QuantParams;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
+
+/// Quantization flags shared by `convert` and `quantize`.
+#[derive(Args, Debug, Clone)]
+pub struct QuantFlags {
+    /// Bits per weight (2, 3, 4, 5, 6, 8); default 4
+    #[arg(long)]
+    pub q_bits: Option<usize>,
+    /// Group size (32, 64, 128); default 64
+    #[arg(long)]
+    pub q_group_size: Option<usize>,
+    /// Quantization mode
+    #[arg(long, default_value = "affine")]
+    pub q_mode: String,
+    /// Mixed-precision recipe: mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6
+    #[arg(long)]
+    pub quant_predicate: Option<String>,
+    /// Weight dtype of the output: float16, bfloat16 or float32 (default: config.json's torch_dtype)
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Replace --mlx-path if it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl QuantFlags {
+    fn options(&self, quantize: bool, dequantize: bool) -> Result<ConvertOptions> {
+        let dtype = self
+            .dtype
+            .as_deref()
+            .map(crate::device::parse_dtype)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+        if self.q_mode != "affine" {
+            bail!("--q-mode {}: only affine quantization is supported", self.q_mode);
+        }
+        if let Some(r) = &self.quant_predicate {
+            if !QUANT_RECIPES.contains(&r.as_str()) {
+                bail!("--quant-predicate {r}: expected one of {}", QUANT_RECIPES.join(", "));
+            }
+        }
+        let quantize = if quantize {
+            let params =
+                QuantParams::new(self.q_bits.unwrap_or(4), self.q_group_size.unwrap_or(64), "--q-bits/--q-group-size")?;
+            Some(QuantizeOptions { params, mode: self.q_mode.clone(), recipe: self.quant_predicate.clone() })
+        } else {
+            if self.q_bits.is_some() || self.q_group_size.is_some() || self.quant_predicate.is_some() {
+                bail!("--q-bits, --q-group-size and --quant-predicate need -q/--quantize");
+            }
+            None
+        };
+        Ok(ConvertOptions { dtype, quantize, dequantize, force: self.force })
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -16,26 +72,55 @@ pub struct ConvertArgs {
     /// Where to write the mlx-style folder
     #[arg(long, default_value = "mlx_model")]
     pub mlx_path: PathBuf,
-    /// Replace --mlx-path if it exists
-    #[arg(long)]
-    pub force: bool,
-    /// Weight dtype of the output: float16, bfloat16 or float32 (GGUF import: float16)
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// Quantize the model
+    #[arg(short = 'q', long)]
+    pub quantize: bool,
+    /// Dequantize a quantized model
+    #[arg(short = 'd', long)]
+    pub dequantize: bool,
+    #[command(flatten)]
+    pub flags: QuantFlags,
 }
 
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if let Some(g) = &a.gguf {
-        let dtype = match &a.dtype {
+        let dtype = match &a.flags.dtype {
             Some(d) => crate::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
             None => candle_core::DType::F16,
         };
-        let out = crate::gguf::import(g, &a.mlx_path, dtype, a.force)?;
+        if a.quantize || a.dequantize {
+            bail!("--gguf imports to float; quantize the imported folder with `wick quantize` afterwards");
+        }
+        let out = crate::gguf::import(g, &a.mlx_path, dtype, a.flags.force)?;
         println!("[INFO] Imported {} to {}", g.display(), out.display());
         return Ok(0);
     }
-    if a.hf_path.is_some() {
-        bail!("--hf-path conversion is not available yet in this version; use --gguf FILE");
-    }
-    bail!("nothing to convert: pass --gguf FILE or --hf-path FOLDER")
+    let Some(src) = &a.hf_path else {
+        bail!("nothing to convert: pass --hf-path FOLDER or --gguf FILE");
+    };
+    let src = crate::load::resolve_model(Some(src))?;
+    let opts = a.flags.options(a.quantize, a.dequantize)?;
+    let out = convert(&src, &a.mlx_path, &opts)?;
+    println!("[INFO] Saved to {}", out.display());
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The float model folder to quantize (the default model when omitted)
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Where to write the quantized folder
+    #[arg(long)]
+    pub mlx_path: PathBuf,
+    #[command(flatten)]
+    pub flags: QuantFlags,
+}
+
+pub fn run_quantize(a: QuantizeArgs) -> Result<i32> {
+    let src = crate::load::resolve_model(a.model.as_deref())?;
+    let opts = a.flags.options(true, false)?;
+    let out = convert(&src, &a.mlx_path, &opts)?;
+    println!("[INFO] Saved to {}", out.display());
+    Ok(0)
 }

@@ -26,7 +26,7 @@ pub enum Command {
     /// Convert a Hugging Face folder or a GGUF file to an mlx-style folder, optionally quantized (mlx_lm.convert)
     Convert(convert::ConvertArgs),
     /// Quantize an existing model folder (short form of `convert -q`)
-    Quantize(NotYet),
+    Quantize(convert::QuantizeArgs),
     /// Fine-tune with LoRA, DoRA or fully (mlx_lm.lora)
     Lora(NotYet),
     /// Fuse LoRA adapters into the base model (mlx_lm.fuse)
@@ -99,7 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Chat(_) => not_yet("chat"),
-        Command::Quantize(_) => not_yet("quantize"),
+        Command::Quantize(a) => convert::run_quantize(a),
         Command::Lora(_) => not_yet("lora"),
         Command::Fuse(_) => not_yet("fuse"),
         Command::Manage(_) => not_yet("manage"),

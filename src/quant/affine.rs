@@ -119,15 +119,17 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, p: QuantParams) -> Result<(
     Ok((packed, scales, biases))
 }
 
-/// Dequantizes packed rows into f32 values `scale · q + bias` (scales/biases given as f32
-/// values of their stored dtype).
-pub fn dequantize(
+/// Dequantizes packed rows into `scale · q + bias` (scales/biases given as f32 values of their
+/// stored dtype). MLX evaluates this in the scales' dtype, rounding the product and then the sum;
+/// `round` is that dtype's rounding (identity for f32), so the result is bit-exact with it.
+pub fn dequantize_rounded(
     packed: &[u32],
     scales: &[f32],
     biases: &[f32],
     rows: usize,
     cols: usize,
     p: QuantParams,
+    round: impl Fn(f32) -> f32,
 ) -> Vec<f32> {
     let width = p.packed_width(cols);
     let groups = cols / p.group_size;
@@ -137,10 +139,31 @@ pub fn dequantize(
         unpack(&packed[r * width..(r + 1) * width], p.bits, &mut codes);
         for c in 0..cols {
             let g = r * groups + c / p.group_size;
-            out[r * cols + c] = scales[g] * codes[c] as f32 + biases[g];
+            out[r * cols + c] = round(round(scales[g] * codes[c] as f32) + biases[g]);
         }
     }
     out
+}
+
+/// [`dequantize_rounded`] in f32.
+pub fn dequantize(
+    packed: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    rows: usize,
+    cols: usize,
+    p: QuantParams,
+) -> Vec<f32> {
+    dequantize_rounded(packed, scales, biases, rows, cols, p, |x| x)
+}
+
+/// The rounding of a float dtype, as a function on f32 values.
+pub fn rounding(dtype: candle_core::DType) -> fn(f32) -> f32 {
+    match dtype {
+        candle_core::DType::F16 => |x| half::f16::from_f32(x).to_f32(),
+        candle_core::DType::BF16 => |x| half::bf16::from_f32(x).to_f32(),
+        _ => |x| x,
+    }
 }
 
 #[cfg(test)]
@@ -168,4 +191,42 @@ mod tests {
         pack(&q, 4, &mut w);
         assert_eq!(w[0], 0x7654_3210);
     }
+}
+
+/// Tensor-level quantization as `mx.quantize(w, group_size, bits)`: `w` (rows × cols) of a float
+/// dtype; returns packed u32 (rows × cols·bits/32) and scales/biases in `w`'s dtype.
+pub fn quantize_tensor(
+    w: &candle_core::Tensor,
+    p: QuantParams,
+) -> Result<(candle_core::Tensor, candle_core::Tensor, candle_core::Tensor)> {
+    use candle_core::{DType, Tensor};
+    let (rows, cols) = w.dims2()?;
+    let dtype = w.dtype();
+    let vals: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (packed, scales, biases) = quantize(&vals, rows, cols, p)?;
+    let dev = w.device();
+    let g = cols / p.group_size;
+    Ok((
+        Tensor::from_vec(packed, (rows, p.packed_width(cols)), dev)?,
+        Tensor::from_vec(scales, (rows, g), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(biases, (rows, g), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Tensor-level dequantization as `mx.dequantize`: the result has the scales' dtype.
+pub fn dequantize_tensor(
+    packed: &candle_core::Tensor,
+    scales: &candle_core::Tensor,
+    biases: &candle_core::Tensor,
+    p: QuantParams,
+) -> Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    let (rows, width) = packed.dims2()?;
+    let cols = width * 32 / p.bits;
+    let dtype = scales.dtype();
+    let pk: Vec<u32> = packed.flatten_all()?.to_vec1()?;
+    let s: Vec<f32> = scales.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = biases.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let out = dequantize_rounded(&pk, &s, &b, rows, cols, p, rounding(dtype));
+    Ok(Tensor::from_vec(out, (rows, cols), packed.device())?.to_dtype(dtype)?)
 }

@@ -48,15 +48,6 @@ impl QuantSpec {
         Ok(Some(Self { default, mode, layers }))
     }
 
-    /// The parameters of the layer at `path` (e.g. `model.layers.0.self_attn.q_proj`), or `None`
-    /// when the layer stays in float.
-    pub fn params_for(&self, path: &str) -> Option<QuantParams> {
-        match self.layers.get(path) {
-            Some(p) => *p,
-            None => Some(self.default),
-        }
-    }
-
     /// Overrides that name a layer the model does not have (a clear error, naming it).
     pub fn check_layers_exist(&self, known: &dyn Fn(&str) -> bool, path: &str) -> Result<()> {
         for k in self.layers.keys() {

@@ -4,7 +4,7 @@
 //! for gemm (see `kernels`).
 
 use super::affine::{unpack, QuantParams};
-use crate::kernels::{simd::dot_codes, Elem, WeightRows};
+use crate::kernels::{simd::row_affine, Elem, WeightRows};
 
 /// A quantized matrix (n × k) as stored by MLX.
 pub struct AffineRows<'a, S: Elem> {
@@ -55,15 +55,6 @@ impl<S: Elem> AffineRows<'_, S> {
     fn groups(&self) -> usize {
         self.k / self.p.group_size
     }
-
-    fn group_params(&self, r: usize) -> (Vec<f32>, Vec<f32>) {
-        let g = self.groups();
-        let mut s = vec![0f32; g];
-        let mut b = vec![0f32; g];
-        S::to_f32_slice(&self.scales[r * g..(r + 1) * g], &mut s);
-        S::to_f32_slice(&self.biases[r * g..(r + 1) * g], &mut b);
-        (s, b)
-    }
 }
 
 impl<S: Elem> WeightRows for AffineRows<'_, S> {
@@ -91,15 +82,12 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
         let width = self.p.packed_width(k);
         let gw = self.p.packed_width(gs);
         let words = &self.packed[r * width..(r + 1) * width];
-        let (s, b) = self.group_params(r);
+        let (s, b) = (&self.scales[r * g..(r + 1) * g], &self.biases[r * g..(r + 1) * g]);
+        let _ = gw;
         for i in 0..m {
             let x = &xs[i * k..(i + 1) * k];
-            let mut acc = 0f32;
-            for j in 0..g {
-                let d = dot_codes(&x[j * gs..(j + 1) * gs], &words[j * gw..(j + 1) * gw], self.p.bits);
-                acc += s[j] * d + b[j] * xsum[i * g + j];
-            }
-            out[i] = acc;
+            let bias: f32 = (0..g).map(|j| b[j].to_f32() * xsum[i * g + j]).sum();
+            out[i] = row_affine(x, words, self.p.bits, gs, |j| s[j].to_f32()) + bias;
         }
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
@@ -109,10 +97,12 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
             let r = r0 + rr;
             let row = &mut dst[rr * k..(rr + 1) * k];
             unpack_row_f32(&self.packed[r * width..(r + 1) * width], self.p.bits, row);
-            let (s, b) = self.group_params(r);
+            let g = self.groups();
+            let (s, b) = (&self.scales[r * g..(r + 1) * g], &self.biases[r * g..(r + 1) * g]);
             for (j, chunk) in row.chunks_exact_mut(gs).enumerate() {
+                let (sj, bj) = (s[j].to_f32(), b[j].to_f32());
                 for v in chunk.iter_mut() {
-                    *v = s[j] * *v + b[j];
+                    *v = sj * *v + bj;
                 }
             }
         }

@@ -6,7 +6,7 @@ pub mod affine;
 pub mod config;
 pub mod weight;
 
-pub use affine::{dequantize, pack, quantize, unpack, QuantParams};
+pub use affine::{dequantize, dequantize_tensor, pack, quantize, quantize_tensor, unpack, QuantParams};
 pub use config::QuantSpec;
 pub use weight::QuantizedWeight;
 pub mod cpu;

@@ -60,11 +60,7 @@ impl QuantizedWeight {
 
     /// The dense matrix (out × in) in the scales' dtype.
     pub fn dequantize(&self) -> Result<Tensor> {
-        let packed: Vec<u32> = self.packed.flatten_all()?.to_vec1()?;
-        let scales: Vec<f32> = self.scales.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let biases: Vec<f32> = self.biases.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let w = affine::dequantize(&packed, &scales, &biases, self.out_dim, self.in_dim, self.params);
-        Ok(Tensor::from_vec(w, (self.out_dim, self.in_dim), self.packed.device())?.to_dtype(self.scales.dtype())?)
+        affine::dequantize_tensor(&self.packed, &self.scales, &self.biases, self.params)
     }
 
     /// `x Wᵀ` for `x` of shape (…, in).

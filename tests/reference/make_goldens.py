@@ -40,9 +40,11 @@ N_GREEDY = 32
 
 
 def to_f32(model):
+    """Computes in f32: float parameters (weights, scales, biases, norms) cast; packed ints kept."""
     from mlx.utils import tree_map
 
-    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
 
 
 def greedy(model, ids, n):
@@ -187,13 +189,95 @@ def tiny_models():
         print(f"{name}: {sum(v.size for v in params.values())} params")
 
 
+def raw_bytes(a):
+    """The bytes of an mx array as stored (bf16 through a uint16 view)."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.array(a).tobytes()
+
+
+def sha(a):
+    return hashlib.sha256(raw_bytes(a)).hexdigest()
+
+
+QUANT_INPUT_SHAPES = [(16, 384), (12, 640)]
+
+
+def quant_vectors():
+    """mx.quantize / mx.dequantize on random matrices of three dtypes, every bits x group size."""
+    rng = np.random.default_rng(11)
+    inputs, cases = {}, []
+    for dt in ["float32", "float16", "bfloat16"]:
+        for si, (r, c) in enumerate(QUANT_INPUT_SHAPES):
+            w = (rng.standard_normal((r, c)) * rng.uniform(0.01, 2.0)).astype(np.float32)
+            w[0, :] = 0.0  # an all-zero row
+            w[1, :] = 0.5  # a constant row
+            w[2, :64] = rng.uniform(-3.0, -1.0, 64)  # groups with no positive value
+            w[3, :] += 40.0  # large offset
+            wm = mx.array(w).astype(getattr(mx, dt))
+            name = f"{dt}_{si}"
+            inputs[name] = wm
+            for bits in [2, 3, 4, 5, 6, 8]:
+                for gs in [32, 64, 128]:
+                    q, sc, bi = mx.quantize(wm, group_size=gs, bits=bits)
+                    deq = mx.dequantize(q, sc, bi, group_size=gs, bits=bits)
+                    cases.append({"input": name, "bits": bits, "group_size": gs,
+                                  "packed_shape": list(q.shape), "packed_sha256": sha(q),
+                                  "packed_head": np.array(q).reshape(-1)[:4].tolist(),
+                                  "scales_sha256": sha(sc), "biases_sha256": sha(bi),
+                                  "dequantized_sha256": sha(deq)})
+    mx.save_safetensors(os.path.join(GOLDEN, "quant_inputs.safetensors"), inputs)
+    json.dump({"mlx_version": mx.__version__, "cases": cases},
+              open(os.path.join(GOLDEN, "quant_vectors.json"), "w"), indent=1)
+    print(f"quant vectors: {len(cases)} cases")
+
+
+QUANT_MODELS = {
+    "q4g64": dict(q_bits=4, q_group_size=64),
+    "q8g64": dict(q_bits=8, q_group_size=64),
+    "mixed_3_6": dict(q_group_size=64, quant_predicate="mixed_3_6"),
+    "q3g32_bf16": dict(q_bits=3, q_group_size=32, dtype="bfloat16"),
+}
+
+
+def quant_models():
+    """mlx_lm.convert -q of the default model: per-tensor hashes of the output, its quantization
+    block, and greedy tokens (computed in f32) on the golden prompts for 4- and 8-bit."""
+    import shutil
+    import tempfile
+
+    from mlx_lm import convert, load
+
+    g = json.load(open(os.path.join(GOLDEN, "smollm2_greedy.json")))
+    out = {}
+    tmp = tempfile.mkdtemp()
+    for name, kw in QUANT_MODELS.items():
+        path = os.path.join(tmp, name)
+        convert(MODEL, path, quantize=True, **kw)
+        weights = mx.load(os.path.join(path, "model.safetensors"))
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        entry = {"convert_args": kw, "quantization": cfg["quantization"],
+                 "quantization_config": cfg.get("quantization_config"),
+                 "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha(v)}
+                             for k, v in sorted(weights.items())}}
+        if name in ("q4g64", "q8g64"):
+            model, tok = load(path)
+            to_f32(model)
+            entry["greedy_f32"] = [greedy(model, c["prompt_ids"], N_GREEDY) for c in g["cases"]]
+            print(name, [tok.decode(t) for t in entry["greedy_f32"][:2]])
+        out[name] = entry
+    shutil.rmtree(tmp)
+    json.dump(out, open(os.path.join(GOLDEN, "smollm2_quantized.json"), "w"), indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["foundation", "gguf", "tiny"], default=None)
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models"], default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
-    jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation}
+    jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
+            "quant_models": quant_models}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()

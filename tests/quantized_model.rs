@@ -1,0 +1,104 @@
+//! `wick convert -q` against `mlx_lm.convert -q` on the default model: every tensor
+//! byte-identical, the same quantization block; and greedy tokens on the 4- and 8-bit folders
+//! identical to mlx_lm's on its folders (same bytes, so the same model).
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use wick::convert::{convert, ConvertOptions, QuantizeOptions};
+use wick::quant::QuantParams;
+
+fn goldens() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(golden("smollm2_quantized.json")).unwrap()).unwrap()
+}
+
+fn options(args: &serde_json::Value) -> ConvertOptions {
+    let bits = args.get("q_bits").and_then(|v| v.as_u64()).unwrap_or(4) as usize;
+    let gs = args.get("q_group_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize;
+    ConvertOptions {
+        dtype: args.get("dtype").and_then(|v| v.as_str()).map(|d| wick::device::parse_dtype(d).unwrap()),
+        quantize: Some(QuantizeOptions {
+            params: QuantParams::new(bits, gs, "test").unwrap(),
+            mode: "affine".into(),
+            recipe: args.get("quant_predicate").and_then(|v| v.as_str()).map(String::from),
+        }),
+        dequantize: false,
+        force: false,
+    }
+}
+
+fn tensor_sha(t: &candle_core::Tensor) -> String {
+    use sha2::Digest;
+    let t = t.flatten_all().unwrap();
+    let bytes: Vec<u8> = match t.dtype() {
+        DType::U32 => t.to_vec1::<u32>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F32 => t.to_vec1::<f32>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
+        d => panic!("{d:?}"),
+    };
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn convert_like_mlx(name: &str, tmp: &std::path::Path) -> std::path::PathBuf {
+    let g = goldens();
+    let out = tmp.join(name);
+    convert(&default_model(), &out, &options(&g[name]["convert_args"])).unwrap();
+    out
+}
+
+#[test]
+fn convert_q_output_is_byte_identical_to_mlx_lm() {
+    let g = goldens();
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, want) in g.as_object().unwrap() {
+        let out = convert_like_mlx(name, tmp.path());
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["quantization"], want["quantization"], "{name}: quantization block");
+        assert_eq!(cfg["quantization_config"], want["quantization_config"], "{name}: quantization_config block");
+        let w = wick::load::Weights::open(&out).unwrap();
+        let tensors = want["tensors"].as_object().unwrap();
+        assert_eq!(w.names().count(), tensors.len(), "{name}: tensor count");
+        let mut bad = vec![];
+        for (t, info) in tensors {
+            let x = w.raw(t, &Device::Cpu).unwrap();
+            let shape: Vec<usize> =
+                info["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(x.dims(), shape.as_slice(), "{name}: {t} shape");
+            if tensor_sha(&x) != info["sha256"].as_str().unwrap() {
+                bad.push(t.clone());
+            }
+        }
+        assert!(bad.is_empty(), "{name}: {} tensors differ from mlx_lm's: {:?}", bad.len(), &bad[..bad.len().min(8)]);
+    }
+}
+
+#[test]
+fn greedy_tokens_on_4_and_8_bit_match_mlx_lm() {
+    let g = goldens();
+    let prompts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("smollm2_greedy.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["q4g64", "q8g64"] {
+        let out = convert_like_mlx(name, tmp.path());
+        let m = wick::models::load_model(&out, Some(DType::F32), &Device::Cpu).unwrap();
+        let model = m.model.as_ref();
+        for (i, c) in prompts["cases"].as_array().unwrap().iter().enumerate() {
+            let ids: Vec<u32> =
+                c["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> =
+                g[name]["greedy_f32"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let mut cache = model.make_cache();
+            let mut l = wick::generate::prefill(model, &ids, &mut cache, 2048).unwrap();
+            let mut got = vec![];
+            for _ in 0..want.len() {
+                let t = wick::sample::argmax(&l);
+                got.push(t);
+                l = wick::generate::step_logits(model, &[t], &mut cache).unwrap();
+            }
+            assert_eq!(got, want, "{name} case {i}: greedy tokens differ from mlx_lm");
+        }
+    }
+}
