@@ -67,6 +67,15 @@ pub fn prefill(model: &dyn LanguageModel, prompt: &[u32], cache: &mut [KvCache],
     step_logits(model, rest, cache)
 }
 
+/// Checks that every prompt token exists in the model's vocabulary.
+pub fn check_vocab(model: &dyn LanguageModel, prompt: &[u32]) -> Result<()> {
+    let v = model.vocab_size();
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= v) {
+        bail!("prompt token id {bad} is outside the model's vocabulary of {v} tokens: the tokenizer does not match the model");
+    }
+    Ok(())
+}
+
 /// Checks that the prompt fits the model's context.
 pub fn check_context(model: &dyn LanguageModel, prompt_len: usize) -> Result<()> {
     if let Some(ctx) = model.max_context() {
@@ -90,6 +99,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<GenerationStats> {
     check_context(model, prompt.len())?;
+    check_vocab(model, prompt)?;
     let mut sampler = Sampler::new(opts.sampler.clone())?;
     let mut cache = model.make_cache();
     let tic = Instant::now();

@@ -132,3 +132,182 @@ fn generate_on_default_model_runs_and_reports_stats() {
         assert!(s.contains(line), "missing {line:?} in {s}");
     }
 }
+
+/// The tiny model quantized (4-bit, group 32) by wick into `dst`, with the default tokenizer.
+fn quantized_copy(dst: &Path) {
+    let src = tempfile::tempdir().unwrap();
+    model_copy(src.path());
+    let opts = wick::convert::ConvertOptions {
+        quantize: Some(wick::convert::QuantizeOptions {
+            params: wick::quant::QuantParams::new(4, 32, "test").unwrap(),
+            mode: "affine".into(),
+            recipe: None,
+        }),
+        ..Default::default()
+    };
+    wick::convert::convert(src.path(), dst, &opts).unwrap();
+}
+
+/// Rewrites one tensor of a model folder's model.safetensors.
+fn replace_tensor(dir: &Path, name: &str, t: candle_core::Tensor) {
+    let p = dir.join("model.safetensors");
+    let mut all = candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap();
+    all.insert(name.to_string(), t);
+    candle_core::safetensors::save(&all, &p).unwrap();
+}
+
+#[test]
+fn quantized_tiny_model_loads_and_runs() {
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("q");
+    quantized_copy(&q);
+    let m = wick::models::load_model(&q, None, &candle_core::Device::Cpu).unwrap();
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 127]], &candle_core::Device::Cpu).unwrap();
+    let mut cache = m.model.make_cache();
+    let logits = m.model.forward(&ids, &mut cache, false).unwrap();
+    assert_eq!(logits.dims(), &[1, 4, 128]);
+    let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn tokenizer_that_does_not_match_the_model() {
+    let t = tempfile::tempdir().unwrap();
+    model_copy(t.path());
+    // the tiny model has 128 tokens; the default tokenizer's ids go far beyond
+    let err = fails(&["generate", "--model", t.path().to_str().unwrap(), "-m", "1", "-p", "hello world"]);
+    assert!(err.contains("vocabulary of 128"), "{err}");
+}
+
+#[test]
+fn unsupported_bits_or_group_size_in_config() {
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("q");
+    quantized_copy(&q);
+    edit_config(&q, |c| {
+        c.insert("quantization".into(), serde_json::json!({"bits": 7, "group_size": 32}));
+    });
+    let err = fails(&["generate", "--model", q.to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains("bits = 7") && err.contains("config.json"), "{err}");
+    edit_config(&q, |c| {
+        c.insert("quantization".into(), serde_json::json!({"bits": 4, "group_size": 48}));
+    });
+    let err = fails(&["generate", "--model", q.to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains("group_size = 48"), "{err}");
+}
+
+#[test]
+fn scales_with_the_wrong_shape() {
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("q");
+    quantized_copy(&q);
+    let layer = "model.layers.1.mlp.up_proj";
+    edit_config(&q, |c| {
+        c["quantization"]
+            .as_object_mut()
+            .unwrap()
+            .insert(layer.into(), serde_json::json!({"bits": 4, "group_size": 32}));
+    });
+    // up_proj is 96 × 64: 2 groups of 32 per row; store 3
+    replace_tensor(
+        &q,
+        &format!("{layer}.scales"),
+        candle_core::Tensor::ones((96, 3), candle_core::DType::F16, &candle_core::Device::Cpu).unwrap(),
+    );
+    let err = fails(&["generate", "--model", q.to_str().unwrap(), "-m", "1"]);
+    assert!(
+        err.contains(layer) && err.contains("scales") && err.contains("[96, 3]") && err.contains("[96, 2]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn packed_width_that_disagrees_with_bits() {
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("q");
+    quantized_copy(&q);
+    let layer = "model.layers.0.self_attn.o_proj";
+    // 4-bit rows of 64 inputs pack to 8 words; store 7
+    replace_tensor(
+        &q,
+        &format!("{layer}.weight"),
+        candle_core::Tensor::zeros((64, 7), candle_core::DType::U32, &candle_core::Device::Cpu).unwrap(),
+    );
+    let err = fails(&["generate", "--model", q.to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains(layer) && err.contains("7 u32 words"), "{err}");
+    // listed in the config with explicit bits: the width must match them
+    edit_config(&q, |c| {
+        c["quantization"]
+            .as_object_mut()
+            .unwrap()
+            .insert(layer.into(), serde_json::json!({"bits": 4, "group_size": 32}));
+    });
+    let err = fails(&["generate", "--model", q.to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains(layer) && err.contains("[64, 7]") && err.contains("[64, 8]"), "{err}");
+}
+
+#[test]
+fn override_for_a_layer_that_does_not_exist() {
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("q");
+    quantized_copy(&q);
+    edit_config(&q, |c| {
+        c["quantization"]
+            .as_object_mut()
+            .unwrap()
+            .insert("model.layers.9.mlp.up_proj".into(), serde_json::json!({"bits": 8, "group_size": 64}));
+    });
+    let err = fails(&["generate", "--model", q.to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains("model.layers.9.mlp.up_proj") && err.contains("does not have"), "{err}");
+}
+
+#[test]
+fn convert_refuses_an_existing_output_without_force_and_bad_recipes() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    model_copy(&src);
+    let out = t.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let err = fails(&["convert", "--hf-path", src.to_str().unwrap(), "--mlx-path", out.to_str().unwrap(), "-q"]);
+    assert!(err.contains("--mlx-path") && err.contains("--force"), "{err}");
+    let err = fails(&[
+        "convert",
+        "--hf-path",
+        src.to_str().unwrap(),
+        "--mlx-path",
+        t.path().join("o2").to_str().unwrap(),
+        "-q",
+        "--quant-predicate",
+        "mixed_9_9",
+    ]);
+    assert!(err.contains("--quant-predicate") && err.contains("mixed_3_6"), "{err}");
+    let err = fails(&[
+        "convert",
+        "--hf-path",
+        src.to_str().unwrap(),
+        "--mlx-path",
+        t.path().join("o3").to_str().unwrap(),
+        "-q",
+        "--q-bits",
+        "7",
+    ]);
+    assert!(err.contains("bits = 7"), "{err}");
+    assert!(!t.path().join("o2").exists() && !t.path().join("o3").exists(), "no half-written output");
+    // with --force the existing folder is replaced by a complete one
+    let ok = wick()
+        .args([
+            "convert",
+            "--hf-path",
+            src.to_str().unwrap(),
+            "--mlx-path",
+            out.to_str().unwrap(),
+            "-q",
+            "--q-group-size",
+            "32",
+            "--force",
+        ])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
+}
