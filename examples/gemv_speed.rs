@@ -1,29 +1,58 @@
-use half::f16;
 use std::time::Instant;
-use wick::kernels::{gemv, DenseRows};
-fn main() {
-    // 30 layers of SmolLM2-shaped matrices, cycled so they come from DRAM as in decode
-    let shapes = [(576usize, 576usize), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
-    let layers: Vec<Vec<Vec<f16>>> = (0..30)
-        .map(|l| {
-            shapes
-                .iter()
-                .map(|&(n, k)| (0..n * k).map(|i| f16::from_f32(((i + l) % 7) as f32 * 0.01)).collect())
-                .collect()
-        })
-        .collect();
-    let bytes: usize = shapes.iter().map(|(n, k)| n * k * 2).sum::<usize>() * 30;
+use wick::kernels::{gemv, DenseRows, WeightRows};
+use wick::quant::cpu::AffineRows;
+use wick::quant::QuantParams;
+
+fn run<W: WeightRows>(name: &str, layers: &[Vec<W>], bytes: usize) {
     for _ in 0..3 {
         let t = Instant::now();
-        for l in &layers {
-            for (w, &(n, k)) in l.iter().zip(&shapes) {
-                let x: Vec<f32> = vec![1.0; k];
-                std::hint::black_box(gemv(&DenseRows { data: w, n, k }, &x, 1));
-                let s = Instant::now();
-                while s.elapsed().as_micros() < 40 {}
+        for l in layers {
+            for w in l {
+                let x: Vec<f32> = vec![1.0; w.k()];
+                std::hint::black_box(gemv(w, &x, 1));
             }
         }
         let dt = t.elapsed().as_secs_f64();
-        println!("layers: {:.2} ms, {:.2} GB/s", dt * 1e3, bytes as f64 / dt / 1e9);
+        println!("{name}: {:.2} ms per 30 layers, {:.2} GB/s", dt * 1e3, bytes as f64 / dt / 1e9);
     }
+}
+
+fn main() {
+    let shapes = [(576usize, 576usize), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+    let f16s: Vec<Vec<Vec<half::f16>>> = (0..30)
+        .map(|l| {
+            shapes
+                .iter()
+                .map(|&(n, k)| (0..n * k).map(|i| half::f16::from_f32(((i + l) % 7) as f32 * 0.01)).collect())
+                .collect()
+        })
+        .collect();
+    let dense: Vec<Vec<DenseRows<half::f16>>> =
+        f16s.iter().map(|l| l.iter().zip(&shapes).map(|(w, &(n, k))| DenseRows { data: w, n, k }).collect()).collect();
+    run("f16", &dense, shapes.iter().map(|(n, k)| n * k * 2).sum::<usize>() * 30);
+    let p = QuantParams::new(4, 64, "x").unwrap();
+    let q: Vec<Vec<(Vec<u32>, Vec<f32>, Vec<f32>)>> = (0..30)
+        .map(|l| {
+            shapes
+                .iter()
+                .map(|&(n, k)| {
+                    (
+                        (0..n * k / 8).map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(l)).collect(),
+                        vec![0.01; n * k / 64],
+                        vec![-0.05; n * k / 64],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let qrows: Vec<Vec<AffineRows<f32>>> = q
+        .iter()
+        .map(|l| {
+            l.iter()
+                .zip(&shapes)
+                .map(|((pk, s, b), &(n, k))| AffineRows { packed: pk, scales: s, biases: b, n, k, p })
+                .collect()
+        })
+        .collect();
+    run("q4", &qrows, shapes.iter().map(|(n, k)| n * k / 2 + n * k / 64 * 8).sum::<usize>() * 30);
 }

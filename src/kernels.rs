@@ -278,6 +278,142 @@ pub mod simd {
         }
     }
 
+    /// AVX-512 kernels, used where the build targets AVX-512F.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    mod x86_512 {
+        use std::arch::x86_64::*;
+
+        /// Σ_g scale(g)·(x_g·q_g) over one row of 4-bit codes with `x` pre-permuted by
+        /// [`super::permute_x_q4`]: each 16-byte chunk holds 32 codes, low nibbles = even
+        /// positions, high nibbles = odd ones, so both expand with one zero-extension each.
+        #[inline(always)]
+        pub unsafe fn row_affine_q4(
+            xp: *const f32,
+            words: *const u32,
+            groups: usize,
+            gs: usize,
+            scale: impl Fn(usize) -> f32,
+        ) -> f32 {
+            let bytes = words as *const u8;
+            let m4 = _mm_set1_epi8(0x0f);
+            let mut acc = _mm512_setzero_ps();
+            for g in 0..groups {
+                let mut a0 = _mm512_setzero_ps();
+                let mut a1 = _mm512_setzero_ps();
+                let mut c = g * gs;
+                let end = c + gs;
+                while c < end {
+                    let v = _mm_loadu_si128(bytes.add(c / 2) as *const __m128i);
+                    let lo = _mm_and_si128(v, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                    let qa = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                    let qb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c)), qa, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c + 16)), qb, a1);
+                    c += 32;
+                }
+                acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale(g)), acc);
+            }
+            _mm512_reduce_add_ps(acc)
+        }
+
+        /// Four rows of [`row_affine_q4`] at once: the input is loaded once for all four and
+        /// four weight streams are in flight.
+        #[inline(always)]
+        pub unsafe fn rows4_affine_q4(
+            xp: *const f32,
+            words: [*const u32; 4],
+            groups: usize,
+            gs: usize,
+            scale: impl Fn(usize, usize) -> f32,
+        ) -> [f32; 4] {
+            let m4 = _mm_set1_epi8(0x0f);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let bytes = words.map(|w| w as *const u8);
+            for g in 0..groups {
+                let mut ga = [_mm512_setzero_ps(); 4];
+                let mut c = g * gs;
+                let end = c + gs;
+                while c < end {
+                    let x0 = _mm512_loadu_ps(xp.add(c));
+                    let x1 = _mm512_loadu_ps(xp.add(c + 16));
+                    for r in 0..4 {
+                        let v = _mm_loadu_si128(bytes[r].add(c / 2) as *const __m128i);
+                        let lo = _mm_and_si128(v, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                        ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), ga[r]);
+                        ga[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), ga[r]);
+                    }
+                    c += 32;
+                }
+                for r in 0..4 {
+                    acc[r] = _mm512_fmadd_ps(ga[r], _mm512_set1_ps(scale(r, g)), acc[r]);
+                }
+            }
+            [
+                _mm512_reduce_add_ps(acc[0]),
+                _mm512_reduce_add_ps(acc[1]),
+                _mm512_reduce_add_ps(acc[2]),
+                _mm512_reduce_add_ps(acc[3]),
+            ]
+        }
+    }
+
+    /// Whether 4-bit rows take the AVX-512 path (which wants `x` permuted by [`permute_x_q4`]).
+    pub const Q4_PERMUTED: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
+
+    /// Reorders each run of 32 inputs as [even positions, odd positions] to match the nibble
+    /// order of 16 packed bytes.
+    pub fn permute_x_q4(x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for (src, dst) in x.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+            for j in 0..16 {
+                dst[j] = src[2 * j];
+                dst[16 + j] = src[2 * j + 1];
+            }
+        }
+        out
+    }
+
+    /// [`row_affine`] for 4-bit codes with `xp` permuted by [`permute_x_q4`] (AVX-512 builds).
+    #[inline]
+    pub fn row_affine_q4_permuted(xp: &[f32], words: &[u32], gs: usize, scale: impl Fn(usize) -> f32) -> f32 {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            let groups = xp.len() / gs;
+            assert!(words.len() * 8 >= groups * gs && gs % 32 == 0);
+            // SAFETY: xp holds groups·gs values, words the matching groups·gs/8 words.
+            unsafe { x86_512::row_affine_q4(xp.as_ptr(), words.as_ptr(), groups, gs, scale) }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            let _ = (xp, words, gs, scale);
+            unreachable!("only AVX-512 builds permute x")
+        }
+    }
+
+    /// Four rows of [`row_affine_q4_permuted`] at once.
+    #[inline]
+    pub fn rows4_affine_q4_permuted(
+        xp: &[f32],
+        words: [&[u32]; 4],
+        gs: usize,
+        scale: impl Fn(usize, usize) -> f32,
+    ) -> [f32; 4] {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            let groups = xp.len() / gs;
+            assert!(words.iter().all(|w| w.len() * 8 >= groups * gs) && gs % 32 == 0);
+            // SAFETY: xp holds groups·gs values, each row the matching groups·gs/8 words.
+            unsafe { x86_512::rows4_affine_q4(xp.as_ptr(), words.map(|w| w.as_ptr()), groups, gs, scale) }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            let _ = (xp, words, gs, scale);
+            unreachable!("only AVX-512 builds permute x")
+        }
+    }
+
     fn dot_tail<T: Copy>(x: &[f32], w: &[T], f: impl Fn(T) -> f32) -> f32 {
         let mut acc = [0f32; 8];
         let cx = x.chunks_exact(8);
@@ -431,7 +567,7 @@ pub trait WeightRows: Sync {
     /// `out[i] = x_i · row(r)` for the `m` input rows `xs` (m × k).
     fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]);
     /// Four rows' dot products with one input row (m = 1), when a fused kernel exists.
-    fn dot4(&self, _r: usize, _x: &[f32]) -> Option<[f32; 4]> {
+    fn dot4(&self, _r: usize, _x: &[f32], _prep: &Self::Prep) -> Option<[f32; 4]> {
         None
     }
     /// Rows `r0 .. r0 + cnt` as f32 into `dst` (cnt × k).
@@ -456,7 +592,7 @@ pub fn gemv<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
         let mut j = 0;
         if m == 1 {
             while j + 4 <= rows {
-                match w.dot4(r0 + j, xs) {
+                match w.dot4(r0 + j, xs, &prep) {
                     Some(d) => chunk[j..j + 4].copy_from_slice(&d),
                     None => break,
                 }
@@ -561,7 +697,7 @@ impl<T: Elem> WeightRows for DenseRows<'_, T> {
             out[i] = T::dot(&xs[i * k..(i + 1) * k], row);
         }
     }
-    fn dot4(&self, r: usize, x: &[f32]) -> Option<[f32; 4]> {
+    fn dot4(&self, r: usize, x: &[f32], _prep: &()) -> Option<[f32; 4]> {
         let k = self.k;
         let d = &self.data;
         T::dot4(

@@ -185,7 +185,7 @@ impl Embedding {
         let flat = ids.flatten_all()?;
         let rows = match self {
             Embedding::Dense(w) => w.index_select(&flat, 0)?,
-            Embedding::Quantized(q) => q.gather_rows(&flat)?,
+            Embedding::Quantized(q) => q.gather_rows(&flat)?.to_dtype(q.compute_dtype)?,
         };
         let mut out = shape;
         out.push(rows.dim(1)?);

@@ -9,7 +9,7 @@ fn weight(n: usize, k: usize, p: QuantParams, dtype: DType) -> QuantizedWeight {
     let dev = Device::Cpu;
     let w = Tensor::randn_like(&Tensor::zeros((n, k), DType::F32, &dev).unwrap(), 0.0, 1.0).unwrap();
     let (packed, scales, biases) = quantize_tensor(&w.to_dtype(dtype).unwrap(), p).unwrap();
-    QuantizedWeight { packed, scales, biases, params: p, out_dim: n, in_dim: k }
+    QuantizedWeight { packed, scales, biases, params: p, out_dim: n, in_dim: k, compute_dtype: dtype }
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -31,7 +31,13 @@ fn quantized_matmul_matches_dequantize_then_matmul() {
                 let p = QuantParams::new(bits, gs, "test").unwrap();
                 for dtype in [DType::F32, DType::F16, DType::BF16] {
                     let w = weight(n, k, p, dtype);
-                    let dense = w.dequantize().unwrap().to_dtype(DType::F32).unwrap();
+                    // dequantized in f32: scale·q + bias without rounding to the 16-bit dtype
+                    let w32 = QuantizedWeight {
+                        scales: w.scales.to_dtype(DType::F32).unwrap(),
+                        biases: w.biases.to_dtype(DType::F32).unwrap(),
+                        ..w.clone()
+                    };
+                    let dense = w32.dequantize().unwrap();
                     for m in [1usize, 3, 8, 9, 17] {
                         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                         // inputs in the weight's dtype; the reference sees the same rounded values

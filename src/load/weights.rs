@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 struct Shard {
     path: PathBuf,
     mmap: Mmap,
+    /// the header, parsed once
+    meta: safetensors::tensor::Metadata,
+    /// byte offset of the data section
+    data_start: usize,
 }
 
 /// All tensors of a model folder, by (sanitized) name, read lazily from the mapped files.
@@ -43,7 +47,8 @@ impl Weights {
                 index.insert(name.to_string(), (i, name.to_string()));
             }
             drop(st);
-            shards.push(Shard { path: path.clone(), mmap });
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap)?;
+            shards.push(Shard { path: path.clone(), mmap, meta, data_start: 8 + header_len });
         }
         Ok(Self { shards, index, dir: dir.to_path_buf() })
     }
@@ -71,8 +76,11 @@ impl Weights {
             bail!("tensor `{name}` is missing from the weights in {}", self.dir.display());
         };
         let shard = &self.shards[*i];
-        let st = SafeTensors::deserialize(&shard.mmap)?;
-        let view = st.tensor(orig)?;
+        let info = shard.meta.info(orig).with_context(|| format!("tensor `{orig}` in {}", shard.path.display()))?;
+        let (a, b) = info.data_offsets;
+        let data = &shard.mmap[shard.data_start + a..shard.data_start + b];
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), data)
+            .map_err(|e| anyhow::anyhow!("tensor `{orig}` in {}: {e}", shard.path.display()))?;
         Ok((view, &shard.path))
     }
 

@@ -4,7 +4,8 @@
 //! for gemm (see `kernels`).
 
 use super::affine::{unpack, QuantParams};
-use crate::kernels::{simd::row_affine, Elem, WeightRows};
+use crate::kernels::simd::{self, row_affine};
+use crate::kernels::{Elem, WeightRows};
 
 /// A quantized matrix (n × k) as stored by MLX.
 pub struct AffineRows<'a, S: Elem> {
@@ -64,9 +65,49 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
     fn k(&self) -> usize {
         self.k
     }
-    /// Σx per (input row, group).
-    type Prep = Vec<f32>;
-    fn prepare(&self, xs: &[f32], m: usize) -> Vec<f32> {
+    /// Σx per (input row, group), and for 4-bit rows on AVX-512 builds the inputs permuted to
+    /// the nibble order.
+    type Prep = (Vec<f32>, Option<Vec<f32>>);
+    fn prepare(&self, xs: &[f32], m: usize) -> Self::Prep {
+        let permuted = (self.p.bits == 4 && simd::Q4_PERMUTED).then(|| simd::permute_x_q4(xs));
+        (self.group_sums(xs, m), permuted)
+    }
+    fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, _scratch: &mut Vec<f32>, out: &mut [f32]) {
+        let (k, gs, g) = (self.k, self.p.group_size, self.groups());
+        let width = self.p.packed_width(k);
+        let words = &self.packed[r * width..(r + 1) * width];
+        let (s, b) = (&self.scales[r * g..(r + 1) * g], &self.biases[r * g..(r + 1) * g]);
+        let (xsum, permuted) = prep;
+        for i in 0..m {
+            let bias = S::dot(&xsum[i * g..(i + 1) * g], b);
+            let main = match permuted {
+                Some(xp) => simd::row_affine_q4_permuted(&xp[i * k..(i + 1) * k], words, gs, |j| s[j].to_f32()),
+                None => row_affine(&xs[i * k..(i + 1) * k], words, self.p.bits, gs, |j| s[j].to_f32()),
+            };
+            out[i] = main + bias;
+        }
+    }
+    fn dot4(&self, r: usize, _x: &[f32], prep: &Self::Prep) -> Option<[f32; 4]> {
+        let (xsum, permuted) = prep;
+        let xp = permuted.as_ref()?;
+        let (k, gs, g) = (self.k, self.p.group_size, self.groups());
+        let width = self.p.packed_width(k);
+        let rows: [usize; 4] = [r, r + 1, r + 2, r + 3];
+        let words = rows.map(|rr| &self.packed[rr * width..(rr + 1) * width]);
+        let main = simd::rows4_affine_q4_permuted(xp, words, gs, |i, j| self.scales[(r + i) * g + j].to_f32());
+        let mut out = main;
+        for (o, rr) in out.iter_mut().zip(rows) {
+            *o += S::dot(xsum, &self.biases[rr * g..(rr + 1) * g]);
+        }
+        Some(out)
+    }
+    fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
+        self.rows_f32_impl(r0, cnt, dst)
+    }
+}
+
+impl<S: Elem> AffineRows<'_, S> {
+    fn group_sums(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let gs = self.p.group_size;
         let g = self.groups();
         let mut sums = vec![0f32; m * g];
@@ -77,20 +118,8 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
         }
         sums
     }
-    fn row_dots(&self, r: usize, xs: &[f32], m: usize, xsum: &Vec<f32>, _scratch: &mut Vec<f32>, out: &mut [f32]) {
-        let (k, gs, g) = (self.k, self.p.group_size, self.groups());
-        let width = self.p.packed_width(k);
-        let gw = self.p.packed_width(gs);
-        let words = &self.packed[r * width..(r + 1) * width];
-        let (s, b) = (&self.scales[r * g..(r + 1) * g], &self.biases[r * g..(r + 1) * g]);
-        let _ = gw;
-        for i in 0..m {
-            let x = &xs[i * k..(i + 1) * k];
-            let bias: f32 = (0..g).map(|j| b[j].to_f32() * xsum[i * g + j]).sum();
-            out[i] = row_affine(x, words, self.p.bits, gs, |j| s[j].to_f32()) + bias;
-        }
-    }
-    fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
+
+    fn rows_f32_impl(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
         let (k, gs) = (self.k, self.p.group_size);
         let width = self.p.packed_width(k);
         for rr in 0..cnt {

@@ -14,6 +14,8 @@ pub struct QuantizedWeight {
     pub params: QuantParams,
     pub out_dim: usize,
     pub in_dim: usize,
+    /// the model's compute dtype (embedding rows are returned in it)
+    pub compute_dtype: DType,
 }
 
 impl QuantizedWeight {
@@ -53,12 +55,15 @@ impl QuantizedWeight {
             }
         }
         let packed = w.raw(&wname, &ld.device)?;
-        let scales = w.raw(&format!("{prefix}.scales"), &ld.device)?.to_dtype(ld.dtype)?;
-        let biases = w.raw(&format!("{prefix}.biases"), &ld.device)?.to_dtype(ld.dtype)?;
-        Ok(Self { packed, scales, biases, params, out_dim, in_dim })
+        // On the CPU the kernels read scales and biases as f32 (exact for f16/bf16 values):
+        // no per-group conversion in the inner loop, and the bias term becomes one dot product.
+        let sdtype = if ld.device.is_cpu() { DType::F32 } else { ld.dtype };
+        let scales = w.raw(&format!("{prefix}.scales"), &ld.device)?.to_dtype(sdtype)?;
+        let biases = w.raw(&format!("{prefix}.biases"), &ld.device)?.to_dtype(sdtype)?;
+        Ok(Self { packed, scales, biases, params, out_dim, in_dim, compute_dtype: ld.dtype })
     }
 
-    /// The dense matrix (out × in) in the scales' dtype.
+    /// The dense matrix (out × in) in the scales' dtype (f32 on the CPU).
     pub fn dequantize(&self) -> Result<Tensor> {
         affine::dequantize_tensor(&self.packed, &self.scales, &self.biases, self.params)
     }
@@ -74,7 +79,7 @@ impl QuantizedWeight {
         let scales = self.scales.index_select(ids, 0)?;
         let biases = self.biases.index_select(ids, 0)?;
         let n = ids.dim(0)?;
-        let sub = QuantizedWeight { packed, scales, biases, params: self.params, out_dim: n, in_dim: self.in_dim };
+        let sub = QuantizedWeight { packed, scales, biases, out_dim: n, ..self.clone() };
         sub.dequantize()
     }
 }
