@@ -32,7 +32,7 @@ impl KvCache {
         let prev = self.offset;
         let capacity = self.keys.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
         if prev + l > capacity {
-            let steps = (l + CACHE_STEP - 1) / CACHE_STEP;
+            let steps = l.div_ceil(CACHE_STEP);
             let grow = steps * CACHE_STEP;
             let new_k = Tensor::zeros((b, h, grow, dk), k.dtype(), k.device())?;
             let new_v = Tensor::zeros((b, h, grow, dv), v.dtype(), v.device())?;

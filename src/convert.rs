@@ -72,14 +72,9 @@ fn mixed_params(
     let index: i64 = if parts.len() > layer_location { parts[layer_location].parse().unwrap_or(0) } else { 0 };
     let n = num_layers as i64;
     let more = index < n / 8 || index >= 7 * n / 8 || (index - n / 8).rem_euclid(3) == 2;
-    let bits = if ((path.contains("v_proj") || path.contains("v_a_proj") || path.contains("v_b_proj")) && more)
-        || (path.contains("down_proj") && more)
-        || path.contains("lm_head")
-    {
-        high
-    } else {
-        low
-    };
+    let v_or_down =
+        path.contains("v_proj") || path.contains("v_a_proj") || path.contains("v_b_proj") || path.contains("down_proj");
+    let bits = if (v_or_down && more) || path.contains("lm_head") { high } else { low };
     QuantParams::new(bits, group_size, &format!("layer `{path}`"))
 }
 

@@ -191,7 +191,7 @@ pub fn import(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<Path
         "rope_theta".into(),
         json!(if g.opt(&p("rope.freq_base")).is_some() { g.float(&p("rope.freq_base"))? } else { 10000.0 }),
     );
-    if let Some(_) = g.opt(&p("context_length")) {
+    if g.opt(&p("context_length")).is_some() {
         cfg.insert("max_position_embeddings".into(), json!(g.usize(&p("context_length"))?));
     }
     cfg.insert("vocab_size".into(), json!(tokens.len()));

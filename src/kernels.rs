@@ -359,6 +359,33 @@ pub mod simd {
         }
     }
 
+    /// Four f16 rows at once with AVX-512 (16 halves per load), `n` a multiple of 32.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[inline(always)]
+    unsafe fn dot4_f16_512(x: *const f32, w: [*const u16; 4], n: usize) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n {
+            let x0 = _mm512_loadu_ps(x.add(i));
+            let x1 = _mm512_loadu_ps(x.add(i + 16));
+            for r in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(w[r].add(i + 256) as *const i8);
+                let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(w[r].add(i) as *const __m256i));
+                let w1 = _mm512_cvtph_ps(_mm256_loadu_si256(w[r].add(i + 16) as *const __m256i));
+                acc[r] = _mm512_fmadd_ps(x0, w0, acc[r]);
+                acc[r] = _mm512_fmadd_ps(x1, w1, acc[r]);
+            }
+            i += 32;
+        }
+        [
+            _mm512_reduce_add_ps(acc[0]),
+            _mm512_reduce_add_ps(acc[1]),
+            _mm512_reduce_add_ps(acc[2]),
+            _mm512_reduce_add_ps(acc[3]),
+        ]
+    }
+
     /// Whether 4-bit rows take the AVX-512 path (which wants `x` permuted by [`permute_x_q4`]).
     pub const Q4_PERMUTED: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
 
@@ -381,7 +408,7 @@ pub mod simd {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
             let groups = xp.len() / gs;
-            assert!(words.len() * 8 >= groups * gs && gs % 32 == 0);
+            assert!(words.len() * 8 >= groups * gs && gs.is_multiple_of(32));
             // SAFETY: xp holds groups·gs values, words the matching groups·gs/8 words.
             unsafe { x86_512::row_affine_q4(xp.as_ptr(), words.as_ptr(), groups, gs, scale) }
         }
@@ -403,7 +430,7 @@ pub mod simd {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
             let groups = xp.len() / gs;
-            assert!(words.iter().all(|w| w.len() * 8 >= groups * gs) && gs % 32 == 0);
+            assert!(words.iter().all(|w| w.len() * 8 >= groups * gs) && gs.is_multiple_of(32));
             // SAFETY: xp holds groups·gs values, each row the matching groups·gs/8 words.
             unsafe { x86_512::rows4_affine_q4(xp.as_ptr(), words.map(|w| w.as_ptr()), groups, gs, scale) }
         }
@@ -473,10 +500,20 @@ pub mod simd {
     /// Σ x·w_r for four f16 rows of x's length; `None` where there is no fast path.
     #[inline]
     pub fn dot4_f16(x: &[f32], w: [&[f16]; 4]) -> Option<[f32; 4]> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            let n = x.len();
+            if n.is_multiple_of(32) && w.iter().all(|r| r.len() == n) {
+                let p = w.map(|r| r.as_ptr() as *const u16);
+                // SAFETY: all four rows and x hold n elements, n is a multiple of 32; prefetch
+                // addresses past the end are hints and never dereferenced.
+                return Some(unsafe { dot4_f16_512(x.as_ptr(), p, n) });
+            }
+        }
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
         {
             let n = x.len();
-            if n % 16 == 0 && w.iter().all(|r| r.len() == n) {
+            if n.is_multiple_of(16) && w.iter().all(|r| r.len() == n) {
                 let p = w.map(|r| r.as_ptr() as *const u16);
                 // SAFETY: all four rows and x hold n elements, n is a multiple of 16.
                 return Some(unsafe { x86::dot4_f16(x.as_ptr(), p, n) });

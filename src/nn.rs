@@ -47,7 +47,7 @@ impl Loader<'_> {
             None => {
                 let width = *w.shape(&weight)?.last().context("packed weight has no dimensions")?;
                 let groups = *w.shape(&scales)?.last().context("scales have no dimensions")?;
-                if width * 32 % in_dim != 0 || groups == 0 || in_dim % groups != 0 {
+                if width * 32 % in_dim != 0 || groups == 0 || !in_dim.is_multiple_of(groups) {
                     anyhow::bail!(
                         "layer `{prefix}`: packed weight rows of {width} u32 words and {groups} scale groups do not fit {in_dim} inputs for any bits / group size"
                     );

@@ -74,7 +74,7 @@ pub fn unpack(words: &[u32], bits: usize, out: &mut [u8]) {
 /// rounds those to the source dtype, exactly as MLX stores them. The integer codes are computed
 /// with the f32 scale before that rounding, as MLX does.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, p: QuantParams) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
-    if cols % p.group_size != 0 {
+    if !cols.is_multiple_of(p.group_size) {
         bail!("cannot quantize a matrix with {cols} columns in groups of {}: the last dimension must be divisible by the group size", p.group_size);
     }
     let n_bins = ((1u32 << p.bits) - 1) as f32;
@@ -166,33 +166,6 @@ pub fn rounding(dtype: candle_core::DType) -> fn(f32) -> f32 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pack_unpack_round_trip_all_bits() {
-        for bits in SUPPORTED_BITS {
-            let n = 96;
-            let q: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
-            let mut words = vec![0u32; n * bits / 32];
-            pack(&q, bits, &mut words);
-            let mut back = vec![0u8; n];
-            unpack(&words, bits, &mut back);
-            assert_eq!(q, back, "bits {bits}");
-        }
-    }
-
-    #[test]
-    fn four_bit_packing_is_nibble_little_endian() {
-        // value j of a 4-bit row sits in nibble j of the word (math, not MLX output).
-        let q: Vec<u8> = (0..8).collect();
-        let mut w = [0u32; 1];
-        pack(&q, 4, &mut w);
-        assert_eq!(w[0], 0x7654_3210);
-    }
-}
-
 /// Tensor-level quantization as `mx.quantize(w, group_size, bits)`: `w` (rows × cols) of a float
 /// dtype; returns packed u32 (rows × cols·bits/32) and scales/biases in `w`'s dtype.
 pub fn quantize_tensor(
@@ -229,4 +202,31 @@ pub fn dequantize_tensor(
     let b: Vec<f32> = biases.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let out = dequantize_rounded(&pk, &s, &b, rows, cols, p, rounding(dtype));
     Ok(Tensor::from_vec(out, (rows, cols), packed.device())?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trip_all_bits() {
+        for bits in SUPPORTED_BITS {
+            let n = 96;
+            let q: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
+            let mut words = vec![0u32; n * bits / 32];
+            pack(&q, bits, &mut words);
+            let mut back = vec![0u8; n];
+            unpack(&words, bits, &mut back);
+            assert_eq!(q, back, "bits {bits}");
+        }
+    }
+
+    #[test]
+    fn four_bit_packing_is_nibble_little_endian() {
+        // value j of a 4-bit row sits in nibble j of the word (math, not MLX output).
+        let q: Vec<u8> = (0..8).collect();
+        let mut w = [0u32; 1];
+        pack(&q, 4, &mut w);
+        assert_eq!(w[0], 0x7654_3210);
+    }
 }

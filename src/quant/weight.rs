@@ -34,7 +34,7 @@ impl QuantizedWeight {
         if w.dtype(&wname)? != DType::U32 {
             bail!("layer `{prefix}`: quantized weight `{wname}` must be uint32, found {:?}", w.dtype(&wname)?);
         }
-        if in_dim % params.group_size != 0 {
+        if !in_dim.is_multiple_of(params.group_size) {
             bail!("layer `{prefix}`: input dimension {in_dim} is not divisible by group_size {}", params.group_size);
         }
         let expect_w = [out_dim, params.packed_width(in_dim)];
