@@ -34,40 +34,32 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn to_f32_slice(src: &[f16], dst: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(dst);
-    }
-    fn from_f32(x: f32) -> f16 {
-        f16::from_f32(x)
-    }
-    fn dot(x: &[f32], w: &[f16]) -> f32 {
-        simd::dot_f16(x, w)
-    }
-    fn dot4(x: &[f32], w: [&[f16]; 4]) -> Option<[f32; 4]> {
-        simd::dot4_f16(x, w)
-    }
+/// The conversions every 16-bit float type shares; `dot`/`dot4` name its SIMD kernels.
+macro_rules! half_elem {
+    ($t:ty, $dot:path $(, $dot4:path)?) => {
+        impl Elem for $t {
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            fn to_f32_slice(src: &[$t], dst: &mut [f32]) {
+                use half::slice::HalfFloatSliceExt;
+                src.convert_to_f32_slice(dst);
+            }
+            fn from_f32(x: f32) -> $t {
+                <$t>::from_f32(x)
+            }
+            fn dot(x: &[f32], w: &[$t]) -> f32 {
+                $dot(x, w)
+            }
+            $(fn dot4(x: &[f32], w: [&[$t]; 4]) -> Option<[f32; 4]> {
+                $dot4(x, w)
+            })?
+        }
+    };
 }
 
-impl Elem for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn to_f32_slice(src: &[bf16], dst: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(dst);
-    }
-    fn from_f32(x: f32) -> bf16 {
-        bf16::from_f32(x)
-    }
-    fn dot(x: &[f32], w: &[bf16]) -> f32 {
-        simd::dot_bf16(x, w)
-    }
-}
+half_elem!(f16, simd::dot_f16, simd::dot4_f16);
+half_elem!(bf16, simd::dot_bf16);
 
 /// `Σ a·b` in f32.
 #[inline]
