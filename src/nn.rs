@@ -10,13 +10,24 @@ use candle_core::{DType, Device, Module, Tensor, D};
 /// layers the config's `quantization` block says are quantized.
 pub struct Loader<'a> {
     pub weights: &'a Weights,
+    /// dtype of the large weight matrices (linear and embedding weights)
     pub dtype: DType,
+    /// dtype of activations, norms, biases and the KV cache: the weight dtype on accelerators;
+    /// f32 on the CPU, where half-precision arithmetic has no hardware support and every op
+    /// would convert (weights stay in their dtype and are widened inside the kernels)
+    pub act_dtype: DType,
     pub device: Device,
     pub quant: Option<&'a QuantSpec>,
 }
 
 impl Loader<'_> {
+    /// A small tensor (norm weight, bias) in the activation dtype.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(name, shape, self.act_dtype, &self.device)
+    }
+
+    /// A weight matrix in the weight dtype.
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.weights.get(name, shape, self.dtype, &self.device)
     }
 
@@ -73,7 +84,7 @@ impl Linear {
             let weight = QuantizedWeight::load(ld, prefix, out_dim, in_dim, params)?;
             return Ok(Linear::Quantized { weight, bias });
         }
-        let weight = ld.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let weight = ld.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         Ok(Linear::Dense { weight, bias })
     }
 
@@ -99,7 +110,7 @@ pub fn dense_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x2 = x.reshape((rows, in_dim))?;
     let own_kernel = x.device().is_cpu()
         && w.is_contiguous()
-        && x.dtype() == w.dtype()
+        && (x.dtype() == w.dtype() || x.dtype() == DType::F32)
         && (rows <= crate::kernels::GEMV_MAX_ROWS || w.dtype() != DType::F32);
     let y = if own_kernel { x2.contiguous()?.apply_op2(w, DenseMatMul)? } else { x2.matmul(&w.t()?)? };
     let mut out_dims = dims[..dims.len() - 1].to_vec();
@@ -140,8 +151,14 @@ impl candle_core::CustomOp2 for DenseMatMul {
             T::to_f32_slice(x, &mut xf);
             matmul_f32(&DenseRows { data: w, n, k }, &xf, m)
         }
+        fn go_f32<T: Elem>(x: &[f32], w: &[T], m: usize, n: usize, k: usize) -> Vec<f32> {
+            matmul_f32(&DenseRows { data: w, n, k }, x, m)
+        }
         let out = match (xs, ws) {
             (C::F32(x), C::F32(w)) => C::F32(go(&x[xa..xb], &w[wa..wb], m, n, k)),
+            // f32 activations over half-precision weights (the CPU's compute dtype)
+            (C::F32(x), C::F16(w)) => C::F32(go_f32(&x[xa..xb], &w[wa..wb], m, n, k)),
+            (C::F32(x), C::BF16(w)) => C::F32(go_f32(&x[xa..xb], &w[wa..wb], m, n, k)),
             (C::F16(x), C::F16(w)) => {
                 C::F16(go(&x[xa..xb], &w[wa..wb], m, n, k).into_iter().map(half::f16::from_f32).collect())
             }
@@ -160,15 +177,17 @@ impl candle_core::CustomOp2 for DenseMatMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // y = x Wᵀ: dx = dy W, dW = dyᵀ x
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        // y = x Wᵀ: dx = dy W, dW = dyᵀ x (in the weight's dtype)
+        let dx = grad.matmul(&w.to_dtype(grad.dtype())?)?;
+        let dw = grad.t()?.matmul(x)?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 
 /// Token embeddings, dense or quantized; `as_linear` serves as the tied lm head.
 #[derive(Debug, Clone)]
 pub enum Embedding {
-    Dense(Tensor),
+    Dense { weight: Tensor, act_dtype: DType },
     Quantized(QuantizedWeight),
 }
 
@@ -177,14 +196,14 @@ impl Embedding {
         if let Some(params) = ld.quant_params(prefix, dim)? {
             return Ok(Embedding::Quantized(QuantizedWeight::load(ld, prefix, vocab, dim, params)?));
         }
-        Ok(Embedding::Dense(ld.tensor(&format!("{prefix}.weight"), &[vocab, dim])?))
+        Ok(Embedding::Dense { weight: ld.matrix(&format!("{prefix}.weight"), &[vocab, dim])?, act_dtype: ld.act_dtype })
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let shape = ids.dims().to_vec();
         let flat = ids.flatten_all()?;
         let rows = match self {
-            Embedding::Dense(w) => w.index_select(&flat, 0)?,
+            Embedding::Dense { weight, act_dtype } => weight.index_select(&flat, 0)?.to_dtype(*act_dtype)?,
             Embedding::Quantized(q) => q.gather_rows(&flat)?.to_dtype(q.compute_dtype)?,
         };
         let mut out = shape;
@@ -195,7 +214,7 @@ impl Embedding {
     /// `x Eᵀ`: the embedding matrix used as the output projection (tied lm head).
     pub fn as_linear(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Embedding::Dense(w) => dense_matmul(x, w),
+            Embedding::Dense { weight, .. } => dense_matmul(x, weight),
             Embedding::Quantized(q) => q.matmul(x),
         }
     }

@@ -44,8 +44,19 @@ fn prompt_ids_match_mlx_lm() {
 
 #[test]
 fn greedy_tokens_and_logits_match_mlx_lm_in_f32() {
+    check_greedy(DType::F32);
+}
+
+/// The folder stores float16 weights; loaded as float16 on the CPU they stay half precision and
+/// activations are f32, so the values mlx_lm saw in f32 are the same and so must the tokens be.
+#[test]
+fn greedy_tokens_match_mlx_lm_with_f16_weights() {
+    check_greedy(DType::F16);
+}
+
+fn check_greedy(dtype: DType) {
     let dir = default_model();
-    let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let m = load_model(&dir, Some(dtype), &Device::Cpu).unwrap();
     let model = m.model.as_ref();
     let g = goldens();
     let logits = load_f32(&golden("smollm2_logits.safetensors"));

@@ -183,7 +183,7 @@ impl Model {
             args.rope_scaling.as_ref(),
             args.max_position_embeddings,
         )?;
-        Ok(Self { args, embed_tokens, layers, norm, lm_head, rope, dtype: ld.dtype, device: ld.device.clone() })
+        Ok(Self { args, embed_tokens, layers, norm, lm_head, rope, dtype: ld.act_dtype, device: ld.device.clone() })
     }
 }
 

@@ -20,6 +20,7 @@ pub trait LanguageModel: Send {
     /// The longest context the model was trained for, when the config says.
     fn max_context(&self) -> Option<usize>;
     fn vocab_size(&self) -> usize;
+    /// The activation dtype (f32 on the CPU, the weights' dtype elsewhere).
     fn dtype(&self) -> DType;
     fn device(&self) -> &Device;
 }
@@ -63,7 +64,8 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
             }
-            let ld = Loader { weights: &weights, dtype, device: device.clone(), quant: quant.as_ref() };
+            let act_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+            let ld = Loader { weights: &weights, dtype, act_dtype, device: device.clone(), quant: quant.as_ref() };
             Box::new(llama::Model::load(args, &ld)?)
         }
         _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),

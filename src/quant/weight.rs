@@ -60,7 +60,7 @@ impl QuantizedWeight {
         let sdtype = if ld.device.is_cpu() { DType::F32 } else { ld.dtype };
         let scales = w.raw(&format!("{prefix}.scales"), &ld.device)?.to_dtype(sdtype)?;
         let biases = w.raw(&format!("{prefix}.biases"), &ld.device)?.to_dtype(sdtype)?;
-        Ok(Self { packed, scales, biases, params, out_dim, in_dim, compute_dtype: ld.dtype })
+        Ok(Self { packed, scales, biases, params, out_dim, in_dim, compute_dtype: ld.act_dtype })
     }
 
     /// The dense matrix (out × in) in the scales' dtype (f32 on the CPU).
