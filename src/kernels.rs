@@ -13,6 +13,13 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     /// `Σ x·w` with `w` converted on the fly, accumulated in f32.
     fn dot(x: &[f32], w: &[Self]) -> f32;
+    /// `y += a·x`.
+    #[inline]
+    fn axpy(a: f32, x: &[Self], y: &mut [f32]) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += a * xi.to_f32();
+        }
+    }
     /// Four rows at once, where a fused kernel exists.
     fn dot4(_x: &[f32], _w: [&[Self]; 4]) -> Option<[f32; 4]> {
         None
@@ -275,6 +282,9 @@ pub mod simd {
     mod x86_512 {
         use std::arch::x86_64::*;
 
+        /// How far ahead (bytes) the 4-bit kernel prefetches each weight stream.
+        const PREFETCH_Q4: usize = 1024;
+
         /// Σ_g scale(g)·(x_g·q_g) over one row of 4-bit codes with `x` pre-permuted by
         /// [`super::permute_x_q4`]: each 16-byte chunk holds 32 codes, low nibbles = even
         /// positions, high nibbles = odd ones, so both expand with one zero-extension each.
@@ -330,6 +340,7 @@ pub mod simd {
                     let x0 = _mm512_loadu_ps(xp.add(c));
                     let x1 = _mm512_loadu_ps(xp.add(c + 16));
                     for r in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c / 2 + PREFETCH_Q4) as *const i8);
                         let v = _mm_loadu_si128(bytes[r].add(c / 2) as *const __m128i);
                         let lo = _mm_and_si128(v, m4);
                         let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
@@ -362,7 +373,7 @@ pub mod simd {
             let x0 = _mm512_loadu_ps(x.add(i));
             let x1 = _mm512_loadu_ps(x.add(i + 16));
             for r in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(w[r].add(i + 256) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(w[r].add(i + 2048) as *const i8);
                 let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(w[r].add(i) as *const __m256i));
                 let w1 = _mm512_cvtph_ps(_mm256_loadu_si256(w[r].add(i + 16) as *const __m256i));
                 acc[r] = _mm512_fmadd_ps(x0, w0, acc[r]);

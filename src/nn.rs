@@ -436,43 +436,43 @@ impl candle_core::CustomOp3 for DecodeAttention {
             dims: (usize, usize, usize, usize, usize, usize, usize),
             scale: f32,
         ) -> Vec<T> {
+            use rayon::prelude::*;
             let (b, h, d, dv, t, n_rep, _kvh) = dims;
             let (ks, vs) = (kl.stride(), vl.stride());
             let (ko, vo) = (kl.start_offset(), vl.start_offset());
             let mut out = vec![T::from_f32(0.0); b * h * dv];
-            let mut qf = vec![0f32; d];
-            let mut scores = vec![0f32; t];
-            let mut acc = vec![0f32; dv];
-            let mut vf = vec![0f32; dv];
-            for bi in 0..b {
-                for hi in 0..h {
-                    let kv = hi / n_rep;
-                    T::to_f32_slice(&q[(bi * h + hi) * d..(bi * h + hi + 1) * d], &mut qf);
-                    let kbase = ko + bi * ks[0] + kv * ks[1];
-                    let mut max = f32::NEG_INFINITY;
-                    for (ti, sc) in scores.iter_mut().enumerate() {
-                        let row = &k[kbase + ti * ks[2]..kbase + ti * ks[2] + d];
-                        *sc = T::dot(&qf, row) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    let vbase = vo + bi * vs[0] + kv * vs[1];
-                    for (ti, sc) in scores.iter().enumerate() {
-                        let p = sc / sum;
-                        T::to_f32_slice(&v[vbase + ti * vs[2]..vbase + ti * vs[2] + dv], &mut vf);
-                        for (a, x) in acc.iter_mut().zip(&vf) {
-                            *a += p * x;
-                        }
-                    }
-                    for (o, a) in out[(bi * h + hi) * dv..(bi * h + hi + 1) * dv].iter_mut().zip(&acc) {
-                        *o = T::from_f32(*a);
-                    }
+            // one (batch, head) pair per task; small contexts stay on this thread
+            let head = |bh: usize, o: &mut [T]| {
+                let (bi, hi) = (bh / h, bh % h);
+                let kv = hi / n_rep;
+                let mut qf = vec![0f32; d];
+                T::to_f32_slice(&q[bh * d..(bh + 1) * d], &mut qf);
+                let kbase = ko + bi * ks[0] + kv * ks[1];
+                let mut scores = vec![0f32; t];
+                let mut max = f32::NEG_INFINITY;
+                for (ti, sc) in scores.iter_mut().enumerate() {
+                    let row = &k[kbase + ti * ks[2]..kbase + ti * ks[2] + d];
+                    *sc = T::dot(&qf, row) * scale;
+                    max = max.max(*sc);
                 }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let mut acc = vec![0f32; dv];
+                let vbase = vo + bi * vs[0] + kv * vs[1];
+                for (ti, sc) in scores.iter().enumerate() {
+                    T::axpy(sc / sum, &v[vbase + ti * vs[2]..vbase + ti * vs[2] + dv], &mut acc);
+                }
+                for (x, a) in o.iter_mut().zip(&acc) {
+                    *x = T::from_f32(*a);
+                }
+            };
+            if t * b * h >= 2048 {
+                out.par_chunks_mut(dv).enumerate().for_each(|(bh, o)| head(bh, o));
+            } else {
+                out.chunks_mut(dv).enumerate().for_each(|(bh, o)| head(bh, o));
             }
             out
         }
