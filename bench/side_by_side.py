@@ -36,8 +36,12 @@ def run_wick(a, model, dtype, label):
 
 
 def run_mlx(a, model, label):
-    cmd = [sys.executable, "-m", "mlx_lm", "benchmark", "--model", model, "-p", str(a.p), "-g", str(a.g), "-n", str(a.n)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cmd = [sys.executable, "-m", "mlx_lm", "benchmark", "--model", model, "-p", str(a.p), "-g", str(a.g),
+           "-n", str(a.mlx_trials)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=a.mlx_timeout).stdout
+    except subprocess.TimeoutExpired:
+        return (f"{label} (no result in {a.mlx_timeout}s)", float("nan"), float("nan"), float("nan"))
     return (label,) + parse_avg(out)
 
 
@@ -77,6 +81,8 @@ def main():
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--wick-dtype", default="float16")
     ap.add_argument("--skip-mlx", action="store_true")
+    ap.add_argument("--mlx-trials", type=int, default=1, help="trials for mlx_lm (its CPU backend is slow)")
+    ap.add_argument("--mlx-timeout", type=int, default=900, help="seconds before an mlx_lm run is given up")
     a = ap.parse_args()
     rows = [run_wick(a, a.model, a.wick_dtype, f"wick {a.wick_dtype}")]
     if a.quant_model:
@@ -88,7 +94,7 @@ def main():
     if a.f16_gguf:
         rows.append(run_llama(a, a.f16_gguf, "llama.cpp F16 gguf"))
     rows.append(run_llama(a, a.gguf, "llama.cpp " + os.path.basename(a.gguf)))
-    print(f"\nprompt={a.p} tokens, generation={a.g} tokens, trials={a.n}, cores={os.cpu_count()}")
+    print(f"\nprompt={a.p} tokens, generation={a.g} tokens, trials={a.n} (mlx_lm: {a.mlx_trials}), cores={os.cpu_count()}")
     print(f"{'tool':40s} {'prompt tok/s':>14s} {'gen tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         print(f"{r[0]:40s} {r[1]:14.1f} {r[2]:10.1f} {r[3]:8.3f}")

@@ -24,6 +24,10 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn dot4(_x: &[f32], _w: [&[Self]; 4]) -> Option<[f32; 4]> {
         None
     }
+    /// The slice itself when the type is f32.
+    fn as_f32(_s: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -38,6 +42,9 @@ impl Elem for f32 {
     }
     fn dot(x: &[f32], w: &[f32]) -> f32 {
         dot(x, w)
+    }
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
@@ -277,88 +284,66 @@ pub mod simd {
         }
     }
 
-    /// AVX-512 kernels, used where the build targets AVX-512F.
+    /// AVX-512 kernels for 4-bit rows, used where the build targets AVX-512F.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     mod x86_512 {
         use std::arch::x86_64::*;
 
-        /// How far ahead (bytes) the 4-bit kernel prefetches each weight stream.
+        /// How far ahead (bytes) the 4-bit kernels prefetch each weight stream.
         const PREFETCH_Q4: usize = 1024;
 
-        /// Σ_g scale(g)·(x_g·q_g) over one row of 4-bit codes with `x` pre-permuted by
-        /// [`super::permute_x_q4`]: each 16-byte chunk holds 32 codes, low nibbles = even
-        /// positions, high nibbles = odd ones, so both expand with one zero-extension each.
-        #[inline(always)]
-        pub unsafe fn row_affine_q4(
-            xp: *const f32,
-            words: *const u32,
-            groups: usize,
-            gs: usize,
-            scale: impl Fn(usize) -> f32,
-        ) -> f32 {
-            let bytes = words as *const u8;
-            let m4 = _mm_set1_epi8(0x0f);
-            let mut acc = _mm512_setzero_ps();
-            for g in 0..groups {
-                let mut a0 = _mm512_setzero_ps();
-                let mut a1 = _mm512_setzero_ps();
-                let mut c = g * gs;
-                let end = c + gs;
-                while c < end {
-                    let v = _mm_loadu_si128(bytes.add(c / 2) as *const __m128i);
-                    let lo = _mm_and_si128(v, m4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                    let qa = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-                    let qb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c)), qa, a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c + 16)), qb, a1);
-                    c += 32;
-                }
-                acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale(g)), acc);
-            }
-            _mm512_reduce_add_ps(acc)
+        /// Where row `r` of a block of 4-bit rows lives: its packed bytes, scales and biases.
+        #[derive(Clone, Copy)]
+        pub struct Rows {
+            pub codes: *const u8,
+            pub row_bytes: usize,
+            pub scales: *const f32,
+            pub biases: *const f32,
+            pub groups: usize,
+            pub gs: usize,
         }
 
-        /// Four rows of [`row_affine_q4`] at once: the input is loaded once for all four and
-        /// four weight streams are in flight.
+        /// Σ_g b(r, g)·xsum_g: the bias part of each row's product.
         #[inline(always)]
-        pub unsafe fn rows4_affine_q4(
-            xp: *const f32,
-            words: [*const u32; 4],
-            groups: usize,
-            gs: usize,
-            scale: impl Fn(usize, usize) -> f32,
-        ) -> [f32; 4] {
-            let m4 = _mm_set1_epi8(0x0f);
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let bytes = words.map(|w| w as *const u8);
-            for g in 0..groups {
-                let mut ga = [_mm512_setzero_ps(); 4];
-                let mut c = g * gs;
-                let end = c + gs;
-                while c < end {
+        unsafe fn bias_dots<const N: usize>(w: Rows, r0: usize, xsum: *const f32) -> [f32; N] {
+            std::array::from_fn(|r| {
+                let b = w.biases.add((r0 + r) * w.groups);
+                (0..w.groups).map(|g| *b.add(g) * *xsum.add(g)).sum()
+            })
+        }
+
+        /// Rows `r0 .. r0 + N` against an input permuted by [`super::permute_x_q4`]
+        /// (each 16 packed bytes hold 32 codes, low nibbles at even positions, high nibbles at
+        /// odd ones, so each half widens with one zero-extension straight from memory). The
+        /// input is loaded once for all rows and `N` weight streams are in flight.
+        #[inline(always)]
+        pub unsafe fn rows_q4<const N: usize>(xp: *const f32, xsum: *const f32, w: Rows, r0: usize) -> [f32; N] {
+            let m4 = _mm512_set1_epi32(0x0f);
+            let mut acc = [_mm512_setzero_ps(); N];
+            let bytes: [*const u8; N] = std::array::from_fn(|r| w.codes.add((r0 + r) * w.row_bytes));
+            for g in 0..w.groups {
+                let mut ga = [_mm512_setzero_ps(); N];
+                let mut c = g * w.gs;
+                while c < (g + 1) * w.gs {
                     let x0 = _mm512_loadu_ps(xp.add(c));
                     let x1 = _mm512_loadu_ps(xp.add(c + 16));
-                    for r in 0..4 {
+                    for r in 0..N {
                         _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c / 2 + PREFETCH_Q4) as *const i8);
-                        let v = _mm_loadu_si128(bytes[r].add(c / 2) as *const __m128i);
-                        let lo = _mm_and_si128(v, m4);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                        ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), ga[r]);
-                        ga[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), ga[r]);
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(c / 2) as *const __m128i));
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_srli_epi32::<4>(v);
+                        ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(lo), ga[r]);
+                        ga[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(hi), ga[r]);
                     }
                     c += 32;
                 }
-                for r in 0..4 {
-                    acc[r] = _mm512_fmadd_ps(ga[r], _mm512_set1_ps(scale(r, g)), acc[r]);
+                for r in 0..N {
+                    let s = _mm512_set1_ps(*w.scales.add((r0 + r) * w.groups + g));
+                    acc[r] = _mm512_fmadd_ps(ga[r], s, acc[r]);
                 }
             }
-            [
-                _mm512_reduce_add_ps(acc[0]),
-                _mm512_reduce_add_ps(acc[1]),
-                _mm512_reduce_add_ps(acc[2]),
-                _mm512_reduce_add_ps(acc[3]),
-            ]
+            let bias = bias_dots::<N>(w, r0, xsum);
+            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + bias[r])
         }
     }
 
@@ -388,9 +373,13 @@ pub mod simd {
             _mm512_reduce_add_ps(acc[3]),
         ]
     }
-
-    /// Whether 4-bit rows take the AVX-512 path (which wants `x` permuted by [`permute_x_q4`]).
-    pub const Q4_PERMUTED: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
+    /// The input of 4-bit rows as the AVX-512 kernels read it ([`permute_x_q4`]), built once
+    /// per matmul; `None` on builds without AVX-512 (the AVX2 and portable paths read `x` as
+    /// it is) or for group sizes that are not a multiple of 32.
+    pub fn q4_input(xs: &[f32], gs: usize) -> Option<Vec<f32>> {
+        let avx512 = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
+        (avx512 && gs.is_multiple_of(32)).then(|| permute_x_q4(xs))
+    }
 
     /// Reorders each run of 32 inputs as [even positions, odd positions] to match the nibble
     /// order of 16 packed bytes.
@@ -405,42 +394,53 @@ pub mod simd {
         out
     }
 
-    /// [`row_affine`] for 4-bit codes with `xp` permuted by [`permute_x_q4`] (AVX-512 builds).
-    #[inline]
-    pub fn row_affine_q4_permuted(xp: &[f32], words: &[u32], gs: usize, scale: impl Fn(usize) -> f32) -> f32 {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        {
-            let groups = xp.len() / gs;
-            assert!(words.len() * 8 >= groups * gs && gs.is_multiple_of(32));
-            // SAFETY: xp holds groups·gs values, words the matching groups·gs/8 words.
-            unsafe { x86_512::row_affine_q4(xp.as_ptr(), words.as_ptr(), groups, gs, scale) }
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-        {
-            let _ = (xp, words, gs, scale);
-            unreachable!("only AVX-512 builds permute x")
-        }
-    }
-
-    /// Four rows of [`row_affine_q4_permuted`] at once.
-    #[inline]
-    pub fn rows4_affine_q4_permuted(
+    /// `out[r] = Σ_g s[r,g]·(x_g·q[r,g]) + b[r,g]·xsum_g` for the `out.len()` rows of 4-bit
+    /// codes in `words` (`k / 8` words each, scales and biases `k / gs` each) against input
+    /// row `i` of `xp` (rows of `k` values from [`q4_input`]; `xsum` that row's group sums).
+    /// AVX-512 builds only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_q4(
         xp: &[f32],
-        words: [&[u32]; 4],
+        i: usize,
+        k: usize,
         gs: usize,
-        scale: impl Fn(usize, usize) -> f32,
-    ) -> [f32; 4] {
+        words: &[u32],
+        scales: &[f32],
+        biases: &[f32],
+        xsum: &[f32],
+        out: &mut [f32],
+    ) {
+        let (rows, groups) = (out.len(), k / gs);
+        assert!(k.is_multiple_of(gs) && gs.is_multiple_of(32) && xp.len() >= (i + 1) * k);
+        assert!(words.len() >= rows * k / 8 && xsum.len() >= groups);
+        assert!(scales.len() >= rows * groups && biases.len() >= rows * groups);
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
-            let groups = xp.len() / gs;
-            assert!(words.iter().all(|w| w.len() * 8 >= groups * gs) && gs.is_multiple_of(32));
-            // SAFETY: xp holds groups·gs values, each row the matching groups·gs/8 words.
-            unsafe { x86_512::rows4_affine_q4(xp.as_ptr(), words.map(|w| w.as_ptr()), groups, gs, scale) }
+            let w = x86_512::Rows {
+                codes: words.as_ptr() as *const u8,
+                row_bytes: k / 2,
+                scales: scales.as_ptr(),
+                biases: biases.as_ptr(),
+                groups,
+                gs,
+            };
+            let (xp, xs) = (xp[i * k..].as_ptr(), xsum.as_ptr());
+            // SAFETY: the asserts above bound every row's codes, scales and biases and the
+            // input row; gs is a multiple of 32, the kernels' step.
+            let mut r = 0;
+            while r + 4 <= rows {
+                out[r..r + 4].copy_from_slice(&unsafe { x86_512::rows_q4::<4>(xp, xs, w, r) });
+                r += 4;
+            }
+            while r < rows {
+                out[r] = unsafe { x86_512::rows_q4::<1>(xp, xs, w, r) }[0];
+                r += 1;
+            }
         }
         #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
         {
-            let _ = (xp, words, gs, scale);
-            unreachable!("only AVX-512 builds permute x")
+            let _ = (xp, i, words, scales, biases, xsum, out);
+            unreachable!("q4_input permutes x only on AVX-512 builds")
         }
     }
 
@@ -606,9 +606,10 @@ pub trait WeightRows: Sync {
     fn prepare(&self, xs: &[f32], m: usize) -> Self::Prep;
     /// `out[i] = x_i · row(r)` for the `m` input rows `xs` (m × k).
     fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]);
-    /// Four rows' dot products with one input row (m = 1), when a fused kernel exists.
-    fn dot4(&self, _r: usize, _x: &[f32], _prep: &Self::Prep) -> Option<[f32; 4]> {
-        None
+    /// `out[j] = x · row(r0 + j)` for one input row (m = 1) over a block of rows, when a
+    /// fused kernel exists; false leaves the block to `row_dots`.
+    fn block_m1(&self, _r0: usize, _x: &[f32], _prep: &Self::Prep, _scratch: &mut Vec<f32>, _out: &mut [f32]) -> bool {
+        false
     }
     /// Rows `r0 .. r0 + cnt` as f32 into `dst` (cnt × k).
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]);
@@ -629,19 +630,11 @@ pub fn gemv<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
     yt.par_chunks_mut(GEMV_BLOCK * m).enumerate().for_each_init(Vec::new, |scratch, (bi, chunk)| {
         let r0 = bi * GEMV_BLOCK;
         let rows = chunk.len() / m;
-        let mut j = 0;
-        if m == 1 {
-            while j + 4 <= rows {
-                match w.dot4(r0 + j, xs, &prep) {
-                    Some(d) => chunk[j..j + 4].copy_from_slice(&d),
-                    None => break,
-                }
-                j += 4;
-            }
+        if m == 1 && w.block_m1(r0, xs, &prep, scratch, chunk) {
+            return;
         }
-        while j < rows {
+        for j in 0..rows {
             w.row_dots(r0 + j, xs, m, &prep, scratch, &mut chunk[j * m..(j + 1) * m]);
-            j += 1;
         }
     });
     if m == 1 {
@@ -737,18 +730,22 @@ impl<T: Elem> WeightRows for DenseRows<'_, T> {
             out[i] = T::dot(&xs[i * k..(i + 1) * k], row);
         }
     }
-    fn dot4(&self, r: usize, x: &[f32], _prep: &()) -> Option<[f32; 4]> {
-        let k = self.k;
-        let d = &self.data;
-        T::dot4(
-            x,
-            [
-                &d[r * k..(r + 1) * k],
-                &d[(r + 1) * k..(r + 2) * k],
-                &d[(r + 2) * k..(r + 3) * k],
-                &d[(r + 3) * k..(r + 4) * k],
-            ],
-        )
+    fn block_m1(&self, r0: usize, x: &[f32], _prep: &(), _scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
+        let (k, d) = (self.k, self.data);
+        let mut j = 0;
+        while j + 4 <= out.len() {
+            let r = r0 + j;
+            let rows = [0, 1, 2, 3].map(|i| &d[(r + i) * k..(r + i + 1) * k]);
+            match T::dot4(x, rows) {
+                Some(v) => out[j..j + 4].copy_from_slice(&v),
+                None => break,
+            }
+            j += 4;
+        }
+        for (jj, o) in out.iter_mut().enumerate().skip(j) {
+            *o = T::dot(x, &d[(r0 + jj) * k..(r0 + jj + 1) * k]);
+        }
+        true
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
         let k = self.k;

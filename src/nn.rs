@@ -441,7 +441,8 @@ impl candle_core::CustomOp3 for DecodeAttention {
             let (ks, vs) = (kl.stride(), vl.stride());
             let (ko, vo) = (kl.start_offset(), vl.start_offset());
             let mut out = vec![T::from_f32(0.0); b * h * dv];
-            // one (batch, head) pair per task; small contexts stay on this thread
+            // one (batch, head) pair per task (a head over 32+ positions outweighs a rayon
+            // dispatch); tiny contexts stay on this thread
             let head = |bh: usize, o: &mut [T]| {
                 let (bi, hi) = (bh / h, bh % h);
                 let kv = hi / n_rep;
@@ -469,7 +470,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                     *x = T::from_f32(*a);
                 }
             };
-            if t * b * h >= 2048 {
+            if t * b * h >= 256 {
                 out.par_chunks_mut(dv).enumerate().for_each(|(bh, o)| head(bh, o));
             } else {
                 out.chunks_mut(dv).enumerate().for_each(|(bh, o)| head(bh, o));

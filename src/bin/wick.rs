@@ -3,7 +3,10 @@ use clap::Parser;
 fn main() {
     wick::device::init_threads();
     let cli = wick::cli::Cli::parse();
-    match wick::cli::run(cli) {
+    // Run on a worker of rayon's pool, so the thread doing the serial work between parallel
+    // kernels is one of the pool's threads: with as many threads as cores, idle workers never
+    // compete with it for a core.
+    match rayon::scope(|_| wick::cli::run(cli)) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -65,41 +65,39 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
     fn k(&self) -> usize {
         self.k
     }
-    /// Σx per (input row, group), and for 4-bit rows on AVX-512 builds the inputs permuted to
-    /// the nibble order.
+    /// Σx per (input row, group), and for 4-bit rows on AVX-512 builds the inputs in the
+    /// kernels' form.
     type Prep = (Vec<f32>, Option<Vec<f32>>);
     fn prepare(&self, xs: &[f32], m: usize) -> Self::Prep {
-        let permuted = (self.p.bits == 4 && simd::Q4_PERMUTED).then(|| simd::permute_x_q4(xs));
-        (self.group_sums(xs, m), permuted)
+        let q4 = if self.p.bits == 4 { simd::q4_input(xs, self.p.group_size) } else { None };
+        (self.group_sums(xs, m), q4)
     }
-    fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, _scratch: &mut Vec<f32>, out: &mut [f32]) {
+    fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let (k, gs, g) = (self.k, self.p.group_size, self.groups());
         let width = self.p.packed_width(k);
         let words = &self.packed[r * width..(r + 1) * width];
+        let (xsum, q4) = prep;
+        if let Some(input) = q4 {
+            let (s, b) = self.block_scales(r, 1, scratch);
+            for (i, o) in out.iter_mut().enumerate().take(m) {
+                simd::block_q4(input, i, k, gs, words, s, b, &xsum[i * g..(i + 1) * g], std::slice::from_mut(o));
+            }
+            return;
+        }
         let (s, b) = (&self.scales[r * g..(r + 1) * g], &self.biases[r * g..(r + 1) * g]);
-        let (xsum, permuted) = prep;
         for i in 0..m {
             let bias = S::dot(&xsum[i * g..(i + 1) * g], b);
-            let main = match permuted {
-                Some(xp) => simd::row_affine_q4_permuted(&xp[i * k..(i + 1) * k], words, gs, |j| s[j].to_f32()),
-                None => row_affine(&xs[i * k..(i + 1) * k], words, self.p.bits, gs, |j| s[j].to_f32()),
-            };
-            out[i] = main + bias;
+            out[i] = row_affine(&xs[i * k..(i + 1) * k], words, self.p.bits, gs, |j| s[j].to_f32()) + bias;
         }
     }
-    fn dot4(&self, r: usize, _x: &[f32], prep: &Self::Prep) -> Option<[f32; 4]> {
-        let (xsum, permuted) = prep;
-        let xp = permuted.as_ref()?;
-        let (k, gs, g) = (self.k, self.p.group_size, self.groups());
-        let width = self.p.packed_width(k);
-        let rows: [usize; 4] = [r, r + 1, r + 2, r + 3];
-        let words = rows.map(|rr| &self.packed[rr * width..(rr + 1) * width]);
-        let main = simd::rows4_affine_q4_permuted(xp, words, gs, |i, j| self.scales[(r + i) * g + j].to_f32());
-        let mut out = main;
-        for (o, rr) in out.iter_mut().zip(rows) {
-            *o += S::dot(xsum, &self.biases[rr * g..(rr + 1) * g]);
-        }
-        Some(out)
+    fn block_m1(&self, r0: usize, _x: &[f32], prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
+        let (xsum, q4) = prep;
+        let Some(input) = q4 else { return false };
+        let width = self.p.packed_width(self.k);
+        let words = &self.packed[r0 * width..(r0 + out.len()) * width];
+        let (s, b) = self.block_scales(r0, out.len(), scratch);
+        simd::block_q4(input, 0, self.k, self.p.group_size, words, s, b, xsum, out);
+        true
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
         self.rows_f32_impl(r0, cnt, dst)
@@ -107,6 +105,21 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
 }
 
 impl<S: Elem> AffineRows<'_, S> {
+    /// Scales and biases of rows `r0 .. r0 + cnt` as f32: borrowed when stored in f32,
+    /// else converted into `scratch`.
+    fn block_scales<'s>(&'s self, r0: usize, cnt: usize, scratch: &'s mut Vec<f32>) -> (&'s [f32], &'s [f32]) {
+        let g = self.groups();
+        let (s, b) = (&self.scales[r0 * g..(r0 + cnt) * g], &self.biases[r0 * g..(r0 + cnt) * g]);
+        if let (Some(s), Some(b)) = (S::as_f32(s), S::as_f32(b)) {
+            return (s, b);
+        }
+        scratch.resize(2 * cnt * g, 0.0);
+        let (sf, bf) = scratch.split_at_mut(cnt * g);
+        S::to_f32_slice(s, sf);
+        S::to_f32_slice(b, bf);
+        (sf, bf)
+    }
+
     fn group_sums(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let gs = self.p.group_size;
         let g = self.groups();
