@@ -284,15 +284,15 @@ pub mod simd {
         }
     }
 
-    /// AVX-512 kernels for 4-bit rows, used where the build targets AVX-512F.
+    /// AVX-512 kernels for 4- and 8-bit rows, used where the build targets AVX-512F.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     mod x86_512 {
         use std::arch::x86_64::*;
 
-        /// How far ahead (bytes) the 4-bit kernels prefetch each weight stream.
-        const PREFETCH_Q4: usize = 1024;
+        /// How far ahead (bytes) the kernels prefetch each weight stream.
+        const PREFETCH: usize = 1024;
 
-        /// Where row `r` of a block of 4-bit rows lives: its packed bytes, scales and biases.
+        /// Where row `r` of a block of quantized rows lives: its packed bytes, scales and biases.
         #[derive(Clone, Copy)]
         pub struct Rows {
             pub codes: *const u8,
@@ -328,7 +328,7 @@ pub mod simd {
                     let x0 = _mm512_loadu_ps(xp.add(c));
                     let x1 = _mm512_loadu_ps(xp.add(c + 16));
                     for r in 0..N {
-                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c / 2 + PREFETCH_Q4) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c / 2 + PREFETCH) as *const i8);
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(c / 2) as *const __m128i));
                         let lo = _mm512_and_si512(v, m4);
                         let hi = _mm512_srli_epi32::<4>(v);
@@ -336,6 +336,33 @@ pub mod simd {
                         ga[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(hi), ga[r]);
                     }
                     c += 32;
+                }
+                for r in 0..N {
+                    let s = _mm512_set1_ps(*w.scales.add((r0 + r) * w.groups + g));
+                    acc[r] = _mm512_fmadd_ps(ga[r], s, acc[r]);
+                }
+            }
+            let bias = bias_dots::<N>(w, r0, xsum);
+            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + bias[r])
+        }
+
+        /// Rows `r0 .. r0 + N` of 8-bit codes against the input as it is: 16 codes widen to
+        /// 16 lanes straight from memory, one conversion and one FMA each.
+        #[inline(always)]
+        pub unsafe fn rows_q8<const N: usize>(x: *const f32, xsum: *const f32, w: Rows, r0: usize) -> [f32; N] {
+            let mut acc = [_mm512_setzero_ps(); N];
+            let bytes: [*const u8; N] = std::array::from_fn(|r| w.codes.add((r0 + r) * w.row_bytes));
+            for g in 0..w.groups {
+                let mut ga = [_mm512_setzero_ps(); N];
+                let mut c = g * w.gs;
+                while c < (g + 1) * w.gs {
+                    let x0 = _mm512_loadu_ps(x.add(c));
+                    for r in 0..N {
+                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c + PREFETCH) as *const i8);
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(c) as *const __m128i));
+                        ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(v), ga[r]);
+                    }
+                    c += 16;
                 }
                 for r in 0..N {
                     let s = _mm512_set1_ps(*w.scales.add((r0 + r) * w.groups + g));
@@ -373,12 +400,20 @@ pub mod simd {
             _mm512_reduce_add_ps(acc[3]),
         ]
     }
-    /// The input of 4-bit rows as the AVX-512 kernels read it ([`permute_x_q4`]), built once
-    /// per matmul; `None` on builds without AVX-512 (the AVX2 and portable paths read `x` as
-    /// it is) or for group sizes that are not a multiple of 32.
-    pub fn q4_input(xs: &[f32], gs: usize) -> Option<Vec<f32>> {
+    /// The input of 4- or 8-bit rows as the AVX-512 block kernels ([`block_affine`]) read it,
+    /// built once per matmul: permuted by [`permute_x_q4`] for 4 bits, as it is for 8. `None`
+    /// on builds without AVX-512 (the AVX2 and portable paths read `x` directly), for other
+    /// widths, or for group sizes that are not a multiple of 32.
+    pub fn affine_input(xs: &[f32], bits: usize, gs: usize) -> Option<Vec<f32>> {
         let avx512 = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
-        (avx512 && gs.is_multiple_of(32)).then(|| permute_x_q4(xs))
+        if !avx512 || !gs.is_multiple_of(32) {
+            return None;
+        }
+        match bits {
+            4 => Some(permute_x_q4(xs)),
+            8 => Some(xs.to_vec()),
+            _ => None,
+        }
     }
 
     /// Reorders each run of 32 inputs as [even positions, odd positions] to match the nibble
@@ -394,12 +429,13 @@ pub mod simd {
         out
     }
 
-    /// `out[r] = Σ_g s[r,g]·(x_g·q[r,g]) + b[r,g]·xsum_g` for the `out.len()` rows of 4-bit
-    /// codes in `words` (`k / 8` words each, scales and biases `k / gs` each) against input
-    /// row `i` of `xp` (rows of `k` values from [`q4_input`]; `xsum` that row's group sums).
-    /// AVX-512 builds only.
+    /// `out[r] = Σ_g s[r,g]·(x_g·q[r,g]) + b[r,g]·xsum_g` for the `out.len()` rows of
+    /// `bits`-bit codes (4 or 8) in `words` (`k·bits / 32` words each, scales and biases
+    /// `k / gs` each) against input row `i` of `xp` (rows of `k` values from
+    /// [`affine_input`]; `xsum` that row's group sums). AVX-512 builds only.
     #[allow(clippy::too_many_arguments)]
-    pub fn block_q4(
+    pub fn block_affine(
+        bits: usize,
         xp: &[f32],
         i: usize,
         k: usize,
@@ -411,14 +447,15 @@ pub mod simd {
         out: &mut [f32],
     ) {
         let (rows, groups) = (out.len(), k / gs);
+        assert!(bits == 4 || bits == 8);
         assert!(k.is_multiple_of(gs) && gs.is_multiple_of(32) && xp.len() >= (i + 1) * k);
-        assert!(words.len() >= rows * k / 8 && xsum.len() >= groups);
+        assert!(words.len() * 32 >= rows * k * bits && xsum.len() >= groups);
         assert!(scales.len() >= rows * groups && biases.len() >= rows * groups);
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
             let w = x86_512::Rows {
                 codes: words.as_ptr() as *const u8,
-                row_bytes: k / 2,
+                row_bytes: k * bits / 8,
                 scales: scales.as_ptr(),
                 biases: biases.as_ptr(),
                 groups,
@@ -429,18 +466,32 @@ pub mod simd {
             // input row; gs is a multiple of 32, the kernels' step.
             let mut r = 0;
             while r + 4 <= rows {
-                out[r..r + 4].copy_from_slice(&unsafe { x86_512::rows_q4::<4>(xp, xs, w, r) });
+                let d = unsafe {
+                    if bits == 4 {
+                        x86_512::rows_q4::<4>(xp, xs, w, r)
+                    } else {
+                        x86_512::rows_q8::<4>(xp, xs, w, r)
+                    }
+                };
+                out[r..r + 4].copy_from_slice(&d);
                 r += 4;
             }
             while r < rows {
-                out[r] = unsafe { x86_512::rows_q4::<1>(xp, xs, w, r) }[0];
+                let d = unsafe {
+                    if bits == 4 {
+                        x86_512::rows_q4::<1>(xp, xs, w, r)
+                    } else {
+                        x86_512::rows_q8::<1>(xp, xs, w, r)
+                    }
+                };
+                out[r] = d[0];
                 r += 1;
             }
         }
         #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
         {
             let _ = (xp, i, words, scales, biases, xsum, out);
-            unreachable!("q4_input permutes x only on AVX-512 builds")
+            unreachable!("affine_input builds inputs only on AVX-512 builds")
         }
     }
 

@@ -65,22 +65,33 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
     fn k(&self) -> usize {
         self.k
     }
-    /// Σx per (input row, group), and for 4-bit rows on AVX-512 builds the inputs in the
-    /// kernels' form.
+    /// Σx per (input row, group), and for 4- and 8-bit rows on AVX-512 builds the input in
+    /// the block kernels' form.
     type Prep = (Vec<f32>, Option<Vec<f32>>);
     fn prepare(&self, xs: &[f32], m: usize) -> Self::Prep {
-        let q4 = if self.p.bits == 4 { simd::q4_input(xs, self.p.group_size) } else { None };
-        (self.group_sums(xs, m), q4)
+        let fast = simd::affine_input(xs, self.p.bits, self.p.group_size);
+        (self.group_sums(xs, m), fast)
     }
     fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let (k, gs, g) = (self.k, self.p.group_size, self.groups());
         let width = self.p.packed_width(k);
         let words = &self.packed[r * width..(r + 1) * width];
-        let (xsum, q4) = prep;
-        if let Some(input) = q4 {
+        let (xsum, fast) = prep;
+        if let Some(input) = fast {
             let (s, b) = self.block_scales(r, 1, scratch);
             for (i, o) in out.iter_mut().enumerate().take(m) {
-                simd::block_q4(input, i, k, gs, words, s, b, &xsum[i * g..(i + 1) * g], std::slice::from_mut(o));
+                simd::block_affine(
+                    self.p.bits,
+                    input,
+                    i,
+                    k,
+                    gs,
+                    words,
+                    s,
+                    b,
+                    &xsum[i * g..(i + 1) * g],
+                    std::slice::from_mut(o),
+                );
             }
             return;
         }
@@ -91,12 +102,12 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
         }
     }
     fn block_m1(&self, r0: usize, _x: &[f32], prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
-        let (xsum, q4) = prep;
-        let Some(input) = q4 else { return false };
+        let (xsum, fast) = prep;
+        let Some(input) = fast else { return false };
         let width = self.p.packed_width(self.k);
         let words = &self.packed[r0 * width..(r0 + out.len()) * width];
         let (s, b) = self.block_scales(r0, out.len(), scratch);
-        simd::block_q4(input, 0, self.k, self.p.group_size, words, s, b, xsum, out);
+        simd::block_affine(self.p.bits, input, 0, self.k, self.p.group_size, words, s, b, xsum, out);
         true
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
