@@ -312,57 +312,42 @@ pub mod simd {
             })
         }
 
-        /// Rows `r0 .. r0 + N` against an input permuted by [`super::permute_x_q4`]
-        /// (each 16 packed bytes hold 32 codes, low nibbles at even positions, high nibbles at
-        /// odd ones, so each half widens with one zero-extension straight from memory). The
-        /// input is loaded once for all rows and `N` weight streams are in flight.
+        /// Rows `r0 .. r0 + N` of `BITS`-bit codes (4 or 8). Each step widens 16 packed bytes
+        /// straight from memory to 16 lanes: for 8 bits, 16 codes; for 4 bits, 32 codes, the
+        /// low nibbles at even positions and the high ones at odd positions, so the input must
+        /// be permuted by [`super::permute_x_q4`]. The input is loaded once for all rows and
+        /// `N` weight streams are in flight.
         #[inline(always)]
-        pub unsafe fn rows_q4<const N: usize>(xp: *const f32, xsum: *const f32, w: Rows, r0: usize) -> [f32; N] {
+        pub unsafe fn rows_affine<const N: usize, const BITS: usize>(
+            x: *const f32,
+            xsum: *const f32,
+            w: Rows,
+            r0: usize,
+        ) -> [f32; N] {
             let m4 = _mm512_set1_epi32(0x0f);
+            let step = 128 / BITS;
             let mut acc = [_mm512_setzero_ps(); N];
             let bytes: [*const u8; N] = std::array::from_fn(|r| w.codes.add((r0 + r) * w.row_bytes));
             for g in 0..w.groups {
                 let mut ga = [_mm512_setzero_ps(); N];
                 let mut c = g * w.gs;
                 while c < (g + 1) * w.gs {
-                    let x0 = _mm512_loadu_ps(xp.add(c));
-                    let x1 = _mm512_loadu_ps(xp.add(c + 16));
-                    for r in 0..N {
-                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c / 2 + PREFETCH) as *const i8);
-                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(c / 2) as *const __m128i));
-                        let lo = _mm512_and_si512(v, m4);
-                        let hi = _mm512_srli_epi32::<4>(v);
-                        ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(lo), ga[r]);
-                        ga[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(hi), ga[r]);
-                    }
-                    c += 32;
-                }
-                for r in 0..N {
-                    let s = _mm512_set1_ps(*w.scales.add((r0 + r) * w.groups + g));
-                    acc[r] = _mm512_fmadd_ps(ga[r], s, acc[r]);
-                }
-            }
-            let bias = bias_dots::<N>(w, r0, xsum);
-            std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + bias[r])
-        }
-
-        /// Rows `r0 .. r0 + N` of 8-bit codes against the input as it is: 16 codes widen to
-        /// 16 lanes straight from memory, one conversion and one FMA each.
-        #[inline(always)]
-        pub unsafe fn rows_q8<const N: usize>(x: *const f32, xsum: *const f32, w: Rows, r0: usize) -> [f32; N] {
-            let mut acc = [_mm512_setzero_ps(); N];
-            let bytes: [*const u8; N] = std::array::from_fn(|r| w.codes.add((r0 + r) * w.row_bytes));
-            for g in 0..w.groups {
-                let mut ga = [_mm512_setzero_ps(); N];
-                let mut c = g * w.gs;
-                while c < (g + 1) * w.gs {
+                    let at = c * BITS / 8;
                     let x0 = _mm512_loadu_ps(x.add(c));
                     for r in 0..N {
-                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(c + PREFETCH) as *const i8);
-                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(c) as *const __m128i));
-                        ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(v), ga[r]);
+                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(at + PREFETCH) as *const i8);
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(at) as *const __m128i));
+                        if BITS == 4 {
+                            let lo = _mm512_and_si512(v, m4);
+                            let hi = _mm512_srli_epi32::<4>(v);
+                            let x1 = _mm512_loadu_ps(x.add(c + 16));
+                            ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(lo), ga[r]);
+                            ga[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(hi), ga[r]);
+                        } else {
+                            ga[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(v), ga[r]);
+                        }
                     }
-                    c += 16;
+                    c += step;
                 }
                 for r in 0..N {
                     let s = _mm512_set1_ps(*w.scales.add((r0 + r) * w.groups + g));
@@ -468,9 +453,9 @@ pub mod simd {
             while r + 4 <= rows {
                 let d = unsafe {
                     if bits == 4 {
-                        x86_512::rows_q4::<4>(xp, xs, w, r)
+                        x86_512::rows_affine::<4, 4>(xp, xs, w, r)
                     } else {
-                        x86_512::rows_q8::<4>(xp, xs, w, r)
+                        x86_512::rows_affine::<4, 8>(xp, xs, w, r)
                     }
                 };
                 out[r..r + 4].copy_from_slice(&d);
@@ -479,9 +464,9 @@ pub mod simd {
             while r < rows {
                 let d = unsafe {
                     if bits == 4 {
-                        x86_512::rows_q4::<1>(xp, xs, w, r)
+                        x86_512::rows_affine::<1, 4>(xp, xs, w, r)
                     } else {
-                        x86_512::rows_q8::<1>(xp, xs, w, r)
+                        x86_512::rows_affine::<1, 8>(xp, xs, w, r)
                     }
                 };
                 out[r] = d[0];
