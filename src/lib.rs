@@ -8,6 +8,7 @@ pub mod convert;
 pub mod device;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod kernels;
 pub mod load;
 pub mod memory;

@@ -138,3 +138,21 @@ mod sha2_like {
         d.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
+
+/// `--model FILE.gguf` imports the GGUF for the run; its greedy text is mlx_lm's on the folder
+/// imported from the same file (up to the first eos, where generation stops).
+#[test]
+fn generate_runs_a_gguf_file_directly() {
+    let g = goldens();
+    let c = &g["cases"][0];
+    assert!(c["chat"].as_bool().unwrap() && c["system_prompt"].is_null());
+    let want = c["greedy_text"].as_str().unwrap().split("<|im_end|>").next().unwrap();
+    let out = wick()
+        .args(["generate", "--model", default_gguf().to_str().unwrap(), "--dtype", "float32", "-m", "32"])
+        .args(["-p", c["prompt"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("==========\n{want}\n==========")), "{stdout}");
+}

@@ -66,9 +66,12 @@ pub struct ConvertArgs {
     /// A llama.cpp GGUF file to import
     #[arg(long, conflicts_with = "hf_path")]
     pub gguf: Option<PathBuf>,
-    /// A Hugging Face / mlx model folder to convert
+    /// A Hugging Face / mlx model folder, or a Hugging Face repo id, to convert
     #[arg(long)]
     pub hf_path: Option<String>,
+    /// Branch, tag or commit of the repo id given to --hf-path
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Where to write the mlx-style folder
     #[arg(long, default_value = "mlx_model")]
     pub mlx_path: PathBuf,
@@ -98,7 +101,7 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
     let Some(src) = &a.hf_path else {
         bail!("nothing to convert: pass --hf-path FOLDER or --gguf FILE");
     };
-    let src = crate::load::resolve_model(Some(src))?;
+    let src = crate::load::resolve_model(Some(src), a.revision.as_deref())?;
     let opts = a.flags.options(a.quantize, a.dequantize)?;
     let out = convert(&src, &a.mlx_path, &opts)?;
     println!("[INFO] Saved to {}", out.display());
@@ -107,9 +110,12 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// The float model folder to quantize (the default model when omitted)
+    /// The float model folder or repo id to quantize (the default model when omitted)
     #[arg(long)]
     pub model: Option<String>,
+    /// Branch, tag or commit of the repo id given to --model
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Where to write the quantized folder
     #[arg(long)]
     pub mlx_path: PathBuf,
@@ -118,7 +124,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn run_quantize(a: QuantizeArgs) -> Result<i32> {
-    let src = crate::load::resolve_model(a.model.as_deref())?;
+    let src = crate::load::resolve_model(a.model.as_deref(), a.revision.as_deref())?;
     let opts = a.flags.options(true, false)?;
     let out = convert(&src, &a.mlx_path, &opts)?;
     println!("[INFO] Saved to {}", out.display());

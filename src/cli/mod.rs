@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod generate;
+pub mod manage;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -32,7 +33,7 @@ pub enum Command {
     /// Fuse LoRA adapters into the base model (mlx_lm.fuse)
     Fuse(NotYet),
     /// Scan or delete models in the Hugging Face cache (mlx_lm.manage)
-    Manage(NotYet),
+    Manage(manage::ManageArgs),
     /// Serve an OpenAI-compatible HTTP API (mlx_lm.server)
     Server(NotYet),
     /// Measure prompt and generation speed (mlx_lm benchmark)
@@ -51,9 +52,13 @@ pub struct NotYet {
 /// Options every model-loading command shares.
 #[derive(Args, Debug, Clone)]
 pub struct ModelOpts {
-    /// Model folder (mlx-style or Hugging Face layout); the default model when omitted
+    /// Model folder (mlx-style or Hugging Face layout), a .gguf file, or a Hugging Face repo id
+    /// (from the cache, downloaded when missing); the default model when omitted
     #[arg(long)]
     pub model: Option<String>,
+    /// Branch, tag or commit of a repo id given to --model
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Compute dtype: float16, bfloat16 or float32 (default: the dtype the weights are stored in)
     #[arg(long)]
     pub dtype: Option<String>,
@@ -65,7 +70,6 @@ pub struct ModelOpts {
 impl ModelOpts {
     /// Resolves the folder, device and dtype, and loads the model and tokenizer.
     pub fn load(&self) -> anyhow::Result<(crate::models::LoadedModel, crate::tokenizer::Tokenizer)> {
-        let dir = crate::load::resolve_model(self.model.as_deref())?;
         let device = crate::device::select_device(self.device.as_deref())?;
         let dtype = self
             .dtype
@@ -73,8 +77,9 @@ impl ModelOpts {
             .map(crate::device::parse_dtype)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-        let model = crate::models::load_model(&dir, dtype, &device)?;
-        let tok = crate::tokenizer::Tokenizer::load(&dir)?;
+        let src = crate::load::ModelSource::resolve(self.model.as_deref(), self.revision.as_deref(), dtype)?;
+        let model = crate::models::load_model(&src.dir, dtype, &device)?;
+        let tok = crate::tokenizer::Tokenizer::load(&src.dir)?;
         Ok((model, tok))
     }
 }
@@ -102,7 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Quantize(a) => convert::run_quantize(a),
         Command::Lora(_) => not_yet("lora"),
         Command::Fuse(_) => not_yet("fuse"),
-        Command::Manage(_) => not_yet("manage"),
+        Command::Manage(a) => manage::run(a),
         Command::Server(_) => not_yet("server"),
         Command::Perplexity(_) => not_yet("perplexity"),
     }

@@ -37,8 +37,9 @@ pub fn default_model_dir() -> Result<PathBuf> {
     )
 }
 
-/// Resolves `--model`: a local folder (or the default model when `None`).
-pub fn resolve_model(model: Option<&str>) -> Result<PathBuf> {
+/// Resolves `--model`: the default model when `None`; else an existing folder; else a Hugging
+/// Face repo id (`org/name`), from the cache or downloaded (see [`crate::hub`]).
+pub fn resolve_model(model: Option<&str>, revision: Option<&str>) -> Result<PathBuf> {
     let Some(m) = model else {
         return default_model_dir();
     };
@@ -50,17 +51,40 @@ pub fn resolve_model(model: Option<&str>) -> Result<PathBuf> {
         return Ok(p);
     }
     if p.is_file() {
-        if m.ends_with(".gguf") {
-            bail!(
-                "{m} is a GGUF file: import it first with `wick convert --gguf {m} --mlx-path DIR`, then pass --model DIR"
-            );
+        if is_gguf(&p) {
+            bail!("{m} is a GGUF file: import it with `wick convert --gguf {m} --mlx-path DIR`, then pass --model DIR");
         }
-        bail!("--model {m} is a file; expected a model folder with config.json and *.safetensors");
+        bail!("--model {m} is a file; expected a model folder with config.json and *.safetensors, a .gguf file or a repo id");
     }
-    bail!(
-        "model '{m}' not found: no such folder (Hugging Face downloads are not available yet; \
-         pass a local folder with config.json, *.safetensors and tokenizer.json)"
-    )
+    if crate::hub::is_repo_id(m) && !m.starts_with('.') {
+        return crate::hub::resolve_repo(m, revision);
+    }
+    bail!("model '{m}' not found: no such folder, and not a Hugging Face repo id (expected org/name)")
+}
+
+fn is_gguf(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// A model to load: a folder, or a GGUF file imported into a temporary folder that lives as
+/// long as this value (the weights stay readable after it goes: they are memory-mapped).
+pub struct ModelSource {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl ModelSource {
+    /// Like [`resolve_model`], but a `.gguf` file is imported (dequantized to `dtype`, f16 by default).
+    pub fn resolve(model: Option<&str>, revision: Option<&str>, dtype: Option<candle_core::DType>) -> Result<Self> {
+        if let Some(m) = model.map(Path::new).filter(|p| p.is_file() && is_gguf(p)) {
+            let tmp = tempfile::Builder::new().prefix("wick-gguf-").tempdir()?;
+            eprintln!("[INFO] Importing {} (GGUF) for this run", m.display());
+            let dir =
+                crate::gguf::import(m, &tmp.path().join("model"), dtype.unwrap_or(candle_core::DType::F16), false)?;
+            return Ok(Self { dir, _tmp: Some(tmp) });
+        }
+        Ok(Self { dir: resolve_model(model, revision)?, _tmp: None })
+    }
 }
 
 /// config.json, parsed to JSON with its path kept for error messages.
