@@ -14,11 +14,13 @@ pub struct GenerateOptions {
     pub max_tokens: usize,
     pub prefill_step_size: usize,
     pub sampler: SamplerConfig,
+    /// keep at most this many positions in each layer's cache (`--max-kv-size`)
+    pub max_kv_size: Option<usize>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, prefill_step_size: 2048, sampler: SamplerConfig::default() }
+        Self { max_tokens: 256, prefill_step_size: 2048, sampler: SamplerConfig::default(), max_kv_size: None }
     }
 }
 
@@ -101,7 +103,15 @@ pub fn generate(
     check_context(model, prompt.len())?;
     check_vocab(model, prompt)?;
     let mut sampler = Sampler::new(opts.sampler.clone())?;
-    let mut cache = model.make_cache();
+    if let Some(m) = opts.max_kv_size {
+        if m <= crate::cache::MAX_KV_KEEP {
+            bail!(
+                "--max-kv-size {m}: must be more than the {} positions the cache always keeps",
+                crate::cache::MAX_KV_KEEP
+            );
+        }
+    }
+    let mut cache = model.make_cache(opts.max_kv_size);
     let tic = Instant::now();
     let mut logits = prefill(model, prompt, &mut cache, opts.prefill_step_size)?;
     let mut token = sampler.sample(&logits)?;

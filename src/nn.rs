@@ -1,6 +1,7 @@
 //! Shared layers every architecture is built from: `Linear` (dense or quantized),
 //! `Embedding` (dense or quantized, also the tied lm head), `RmsNorm`, `Rope`.
 
+use crate::cache::MaskSpec;
 use crate::load::Weights;
 use crate::quant::{QuantParams, QuantSpec, QuantizedWeight};
 use anyhow::{Context, Result};
@@ -351,9 +352,10 @@ impl RopeTables {
     }
 }
 
-/// Causal attention of `q` (B, H, L, D) over `k`, `v` (B, KV, T, D) where the queries sit at
-/// positions `offset ..`; grouped-query heads share their KV head without copying it.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+/// Causal attention of `q` (B, H, L, D) over `k`, `v` (B, KV, T, D), the queries at key indices
+/// `mask.offset ..` (optionally within a sliding window); grouped-query heads share their KV head
+/// without copying it.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: MaskSpec) -> Result<Tensor> {
     if q.device().is_cpu() && q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 {
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32 })?);
     }
@@ -364,7 +366,7 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     let q = (q.reshape((b, kv, n_rep * l, d))? * scale)?;
     let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
     let scores = if l > 1 {
-        let mask = causal_mask(n_rep, l, t, offset, q.device())?;
+        let mask = causal_mask(n_rep, l, t, mask, q.device())?;
         scores.broadcast_add(&mask)?
     } else {
         scores
@@ -374,13 +376,16 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     Ok(out.reshape((b, h, l, v.dim(3)?))?)
 }
 
-/// Additive mask (n_rep·L, T): query `i` (at position offset + i) sees keys `0 ..= offset + i`.
-fn causal_mask(n_rep: usize, l: usize, t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+/// Additive mask (n_rep·L, T): query `i` (at key index offset + i) sees keys `j <= offset + i`,
+/// and with a window only `j > offset + i - window`.
+fn causal_mask(n_rep: usize, l: usize, t: usize, spec: MaskSpec, device: &Device) -> Result<Tensor> {
     let mut m = Vec::with_capacity(n_rep * l * t);
     for _ in 0..n_rep {
         for i in 0..l {
+            let q = spec.offset + i;
             for j in 0..t {
-                m.push(if j > offset + i { f32::NEG_INFINITY } else { 0.0 });
+                let visible = j <= q && spec.window.is_none_or(|w| j + w > q);
+                m.push(if visible { 0.0 } else { f32::NEG_INFINITY });
             }
         }
     }

@@ -63,7 +63,7 @@ fn check_greedy(dtype: DType) {
     for (i, c) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids_of(&c["prompt_ids"]);
         let want = ids_of(&c["greedy_f32"]);
-        let mut cache = model.make_cache();
+        let mut cache = model.make_cache(None);
         // a small prefill step so chunking is exercised too
         let mut l = prefill(model, &prompt, &mut cache, 7).unwrap();
         if let Some((_, gold)) = logits.get(&format!("case{i}")) {
@@ -155,4 +155,32 @@ fn generate_runs_a_gguf_file_directly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("==========\n{want}\n==========")), "{stdout}");
+}
+
+/// `--max-kv-size`: a rotating cache keeping the first 4 positions and the most recent ones.
+/// Generation runs past the window (prompt + 48 tokens > max_kv_size) and matches mlx_lm's
+/// greedy tokens with the same cache, whole-prompt and chunked prefill alike.
+#[test]
+fn max_kv_size_matches_mlx_lm_beyond_the_window() {
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("smollm2_max_kv.json")).unwrap()).unwrap();
+    let m = load_model(&default_model(), Some(DType::F32), &Device::Cpu).unwrap();
+    let model = m.model.as_ref();
+    for c in g["cases"].as_array().unwrap() {
+        let prompt = ids_of(&c["prompt_ids"]);
+        let size = c["max_kv_size"].as_u64().unwrap() as usize;
+        let step = c["prefill_step_size"].as_u64().unwrap() as usize;
+        let want = ids_of(&c["greedy_f32"]);
+        assert!(prompt.len() + want.len() > size + 16, "the case must run past the window");
+        assert_ne!(want, ids_of(&c["greedy_f32_full_cache"]), "the window must change the tokens");
+        let mut cache = model.make_cache(Some(size));
+        let mut l = prefill(model, &prompt, &mut cache, step).unwrap();
+        let mut got = vec![];
+        for _ in 0..want.len() {
+            let t = argmax(&l);
+            got.push(t);
+            l = step_logits(model, &[t], &mut cache).unwrap();
+        }
+        assert_eq!(got, want, "max_kv_size {size}, prefill step {step}: greedy tokens differ from mlx_lm");
+    }
 }

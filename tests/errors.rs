@@ -163,7 +163,7 @@ fn quantized_tiny_model_loads_and_runs() {
     quantized_copy(&q);
     let m = wick::models::load_model(&q, None, &candle_core::Device::Cpu).unwrap();
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 127]], &candle_core::Device::Cpu).unwrap();
-    let mut cache = m.model.make_cache();
+    let mut cache = m.model.make_cache(None);
     let logits = m.model.forward(&ids, &mut cache, false).unwrap();
     assert_eq!(logits.dims(), &[1, 4, 128]);
     let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();

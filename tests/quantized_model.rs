@@ -90,7 +90,7 @@ fn greedy_tokens_on_4_and_8_bit_match_mlx_lm() {
                 c["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             let want: Vec<u32> =
                 g[name]["greedy_f32"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let mut cache = model.make_cache();
+            let mut cache = model.make_cache(None);
             let mut l = wick::generate::prefill(model, &ids, &mut cache, 2048).unwrap();
             let mut got = vec![];
             for _ in 0..want.len() {

@@ -54,6 +54,9 @@ pub struct GenerateArgs {
     /// Number of prompt tokens to process at a time
     #[arg(long, default_value_t = 2048)]
     pub prefill_step_size: usize,
+    /// Keep at most this many positions in the KV cache (the first 4 and the most recent ones)
+    #[arg(long)]
+    pub max_kv_size: Option<usize>,
 }
 
 /// Builds the prompt ids as mlx_lm.generate does: `\n`/`\t` escapes, '-' for stdin, the chat
@@ -117,6 +120,7 @@ pub fn run(a: GenerateArgs) -> Result<i32> {
             top_k: a.top_k,
             seed: a.seed,
         },
+        max_kv_size: a.max_kv_size,
     };
     let mut detok = tok.streaming_detokenizer();
     let stdout = std::io::stdout();

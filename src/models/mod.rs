@@ -1,6 +1,9 @@
 //! Architectures, one file each (like mlx_lm's `models/`), discovered by config.json's `model_type`.
 
+pub mod blocks;
 pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
 
 use crate::cache::KvCache;
 use crate::load::{ConfigFile, Weights};
@@ -15,8 +18,9 @@ pub trait LanguageModel: Send {
     /// Logits (B, L, vocab) in f32 for `tokens` (B, L), appending to `cache`.
     /// With `last_only`, only the last position's logits are computed (B, 1, vocab).
     fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor>;
-    /// One empty cache per layer.
-    fn make_cache(&self) -> Vec<KvCache>;
+    /// One empty cache per layer: rotating for sliding-window layers, and for every other layer
+    /// when `max_kv_size` is given (`--max-kv-size`).
+    fn make_cache(&self, max_kv_size: Option<usize>) -> Vec<KvCache>;
     /// The longest context the model was trained for, when the config says.
     fn max_context(&self) -> Option<usize>;
     fn vocab_size(&self) -> usize;
@@ -25,8 +29,39 @@ pub trait LanguageModel: Send {
     fn device(&self) -> &Device;
 }
 
+/// serde default for boolean config fields that default to true.
+pub(crate) fn yes() -> bool {
+    true
+}
+
+/// Drops what mlx_lm's `sanitize` drops for every llama-like model: precomputed rotary
+/// frequencies and, with tied embeddings, a stray `lm_head.weight`.
+pub fn drop_unused(weights: &mut Weights, tied: bool) {
+    weights.sanitize(|k| {
+        if k.contains("self_attn.rotary_emb.inv_freq") || (tied && k == "lm_head.weight") {
+            None
+        } else {
+            Some(k.to_string())
+        }
+    });
+}
+
+/// Caches for layers with the given sliding windows: a window gives a rotating cache of that
+/// size; other layers rotate at `max_kv_size` (keeping the first 4 positions, as mlx_lm's
+/// `make_prompt_cache`) or grow.
+pub fn layer_caches(windows: &[Option<usize>], max_kv_size: Option<usize>) -> Vec<KvCache> {
+    windows
+        .iter()
+        .map(|w| match (w, max_kv_size) {
+            (Some(w), _) => KvCache::rotating(*w, 0),
+            (None, Some(m)) => KvCache::rotating(m, crate::cache::MAX_KV_KEEP),
+            (None, None) => KvCache::new(),
+        })
+        .collect()
+}
+
 /// `model_type`s wick runs, and the file that implements each (mlx_lm's remapping included).
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 /// A loaded model with its config.
 pub struct LoadedModel {
@@ -56,18 +91,25 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
         Some(d) => d,
         None => weights.dominant_float_dtype(),
     };
-    let model: Box<dyn LanguageModel> = match model_type.as_str() {
-        "llama" | "mistral" => {
-            let args: llama::ModelArgs = config.parse()?;
-            llama::sanitize(&args, &mut weights);
+    let act_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    // Parses the architecture's arguments, applies its `sanitize`, checks the quantization
+    // block's layer names against what is left, and builds the model.
+    macro_rules! build {
+        ($arch:ident) => {{
+            let args: $arch::ModelArgs = config.parse()?;
+            $arch::sanitize(&args, &mut weights);
             if let Some(q) = &quant {
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
             }
-            let act_dtype = if device.is_cpu() { DType::F32 } else { dtype };
             let ld = Loader { weights: &weights, dtype, act_dtype, device: device.clone(), quant: quant.as_ref() };
-            Box::new(llama::Model::load(args, &ld)?)
-        }
+            Box::new($arch::load(&args, &ld)?) as Box<dyn LanguageModel>
+        }};
+    }
+    let model = match model_type.as_str() {
+        "llama" | "mistral" => build!(llama),
+        "qwen2" => build!(qwen2),
+        "qwen3" => build!(qwen3),
         _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
     };
     Ok(LoadedModel { model, config, model_type })

@@ -148,18 +148,55 @@ TINY_CONFIGS = {
                          num_attention_heads=3, num_key_value_heads=3, head_dim=32, rms_norm_eps=1e-6,
                          vocab_size=100, rope_theta=10000.0, max_position_embeddings=128,
                          tie_word_embeddings=True, rope_scaling=dict(type="linear", factor=2.0)),
+    # sliding-window layers (a rotating cache of 8 positions) next to full ones; the window is
+    # smaller than the prefill chunks, so windowed masks and cache trimming are both exercised
+    "tiny_mistral_swa": dict(model_type="mistral", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128,
+                             rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+                             sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # q/k/v biases, untied head
+    "tiny_qwen2": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128,
+                       max_position_embeddings=256, rope_theta=1000000.0, tie_word_embeddings=False),
+    # per-head q/k RMSNorm, explicit head_dim != hidden / heads, tied head, yarn-free default RoPE
+    "tiny_qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                       vocab_size=128, max_position_embeddings=256, rope_theta=1000000.0,
+                       tie_word_embeddings=True),
 }
 
 
-def tiny_models():
-    from mlx_lm.models import llama
+def tiny_logits(model, ids):
+    """Full-sequence logits, and logits of a chunked prefill (24 tokens in chunks of 10) followed
+    by one-token decode steps through the model's own cache."""
     from mlx_lm.models.cache import make_prompt_cache
+
+    full = np.array(model(mx.array(ids)[None])[0])
+    cache = make_prompt_cache(model)
+    steps = []
+    for a, b in TINY_CHUNKS:
+        steps.append(np.array(model(mx.array(ids[a:b])[None], cache=cache)[0]))
+    for t in range(TINY_CHUNKS[-1][1], len(ids)):
+        steps.append(np.array(model(mx.array(ids[t:t + 1])[None], cache=cache)[0]))
+    return {"full": full, "cached": np.concatenate(steps, axis=0)}
+
+
+TINY_CHUNKS = [(0, 10), (10, 20), (20, 24)]
+TINY_Q = dict(group_size=32, bits=4)
+
+
+def tiny_models():
+    """Tiny random models of every architecture, made by mlx_lm from TINY_CONFIGS: weights
+    (float16), logits in f32 for 40 tokens (whole sequence; chunked prefill + 16 decode steps),
+    and the same for the model quantized by mlx_lm (4-bit, group 32) under `q4/`."""
+    from mlx_lm.utils import _get_classes, quantize_model
     from mlx.utils import tree_flatten
 
     for name, cfg in TINY_CONFIGS.items():
         mx.random.seed(7)
-        args = llama.ModelArgs.from_dict(cfg)
-        model = llama.Model(args)
+        model_class, args_class = _get_classes(cfg)
+        model = model_class(args_class.from_dict(cfg))
         # Non-trivial norms and biases so every weight matters.
         params = dict(tree_flatten(model.parameters()))
         for k in params:
@@ -175,17 +212,19 @@ def tiny_models():
         model.load_weights([(k, v.astype(mx.float32)) for k, v in params.items()])
         rng = np.random.default_rng(3)
         ids = rng.integers(0, cfg["vocab_size"], size=40).tolist()
-        full = np.array(model(mx.array(ids)[None])[0])
-        # prefill 24 tokens in chunks of 10 (mlx_lm-style), then decode the rest one at a time
-        cache = make_prompt_cache(model)
-        steps = []
-        for a, b in [(0, 10), (10, 20), (20, 24)]:
-            steps.append(np.array(model(mx.array(ids[a:b])[None], cache=cache)[0]))
-        for t in range(24, 40):
-            steps.append(np.array(model(mx.array(ids[t:t + 1])[None], cache=cache)[0]))
-        cached = np.concatenate(steps, axis=0)
-        save_f32(os.path.join(d, "logits.safetensors"), {"full": full, "cached": cached})
-        json.dump({"ids": ids, "chunks": [[0, 10], [10, 20], [20, 24]]}, open(os.path.join(d, "inputs.json"), "w"))
+        save_f32(os.path.join(d, "logits.safetensors"), tiny_logits(model, ids))
+        json.dump({"ids": ids, "chunks": TINY_CHUNKS}, open(os.path.join(d, "inputs.json"), "w"))
+
+        # 4-bit: quantized by mlx_lm from the float16 weights, run in f32 (scales cast up)
+        model.load_weights(list(params.items()))
+        model, qcfg = quantize_model(model, cfg, **TINY_Q)
+        qd = os.path.join(d, "q4")
+        os.makedirs(qd, exist_ok=True)
+        mx.save_safetensors(os.path.join(qd, "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+        json.dump(qcfg, open(os.path.join(qd, "config.json"), "w"), indent=1)
+        to_f32(model)
+        save_f32(os.path.join(qd, "logits.safetensors"), tiny_logits(model, ids))
         print(f"{name}: {sum(v.size for v in params.values())} params")
 
 
@@ -270,14 +309,56 @@ def quant_models():
     json.dump(out, open(os.path.join(GOLDEN, "smollm2_quantized.json"), "w"), indent=1)
 
 
+MAX_KV = [
+    # (prompt index in smollm2_greedy.json or a raw text, max_kv_size, prefill_step_size)
+    (0, 24, 2048),
+    ("In the beginning the Universe was created. This has made a lot of people very angry and been "
+     "widely regarded as a bad move. Many races believe that it was created by some sort of god, "
+     "though the Jatravartid people of Viltvodle VI believe that the entire Universe was in fact "
+     "sneezed out of the nose of a being called the Great Green Arkleseizure.", 40, 2048),
+    ("In the beginning the Universe was created. This has made a lot of people very angry and been "
+     "widely regarded as a bad move. Many races believe that it was created by some sort of god, "
+     "though the Jatravartid people of Viltvodle VI believe that the entire Universe was in fact "
+     "sneezed out of the nose of a being called the Great Green Arkleseizure.", 40, 16),
+]
+N_MAX_KV = 48
+
+
+def max_kv():
+    """Greedy tokens on the default model with a rotating cache of `max_kv_size` positions, as
+    `make_prompt_cache(model, max_kv_size)` builds it for models without their own `make_cache`
+    (RotatingKVCache(max_size, keep=4)). mlx_lm 0.32's llama defines `make_cache`, so its
+    `--max-kv-size` flag is ignored for llama; the caches are built here directly."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import RotatingKVCache
+
+    model, tok = load(MODEL)
+    to_f32(model)
+    g = json.load(open(os.path.join(GOLDEN, "smollm2_greedy.json")))
+    cases = []
+    for prompt, size, step in MAX_KV:
+        ids = g["cases"][prompt]["prompt_ids"] if isinstance(prompt, int) else tok.encode(prompt)
+        runs = {}
+        for kind, cache in [("rotating", [RotatingKVCache(max_size=size, keep=4) for _ in model.layers]),
+                            ("full", None)]:
+            runs[kind] = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=N_MAX_KV,
+                                                           prompt_cache=cache, prefill_step_size=step)]
+        cases.append({"prompt_ids": ids, "max_kv_size": size, "prefill_step_size": step,
+                      "greedy_f32": runs["rotating"], "greedy_f32_full_cache": runs["full"]})
+        print(f"max_kv {size}/{step}: {len(ids)} prompt tokens -> {tok.decode(runs['rotating'])!r}")
+    json.dump({"keep": 4, "cases": cases}, open(os.path.join(GOLDEN, "smollm2_max_kv.json"), "w"), indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models"], default=None)
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv"],
+                    default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
-            "quant_models": quant_models}
+            "quant_models": quant_models, "max_kv": max_kv}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
