@@ -230,11 +230,40 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: ld.tensor(&format!("{name}.weight"), &[dim])?, eps: eps as f32 })
+        Self::load_shifted(ld, name, dim, eps, 0.0)
+    }
+
+    /// Scale by `shift + weight` (gemma stores the weight as an offset from 1).
+    pub fn load_shifted(ld: &Loader, name: &str, dim: usize, eps: f64, shift: f64) -> Result<Self> {
+        let weight = ld.tensor(&format!("{name}.weight"), &[dim])?;
+        let weight = if shift != 0.0 { (weight + shift)? } else { weight };
+        Ok(Self { weight, eps: eps as f32 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// LayerNorm with a learned scale and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: ld.tensor(&format!("{name}.weight"), &[dim])?,
+            bias: ld.tensor(&format!("{name}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
     }
 }
 
@@ -247,11 +276,68 @@ pub struct Rope {
     traditional: bool,
     /// inverse periods, one per rotated pair
     inv_freq: Vec<f32>,
+    /// position scale (linear scaling)
     scale: f32,
+    /// multiplies the rotated features (yarn's mscale, longrope's scale)
+    input_scale: f32,
+    /// dynamic NTK: (factor, max_position_embeddings, base), the base grows with the sequence
+    dynamic: Option<(f64, usize, f64)>,
+}
+
+/// `base^(2i/dims)` for each rotated pair, as mlx computes them (f32).
+fn periods(base: f64, dims: usize) -> Vec<f64> {
+    (0..dims / 2).map(|i| (base as f32).powf(2.0 * i as f32 / dims as f32) as f64).collect()
 }
 
 impl Rope {
-    /// Builds the RoPE an mlx_lm config asks for (`rope_theta`, `rope_scaling`).
+    fn with_periods(dims: usize, traditional: bool, periods: &[f64], scale: f64, input_scale: f64) -> Self {
+        Self {
+            dims,
+            traditional,
+            inv_freq: periods.iter().map(|p| (1.0 / p) as f32).collect(),
+            scale: scale as f32,
+            input_scale: input_scale as f32,
+            dynamic: None,
+        }
+    }
+
+    /// Phi-3's "su" / "longrope" scaling (mlx_lm's SuScaledRoPE, which always uses the long
+    /// factors): periods times `long_factor`, features scaled by `long_mscale` or
+    /// `sqrt(1 + ln(max / original) / ln(original))`.
+    pub fn su_scaled(
+        dims: usize,
+        base: f64,
+        max_position_embeddings: usize,
+        original: usize,
+        long_factor: &serde_json::Value,
+        long_mscale: Option<f64>,
+    ) -> Result<Self> {
+        let base_periods = periods(base, dims);
+        let factors: Vec<f64> = match long_factor {
+            serde_json::Value::Array(a) => {
+                a.iter().map(|v| v.as_f64().context("long_factor: expected numbers")).collect::<Result<_>>()?
+            }
+            v => vec![v.as_f64().context("long_factor: expected a number or a list")?; base_periods.len()],
+        };
+        if factors.len() != base_periods.len() {
+            anyhow::bail!(
+                "rope_scaling.long_factor has {} entries, expected {} (rotary dims / 2)",
+                factors.len(),
+                base_periods.len()
+            );
+        }
+        let p: Vec<f64> = factors.iter().zip(&base_periods).map(|(f, p)| (*f as f32 * *p as f32) as f64).collect();
+        let factor = max_position_embeddings as f64 / original as f64;
+        let mscale = long_mscale.unwrap_or(if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+        });
+        Ok(Self::with_periods(dims, false, &p, 1.0, mscale))
+    }
+
+    /// Builds the RoPE an mlx_lm config asks for (`rope_theta`, `rope_scaling`), as mlx_lm's
+    /// `initialize_rope`: default, linear, llama3, yarn, longrope, dynamic.
     pub fn from_config(
         dims: usize,
         base: f64,
@@ -259,64 +345,95 @@ impl Rope {
         scaling: Option<&serde_json::Value>,
         max_position_embeddings: Option<usize>,
     ) -> Result<Self> {
-        let half = dims / 2;
-        let mut periods: Vec<f64> = (0..half).map(|i| base.powf(2.0 * i as f64 / dims as f64)).collect();
-        let mut scale = 1.0f64;
         let kind = scaling
             .and_then(|s| s.get("type").or_else(|| s.get("rope_type")))
             .and_then(|t| t.as_str())
             .unwrap_or("default");
         let get = |k: &str| -> Option<f64> { scaling.and_then(|s| s.get(k)).and_then(|v| v.as_f64()) };
+        let need = |k: &str| get(k).with_context(|| format!("rope_scaling of type {kind} needs `{k}`"));
+        let mut p = periods(base, dims);
         match kind {
-            "default" => {}
-            "linear" => {
-                let f = get("factor").context("rope_scaling of type linear needs `factor`")?;
-                scale = 1.0 / f;
-            }
+            "default" => Ok(Self::with_periods(dims, traditional, &p, 1.0, 1.0)),
+            "linear" => Ok(Self::with_periods(dims, traditional, &p, 1.0 / need("factor")?, 1.0)),
             "llama3" => {
-                let factor = get("factor").context("rope_scaling of type llama3 needs `factor`")?;
+                let factor = need("factor")?;
                 let low = get("low_freq_factor").unwrap_or(1.0);
                 let high = get("high_freq_factor").unwrap_or(4.0);
                 let old_ctx = get("original_max_position_embeddings").unwrap_or(8192.0);
-                let low_wl = old_ctx / low;
-                let high_wl = old_ctx / high;
-                for p in periods.iter_mut() {
+                let (low_wl, high_wl) = (old_ctx / low, old_ctx / high);
+                for p in p.iter_mut() {
                     let wavelen = 2.0 * std::f64::consts::PI * *p;
                     let f = if wavelen > low_wl { *p * factor } else { *p };
-                    let medium = wavelen > high_wl && wavelen < low_wl;
-                    *p = if medium {
+                    *p = if wavelen > high_wl && wavelen < low_wl {
                         let smooth = (old_ctx / wavelen - low) / (high - low);
                         f / ((1.0 - smooth) / factor + smooth)
                     } else {
                         f
                     };
                 }
+                Ok(Self::with_periods(dims, traditional, &p, 1.0, 1.0))
             }
-            other => {
-                anyhow::bail!("rope_scaling type `{other}` is not supported yet (supported: default, linear, llama3)")
+            "yarn" | "deepseek_yarn" => {
+                let factor = need("factor")?;
+                let orig = get("original_max_position_embeddings").unwrap_or(4096.0);
+                let (beta_fast, beta_slow) = (get("beta_fast").unwrap_or(32.0), get("beta_slow").unwrap_or(1.0));
+                let (mscale, mscale_all) = (get("mscale").unwrap_or(1.0), get("mscale_all_dim").unwrap_or(0.0));
+                let corr = |rot: f64| dims as f64 * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+                let low = corr(beta_fast).floor().max(0.0);
+                let high = corr(beta_slow).ceil().min(dims as f64 - 1.0);
+                let high = if low == high { high + 0.001 } else { high };
+                let get_mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+                for (i, p) in p.iter_mut().enumerate() {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let mask = 1.0 - ramp;
+                    let (extra, inter) = (*p, factor * *p);
+                    *p = inter * extra / (inter * mask + extra * (1.0 - mask));
+                }
+                Ok(Self::with_periods(dims, traditional, &p, 1.0, get_mscale(mscale) / get_mscale(mscale_all)))
             }
+            "longrope" => {
+                let s = scaling.expect("a kind other than default comes from a scaling block");
+                let orig = need("original_max_position_embeddings")? as usize;
+                let max = max_position_embeddings.context("longrope RoPE needs max_position_embeddings")?;
+                let long = s.get("long_factor").context("rope_scaling of type longrope needs `long_factor`")?;
+                Self::su_scaled(dims, base, max, orig, long, None)
+            }
+            "dynamic" => {
+                let max = max_position_embeddings.context("dynamic RoPE needs max_position_embeddings")?;
+                let mut r = Self::with_periods(dims, traditional, &p, 1.0, 1.0);
+                r.dynamic = Some((need("factor")?, max, base));
+                Ok(r)
+            }
+            other => anyhow::bail!(
+                "rope_scaling type `{other}` is not supported (supported: default, linear, llama3, yarn, longrope, dynamic)"
+            ),
         }
-        let _ = max_position_embeddings;
-        Ok(Self {
-            dims,
-            traditional,
-            inv_freq: periods.iter().map(|p| (1.0 / p) as f32).collect(),
-            scale: scale as f32,
-        })
     }
 
     /// cos/sin tables for positions `offset .. offset + len`, computed once per forward pass and
-    /// shared by every layer.
+    /// shared by every layer that uses this RoPE.
     pub fn tables(&self, offset: usize, len: usize, dtype: DType, device: &Device) -> Result<RopeTables> {
-        let half = self.inv_freq.len();
+        let dyn_freq;
+        let inv_freq = match self.dynamic {
+            Some((factor, max, base)) => {
+                // mlx_lm's DynamicNTKScalingRoPE: the base for this call's sequence length
+                let seq = (offset + len).max(max) as f64;
+                let d = self.dims as f64;
+                let b = base * ((factor * seq / max as f64) - (factor - 1.0)).powf(d / (d - 2.0));
+                dyn_freq = periods(b, self.dims).iter().map(|p| (1.0 / p) as f32).collect::<Vec<_>>();
+                &dyn_freq
+            }
+            None => &self.inv_freq,
+        };
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in offset..offset + len {
             let pos = p as f32 * self.scale;
-            for f in &self.inv_freq {
+            for f in inv_freq {
                 let theta = pos * f;
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+                cos.push(theta.cos() * self.input_scale);
+                sin.push(theta.sin() * self.input_scale);
             }
         }
         let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
@@ -355,9 +472,19 @@ impl RopeTables {
 /// Causal attention of `q` (B, H, L, D) over `k`, `v` (B, KV, T, D), the queries at key indices
 /// `mask.offset ..` (optionally within a sliding window); grouped-query heads share their KV head
 /// without copying it.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: MaskSpec) -> Result<Tensor> {
+///
+/// With `softcap`, scores become `softcap · tanh(scores / softcap)` before the mask (gemma2).
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: MaskSpec,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     if q.device().is_cpu() && q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 {
-        return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale: scale as f32 })?);
+        let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
+        return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
     let (b, h, l, d) = q.dims4()?;
     let kv = k.dim(1)?;
@@ -365,6 +492,10 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     let n_rep = h / kv;
     let q = (q.reshape((b, kv, n_rep * l, d))? * scale)?;
     let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let scores = match softcap {
+        Some(c) => ((scores / c)?.tanh()? * c)?,
+        None => scores,
+    };
     let scores = if l > 1 {
         let mask = causal_mask(n_rep, l, t, mask, q.device())?;
         scores.broadcast_add(&mask)?
@@ -408,6 +539,7 @@ impl Module for Linear {
 /// scores by dot products against the strided cache, softmax in f32, weighted sum of values.
 struct DecodeAttention {
     scale: f32,
+    softcap: Option<f32>,
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -431,7 +563,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let dv = vl.shape().dims4()?.3;
         let n_rep = h / kvh;
         let (qa, _) = ql.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("query not contiguous".into()))?;
-        let scale = self.scale;
+        let (scale, softcap) = (self.scale, self.softcap);
         fn go<T: Elem>(
             q: &[T],
             k: &[T],
@@ -439,7 +571,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
             kl: &candle_core::Layout,
             vl: &candle_core::Layout,
             dims: (usize, usize, usize, usize, usize, usize, usize),
-            scale: f32,
+            (scale, softcap): (f32, Option<f32>),
         ) -> Vec<T> {
             use rayon::prelude::*;
             let (b, h, d, dv, t, n_rep, _kvh) = dims;
@@ -459,6 +591,9 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 for (ti, sc) in scores.iter_mut().enumerate() {
                     let row = &k[kbase + ti * ks[2]..kbase + ti * ks[2] + d];
                     *sc = T::dot(&qf, row) * scale;
+                    if let Some(c) = softcap {
+                        *sc = c * (*sc / c).tanh();
+                    }
                     max = max.max(*sc);
                 }
                 let mut sum = 0f32;
@@ -484,9 +619,9 @@ impl candle_core::CustomOp3 for DecodeAttention {
         }
         let dims = (b, h, d, dv, t, n_rep, kvh);
         let out = match (qs, ks, vs) {
-            (C::F32(q), C::F32(k), C::F32(v)) => C::F32(go(&q[qa..], k, v, kl, vl, dims, scale)),
-            (C::F16(q), C::F16(k), C::F16(v)) => C::F16(go(&q[qa..], k, v, kl, vl, dims, scale)),
-            (C::BF16(q), C::BF16(k), C::BF16(v)) => C::BF16(go(&q[qa..], k, v, kl, vl, dims, scale)),
+            (C::F32(q), C::F32(k), C::F32(v)) => C::F32(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap))),
+            (C::F16(q), C::F16(k), C::F16(v)) => C::F16(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap))),
+            (C::BF16(q), C::BF16(k), C::BF16(v)) => C::BF16(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap))),
             _ => candle_core::bail!("decode attention: q, k and v must share a float dtype"),
         };
         Ok((out, candle_core::Shape::from((b, h, 1, dv))))

@@ -68,6 +68,26 @@ fn tiny_qwen2_qkv_bias_matches_mlx_lm() {
 }
 
 #[test]
-fn tiny_qwen3_qk_norm_matches_mlx_lm() {
+fn tiny_qwen3_qk_norm_yarn_rope_matches_mlx_lm() {
     check("tiny_qwen3");
+}
+
+#[test]
+fn tiny_llama_dynamic_ntk_rope_matches_mlx_lm() {
+    check("tiny_llama_dynamic");
+}
+
+#[test]
+fn tiny_phi3_fused_projections_longrope_matches_mlx_lm() {
+    check("tiny_phi3");
+}
+
+#[test]
+fn tiny_gemma2_softcaps_sandwich_norms_match_mlx_lm() {
+    check("tiny_gemma2");
+}
+
+#[test]
+fn tiny_gemma3_local_global_layers_match_mlx_lm() {
+    check("tiny_gemma3");
 }

@@ -1,161 +1,15 @@
 //! The pieces decoder-only architectures share, so each architecture file only says what is its
-//! own (config fields, weight names, which options it uses): attention with optional q/k/v bias
-//! and per-head q/k norms, the gated MLP, the pre-norm decoder layer, and the model body
+//! own (config fields, weight names, which options it uses): attention (separate or fused q/k/v,
+//! biases, per-head q/k norms, score soft-capping), the gated MLP (separate or fused gate/up,
+//! SiLU or GELU), the decoder layer (pre-norm, or gemma's four-norm sandwich), and the model body
 //! (embedding → layers → norm → head) that implements [`LanguageModel`].
 
 use super::LanguageModel;
 use crate::cache::KvCache;
-use crate::nn::{scaled_dot_product_attention, swiglu, Embedding, Linear, Loader, RmsNorm, Rope, RopeTables};
+use crate::nn::{scaled_dot_product_attention, Embedding, Linear, Loader, RmsNorm, Rope, RopeTables};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
-
-/// Shapes and options of one attention layer.
-#[derive(Debug, Clone)]
-pub struct AttentionSpec {
-    pub hidden: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    /// bias on q, k and v
-    pub qkv_bias: bool,
-    /// bias on the output projection
-    pub o_bias: bool,
-    /// RMSNorm over each head of q and k before RoPE (qwen3), with this eps
-    pub qk_norm: Option<f64>,
-}
-
-pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-}
-
-impl Attention {
-    /// Loads `{p}.{q,k,v,o}_proj` (and `{p}.{q,k}_norm`).
-    pub fn load(s: &AttentionSpec, ld: &Loader, p: &str) -> Result<Self> {
-        let (dim, h, kv, hd) = (s.hidden, s.n_heads, s.n_kv_heads, s.head_dim);
-        let norm = |n: &str| s.qk_norm.map(|eps| RmsNorm::load(ld, &format!("{p}.{n}"), hd, eps)).transpose();
-        Ok(Self {
-            q_proj: Linear::load(ld, &format!("{p}.q_proj"), dim, h * hd, s.qkv_bias)?,
-            k_proj: Linear::load(ld, &format!("{p}.k_proj"), dim, kv * hd, s.qkv_bias)?,
-            v_proj: Linear::load(ld, &format!("{p}.v_proj"), dim, kv * hd, s.qkv_bias)?,
-            o_proj: Linear::load(ld, &format!("{p}.o_proj"), h * hd, dim, s.o_bias)?,
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: hd,
-            scale: (hd as f64).powf(-0.5),
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let t = t.reshape((b, l, n, self.head_dim))?;
-            let t = match norm {
-                Some(nm) => nm.forward(&t)?,
-                None => t,
-            };
-            Ok(t.transpose(1, 2)?)
-        };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads, &self.q_norm)?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads, &self.k_norm)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads, &None)?;
-        let mask = cache.mask(l);
-        let q = rope.apply(&q.contiguous()?)?;
-        let k = rope.apply(&k.contiguous()?)?;
-        let (k, v) = cache.update_and_fetch(&k, &v)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, mask)?;
-        let out = out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
-    }
-}
-
-/// `down(silu(gate(x)) * up(x))`.
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize, bias: bool) -> Result<Self> {
-        Ok(Self {
-            gate_proj: Linear::load(ld, &format!("{p}.gate_proj"), dim, hidden, bias)?,
-            up_proj: Linear::load(ld, &format!("{p}.up_proj"), dim, hidden, bias)?,
-            down_proj: Linear::load(ld, &format!("{p}.down_proj"), hidden, dim, bias)?,
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
-    }
-}
-
-/// One decoder layer as a model runs it: hidden states in, hidden states out.
-pub trait Layer: Send + Sync {
-    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor>;
-}
-
-/// The pre-norm layer of llama-like models: `h = x + attn(norm(x)); h + mlp(norm(h))`.
-pub struct PreNormLayer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
-}
-
-impl PreNormLayer {
-    /// Loads `{p}.self_attn`, `{p}.mlp` and the two RMSNorms of layer prefix `p`.
-    pub fn load(
-        attn: &AttentionSpec,
-        ld: &Loader,
-        p: &str,
-        mlp_hidden: usize,
-        mlp_bias: bool,
-        eps: f64,
-    ) -> Result<Self> {
-        let d = attn.hidden;
-        Ok(Self {
-            self_attn: Attention::load(attn, ld, &format!("{p}.self_attn"))?,
-            mlp: Mlp::load(ld, &format!("{p}.mlp"), d, mlp_hidden, mlp_bias)?,
-            input_layernorm: RmsNorm::load(ld, &format!("{p}.input_layernorm"), d, eps)?,
-            post_attention_layernorm: RmsNorm::load(ld, &format!("{p}.post_attention_layernorm"), d, eps)?,
-        })
-    }
-}
-
-impl Layer for PreNormLayer {
-    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?)?;
-        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
-    }
-}
-
-/// The model body: token embedding, the layers, a final norm and the head (a separate
-/// `lm_head`, or the embedding used as a linear layer when tied).
-pub struct DecoderModel {
-    embed_tokens: Embedding,
-    layers: Vec<Box<dyn Layer>>,
-    /// the sliding window of each layer
-    windows: Vec<Option<usize>>,
-    norm: RmsNorm,
-    lm_head: Option<Linear>,
-    rope: Rope,
-    vocab_size: usize,
-    max_context: Option<usize>,
-    dtype: DType,
-    device: Device,
-}
 
 /// The config fields every decoder-only architecture has (flattened into each `ModelArgs`).
 #[derive(Debug, Clone, Deserialize)]
@@ -184,63 +38,314 @@ impl RopeArgs {
     }
 }
 
-/// What a llama-like architecture chooses on top of [`BaseArgs`].
-pub struct PreNormSpec {
+/// Shapes and options of one attention layer.
+#[derive(Debug, Clone)]
+pub struct AttentionSpec {
+    pub hidden: usize,
+    pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// one `qkv_proj` instead of `q_proj`, `k_proj`, `v_proj` (phi3)
+    pub fused_qkv: bool,
+    /// bias on q, k and v
     pub qkv_bias: bool,
+    /// bias on the output projection
     pub o_bias: bool,
-    /// RMSNorm (with `rms_norm_eps`) over each head of q and k
+    /// RMSNorm over each head of q and k before RoPE (qwen3, gemma3)
     pub qk_norm: bool,
-    pub mlp_bias: bool,
-    pub tie_word_embeddings: bool,
-    pub max_context: Option<usize>,
-    pub rope: Rope,
-    /// the sliding window of each layer (`None`: full attention)
-    pub windows: Vec<Option<usize>>,
+    /// score scale; `head_dim^-0.5` when `None`
+    pub scale: Option<f64>,
+    /// `c · tanh(scores / c)` (gemma2)
+    pub softcap: Option<f64>,
 }
 
-impl BaseArgs {
-    /// A model of [`PreNormLayer`]s (`model.layers.{i}`) as `spec` describes it.
-    pub fn prenorm_model(&self, ld: &Loader, spec: PreNormSpec) -> Result<DecoderModel> {
-        let attn = AttentionSpec {
-            hidden: self.hidden_size,
-            n_heads: self.num_attention_heads,
-            n_kv_heads: spec.n_kv_heads,
-            head_dim: spec.head_dim,
-            qkv_bias: spec.qkv_bias,
-            o_bias: spec.o_bias,
-            qk_norm: spec.qk_norm.then_some(self.rms_norm_eps),
-        };
-        let layers = (0..self.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let l = PreNormLayer::load(&attn, ld, &p, self.intermediate_size, spec.mlp_bias, self.rms_norm_eps)?;
-                Ok(Box::new(l) as Box<dyn Layer>)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        DecoderModel::load(self, ld, layers, spec)
+/// How norms are read: eps, and the constant added to the stored weight (1 for gemma).
+#[derive(Debug, Clone, Copy)]
+pub struct NormSpec {
+    pub eps: f64,
+    pub shift: f64,
+}
+
+impl NormSpec {
+    pub fn load(&self, ld: &Loader, name: &str, dim: usize) -> Result<RmsNorm> {
+        RmsNorm::load_shifted(ld, name, dim, self.eps, self.shift)
     }
 }
 
-impl DecoderModel {
-    /// Loads `model.embed_tokens`, `model.norm` and (untied) `lm_head` around `layers`.
-    pub fn load(a: &BaseArgs, ld: &Loader, layers: Vec<Box<dyn Layer>>, spec: PreNormSpec) -> Result<Self> {
-        let embed_tokens = Embedding::load(ld, "model.embed_tokens", a.vocab_size, a.hidden_size)?;
-        let norm = RmsNorm::load(ld, "model.norm", a.hidden_size, a.rms_norm_eps)?;
+enum QkvProj {
+    Separate(Linear, Linear, Linear),
+    Fused(Linear),
+}
+
+pub struct Attention {
+    qkv: QkvProj,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+impl Attention {
+    /// Loads `{p}.{q,k,v}_proj` or `{p}.qkv_proj`, `{p}.o_proj` (and `{p}.{q,k}_norm`).
+    pub fn load(s: &AttentionSpec, norm: NormSpec, ld: &Loader, p: &str) -> Result<Self> {
+        let (dim, h, kv, hd) = (s.hidden, s.n_heads, s.n_kv_heads, s.head_dim);
+        let lin = |n: &str, out: usize| Linear::load(ld, &format!("{p}.{n}"), dim, out, s.qkv_bias);
+        let qkv = if s.fused_qkv {
+            QkvProj::Fused(lin("qkv_proj", (h + 2 * kv) * hd)?)
+        } else {
+            QkvProj::Separate(lin("q_proj", h * hd)?, lin("k_proj", kv * hd)?, lin("v_proj", kv * hd)?)
+        };
+        let qk_norm = |n: &str| s.qk_norm.then(|| norm.load(ld, &format!("{p}.{n}"), hd)).transpose();
+        Ok(Self {
+            qkv,
+            o_proj: Linear::load(ld, &format!("{p}.o_proj"), h * hd, dim, s.o_bias)?,
+            q_norm: qk_norm("q_norm")?,
+            k_norm: qk_norm("k_norm")?,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+            scale: s.scale.unwrap_or((hd as f64).powf(-0.5)),
+            softcap: s.softcap,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Separate(q, k, v) => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            QkvProj::Fused(qkv) => {
+                let t = qkv.forward(x)?;
+                let (nq, nk) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+                (t.narrow(D::Minus1, 0, nq)?, t.narrow(D::Minus1, nq, nk)?, t.narrow(D::Minus1, nq + nk, nk)?)
+            }
+        };
+        let heads = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, l, n, self.head_dim))?;
+            let t = match norm {
+                Some(nm) => nm.forward(&t)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?)
+        };
+        let q = heads(q, self.n_heads, &self.q_norm)?;
+        let k = heads(k, self.n_kv_heads, &self.k_norm)?;
+        let v = heads(v, self.n_kv_heads, &None)?;
+        let mask = cache.mask(l);
+        let q = rope.apply(&q.contiguous()?)?;
+        let k = rope.apply(&k.contiguous()?)?;
+        let (k, v) = cache.update_and_fetch(&k, &v)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.softcap)?;
+        let out = out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The gate's activation.
+#[derive(Debug, Clone, Copy)]
+pub enum Act {
+    Silu,
+    /// tanh approximation (mlx's `gelu_approx`)
+    GeluApprox,
+}
+
+enum GateUp {
+    Separate(Linear, Linear),
+    Fused(Linear),
+}
+
+/// `down(act(gate(x)) * up(x))`, with `gate_proj`/`up_proj` or one `gate_up_proj`.
+pub struct Mlp {
+    gate_up: GateUp,
+    down_proj: Linear,
+    act: Act,
+    hidden: usize,
+}
+
+impl Mlp {
+    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize, bias: bool, fused: bool, act: Act) -> Result<Self> {
+        let lin = |n: &str, out: usize| Linear::load(ld, &format!("{p}.{n}"), dim, out, bias);
+        let gate_up = if fused {
+            GateUp::Fused(lin("gate_up_proj", 2 * hidden)?)
+        } else {
+            GateUp::Separate(lin("gate_proj", hidden)?, lin("up_proj", hidden)?)
+        };
+        Ok(Self { gate_up, down_proj: Linear::load(ld, &format!("{p}.down_proj"), hidden, dim, bias)?, act, hidden })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate(g, u) => (g.forward(x)?, u.forward(x)?),
+            GateUp::Fused(gu) => {
+                let t = gu.forward(x)?;
+                (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?)
+            }
+        };
+        let gate = match self.act {
+            Act::Silu => candle_nn::ops::silu(&gate)?,
+            Act::GeluApprox => gate.gelu()?,
+        };
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+/// One decoder layer as a model runs it: hidden states in, hidden states out.
+pub trait Layer: Send + Sync {
+    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor>;
+}
+
+/// The decoder layer of llama-like models, `h = x + attn(n1(x)); h + mlp(n2(h))`, or with
+/// gemma's sandwich norms, `h = x + n2(attn(n1(x))); h + n4(mlp(n3(h)))`.
+pub struct Block {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    /// gemma: `pre_feedforward_layernorm`, `post_feedforward_layernorm`
+    sandwich: Option<(RmsNorm, RmsNorm)>,
+}
+
+impl Block {
+    /// Loads `{p}.self_attn`, `{p}.mlp` and the norms of layer prefix `p`.
+    pub fn load(attn: &AttentionSpec, mlp: &MlpSpec, norm: NormSpec, ld: &Loader, p: &str) -> Result<Self> {
+        let d = attn.hidden;
+        let n = |name: &str| norm.load(ld, &format!("{p}.{name}"), d);
+        Ok(Self {
+            self_attn: Attention::load(attn, norm, ld, &format!("{p}.self_attn"))?,
+            mlp: Mlp::load(ld, &format!("{p}.mlp"), d, mlp.hidden, mlp.bias, mlp.fused, mlp.act)?,
+            input_layernorm: n("input_layernorm")?,
+            post_attention_layernorm: n("post_attention_layernorm")?,
+            sandwich: if mlp.sandwich {
+                Some((n("pre_feedforward_layernorm")?, n("post_feedforward_layernorm")?))
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Layer for Block {
+    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?;
+        match &self.sandwich {
+            None => {
+                let h = (x + r)?;
+                Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+            }
+            Some((pre, post)) => {
+                let h = (x + self.post_attention_layernorm.forward(&r)?)?;
+                Ok((&h + post.forward(&self.mlp.forward(&pre.forward(&h)?)?)?)?)
+            }
+        }
+    }
+}
+
+/// The MLP and layer shape of a [`Block`].
+#[derive(Debug, Clone, Copy)]
+pub struct MlpSpec {
+    pub hidden: usize,
+    pub bias: bool,
+    pub fused: bool,
+    pub act: Act,
+    /// gemma's four norms per layer
+    pub sandwich: bool,
+}
+
+/// What an architecture chooses on top of [`BaseArgs`] for a model of [`Block`]s.
+pub struct ModelSpec {
+    pub attn: AttentionSpec,
+    pub mlp: MlpSpec,
+    /// added to every stored norm weight (1 for gemma)
+    pub norm_shift: f64,
+    pub tie_word_embeddings: bool,
+    pub max_context: Option<usize>,
+    /// the RoPEs the layers use, and which one each layer uses
+    pub ropes: Vec<Rope>,
+    pub layer_rope: Vec<usize>,
+    /// the sliding window of each layer (`None`: full attention)
+    pub windows: Vec<Option<usize>>,
+    /// the embedding output is multiplied by this (gemma: sqrt(hidden_size))
+    pub embed_scale: Option<f64>,
+    /// `c · tanh(logits / c)` (gemma2)
+    pub final_softcap: Option<f64>,
+}
+
+impl ModelSpec {
+    /// One RoPE for every layer, no windows, nothing gemma-specific.
+    pub fn plain(
+        attn: AttentionSpec,
+        mlp: MlpSpec,
+        n_layers: usize,
+        rope: Rope,
+        tie_word_embeddings: bool,
+        max_context: Option<usize>,
+    ) -> Self {
+        Self {
+            attn,
+            mlp,
+            norm_shift: 0.0,
+            tie_word_embeddings,
+            max_context,
+            ropes: vec![rope],
+            layer_rope: vec![0; n_layers],
+            windows: vec![None; n_layers],
+            embed_scale: None,
+            final_softcap: None,
+        }
+    }
+}
+
+impl BaseArgs {
+    /// The attention every llama-like layer has, with `n_kv_heads` KV heads of `head_dim`.
+    pub fn attention(&self, n_kv_heads: usize, head_dim: usize) -> AttentionSpec {
+        AttentionSpec {
+            hidden: self.hidden_size,
+            n_heads: self.num_attention_heads,
+            n_kv_heads,
+            head_dim,
+            fused_qkv: false,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
+            scale: None,
+            softcap: None,
+        }
+    }
+
+    /// A SiLU-gated MLP of `intermediate_size` units.
+    pub fn mlp(&self) -> MlpSpec {
+        MlpSpec { hidden: self.intermediate_size, bias: false, fused: false, act: Act::Silu, sandwich: false }
+    }
+
+    /// A model of [`Block`]s (`model.layers.{i}`) as `spec` describes it.
+    pub fn build(&self, ld: &Loader, spec: ModelSpec) -> Result<DecoderModel> {
+        let norm = NormSpec { eps: self.rms_norm_eps, shift: spec.norm_shift };
+        let layers = (0..self.num_hidden_layers)
+            .map(|i| {
+                Ok(Box::new(Block::load(&spec.attn, &spec.mlp, norm, ld, &format!("model.layers.{i}"))?)
+                    as Box<dyn Layer>)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = Embedding::load(ld, "model.embed_tokens", self.vocab_size, self.hidden_size)?;
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ld, "lm_head", a.hidden_size, a.vocab_size, false)?)
+            Some(Linear::load(ld, "lm_head", self.hidden_size, self.vocab_size, false)?)
         };
-        Ok(Self {
+        Ok(DecoderModel {
             embed_tokens,
             layers,
             windows: spec.windows,
-            norm,
+            norm: norm.load(ld, "model.norm", self.hidden_size)?,
             lm_head,
-            rope: spec.rope,
-            vocab_size: a.vocab_size,
+            ropes: spec.ropes,
+            layer_rope: spec.layer_rope,
+            embed_scale: spec.embed_scale,
+            final_softcap: spec.final_softcap,
+            vocab_size: self.vocab_size,
             max_context: spec.max_context,
             dtype: ld.act_dtype,
             device: ld.device.clone(),
@@ -248,16 +353,38 @@ impl DecoderModel {
     }
 }
 
+/// The model body: token embedding, the layers, a final norm and the head (a separate
+/// `lm_head`, or the embedding used as a linear layer when tied).
+pub struct DecoderModel {
+    embed_tokens: Embedding,
+    layers: Vec<Box<dyn Layer>>,
+    windows: Vec<Option<usize>>,
+    norm: RmsNorm,
+    lm_head: Option<Linear>,
+    ropes: Vec<Rope>,
+    layer_rope: Vec<usize>,
+    embed_scale: Option<f64>,
+    final_softcap: Option<f64>,
+    vocab_size: usize,
+    max_context: Option<usize>,
+    dtype: DType,
+    device: Device,
+}
+
 impl LanguageModel for DecoderModel {
     fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
         let mut h = self.embed_tokens.forward(tokens)?;
+        if let Some(s) = self.embed_scale {
+            h = (h * s)?;
+        }
         let offset = cache.first().map(|c| c.offset()).unwrap_or(0);
-        let rope = self.rope.tables(offset, tokens.dim(1)?, self.dtype, &self.device)?;
-        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
-            h = layer.forward(&h, &rope, c)?;
+        let l = tokens.dim(1)?;
+        let tables =
+            self.ropes.iter().map(|r| r.tables(offset, l, self.dtype, &self.device)).collect::<Result<Vec<_>>>()?;
+        for ((layer, c), r) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope) {
+            h = layer.forward(&h, &tables[*r], c)?;
         }
         if last_only {
-            let l = h.dim(1)?;
             h = h.narrow(1, l - 1, 1)?;
         }
         let h = self.norm.forward(&h)?;
@@ -265,7 +392,11 @@ impl LanguageModel for DecoderModel {
             Some(head) => head.forward(&h)?,
             None => self.embed_tokens.as_linear(&h)?,
         };
-        Ok(logits.to_dtype(DType::F32)?)
+        let logits = logits.to_dtype(DType::F32)?;
+        Ok(match self.final_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        })
     }
 
     fn make_cache(&self, max_kv_size: Option<usize>) -> Vec<KvCache> {

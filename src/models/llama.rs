@@ -3,7 +3,7 @@
 //! cache of `sliding_window` positions). Reads like mlx_lm's `models/llama.py`, which also
 //! ignores a `sliding_window` that no `layer_types` entry uses.
 
-use super::blocks::{BaseArgs, DecoderModel, PreNormSpec, RopeArgs};
+use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
 use crate::load::Weights;
 use crate::nn::Loader;
 use anyhow::Result;
@@ -23,7 +23,7 @@ pub struct ModelArgs {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
-    #[serde(default = "default_rope_theta")]
+    #[serde(default = "super::num::<10000>")]
     pub rope_theta: f64,
     #[serde(flatten)]
     pub rope: RopeArgs,
@@ -34,10 +34,6 @@ pub struct ModelArgs {
     pub layer_types: Option<Vec<String>>,
     #[serde(default)]
     pub sliding_window: Option<usize>,
-}
-
-fn default_rope_theta() -> f64 {
-    10000.0
 }
 
 impl ModelArgs {
@@ -75,22 +71,12 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    let windows = (0..a.num_hidden_layers).map(|i| args.window(i)).collect::<Result<Vec<_>>>()?;
     let (hd, ctx) = (args.head_dim(), args.max_position_embeddings);
     let rope = args.rope.rope(hd, args.rope_theta, ctx)?;
-    a.prenorm_model(
-        ld,
-        PreNormSpec {
-            n_kv_heads: args.n_kv_heads(),
-            head_dim: hd,
-            qkv_bias: args.attention_bias,
-            o_bias: args.attention_bias,
-            qk_norm: false,
-            mlp_bias: args.mlp_bias,
-            tie_word_embeddings: args.tie_word_embeddings,
-            max_context: ctx,
-            rope,
-            windows,
-        },
-    )
+    let mut attn = a.attention(args.n_kv_heads(), hd);
+    (attn.qkv_bias, attn.o_bias) = (args.attention_bias, args.attention_bias);
+    let mlp = super::blocks::MlpSpec { bias: args.mlp_bias, ..a.mlp() };
+    let mut spec = ModelSpec::plain(attn, mlp, a.num_hidden_layers, rope, args.tie_word_embeddings, ctx);
+    spec.windows = (0..a.num_hidden_layers).map(|i| args.window(i)).collect::<Result<Vec<_>>>()?;
+    a.build(ld, spec)
 }

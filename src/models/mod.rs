@@ -1,7 +1,10 @@
 //! Architectures, one file each (like mlx_lm's `models/`), discovered by config.json's `model_type`.
 
 pub mod blocks;
+pub mod gemma2;
+pub mod gemma3;
 pub mod llama;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
@@ -34,6 +37,16 @@ pub(crate) fn yes() -> bool {
     true
 }
 
+/// serde default `N` for float config fields: `#[serde(default = "super::num::<N>")]`.
+pub(crate) fn num<const N: u64>() -> f64 {
+    N as f64
+}
+
+/// serde default `N` for integer config fields.
+pub(crate) fn count<const N: usize>() -> usize {
+    N
+}
+
 /// Drops what mlx_lm's `sanitize` drops for every llama-like model: precomputed rotary
 /// frequencies and, with tied embeddings, a stray `lm_head.weight`.
 pub fn drop_unused(weights: &mut Weights, tied: bool) {
@@ -61,7 +74,7 @@ pub fn layer_caches(windows: &[Option<usize>], max_kv_size: Option<usize>) -> Ve
 }
 
 /// `model_type`s wick runs, and the file that implements each (mlx_lm's remapping included).
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
 
 /// A loaded model with its config.
 pub struct LoadedModel {
@@ -110,6 +123,9 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
         "llama" | "mistral" => build!(llama),
         "qwen2" => build!(qwen2),
         "qwen3" => build!(qwen3),
+        "phi3" => build!(phi3),
+        "gemma2" => build!(gemma2),
+        "gemma3_text" => build!(gemma3),
         _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
     };
     Ok(LoadedModel { model, config, model_type })

@@ -1,7 +1,7 @@
 //! Qwen3: llama's layers without biases, an explicit `head_dim`, and an RMSNorm over each head
 //! of the queries and keys before RoPE. Reads like mlx_lm's `models/qwen3.py`.
 
-use super::blocks::{BaseArgs, DecoderModel, PreNormSpec};
+use super::blocks::{BaseArgs, DecoderModel, ModelSpec};
 use crate::load::Weights;
 use crate::nn::{Loader, Rope};
 use anyhow::{Context, Result};
@@ -38,19 +38,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let scaling = args.rope_scaling.as_ref().or(params);
     let ctx = args.max_position_embeddings;
     let rope = Rope::from_config(args.head_dim, theta, false, scaling, Some(ctx))?;
-    a.prenorm_model(
-        ld,
-        PreNormSpec {
-            n_kv_heads: args.num_key_value_heads,
-            head_dim: args.head_dim,
-            qkv_bias: false,
-            o_bias: false,
-            qk_norm: true,
-            mlp_bias: false,
-            tie_word_embeddings: args.tie_word_embeddings,
-            max_context: Some(ctx),
-            rope,
-            windows: vec![None; a.num_hidden_layers],
-        },
-    )
+    let mut attn = a.attention(args.num_key_value_heads, args.head_dim);
+    attn.qk_norm = true;
+    a.build(ld, ModelSpec::plain(attn, a.mlp(), a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)))
 }

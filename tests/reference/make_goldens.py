@@ -159,11 +159,35 @@ TINY_CONFIGS = {
     "tiny_qwen2": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128,
                        max_position_embeddings=256, rope_theta=1000000.0, tie_word_embeddings=False),
-    # per-head q/k RMSNorm, explicit head_dim != hidden / heads, tied head, yarn-free default RoPE
+    # per-head q/k RMSNorm, explicit head_dim != hidden / heads, tied head, yarn RoPE
     "tiny_qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
                        vocab_size=128, max_position_embeddings=256, rope_theta=1000000.0,
-                       tie_word_embeddings=True),
+                       tie_word_embeddings=True,
+                       rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
+    # dynamic NTK RoPE: the sequence (40) outgrows max_position_embeddings (32) during decoding
+    "tiny_llama_dynamic": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=128,
+                               rope_theta=10000.0, max_position_embeddings=32, tie_word_embeddings=True,
+                               rope_scaling=dict(type="dynamic", factor=2.0)),
+    # fused qkv and gate_up, longrope over half of each head
+    "tiny_phi3": dict(model_type="phi3", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128,
+                      rope_theta=10000.0, partial_rotary_factor=0.5, max_position_embeddings=256,
+                      original_max_position_embeddings=64, tie_word_embeddings=False,
+                      rope_scaling=dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 1.6],
+                                        long_factor=[1.0, 1.5, 2.5, 4.0])),
+    # sandwich norms, GELU, soft-capped scores and logits (small caps so they bite)
+    "tiny_gemma2": dict(model_type="gemma2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                        vocab_size=128, rope_theta=10000.0, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=5.0, query_pre_attn_scalar=16.0),
+    # local (window 8) and global layers with their own RoPEs, q/k norms
+    "tiny_gemma3": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                        vocab_size=128, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        query_pre_attn_scalar=16.0, sliding_window=8, sliding_window_pattern=2,
+                        max_position_embeddings=256, rope_scaling=dict(rope_type="linear", factor=4.0)),
 }
 
 

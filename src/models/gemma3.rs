@@ -1,0 +1,62 @@
+//! Gemma 3 text models (`gemma3_text`): gemma2's sandwich layers without soft-capping, plus
+//! per-head q/k norms; every `sliding_window_pattern`-th layer attends globally (RoPE at
+//! `rope_theta` with `rope_scaling`), the others to a window of `sliding_window` positions (a
+//! rotating cache; RoPE at `rope_local_base_freq`). Reads like mlx_lm's `models/gemma3_text.py`.
+
+use super::blocks::{Act, BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use crate::load::Weights;
+use crate::nn::Loader;
+use anyhow::Result;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelArgs {
+    #[serde(flatten)]
+    pub base: BaseArgs,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    #[serde(default = "super::num::<1000000>")]
+    pub rope_theta: f64,
+    #[serde(default = "super::num::<10000>")]
+    pub rope_local_base_freq: f64,
+    #[serde(default = "super::num::<256>")]
+    pub query_pre_attn_scalar: f64,
+    #[serde(default = "super::count::<512>")]
+    pub sliding_window: usize,
+    #[serde(default = "super::count::<6>")]
+    pub sliding_window_pattern: usize,
+    #[serde(default = "super::count::<32768>")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+/// mlx_lm ties the head to the embedding when the weights have no `lm_head`.
+pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) {}
+
+pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
+    let a = &args.base;
+    let hd = args.head_dim;
+    let ctx = args.max_position_embeddings;
+    let global = RopeArgs { rope_traditional: false, rope_scaling: args.rope_scaling.clone() }.rope(
+        hd,
+        args.rope_theta,
+        Some(ctx),
+    )?;
+    let local = RopeArgs::default().rope(hd, args.rope_local_base_freq, None)?;
+    let mut attn = a.attention(args.num_key_value_heads, hd);
+    attn.scale = Some(args.query_pre_attn_scalar.powf(-0.5));
+    attn.qk_norm = true;
+    let mlp = super::blocks::MlpSpec { act: Act::GeluApprox, sandwich: true, ..a.mlp() };
+    let tied = !ld.weights.contains("lm_head.weight");
+    let mut spec = ModelSpec::plain(attn, mlp, a.num_hidden_layers, global, tied, Some(ctx));
+    spec.ropes.push(local);
+    let pattern = args.sliding_window_pattern.max(1);
+    let is_global = |i: usize| i % pattern == pattern - 1;
+    spec.layer_rope = (0..a.num_hidden_layers).map(|i| if is_global(i) { 0 } else { 1 }).collect();
+    spec.windows = (0..a.num_hidden_layers).map(|i| (!is_global(i)).then_some(args.sliding_window)).collect();
+    spec.norm_shift = 1.0;
+    // mlx_lm rounds sqrt(hidden_size) to bfloat16 before scaling the embeddings
+    spec.embed_scale = Some(half::bf16::from_f64((a.hidden_size as f64).sqrt()).to_f64());
+    a.build(ld, spec)
+}
