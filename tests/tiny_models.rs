@@ -91,3 +91,8 @@ fn tiny_gemma2_softcaps_sandwich_norms_match_mlx_lm() {
 fn tiny_gemma3_local_global_layers_match_mlx_lm() {
     check("tiny_gemma3");
 }
+
+#[test]
+fn tiny_phi2_parallel_layernorm_partial_rotary_matches_mlx_lm() {
+    check("tiny_phi");
+}

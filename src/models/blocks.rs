@@ -6,7 +6,7 @@
 
 use super::LanguageModel;
 use crate::cache::KvCache;
-use crate::nn::{scaled_dot_product_attention, Embedding, Linear, Loader, RmsNorm, Rope, RopeTables};
+use crate::nn::{scaled_dot_product_attention, Embedding, LayerNorm, Linear, Loader, RmsNorm, Rope, RopeTables};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -51,6 +51,8 @@ pub struct AttentionSpec {
     pub qkv_bias: bool,
     /// bias on the output projection
     pub o_bias: bool,
+    /// the output projection's name (`o_proj`; phi: `dense`)
+    pub o_name: &'static str,
     /// RMSNorm over each head of q and k before RoPE (qwen3, gemma3)
     pub qk_norm: bool,
     /// score scale; `head_dim^-0.5` when `None`
@@ -102,7 +104,7 @@ impl Attention {
         let qk_norm = |n: &str| s.qk_norm.then(|| norm.load(ld, &format!("{p}.{n}"), hd)).transpose();
         Ok(Self {
             qkv,
-            o_proj: Linear::load(ld, &format!("{p}.o_proj"), h * hd, dim, s.o_bias)?,
+            o_proj: Linear::load(ld, &format!("{p}.{}", s.o_name), h * hd, dim, s.o_bias)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
             n_heads: h,
@@ -155,9 +157,12 @@ pub enum Act {
 enum GateUp {
     Separate(Linear, Linear),
     Fused(Linear),
+    /// no gate: `fc2(act(fc1(x)))` (phi)
+    Plain(Linear),
 }
 
-/// `down(act(gate(x)) * up(x))`, with `gate_proj`/`up_proj` or one `gate_up_proj`.
+/// `down(act(gate(x)) * up(x))`, with `gate_proj`/`up_proj` or one `gate_up_proj`; or the
+/// ungated `fc2(act(fc1(x)))`.
 pub struct Mlp {
     gate_up: GateUp,
     down_proj: Linear,
@@ -166,14 +171,24 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize, bias: bool, fused: bool, act: Act) -> Result<Self> {
-        let lin = |n: &str, out: usize| Linear::load(ld, &format!("{p}.{n}"), dim, out, bias);
-        let gate_up = if fused {
-            GateUp::Fused(lin("gate_up_proj", 2 * hidden)?)
+    pub fn load(ld: &Loader, p: &str, dim: usize, s: &MlpSpec) -> Result<Self> {
+        let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{p}.{n}"), i, o, s.bias);
+        let h = s.hidden;
+        let (gate_up, down) = if !s.gated {
+            (GateUp::Plain(lin("fc1", dim, h)?), "fc2")
+        } else if s.fused {
+            (GateUp::Fused(lin("gate_up_proj", dim, 2 * h)?), "down_proj")
         } else {
-            GateUp::Separate(lin("gate_proj", hidden)?, lin("up_proj", hidden)?)
+            (GateUp::Separate(lin("gate_proj", dim, h)?, lin("up_proj", dim, h)?), "down_proj")
         };
-        Ok(Self { gate_up, down_proj: Linear::load(ld, &format!("{p}.down_proj"), hidden, dim, bias)?, act, hidden })
+        Ok(Self { gate_up, down_proj: lin(down, h, dim)?, act: s.act, hidden: h })
+    }
+
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.act {
+            Act::Silu => candle_nn::ops::silu(x)?,
+            Act::GeluApprox => x.gelu()?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -183,12 +198,9 @@ impl Mlp {
                 let t = gu.forward(x)?;
                 (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?)
             }
+            GateUp::Plain(fc1) => return self.down_proj.forward(&self.act(&fc1.forward(x)?)?),
         };
-        let gate = match self.act {
-            Act::Silu => candle_nn::ops::silu(&gate)?,
-            Act::GeluApprox => gate.gelu()?,
-        };
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&(self.act(&gate)? * up)?)
     }
 }
 
@@ -215,7 +227,7 @@ impl Block {
         let n = |name: &str| norm.load(ld, &format!("{p}.{name}"), d);
         Ok(Self {
             self_attn: Attention::load(attn, norm, ld, &format!("{p}.self_attn"))?,
-            mlp: Mlp::load(ld, &format!("{p}.mlp"), d, mlp.hidden, mlp.bias, mlp.fused, mlp.act)?,
+            mlp: Mlp::load(ld, &format!("{p}.mlp"), d, mlp)?,
             input_layernorm: n("input_layernorm")?,
             post_attention_layernorm: n("post_attention_layernorm")?,
             sandwich: if mlp.sandwich {
@@ -248,6 +260,8 @@ impl Layer for Block {
 pub struct MlpSpec {
     pub hidden: usize,
     pub bias: bool,
+    /// `false`: the ungated `fc1`/`fc2` MLP
+    pub gated: bool,
     pub fused: bool,
     pub act: Act,
     /// gemma's four norms per layer
@@ -271,6 +285,9 @@ pub struct ModelSpec {
     pub embed_scale: Option<f64>,
     /// `c · tanh(logits / c)` (gemma2)
     pub final_softcap: Option<f64>,
+    /// (phi) the final norm is the LayerNorm `model.final_layernorm`, not the RMSNorm `model.norm`
+    pub final_layernorm: bool,
+    pub lm_head_bias: bool,
 }
 
 impl ModelSpec {
@@ -294,6 +311,8 @@ impl ModelSpec {
             windows: vec![None; n_layers],
             embed_scale: None,
             final_softcap: None,
+            final_layernorm: false,
+            lm_head_bias: false,
         }
     }
 }
@@ -309,6 +328,7 @@ impl BaseArgs {
             fused_qkv: false,
             qkv_bias: false,
             o_bias: false,
+            o_name: "o_proj",
             qk_norm: false,
             scale: None,
             softcap: None,
@@ -317,7 +337,14 @@ impl BaseArgs {
 
     /// A SiLU-gated MLP of `intermediate_size` units.
     pub fn mlp(&self) -> MlpSpec {
-        MlpSpec { hidden: self.intermediate_size, bias: false, fused: false, act: Act::Silu, sandwich: false }
+        MlpSpec {
+            hidden: self.intermediate_size,
+            bias: false,
+            gated: true,
+            fused: false,
+            act: Act::Silu,
+            sandwich: false,
+        }
     }
 
     /// A model of [`Block`]s (`model.layers.{i}`) as `spec` describes it.
@@ -329,17 +356,29 @@ impl BaseArgs {
                     as Box<dyn Layer>)
             })
             .collect::<Result<Vec<_>>>()?;
+        self.build_with(ld, spec, layers)
+    }
+
+    /// A model around `layers` (an architecture's own layer type).
+    pub fn build_with(&self, ld: &Loader, spec: ModelSpec, layers: Vec<Box<dyn Layer>>) -> Result<DecoderModel> {
+        let final_norm = if spec.final_layernorm {
+            Norm::Layer(LayerNorm::load(ld, "model.final_layernorm", self.hidden_size, self.rms_norm_eps)?)
+        } else {
+            NormSpec { eps: self.rms_norm_eps, shift: spec.norm_shift }
+                .load(ld, "model.norm", self.hidden_size)
+                .map(Norm::Rms)?
+        };
         let embed_tokens = Embedding::load(ld, "model.embed_tokens", self.vocab_size, self.hidden_size)?;
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ld, "lm_head", self.hidden_size, self.vocab_size, false)?)
+            Some(Linear::load(ld, "lm_head", self.hidden_size, self.vocab_size, spec.lm_head_bias)?)
         };
         Ok(DecoderModel {
             embed_tokens,
             layers,
             windows: spec.windows,
-            norm: norm.load(ld, "model.norm", self.hidden_size)?,
+            norm: final_norm,
             lm_head,
             ropes: spec.ropes,
             layer_rope: spec.layer_rope,
@@ -353,13 +392,28 @@ impl BaseArgs {
     }
 }
 
+/// RMSNorm or LayerNorm.
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer(n) => n.forward(x),
+        }
+    }
+}
+
 /// The model body: token embedding, the layers, a final norm and the head (a separate
 /// `lm_head`, or the embedding used as a linear layer when tied).
 pub struct DecoderModel {
     embed_tokens: Embedding,
     layers: Vec<Box<dyn Layer>>,
     windows: Vec<Option<usize>>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Option<Linear>,
     ropes: Vec<Rope>,
     layer_rope: Vec<usize>,

@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
+pub mod phi;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
@@ -74,7 +75,8 @@ pub fn layer_caches(windows: &[Option<usize>], max_kv_size: Option<usize>) -> Ve
 }
 
 /// `model_type`s wick runs, and the file that implements each (mlx_lm's remapping included).
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma2", "gemma3_text"];
 
 /// A loaded model with its config.
 pub struct LoadedModel {
@@ -123,6 +125,7 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
         "llama" | "mistral" => build!(llama),
         "qwen2" => build!(qwen2),
         "qwen3" => build!(qwen3),
+        "phi" => build!(phi),
         "phi3" => build!(phi3),
         "gemma2" => build!(gemma2),
         "gemma3_text" => build!(gemma3),

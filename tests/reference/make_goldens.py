@@ -182,6 +182,10 @@ TINY_CONFIGS = {
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                         vocab_size=128, rope_theta=10000.0, attn_logit_softcapping=2.0,
                         final_logit_softcapping=5.0, query_pre_attn_scalar=16.0),
+    # Phi-2: parallel attention and MLP under one LayerNorm, rotary over 40% of each head, biases
+    "tiny_phi": dict(model_type="phi", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                     num_attention_heads=4, num_key_value_heads=4, vocab_size=128, partial_rotary_factor=0.4,
+                     layer_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256),
     # local (window 8) and global layers with their own RoPEs, q/k norms
     "tiny_gemma3": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
