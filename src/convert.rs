@@ -50,7 +50,10 @@ fn quantizable_layers(weights: &Weights) -> Result<Vec<String>> {
     let mut out = vec![];
     for name in weights.names() {
         if let Some(path) = name.strip_suffix(".weight") {
-            if weights.shape(name)?.len() == 2 && weights.dtype(name)?.is_float() && !path.contains("norm") {
+            // matrices, and stacked expert matrices (mlx_lm's SwitchLinear)
+            let rank = weights.shape(name)?.len();
+            let quantizable = rank == 2 || (rank == 3 && path.contains("switch_mlp"));
+            if quantizable && weights.dtype(name)?.is_float() && !path.contains("norm") {
                 out.push(path.to_string());
             }
         }
@@ -103,7 +106,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
     let model_type = cfg.model_type()?.to_string();
     if model_type == "llama" || model_type == "mistral" {
         let args: crate::models::llama::ModelArgs = cfg.parse()?;
-        crate::models::llama::sanitize(&args, &mut weights);
+        crate::models::llama::sanitize(&args, &mut weights)?;
     }
     let target = opts.dtype.or_else(|| dtype_of_config(&cfg));
     let out = AtomicFolder::create(dst, opts.force, "--mlx-path")?;
@@ -157,8 +160,9 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
                 let p = match spec.layers.get(path) {
                     Some(Some(p)) => *p,
                     _ => {
-                        let in_dim = t.dim(1)? * 32 / spec.default.bits;
-                        QuantParams::new(spec.default.bits, in_dim / scales.dim(1)?.max(1), &format!("layer `{path}`"))?
+                        let in_dim = t.dim(candle_core::D::Minus1)? * 32 / spec.default.bits;
+                        let groups = scales.dim(candle_core::D::Minus1)?.max(1);
+                        QuantParams::new(spec.default.bits, in_dim / groups, &format!("layer `{path}`"))?
                     }
                 };
                 let mut d = affine::dequantize_tensor(&t, &scales, &biases, p)?;
@@ -175,7 +179,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
             _ => t,
         };
         if let (Some(q), true) = (&opts.quantize, is_layer) {
-            let in_dim = t.dim(1)?;
+            let in_dim = t.dim(candle_core::D::Minus1)?;
             let p = match &q.recipe {
                 Some(r) => mixed_params(path, r, q.params.group_size, num_layers, layer_location)?,
                 None => q.params,

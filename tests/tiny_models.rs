@@ -38,6 +38,7 @@ fn check_folder(name: &str, dir: &std::path::Path, tol: f32) {
         .map(|c| (c[0].as_u64().unwrap() as usize, c[1].as_u64().unwrap() as usize))
         .collect();
     let last = bounds.last().unwrap().1;
+    assert!(ids.len() >= 64 && ids.len() - last >= 16, "{name}: a 64+ token sequence with 16+ decode steps expected");
     bounds.extend((last..ids.len()).map(|t| (t, t + 1)));
     for (a, b) in bounds {
         let x = Tensor::new(&ids[a..b], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -95,4 +96,86 @@ fn tiny_gemma3_local_global_layers_match_mlx_lm() {
 #[test]
 fn tiny_phi2_parallel_layernorm_partial_rotary_matches_mlx_lm() {
     check("tiny_phi");
+}
+
+#[test]
+fn tiny_mixtral_routed_experts_match_mlx_lm() {
+    check("tiny_mixtral");
+}
+
+/// The same mixtral with its experts stored one by one, as Hugging Face checkpoints name them
+/// (`experts.{e}.w1` gate, `w2` down, `w3` up): sanitize must find them.
+#[test]
+fn tiny_mixtral_per_expert_hf_layout_loads_the_same() {
+    let src = golden("tiny_mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "logits.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap() {
+        let Some((head, tail)) = k.split_once(".switch_mlp.") else {
+            out.insert(k, v);
+            continue;
+        };
+        let hf = match tail {
+            "gate_proj.weight" => "w1",
+            "down_proj.weight" => "w2",
+            "up_proj.weight" => "w3",
+            other => panic!("unexpected {other}"),
+        };
+        for e in 0..v.dim(0).unwrap() {
+            out.insert(format!("{head}.experts.{e}.{hf}.weight"), v.get(e).unwrap());
+        }
+    }
+    assert!(out.keys().any(|k| k.ends_with("experts.3.w3.weight")));
+    candle_core::safetensors::save(&out, tmp.path().join("model.safetensors")).unwrap();
+    check_folder("tiny_mixtral", tmp.path(), 1e-4);
+}
+
+/// `wick convert -q` of each tiny model writes the same tensors, byte for byte, as mlx_lm's
+/// `quantize_model` made from the same float16 weights (stacked experts included), and the
+/// same `quantization` block.
+#[test]
+fn convert_q_of_every_architecture_is_byte_identical_to_mlx_lm() {
+    let mut names: Vec<String> = std::fs::read_dir(root().join("tests/golden"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tiny_"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 11, "{names:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in names {
+        let out = tmp.path().join(&name);
+        let st = wick()
+            .args(["convert", "--hf-path", golden(&name).to_str().unwrap(), "--mlx-path", out.to_str().unwrap()])
+            .args(["-q", "--q-bits", "4", "--q-group-size", "32"])
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{name}: {}", String::from_utf8_lossy(&st.stderr));
+        let read = |p: std::path::PathBuf| {
+            let data = std::fs::read(p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+            let mut m: Vec<(String, Vec<usize>, Vec<u8>)> =
+                st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec(), v.data().to_vec())).collect();
+            m.sort_by(|a, b| a.0.cmp(&b.0));
+            m
+        };
+        let (ours, theirs) = (read(out.join("model.safetensors")), read(golden(&name).join("q4/model.safetensors")));
+        let keys = |m: &[(String, Vec<usize>, Vec<u8>)]| m.iter().map(|t| t.0.clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&ours), keys(&theirs), "{name}: tensor names");
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(a == b, "{name}: tensor {} differs from mlx_lm's", a.0);
+        }
+        let cfg = |p: std::path::PathBuf| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        assert_eq!(
+            cfg(out.join("config.json"))["quantization"],
+            cfg(golden(&name).join("q4/config.json"))["quantization"],
+            "{name}: quantization block"
+        );
+    }
 }

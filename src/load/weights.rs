@@ -20,8 +20,9 @@ struct Shard {
 /// All tensors of a model folder, by (sanitized) name, read lazily from the mapped files.
 pub struct Weights {
     shards: Vec<Shard>,
-    /// sanitized name → (shard index, name in the file)
-    index: BTreeMap<String, (usize, String)>,
+    /// sanitized name → (shard index, name in the file, which slice along the first axis when
+    /// the name stands for one slice of a stacked tensor)
+    index: BTreeMap<String, (usize, String, Option<usize>)>,
     pub dir: PathBuf,
 }
 
@@ -44,7 +45,7 @@ impl Weights {
                 )
             })?;
             for name in st.names() {
-                index.insert(name.to_string(), (i, name.to_string()));
+                index.insert(name.to_string(), (i, name.to_string(), None));
             }
             drop(st);
             let (header_len, meta) = SafeTensors::read_metadata(&mmap)?;
@@ -63,6 +64,18 @@ impl Weights {
         }
     }
 
+    /// Exposes each slice `e` along the first axis of the stacked tensor `name` as its own
+    /// tensor `slice_name(e)` (stacked expert weights seen as one tensor per expert); returns the
+    /// number of slices.
+    pub fn split_first_axis(&mut self, name: &str, slice_name: impl Fn(usize) -> String) -> Result<usize> {
+        let n = *self.shape(name)?.first().with_context(|| format!("tensor `{name}` has no dimensions to split"))?;
+        let (shard, orig, _) = self.index[name].clone();
+        for e in 0..n {
+            self.index.insert(slice_name(e), (shard, orig.clone(), Some(e)));
+        }
+        Ok(n)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -72,14 +85,20 @@ impl Weights {
     }
 
     fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
-        let Some((i, orig)) = self.index.get(name) else {
+        let Some((i, orig, slice)) = self.index.get(name) else {
             bail!("tensor `{name}` is missing from the weights in {}", self.dir.display());
         };
         let shard = &self.shards[*i];
         let info = shard.meta.info(orig).with_context(|| format!("tensor `{orig}` in {}", shard.path.display()))?;
         let (a, b) = info.data_offsets;
-        let data = &shard.mmap[shard.data_start + a..shard.data_start + b];
-        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), data)
+        let mut data = &shard.mmap[shard.data_start + a..shard.data_start + b];
+        let mut shape = info.shape.clone();
+        if let Some(e) = *slice {
+            let each = data.len() / shape[0];
+            data = &data[e * each..(e + 1) * each];
+            shape.remove(0);
+        }
+        let view = safetensors::tensor::TensorView::new(info.dtype, shape, data)
             .map_err(|e| anyhow::anyhow!("tensor `{orig}` in {}: {e}", shard.path.display()))?;
         Ok((view, &shard.path))
     }

@@ -27,8 +27,9 @@ pub struct ModelArgs {
     pub query_pre_attn_scalar: f64,
 }
 
-pub fn sanitize(_args: &ModelArgs, weights: &mut Weights) {
+pub fn sanitize(_args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, true);
+    Ok(())
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {

@@ -32,7 +32,9 @@ pub struct ModelArgs {
 }
 
 /// mlx_lm ties the head to the embedding when the weights have no `lm_head`.
-pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) {}
+pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
+    Ok(())
+}
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;

@@ -65,8 +65,9 @@ impl ModelArgs {
 }
 
 /// Drops precomputed rotary frequencies and, with tied embeddings, a stray `lm_head`.
-pub fn sanitize(args: &ModelArgs, weights: &mut Weights) {
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
+    Ok(())
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {

@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
+pub mod mixtral;
 pub mod phi;
 pub mod phi3;
 pub mod qwen2;
@@ -76,7 +77,7 @@ pub fn layer_caches(windows: &[Option<usize>], max_kv_size: Option<usize>) -> Ve
 
 /// `model_type`s wick runs, and the file that implements each (mlx_lm's remapping included).
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma2", "gemma3_text"];
+    &["llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma2", "gemma3_text", "mixtral"];
 
 /// A loaded model with its config.
 pub struct LoadedModel {
@@ -112,7 +113,7 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
     macro_rules! build {
         ($arch:ident) => {{
             let args: $arch::ModelArgs = config.parse()?;
-            $arch::sanitize(&args, &mut weights);
+            $arch::sanitize(&args, &mut weights)?;
             if let Some(q) = &quant {
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
@@ -129,6 +130,7 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
         "phi3" => build!(phi3),
         "gemma2" => build!(gemma2),
         "gemma3_text" => build!(gemma3),
+        "mixtral" => build!(mixtral),
         _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
     };
     Ok(LoadedModel { model, config, model_type })

@@ -43,7 +43,9 @@ fn default_layer_norm_eps() -> f64 {
     1e-5
 }
 
-pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) {}
+pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
+    Ok(())
+}
 
 struct PhiLayer {
     input_layernorm: LayerNorm,

@@ -28,8 +28,9 @@ pub struct ModelArgs {
     pub tie_word_embeddings: bool,
 }
 
-pub fn sanitize(args: &ModelArgs, weights: &mut Weights) {
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
+    Ok(())
 }
 
 fn rope(args: &ModelArgs, dims: usize) -> Result<Rope> {

@@ -22,8 +22,9 @@ pub struct ModelArgs {
     pub rope: RopeArgs,
 }
 
-pub fn sanitize(args: &ModelArgs, weights: &mut Weights) {
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
+    Ok(())
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {

@@ -24,8 +24,9 @@ pub struct ModelArgs {
     pub rope_parameters: Option<serde_json::Value>,
 }
 
-pub fn sanitize(args: &ModelArgs, weights: &mut Weights) {
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
+    Ok(())
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {

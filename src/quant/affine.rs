@@ -173,17 +173,28 @@ pub fn quantize_tensor(
     p: QuantParams,
 ) -> Result<(candle_core::Tensor, candle_core::Tensor, candle_core::Tensor)> {
     use candle_core::{DType, Tensor};
-    let (rows, cols) = w.dims2()?;
+    // along the last axis, as mx.quantize (stacked experts have a leading axis)
+    let (lead, cols) = split_last(w.dims())?;
+    let rows = lead.iter().product();
     let dtype = w.dtype();
     let vals: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (packed, scales, biases) = quantize(&vals, rows, cols, p)?;
     let dev = w.device();
+    let shape = |last: usize| [lead.as_slice(), &[last]].concat();
     let g = cols / p.group_size;
     Ok((
-        Tensor::from_vec(packed, (rows, p.packed_width(cols)), dev)?,
-        Tensor::from_vec(scales, (rows, g), dev)?.to_dtype(dtype)?,
-        Tensor::from_vec(biases, (rows, g), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(packed, shape(p.packed_width(cols)), dev)?,
+        Tensor::from_vec(scales, shape(g), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(biases, shape(g), dev)?.to_dtype(dtype)?,
     ))
+}
+
+/// (leading dims, last dim) of a shape with at least two dimensions.
+fn split_last(dims: &[usize]) -> Result<(Vec<usize>, usize)> {
+    match dims {
+        [lead @ .., last] if !lead.is_empty() => Ok((lead.to_vec(), *last)),
+        _ => anyhow::bail!("expected a matrix (or a stack of matrices), got shape {dims:?}"),
+    }
 }
 
 /// Tensor-level dequantization as `mx.dequantize`: the result has the scales' dtype.
@@ -194,14 +205,15 @@ pub fn dequantize_tensor(
     p: QuantParams,
 ) -> Result<candle_core::Tensor> {
     use candle_core::{DType, Tensor};
-    let (rows, width) = packed.dims2()?;
+    let (lead, width) = split_last(packed.dims())?;
+    let rows = lead.iter().product();
     let cols = width * 32 / p.bits;
     let dtype = scales.dtype();
     let pk: Vec<u32> = packed.flatten_all()?.to_vec1()?;
     let s: Vec<f32> = scales.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let b: Vec<f32> = biases.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let out = dequantize_rounded(&pk, &s, &b, rows, cols, p, rounding(dtype));
-    Ok(Tensor::from_vec(out, (rows, cols), packed.device())?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(out, [lead.as_slice(), &[cols]].concat(), packed.device())?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ TINY_CONFIGS = {
                        vocab_size=128, max_position_embeddings=256, rope_theta=1000000.0,
                        tie_word_embeddings=True,
                        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
-    # dynamic NTK RoPE: the sequence (40) outgrows max_position_embeddings (32) during decoding
+    # dynamic NTK RoPE: the sequence (72) outgrows max_position_embeddings (32) while prefilling and decoding
     "tiny_llama_dynamic": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                                num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=128,
                                rope_theta=10000.0, max_position_embeddings=32, tie_word_embeddings=True,
@@ -186,6 +186,11 @@ TINY_CONFIGS = {
     "tiny_phi": dict(model_type="phi", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                      num_attention_heads=4, num_key_value_heads=4, vocab_size=128, partial_rotary_factor=0.4,
                      layer_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256),
+    # 4 experts, 2 per token, GQA; stacked (switch_mlp) experts, quantized ones in q4/
+    "tiny_mixtral": dict(model_type="mixtral", hidden_size=64, num_hidden_layers=2, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128,
+                         num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0,
+                         tie_word_embeddings=False),
     # local (window 8) and global layers with their own RoPEs, q/k norms
     "tiny_gemma3": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -196,8 +201,8 @@ TINY_CONFIGS = {
 
 
 def tiny_logits(model, ids):
-    """Full-sequence logits, and logits of a chunked prefill (24 tokens in chunks of 10) followed
-    by one-token decode steps through the model's own cache."""
+    """Full-sequence logits, and logits of a chunked prefill (56 tokens in chunks of 24, 16, 16)
+    followed by 16 one-token decode steps through the model's own cache."""
     from mlx_lm.models.cache import make_prompt_cache
 
     full = np.array(model(mx.array(ids)[None])[0])
@@ -210,13 +215,14 @@ def tiny_logits(model, ids):
     return {"full": full, "cached": np.concatenate(steps, axis=0)}
 
 
-TINY_CHUNKS = [(0, 10), (10, 20), (20, 24)]
+TINY_CHUNKS = [(0, 24), (24, 40), (40, 56)]
+TINY_LEN = 72
 TINY_Q = dict(group_size=32, bits=4)
 
 
 def tiny_models():
     """Tiny random models of every architecture, made by mlx_lm from TINY_CONFIGS: weights
-    (float16), logits in f32 for 40 tokens (whole sequence; chunked prefill + 16 decode steps),
+    (float16), logits in f32 for 72 tokens (whole sequence; chunked prefill + 16 decode steps),
     and the same for the model quantized by mlx_lm (4-bit, group 32) under `q4/`."""
     from mlx_lm.utils import _get_classes, quantize_model
     from mlx.utils import tree_flatten
@@ -239,7 +245,7 @@ def tiny_models():
         json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
         model.load_weights([(k, v.astype(mx.float32)) for k, v in params.items()])
         rng = np.random.default_rng(3)
-        ids = rng.integers(0, cfg["vocab_size"], size=40).tolist()
+        ids = rng.integers(0, cfg["vocab_size"], size=TINY_LEN).tolist()
         save_f32(os.path.join(d, "logits.safetensors"), tiny_logits(model, ids))
         json.dump({"ids": ids, "chunks": TINY_CHUNKS}, open(os.path.join(d, "inputs.json"), "w"))
 
