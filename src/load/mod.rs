@@ -57,7 +57,8 @@ pub fn resolve_model(model: Option<&str>, revision: Option<&str>) -> Result<Path
         bail!("--model {m} is a file; expected a model folder with config.json and *.safetensors, a .gguf file or a repo id");
     }
     if crate::hub::is_repo_id(m) && !m.starts_with('.') {
-        return crate::hub::resolve_repo(m, revision);
+        return crate::hub::resolve_repo(m, revision)
+            .with_context(|| format!("there is no folder `{m}`, so it was taken as a Hugging Face repo id"));
     }
     bail!("model '{m}' not found: no such folder, and not a Hugging Face repo id (expected org/name)")
 }
