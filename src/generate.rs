@@ -3,6 +3,7 @@
 use crate::cache::KvCache;
 use crate::models::LanguageModel;
 use crate::sample::{Sampler, SamplerConfig};
+
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::collections::BTreeSet;
@@ -98,11 +99,9 @@ pub fn generate(
     prompt: &[u32],
     opts: &GenerateOptions,
     eos_token_ids: &BTreeSet<u32>,
-    mut on_token: impl FnMut(u32) -> Result<bool>,
+    on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<GenerationStats> {
     check_context(model, prompt.len())?;
-    check_vocab(model, prompt)?;
-    let mut sampler = Sampler::new(opts.sampler.clone())?;
     if let Some(m) = opts.max_kv_size {
         if m <= crate::cache::MAX_KV_KEEP {
             bail!(
@@ -112,8 +111,27 @@ pub fn generate(
         }
     }
     let mut cache = model.make_cache(opts.max_kv_size);
+    let mut sampler = Sampler::new(opts.sampler.clone())?;
+    generate_with_cache(model, prompt, &mut cache, &mut sampler, opts, eos_token_ids, false, on_token)
+}
+
+/// [`generate`] continuing `cache` (a chat's history) with `sampler`. With `feed_last`, the
+/// last drawn token (the eos too) also goes through the model, so the cache holds the whole
+/// turn for the next one, as mlx_lm's `generate_step` leaves it.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_cache(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    cache: &mut [KvCache],
+    sampler: &mut Sampler,
+    opts: &GenerateOptions,
+    eos_token_ids: &BTreeSet<u32>,
+    feed_last: bool,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<GenerationStats> {
+    check_vocab(model, prompt)?;
     let tic = Instant::now();
-    let mut logits = prefill(model, prompt, &mut cache, opts.prefill_step_size)?;
+    let mut logits = prefill(model, prompt, cache, opts.prefill_step_size)?;
     let mut token = sampler.sample(&logits)?;
     let prompt_time = tic.elapsed().as_secs_f64();
     let tic = Instant::now();
@@ -122,18 +140,19 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     while n < opts.max_tokens {
         n += 1;
-        if eos_token_ids.contains(&token) {
+        let stop = if eos_token_ids.contains(&token) || !on_token(token)? {
             finish = FinishReason::Stop;
+            true
+        } else {
+            n == opts.max_tokens
+        };
+        if stop && !feed_last {
             break;
         }
-        if !on_token(token)? {
-            finish = FinishReason::Stop;
+        logits = step_logits(model, &[token], cache)?;
+        if stop {
             break;
         }
-        if n == opts.max_tokens {
-            break;
-        }
-        logits = step_logits(model, &[token], &mut cache)?;
         token = sampler.sample(&logits)?;
     }
     let gen_time = tic.elapsed().as_secs_f64();

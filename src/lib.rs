@@ -3,6 +3,7 @@
 //! Data flows one way: resolve → load → model → generate → output. See `docs/ARCHITECTURE.md`.
 
 pub mod cache;
+pub mod chat;
 pub mod cli;
 pub mod convert;
 pub mod device;

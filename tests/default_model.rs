@@ -184,3 +184,65 @@ fn max_kv_size_matches_mlx_lm_beyond_the_window() {
         assert_eq!(got, want, "max_kv_size {size}, prefill step {step}: greedy tokens differ from mlx_lm");
     }
 }
+
+fn chat_goldens() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(golden("smollm2_chat.json")).unwrap()).unwrap()
+}
+
+/// mlx_lm.chat's session: each turn adds only the new message to the cache (the eos that ended
+/// the previous answer included), `r` starts over; tokens and cache sizes as mlx_lm's.
+#[test]
+fn chat_session_keeps_the_cache_across_turns_like_mlx_lm() {
+    let g = chat_goldens();
+    let m = load_model(&default_model(), Some(DType::F32), &Device::Cpu).unwrap();
+    let tok = Tokenizer::load(&default_model()).unwrap();
+    let opts = wick::generate::GenerateOptions {
+        max_tokens: g["max_tokens"].as_u64().unwrap() as usize,
+        ..Default::default()
+    };
+    let mut chat = wick::chat::ChatSession::new(m.model.as_ref(), &tok, opts, None).unwrap();
+    for t in g["turns"].as_array().unwrap() {
+        let q = t["query"].as_str().unwrap();
+        if q == "r" {
+            chat.reset();
+            assert_eq!(chat.context_len(), 0);
+            continue;
+        }
+        assert_eq!(chat.turn_ids(q).unwrap(), ids_of(&t["prompt_ids"]), "{q}: prompt ids");
+        let mut got = vec![];
+        chat.turn(q, |x| {
+            got.push(x);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(got, ids_of(&t["tokens"]), "{q}: tokens differ from mlx_lm's chat");
+        assert_eq!(
+            chat.context_len() as u64,
+            t["cache_offset_after"].as_u64().unwrap(),
+            "{q}: cache size after the turn"
+        );
+    }
+}
+
+/// `wick chat` with turns piped on stdin prints mlx_lm's answers, one per line.
+#[test]
+fn chat_cli_reads_turns_from_stdin() {
+    use std::io::Write;
+    let g = chat_goldens();
+    let turns = g["turns"].as_array().unwrap();
+    let mut child = wick()
+        .args(["chat", "--dtype", "float32", "-m", &g["max_tokens"].to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input: String = turns.iter().map(|t| format!("{}\n", t["query"].as_str().unwrap())).collect::<String>() + "q\n";
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want: Vec<&str> = turns.iter().filter_map(|t| t["text"].as_str()).collect();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), want);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reset"));
+}

@@ -1,8 +1,7 @@
 //! `wick generate`: mlx_lm.generate's flags and output.
 
-use super::{parse_bool, ModelOpts};
+use super::{parse_bool, ModelOpts, SamplerFlags};
 use crate::generate::{generate, GenerateOptions};
-use crate::sample::SamplerConfig;
 use crate::tokenizer::{Message, Tokenizer};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -18,21 +17,8 @@ pub struct GenerateArgs {
     /// Maximum number of tokens to generate
     #[arg(long, short = 'm', default_value_t = 256)]
     pub max_tokens: usize,
-    /// Sampling temperature (0 = greedy)
-    #[arg(long, default_value_t = 0.0)]
-    pub temp: f32,
-    /// Sampling top-p
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Sampling top-k (0 = off)
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Sampling min-p (0 = off)
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Minimum tokens to keep for min-p sampling
-    #[arg(long, default_value_t = 1)]
-    pub min_tokens_to_keep: usize,
+    #[command(flatten)]
+    pub sampler: SamplerFlags,
     /// PRNG seed
     #[arg(long)]
     pub seed: Option<u64>,
@@ -112,14 +98,7 @@ pub fn run(a: GenerateArgs) -> Result<i32> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         prefill_step_size: a.prefill_step_size,
-        sampler: SamplerConfig {
-            temp: a.temp,
-            top_p: a.top_p,
-            min_p: a.min_p,
-            min_tokens_to_keep: a.min_tokens_to_keep,
-            top_k: a.top_k,
-            seed: a.seed,
-        },
+        sampler: a.sampler.config(a.seed),
         max_kv_size: a.max_kv_size,
     };
     let mut detok = tok.streaming_detokenizer();

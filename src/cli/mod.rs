@@ -1,6 +1,7 @@
 //! The command line: one thin file per subcommand over the library.
 
 pub mod bench;
+pub mod chat;
 pub mod convert;
 pub mod generate;
 pub mod manage;
@@ -23,7 +24,7 @@ pub enum Command {
     /// Generate text from a prompt (mlx_lm.generate)
     Generate(generate::GenerateArgs),
     /// Chat with a model in the terminal (mlx_lm.chat)
-    Chat(NotYet),
+    Chat(chat::ChatArgs),
     /// Convert a Hugging Face folder or a GGUF file to an mlx-style folder, optionally quantized (mlx_lm.convert)
     Convert(convert::ConvertArgs),
     /// Quantize an existing model folder (short form of `convert -q`)
@@ -84,6 +85,39 @@ impl ModelOpts {
     }
 }
 
+/// Sampler flags `generate` and `chat` share (mlx_lm's names and defaults).
+#[derive(Args, Debug, Clone)]
+pub struct SamplerFlags {
+    /// Sampling temperature (0 = greedy)
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Sampling top-p
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampling top-k (0 = off)
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sampling min-p (0 = off)
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Minimum tokens to keep for min-p sampling
+    #[arg(long, default_value_t = 1)]
+    pub min_tokens_to_keep: usize,
+}
+
+impl SamplerFlags {
+    pub fn config(&self, seed: Option<u64>) -> crate::sample::SamplerConfig {
+        crate::sample::SamplerConfig {
+            temp: self.temp,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            min_tokens_to_keep: self.min_tokens_to_keep,
+            top_k: self.top_k,
+            seed,
+        }
+    }
+}
+
 /// Parses `True`/`False`/`T`/`F`/`1`/`0` as mlx_lm's `str2bool`.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -103,7 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Chat(_) => not_yet("chat"),
+        Command::Chat(a) => chat::run(a),
         Command::Quantize(a) => convert::run_quantize(a),
         Command::Lora(_) => not_yet("lora"),
         Command::Fuse(_) => not_yet("fuse"),

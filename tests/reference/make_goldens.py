@@ -384,15 +384,44 @@ def max_kv():
     json.dump({"keep": 4, "cases": cases}, open(os.path.join(GOLDEN, "smollm2_max_kv.json"), "w"), indent=1)
 
 
+CHAT_TURNS = ["What is the capital of France?", "And of Germany?", "r", "Name a color.", "Why that one?"]
+N_CHAT = 24
+
+
+def chat():
+    """mlx_lm.chat's loop without its UI: one prompt cache for the session, each turn the
+    template applied to the new user message only, `r` a fresh cache; greedy, f32."""
+    from mlx_lm import load, stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = load(MODEL)
+    to_f32(model)
+    cache = make_prompt_cache(model)
+    turns = []
+    for q in CHAT_TURNS:
+        if q == "r":
+            cache = make_prompt_cache(model)
+            turns.append({"query": q})
+            continue
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        out = [r for r in stream_generate(model, tok, prompt, max_tokens=N_CHAT, prompt_cache=cache)]
+        toks = [r.token for r in out if r.token not in tok.eos_token_ids]
+        turns.append({"query": q, "prompt_ids": list(prompt), "tokens": toks, "text": tok.decode(toks),
+                      "finish_reason": out[-1].finish_reason, "cache_offset_after": cache[0].offset})
+        print(f"chat {q!r} -> {tok.decode(toks)!r} ({out[-1].finish_reason})")
+    json.dump({"max_tokens": N_CHAT, "turns": turns}, open(os.path.join(GOLDEN, "smollm2_chat.json"), "w"),
+              indent=1, ensure_ascii=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv"],
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
-            "quant_models": quant_models, "max_kv": max_kv}
+            "quant_models": quant_models, "max_kv": max_kv, "chat": chat}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
