@@ -2,7 +2,7 @@
 
 use crate::cache::KvCache;
 use crate::models::LanguageModel;
-use crate::sample::{Sampler, SamplerConfig};
+use crate::sample::{LogitsProcessors, Sampler, SamplerConfig};
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -17,11 +17,18 @@ pub struct GenerateOptions {
     pub sampler: SamplerConfig,
     /// keep at most this many positions in each layer's cache (`--max-kv-size`)
     pub max_kv_size: Option<usize>,
+    pub processors: LogitsProcessors,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, prefill_step_size: 2048, sampler: SamplerConfig::default(), max_kv_size: None }
+        Self {
+            max_tokens: 256,
+            prefill_step_size: 2048,
+            sampler: SamplerConfig::default(),
+            max_kv_size: None,
+            processors: LogitsProcessors::default(),
+        }
     }
 }
 
@@ -130,9 +137,16 @@ pub fn generate_with_cache(
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<GenerationStats> {
     check_vocab(model, prompt)?;
+    opts.processors.validate(model.vocab_size())?;
+    // the tokens the processors see: this generation's prompt and output
+    let mut seen: Vec<u32> = if opts.processors.is_empty() { vec![] } else { prompt.to_vec() };
+    let mut pick = |logits: &mut Vec<f32>, seen: &[u32]| {
+        opts.processors.apply(seen, logits);
+        sampler.sample(logits)
+    };
     let tic = Instant::now();
     let mut logits = prefill(model, prompt, cache, opts.prefill_step_size)?;
-    let mut token = sampler.sample(&logits)?;
+    let mut token = pick(&mut logits, &seen)?;
     let prompt_time = tic.elapsed().as_secs_f64();
     let tic = Instant::now();
     // As mlx_lm's stream_generate: every drawn token counts, the eos that stops generation too.
@@ -153,7 +167,10 @@ pub fn generate_with_cache(
         if stop {
             break;
         }
-        token = sampler.sample(&logits)?;
+        if !opts.processors.is_empty() {
+            seen.push(token);
+        }
+        token = pick(&mut logits, &seen)?;
     }
     let gen_time = tic.elapsed().as_secs_f64();
     Ok(GenerationStats {

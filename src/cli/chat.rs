@@ -38,8 +38,9 @@ pub fn run(a: ChatArgs) -> Result<i32> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         prefill_step_size: a.prefill_step_size,
-        sampler: a.sampler.config(Some(a.seed)),
+        sampler: a.sampler.config(Some(a.seed), &tok)?,
         max_kv_size: a.max_kv_size,
+        ..Default::default()
     };
     let mut chat = ChatSession::new(loaded.model.as_ref(), &tok, opts, a.system_prompt.clone())?;
     let interactive = std::io::stdin().is_terminal();

@@ -98,8 +98,9 @@ pub fn run(a: GenerateArgs) -> Result<i32> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         prefill_step_size: a.prefill_step_size,
-        sampler: a.sampler.config(a.seed),
+        sampler: a.sampler.config(a.seed, &tok)?,
         max_kv_size: a.max_kv_size,
+        ..Default::default()
     };
     let mut detok = tok.streaming_detokenizer();
     let stdout = std::io::stdout();

@@ -103,18 +103,34 @@ pub struct SamplerFlags {
     /// Minimum tokens to keep for min-p sampling
     #[arg(long, default_value_t = 1)]
     pub min_tokens_to_keep: usize,
+    /// Probability of applying XTC sampling at each token
+    #[arg(long, default_value_t = 0.0)]
+    pub xtc_probability: f32,
+    /// Probability a token needs for XTC to consider removing it
+    #[arg(long, default_value_t = 0.1)]
+    pub xtc_threshold: f32,
 }
 
 impl SamplerFlags {
-    pub fn config(&self, seed: Option<u64>) -> crate::sample::SamplerConfig {
-        crate::sample::SamplerConfig {
+    /// The sampler settings; XTC never removes "\n" or an eos token, as in mlx_lm.
+    pub fn config(
+        &self,
+        seed: Option<u64>,
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> anyhow::Result<crate::sample::SamplerConfig> {
+        let mut special = tok.encode("\n", false)?;
+        special.extend(tok.eos_token_ids.iter().copied());
+        Ok(crate::sample::SamplerConfig {
             temp: self.temp,
             top_p: self.top_p,
             min_p: self.min_p,
             min_tokens_to_keep: self.min_tokens_to_keep,
             top_k: self.top_k,
+            xtc_probability: self.xtc_probability,
+            xtc_threshold: self.xtc_threshold,
+            xtc_special_tokens: special,
             seed,
-        }
+        })
     }
 }
 

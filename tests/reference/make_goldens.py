@@ -413,15 +413,58 @@ def chat():
               indent=1, ensure_ascii=False)
 
 
+def sampling():
+    """mlx_lm's samplers and logits processors on fixed logits: the filtered log-probabilities
+    (-inf where a token is removed) and the processed logits."""
+    from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, apply_xtc,
+                                     make_logits_processors)
+
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal(64) * 2.0).astype(np.float32)
+    logits[9] = 4.0  # a clear favourite
+    tokens = [3, 7, 7, 12, 3, 40, 7, 5, 22, 12, 9]
+    x = mx.array(logits)[None]
+    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    out = {"logits": logits.tolist(), "tokens": tokens, "filters": [], "processors": []}
+    filters = [
+        ("top_p", {"top_p": 0.9}, lambda v: apply_top_p(v, 0.9)),
+        ("top_p", {"top_p": 0.5}, lambda v: apply_top_p(v, 0.5)),
+        ("min_p", {"min_p": 0.05, "keep": 1}, lambda v: apply_min_p(v, 0.05, 1)),
+        ("min_p", {"min_p": 0.3, "keep": 4}, lambda v: apply_min_p(v, 0.3, 4)),
+        ("top_k", {"k": 5}, lambda v: apply_top_k(v, 5)),
+        ("xtc", {"threshold": 0.02, "special": [5]}, lambda v: apply_xtc(v, 1.0, 0.02, [5])),
+        ("xtc", {"threshold": 0.45, "special": []}, lambda v: apply_xtc(v, 1.0, 0.45, [])),
+    ]
+    for name, args, f in filters:
+        r = np.array(f(lp)[0])
+        out["filters"].append({"name": name, "args": args, "logprobs": [None if not np.isfinite(v) else float(v) for v in r]})
+    procs = [
+        {"logit_bias": {3: 2.5, 10: -1.0}},
+        {"repetition_penalty": 1.3, "repetition_context_size": 6},
+        {"presence_penalty": 0.7, "presence_context_size": 6},
+        {"frequency_penalty": 0.4, "frequency_context_size": 8},
+        {"logit_bias": {7: 1.0}, "repetition_penalty": 1.5, "repetition_context_size": 20,
+         "presence_penalty": 0.2, "frequency_penalty": 0.3},
+    ]
+    for kw in procs:
+        y = mx.array(logits)[None]  # a fresh array: some processors assign into their input
+        for p in make_logits_processors(**kw):
+            y = p(mx.array(tokens), y)
+        out["processors"].append({"args": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v)
+                                           for k, v in kw.items()}, "logits": np.array(y[0]).tolist()})
+    json.dump(out, open(os.path.join(GOLDEN, "sampling.json"), "w"), indent=1)
+    print(f"sampling: {len(out['filters'])} filters, {len(out['processors'])} processor sets")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat"],
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
-            "quant_models": quant_models, "max_kv": max_kv, "chat": chat}
+            "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
