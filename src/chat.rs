@@ -28,16 +28,8 @@ impl<'a> ChatSession<'a> {
         if !tok.has_chat_template() {
             bail!("this model's tokenizer has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja); use `wick generate --ignore-chat-template`");
         }
-        if let Some(m) = opts.max_kv_size {
-            if m <= crate::cache::MAX_KV_KEEP {
-                bail!(
-                    "--max-kv-size {m}: must be more than the {} positions the cache always keeps",
-                    crate::cache::MAX_KV_KEEP
-                );
-            }
-        }
         let sampler = Sampler::new(opts.sampler.clone())?;
-        let cache = model.make_cache(opts.max_kv_size);
+        let cache = opts.new_cache(model)?;
         Ok(Self { model, tok, opts, system_prompt, cache, sampler })
     }
 
@@ -74,7 +66,7 @@ impl<'a> ChatSession<'a> {
                 }
             }
         }
-        let eos = self.tok.eos_token_ids.clone();
-        generate_with_cache(self.model, &ids, &mut self.cache, &mut self.sampler, &self.opts, &eos, true, on_token)
+        let eos = &self.tok.eos_token_ids;
+        generate_with_cache(self.model, &ids, &mut self.cache, &mut self.sampler, &self.opts, eos, true, on_token)
     }
 }

@@ -3,7 +3,6 @@
 use crate::cache::KvCache;
 use crate::models::LanguageModel;
 use crate::sample::{LogitsProcessors, Sampler, SamplerConfig};
-
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::collections::BTreeSet;
@@ -18,6 +17,21 @@ pub struct GenerateOptions {
     /// keep at most this many positions in each layer's cache (`--max-kv-size`)
     pub max_kv_size: Option<usize>,
     pub processors: LogitsProcessors,
+}
+
+impl GenerateOptions {
+    /// An empty cache for `model`, rotating at `max_kv_size` when it is set (and valid).
+    pub fn new_cache(&self, model: &dyn LanguageModel) -> Result<Vec<KvCache>> {
+        if let Some(m) = self.max_kv_size {
+            if m <= crate::cache::MAX_KV_KEEP {
+                bail!(
+                    "--max-kv-size {m}: must be more than the {} positions the cache always keeps",
+                    crate::cache::MAX_KV_KEEP
+                );
+            }
+        }
+        Ok(model.make_cache(self.max_kv_size))
+    }
 }
 
 impl Default for GenerateOptions {
@@ -109,15 +123,7 @@ pub fn generate(
     on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<GenerationStats> {
     check_context(model, prompt.len())?;
-    if let Some(m) = opts.max_kv_size {
-        if m <= crate::cache::MAX_KV_KEEP {
-            bail!(
-                "--max-kv-size {m}: must be more than the {} positions the cache always keeps",
-                crate::cache::MAX_KV_KEEP
-            );
-        }
-    }
-    let mut cache = model.make_cache(opts.max_kv_size);
+    let mut cache = opts.new_cache(model)?;
     let mut sampler = Sampler::new(opts.sampler.clone())?;
     generate_with_cache(model, prompt, &mut cache, &mut sampler, opts, eos_token_ids, false, on_token)
 }

@@ -289,12 +289,17 @@ fn periods(base: f64, dims: usize) -> Vec<f64> {
     (0..dims / 2).map(|i| (base as f32).powf(2.0 * i as f32 / dims as f32) as f64).collect()
 }
 
+/// Inverse periods (angular frequencies), in f32 as the tables use them.
+fn inverse(periods: &[f64]) -> Vec<f32> {
+    periods.iter().map(|p| (1.0 / p) as f32).collect()
+}
+
 impl Rope {
     fn with_periods(dims: usize, traditional: bool, periods: &[f64], scale: f64, input_scale: f64) -> Self {
         Self {
             dims,
             traditional,
-            inv_freq: periods.iter().map(|p| (1.0 / p) as f32).collect(),
+            inv_freq: inverse(periods),
             scale: scale as f32,
             input_scale: input_scale as f32,
             dynamic: None,
@@ -420,7 +425,7 @@ impl Rope {
                 let seq = (offset + len).max(max) as f64;
                 let d = self.dims as f64;
                 let b = base * ((factor * seq / max as f64) - (factor - 1.0)).powf(d / (d - 2.0));
-                dyn_freq = periods(b, self.dims).iter().map(|p| (1.0 / p) as f32).collect::<Vec<_>>();
+                dyn_freq = inverse(&periods(b, self.dims));
                 &dyn_freq
             }
             None => &self.inv_freq,

@@ -42,7 +42,10 @@ pub struct CacheInfo {
 }
 
 /// Entries of the cache folder that are not repos.
-const NOT_REPOS: &[&str] = &[".DS_Store", "Thumbs.db", "desktop.ini", ".locks", "CACHEDIR.TAG", "blobs"];
+const NOT_REPOS: &[&str] = &[".locks", "CACHEDIR.TAG", "blobs"];
+
+/// Files operating systems leave in folders (huggingface_hub's `FILES_TO_IGNORE`).
+const OS_FILES: &[&str] = &[".DS_Store", "Thumbs.db", "desktop.ini"];
 
 /// `models--org--name` → (`model`, `org/name`).
 pub fn parse_repo_folder(name: &str) -> Option<(String, String)> {
@@ -68,7 +71,7 @@ pub fn scan_cache(cache_dir: &Path) -> Result<CacheInfo> {
     let rd = std::fs::read_dir(cache_dir).with_context(|| format!("cannot read {}", cache_dir.display()))?;
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if NOT_REPOS.contains(&name.as_str()) {
+        if NOT_REPOS.contains(&name.as_str()) || OS_FILES.contains(&name.as_str()) {
             continue;
         }
         let path = entry.path();
@@ -132,7 +135,7 @@ fn scan_repo(repo_path: &Path) -> std::result::Result<CachedRepo, String> {
     let rd = std::fs::read_dir(&snapshots).map_err(|e| format!("cannot read snapshots: {e}"))?;
     for rev in rd.flatten() {
         let rev_name = rev.file_name().to_string_lossy().into_owned();
-        if NOT_REPOS[..3].contains(&rev_name.as_str()) {
+        if OS_FILES.contains(&rev_name.as_str()) {
             continue;
         }
         let rev_path = rev.path();

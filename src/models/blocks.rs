@@ -268,10 +268,8 @@ pub struct MlpSpec {
     pub sandwich: bool,
 }
 
-/// What an architecture chooses on top of [`BaseArgs`] for a model of [`Block`]s.
+/// What an architecture chooses on top of [`BaseArgs`] for the model body around its layers.
 pub struct ModelSpec {
-    pub attn: AttentionSpec,
-    pub mlp: MlpSpec,
     /// added to every stored norm weight (1 for gemma)
     pub norm_shift: f64,
     pub tie_word_embeddings: bool,
@@ -292,17 +290,8 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     /// One RoPE for every layer, no windows, nothing gemma-specific.
-    pub fn plain(
-        attn: AttentionSpec,
-        mlp: MlpSpec,
-        n_layers: usize,
-        rope: Rope,
-        tie_word_embeddings: bool,
-        max_context: Option<usize>,
-    ) -> Self {
+    pub fn plain(n_layers: usize, rope: Rope, tie_word_embeddings: bool, max_context: Option<usize>) -> Self {
         Self {
-            attn,
-            mlp,
             norm_shift: 0.0,
             tie_word_embeddings,
             max_context,
@@ -347,14 +336,12 @@ impl BaseArgs {
         }
     }
 
-    /// A model of [`Block`]s (`model.layers.{i}`) as `spec` describes it.
-    pub fn build(&self, ld: &Loader, spec: ModelSpec) -> Result<DecoderModel> {
+    /// A model of [`Block`]s (`model.layers.{i}`), each with `attn` and `mlp`, in the body
+    /// `spec` describes.
+    pub fn build(&self, ld: &Loader, attn: &AttentionSpec, mlp: &MlpSpec, spec: ModelSpec) -> Result<DecoderModel> {
         let norm = NormSpec { eps: self.rms_norm_eps, shift: spec.norm_shift };
         let layers = (0..self.num_hidden_layers)
-            .map(|i| {
-                Ok(Box::new(Block::load(&spec.attn, &spec.mlp, norm, ld, &format!("model.layers.{i}"))?)
-                    as Box<dyn Layer>)
-            })
+            .map(|i| Ok(Box::new(Block::load(attn, mlp, norm, ld, &format!("model.layers.{i}"))?) as Box<dyn Layer>))
             .collect::<Result<Vec<_>>>()?;
         self.build_with(ld, spec, layers)
     }

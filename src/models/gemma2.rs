@@ -40,9 +40,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     attn.scale = Some(args.query_pre_attn_scalar.powf(-0.5));
     attn.softcap = Some(args.attn_logit_softcapping);
     let mlp = super::blocks::MlpSpec { act: Act::GeluApprox, sandwich: true, ..a.mlp() };
-    let mut spec = ModelSpec::plain(attn, mlp, a.num_hidden_layers, rope, true, None);
+    let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, true, None);
     spec.norm_shift = 1.0;
     spec.embed_scale = Some((a.hidden_size as f64).sqrt());
     spec.final_softcap = Some(args.final_logit_softcapping);
-    a.build(ld, spec)
+    a.build(ld, &attn, &mlp, spec)
 }

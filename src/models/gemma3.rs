@@ -51,7 +51,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     attn.qk_norm = true;
     let mlp = super::blocks::MlpSpec { act: Act::GeluApprox, sandwich: true, ..a.mlp() };
     let tied = !ld.weights.contains("lm_head.weight");
-    let mut spec = ModelSpec::plain(attn, mlp, a.num_hidden_layers, global, tied, Some(ctx));
+    let mut spec = ModelSpec::plain(a.num_hidden_layers, global, tied, Some(ctx));
     spec.ropes.push(local);
     let pattern = args.sliding_window_pattern.max(1);
     let is_global = |i: usize| i % pattern == pattern - 1;
@@ -60,5 +60,5 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     spec.norm_shift = 1.0;
     // mlx_lm rounds sqrt(hidden_size) to bfloat16 before scaling the embeddings
     spec.embed_scale = Some(half::bf16::from_f64((a.hidden_size as f64).sqrt()).to_f64());
-    a.build(ld, spec)
+    a.build(ld, &attn, &mlp, spec)
 }

@@ -77,7 +77,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let mut attn = a.attention(args.n_kv_heads(), hd);
     (attn.qkv_bias, attn.o_bias) = (args.attention_bias, args.attention_bias);
     let mlp = super::blocks::MlpSpec { bias: args.mlp_bias, ..a.mlp() };
-    let mut spec = ModelSpec::plain(attn, mlp, a.num_hidden_layers, rope, args.tie_word_embeddings, ctx);
+    let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx);
     spec.windows = (0..a.num_hidden_layers).map(|i| args.window(i)).collect::<Result<Vec<_>>>()?;
-    a.build(ld, spec)
+    a.build(ld, &attn, &mlp, spec)
 }

@@ -137,6 +137,6 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         })
         .collect::<Result<Vec<_>>>()?;
     let rope = args.rope.rope(head_dim, args.rope_theta, None)?;
-    let spec = ModelSpec::plain(attn, mlp, a.num_hidden_layers, rope, args.tie_word_embeddings, None);
+    let spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, None);
     a.build_with(ld, spec, layers)
 }

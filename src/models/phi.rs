@@ -98,7 +98,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let rope =
         Rope::from_config((args.partial_rotary_factor * head_dim as f64) as usize, args.rope_theta, false, None, None)?;
     let ctx = Some(args.max_position_embeddings);
-    let mut spec = ModelSpec::plain(attn, mlp, args.num_hidden_layers, rope, false, ctx);
+    let mut spec = ModelSpec::plain(args.num_hidden_layers, rope, false, ctx);
     spec.final_layernorm = true;
     spec.lm_head_bias = true;
     base.build_with(ld, spec, layers)

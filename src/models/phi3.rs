@@ -55,5 +55,5 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     attn.fused_qkv = true;
     let mlp = super::blocks::MlpSpec { fused: true, ..a.mlp() };
     let ctx = Some(args.max_position_embeddings);
-    a.build(ld, ModelSpec::plain(attn, mlp, a.num_hidden_layers, rope, args.tie_word_embeddings, ctx))
+    a.build(ld, &attn, &mlp, ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx))
 }

@@ -34,5 +34,5 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let rope = args.rope.rope(head_dim, args.rope_theta, Some(ctx))?;
     let mut attn = a.attention(args.num_key_value_heads, head_dim);
     attn.qkv_bias = true;
-    a.build(ld, ModelSpec::plain(attn, a.mlp(), a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)))
+    a.build(ld, &attn, &a.mlp(), ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)))
 }

@@ -41,5 +41,5 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let rope = Rope::from_config(args.head_dim, theta, false, scaling, Some(ctx))?;
     let mut attn = a.attention(args.num_key_value_heads, args.head_dim);
     attn.qk_norm = true;
-    a.build(ld, ModelSpec::plain(attn, a.mlp(), a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)))
+    a.build(ld, &attn, &a.mlp(), ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)))
 }
