@@ -9,8 +9,10 @@
 //!   to `max_size - 1` positions and appends, so that every new query sees `max_size` keys
 //!   through the window mask ([`KvCache::mask`]).
 
-use anyhow::Result;
-use candle_core::Tensor;
+use crate::quant::affine::{dequantize_tensor, quantize_tensor, QuantParams};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use std::sync::Arc;
 
 /// mlx_lm's growth step.
 pub const CACHE_STEP: usize = 256;
@@ -28,11 +30,47 @@ struct Rotation {
 
 /// Which keys the queries of one forward pass may see: query `i` sits at index `offset + i` of
 /// the keys [`KvCache::update_and_fetch`] returns and sees key `j` when `j <= offset + i` and,
-/// with a window, `j > offset + i - window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// with a window, `j > offset + i - window`. In a left-padded batch, row `b` also never sees
+/// keys before `left_padding[b]` (a padding query sees only itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskSpec {
     pub offset: usize,
     pub window: Option<usize>,
+    pub left_padding: Option<Arc<[usize]>>,
+}
+
+/// A quantized key or value buffer: packed codes, scales and biases, as `mx.quantize` returns.
+#[derive(Debug, Clone)]
+struct QuantBuf {
+    packed: Tensor,
+    scales: Tensor,
+    biases: Tensor,
+}
+
+impl QuantBuf {
+    fn quantize(t: &Tensor, p: QuantParams) -> Result<Self> {
+        let (packed, scales, biases) = quantize_tensor(t, p)?;
+        Ok(Self { packed, scales, biases })
+    }
+
+    fn parts(&self) -> [&Tensor; 3] {
+        [&self.packed, &self.scales, &self.biases]
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self { packed: f(&self.packed)?, scales: f(&self.scales)?, biases: f(&self.biases)? })
+    }
+}
+
+/// Keys and values quantized with the affine format (`--kv-bits`), as mlx_lm's
+/// `QuantizedKVCache`: buffers grow in steps of 256 positions; attention sees them dequantized.
+#[derive(Debug, Clone)]
+struct QuantStore {
+    params: QuantParams,
+    keys: QuantBuf,
+    values: QuantBuf,
+    /// dtype of the keys and values the model passes in (and gets back)
+    dtype: DType,
 }
 
 /// Keys and values of one attention layer, shape (B, kv_heads, capacity, head_dim).
@@ -42,6 +80,35 @@ pub struct KvCache {
     values: Option<Tensor>,
     offset: usize,
     rotation: Option<Rotation>,
+    quant: Option<QuantStore>,
+    /// per batch row, the number of padding positions before its sequence
+    left_padding: Option<Arc<[usize]>>,
+}
+
+/// What a cache is, in mlx_lm's class names (prompt cache files record it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    Standard,
+    Rotating { max_size: usize, keep: usize },
+    Quantized { bits: usize, group_size: usize },
+}
+
+impl CacheKind {
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Self::Standard => "KVCache",
+            Self::Rotating { .. } => "RotatingKVCache",
+            Self::Quantized { .. } => "QuantizedKVCache",
+        }
+    }
+}
+
+/// The stored state of one layer's cache, as mlx_lm's `cache.state` holds it (prompt cache files).
+#[derive(Debug, Clone)]
+pub enum CacheState {
+    Standard { keys: Tensor, values: Tensor, offset: usize },
+    Rotating { keys: Tensor, values: Tensor, offset: usize, keep: usize, max_size: usize, idx: usize },
+    Quantized { keys: [Tensor; 3], values: [Tensor; 3], offset: usize, group_size: usize, bits: usize },
 }
 
 /// `parts` concatenated along the sequence axis (2), as a contiguous tensor (decode steps write
@@ -67,16 +134,91 @@ impl KvCache {
         self.offset
     }
 
+    pub fn kind(&self) -> CacheKind {
+        match (&self.quant, self.rotation) {
+            (Some(q), _) => CacheKind::Quantized { bits: q.params.bits, group_size: q.params.group_size },
+            (None, Some(r)) => CacheKind::Rotating { max_size: r.max_size, keep: r.keep },
+            (None, None) => CacheKind::Standard,
+        }
+    }
+
+    /// Whether nothing has been stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_none() && self.quant.is_none()
+    }
+
+    /// Per batch row, the padding positions before its sequence (None outside batches).
+    pub fn left_padding(&self) -> Option<&Arc<[usize]>> {
+        self.left_padding.as_ref()
+    }
+
+    /// Marks this (empty) cache as holding a left-padded batch.
+    pub fn set_left_padding(&mut self, padding: Arc<[usize]>) {
+        self.left_padding = Some(padding);
+    }
+
     /// The mask for a forward pass of `l` new positions, given before the update.
     pub fn mask(&self, l: usize) -> MaskSpec {
+        let left_padding = self.left_padding.clone();
         match self.rotation {
-            Some(r) if l > 1 => MaskSpec { offset: self.offset.min(r.max_size - 1), window: Some(r.max_size) },
-            _ => MaskSpec { offset: self.offset, window: None },
+            Some(r) if l > 1 => {
+                MaskSpec { offset: self.offset.min(r.max_size - 1), window: Some(r.max_size), left_padding }
+            }
+            _ => MaskSpec { offset: self.offset, window: None, left_padding },
         }
+    }
+
+    /// Whether [`KvCache::trim`] can drop the newest positions (mlx_lm's `is_trimmable`): always,
+    /// except for a rotating cache that has started overwriting.
+    pub fn is_trimmable(&self) -> bool {
+        self.rotation.is_none_or(|r| self.offset < r.max_size)
+    }
+
+    /// Forgets the newest `n` positions (speculative decoding's rewind); returns how many were
+    /// dropped.
+    pub fn trim(&mut self, n: usize) -> usize {
+        let n = n.min(self.offset);
+        self.offset -= n;
+        if let Some(r) = &mut self.rotation {
+            r.idx -= n;
+        }
+        n
+    }
+
+    /// Switches a standard cache to affine-quantized storage (mlx_lm's `to_quantized`); a no-op
+    /// when already quantized.
+    pub fn quantize(&mut self, params: QuantParams) -> Result<()> {
+        if self.quant.is_some() {
+            return Ok(());
+        }
+        if self.rotation.is_some() {
+            bail!("--kv-bits: a rotating cache (--max-kv-size or a sliding-window layer) cannot be quantized");
+        }
+        if let (Some(k), Some(v)) = (self.keys.take(), self.values.take()) {
+            for t in [&k, &v] {
+                let d = t.dim(3)?;
+                if d % params.group_size != 0 {
+                    bail!("--kv-group-size {}: does not divide the attention head size {d}", params.group_size);
+                }
+            }
+            self.quant = Some(QuantStore {
+                params,
+                dtype: k.dtype(),
+                keys: QuantBuf::quantize(&k, params)?,
+                values: QuantBuf::quantize(&v, params)?,
+            });
+        } else {
+            // nothing stored yet: remember the format; buffers come with the first update
+            self.quant = Some(QuantStore::empty(params));
+        }
+        Ok(())
     }
 
     /// Appends `k`, `v` (B, kv_heads, L, head_dim) and returns the keys and values to attend to.
     pub fn update_and_fetch(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.quant.is_some() {
+            return self.update_quantized(k, v);
+        }
         match self.rotation {
             None => self.update_growing(k, v),
             Some(_) if k.dim(2)? == 1 => self.update_in_place(k, v),
@@ -127,7 +269,7 @@ impl KvCache {
     }
 
     /// Drops `trim` positions after the kept ones, then appends `append`.
-    fn trim(t: &Tensor, trim: usize, keep: usize, append: Option<&Tensor>) -> Result<Tensor> {
+    fn trim_buf(t: &Tensor, trim: usize, keep: usize, append: Option<&Tensor>) -> Result<Tensor> {
         let n = t.dim(2)?;
         let mut parts = if trim > 0 {
             vec![t.narrow(2, 0, keep)?, t.narrow(2, trim + keep, n - trim - keep)?]
@@ -147,8 +289,8 @@ impl KvCache {
                 let ov = self.temporal_order(ov, &r)?;
                 // every new query must still see max_size keys: keep max_size - 1 old ones
                 let trim = (ok.dim(2)? + 1).saturating_sub(r.max_size);
-                self.keys = Some(Self::trim(&ok, trim, r.keep, Some(&k))?);
-                self.values = Some(Self::trim(&ov, trim, r.keep, Some(&v))?);
+                self.keys = Some(Self::trim_buf(&ok, trim, r.keep, Some(&k))?);
+                self.values = Some(Self::trim_buf(&ov, trim, r.keep, Some(&v))?);
             }
             _ => {
                 self.keys = Some(k.clone());
@@ -183,8 +325,8 @@ impl KvCache {
         let size = self.keys.as_ref().expect("allocated above").dim(2)?;
         if size > r.max_size {
             let trim = size - r.max_size;
-            self.keys = Some(Self::trim(self.keys.as_ref().expect("set"), trim, r.keep, None)?);
-            self.values = Some(Self::trim(self.values.as_ref().expect("set"), trim, r.keep, None)?);
+            self.keys = Some(Self::trim_buf(self.keys.as_ref().expect("set"), trim, r.keep, None)?);
+            self.values = Some(Self::trim_buf(self.values.as_ref().expect("set"), trim, r.keep, None)?);
             r.idx = r.max_size;
         }
         if r.idx == r.max_size {
@@ -205,9 +347,179 @@ impl KvCache {
         }
     }
 
+    fn update_quantized(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let store = self.quant.as_mut().expect("quantized cache");
+        let p = store.params;
+        for t in [k, v] {
+            let d = t.dim(3)?;
+            if d % p.group_size != 0 {
+                bail!("--kv-group-size {}: does not divide the attention head size {d}", p.group_size);
+            }
+        }
+        let (nk, nv) = (QuantBuf::quantize(&k.contiguous()?, p)?, QuantBuf::quantize(&v.contiguous()?, p)?);
+        let prev = self.offset;
+        let l = k.dim(2)?;
+        let capacity = if store.is_empty() { 0 } else { store.keys.packed.dim(2)? };
+        if store.is_empty() {
+            store.dtype = k.dtype();
+        }
+        if prev + l > capacity {
+            let grow = l.div_ceil(CACHE_STEP) * CACHE_STEP;
+            let extend = |old: &QuantBuf, new: &QuantBuf| -> Result<QuantBuf> {
+                let mut parts = old.parts().into_iter().zip(new.parts()).map(|(o, n)| {
+                    let mut shape = n.dims().to_vec();
+                    shape[2] = grow;
+                    let zeros = Tensor::zeros(shape, n.dtype(), n.device())?;
+                    let kept = if capacity > 0 { Some(o.narrow(2, 0, prev)?) } else { None };
+                    cat2(&kept.into_iter().chain([zeros]).collect::<Vec<_>>())
+                });
+                Ok(QuantBuf {
+                    packed: parts.next().expect("3 parts")?,
+                    scales: parts.next().expect("3 parts")?,
+                    biases: parts.next().expect("3 parts")?,
+                })
+            };
+            store.keys = extend(&store.keys, &nk)?;
+            store.values = extend(&store.values, &nv)?;
+        }
+        for (buf, new) in [(&store.keys, &nk), (&store.values, &nv)] {
+            for (b, n) in buf.parts().into_iter().zip(new.parts()) {
+                b.slice_set(n, 2, prev)?;
+            }
+        }
+        self.offset = prev + l;
+        let store = self.quant.as_ref().expect("quantized cache");
+        let n = self.offset;
+        let deq = |b: &QuantBuf| -> Result<Tensor> {
+            let b = b.map(|t| Ok(t.narrow(2, 0, n)?))?;
+            Ok(dequantize_tensor(&b.packed, &b.scales, &b.biases, store.params)?.to_dtype(store.dtype)?)
+        };
+        Ok((deq(&store.keys)?, deq(&store.values)?))
+    }
+
+    /// Keeps only the given batch rows (finished sequences leave a batch).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let dev = match (&self.keys, &self.quant) {
+            (Some(k), _) => k.device().clone(),
+            (None, Some(q)) => q.keys.packed.device().clone(),
+            _ => return Ok(()),
+        };
+        let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+        let pick = |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&idx, 0)?) };
+        if let (Some(k), Some(v)) = (&self.keys, &self.values) {
+            self.keys = Some(pick(k)?);
+            self.values = Some(pick(v)?);
+        }
+        if let Some(q) = &mut self.quant {
+            q.keys = q.keys.map(pick)?;
+            q.values = q.values.map(pick)?;
+        }
+        if let Some(p) = &self.left_padding {
+            self.left_padding = Some(rows.iter().map(|&r| p[r]).collect());
+        }
+        Ok(())
+    }
+
+    /// The state mlx_lm's `cache.state` holds (for prompt cache files); `None` when empty.
+    pub fn state(&self) -> Result<Option<CacheState>> {
+        let offset = self.offset;
+        if let Some(q) = &self.quant {
+            if q.is_empty() {
+                return Ok(None);
+            }
+            let cut = |b: &QuantBuf| -> Result<[Tensor; 3]> {
+                let b = b.map(|t| Ok(t.narrow(2, 0, offset)?))?;
+                Ok([b.packed, b.scales, b.biases])
+            };
+            return Ok(Some(CacheState::Quantized {
+                keys: cut(&q.keys)?,
+                values: cut(&q.values)?,
+                offset,
+                group_size: q.params.group_size,
+                bits: q.params.bits,
+            }));
+        }
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else { return Ok(None) };
+        Ok(Some(match self.rotation {
+            None => CacheState::Standard { keys: k.narrow(2, 0, offset)?, values: v.narrow(2, 0, offset)?, offset },
+            Some(r) => CacheState::Rotating {
+                keys: k.clone(),
+                values: v.clone(),
+                offset,
+                keep: r.keep,
+                max_size: r.max_size,
+                idx: r.idx,
+            },
+        }))
+    }
+
+    /// A cache holding `state` (read from a prompt cache file), with keys and values in `dtype`.
+    pub fn from_state(state: CacheState, dtype: DType) -> Result<Self> {
+        let check = |k: &Tensor, v: &Tensor, need: usize, what: &str| -> Result<()> {
+            if k.rank() != 4 || v.rank() != 4 || k.dim(2)? < need || v.dim(2)? < need {
+                bail!("{what}: keys/values of shape {:?}/{:?} do not hold {need} positions", k.dims(), v.dims());
+            }
+            Ok(())
+        };
+        Ok(match state {
+            CacheState::Standard { keys, values, offset } => {
+                check(&keys, &values, offset, "KVCache")?;
+                Self {
+                    keys: Some(keys.narrow(2, 0, offset)?.to_dtype(dtype)?.contiguous()?),
+                    values: Some(values.narrow(2, 0, offset)?.to_dtype(dtype)?.contiguous()?),
+                    offset,
+                    ..Self::default()
+                }
+            }
+            CacheState::Rotating { keys, values, offset, keep, max_size, idx } => {
+                check(&keys, &values, keys.dim(2)?.min(offset), "RotatingKVCache")?;
+                if max_size <= keep || idx > keys.dim(2)? || keys.dim(2)? > max_size.max(offset) {
+                    bail!("RotatingKVCache: inconsistent state (max_size {max_size}, keep {keep}, idx {idx})");
+                }
+                Self {
+                    keys: Some(keys.to_dtype(dtype)?.contiguous()?),
+                    values: Some(values.to_dtype(dtype)?.contiguous()?),
+                    offset,
+                    rotation: Some(Rotation { max_size, keep, idx }),
+                    ..Self::default()
+                }
+            }
+            CacheState::Quantized { keys, values, offset, group_size, bits } => {
+                let params = QuantParams::new(bits, group_size, "QuantizedKVCache")?;
+                check(&keys[0], &values[0], offset, "QuantizedKVCache")?;
+                let buf = |[packed, scales, biases]: [Tensor; 3]| -> Result<QuantBuf> {
+                    let n = |t: Tensor| -> Result<Tensor> { Ok(t.narrow(2, 0, offset)?.contiguous()?) };
+                    Ok(QuantBuf { packed: n(packed)?, scales: n(scales)?, biases: n(biases)? })
+                };
+                Self {
+                    quant: Some(QuantStore { params, keys: buf(keys)?, values: buf(values)?, dtype }),
+                    offset,
+                    ..Self::default()
+                }
+            }
+        })
+    }
+
     /// Drops everything stored.
     pub fn reset(&mut self) {
         let rotation = self.rotation.map(|r| Rotation { idx: 0, ..r });
+        // back to plain storage: the generation loop quantizes again from --quantized-kv-start
         *self = Self { rotation, ..Self::default() };
+    }
+}
+
+impl QuantStore {
+    /// A format with no buffers yet (they are made on the first update).
+    fn empty(params: QuantParams) -> Self {
+        let none = Tensor::zeros(0, DType::U32, &candle_core::Device::Cpu).expect("an empty tensor");
+        let buf = QuantBuf { packed: none.clone(), scales: none.clone(), biases: none };
+        Self { params, keys: buf.clone(), values: buf, dtype: DType::F32 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.packed.rank() != 4
     }
 }

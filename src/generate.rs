@@ -1,12 +1,50 @@
-//! The generation loop: chunked prefill, then one token at a time, with mlx_lm's statistics.
+//! The generation loop: chunked prefill, then one token at a time, with mlx_lm's statistics;
+//! the KV cache optionally quantized from `--quantized-kv-start` on (mlx_lm's
+//! `maybe_quantize_kv_cache`). Speculative decoding is in [`crate::speculative`], batches in
+//! [`crate::batch`].
 
-use crate::cache::KvCache;
+use crate::cache::{CacheKind, KvCache};
 use crate::models::LanguageModel;
+use crate::quant::QuantParams;
 use crate::sample::{LogitsProcessors, Sampler, SamplerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::collections::BTreeSet;
 use std::time::Instant;
+
+/// mlx_lm's default `--quantized-kv-start`.
+pub const DEFAULT_QUANTIZED_KV_START: usize = 5000;
+
+/// KV-cache quantization (`--kv-bits`, `--kv-group-size`, `--quantized-kv-start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvQuant {
+    pub params: QuantParams,
+    /// quantize a layer's cache once it holds this many positions
+    pub start: usize,
+}
+
+impl KvQuant {
+    /// From the flags: `None` without `--kv-bits`.
+    pub fn from_flags(bits: Option<usize>, group_size: usize, start: usize) -> Result<Option<Self>> {
+        bits.map(|b| Ok(Self { params: QuantParams::new(b, group_size, "--kv-bits/--kv-group-size")?, start }))
+            .transpose()
+    }
+
+    /// Quantizes each standard cache that has reached `start` positions.
+    pub fn apply(&self, cache: &mut [KvCache]) -> Result<()> {
+        for c in cache.iter_mut() {
+            if c.kind() == CacheKind::Standard && c.offset() >= self.start {
+                c.quantize(self.params)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`KvQuant::apply`] when quantization is on.
+pub fn maybe_quantize(quant: Option<&KvQuant>, cache: &mut [KvCache]) -> Result<()> {
+    quant.map_or(Ok(()), |q| q.apply(cache))
+}
 
 /// Options of one generation, named as mlx_lm's `generate_step` arguments.
 #[derive(Debug, Clone)]
@@ -17,6 +55,8 @@ pub struct GenerateOptions {
     /// keep at most this many positions in each layer's cache (`--max-kv-size`)
     pub max_kv_size: Option<usize>,
     pub processors: LogitsProcessors,
+    /// quantize the KV cache (`--kv-bits`)
+    pub kv_quant: Option<KvQuant>,
 }
 
 impl GenerateOptions {
@@ -30,7 +70,21 @@ impl GenerateOptions {
                 );
             }
         }
-        Ok(model.make_cache(self.max_kv_size))
+        let cache = model.make_cache(self.max_kv_size);
+        self.check_cache(&cache)?;
+        Ok(cache)
+    }
+
+    /// Checks that `cache` can take these options (a rotating cache cannot be quantized, as in
+    /// mlx_lm, whose `RotatingKVCache.to_quantized` is not implemented).
+    pub fn check_cache(&self, cache: &[KvCache]) -> Result<()> {
+        if self.kv_quant.is_some() && cache.iter().any(|c| matches!(c.kind(), CacheKind::Rotating { .. })) {
+            bail!(
+                "--kv-bits cannot be combined with a rotating KV cache (--max-kv-size, or this model's \
+                 sliding-window layers): mlx_lm cannot quantize those either"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -42,6 +96,7 @@ impl Default for GenerateOptions {
             sampler: SamplerConfig::default(),
             max_kv_size: None,
             processors: LogitsProcessors::default(),
+            kv_quant: None,
         }
     }
 }
@@ -74,6 +129,18 @@ pub fn step_logits(model: &dyn LanguageModel, tokens: &[u32], cache: &mut [KvCac
 /// Processes all but the last prompt token in chunks of `step` (filling `cache`), then the last
 /// one; returns the logits after the whole prompt.
 pub fn prefill(model: &dyn LanguageModel, prompt: &[u32], cache: &mut [KvCache], step: usize) -> Result<Vec<f32>> {
+    prefill_quantized(model, prompt, cache, step, None)
+}
+
+/// Feeds all but the last prompt token in chunks of `step`, quantizing the cache after each
+/// chunk as mlx_lm does; returns the last token, not yet fed.
+pub fn prefill_all_but_last(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    cache: &mut [KvCache],
+    step: usize,
+    quant: Option<&KvQuant>,
+) -> Result<u32> {
     if prompt.is_empty() {
         bail!("the prompt is empty: nothing to generate from");
     }
@@ -86,9 +153,24 @@ pub fn prefill(model: &dyn LanguageModel, prompt: &[u32], cache: &mut [KvCache],
         let input = Tensor::new(&rest[..n], model.device())?.unsqueeze(0)?;
         // Only the cache matters here; compute just the last position's logits.
         model.forward(&input, cache, true)?;
+        maybe_quantize(quant, cache)?;
         rest = &rest[n..];
     }
-    step_logits(model, rest, cache)
+    Ok(rest[0])
+}
+
+/// [`prefill`] with KV-cache quantization after every model call.
+pub fn prefill_quantized(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    cache: &mut [KvCache],
+    step: usize,
+    quant: Option<&KvQuant>,
+) -> Result<Vec<f32>> {
+    let last = prefill_all_but_last(model, prompt, cache, step, quant)?;
+    let logits = step_logits(model, &[last], cache)?;
+    maybe_quantize(quant, cache)?;
+    Ok(logits)
 }
 
 /// Checks that every prompt token exists in the model's vocabulary.
@@ -150,8 +232,10 @@ pub fn generate_with_cache(
         opts.processors.apply(seen, logits);
         sampler.sample(logits)
     };
+    opts.check_cache(cache)?;
+    let quant = opts.kv_quant.as_ref();
     let tic = Instant::now();
-    let mut logits = prefill(model, prompt, cache, opts.prefill_step_size)?;
+    let mut logits = prefill_quantized(model, prompt, cache, opts.prefill_step_size, quant)?;
     let mut token = pick(&mut logits, &seen)?;
     let prompt_time = tic.elapsed().as_secs_f64();
     let tic = Instant::now();
@@ -170,6 +254,7 @@ pub fn generate_with_cache(
             break;
         }
         logits = step_logits(model, &[token], cache)?;
+        maybe_quantize(quant, cache)?;
         if stop {
             break;
         }

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: resolve → load → model → generate → output. See `docs/ARCHITECTURE.md`.
 
+pub mod batch;
 pub mod cache;
 pub mod chat;
 pub mod cli;
@@ -16,8 +17,11 @@ pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod output;
+pub mod perplexity;
+pub mod prompt_cache;
 pub mod quant;
 pub mod sample;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use anyhow::{Error, Result};

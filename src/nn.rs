@@ -418,11 +418,40 @@ impl Rope {
     /// cos/sin tables for positions `offset .. offset + len`, computed once per forward pass and
     /// shared by every layer that uses this RoPE.
     pub fn tables(&self, offset: usize, len: usize, dtype: DType, device: &Device) -> Result<RopeTables> {
+        let positions: Vec<usize> = (offset..offset + len).collect();
+        self.tables_at(&positions, &[len], offset + len, dtype, device)
+    }
+
+    /// Tables for a left-padded batch: row `b`'s query `i` sits at index `offset + i` of the
+    /// cache, which is its position `offset + i - left_padding[b]` (padding queries get 0).
+    pub fn batch_tables(
+        &self,
+        offset: usize,
+        len: usize,
+        left_padding: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<RopeTables> {
+        let positions: Vec<usize> =
+            left_padding.iter().flat_map(|&p| (offset..offset + len).map(move |i| i.saturating_sub(p))).collect();
+        self.tables_at(&positions, &[left_padding.len(), len], offset + len, dtype, device)
+    }
+
+    /// cos/sin for the given positions, shaped `lead` × half the rotated dims; `seq` is the
+    /// sequence length the dynamic-NTK base is computed for.
+    fn tables_at(
+        &self,
+        positions: &[usize],
+        lead: &[usize],
+        seq: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<RopeTables> {
         let dyn_freq;
         let inv_freq = match self.dynamic {
             Some((factor, max, base)) => {
                 // mlx_lm's DynamicNTKScalingRoPE: the base for this call's sequence length
-                let seq = (offset + len).max(max) as f64;
+                let seq = seq.max(max) as f64;
                 let d = self.dims as f64;
                 let b = base * ((factor * seq / max as f64) - (factor - 1.0)).powf(d / (d - 2.0));
                 dyn_freq = inverse(&periods(b, self.dims));
@@ -431,9 +460,9 @@ impl Rope {
             None => &self.inv_freq,
         };
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in offset..offset + len {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
             let pos = p as f32 * self.scale;
             for f in inv_freq {
                 let theta = pos * f;
@@ -441,8 +470,9 @@ impl Rope {
                 sin.push(theta.sin() * self.input_scale);
             }
         }
-        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+        let shape = [lead, &[half]].concat();
+        let cos = Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         Ok(RopeTables { cos, sin, dims: self.dims, traditional: self.traditional })
     }
 }
@@ -488,7 +518,7 @@ pub fn scaled_dot_product_attention(
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     if q.device().is_cpu() && q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 {
-        let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
+        let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32), starts: mask.left_padding };
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
     let (b, h, l, d) = q.dims4()?;
@@ -501,8 +531,8 @@ pub fn scaled_dot_product_attention(
         Some(c) => ((scores / c)?.tanh()? * c)?,
         None => scores,
     };
-    let scores = if l > 1 {
-        let mask = causal_mask(n_rep, l, t, mask, q.device())?;
+    let scores = if l > 1 || mask.left_padding.is_some() {
+        let mask = causal_mask(n_rep, l, t, &mask, q.device())?;
         scores.broadcast_add(&mask)?
     } else {
         scores
@@ -513,19 +543,27 @@ pub fn scaled_dot_product_attention(
 }
 
 /// Additive mask (n_rep·L, T): query `i` (at key index offset + i) sees keys `j <= offset + i`,
-/// and with a window only `j > offset + i - window`.
-fn causal_mask(n_rep: usize, l: usize, t: usize, spec: MaskSpec, device: &Device) -> Result<Tensor> {
-    let mut m = Vec::with_capacity(n_rep * l * t);
-    for _ in 0..n_rep {
-        for i in 0..l {
-            let q = spec.offset + i;
-            for j in 0..t {
-                let visible = j <= q && spec.window.is_none_or(|w| j + w > q);
-                m.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+/// and with a window only `j > offset + i - window`. With left padding it is (B, 1, n_rep·L, T)
+/// and row `b` sees no key before `left_padding[b]`; a padding query sees only itself, so that
+/// its softmax stays finite.
+fn causal_mask(n_rep: usize, l: usize, t: usize, spec: &MaskSpec, device: &Device) -> Result<Tensor> {
+    let pads: &[usize] = spec.left_padding.as_deref().unwrap_or(&[0]);
+    let mut m = Vec::with_capacity(pads.len() * n_rep * l * t);
+    for &pad in pads {
+        for _ in 0..n_rep {
+            for i in 0..l {
+                let q = spec.offset + i;
+                for j in 0..t {
+                    let visible = j <= q && spec.window.is_none_or(|w| j + w > q) && (j >= pad || j == q);
+                    m.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                }
             }
         }
     }
-    Ok(Tensor::from_vec(m, (n_rep * l, t), device)?)
+    Ok(match spec.left_padding {
+        Some(_) => Tensor::from_vec(m, (pads.len(), 1, n_rep * l, t), device)?,
+        None => Tensor::from_vec(m, (n_rep * l, t), device)?,
+    })
 }
 
 /// SwiGLU activation: `silu(gate) * up`.
@@ -545,6 +583,8 @@ impl Module for Linear {
 struct DecodeAttention {
     scale: f32,
     softcap: Option<f32>,
+    /// per batch row, the first key it may see (left padding)
+    starts: Option<std::sync::Arc<[usize]>>,
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -569,6 +609,8 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let n_rep = h / kvh;
         let (qa, _) = ql.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("query not contiguous".into()))?;
         let (scale, softcap) = (self.scale, self.softcap);
+        let starts: &[usize] = self.starts.as_deref().unwrap_or(&[]);
+        #[allow(clippy::too_many_arguments)]
         fn go<T: Elem>(
             q: &[T],
             k: &[T],
@@ -577,6 +619,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
             vl: &candle_core::Layout,
             dims: (usize, usize, usize, usize, usize, usize, usize),
             (scale, softcap): (f32, Option<f32>),
+            starts: &[usize],
         ) -> Vec<T> {
             use rayon::prelude::*;
             let (b, h, d, dv, t, n_rep, _kvh) = dims;
@@ -591,9 +634,10 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 let mut qf = vec![0f32; d];
                 T::to_f32_slice(&q[bh * d..(bh + 1) * d], &mut qf);
                 let kbase = ko + bi * ks[0] + kv * ks[1];
+                let first = starts.get(bi).copied().unwrap_or(0).min(t.saturating_sub(1));
                 let mut scores = vec![0f32; t];
                 let mut max = f32::NEG_INFINITY;
-                for (ti, sc) in scores.iter_mut().enumerate() {
+                for (ti, sc) in scores.iter_mut().enumerate().skip(first) {
                     let row = &k[kbase + ti * ks[2]..kbase + ti * ks[2] + d];
                     *sc = T::dot(&qf, row) * scale;
                     if let Some(c) = softcap {
@@ -602,13 +646,13 @@ impl candle_core::CustomOp3 for DecodeAttention {
                     max = max.max(*sc);
                 }
                 let mut sum = 0f32;
-                for sc in scores.iter_mut() {
+                for sc in scores.iter_mut().skip(first) {
                     *sc = (*sc - max).exp();
                     sum += *sc;
                 }
                 let mut acc = vec![0f32; dv];
                 let vbase = vo + bi * vs[0] + kv * vs[1];
-                for (ti, sc) in scores.iter().enumerate() {
+                for (ti, sc) in scores.iter().enumerate().skip(first) {
                     T::axpy(sc / sum, &v[vbase + ti * vs[2]..vbase + ti * vs[2] + dv], &mut acc);
                 }
                 for (x, a) in o.iter_mut().zip(&acc) {
@@ -624,9 +668,9 @@ impl candle_core::CustomOp3 for DecodeAttention {
         }
         let dims = (b, h, d, dv, t, n_rep, kvh);
         let out = match (qs, ks, vs) {
-            (C::F32(q), C::F32(k), C::F32(v)) => C::F32(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap))),
-            (C::F16(q), C::F16(k), C::F16(v)) => C::F16(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap))),
-            (C::BF16(q), C::BF16(k), C::BF16(v)) => C::BF16(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap))),
+            (C::F32(q), C::F32(k), C::F32(v)) => C::F32(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap), starts)),
+            (C::F16(q), C::F16(k), C::F16(v)) => C::F16(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap), starts)),
+            (C::BF16(q), C::BF16(k), C::BF16(v)) => C::BF16(go(&q[qa..], k, v, kl, vl, dims, (scale, softcap), starts)),
             _ => candle_core::bail!("decode attention: q, k and v must share a float dtype"),
         };
         Ok((out, candle_core::Shape::from((b, h, 1, dv))))

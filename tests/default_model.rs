@@ -28,7 +28,7 @@ fn prompt_ids_match_mlx_lm() {
         let prompt = c["prompt"].as_str().unwrap();
         let system = c["system_prompt"].as_str();
         let ignore = !c["chat"].as_bool().unwrap();
-        let ids = wick::cli::generate::prompt_ids(&tok, prompt, system, ignore, None).unwrap();
+        let ids = wick::cli::generate::prompt_ids(&tok, prompt, system, ignore, None, false).unwrap();
         assert_eq!(ids, ids_of(&c["prompt_ids"]), "prompt ids differ for {prompt:?}");
         if !ignore {
             let msgs: Vec<_> = system

@@ -113,11 +113,40 @@ fn bad_flags_name_the_flag() {
 
 #[test]
 fn later_subcommands_say_not_yet_with_exit_2() {
-    for sub in ["lora", "fuse", "server", "perplexity"] {
+    for sub in ["lora", "fuse", "server"] {
         let out = wick().args([sub, "--model", "x"]).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{sub}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not yet available"), "{sub}");
     }
+}
+
+#[test]
+fn generation_feature_flags_reject_bad_values() {
+    let m = default_model();
+    let m = m.to_str().unwrap();
+    let err = fails(&["generate", "--model", m, "--kv-bits", "7", "-m", "1"]);
+    assert!(err.contains("--kv-bits") && err.contains("bits = 7"), "{err}");
+    let err = fails(&["generate", "--model", m, "--kv-bits", "8", "--max-kv-size", "64", "-m", "1"]);
+    assert!(err.contains("--kv-bits") && err.contains("rotating"), "{err}");
+    let err = fails(&["generate", "--model", m, "--prompt-cache-file", "/nonexistent/c.safetensors"]);
+    assert!(err.contains("/nonexistent/c.safetensors"), "{err}");
+    let not_cache = default_model().join("model.safetensors");
+    let err = fails(&["generate", "--model", m, "--prompt-cache-file", not_cache.to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains("not a prompt cache file"), "{err}");
+    let err = fails(&["generate", "--model", m, "--draft-model", m, "--num-draft-tokens", "0", "-m", "1"]);
+    assert!(err.contains("--num-draft-tokens"), "{err}");
+    let err = fails(&["perplexity", "--model", m, "--data-path", "/nonexistent/data.jsonl"]);
+    assert!(err.contains("/nonexistent/data.jsonl"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("valid.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"nope\": 1}\n").unwrap();
+    let err = fails(&["perplexity", "--model", m, "--data-path", bad.to_str().unwrap()]);
+    assert!(err.contains("line 2") && err.contains("valid.jsonl"), "{err}");
+    let err = fails(&["perplexity", "--model", m, "--data-path", bad.to_str().unwrap(), "--num-samples", "0"]);
+    assert!(err.contains("--num-samples"), "{err}");
+    let out = dir.path().join("sub/c.safetensors");
+    let err = fails(&["cache-prompt", "--model", m, "--prompt", "hi", "--prompt-cache-file", out.to_str().unwrap()]);
+    assert!(err.contains("sub"), "{err}");
 }
 
 #[test]

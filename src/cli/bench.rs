@@ -1,6 +1,7 @@
 //! `wick bench`: mlx_lm benchmark's flags and report lines.
 
 use super::ModelOpts;
+use crate::batch::batch_generate;
 use crate::generate::{generate, GenerateOptions};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -29,9 +30,16 @@ pub struct BenchArgs {
     pub prefill_step_size: usize,
 }
 
+/// One timed run's figures (tokens/s summed over the batch).
+struct Trial {
+    prompt_tps: f64,
+    generation_tps: f64,
+    peak_memory_gb: f64,
+}
+
 pub fn run(a: BenchArgs) -> Result<i32> {
-    if a.batch_size != 1 {
-        bail!("-b/--batch-size {}: batched benchmarking is not available yet; use -b 1", a.batch_size);
+    if a.batch_size == 0 {
+        bail!("-b/--batch-size must be at least 1");
     }
     if a.num_trials == 0 {
         bail!("-n/--num-trials must be at least 1");
@@ -40,7 +48,8 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     let model = loaded.model.as_ref();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = model.vocab_size() as u32;
-    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| rng.random_range(0..vocab)).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..a.batch_size).map(|_| (0..a.prompt_tokens).map(|_| rng.random_range(0..vocab)).collect()).collect();
     let opts = GenerateOptions {
         max_tokens: a.generation_tokens,
         prefill_step_size: a.prefill_step_size,
@@ -48,7 +57,16 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     };
     // No eos: always generate the full length, as mlx_lm's benchmark does.
     let no_eos = BTreeSet::new();
-    let bench = || generate(model, &prompt, &opts, &no_eos, |_| Ok(true));
+    // batch 1 through the single-sequence loop, larger batches through batch_generate, as mlx_lm
+    let bench = || -> Result<Trial> {
+        if a.batch_size == 1 {
+            let s = generate(model, &prompts[0], &opts, &no_eos, |_| Ok(true))?;
+            Ok(Trial { prompt_tps: s.prompt_tps, generation_tps: s.generation_tps, peak_memory_gb: s.peak_memory_gb })
+        } else {
+            let s = batch_generate(model, &prompts, &opts, &no_eos, |_| {})?;
+            Ok(Trial { prompt_tps: s.prompt_tps, generation_tps: s.generation_tps, peak_memory_gb: s.peak_memory_gb })
+        }
+    };
     println!("Running warmup..");
     bench()?;
     println!(

@@ -1,10 +1,12 @@
 //! The command line: one thin file per subcommand over the library.
 
 pub mod bench;
+pub mod cache_prompt;
 pub mod chat;
 pub mod convert;
 pub mod generate;
 pub mod manage;
+pub mod perplexity;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -25,6 +27,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Chat with a model in the terminal (mlx_lm.chat)
     Chat(chat::ChatArgs),
+    /// Process a prompt once and save its KV cache for `generate --prompt-cache-file` (mlx_lm.cache_prompt)
+    CachePrompt(cache_prompt::CachePromptArgs),
     /// Convert a Hugging Face folder or a GGUF file to an mlx-style folder, optionally quantized (mlx_lm.convert)
     Convert(convert::ConvertArgs),
     /// Quantize an existing model folder (short form of `convert -q`)
@@ -40,7 +44,7 @@ pub enum Command {
     /// Measure prompt and generation speed (mlx_lm benchmark)
     Bench(bench::BenchArgs),
     /// Measure perplexity on a text or jsonl file (mlx_lm.perplexity)
-    Perplexity(NotYet),
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 /// A subcommand a later release fills in: accepts anything, says so, exits with code 2.
@@ -134,6 +138,26 @@ impl SamplerFlags {
     }
 }
 
+/// KV-cache quantization flags (mlx_lm's names and defaults).
+#[derive(Args, Debug, Clone)]
+pub struct KvFlags {
+    /// Number of bits for KV cache quantization. Defaults to no quantization
+    #[arg(long)]
+    pub kv_bits: Option<usize>,
+    /// Group size for KV cache quantization
+    #[arg(long, default_value_t = 64)]
+    pub kv_group_size: usize,
+    /// When --kv-bits is set, start quantizing the KV cache from this step onwards
+    #[arg(long, default_value_t = crate::generate::DEFAULT_QUANTIZED_KV_START)]
+    pub quantized_kv_start: usize,
+}
+
+impl KvFlags {
+    pub fn quant(&self) -> anyhow::Result<Option<crate::generate::KvQuant>> {
+        crate::generate::KvQuant::from_flags(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+    }
+}
+
 /// Parses `True`/`False`/`T`/`F`/`1`/`0` as mlx_lm's `str2bool`.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -154,11 +178,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::CachePrompt(a) => cache_prompt::run(a),
         Command::Quantize(a) => convert::run_quantize(a),
         Command::Lora(_) => not_yet("lora"),
         Command::Fuse(_) => not_yet("fuse"),
         Command::Manage(a) => manage::run(a),
         Command::Server(_) => not_yet("server"),
-        Command::Perplexity(_) => not_yet("perplexity"),
+        Command::Perplexity(a) => perplexity::run(a),
     }
 }

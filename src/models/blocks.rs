@@ -420,8 +420,15 @@ impl LanguageModel for DecoderModel {
         }
         let offset = cache.first().map(|c| c.offset()).unwrap_or(0);
         let l = tokens.dim(1)?;
-        let tables =
-            self.ropes.iter().map(|r| r.tables(offset, l, self.dtype, &self.device)).collect::<Result<Vec<_>>>()?;
+        let padding = cache.first().and_then(|c| c.left_padding().cloned());
+        let tables = self
+            .ropes
+            .iter()
+            .map(|r| match &padding {
+                Some(p) => r.batch_tables(offset, l, p, self.dtype, &self.device),
+                None => r.tables(offset, l, self.dtype, &self.device),
+            })
+            .collect::<Result<Vec<_>>>()?;
         for ((layer, c), r) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope) {
             h = layer.forward(&h, &tables[*r], c)?;
         }

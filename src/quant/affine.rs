@@ -129,18 +129,25 @@ pub fn dequantize_rounded(
     rows: usize,
     cols: usize,
     p: QuantParams,
-    round: impl Fn(f32) -> f32,
+    round: impl Fn(f32) -> f32 + Sync,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let width = p.packed_width(cols);
     let groups = cols / p.group_size;
     let mut out = vec![0f32; rows * cols];
-    let mut codes = vec![0u8; cols];
-    for r in 0..rows {
-        unpack(&packed[r * width..(r + 1) * width], p.bits, &mut codes);
-        for c in 0..cols {
+    let row = |r: usize, o: &mut [f32], codes: &mut Vec<u8>| {
+        unpack(&packed[r * width..(r + 1) * width], p.bits, codes);
+        for (c, x) in o.iter_mut().enumerate() {
             let g = r * groups + c / p.group_size;
-            out[r * cols + c] = round(round(scales[g] * codes[c] as f32) + biases[g]);
+            *x = round(round(scales[g] * codes[c] as f32) + biases[g]);
         }
+    };
+    // rows are independent; small inputs stay on this thread
+    if rows * cols >= 1 << 16 {
+        out.par_chunks_mut(cols).enumerate().for_each_init(|| vec![0u8; cols], |codes, (r, o)| row(r, o, codes));
+    } else {
+        let mut codes = vec![0u8; cols];
+        out.chunks_mut(cols).enumerate().for_each(|(r, o)| row(r, o, &mut codes));
     }
     out
 }

@@ -123,6 +123,26 @@ impl Tokenizer {
         t.render(messages, add_generation_prompt, &self.special_tokens, extra)
     }
 
+    /// Renders `messages` so that the last message stays open for the model to continue, as
+    /// transformers' `continue_final_message=True`: a marker is appended to the last message's
+    /// content, the chat is rendered without a generation prompt and cut at the marker (then
+    /// trailing whitespace is dropped too if the template trimmed the marker's space).
+    pub fn apply_chat_template_continue(
+        &self,
+        messages: &[Message],
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
+        const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+        let mut messages = messages.to_vec();
+        let last = messages.last_mut().context("no messages to render")?;
+        last.content.push_str(TAG);
+        let text = self.apply_chat_template(&messages, false, extra)?;
+        let at = text
+            .rfind(TAG.trim())
+            .context("continue_final_message: the chat template does not keep the final message's text")?;
+        Ok(if text[at..].starts_with(TAG) { text[..at].to_string() } else { text[..at].trim_end().to_string() })
+    }
+
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

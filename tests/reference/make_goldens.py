@@ -456,15 +456,123 @@ def sampling():
     print(f"sampling: {len(out['filters'])} filters, {len(out['processors'])} processor sets")
 
 
+# (bits, group size, quantized_kv_start). 4-bit caches are left out: a 4-bit code flips when a
+# key sits near a rounding boundary, so f32 keys that differ in the last bit (another summation
+# order) can change the tokens without any near tie; 8 bits keep the same noise below that.
+KV_QUANT = [(8, 64, 0), (8, 32, 20)]
+CACHED_PROMPT = "Answer in one short sentence. "
+CACHED_QUERY = "What colour is the sky on a clear day?"
+PPL_TEXT = os.path.join(ROOT, "tests", "data", "perplexity.txt")
+PPL_SEQ = 256
+N_GEN = 24
+
+
+GENERATION = os.path.join(GOLDEN, "smollm2_generation.json")
+
+
+def update_generation(key, value):
+    """smollm2_generation.json holds one entry per job below; each job rewrites only its own."""
+    out = json.load(open(GENERATION)) if os.path.exists(GENERATION) else {}
+    out = {k: v for k, v in out.items() if k in ("kv_quant", "prompt_cache", "perplexity")}
+    out[key] = value
+    json.dump(out, open(GENERATION, "w"), indent=1, ensure_ascii=False)
+
+
+def kv_quant():
+    """Greedy tokens on the default model (f32) with a quantized KV cache for every golden
+    prompt, with mlx_lm's top-2 log-probability margins (near ties)."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, tok = load(MODEL)
+    to_f32(model)
+    g = json.load(open(os.path.join(GOLDEN, "smollm2_greedy.json")))
+    out = {"runs": [], "n_greedy": N_GREEDY}
+    for bits, group, start in KV_QUANT:
+        runs, margins = [], []
+        for case in g["cases"]:
+            steps = list(generate_step(mx.array(case["prompt_ids"]), model, max_tokens=N_GREEDY,
+                                       kv_bits=bits, kv_group_size=group, quantized_kv_start=start))
+            runs.append([int(t) for t, _ in steps])
+            # how far the chosen token's log-probability is ahead of the runner-up: a near tie
+            # may go either way under a different (equally exact) summation order
+            margins.append([round(float(d), 5) for d in (mx.sort(lp)[-1] - mx.sort(lp)[-2] for _, lp in steps)])
+        same = sum(r == c["greedy_f32"] for r, c in zip(runs, g["cases"]))
+        print(f"kv_bits {bits} g{group} start {start}: {same}/{len(runs)} equal to the float cache")
+        out["runs"].append({"bits": bits, "group_size": group, "quantized_kv_start": start, "greedy_f32": runs,
+                            "top2_margin": margins})
+    update_generation("kv_quant", out)
+
+
+def prompt_cache():
+    """A prompt cache file written by mlx_lm (as mlx_lm.cache_prompt builds it, stored in
+    float16 and cut to its length to stay small) and mlx_lm.generate's tokens when continuing it
+    with a query (default model, f32)."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+    model, tok = load(MODEL)
+    to_f32(model)
+    # mlx_lm.cache_prompt: the prompt as an open user message, processed with max_tokens=0
+    rel_model = os.path.relpath(MODEL, ROOT)
+    ids = tok.apply_chat_template([{"role": "user", "content": CACHED_PROMPT}], add_generation_prompt=False,
+                                  continue_final_message=True)
+    cache = make_prompt_cache(model)
+    for _ in generate_step(mx.array(ids), model, max_tokens=0, prompt_cache=cache):
+        pass
+    for c in cache:
+        c.keys = c.keys[..., : c.offset, :].astype(mx.float16)
+        c.values = c.values[..., : c.offset, :].astype(mx.float16)
+    path = os.path.join(GOLDEN, "smollm2_prompt_cache.safetensors")
+    save_prompt_cache(path, cache, {"model": rel_model, "tokenizer_config": json.dumps({"trust_remote_code": False})})
+    # mlx_lm.generate --prompt-cache-file: the query is the rest of the user message
+    cache, meta = load_prompt_cache(path, return_metadata=True)
+    messages = [{"role": "user", "content": CACHED_QUERY}]
+    full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages[-1]["content"] = "<query>"
+    test = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    query_ids = tok.encode(full[test.index("<query>"):], add_special_tokens=False)
+    toks = [int(t) for t, _ in generate_step(mx.array(query_ids), model, max_tokens=N_GEN, prompt_cache=cache)]
+    update_generation("prompt_cache", {"file": os.path.basename(path), "model": rel_model, "prompt": CACHED_PROMPT,
+                                       "cached_ids": ids, "query": CACHED_QUERY, "query_ids": query_ids,
+                                       "greedy_f32": toks, "text": tok.decode(toks)})
+    print(f"prompt cache: {len(ids)} cached + {len(query_ids)} query tokens -> {tok.decode(toks)!r}")
+
+
+def perplexity():
+    """mlx_lm.perplexity's eval_ppl on one text record (default model, f32): encode, append eos,
+    rows of PPL_SEQ tokens."""
+    from mlx_lm import load
+    from mlx_lm.perplexity import eval_ppl
+
+    model, tok = load(MODEL)
+    to_f32(model)
+
+    text = open(PPL_TEXT, encoding="utf-8").read()
+    data = tok.encode(text)
+    if data[-1] != tok.eos_token_id:
+        data.append(tok.eos_token_id)
+    n = len(data) // PPL_SEQ * PPL_SEQ
+    rows = mx.array(data[:n]).reshape(-1, PPL_SEQ)
+    ppl, se = eval_ppl(model, rows, batch_size=2)
+    update_generation("perplexity", {"file": os.path.relpath(PPL_TEXT, ROOT), "sequence_length": PPL_SEQ,
+                                     "tokens": len(data), "rows": int(rows.shape[0]), "ppl": float(ppl),
+                                     "se": float(se)})
+    print(f"perplexity: {ppl:.4f} ± {se:.4f} over {rows.shape[0]} rows of {PPL_SEQ}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling"],
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
+                                         "kv_quant", "prompt_cache", "perplexity"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
-            "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling}
+            "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling,
+            "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
