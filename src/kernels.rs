@@ -642,9 +642,17 @@ pub trait WeightRows: Sync {
     fn prepare(&self, xs: &[f32], m: usize) -> Self::Prep;
     /// `out[i] = x_i · row(r)` for the `m` input rows `xs` (m × k).
     fn row_dots(&self, r: usize, xs: &[f32], m: usize, prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]);
-    /// `out[j] = x · row(r0 + j)` for one input row (m = 1) over a block of rows, when a
-    /// fused kernel exists; false leaves the block to `row_dots`.
-    fn block_m1(&self, _r0: usize, _x: &[f32], _prep: &Self::Prep, _scratch: &mut Vec<f32>, _out: &mut [f32]) -> bool {
+    /// `out[j] = x_i · row(r0 + j)` for input row `i` over a block of rows, when a fused
+    /// kernel exists; false leaves the block to `row_dots`.
+    fn block_one(
+        &self,
+        _r0: usize,
+        _xs: &[f32],
+        _i: usize,
+        _prep: &Self::Prep,
+        _scratch: &mut Vec<f32>,
+        _out: &mut [f32],
+    ) -> bool {
         false
     }
     /// Rows `r0 .. r0 + cnt` as f32 into `dst` (cnt × k).
@@ -666,7 +674,21 @@ pub fn gemv<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
     yt.par_chunks_mut(GEMV_BLOCK * m).enumerate().for_each_init(Vec::new, |scratch, (bi, chunk)| {
         let r0 = bi * GEMV_BLOCK;
         let rows = chunk.len() / m;
-        if m == 1 && w.block_m1(r0, xs, &prep, scratch, chunk) {
+        if m == 1 && w.block_one(r0, xs, 0, &prep, scratch, chunk) {
+            return;
+        }
+        // a few input rows: the block kernel once per input row, the block's weights staying
+        // in cache between them
+        let mut one = [0f32; GEMV_BLOCK];
+        if m > 1 && w.block_one(r0, xs, 0, &prep, scratch, &mut one[..rows]) {
+            for i in 0..m {
+                if i > 0 {
+                    w.block_one(r0, xs, i, &prep, scratch, &mut one[..rows]);
+                }
+                for (j, v) in one[..rows].iter().enumerate() {
+                    chunk[j * m + i] = *v;
+                }
+            }
             return;
         }
         for j in 0..rows {
@@ -766,8 +788,9 @@ impl<T: Elem> WeightRows for DenseRows<'_, T> {
             out[i] = T::dot(&xs[i * k..(i + 1) * k], row);
         }
     }
-    fn block_m1(&self, r0: usize, x: &[f32], _prep: &(), _scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
+    fn block_one(&self, r0: usize, xs: &[f32], i: usize, _prep: &(), _scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
         let (k, d) = (self.k, self.data);
+        let x = &xs[i * k..(i + 1) * k];
         let mut j = 0;
         while j + 4 <= out.len() {
             let r = r0 + j;

@@ -101,13 +101,33 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
             out[i] = row_affine(&xs[i * k..(i + 1) * k], words, self.p.bits, gs, |j| s[j].to_f32()) + bias;
         }
     }
-    fn block_m1(&self, r0: usize, _x: &[f32], prep: &Self::Prep, scratch: &mut Vec<f32>, out: &mut [f32]) -> bool {
+    fn block_one(
+        &self,
+        r0: usize,
+        _xs: &[f32],
+        i: usize,
+        prep: &Self::Prep,
+        scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> bool {
         let (xsum, fast) = prep;
         let Some(input) = fast else { return false };
+        let g = self.groups();
         let width = self.p.packed_width(self.k);
         let words = &self.packed[r0 * width..(r0 + out.len()) * width];
         let (s, b) = self.block_scales(r0, out.len(), scratch);
-        simd::block_affine(self.p.bits, input, 0, self.k, self.p.group_size, words, s, b, xsum, out);
+        simd::block_affine(
+            self.p.bits,
+            input,
+            i,
+            self.k,
+            self.p.group_size,
+            words,
+            s,
+            b,
+            &xsum[i * g..(i + 1) * g],
+            out,
+        );
         true
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
