@@ -5,7 +5,7 @@
 //! batch, so the others do not pay for them.
 
 use crate::cache::{CacheKind, KvCache};
-use crate::generate::{check_context, check_vocab, maybe_quantize, FinishReason, GenerateOptions};
+use crate::generate::{check_context, check_vocab, maybe_quantize, per_sec, FinishReason, GenerateOptions};
 use crate::models::LanguageModel;
 use crate::sample::Sampler;
 use anyhow::{bail, Result};
@@ -142,9 +142,9 @@ pub fn batch_generate(
         tokens: out,
         finish_reasons: finish,
         prompt_tokens,
-        prompt_tps: prompt_tokens as f64 / prompt_time.max(1e-9),
+        prompt_tps: per_sec(prompt_tokens, prompt_time),
         generation_tokens: generated,
-        generation_tps: generated as f64 / gen_time.max(1e-9),
+        generation_tps: per_sec(generated, gen_time),
         peak_memory_gb: crate::memory::peak_memory_gb(),
     })
 }

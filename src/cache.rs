@@ -48,8 +48,13 @@ struct QuantBuf {
 }
 
 impl QuantBuf {
+    /// `t` (B, kv_heads, L, head_dim) quantized along the head dimension.
     fn quantize(t: &Tensor, p: QuantParams) -> Result<Self> {
-        let (packed, scales, biases) = quantize_tensor(t, p)?;
+        let d = t.dim(3)?;
+        if d % p.group_size != 0 {
+            bail!("--kv-group-size {}: does not divide the attention head size {d}", p.group_size);
+        }
+        let (packed, scales, biases) = quantize_tensor(&t.contiguous()?, p)?;
         Ok(Self { packed, scales, biases })
     }
 
@@ -186,7 +191,8 @@ impl KvCache {
     }
 
     /// Switches a standard cache to affine-quantized storage (mlx_lm's `to_quantized`); a no-op
-    /// when already quantized.
+    /// when already quantized, and on an empty cache (the generation loop quantizes after each
+    /// model call, once positions are stored).
     pub fn quantize(&mut self, params: QuantParams) -> Result<()> {
         if self.quant.is_some() {
             return Ok(());
@@ -194,23 +200,14 @@ impl KvCache {
         if self.rotation.is_some() {
             bail!("--kv-bits: a rotating cache (--max-kv-size or a sliding-window layer) cannot be quantized");
         }
-        if let (Some(k), Some(v)) = (self.keys.take(), self.values.take()) {
-            for t in [&k, &v] {
-                let d = t.dim(3)?;
-                if d % params.group_size != 0 {
-                    bail!("--kv-group-size {}: does not divide the attention head size {d}", params.group_size);
-                }
-            }
-            self.quant = Some(QuantStore {
-                params,
-                dtype: k.dtype(),
-                keys: QuantBuf::quantize(&k, params)?,
-                values: QuantBuf::quantize(&v, params)?,
-            });
-        } else {
-            // nothing stored yet: remember the format; buffers come with the first update
-            self.quant = Some(QuantStore::empty(params));
-        }
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else { return Ok(()) };
+        let store = QuantStore {
+            params,
+            dtype: k.dtype(),
+            keys: QuantBuf::quantize(k, params)?,
+            values: QuantBuf::quantize(v, params)?,
+        };
+        (self.keys, self.values, self.quant) = (None, None, Some(store));
         Ok(())
     }
 
@@ -350,19 +347,10 @@ impl KvCache {
     fn update_quantized(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let store = self.quant.as_mut().expect("quantized cache");
         let p = store.params;
-        for t in [k, v] {
-            let d = t.dim(3)?;
-            if d % p.group_size != 0 {
-                bail!("--kv-group-size {}: does not divide the attention head size {d}", p.group_size);
-            }
-        }
-        let (nk, nv) = (QuantBuf::quantize(&k.contiguous()?, p)?, QuantBuf::quantize(&v.contiguous()?, p)?);
+        let (nk, nv) = (QuantBuf::quantize(k, p)?, QuantBuf::quantize(v, p)?);
         let prev = self.offset;
         let l = k.dim(2)?;
-        let capacity = if store.is_empty() { 0 } else { store.keys.packed.dim(2)? };
-        if store.is_empty() {
-            store.dtype = k.dtype();
-        }
+        let capacity = store.keys.packed.dim(2)?;
         if prev + l > capacity {
             let grow = l.div_ceil(CACHE_STEP) * CACHE_STEP;
             let extend = |old: &QuantBuf, new: &QuantBuf| -> Result<QuantBuf> {
@@ -370,8 +358,7 @@ impl KvCache {
                     let mut shape = n.dims().to_vec();
                     shape[2] = grow;
                     let zeros = Tensor::zeros(shape, n.dtype(), n.device())?;
-                    let kept = if capacity > 0 { Some(o.narrow(2, 0, prev)?) } else { None };
-                    cat2(&kept.into_iter().chain([zeros]).collect::<Vec<_>>())
+                    cat2(&[o.narrow(2, 0, prev)?, zeros])
                 });
                 Ok(QuantBuf {
                     packed: parts.next().expect("3 parts")?,
@@ -427,9 +414,6 @@ impl KvCache {
     pub fn state(&self) -> Result<Option<CacheState>> {
         let offset = self.offset;
         if let Some(q) = &self.quant {
-            if q.is_empty() {
-                return Ok(None);
-            }
             let cut = |b: &QuantBuf| -> Result<[Tensor; 3]> {
                 let b = b.map(|t| Ok(t.narrow(2, 0, offset)?))?;
                 Ok([b.packed, b.scales, b.biases])
@@ -508,18 +492,5 @@ impl KvCache {
         let rotation = self.rotation.map(|r| Rotation { idx: 0, ..r });
         // back to plain storage: the generation loop quantizes again from --quantized-kv-start
         *self = Self { rotation, ..Self::default() };
-    }
-}
-
-impl QuantStore {
-    /// A format with no buffers yet (they are made on the first update).
-    fn empty(params: QuantParams) -> Self {
-        let none = Tensor::zeros(0, DType::U32, &candle_core::Device::Cpu).expect("an empty tensor");
-        let buf = QuantBuf { packed: none.clone(), scales: none.clone(), biases: none };
-        Self { params, keys: buf.clone(), values: buf, dtype: DType::F32 }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.keys.packed.rank() != 4
     }
 }

@@ -119,6 +119,35 @@ pub struct GenerationStats {
     pub finish_reason: FinishReason,
 }
 
+impl GenerationStats {
+    /// Statistics from token counts and the seconds they took, with the process's peak memory.
+    pub fn measured(
+        prompt_tokens: usize,
+        prompt_secs: f64,
+        generation_tokens: usize,
+        generation_secs: f64,
+        finish_reason: FinishReason,
+    ) -> Self {
+        Self {
+            prompt_tokens,
+            prompt_tps: per_sec(prompt_tokens, prompt_secs),
+            generation_tokens,
+            generation_tps: per_sec(generation_tokens, generation_secs),
+            peak_memory_gb: crate::memory::peak_memory_gb(),
+            finish_reason,
+        }
+    }
+}
+
+/// Tokens per second (0 for no tokens).
+pub fn per_sec(tokens: usize, secs: f64) -> f64 {
+    if tokens == 0 {
+        0.0
+    } else {
+        tokens as f64 / secs.max(1e-9)
+    }
+}
+
 /// Runs the model over `tokens` and returns the last position's logits as a host vector.
 pub fn step_logits(model: &dyn LanguageModel, tokens: &[u32], cache: &mut [KvCache]) -> Result<Vec<f32>> {
     let input = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
@@ -263,13 +292,5 @@ pub fn generate_with_cache(
         }
         token = pick(&mut logits, &seen)?;
     }
-    let gen_time = tic.elapsed().as_secs_f64();
-    Ok(GenerationStats {
-        prompt_tokens: prompt.len(),
-        prompt_tps: prompt.len() as f64 / prompt_time.max(1e-9),
-        generation_tokens: n,
-        generation_tps: if n > 0 { n as f64 / gen_time.max(1e-9) } else { 0.0 },
-        peak_memory_gb: crate::memory::peak_memory_gb(),
-        finish_reason: finish,
-    })
+    Ok(GenerationStats::measured(prompt.len(), prompt_time, n, tic.elapsed().as_secs_f64(), finish))
 }

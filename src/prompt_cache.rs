@@ -93,15 +93,13 @@ pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     f.read_exact(&mut header).with_context(|| format!("{what} is not a safetensors file"))?;
     let v: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| anyhow!("{what} is not a safetensors file: {e}"))?;
-    let mut out = BTreeMap::new();
-    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
-        for (k, v) in m {
-            if let (Some(key), Some(v)) = (k.strip_prefix("0."), v.as_str()) {
-                out.insert(key.to_string(), v.to_string());
-            }
-        }
-    }
-    Ok(out)
+    let entries = v.get("__metadata__").and_then(|m| m.as_object());
+    Ok(user_metadata(entries.into_iter().flatten().filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))))
+}
+
+/// The user's entries (`"0.<key>"`) among a file's metadata entries.
+fn user_metadata<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> BTreeMap<String, String> {
+    entries.filter_map(|(k, v)| Some((k.strip_prefix("0.")?.to_string(), v.to_string()))).collect()
 }
 
 /// Reads a prompt cache file written by wick or mlx_lm; keys and values come back in `dtype`
@@ -114,12 +112,10 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<PromptCacheFil
     let meta = header.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("cannot read the tensors of {what}"))?;
-    let mut metadata = BTreeMap::new();
+    let metadata = user_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut classes: BTreeMap<usize, String> = BTreeMap::new();
     for (k, v) in &meta {
-        if let Some(key) = k.strip_prefix("0.") {
-            metadata.insert(key.to_string(), v.clone());
-        } else if let Some(i) = k.strip_prefix("1.") {
+        if let Some(i) = k.strip_prefix("1.") {
             let i: usize = i.parse().map_err(|_| anyhow!("{what}: bad metadata key {k:?}"))?;
             classes.insert(i, v.clone());
         }

@@ -6,7 +6,7 @@
 
 use crate::cache::KvCache;
 use crate::generate::{
-    check_context, check_vocab, maybe_quantize, prefill_all_but_last, FinishReason, GenerateOptions,
+    check_context, check_vocab, maybe_quantize, prefill_all_but_last, FinishReason, GenerateOptions, GenerationStats,
 };
 use crate::models::LanguageModel;
 use crate::sample::Sampler;
@@ -21,7 +21,7 @@ pub const DEFAULT_NUM_DRAFT_TOKENS: usize = 3;
 /// Statistics of a speculative generation: mlx_lm's plus the draft's acceptance.
 #[derive(Debug, Clone)]
 pub struct SpeculativeStats {
-    pub generation: crate::generate::GenerationStats,
+    pub generation: GenerationStats,
     /// generated tokens that came from the draft model
     pub accepted: usize,
     /// draft tokens proposed
@@ -100,65 +100,53 @@ pub fn speculative_generate(
     let mut finish = FinishReason::Length;
     'outer: while ntoks < opts.max_tokens {
         let num_draft = num_draft_tokens.min(opts.max_tokens - ntoks);
-        // draft num_draft tokens, one at a time
-        let mut drafts = Vec::with_capacity(num_draft);
-        let mut context = seen.clone();
+        // draft num_draft tokens, one at a time (pushed onto `seen` for the processors, then
+        // taken off again)
+        let base = seen.len();
         let mut input = draft_y.clone();
         for _ in 0..num_draft {
             let ids = Tensor::new(input.as_slice(), draft.device())?.unsqueeze(0)?;
             let mut logits = draft.forward(&ids, &mut draft_cache, true)?.flatten_all()?.to_vec1::<f32>()?;
             maybe_quantize(quant, &mut draft_cache)?;
-            let t = pick(&mut draft_sampler, &mut logits, &context)?;
-            drafts.push(t);
-            context.push(t);
+            let t = pick(&mut draft_sampler, &mut logits, &seen)?;
+            seen.push(t);
             input = vec![t];
         }
+        let drafts = seen.split_off(base);
         drafted += num_draft;
-        // verify: the main model over y and the drafts, one pass
+        // verify: the main model over y and the drafts, one pass; its own pick at each
+        // position, up to the first that differs from the draft
         let verify: Vec<u32> = y.iter().chain(&drafts).copied().collect();
         let ids = Tensor::new(verify.as_slice(), model.device())?.unsqueeze(0)?;
         let all = model.forward(&ids, &mut cache, false)?;
         maybe_quantize(quant, &mut cache)?;
         let l = all.dim(1)?;
         let rows = all.squeeze(0)?.narrow(0, l - (num_draft + 1), num_draft + 1)?.to_vec2::<f32>()?;
-        let mut context = seen.clone();
         let mut tokens = Vec::with_capacity(num_draft + 1);
         for (i, mut row) in rows.into_iter().enumerate() {
-            let t = pick(&mut sampler, &mut row, &context)?;
+            let t = pick(&mut sampler, &mut row, &seen)?;
             tokens.push(t);
-            if i < num_draft {
-                if t != drafts[i] {
-                    break;
-                }
-                context.push(t);
+            if i == num_draft || t != drafts[i] {
+                break;
             }
-        }
-        prompt_time.get_or_insert_with(|| tic.elapsed().as_secs_f64());
-        let mut n = 0;
-        // accepted draft tokens, then the main model's own token
-        let mut emit = |t: u32, from_draft: bool, seen: &mut Vec<u32>| -> Result<bool> {
             seen.push(t);
-            Ok(!eos_token_ids.contains(&t) && on_token(t, from_draft)?)
-        };
-        while n < num_draft && tokens[n] == drafts[n] {
-            n += 1;
+        }
+        seen.truncate(base);
+        prompt_time.get_or_insert_with(|| tic.elapsed().as_secs_f64());
+        // the accepted draft tokens, then the main model's own token
+        let n = tokens.len() - 1;
+        for (i, &t) in tokens.iter().enumerate() {
+            let from_draft = i < n;
             ntoks += 1;
-            accepted += 1;
-            if !emit(tokens[n - 1], true, &mut seen)? {
+            accepted += from_draft as usize;
+            seen.push(t);
+            if eos_token_ids.contains(&t) || !on_token(t, from_draft)? {
                 finish = FinishReason::Stop;
                 break 'outer;
             }
             if ntoks == opts.max_tokens {
                 break 'outer;
             }
-        }
-        ntoks += 1;
-        if !emit(tokens[n], false, &mut seen)? {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if ntoks == opts.max_tokens {
-            break;
         }
         // rewind both caches to the accepted tokens
         trim(&mut cache, num_draft - n);
@@ -168,17 +156,7 @@ pub fn speculative_generate(
         draft_y = if n == num_draft { vec![drafts[num_draft - 1], tokens[n]] } else { vec![tokens[n]] };
     }
     let prompt_time = prompt_time.unwrap_or_else(|| tic.elapsed().as_secs_f64());
-    let gen_time = gen_tic.elapsed().as_secs_f64();
-    Ok(SpeculativeStats {
-        generation: crate::generate::GenerationStats {
-            prompt_tokens: prompt.len(),
-            prompt_tps: prompt.len() as f64 / prompt_time.max(1e-9),
-            generation_tokens: ntoks,
-            generation_tps: if ntoks > 0 { ntoks as f64 / gen_time.max(1e-9) } else { 0.0 },
-            peak_memory_gb: crate::memory::peak_memory_gb(),
-            finish_reason: finish,
-        },
-        accepted,
-        drafted,
-    })
+    let generation =
+        GenerationStats::measured(prompt.len(), prompt_time, ntoks, gen_tic.elapsed().as_secs_f64(), finish);
+    Ok(SpeculativeStats { generation, accepted, drafted })
 }

@@ -35,6 +35,23 @@ fn greedy(model: &dyn LanguageModel, prompt: &[u32], opts: &GenerateOptions) -> 
     out
 }
 
+/// Greedy tokens continuing `cache` with `prompt` (no eos stop).
+fn continue_cache(
+    model: &dyn LanguageModel,
+    prompt: &[u32],
+    cache: &mut [wick::cache::KvCache],
+    opts: &GenerateOptions,
+) -> Vec<u32> {
+    let mut sampler = Sampler::new(opts.sampler.clone()).unwrap();
+    let mut got = vec![];
+    generate_with_cache(model, prompt, cache, &mut sampler, opts, &BTreeSet::new(), false, |t| {
+        got.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    got
+}
+
 fn prompts() -> Vec<(Vec<u32>, Vec<u32>)> {
     json("smollm2_greedy.json")["cases"]
         .as_array()
@@ -103,23 +120,7 @@ fn prompt_cache_written_by_mlx_lm_continues_like_mlx_lm() {
     assert_eq!(cache[0].offset(), ids(&g["cached_ids"]).len());
     let want = ids(&g["greedy_f32"]);
     let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
-    let mut sampler = Sampler::new(opts.sampler.clone()).unwrap();
-    let mut got = vec![];
-    generate_with_cache(
-        m.as_ref(),
-        &ids(&g["query_ids"]),
-        &mut cache,
-        &mut sampler,
-        &opts,
-        &BTreeSet::new(),
-        false,
-        |t| {
-            got.push(t);
-            Ok(true)
-        },
-    )
-    .unwrap();
-    assert_eq!(got, want);
+    assert_eq!(continue_cache(m.as_ref(), &ids(&g["query_ids"]), &mut cache, &opts), want);
 
     // the CLI: the query becomes the rest of the cached user message, as mlx_lm.generate does
     let out = wick()
@@ -202,22 +203,7 @@ fn saved_prompt_cache_continues_like_the_full_prompt() {
                 wick::cache::CacheKind::Standard
             }
         );
-        let mut sampler = Sampler::new(opts.sampler.clone()).unwrap();
-        let mut got = vec![];
-        generate_with_cache(
-            m.as_ref(),
-            &prompt[split..],
-            &mut cache,
-            &mut sampler,
-            &opts,
-            &BTreeSet::new(),
-            false,
-            |t| {
-                got.push(t);
-                Ok(true)
-            },
-        )
-        .unwrap();
+        let got = continue_cache(m.as_ref(), &prompt[split..], &mut cache, &opts);
         assert_eq!(got, full, "{kind} cache: continuing a saved cache differs from the full prompt");
     }
 }
