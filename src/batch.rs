@@ -124,8 +124,11 @@ pub fn batch_generate(
             }
         }
         if keep.len() < active.len() {
-            for c in cache.iter_mut() {
-                c.select_rows(&keep)?;
+            // when every row is done the loop ends below: no cache rows to select
+            if !keep.is_empty() {
+                for c in cache.iter_mut() {
+                    c.select_rows(&keep)?;
+                }
             }
             active = keep.iter().map(|&r| active[r]).collect();
         }

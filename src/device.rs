@@ -9,7 +9,7 @@ pub fn select_device(name: Option<&str>) -> Result<Device> {
         None | Some("auto") => {
             #[cfg(feature = "cuda")]
             if let Ok(d) = Device::new_cuda(0) {
-                return Ok(d);
+                return Ok(single_stream(d));
             }
             #[cfg(feature = "metal")]
             if let Ok(d) = Device::new_metal(0) {
@@ -23,8 +23,9 @@ pub fn select_device(name: Option<&str>) -> Result<Device> {
             if !cfg!(feature = "cuda") {
                 bail!("--device {s}: this wick was built without CUDA support (rebuild with `--features cuda`)");
             }
-            Device::new_cuda(ordinal)
-                .map_err(|e| anyhow::anyhow!("--device {s}: cannot open CUDA device {ordinal}: {e}"))
+            let d = Device::new_cuda(ordinal)
+                .map_err(|e| anyhow::anyhow!("--device {s}: cannot open CUDA device {ordinal}: {e}"))?;
+            Ok(single_stream(d))
         }
         Some(s) if s == "metal" || s.starts_with("metal:") => {
             let ordinal = parse_ordinal(s)?;
@@ -36,6 +37,21 @@ pub fn select_device(name: Option<&str>) -> Result<Device> {
         }
         Some(s) => bail!("--device {s}: expected one of cpu, cuda, cuda:N, metal, auto"),
     }
+}
+
+/// wick runs all work of a device on its one stream, where stream order alone keeps a buffer
+/// alive until the kernels using it have run; cudarc's per-tensor event tracking (for
+/// multi-stream use) only adds host work to every op, so it is turned off for the tensors this
+/// device makes. `WICK_CUDA_EVENT_TRACKING=1` keeps it (for comparisons).
+fn single_stream(d: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        if std::env::var_os("WICK_CUDA_EVENT_TRACKING").is_none_or(|v| v != "1") {
+            // SAFETY: one stream per device (above).
+            unsafe { c.disable_event_tracking() };
+        }
+    }
+    d
 }
 
 fn parse_ordinal(s: &str) -> Result<usize> {

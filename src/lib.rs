@@ -7,6 +7,8 @@ pub mod cache;
 pub mod chat;
 pub mod cli;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod generate;
 pub mod gguf;

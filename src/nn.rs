@@ -517,7 +517,7 @@ pub fn scaled_dot_product_attention(
     mask: MaskSpec,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 {
+    if q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 && own_decode_attention(q, k, v)? {
         let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32), starts: mask.left_padding };
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
@@ -547,6 +547,22 @@ pub fn scaled_dot_product_attention(
 /// and row `b` sees no key before `left_padding[b]`; a padding query sees only itself, so that
 /// its softmax stays finite.
 fn causal_mask(n_rep: usize, l: usize, t: usize, spec: &MaskSpec, device: &Device) -> Result<Tensor> {
+    // Every layer of one forward pass asks for the same mask: build and upload it once.
+    type Key = (usize, usize, usize, MaskSpec);
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Key, Tensor)>> = const { std::cell::RefCell::new(None) };
+    }
+    let key: Key = (n_rep, l, t, spec.clone());
+    let hit = |(k, m): &(Key, Tensor)| *k == key && m.device().same_device(device);
+    if let Some(m) = LAST.with_borrow(|last| last.as_ref().filter(|e| hit(e)).map(|(_, m)| m.clone())) {
+        return Ok(m);
+    }
+    let m = build_causal_mask(n_rep, l, t, spec, device)?;
+    LAST.with_borrow_mut(|last| *last = Some((key, m.clone())));
+    Ok(m)
+}
+
+fn build_causal_mask(n_rep: usize, l: usize, t: usize, spec: &MaskSpec, device: &Device) -> Result<Tensor> {
     let pads: &[usize] = spec.left_padding.as_deref().unwrap_or(&[0]);
     let mut m = Vec::with_capacity(pads.len() * n_rep * l * t);
     for &pad in pads {
@@ -566,6 +582,30 @@ fn causal_mask(n_rep: usize, l: usize, t: usize, spec: &MaskSpec, device: &Devic
     })
 }
 
+/// `(x Qᵀ, x Kᵀ, x Vᵀ)` with one fused kernel where the backend has one (CUDA decode with
+/// bias-free quantized projections); `None`: run them one by one.
+pub fn fused_qkv(x: &Tensor, q: &Linear, k: &Linear, v: &Linear) -> Result<Option<[Tensor; 3]>> {
+    match (q, k, v) {
+        (
+            Linear::Quantized { weight: qw, bias: None },
+            Linear::Quantized { weight: kw, bias: None },
+            Linear::Quantized { weight: vw, bias: None },
+        ) => crate::quant::matmul::fused_qkv(x, qw, kw, vw),
+        _ => Ok(None),
+    }
+}
+
+/// `silu(x Gᵀ) · (x Uᵀ)` with one fused kernel where the backend has one; `None`: run the
+/// projections and the activation separately.
+pub fn fused_swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Option<Tensor>> {
+    match (gate, up) {
+        (Linear::Quantized { weight: g, bias: None }, Linear::Quantized { weight: u, bias: None }) => {
+            crate::quant::matmul::fused_swiglu(x, g, u)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// SwiGLU activation: `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((candle_nn::ops::silu(gate)? * up)?)
@@ -576,6 +616,26 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Linear::forward(self, x).map_err(candle_core::Error::wrap)
     }
+}
+
+/// Whether [`DecodeAttention`] runs this decode step: always on the CPU; on CUDA within the
+/// kernel's limits (head size at most 256, whole query heads per KV head).
+fn own_decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+    if q.device().is_cpu() {
+        return Ok(true);
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let (h, kvh) = (q.dim(1)?, k.dim(1)?);
+        let ok = h % kvh == 0
+            && q.dim(3)? <= crate::cuda::ATTN_MAX_HEAD_DIM
+            && v.dim(3)? <= crate::cuda::ATTN_MAX_HEAD_DIM
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype();
+        return Ok(ok);
+    }
+    let _ = (k, v);
+    Ok(false)
 }
 
 /// Attention of one query position over the whole cache on the CPU (the decode step): per head,
@@ -590,6 +650,19 @@ struct DecodeAttention {
 impl candle_core::CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "decode-attention"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &candle_core::Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        crate::cuda::decode_attention((qs, ql), (ks, kl), (vs, vl), self.scale, self.softcap, self.starts.as_deref())
     }
 
     fn cpu_fwd(

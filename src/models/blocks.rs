@@ -118,7 +118,10 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (q, k, v) = match &self.qkv {
-            QkvProj::Separate(q, k, v) => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            QkvProj::Separate(q, k, v) => match crate::nn::fused_qkv(x, q, k, v)? {
+                Some([q, k, v]) => (q, k, v),
+                None => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            },
             QkvProj::Fused(qkv) => {
                 let t = qkv.forward(x)?;
                 let (nq, nk) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
@@ -193,7 +196,12 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = match &self.gate_up {
-            GateUp::Separate(g, u) => (g.forward(x)?, u.forward(x)?),
+            GateUp::Separate(g, u) => {
+                if let (Act::Silu, Some(h)) = (self.act, crate::nn::fused_swiglu(x, g, u)?) {
+                    return self.down_proj.forward(&h);
+                }
+                (g.forward(x)?, u.forward(x)?)
+            }
             GateUp::Fused(gu) => {
                 let t = gu.forward(x)?;
                 (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?)

@@ -213,6 +213,11 @@ pub fn dequantize_tensor(
 ) -> Result<candle_core::Tensor> {
     use candle_core::{DType, Tensor};
     let (lead, width) = split_last(packed.dims())?;
+    #[cfg(feature = "cuda")]
+    if packed.device().is_cuda() {
+        let op = super::matmul::Dequantize { p };
+        return Ok(packed.contiguous()?.apply_op3_no_bwd(&scales.contiguous()?, &biases.contiguous()?, &op)?);
+    }
     let rows = lead.iter().product();
     let cols = width * 32 / p.bits;
     let dtype = scales.dtype();

@@ -1,7 +1,8 @@
 //! The quantized matmul op `y = x · dequant(W)ᵀ` as a candle `CustomOp1` on `x` (the weight is
 //! frozen and travels inside the op). Backends sit side by side: `cpu_fwd` runs our CPU kernels
-//! (`quant::cpu`); other devices dequantize and use the device's matmul until their own kernels
-//! land. The backward pass gives the gradient with respect to `x` (for LoRA on quantized models).
+//! (`quant::cpu`), `cuda_fwd` our CUDA kernels (`quant::cuda`, source in `quant/cuda/affine.cu`);
+//! Metal dequantizes and uses the device's matmul until its kernels land. The backward pass
+//! gives the gradient with respect to `x` (for LoRA on quantized models).
 
 use super::cpu::AffineRows;
 use super::weight::QuantizedWeight;
@@ -77,6 +78,40 @@ impl CustomOp1 for QMatMul {
         Ok((storage, Shape::from(out_dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let k = *l.shape().dims().last().unwrap_or(&0);
+        if k != self.w.in_dim {
+            candle_core::bail!("quantized matmul: input has {k} features, the weight expects {}", self.w.in_dim);
+        }
+        if s.dtype() != self.w.scales.dtype() {
+            candle_core::bail!(
+                "quantized matmul on CUDA: input dtype {:?} differs from the scales' {:?}",
+                s.dtype(),
+                self.w.scales.dtype()
+            );
+        }
+        let (pst, pl) = self.w.packed.storage_and_layout();
+        let (sst, sl) = self.w.scales.storage_and_layout();
+        let (bst, bl) = self.w.biases.storage_and_layout();
+        let parts = super::cuda::WeightParts {
+            packed: super::cuda::cuda_storage(&pst, "packed codes")?,
+            packed_layout: pl,
+            scales: super::cuda::cuda_storage(&sst, "scales")?,
+            scales_layout: sl,
+            biases: super::cuda::cuda_storage(&bst, "biases")?,
+            biases_layout: bl,
+            n: self.w.out_dim,
+            k: self.w.in_dim,
+            p: self.w.params,
+        };
+        super::cuda::qmv(s, l, &parts)
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // dL/dx = dL/dy · W
         let w = self.w.dequantize().map_err(candle_core::Error::wrap)?.to_dtype(grad_res.dtype())?;
@@ -90,12 +125,214 @@ impl CustomOp1 for QMatMul {
     }
 }
 
+/// `mx.dequantize` as an op on (packed, scales, biases) for the GPU backends; the CPU path is
+/// `affine::dequantize_tensor`'s own loop.
+#[cfg(feature = "cuda")]
+pub(crate) struct Dequantize {
+    pub p: super::QuantParams,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for Dequantize {
+    fn name(&self) -> &'static str {
+        "affine-dequantize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("affine-dequantize op: on the CPU use quant::dequantize_tensor")
+    }
+
+    fn cuda_fwd(
+        &self,
+        packed: &candle_core::CudaStorage,
+        pl: &Layout,
+        scales: &candle_core::CudaStorage,
+        sl: &Layout,
+        biases: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = pl.shape().dims();
+        let width = *dims.last().unwrap_or(&0);
+        let k = width * 32 / self.p.bits;
+        let n = pl.shape().elem_count() / width.max(1);
+        let parts = super::cuda::WeightParts {
+            packed,
+            packed_layout: pl,
+            scales,
+            scales_layout: sl,
+            biases,
+            biases_layout: bl,
+            n,
+            k,
+            p: self.p,
+        };
+        let out = super::cuda::dequantize(packed.device(), &parts, scales.dtype())?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("a matrix") = k;
+        Ok((out, Shape::from(out_dims)))
+    }
+}
+
 /// `x Wᵀ` for a quantized `W`, `x` of shape (…, in).
 pub fn quantized_matmul(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     if x.device().is_cpu() {
         let x = x.contiguous()?;
         return Ok(x.apply_op1(QMatMul { w: w.clone() })?);
     }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        // The kernels take activations in the scales' dtype (the model's dtype).
+        let xin = x.to_dtype(w.scales.dtype())?.contiguous()?;
+        let m = xin.elem_count() / w.in_dim.max(1);
+        let y = if m <= super::cuda::MAX_DECODE_ROWS {
+            xin.apply_op1(QMatMul { w: w.clone() })?
+        } else {
+            crate::nn::dense_matmul(&xin, &w.dequantize()?)?
+        };
+        return Ok(y.to_dtype(x.dtype())?);
+    }
     let dense = w.dequantize()?.to_dtype(x.dtype())?;
     crate::nn::dense_matmul(x, &dense)
+}
+
+/// The fused decode ops of the CUDA backend (no CPU or backward: inference only).
+#[cfg(feature = "cuda")]
+mod fused {
+    use super::*;
+    use crate::quant::cuda::{self, WeightParts};
+
+    /// The storage guards of one weight, held while a kernel is launched.
+    fn with_parts<R>(
+        w: &QuantizedWeight,
+        f: impl FnOnce(&WeightParts) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (pst, pl) = w.packed.storage_and_layout();
+        let (sst, sl) = w.scales.storage_and_layout();
+        let (bst, bl) = w.biases.storage_and_layout();
+        let parts = WeightParts {
+            packed: cuda::cuda_storage(&pst, "packed codes")?,
+            packed_layout: pl,
+            scales: cuda::cuda_storage(&sst, "scales")?,
+            scales_layout: sl,
+            biases: cuda::cuda_storage(&bst, "biases")?,
+            biases_layout: bl,
+            n: w.out_dim,
+            k: w.in_dim,
+            p: w.params,
+        };
+        f(&parts)
+    }
+
+    struct Qmv3(pub [QuantizedWeight; 3]);
+
+    impl CustomOp1 for Qmv3 {
+        fn name(&self) -> &'static str {
+            "affine-quantized-matmul-x3"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("affine-quantized-matmul-x3 runs on CUDA only")
+        }
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            let [a, b, c] = &self.0;
+            with_parts(a, |pa| with_parts(b, |pb| with_parts(c, |pc| cuda::qmv3(s, l, [pa, pb, pc]))))
+        }
+    }
+
+    struct QmvSwiGlu(pub QuantizedWeight, pub QuantizedWeight);
+
+    impl CustomOp1 for QmvSwiGlu {
+        fn name(&self) -> &'static str {
+            "affine-quantized-swiglu"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("affine-quantized-swiglu runs on CUDA only")
+        }
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            with_parts(&self.0, |g| with_parts(&self.1, |u| cuda::qmv_swiglu(s, l, g, u)))
+        }
+    }
+
+    /// The input of a fused decode kernel when one applies: `x` on CUDA with at most 8 rows,
+    /// and weights of one family (same input size, bits, group size and scale dtype) with bits
+    /// the fused kernels are built for. `None`: use the separate matmuls.
+    fn fused_input(x: &Tensor, ws: &[&QuantizedWeight]) -> Result<Option<Tensor>> {
+        let w0 = ws[0];
+        let same =
+            ws.iter().all(|w| w.in_dim == w0.in_dim && w.params == w0.params && w.scales.dtype() == w0.scales.dtype());
+        if !x.device().is_cuda() || !same || !cuda::has_fused(w0.params) {
+            return Ok(None);
+        }
+        if x.elem_count() / w0.in_dim.max(1) > cuda::MAX_DECODE_ROWS {
+            return Ok(None);
+        }
+        let x = x.to_dtype(w0.scales.dtype())?;
+        let x = if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.copy()? };
+        Ok(Some(x))
+    }
+
+    /// `(x Qᵀ, x Kᵀ, x Vᵀ)` in one launch on CUDA for decode; `None` where no fused kernel applies.
+    pub fn fused_qkv(
+        x: &Tensor,
+        q: &QuantizedWeight,
+        k: &QuantizedWeight,
+        v: &QuantizedWeight,
+    ) -> Result<Option<[Tensor; 3]>> {
+        let Some(xin) = fused_input(x, &[q, k, v])? else { return Ok(None) };
+        let flat = xin.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()]))?;
+        let lead = &x.dims()[..x.rank() - 1];
+        let m: usize = lead.iter().product();
+        let mut at = 0;
+        let mut part = |n: usize| -> Result<Tensor> {
+            let t = flat.narrow(0, at, m * n)?.reshape([lead, &[n]].concat())?.to_dtype(x.dtype())?;
+            at += m * n;
+            Ok(t)
+        };
+        Ok(Some([part(q.out_dim)?, part(k.out_dim)?, part(v.out_dim)?]))
+    }
+
+    /// `silu(x Gᵀ) · (x Uᵀ)` in one launch on CUDA for decode; `None` where no fused kernel applies.
+    pub fn fused_swiglu(x: &Tensor, gate: &QuantizedWeight, up: &QuantizedWeight) -> Result<Option<Tensor>> {
+        if gate.out_dim != up.out_dim {
+            return Ok(None);
+        }
+        let Some(xin) = fused_input(x, &[gate, up])? else { return Ok(None) };
+        let y = xin.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone()))?;
+        Ok(Some(y.to_dtype(x.dtype())?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use fused::{fused_qkv, fused_swiglu};
+
+/// Without CUDA there is no fused decode kernel: the separate matmuls run.
+#[cfg(not(feature = "cuda"))]
+pub fn fused_qkv(
+    _x: &Tensor,
+    _q: &QuantizedWeight,
+    _k: &QuantizedWeight,
+    _v: &QuantizedWeight,
+) -> Result<Option<[Tensor; 3]>> {
+    Ok(None)
+}
+
+/// Without CUDA there is no fused decode kernel: the separate matmuls run.
+#[cfg(not(feature = "cuda"))]
+pub fn fused_swiglu(_x: &Tensor, _gate: &QuantizedWeight, _up: &QuantizedWeight) -> Result<Option<Tensor>> {
+    Ok(None)
 }

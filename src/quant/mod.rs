@@ -10,4 +10,6 @@ pub use affine::{dequantize, dequantize_tensor, pack, quantize, quantize_tensor,
 pub use config::QuantSpec;
 pub use weight::QuantizedWeight;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod matmul;

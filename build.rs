@@ -1,0 +1,46 @@
+//! With the `cuda` feature, compiles wick's CUDA kernels (src/quant/cuda/affine.cu: the quantized
+//! matmul; src/cuda/attention.cu: decode attention) with nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90, the H100/H200) plus PTX for
+//! compute_80, which the driver JIT-compiles on any other GPU of compute capability 8.0 or newer.
+//! Without the feature nothing is built and no CUDA toolchain is needed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    const SOURCES: [(&str, &str); 2] = [("src/quant/cuda/affine.cu", "affine"), ("src/cuda/attention.cu", "attention")];
+    for (src, _) in SOURCES {
+        println!("cargo:rerun-if-changed={src}");
+    }
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let nvcc = std::env::var("NVCC")
+        .ok()
+        .or_else(|| std::env::var("CUDA_ROOT").ok().map(|r| format!("{r}/bin/nvcc")))
+        .unwrap_or_else(|| "nvcc".into());
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap = cap.trim().replace('.', "");
+    for (src, name) in SOURCES {
+        let out = out_dir.join(format!("{name}.fatbin"));
+        let status = Command::new(&nvcc)
+            .args(["-fatbin", "-O3", "-std=c++17"])
+            .arg(format!("-gencode=arch=compute_{cap},code=sm_{cap}"))
+            .arg("-gencode=arch=compute_80,code=compute_80")
+            .arg(src)
+            .arg("-o")
+            .arg(&out)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("nvcc failed ({s}) compiling {src}"),
+            Err(e) => panic!(
+                "the `cuda` feature needs nvcc (CUDA 13.0) to compile {src}, and `{nvcc}` could not be run: {e}. \
+                 Run `source scripts/cuda-toolchain.sh` first (see docs/cuda.md), or set NVCC / CUDA_ROOT."
+            ),
+        }
+    }
+}

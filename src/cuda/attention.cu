@@ -1,0 +1,184 @@
+// Decode attention on CUDA: one query position per (batch row, head) over the strided KV cache,
+// split over blocks of 128 keys and combined (flash-decoding): two launches instead of the
+// dozen launches and the cache copies of matmul + softmax + matmul, and enough blocks to keep
+// the GPU busy at batch 1. Grouped-query heads read their shared KV head in place. Launched
+// from src/cuda/mod.rs; compiled by build.rs.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+constexpr int THREADS = 128;                // 4 warps per block
+constexpr int WARPS = THREADS / 32;
+constexpr int CHUNK = 128;                  // keys per block
+constexpr int MAX_D = 256;                  // head size limit (keys and values)
+constexpr int PER_LANE = MAX_D / 32;
+constexpr int INFLIGHT = 4;                 // keys whose loads a warp issues together
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Split-keys decode attention (flash-decoding), first pass. Block (bh, s) takes query head
+// bh = b*H + head over keys s*CHUNK .. (s+1)*CHUNK and writes its unnormalized partial output
+// o (DV floats), the chunk's max score m and its sum of exp(score - m) l.
+// q: (B, H, D) contiguous; k: (B, KV, T, D), v: (B, KV, T, DV) with element strides
+// (sb, sh, st, 1); grouped-query heads read their KV head in place. starts: per batch row the
+// first visible key, or null.
+template <typename T>
+__device__ void attention_partial_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                       float* __restrict__ part_o, float* __restrict__ part_ml,
+                                       const int* __restrict__ starts, int h, int kvh, int t_len, int d, int dv,
+                                       long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
+                                       long long vst, float scale, float softcap) {
+    __shared__ float qs[MAX_D];
+    __shared__ float sc[CHUNK];
+    __shared__ float red[WARPS];
+    __shared__ float po[WARPS][MAX_D];
+    const int bh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    const int b = bh / h, kv = (bh % h) / (h / kvh);
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int start = starts ? starts[b] : 0;
+    const int j0 = split * CHUNK, j1 = min(t_len, j0 + CHUNK);
+    for (int i = tid; i < d; i += THREADS) qs[i] = to_f32(q[(size_t)bh * d + i]) * scale;
+    __syncthreads();
+    const T* kb = k + b * ksb + kv * ksh;
+    const T* vb = v + b * vsb + kv * vsh;
+    // scores: a warp per key (lanes over the head dimension), INFLIGHT keys at a time
+    float mx = -INFINITY;
+    for (int jb = j0 + warp * INFLIGHT; jb < j1; jb += WARPS * INFLIGHT) {
+        float kx[INFLIGHT][PER_LANE];
+#pragma unroll
+        for (int u = 0; u < INFLIGHT; ++u) {
+            const T* kr = kb + (long long)(jb + u) * kst;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; ++c) {
+                const int i = lane + 32 * c;
+                kx[u][c] = (jb + u < j1 && i < d) ? to_f32(kr[i]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < INFLIGHT; ++u) {
+            float s = 0.f;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; ++c) {
+                const int i = lane + 32 * c;
+                if (i < d) s = fmaf(qs[i], kx[u][c], s);
+            }
+            s = warp_sum(s);
+            const int j = jb + u;
+            if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+            if (j < start) s = -INFINITY;
+            if (j < j1) {
+                if (lane == 0) sc[j - j0] = s;
+                mx = fmaxf(mx, s);
+            }
+        }
+    }
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = red[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) mx = fmaxf(mx, red[w]);
+    __syncthreads();
+    float l = 0.f;
+    for (int j = j0 + tid; j < j1; j += THREADS) {
+        const float e = mx == -INFINITY ? 0.f : __expf(sc[j - j0] - mx);
+        sc[j - j0] = e;
+        l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) red[warp] = l;
+    __syncthreads();
+    l = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) l += red[w];
+    // values: a warp per key, lanes over the value dimension
+    float acc[PER_LANE];
+#pragma unroll
+    for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
+    for (int jb = j0 + warp * INFLIGHT; jb < j1; jb += WARPS * INFLIGHT) {
+        float vx[INFLIGHT][PER_LANE];
+#pragma unroll
+        for (int u = 0; u < INFLIGHT; ++u) {
+            const T* vr = vb + (long long)(jb + u) * vst;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; ++c) {
+                const int i = lane + 32 * c;
+                vx[u][c] = (jb + u < j1 && i < dv) ? to_f32(vr[i]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < INFLIGHT; ++u) {
+            const float p = jb + u < j1 ? sc[jb + u - j0] : 0.f;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; ++c) acc[c] = fmaf(p, vx[u][c], acc[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < PER_LANE; ++c) {
+        const int i = lane + 32 * c;
+        if (i < dv) po[warp][i] = acc[c];
+    }
+    __syncthreads();
+    float* o = part_o + ((size_t)bh * splits + split) * dv;
+    for (int i = tid; i < dv; i += THREADS) {
+        float x = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) x += po[w][i];
+        o[i] = x;
+    }
+    if (tid == 0) {
+        part_ml[((size_t)bh * splits + split) * 2] = mx;
+        part_ml[((size_t)bh * splits + split) * 2 + 1] = l;
+    }
+}
+
+// Second pass: out[bh] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
+template <typename T>
+__device__ void attention_combine_impl(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                       T* __restrict__ out, int splits, int dv) {
+    const int bh = blockIdx.x;
+    const float* ml = part_ml + (size_t)bh * splits * 2;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, ml[2 * s]);
+    float l = 0.f;
+    for (int s = 0; s < splits; ++s) l += ml[2 * s] == -INFINITY ? 0.f : __expf(ml[2 * s] - m) * ml[2 * s + 1];
+    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
+        float x = 0.f;
+        for (int s = 0; s < splits; ++s)
+            if (ml[2 * s] != -INFINITY) x += __expf(ml[2 * s] - m) * part_o[((size_t)bh * splits + s) * dv + i];
+        out[(size_t)bh * dv + i] = from_f32<T>(x / l);
+    }
+}
+
+#define ATTN(T, TN)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS) wick_attention_partial_##TN(                         \
+        const T* q, const T* k, const T* v, float* part_o, float* part_ml, const int* starts, int h, int kvh,   \
+        int t_len, int d, int dv, long long ksb, long long ksh, long long kst, long long vsb, long long vsh,    \
+        long long vst, float scale, float softcap) {                                                            \
+        attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, h, kvh, t_len, d, dv, ksb, ksh, kst, vsb,   \
+                                  vsh, vst, scale, softcap);                                                    \
+    }                                                                                                           \
+    extern "C" __global__ void wick_attention_combine_##TN(const float* part_o, const float* part_ml, T* out,   \
+                                                           int splits, int dv) {                                \
+        attention_combine_impl<T>(part_o, part_ml, out, splits, dv);                                            \
+    }
+ATTN(float, f32)
+ATTN(__half, f16)
+ATTN(__nv_bfloat16, bf16)

@@ -1,0 +1,272 @@
+//! CUDA backend of the affine quantized matmul: launches the kernels of `cuda/affine.cu`
+//! (compiled by build.rs into a fatbin embedded in the binary, loaded by `crate::cuda`).
+//!
+//! - up to 8 input rows (decode, small batches): `wick_qmv_*`, one warp per output row,
+//!   reading the packed weight once per call;
+//! - more rows (prefill): the weight is dequantized by `wick_dequant_*` into a dense temporary
+//!   and multiplied with cuBLAS on the tensor cores (see docs/cuda.md for why and what it costs).
+
+use super::affine::QuantParams;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{DType, Layout, Result, Shape, WithDType};
+use half::{bf16, f16};
+
+/// Decode kernels are instantiated for at most this many input rows; more rows run in slices.
+pub const MAX_DECODE_ROWS: usize = 8;
+const WARPS_PER_BLOCK: usize = 8;
+
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    crate::cuda::function(dev, crate::cuda::Module::Affine, name)
+}
+
+fn dtype_name(d: DType) -> Result<&'static str> {
+    crate::cuda::dtype_suffix(d, "quantized matmul")
+}
+
+/// The contiguous CUDA slice of a weight part (stored contiguous from offset 0).
+fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<&'a CudaSlice<T>> {
+    if !(l.is_contiguous() && l.start_offset() == 0) {
+        candle_core::bail!("quantized matmul on CUDA: the weight's {what} must be a contiguous tensor");
+    }
+    st.as_cuda_slice::<T>()
+}
+
+/// The CUDA storage of a weight part.
+pub fn cuda_storage<'a>(st: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+    match st {
+        candle_core::Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("quantized matmul on CUDA: the weight's {what} is not on the CUDA device"),
+    }
+}
+
+/// The three parts of a quantized weight on one CUDA device, with its shape (`n` rows of `k`).
+pub struct WeightParts<'a> {
+    pub packed: &'a CudaStorage,
+    pub packed_layout: &'a Layout,
+    pub scales: &'a CudaStorage,
+    pub scales_layout: &'a Layout,
+    pub biases: &'a CudaStorage,
+    pub biases_layout: &'a Layout,
+    pub n: usize,
+    pub k: usize,
+    pub p: QuantParams,
+}
+
+fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    w: &WeightParts,
+    x: &CudaSlice<T>,
+    x_layout: &Layout,
+    m: usize,
+) -> Result<CudaSlice<T>> {
+    let (start, end) = x_layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
+    let tn = dtype_name(T::DTYPE)?;
+    let packed = weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?;
+    let scales = weight_slice::<T>(w.scales, w.scales_layout, "scales")?;
+    let biases = weight_slice::<T>(w.biases, w.biases_layout, "biases")?;
+    let x = x.slice(start..end);
+    // 16-byte loads of x need a 16-byte aligned start: copy an odd view first.
+    let aligned;
+    let x = if (start * T::DTYPE.size_in_bytes()) % 16 == 0 {
+        x
+    } else {
+        let mut c = unsafe { dev.alloc::<T>(end - start)? };
+        dev.memcpy_dtod(&x, &mut c)?;
+        aligned = c;
+        aligned.slice(0..)
+    };
+    let out = unsafe { dev.alloc::<T>(m * w.n)? };
+    let stream = dev.cuda_stream();
+    let blocks = w.n.div_ceil(WARPS_PER_BLOCK) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = (m - r0).min(MAX_DECODE_ROWS);
+        let mm = rows.next_power_of_two();
+        let f = function(dev, &format!("wick_qmv_{tn}_b{}_m{mm}", w.p.bits))?;
+        let xs = x.slice(r0 * w.k..(r0 + rows) * w.k);
+        let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
+        let (rows_i, n_i, k_i, gs_i) = (rows as i32, w.n as i32, w.k as i32, w.p.group_size as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
+        unsafe { b.launch(cfg) }.w()?;
+        r0 += rows;
+    }
+    Ok(out)
+}
+
+/// `y = x · dequant(W)ᵀ` with the decode kernel for any number of rows `m` of `x` (slices of
+/// up to 8 rows); `x` has the scales' dtype.
+pub fn qmv(x: &CudaStorage, x_layout: &Layout, w: &WeightParts) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let dims = x_layout.shape().dims();
+    let m = x_layout.shape().elem_count() / w.k.max(1);
+    let storage = match x.dtype() {
+        DType::F32 => CudaStorage::wrap_cuda_slice(qmv_typed::<f32>(&dev, w, x.as_cuda_slice()?, x_layout, m)?, dev),
+        DType::F16 => CudaStorage::wrap_cuda_slice(qmv_typed::<f16>(&dev, w, x.as_cuda_slice()?, x_layout, m)?, dev),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(qmv_typed::<bf16>(&dev, w, x.as_cuda_slice()?, x_layout, m)?, dev),
+        d => candle_core::bail!(
+            "quantized matmul on CUDA: activations of dtype {d:?} are not supported (f32, f16, bf16)"
+        ),
+    };
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("at least one dim") = w.n;
+    Ok((storage, Shape::from(out_dims)))
+}
+
+fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &WeightParts) -> Result<CudaSlice<T>> {
+    let tn = dtype_name(T::DTYPE)?;
+    let packed = weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?;
+    let scales = weight_slice::<T>(w.scales, w.scales_layout, "scales")?;
+    let biases = weight_slice::<T>(w.biases, w.biases_layout, "biases")?;
+    let out = unsafe { dev.alloc::<T>(w.n * w.k)? };
+    let chunks = (w.n * w.k / 32) as u32;
+    let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let f = function(dev, &format!("wick_dequant_{tn}_b{}", w.p.bits))?;
+    let (n_i, k_i, gs_i) = (w.n as i32, w.k as i32, w.p.group_size as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(packed).arg(scales).arg(biases).arg(&out).arg(&n_i).arg(&k_i).arg(&gs_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// The dense matrix (n × k) in the scales' dtype, rounded as `mx.dequantize` rounds.
+pub fn dequantize(dev: &CudaDevice, w: &WeightParts, dtype: DType) -> Result<CudaStorage> {
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(dequant_typed::<f32>(dev, w)?, dev.clone()),
+        DType::F16 => CudaStorage::wrap_cuda_slice(dequant_typed::<f16>(dev, w)?, dev.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(dequant_typed::<bf16>(dev, w)?, dev.clone()),
+        d => candle_core::bail!("dequantize on CUDA: scales of dtype {d:?} are not supported (f32, f16, bf16)"),
+    })
+}
+
+/// Whether the fused decode kernels (`wick_qmv3_*`, `wick_qmv_swiglu_*`) exist for these bits.
+pub fn has_fused(p: QuantParams) -> bool {
+    matches!(p.bits, 4 | 8)
+}
+
+/// The input rows as a view; the caller passes a tensor whose storage starts at offset 0, so
+/// that the kernels' 16-byte loads are aligned.
+fn x_view<'a, T: CudaDType + DeviceRepr + WithDType>(
+    x: &'a CudaStorage,
+    l: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((0, end)) => Ok(x.as_cuda_slice::<T>()?.slice(0..end)),
+        _ => candle_core::bail!("fused matmul needs a contiguous input starting at offset 0"),
+    }
+}
+
+fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    x: &CudaStorage,
+    l: &Layout,
+    ws: [&WeightParts; 3],
+    m: usize,
+) -> Result<CudaSlice<T>> {
+    let tn = dtype_name(T::DTYPE)?;
+    let xs = x_view::<T>(x, l)?;
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    let out = unsafe { dev.alloc::<T>(m * total)? };
+    let mut parts = vec![];
+    for w in ws {
+        parts.push((
+            weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?,
+            weight_slice::<T>(w.scales, w.scales_layout, "scales")?,
+            weight_slice::<T>(w.biases, w.biases_layout, "biases")?,
+        ));
+    }
+    let (n0, n1) = (ws[0].n, ws[1].n);
+    let ys = [out.slice(0..m * n0), out.slice(m * n0..m * (n0 + n1)), out.slice(m * (n0 + n1)..m * total)];
+    let mm = m.next_power_of_two();
+    let f = function(dev, &format!("wick_qmv3_{tn}_b{}_m{mm}", ws[0].p.bits))?;
+    let ns = [ws[0].n as i32, ws[1].n as i32, ws[2].n as i32];
+    let (m_i, k_i, gs_i) = (m as i32, ws[0].k as i32, ws[0].p.group_size as i32);
+    let blocks = total.div_ceil(WARPS_PER_BLOCK) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    for (w, s, bi) in &parts {
+        b.arg(*w).arg(*s).arg(*bi);
+    }
+    b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
+    b.arg(&xs).arg(&m_i).arg(&k_i).arg(&gs_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// Three projections of the same input (≤ 8 rows) in one launch; the output is flat: all of
+/// the first projection's rows (m × n0), then the second's, then the third's.
+pub fn qmv3(x: &CudaStorage, l: &Layout, ws: [&WeightParts; 3]) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let m = l.shape().elem_count() / ws[0].k.max(1);
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    let st = match x.dtype() {
+        DType::F32 => CudaStorage::wrap_cuda_slice(qmv3_typed::<f32>(&dev, x, l, ws, m)?, dev),
+        DType::F16 => CudaStorage::wrap_cuda_slice(qmv3_typed::<f16>(&dev, x, l, ws, m)?, dev),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(qmv3_typed::<bf16>(&dev, x, l, ws, m)?, dev),
+        d => candle_core::bail!("fused matmul on CUDA: dtype {d:?} is not supported"),
+    };
+    Ok((st, Shape::from(m * total)))
+}
+
+fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    x: &CudaStorage,
+    l: &Layout,
+    g: &WeightParts,
+    u: &WeightParts,
+    m: usize,
+) -> Result<CudaSlice<T>> {
+    let tn = dtype_name(T::DTYPE)?;
+    let xs = x_view::<T>(x, l)?;
+    let out = unsafe { dev.alloc::<T>(m * g.n)? };
+    let mm = m.next_power_of_two();
+    let f = function(dev, &format!("wick_qmv_swiglu_{tn}_b{}_m{mm}", g.p.bits))?;
+    let (m_i, n_i, k_i, gs_i) = (m as i32, g.n as i32, g.k as i32, g.p.group_size as i32);
+    let blocks = g.n.div_ceil(WARPS_PER_BLOCK) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    for w in [g, u] {
+        b.arg(weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?);
+        b.arg(weight_slice::<T>(w.scales, w.scales_layout, "scales")?);
+        b.arg(weight_slice::<T>(w.biases, w.biases_layout, "biases")?);
+    }
+    b.arg(&xs).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i).arg(&gs_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// `silu(x·Gᵀ) * (x·Uᵀ)` for ≤ 8 rows of `x` in one launch.
+pub fn qmv_swiglu(x: &CudaStorage, l: &Layout, g: &WeightParts, u: &WeightParts) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let dims = l.shape().dims();
+    let m = l.shape().elem_count() / g.k.max(1);
+    let st = match x.dtype() {
+        DType::F32 => CudaStorage::wrap_cuda_slice(swiglu_typed::<f32>(&dev, x, l, g, u, m)?, dev),
+        DType::F16 => CudaStorage::wrap_cuda_slice(swiglu_typed::<f16>(&dev, x, l, g, u, m)?, dev),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(swiglu_typed::<bf16>(&dev, x, l, g, u, m)?, dev),
+        d => candle_core::bail!("fused matmul on CUDA: dtype {d:?} is not supported"),
+    };
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("at least one dim") = g.n;
+    Ok((st, Shape::from(out_dims)))
+}

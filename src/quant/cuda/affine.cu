@@ -1,0 +1,261 @@
+// CUDA kernels of the affine quantized matmul (MLX's format: each row of W packed as one
+// little-endian bit stream of `BITS`-bit codes in u32 words; per group of `gs` consecutive
+// values w = scale * q + bias). Compiled to PTX by build.rs (nvcc, `cuda` feature) and loaded
+// once per device; the launch code is src/quant/cuda.rs.
+//
+// The unit of work everywhere is a chunk of 32 consecutive values of one row: it is exactly
+// BITS words, it never straddles a group (group sizes are 32, 64 or 128), and its codes sit at
+// compile-time bit offsets, so unpacking is register shifts only. This mirrors the CPU kernels
+// (src/quant/cpu.rs): per chunk, y += s * (x . q) + b * sum(x), accumulated in f32.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __half f16;
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ f16 from_f32<f16>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// The BITS words of one chunk, with the widest aligned loads the bit width allows (a chunk
+// starts at word c*BITS of a row of K*BITS/32 words, K a multiple of 32).
+template <int BITS>
+__device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint32_t (&w)[BITS]) {
+    if constexpr (BITS % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 4; ++i) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 2; ++i) {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+            w[2 * i] = v.x; w[2 * i + 1] = v.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+    }
+}
+
+// Code j of the chunk as a float: bits j*BITS .. (j+1)*BITS of the chunk's words. The integer
+// becomes a float by OR-ing it into the mantissa of 2^23 and subtracting 2^23 (exact for
+// codes < 2^23), which is cheaper than an int-to-float conversion.
+template <int BITS>
+__device__ __forceinline__ void unpack32(const uint32_t (&w)[BITS], float (&q)[32]) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        constexpr uint32_t mask = (1u << BITS) - 1u;
+        const int bit = j * BITS;
+        const int wi = bit / 32, off = bit % 32;
+        uint32_t v = w[wi] >> off;
+        if (off + BITS > 32) v |= w[wi + 1] << (32 - off);
+        q[j] = __uint_as_float((v & mask) | 0x4B000000u) - 8388608.0f;
+    }
+}
+
+// 32 consecutive activations as floats (16-byte loads; the chunk start is 64-byte aligned
+// relative to the row, and the launcher checks the base alignment).
+template <typename T>
+__device__ __forceinline__ void load_x32(const T* __restrict__ p, float (&x)[32]) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < 32 / PER; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) x[i * PER + j] = to_f32(e[j]);
+    }
+}
+
+// One output row of y (m x n) = x (m x k) . W^T for m <= MM input rows (decode and small
+// batches), computed by one warp: lanes stride over the row's chunks, so each warp-wide load
+// reads 32 consecutive chunks (512 contiguous bytes at 4 bits); U chunks per lane are loaded
+// before any arithmetic to keep enough bytes in flight. On return every lane holds the sums.
+template <typename T, int BITS, int MM>
+__device__ __forceinline__ void qmv_row(const uint32_t* __restrict__ w, const T* __restrict__ scales,
+                                        const T* __restrict__ biases, const T* __restrict__ x, int row,
+                                        int m_rows, int k, int gs, float (&acc)[MM]) {
+    const int lane = threadIdx.x % 32;
+    const int chunks = k / 32;
+    const uint32_t* wr = w + (size_t)row * chunks * BITS;
+    const T* sr = scales + (size_t)row * (k / gs);
+    const T* br = biases + (size_t)row * (k / gs);
+    const int chunks_per_group = gs / 32;
+    constexpr int U = BITS <= 4 ? 4 : 2;
+#pragma unroll
+    for (int m = 0; m < MM; ++m) acc[m] = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint32_t words[U][BITS];
+        float s[U], b[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
+                load_words<BITS>(wr + (size_t)c * BITS, words[u]);
+                const int g = c / chunks_per_group;
+                s[u] = to_f32(sr[g]);
+                b[u] = to_f32(br[g]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
+                float q[32];
+                unpack32<BITS>(words[u], q);
+#pragma unroll
+                for (int m = 0; m < MM; ++m) {
+                    if (m < m_rows) {
+                        float xv[32];
+                        load_x32<T>(x + (size_t)m * k + (size_t)c * 32, xv);
+                        float d = 0.f, sx = 0.f;
+#pragma unroll
+                        for (int j = 0; j < 32; ++j) {
+                            d = fmaf(xv[j], q[j], d);
+                            sx += xv[j];
+                        }
+                        acc[m] = fmaf(s[u], d, fmaf(b[u], sx, acc[m]));
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MM; ++m) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+    }
+}
+
+__device__ __forceinline__ int warp_row() { return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; }
+
+// y = x . W^T, one warp per output row.
+template <typename T, int BITS, int MM>
+__device__ __forceinline__ void qmv_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
+                                         const T* __restrict__ biases, const T* __restrict__ x,
+                                         T* __restrict__ y, int m_rows, int n, int k, int gs) {
+    const int row = warp_row();
+    if (row >= n) return;
+    float acc[MM];
+    qmv_row<T, BITS, MM>(w, scales, biases, x, row, m_rows, k, gs, acc);
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(acc[m]);
+    }
+}
+
+// Three weights that share their input (attention's q, k and v projections) in one launch:
+// rows 0..n0 of the grid are W0's, then W1's, then W2's, each written to its own output.
+template <typename T, int BITS, int MM>
+__device__ __forceinline__ void qmv3_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
+                                          const T* s1, const T* b1, const uint32_t* w2, const T* s2,
+                                          const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,
+                                          const T* __restrict__ x, int m_rows, int k, int gs) {
+    int row = warp_row();
+    const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
+    if (row >= n0) {
+        row -= n0; w = w1; s = s1; b = b1; y = y1; n = n1;
+        if (row >= n1) { row -= n1; w = w2; s = s2; b = b2; y = y2; n = n2; }
+    }
+    if (row >= n) return;
+    float acc[MM];
+    qmv_row<T, BITS, MM>(w, s, b, x, row, m_rows, k, gs, acc);
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(acc[m]);
+    }
+}
+
+// The gated MLP's first half in one launch: y = silu(x . G^T) * (x . U^T), in f32 before rounding.
+template <typename T, int BITS, int MM>
+__device__ __forceinline__ void qmv_swiglu_impl(const uint32_t* __restrict__ gw, const T* __restrict__ gsc,
+                                                const T* __restrict__ gb, const uint32_t* __restrict__ uw,
+                                                const T* __restrict__ usc, const T* __restrict__ ub,
+                                                const T* __restrict__ x, T* __restrict__ y, int m_rows, int n,
+                                                int k, int gs) {
+    const int row = warp_row();
+    if (row >= n) return;
+    float g[MM], u[MM];
+    qmv_row<T, BITS, MM>(gw, gsc, gb, x, row, m_rows, k, gs, g);
+    qmv_row<T, BITS, MM>(uw, usc, ub, x, row, m_rows, k, gs, u);
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(g[m] / (1.f + __expf(-g[m])) * u[m]);
+    }
+}
+
+// The dense matrix (n x k) in T, rounded as MLX's dequantize rounds in T: round(round(s*q) + b).
+template <typename T, int BITS>
+__device__ __forceinline__ void dequant_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
+                                             const T* __restrict__ biases, T* __restrict__ out, int n, int k,
+                                             int gs) {
+    const size_t chunks = (size_t)k / 32;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * chunks) return;
+    const size_t row = idx / chunks, c = idx % chunks;
+    uint32_t words[BITS];
+    load_words<BITS>(w + idx * BITS, words);
+    float q[32];
+    unpack32<BITS>(words, q);
+    const size_t g = row * (k / gs) + c * 32 / gs;
+    const float s = to_f32(scales[g]), b = to_f32(biases[g]);
+    T vals[32];
+#pragma unroll
+    // explicit roundings: no fused multiply-add, as MLX rounds the product and then the sum
+    for (int j = 0; j < 32; ++j) vals[j] = from_f32<T>(__fadd_rn(to_f32(from_f32<T>(__fmul_rn(s, q[j]))), b));
+    uint4* dst = reinterpret_cast<uint4*>(out + row * k + c * 32);
+    const uint4* src = reinterpret_cast<const uint4*>(vals);
+#pragma unroll
+    for (int i = 0; i < 32 * (int)sizeof(T) / 16; ++i) dst[i] = src[i];
+}
+
+#define QMV(T, TN, BITS, MM)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) wick_qmv_##TN##_b##BITS##_m##MM(               \
+        const uint32_t* w, const T* s, const T* b, const T* x, T* y, int m, int n, int k, int gs) {  \
+        qmv_impl<T, BITS, MM>(w, s, b, x, y, m, n, k, gs);                                            \
+    }
+#define FUSED(T, TN, BITS, MM)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) wick_qmv3_##TN##_b##BITS##_m##MM(              \
+        const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,   \
+        const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,    \
+        const T* x, int m, int k, int gs) {                                                           \
+        qmv3_impl<T, BITS, MM>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, m, k, gs); \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) wick_qmv_swiglu_##TN##_b##BITS##_m##MM(        \
+        const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub, \
+        const T* x, T* y, int m, int n, int k, int gs) {                                              \
+        qmv_swiglu_impl<T, BITS, MM>(gw, gsc, gb, uw, usc, ub, x, y, m, n, k, gs);                    \
+    }
+#define DEQ(T, TN, BITS)                                                                              \
+    extern "C" __global__ void wick_dequant_##TN##_b##BITS(const uint32_t* w, const T* s, const T* b, \
+                                                           T* out, int n, int k, int gs) {            \
+        dequant_impl<T, BITS>(w, s, b, out, n, k, gs);                                                \
+    }
+#define FOR_M(T, TN, BITS) QMV(T, TN, BITS, 1) QMV(T, TN, BITS, 2) QMV(T, TN, BITS, 4) QMV(T, TN, BITS, 8)
+#define FOR_T(BITS)                                                                                   \
+    FOR_M(float, f32, BITS) FOR_M(f16, f16, BITS) FOR_M(bf16, bf16, BITS)                            \
+    DEQ(float, f32, BITS) DEQ(f16, f16, BITS) DEQ(bf16, bf16, BITS)
+// the fused decode kernels, for the common widths (others run the three or two launches)
+#define FUSED_M(T, TN, BITS) FUSED(T, TN, BITS, 1) FUSED(T, TN, BITS, 2) FUSED(T, TN, BITS, 4) FUSED(T, TN, BITS, 8)
+#define FUSED_T(BITS) FUSED_M(float, f32, BITS) FUSED_M(f16, f16, BITS) FUSED_M(bf16, bf16, BITS)
+
+FOR_T(2)
+FOR_T(3)
+FOR_T(4)
+FOR_T(5)
+FOR_T(6)
+FOR_T(8)
+FUSED_T(4)
+FUSED_T(8)
