@@ -1,5 +1,5 @@
 // Decode attention on CUDA: one query position per (batch row, head) over the strided KV cache,
-// split over blocks of 128 keys and combined (flash-decoding): two launches instead of the
+// split over blocks of 64 keys and combined (flash-decoding): two launches instead of the
 // dozen launches and the cache copies of matmul + softmax + matmul, and enough blocks to keep
 // the GPU busy at batch 1. Grouped-query heads read their shared KV head in place. Launched
 // from src/cuda/mod.rs; compiled by build.rs.
@@ -16,12 +16,12 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-constexpr int THREADS = 128;                // 4 warps per block
+constexpr int THREADS = 128;                // 4 warps per block; one key per thread for the scores
 constexpr int WARPS = THREADS / 32;
-constexpr int CHUNK = 128;                  // keys per block
+constexpr int CHUNK = 64;                   // keys per block (≤ THREADS: one key per thread)
 constexpr int MAX_D = 256;                  // head size limit (keys and values)
 constexpr int PER_LANE = MAX_D / 32;
-constexpr int INFLIGHT = 4;                 // keys whose loads a warp issues together
+constexpr int INFLIGHT = 8;                 // value rows whose loads a warp issues together
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -45,7 +45,7 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
                                        float* __restrict__ part_o, float* __restrict__ part_ml,
                                        const int* __restrict__ starts, int h, int kvh, int t_len, int d, int dv,
                                        long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
-                                       long long vst, float scale, float softcap) {
+                                       long long vst, float scale, float softcap, int vec) {
     __shared__ float qs[MAX_D];
     __shared__ float sc[CHUNK];
     __shared__ float red[WARPS];
@@ -59,37 +59,38 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     __syncthreads();
     const T* kb = k + b * ksb + kv * ksh;
     const T* vb = v + b * vsb + kv * vsh;
-    // scores: a warp per key (lanes over the head dimension), INFLIGHT keys at a time
+    // scores: one key per thread; its row read with 16-byte loads when the layout allows
+    // (vec: d and the key stride are multiples of 16 bytes), all of them in flight at once
     float mx = -INFINITY;
-    for (int jb = j0 + warp * INFLIGHT; jb < j1; jb += WARPS * INFLIGHT) {
-        float kx[INFLIGHT][PER_LANE];
+    const int j = j0 + tid;
+    if (j < j1) {
+        const T* kr = kb + (long long)j * kst;
+        float s = 0.f;
+        if (vec) {
+            constexpr int PER = 16 / sizeof(T);
+            const uint4* kv4 = reinterpret_cast<const uint4*>(kr);
+            for (int v0 = 0; v0 < d / PER; v0 += 4) {
+                uint4 w[4];
 #pragma unroll
-        for (int u = 0; u < INFLIGHT; ++u) {
-            const T* kr = kb + (long long)(jb + u) * kst;
+                for (int u = 0; u < 4; ++u) if (v0 + u < d / PER) w[u] = __ldg(kv4 + v0 + u);
 #pragma unroll
-            for (int c = 0; c < PER_LANE; ++c) {
-                const int i = lane + 32 * c;
-                kx[u][c] = (jb + u < j1 && i < d) ? to_f32(kr[i]) : 0.f;
+                for (int u = 0; u < 4; ++u) {
+                    if (v0 + u < d / PER) {
+                        const T* e = reinterpret_cast<const T*>(&w[u]);
+#pragma unroll
+                        for (int x = 0; x < PER; ++x) s = fmaf(qs[(v0 + u) * PER + x], to_f32(e[x]), s);
+                    }
+                }
             }
+        } else {
+            for (int i = 0; i < d; ++i) s = fmaf(qs[i], to_f32(kr[i]), s);
         }
-#pragma unroll
-        for (int u = 0; u < INFLIGHT; ++u) {
-            float s = 0.f;
-#pragma unroll
-            for (int c = 0; c < PER_LANE; ++c) {
-                const int i = lane + 32 * c;
-                if (i < d) s = fmaf(qs[i], kx[u][c], s);
-            }
-            s = warp_sum(s);
-            const int j = jb + u;
-            if (softcap > 0.f) s = softcap * tanhf(s / softcap);
-            if (j < start) s = -INFINITY;
-            if (j < j1) {
-                if (lane == 0) sc[j - j0] = s;
-                mx = fmaxf(mx, s);
-            }
-        }
+        if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+        if (j < start) s = -INFINITY;
+        sc[j - j0] = s;
+        mx = s;
     }
+    mx = warp_max(mx);
     if (lane == 0) red[warp] = mx;
     __syncthreads();
     mx = red[0];
@@ -97,10 +98,10 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     for (int w = 1; w < WARPS; ++w) mx = fmaxf(mx, red[w]);
     __syncthreads();
     float l = 0.f;
-    for (int j = j0 + tid; j < j1; j += THREADS) {
+    if (j < j1) {
         const float e = mx == -INFINITY ? 0.f : __expf(sc[j - j0] - mx);
         sc[j - j0] = e;
-        l += e;
+        l = e;
     }
     l = warp_sum(l);
     if (lane == 0) red[warp] = l;
@@ -108,7 +109,7 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     l = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) l += red[w];
-    // values: a warp per key, lanes over the value dimension
+    // values: a warp per key, lanes over the value dimension, INFLIGHT rows loaded together
     float acc[PER_LANE];
 #pragma unroll
     for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
@@ -171,9 +172,9 @@ __device__ void attention_combine_impl(const float* __restrict__ part_o, const f
     extern "C" __global__ void __launch_bounds__(THREADS) wick_attention_partial_##TN(                         \
         const T* q, const T* k, const T* v, float* part_o, float* part_ml, const int* starts, int h, int kvh,   \
         int t_len, int d, int dv, long long ksb, long long ksh, long long kst, long long vsb, long long vsh,    \
-        long long vst, float scale, float softcap) {                                                            \
+        long long vst, float scale, float softcap, int vec) {                                                   \
         attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, h, kvh, t_len, d, dv, ksb, ksh, kst, vsb,   \
-                                  vsh, vst, scale, softcap);                                                    \
+                                  vsh, vst, scale, softcap, vec);                                               \
     }                                                                                                           \
     extern "C" __global__ void wick_attention_combine_##TN(const float* part_o, const float* part_ml, T* out,   \
                                                            int splits, int dv) {                                \

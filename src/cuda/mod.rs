@@ -77,7 +77,7 @@ pub fn dtype_suffix(d: DType, what: &str) -> Result<&'static str> {
 }
 
 /// Keys per block of the first pass and threads per block (attention.cu's CHUNK and THREADS).
-const ATTN_CHUNK: usize = 128;
+const ATTN_CHUNK: usize = 64;
 const ATTN_THREADS: u32 = 128;
 /// The head dimension limit of the kernel.
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
@@ -156,7 +156,10 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     };
     lb.arg(&h_i).arg(&kvh_i).arg(&t_i).arg(&d_i).arg(&dv_i);
     lb.arg(&ks_[0]).arg(&ks_[1]).arg(&ks_[2]).arg(&vs_[0]).arg(&vs_[1]).arg(&vs_[2]);
-    lb.arg(&scale).arg(&cap);
+    // 16-byte loads of key rows: the head size and every stride in whole 16-byte units
+    let esz = T::DTYPE.size_in_bytes();
+    let vec = [d, kst[0], kst[1], kst[2], kl.start_offset()].iter().all(|&x| (x * esz) % 16 == 0) as i32;
+    lb.arg(&scale).arg(&cap).arg(&vec);
     let cfg = LaunchConfig {
         grid_dim: ((b * h) as u32, splits as u32, 1),
         block_dim: (ATTN_THREADS, 1, 1),

@@ -81,16 +81,17 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     };
     let out = unsafe { dev.alloc::<T>(m * w.n)? };
     let stream = dev.cuda_stream();
-    let blocks = w.n.div_ceil(WARPS_PER_BLOCK) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let mut r0 = 0;
     while r0 < m {
         let rows = (m - r0).min(MAX_DECODE_ROWS);
         let mm = rows.next_power_of_two();
+        // for one input row each warp computes two output rows
+        let rows_per_block = if mm == 1 { 2 * WARPS_PER_BLOCK } else { WARPS_PER_BLOCK };
+        let cfg = LaunchConfig {
+            grid_dim: (w.n.div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let f = function(dev, &format!("wick_qmv_{tn}_b{}_m{mm}", w.p.bits))?;
         let xs = x.slice(r0 * w.k..(r0 + rows) * w.k);
         let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
@@ -191,7 +192,9 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     let f = function(dev, &format!("wick_qmv3_{tn}_b{}_m{mm}", ws[0].p.bits))?;
     let ns = [ws[0].n as i32, ws[1].n as i32, ws[2].n as i32];
     let (m_i, k_i, gs_i) = (m as i32, ws[0].k as i32, ws[0].p.group_size as i32);
-    let blocks = total.div_ceil(WARPS_PER_BLOCK) as u32;
+    // for one input row each warp computes two output rows (fused_qkv passes even sizes only)
+    let rows_per_block = if mm == 1 { 2 * WARPS_PER_BLOCK } else { WARPS_PER_BLOCK };
+    let blocks = total.div_ceil(rows_per_block) as u32;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),

@@ -293,6 +293,10 @@ mod fused {
         k: &QuantizedWeight,
         v: &QuantizedWeight,
     ) -> Result<Option<[Tensor; 3]>> {
+        // the kernel pairs rows within each projection
+        if [q, k, v].iter().any(|w| w.out_dim % 2 != 0) {
+            return Ok(None);
+        }
         let Some(xin) = fused_input(x, &[q, k, v])? else { return Ok(None) };
         let flat = xin.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()]))?;
         let lead = &x.dims()[..x.rank() - 1];

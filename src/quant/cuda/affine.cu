@@ -136,13 +136,85 @@ __device__ __forceinline__ void qmv_row(const uint32_t* __restrict__ w, const T*
     }
 }
 
+// Two rows (any two weights of the same shape family) against one input row: the decode case.
+// The input chunk is loaded, converted and summed once for both rows, which halves the L1
+// traffic and the per-value work that does not depend on the weight.
+template <typename T, int BITS>
+__device__ __forceinline__ void qmv_two_rows(const uint32_t* __restrict__ w0, const T* __restrict__ s0,
+                                             const T* __restrict__ b0, const uint32_t* __restrict__ w1,
+                                             const T* __restrict__ s1, const T* __restrict__ b1,
+                                             const T* __restrict__ x, int k, int gs, float& acc0, float& acc1) {
+    const int lane = threadIdx.x % 32;
+    const int chunks = k / 32;
+    const int chunks_per_group = gs / 32;
+    constexpr int U = BITS <= 4 ? 2 : 1;
+    acc0 = 0.f;
+    acc1 = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint32_t wa[U][BITS], wb[U][BITS];
+        float sa[U], ba[U], sb[U], bb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
+                load_words<BITS>(w0 + (size_t)c * BITS, wa[u]);
+                load_words<BITS>(w1 + (size_t)c * BITS, wb[u]);
+                const int g = c / chunks_per_group;
+                sa[u] = to_f32(s0[g]); ba[u] = to_f32(b0[g]);
+                sb[u] = to_f32(s1[g]); bb[u] = to_f32(b1[g]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
+                float xv[32];
+                load_x32<T>(x + (size_t)c * 32, xv);
+                float sx = 0.f;
+#pragma unroll
+                for (int j = 0; j < 32; ++j) sx += xv[j];
+                float q[32];
+                unpack32<BITS>(wa[u], q);
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < 32; ++j) d = fmaf(xv[j], q[j], d);
+                acc0 = fmaf(sa[u], d, fmaf(ba[u], sx, acc0));
+                unpack32<BITS>(wb[u], q);
+                d = 0.f;
+#pragma unroll
+                for (int j = 0; j < 32; ++j) d = fmaf(xv[j], q[j], d);
+                acc1 = fmaf(sb[u], d, fmaf(bb[u], sx, acc1));
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
+        acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
+    }
+}
+
 __device__ __forceinline__ int warp_row() { return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; }
 
-// y = x . W^T, one warp per output row.
+// y = x . W^T, one warp per output row; for one input row, two output rows per warp.
 template <typename T, int BITS, int MM>
 __device__ __forceinline__ void qmv_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
                                          const T* __restrict__ biases, const T* __restrict__ x,
                                          T* __restrict__ y, int m_rows, int n, int k, int gs) {
+    if constexpr (MM == 1) {
+        const int row = 2 * warp_row();
+        if (row >= n) return;
+        const int row1 = min(row + 1, n - 1);   // an odd last row is computed twice, written once
+        const size_t wst = (size_t)k / 32 * BITS, sst = k / gs;
+        float a0, a1;
+        qmv_two_rows<T, BITS>(w + row * wst, scales + row * sst, biases + row * sst, w + row1 * wst,
+                              scales + row1 * sst, biases + row1 * sst, x, k, gs, a0, a1);
+        if (threadIdx.x % 32 == 0) {
+            y[row] = from_f32<T>(a0);
+            if (row + 1 < n) y[row + 1] = from_f32<T>(a1);
+        }
+        return;
+    }
     const int row = warp_row();
     if (row >= n) return;
     float acc[MM];
@@ -161,6 +233,26 @@ __device__ __forceinline__ void qmv3_impl(const uint32_t* w0, const T* s0, const
                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2,
                                           const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,
                                           const T* __restrict__ x, int m_rows, int k, int gs) {
+    if constexpr (MM == 1) {
+        // two output rows per warp; the launcher passes even segment sizes, so a pair never
+        // straddles two weights
+        int row = 2 * warp_row();
+        const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
+        if (row >= n0) {
+            row -= n0; w = w1; s = s1; b = b1; y = y1; n = n1;
+            if (row >= n1) { row -= n1; w = w2; s = s2; b = b2; y = y2; n = n2; }
+        }
+        if (row >= n) return;
+        const size_t wst = (size_t)k / 32 * BITS, sst = k / gs;
+        float a0, a1;
+        qmv_two_rows<T, BITS>(w + row * wst, s + row * sst, b + row * sst, w + (row + 1) * wst,
+                              s + (row + 1) * sst, b + (row + 1) * sst, x, k, gs, a0, a1);
+        if (threadIdx.x % 32 == 0) {
+            y[row] = from_f32<T>(a0);
+            y[row + 1] = from_f32<T>(a1);
+        }
+        return;
+    }
     int row = warp_row();
     const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
     if (row >= n0) {
@@ -187,8 +279,14 @@ __device__ __forceinline__ void qmv_swiglu_impl(const uint32_t* __restrict__ gw,
     const int row = warp_row();
     if (row >= n) return;
     float g[MM], u[MM];
-    qmv_row<T, BITS, MM>(gw, gsc, gb, x, row, m_rows, k, gs, g);
-    qmv_row<T, BITS, MM>(uw, usc, ub, x, row, m_rows, k, gs, u);
+    if constexpr (MM == 1) {
+        const size_t wst = (size_t)k / 32 * BITS, sst = k / gs;
+        qmv_two_rows<T, BITS>(gw + row * wst, gsc + row * sst, gb + row * sst, uw + row * wst, usc + row * sst,
+                              ub + row * sst, x, k, gs, g[0], u[0]);
+    } else {
+        qmv_row<T, BITS, MM>(gw, gsc, gb, x, row, m_rows, k, gs, g);
+        qmv_row<T, BITS, MM>(uw, usc, ub, x, row, m_rows, k, gs, u);
+    }
     if (threadIdx.x % 32 == 0) {
 #pragma unroll
         for (int m = 0; m < MM; ++m)
