@@ -12,6 +12,7 @@ fn main() {
     for (src, _) in SOURCES {
         println!("cargo:rerun-if-changed={src}");
     }
+    println!("cargo:rerun-if-changed=src/cuda/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -25,6 +25,13 @@ fn cuda() -> Option<Device> {
     }
 }
 
+/// `w` (n × k, f32 on the CPU) rounded to `dtype` and quantized as `mx.quantize` does.
+fn quantized(w: &Tensor, p: QuantParams, dtype: DType) -> QuantizedWeight {
+    let (n, k) = w.dims2().unwrap();
+    let (packed, scales, biases) = quantize_tensor(&w.to_dtype(dtype).unwrap(), p).unwrap();
+    QuantizedWeight { packed, scales, biases, params: p, out_dim: n, in_dim: k, compute_dtype: dtype }
+}
+
 fn to_dev(w: &QuantizedWeight, dev: &Device) -> QuantizedWeight {
     QuantizedWeight {
         packed: w.packed.to_device(dev).unwrap(),
@@ -60,16 +67,7 @@ fn cuda_quantized_matmul_matches_dequantize_then_cublas() {
                 let p = QuantParams::new(bits, gs, "test").unwrap();
                 let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
                 for dtype in [DType::F32, DType::F16, DType::BF16] {
-                    let (packed, scales, biases) = quantize_tensor(&w.to_dtype(dtype).unwrap(), p).unwrap();
-                    let qw = QuantizedWeight {
-                        packed,
-                        scales,
-                        biases,
-                        params: p,
-                        out_dim: n,
-                        in_dim: k,
-                        compute_dtype: dtype,
-                    };
+                    let qw = quantized(&w, p, dtype);
                     // reference: the CPU's dequantization (f32 arithmetic) and cuBLAS in f32
                     let dense = QuantizedWeight {
                         scales: qw.scales.to_dtype(DType::F32).unwrap(),
@@ -121,18 +119,8 @@ fn cuda_fused_decode_kernels_match_the_separate_matmuls() {
             let ns = [2 * rng.random_range(4..=100), 2 * rng.random_range(1..=32), 2 * rng.random_range(1..=32)];
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let mk = |n: usize| {
-                    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-                    let (packed, scales, biases) = quantize_tensor(&w, p).unwrap();
-                    let qw = QuantizedWeight {
-                        packed,
-                        scales,
-                        biases,
-                        params: p,
-                        out_dim: n,
-                        in_dim: k,
-                        compute_dtype: dtype,
-                    };
-                    to_dev(&qw, &dev)
+                    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                    to_dev(&quantized(&w, p, dtype), &dev)
                 };
                 let [wq, wk, wv] = ns.map(mk);
                 let wu = mk(ns[0]);

@@ -4,17 +4,7 @@
 // the GPU busy at batch 1. Grouped-query heads read their shared KV head in place. Launched
 // from src/cuda/mod.rs; compiled by build.rs.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#include "common.cuh"
 
 constexpr int THREADS = 128;                // 4 warps per block; one key per thread for the scores
 constexpr int WARPS = THREADS / 32;

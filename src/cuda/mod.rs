@@ -7,7 +7,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
-use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +76,20 @@ pub fn dtype_suffix(d: DType, what: &str) -> Result<&'static str> {
 }
 
 /// Keys per block of the first pass and threads per block (attention.cu's CHUNK and THREADS).
+/// `$f::<T>(args)` for the element type `T` of `$dtype` (f32, f16 or bf16), its slice wrapped
+/// as storage on `$dev`; other dtypes are an error naming `$what`.
+macro_rules! by_dtype {
+    ($dtype:expr, $what:expr, $dev:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => candle_core::cuda_backend::CudaStorage::wrap_cuda_slice($f::<f32>($($arg),*)?, $dev),
+            candle_core::DType::F16 => candle_core::cuda_backend::CudaStorage::wrap_cuda_slice($f::<half::f16>($($arg),*)?, $dev),
+            candle_core::DType::BF16 => candle_core::cuda_backend::CudaStorage::wrap_cuda_slice($f::<half::bf16>($($arg),*)?, $dev),
+            d => candle_core::bail!("{} on CUDA: dtype {d:?} is not supported (f32, f16, bf16)", $what),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 const ATTN_CHUNK: usize = 64;
 const ATTN_THREADS: u32 = 128;
 /// The head dimension limit of the kernel.
@@ -93,14 +106,7 @@ pub fn decode_attention(
     starts: Option<&[usize]>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = q.0.device().clone();
-    let out = match q.0.dtype() {
-        DType::F32 => CudaStorage::wrap_cuda_slice(attention_typed::<f32>(&dev, q, k, v, scale, softcap, starts)?, dev),
-        DType::F16 => CudaStorage::wrap_cuda_slice(attention_typed::<f16>(&dev, q, k, v, scale, softcap, starts)?, dev),
-        DType::BF16 => {
-            CudaStorage::wrap_cuda_slice(attention_typed::<bf16>(&dev, q, k, v, scale, softcap, starts)?, dev)
-        }
-        d => candle_core::bail!("decode attention on CUDA: dtype {d:?} is not supported"),
-    };
+    let out = by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts));
     let (b, h, _, _) = q.1.shape().dims4()?;
     let dv = v.1.shape().dims4()?.3;
     Ok((out, Shape::from((b, h, 1, dv))))

@@ -11,7 +11,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
-use half::{bf16, f16};
 
 /// Decode kernels are instantiated for at most this many input rows; more rows run in slices.
 pub const MAX_DECODE_ROWS: usize = 8;
@@ -54,51 +53,58 @@ pub struct WeightParts<'a> {
     pub p: QuantParams,
 }
 
+impl WeightParts<'_> {
+    /// Packed codes, scales and biases as the kernels take them (scales in the activation dtype).
+    fn slices<T: CudaDType>(&self) -> Result<(&CudaSlice<u32>, &CudaSlice<T>, &CudaSlice<T>)> {
+        Ok((
+            weight_slice::<u32>(self.packed, self.packed_layout, "packed codes")?,
+            weight_slice::<T>(self.scales, self.scales_layout, "scales")?,
+            weight_slice::<T>(self.biases, self.biases_layout, "biases")?,
+        ))
+    }
+}
+
+/// The launch of a decode kernel over `n` output rows, `rows_per_warp` of them per warp.
+fn rows_launch(n: usize, rows_per_warp: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_warp * WARPS_PER_BLOCK) as u32, 1, 1),
+        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Output rows per warp of `wick_qmv*` (see affine.cu's `first_row`): two for one input row.
+fn rows_per_warp(mm: usize) -> usize {
+    if mm == 1 {
+        2
+    } else {
+        1
+    }
+}
+
 fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
-    w: &WeightParts,
-    x: &CudaSlice<T>,
+    x: &CudaStorage,
     x_layout: &Layout,
+    w: &WeightParts,
     m: usize,
 ) -> Result<CudaSlice<T>> {
-    let (start, end) = x_layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
     let tn = dtype_name(T::DTYPE)?;
-    let packed = weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?;
-    let scales = weight_slice::<T>(w.scales, w.scales_layout, "scales")?;
-    let biases = weight_slice::<T>(w.biases, w.biases_layout, "biases")?;
-    let x = x.slice(start..end);
-    // 16-byte loads of x need a 16-byte aligned start: copy an odd view first.
-    let aligned;
-    let x = if (start * T::DTYPE.size_in_bytes()) % 16 == 0 {
-        x
-    } else {
-        let mut c = unsafe { dev.alloc::<T>(end - start)? };
-        dev.memcpy_dtod(&x, &mut c)?;
-        aligned = c;
-        aligned.slice(0..)
-    };
+    let (packed, scales, biases) = w.slices::<T>()?;
+    let x = x_view::<T>(x, x_layout)?;
     let out = unsafe { dev.alloc::<T>(m * w.n)? };
     let stream = dev.cuda_stream();
     let mut r0 = 0;
     while r0 < m {
         let rows = (m - r0).min(MAX_DECODE_ROWS);
         let mm = rows.next_power_of_two();
-        // for one input row each warp computes two output rows
-        let rows_per_block = if mm == 1 { 2 * WARPS_PER_BLOCK } else { WARPS_PER_BLOCK };
-        let cfg = LaunchConfig {
-            grid_dim: (w.n.div_ceil(rows_per_block) as u32, 1, 1),
-            block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let f = function(dev, &format!("wick_qmv_{tn}_b{}_m{mm}", w.p.bits))?;
         let xs = x.slice(r0 * w.k..(r0 + rows) * w.k);
         let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
         let (rows_i, n_i, k_i, gs_i) = (rows as i32, w.n as i32, w.k as i32, w.p.group_size as i32);
         let mut b = stream.launch_builder(&f);
         b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(rows_launch(w.n, rows_per_warp(mm))) }.w()?;
         r0 += rows;
     }
     Ok(out)
@@ -110,14 +116,7 @@ pub fn qmv(x: &CudaStorage, x_layout: &Layout, w: &WeightParts) -> Result<(CudaS
     let dev = x.device().clone();
     let dims = x_layout.shape().dims();
     let m = x_layout.shape().elem_count() / w.k.max(1);
-    let storage = match x.dtype() {
-        DType::F32 => CudaStorage::wrap_cuda_slice(qmv_typed::<f32>(&dev, w, x.as_cuda_slice()?, x_layout, m)?, dev),
-        DType::F16 => CudaStorage::wrap_cuda_slice(qmv_typed::<f16>(&dev, w, x.as_cuda_slice()?, x_layout, m)?, dev),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(qmv_typed::<bf16>(&dev, w, x.as_cuda_slice()?, x_layout, m)?, dev),
-        d => candle_core::bail!(
-            "quantized matmul on CUDA: activations of dtype {d:?} are not supported (f32, f16, bf16)"
-        ),
-    };
+    let storage = crate::cuda::by_dtype!(x.dtype(), "quantized matmul", dev, qmv_typed(&dev, x, x_layout, w, m));
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("at least one dim") = w.n;
     Ok((storage, Shape::from(out_dims)))
@@ -125,9 +124,7 @@ pub fn qmv(x: &CudaStorage, x_layout: &Layout, w: &WeightParts) -> Result<(CudaS
 
 fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &WeightParts) -> Result<CudaSlice<T>> {
     let tn = dtype_name(T::DTYPE)?;
-    let packed = weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?;
-    let scales = weight_slice::<T>(w.scales, w.scales_layout, "scales")?;
-    let biases = weight_slice::<T>(w.biases, w.biases_layout, "biases")?;
+    let (packed, scales, biases) = w.slices::<T>()?;
     let out = unsafe { dev.alloc::<T>(w.n * w.k)? };
     let chunks = (w.n * w.k / 32) as u32;
     let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -142,12 +139,7 @@ fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &We
 
 /// The dense matrix (n × k) in the scales' dtype, rounded as `mx.dequantize` rounds.
 pub fn dequantize(dev: &CudaDevice, w: &WeightParts, dtype: DType) -> Result<CudaStorage> {
-    Ok(match dtype {
-        DType::F32 => CudaStorage::wrap_cuda_slice(dequant_typed::<f32>(dev, w)?, dev.clone()),
-        DType::F16 => CudaStorage::wrap_cuda_slice(dequant_typed::<f16>(dev, w)?, dev.clone()),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(dequant_typed::<bf16>(dev, w)?, dev.clone()),
-        d => candle_core::bail!("dequantize on CUDA: scales of dtype {d:?} are not supported (f32, f16, bf16)"),
-    })
+    Ok(crate::cuda::by_dtype!(dtype, "dequantize", dev.clone(), dequant_typed(dev, w)))
 }
 
 /// Whether the fused decode kernels (`wick_qmv3_*`, `wick_qmv_swiglu_*`) exist for these bits.
@@ -155,15 +147,15 @@ pub fn has_fused(p: QuantParams) -> bool {
     matches!(p.bits, 4 | 8)
 }
 
-/// The input rows as a view; the caller passes a tensor whose storage starts at offset 0, so
-/// that the kernels' 16-byte loads are aligned.
+/// The input rows as a view; the caller passes a tensor whose storage starts at offset 0
+/// (`matmul::kernel_input`), so that the kernels' 16-byte loads are aligned.
 fn x_view<'a, T: CudaDType + DeviceRepr + WithDType>(
     x: &'a CudaStorage,
     l: &Layout,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((0, end)) => Ok(x.as_cuda_slice::<T>()?.slice(0..end)),
-        _ => candle_core::bail!("fused matmul needs a contiguous input starting at offset 0"),
+        _ => candle_core::bail!("quantized matmul on CUDA needs a contiguous input starting at offset 0"),
     }
 }
 
@@ -178,28 +170,15 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     let xs = x_view::<T>(x, l)?;
     let total: usize = ws.iter().map(|w| w.n).sum();
     let out = unsafe { dev.alloc::<T>(m * total)? };
-    let mut parts = vec![];
-    for w in ws {
-        parts.push((
-            weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?,
-            weight_slice::<T>(w.scales, w.scales_layout, "scales")?,
-            weight_slice::<T>(w.biases, w.biases_layout, "biases")?,
-        ));
-    }
+    let parts = [ws[0].slices::<T>()?, ws[1].slices::<T>()?, ws[2].slices::<T>()?];
     let (n0, n1) = (ws[0].n, ws[1].n);
     let ys = [out.slice(0..m * n0), out.slice(m * n0..m * (n0 + n1)), out.slice(m * (n0 + n1)..m * total)];
     let mm = m.next_power_of_two();
     let f = function(dev, &format!("wick_qmv3_{tn}_b{}_m{mm}", ws[0].p.bits))?;
     let ns = [ws[0].n as i32, ws[1].n as i32, ws[2].n as i32];
     let (m_i, k_i, gs_i) = (m as i32, ws[0].k as i32, ws[0].p.group_size as i32);
-    // for one input row each warp computes two output rows (fused_qkv passes even sizes only)
-    let rows_per_block = if mm == 1 { 2 * WARPS_PER_BLOCK } else { WARPS_PER_BLOCK };
-    let blocks = total.div_ceil(rows_per_block) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    // pairs of rows never straddle two weights: fused_qkv passes even sizes only
+    let cfg = rows_launch(total, rows_per_warp(mm));
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     for (w, s, bi) in &parts {
@@ -217,12 +196,7 @@ pub fn qmv3(x: &CudaStorage, l: &Layout, ws: [&WeightParts; 3]) -> Result<(CudaS
     let dev = x.device().clone();
     let m = l.shape().elem_count() / ws[0].k.max(1);
     let total: usize = ws.iter().map(|w| w.n).sum();
-    let st = match x.dtype() {
-        DType::F32 => CudaStorage::wrap_cuda_slice(qmv3_typed::<f32>(&dev, x, l, ws, m)?, dev),
-        DType::F16 => CudaStorage::wrap_cuda_slice(qmv3_typed::<f16>(&dev, x, l, ws, m)?, dev),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(qmv3_typed::<bf16>(&dev, x, l, ws, m)?, dev),
-        d => candle_core::bail!("fused matmul on CUDA: dtype {d:?} is not supported"),
-    };
+    let st = crate::cuda::by_dtype!(x.dtype(), "fused matmul", dev, qmv3_typed(&dev, x, l, ws, m));
     Ok((st, Shape::from(m * total)))
 }
 
@@ -240,18 +214,13 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let mm = m.next_power_of_two();
     let f = function(dev, &format!("wick_qmv_swiglu_{tn}_b{}_m{mm}", g.p.bits))?;
     let (m_i, n_i, k_i, gs_i) = (m as i32, g.n as i32, g.k as i32, g.p.group_size as i32);
-    let blocks = g.n.div_ceil(WARPS_PER_BLOCK) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    // one output row per warp: for one input row it computes that row of both weights
+    let cfg = rows_launch(g.n, 1);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    for w in [g, u] {
-        b.arg(weight_slice::<u32>(w.packed, w.packed_layout, "packed codes")?);
-        b.arg(weight_slice::<T>(w.scales, w.scales_layout, "scales")?);
-        b.arg(weight_slice::<T>(w.biases, w.biases_layout, "biases")?);
+    let parts = [g.slices::<T>()?, u.slices::<T>()?];
+    for (w, s, bi) in &parts {
+        b.arg(*w).arg(*s).arg(*bi);
     }
     b.arg(&xs).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i).arg(&gs_i);
     unsafe { b.launch(cfg) }.w()?;
@@ -263,12 +232,7 @@ pub fn qmv_swiglu(x: &CudaStorage, l: &Layout, g: &WeightParts, u: &WeightParts)
     let dev = x.device().clone();
     let dims = l.shape().dims();
     let m = l.shape().elem_count() / g.k.max(1);
-    let st = match x.dtype() {
-        DType::F32 => CudaStorage::wrap_cuda_slice(swiglu_typed::<f32>(&dev, x, l, g, u, m)?, dev),
-        DType::F16 => CudaStorage::wrap_cuda_slice(swiglu_typed::<f16>(&dev, x, l, g, u, m)?, dev),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(swiglu_typed::<bf16>(&dev, x, l, g, u, m)?, dev),
-        d => candle_core::bail!("fused matmul on CUDA: dtype {d:?} is not supported"),
-    };
+    let st = crate::cuda::by_dtype!(x.dtype(), "fused matmul", dev, swiglu_typed(&dev, x, l, g, u, m));
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("at least one dim") = g.n;
     Ok((st, Shape::from(out_dims)))

@@ -95,21 +95,7 @@ impl CustomOp1 for QMatMul {
                 self.w.scales.dtype()
             );
         }
-        let (pst, pl) = self.w.packed.storage_and_layout();
-        let (sst, sl) = self.w.scales.storage_and_layout();
-        let (bst, bl) = self.w.biases.storage_and_layout();
-        let parts = super::cuda::WeightParts {
-            packed: super::cuda::cuda_storage(&pst, "packed codes")?,
-            packed_layout: pl,
-            scales: super::cuda::cuda_storage(&sst, "scales")?,
-            scales_layout: sl,
-            biases: super::cuda::cuda_storage(&bst, "biases")?,
-            biases_layout: bl,
-            n: self.w.out_dim,
-            k: self.w.in_dim,
-            p: self.w.params,
-        };
-        super::cuda::qmv(s, l, &parts)
+        with_parts(&self.w, |parts| super::cuda::qmv(s, l, parts))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -123,6 +109,37 @@ impl CustomOp1 for QMatMul {
         *out.last_mut().unwrap() = self.w.in_dim;
         Ok(Some(gx.reshape(out)?))
     }
+}
+
+/// The storage guards of one weight, held while a kernel is launched.
+#[cfg(feature = "cuda")]
+fn with_parts<R>(
+    w: &QuantizedWeight,
+    f: impl FnOnce(&super::cuda::WeightParts) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (pst, pl) = w.packed.storage_and_layout();
+    let (sst, sl) = w.scales.storage_and_layout();
+    let (bst, bl) = w.biases.storage_and_layout();
+    let parts = super::cuda::WeightParts {
+        packed: super::cuda::cuda_storage(&pst, "packed codes")?,
+        packed_layout: pl,
+        scales: super::cuda::cuda_storage(&sst, "scales")?,
+        scales_layout: sl,
+        biases: super::cuda::cuda_storage(&bst, "biases")?,
+        biases_layout: bl,
+        n: w.out_dim,
+        k: w.in_dim,
+        p: w.params,
+    };
+    f(&parts)
+}
+
+/// An input the CUDA kernels take: in the scales' dtype (the model's), contiguous from offset 0
+/// of its storage, so that their 16-byte loads are aligned.
+#[cfg(feature = "cuda")]
+fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    let x = x.to_dtype(dtype)?;
+    Ok(if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.copy()? })
 }
 
 /// `mx.dequantize` as an op on (packed, scales, biases) for the GPU backends; the CPU path is
@@ -189,8 +206,7 @@ pub fn quantized_matmul(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        // The kernels take activations in the scales' dtype (the model's dtype).
-        let xin = x.to_dtype(w.scales.dtype())?.contiguous()?;
+        let xin = kernel_input(x, w.scales.dtype())?;
         let m = xin.elem_count() / w.in_dim.max(1);
         let y = if m <= super::cuda::MAX_DECODE_ROWS {
             xin.apply_op1(QMatMul { w: w.clone() })?
@@ -207,29 +223,7 @@ pub fn quantized_matmul(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
 #[cfg(feature = "cuda")]
 mod fused {
     use super::*;
-    use crate::quant::cuda::{self, WeightParts};
-
-    /// The storage guards of one weight, held while a kernel is launched.
-    fn with_parts<R>(
-        w: &QuantizedWeight,
-        f: impl FnOnce(&WeightParts) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
-        let (pst, pl) = w.packed.storage_and_layout();
-        let (sst, sl) = w.scales.storage_and_layout();
-        let (bst, bl) = w.biases.storage_and_layout();
-        let parts = WeightParts {
-            packed: cuda::cuda_storage(&pst, "packed codes")?,
-            packed_layout: pl,
-            scales: cuda::cuda_storage(&sst, "scales")?,
-            scales_layout: sl,
-            biases: cuda::cuda_storage(&bst, "biases")?,
-            biases_layout: bl,
-            n: w.out_dim,
-            k: w.in_dim,
-            p: w.params,
-        };
-        f(&parts)
-    }
+    use crate::quant::cuda;
 
     struct Qmv3(pub [QuantizedWeight; 3]);
 
@@ -281,9 +275,7 @@ mod fused {
         if x.elem_count() / w0.in_dim.max(1) > cuda::MAX_DECODE_ROWS {
             return Ok(None);
         }
-        let x = x.to_dtype(w0.scales.dtype())?;
-        let x = if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.copy()? };
-        Ok(Some(x))
+        Ok(Some(kernel_input(x, w0.scales.dtype())?))
     }
 
     /// `(x Qᵀ, x Kᵀ, x Vᵀ)` in one launch on CUDA for decode; `None` where no fused kernel applies.

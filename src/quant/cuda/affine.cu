@@ -8,21 +8,10 @@
 // compile-time bit offsets, so unpacking is register shifts only. This mirrors the CPU kernels
 // (src/quant/cpu.rs): per chunk, y += s * (x . q) + b * sum(x), accumulated in f32.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "../../cuda/common.cuh"
 
 typedef __half f16;
 typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ f16 from_f32<f16>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
 
 // The BITS words of one chunk, with the widest aligned loads the bit width allows (a chunk
 // starts at word c*BITS of a row of K*BITS/32 words, K a multiple of 32).
@@ -196,15 +185,18 @@ __device__ __forceinline__ void qmv_two_rows(const uint32_t* __restrict__ w0, co
 
 __device__ __forceinline__ int warp_row() { return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; }
 
-// y = x . W^T, one warp per output row; for one input row, two output rows per warp.
+// Output rows per warp: two for one input row (they share the input chunk), else one.
+template <int MM>
+__device__ __forceinline__ int first_row() { return warp_row() * (MM == 1 ? 2 : 1); }
+
+// The output rows one warp owns, from `row` of W (n rows): for one input row, `row` and
+// `row + 1` (an odd last row is computed twice and written once), else `row` for all MM inputs.
 template <typename T, int BITS, int MM>
-__device__ __forceinline__ void qmv_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
-                                         const T* __restrict__ biases, const T* __restrict__ x,
-                                         T* __restrict__ y, int m_rows, int n, int k, int gs) {
+__device__ __forceinline__ void qmv_warp_rows(const uint32_t* __restrict__ w, const T* __restrict__ scales,
+                                              const T* __restrict__ biases, const T* __restrict__ x,
+                                              T* __restrict__ y, int row, int m_rows, int n, int k, int gs) {
     if constexpr (MM == 1) {
-        const int row = 2 * warp_row();
-        if (row >= n) return;
-        const int row1 = min(row + 1, n - 1);   // an odd last row is computed twice, written once
+        const int row1 = min(row + 1, n - 1);
         const size_t wst = (size_t)k / 32 * BITS, sst = k / gs;
         float a0, a1;
         qmv_two_rows<T, BITS>(w + row * wst, scales + row * sst, biases + row * sst, w + row1 * wst,
@@ -213,60 +205,41 @@ __device__ __forceinline__ void qmv_impl(const uint32_t* __restrict__ w, const T
             y[row] = from_f32<T>(a0);
             if (row + 1 < n) y[row + 1] = from_f32<T>(a1);
         }
-        return;
-    }
-    const int row = warp_row();
-    if (row >= n) return;
-    float acc[MM];
-    qmv_row<T, BITS, MM>(w, scales, biases, x, row, m_rows, k, gs, acc);
-    if (threadIdx.x % 32 == 0) {
+    } else {
+        float acc[MM];
+        qmv_row<T, BITS, MM>(w, scales, biases, x, row, m_rows, k, gs, acc);
+        if (threadIdx.x % 32 == 0) {
 #pragma unroll
-        for (int m = 0; m < MM; ++m)
-            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(acc[m]);
+            for (int m = 0; m < MM; ++m)
+                if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(acc[m]);
+        }
     }
 }
 
+// y = x . W^T.
+template <typename T, int BITS, int MM>
+__device__ __forceinline__ void qmv_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
+                                         const T* __restrict__ biases, const T* __restrict__ x,
+                                         T* __restrict__ y, int m_rows, int n, int k, int gs) {
+    const int row = first_row<MM>();
+    if (row < n) qmv_warp_rows<T, BITS, MM>(w, scales, biases, x, y, row, m_rows, n, k, gs);
+}
+
 // Three weights that share their input (attention's q, k and v projections) in one launch:
-// rows 0..n0 of the grid are W0's, then W1's, then W2's, each written to its own output.
+// rows 0..n0 of the grid are W0's, then W1's, then W2's, each written to its own output. The
+// launcher passes even sizes, so a warp's pair of rows never straddles two weights.
 template <typename T, int BITS, int MM>
 __device__ __forceinline__ void qmv3_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2,
                                           const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,
                                           const T* __restrict__ x, int m_rows, int k, int gs) {
-    if constexpr (MM == 1) {
-        // two output rows per warp; the launcher passes even segment sizes, so a pair never
-        // straddles two weights
-        int row = 2 * warp_row();
-        const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
-        if (row >= n0) {
-            row -= n0; w = w1; s = s1; b = b1; y = y1; n = n1;
-            if (row >= n1) { row -= n1; w = w2; s = s2; b = b2; y = y2; n = n2; }
-        }
-        if (row >= n) return;
-        const size_t wst = (size_t)k / 32 * BITS, sst = k / gs;
-        float a0, a1;
-        qmv_two_rows<T, BITS>(w + row * wst, s + row * sst, b + row * sst, w + (row + 1) * wst,
-                              s + (row + 1) * sst, b + (row + 1) * sst, x, k, gs, a0, a1);
-        if (threadIdx.x % 32 == 0) {
-            y[row] = from_f32<T>(a0);
-            y[row + 1] = from_f32<T>(a1);
-        }
-        return;
-    }
-    int row = warp_row();
+    int row = first_row<MM>();
     const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
     if (row >= n0) {
         row -= n0; w = w1; s = s1; b = b1; y = y1; n = n1;
         if (row >= n1) { row -= n1; w = w2; s = s2; b = b2; y = y2; n = n2; }
     }
-    if (row >= n) return;
-    float acc[MM];
-    qmv_row<T, BITS, MM>(w, s, b, x, row, m_rows, k, gs, acc);
-    if (threadIdx.x % 32 == 0) {
-#pragma unroll
-        for (int m = 0; m < MM; ++m)
-            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(acc[m]);
-    }
+    if (row < n) qmv_warp_rows<T, BITS, MM>(w, s, b, x, y, row, m_rows, n, k, gs);
 }
 
 // The gated MLP's first half in one launch: y = silu(x . G^T) * (x . U^T), in f32 before rounding.
