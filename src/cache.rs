@@ -410,6 +410,100 @@ impl KvCache {
         Ok(())
     }
 
+    /// Whether the cache can join a batch ([`KvCache::merge`]) and give rows back
+    /// ([`KvCache::extract_row`]): plain storage, neither rotating nor quantized.
+    pub fn is_batchable(&self) -> bool {
+        self.rotation.is_none() && self.quant.is_none()
+    }
+
+    /// Rows in the cache (1 for an empty one).
+    fn rows(&self) -> Result<usize> {
+        Ok(match (&self.keys, &self.left_padding) {
+            (Some(k), _) => k.dim(0)?,
+            (None, Some(p)) => p.len(),
+            (None, None) => 1,
+        })
+    }
+
+    /// Row `row` of a (left-padded) batch as a cache of its own holding only that row's
+    /// positions, in new storage (writing to either cache never changes the other).
+    pub fn extract_row(&self, row: usize) -> Result<KvCache> {
+        if !self.is_batchable() {
+            bail!("only a plain KV cache can give a batch row back (this one is rotating or quantized)");
+        }
+        let pad = self.left_padding.as_ref().map_or(0, |p| p[row]);
+        let n = self.offset - pad;
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else { return Ok(Self::new()) };
+        let take = |t: &Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(t.narrow(0, row, 1)?.narrow(2, pad, n)?.force_contiguous()?))
+        };
+        Ok(Self { keys: take(k)?, values: take(v)?, offset: n, ..Self::new() })
+    }
+
+    /// One left-padded batch of the rows of `parts` (in order), each part plain: a part
+    /// holding fewer positions than the longest gets padding before its rows, so that every row
+    /// computes what it would alone (see [`crate::batch`]).
+    pub fn merge(parts: &[KvCache]) -> Result<KvCache> {
+        if parts.iter().any(|p| !p.is_batchable()) {
+            bail!("only plain KV caches can be batched (not rotating or quantized ones)");
+        }
+        if let [one] = parts {
+            return Ok(one.clone());
+        }
+        let total = parts.iter().map(|p| p.offset).max().unwrap_or(0);
+        let mut padding = Vec::new();
+        for p in parts {
+            let add = total - p.offset;
+            match &p.left_padding {
+                Some(own) => padding.extend(own.iter().map(|x| x + add)),
+                None => padding.extend(std::iter::repeat_n(add, p.rows()?)),
+            }
+        }
+        let mut merged = Self { offset: total, left_padding: Some(padding.into()), ..Self::new() };
+        let Some(proto) = parts.iter().find_map(|p| p.keys.as_ref().zip(p.values.as_ref())) else {
+            return Ok(merged);
+        };
+        let side = |pick: fn(&KvCache) -> Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
+            let (_, h, _, d) = like.dims4()?;
+            let mut rows = Vec::with_capacity(parts.len());
+            for p in parts {
+                let b = p.rows()?;
+                let mut seq = Vec::with_capacity(2);
+                if p.offset < total {
+                    seq.push(Tensor::zeros((b, h, total - p.offset, d), like.dtype(), like.device())?);
+                }
+                if let Some(t) = pick(p).filter(|_| p.offset > 0) {
+                    seq.push(t.narrow(2, 0, p.offset)?);
+                }
+                rows.push(Tensor::cat(&seq, 2)?);
+            }
+            Ok(Tensor::cat(&rows, 0)?.contiguous()?)
+        };
+        merged.keys = Some(side(|p| p.keys.as_ref(), proto.0)?);
+        merged.values = Some(side(|p| p.values.as_ref(), proto.1)?);
+        Ok(merged)
+    }
+
+    /// Drops the padding every row of a batch has (rows that left may have needed it), and the
+    /// padding record once no row has any.
+    pub fn drop_common_padding(&mut self) -> Result<()> {
+        let Some(p) = &self.left_padding else { return Ok(()) };
+        let m = p.iter().copied().min().unwrap_or(0);
+        if m > 0 && self.is_batchable() {
+            let n = self.offset - m;
+            if let (Some(k), Some(v)) = (&self.keys, &self.values) {
+                self.keys = Some(k.narrow(2, m, n)?.force_contiguous()?);
+                self.values = Some(v.narrow(2, m, n)?.force_contiguous()?);
+            }
+            self.offset = n;
+            self.left_padding = Some(p.iter().map(|x| x - m).collect());
+        }
+        if self.left_padding.as_ref().is_some_and(|p| p.iter().all(|&x| x == 0)) {
+            self.left_padding = None;
+        }
+        Ok(())
+    }
+
     /// The state mlx_lm's `cache.state` holds (for prompt cache files); `None` when empty.
     pub fn state(&self) -> Result<Option<CacheState>> {
         let offset = self.offset;

@@ -23,6 +23,7 @@ pub mod perplexity;
 pub mod prompt_cache;
 pub mod quant;
 pub mod sample;
+pub mod server;
 pub mod speculative;
 pub mod tokenizer;
 

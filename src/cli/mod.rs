@@ -7,6 +7,7 @@ pub mod convert;
 pub mod generate;
 pub mod manage;
 pub mod perplexity;
+pub mod server;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -40,7 +41,7 @@ pub enum Command {
     /// Scan or delete models in the Hugging Face cache (mlx_lm.manage)
     Manage(manage::ManageArgs),
     /// Serve an OpenAI-compatible HTTP API (mlx_lm.server)
-    Server(NotYet),
+    Server(server::ServerArgs),
     /// Measure prompt and generation speed (mlx_lm benchmark)
     Bench(bench::BenchArgs),
     /// Measure perplexity on a text or jsonl file (mlx_lm.perplexity)
@@ -183,7 +184,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Lora(_) => not_yet("lora"),
         Command::Fuse(_) => not_yet("fuse"),
         Command::Manage(a) => manage::run(a),
-        Command::Server(_) => not_yet("server"),
+        Command::Server(a) => server::run(a),
         Command::Perplexity(a) => perplexity::run(a),
     }
 }

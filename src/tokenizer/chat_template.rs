@@ -21,6 +21,7 @@ impl Message {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<JValue, minijinja::Error> {
@@ -65,6 +66,76 @@ fn strftime_now(fmt: String) -> String {
         .replace("%b", MON[(m - 1) as usize])
 }
 
+/// transformers' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False, indent=…,
+/// separators=…, sort_keys=…)`, so that tool schemas render as Hugging Face renders them
+/// (`{"a": 1, "b": [2, 3]}`, not minijinja's compact, HTML-escaped form).
+fn tojson(value: JValue, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let v = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let (item, key) = match separators.as_deref() {
+        Some([i, k]) => (i.clone(), k.clone()),
+        _ => ((if indent.is_some() { "," } else { ", " }).to_string(), ": ".to_string()),
+    };
+    let mut out = String::new();
+    py_dumps(&v, &PyJson { indent, sort_keys: sort_keys.unwrap_or(false), item, key }, 0, &mut out);
+    Ok(out)
+}
+
+struct PyJson {
+    indent: Option<usize>,
+    sort_keys: bool,
+    item: String,
+    key: String,
+}
+
+fn py_dumps(v: &Value, f: &PyJson, depth: usize, out: &mut String) {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = f.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    match v {
+        Value::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&f.item);
+                }
+                newline(out, depth + 1);
+                py_dumps(x, f, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Value::Object(o) if !o.is_empty() => {
+            let mut items: Vec<(&String, &Value)> = o.iter().collect();
+            if f.sort_keys {
+                items.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, x)) in items.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&f.item);
+                }
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(&f.key);
+                py_dumps(x, f, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        // Python writes integral floats with ".0" too, and serde_json does the same
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
@@ -73,14 +144,21 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow::anyhow!("the chat template does not parse: {e}"))?;
-        Ok(Self { env })
+        Ok(Self { env, source: source.to_string() })
     }
 
-    pub fn render(
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders `messages` (each a [`Message`] or a JSON object with tool calls and the like).
+    pub fn render<M: Serialize>(
         &self,
-        messages: &[Message],
+        messages: &[M],
         add_generation_prompt: bool,
         special_tokens: &[(String, String)],
         extra: &serde_json::Map<String, Value>,
@@ -96,5 +174,24 @@ impl ChatTemplate {
         }
         let tmpl = self.env.get_template("chat")?;
         tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| anyhow::anyhow!("chat template failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tojson_writes_what_pythons_json_dumps_writes() {
+        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}").unwrap();
+        let x =
+            serde_json::json!({"name": "f", "p": {"type": "object", "e": [], "d": {}}, "b": [2, "é", 1.5, null, true]});
+        let mut extra = serde_json::Map::new();
+        extra.insert("x".into(), x);
+        let out = t.render::<Message>(&[], false, &[], &extra).unwrap();
+        // both strings are Python's json.dumps(x, ensure_ascii=False[, indent=2])
+        let compact = r#"{"name": "f", "p": {"type": "object", "e": [], "d": {}}, "b": [2, "é", 1.5, null, true]}"#;
+        let indented = "{\n  \"name\": \"f\",\n  \"p\": {\n    \"type\": \"object\",\n    \"e\": [],\n    \"d\": {}\n  },\n  \"b\": [\n    2,\n    \"é\",\n    1.5,\n    null,\n    true\n  ]\n}";
+        assert_eq!(out, format!("{compact}|{indented}"));
     }
 }

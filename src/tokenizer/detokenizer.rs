@@ -3,8 +3,10 @@
 //! until the character is complete), and SentencePiece's leading-space rule is respected by
 //! decoding each new piece together with the tokens before it.
 
-pub struct StreamingDetokenizer<'a> {
-    tok: &'a tokenizers::Tokenizer,
+/// The detokenizer's state without the tokenizer, for owners that keep the tokenizer
+/// elsewhere (the server's per-request tasks); [`StreamingDetokenizer`] pairs the two.
+#[derive(Debug, Clone, Default)]
+pub struct DetokenizerState {
     tokens: Vec<u32>,
     /// start of the window decoded for context
     prefix_offset: usize,
@@ -13,20 +15,16 @@ pub struct StreamingDetokenizer<'a> {
     text: String,
 }
 
-impl<'a> StreamingDetokenizer<'a> {
-    pub fn new(tok: &'a tokenizers::Tokenizer) -> Self {
-        Self { tok, tokens: vec![], prefix_offset: 0, read_offset: 0, text: String::new() }
-    }
+fn decode(tok: &tokenizers::Tokenizer, ids: &[u32]) -> String {
+    tok.decode(ids, false).unwrap_or_default()
+}
 
-    fn decode(&self, ids: &[u32]) -> String {
-        self.tok.decode(ids, false).unwrap_or_default()
-    }
-
+impl DetokenizerState {
     /// Adds a token; returns the newly final text (possibly empty).
-    pub fn add_token(&mut self, id: u32) -> String {
+    pub fn add_token(&mut self, tok: &tokenizers::Tokenizer, id: u32) -> String {
         self.tokens.push(id);
-        let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset]);
-        let full = self.decode(&self.tokens[self.prefix_offset..]);
+        let prefix = decode(tok, &self.tokens[self.prefix_offset..self.read_offset]);
+        let full = decode(tok, &self.tokens[self.prefix_offset..]);
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
@@ -39,12 +37,12 @@ impl<'a> StreamingDetokenizer<'a> {
     }
 
     /// Emits whatever is left (an incomplete character is emitted as U+FFFD, as Python does).
-    pub fn finalize(&mut self) -> String {
+    pub fn finalize(&mut self, tok: &tokenizers::Tokenizer) -> String {
         if self.read_offset >= self.tokens.len() {
             return String::new();
         }
-        let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset]);
-        let full = self.decode(&self.tokens[self.prefix_offset..]);
+        let prefix = decode(tok, &self.tokens[self.prefix_offset..self.read_offset]);
+        let full = decode(tok, &self.tokens[self.prefix_offset..]);
         let new = if full.starts_with(&prefix) { full[prefix.len()..].to_string() } else { full };
         self.prefix_offset = self.read_offset;
         self.read_offset = self.tokens.len();
@@ -59,5 +57,35 @@ impl<'a> StreamingDetokenizer<'a> {
 
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+}
+
+pub struct StreamingDetokenizer<'a> {
+    tok: &'a tokenizers::Tokenizer,
+    state: DetokenizerState,
+}
+
+impl<'a> StreamingDetokenizer<'a> {
+    pub fn new(tok: &'a tokenizers::Tokenizer) -> Self {
+        Self { tok, state: DetokenizerState::default() }
+    }
+
+    /// Adds a token; returns the newly final text (possibly empty).
+    pub fn add_token(&mut self, id: u32) -> String {
+        self.state.add_token(self.tok, id)
+    }
+
+    /// Emits whatever is left (an incomplete character is emitted as U+FFFD, as Python does).
+    pub fn finalize(&mut self) -> String {
+        self.state.finalize(self.tok)
+    }
+
+    /// All text emitted so far.
+    pub fn text(&self) -> &str {
+        self.state.text()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        self.state.tokens()
     }
 }

@@ -6,7 +6,7 @@ mod chat_template;
 mod detokenizer;
 
 pub use chat_template::{ChatTemplate, Message};
-pub use detokenizer::StreamingDetokenizer;
+pub use detokenizer::{DetokenizerState, StreamingDetokenizer};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -113,9 +113,9 @@ impl Tokenizer {
 
     /// Renders `messages` with the chat template, as transformers' `apply_chat_template(...,
     /// tokenize=False)`; `extra` holds `--chat-template-config` keys.
-    pub fn apply_chat_template(
+    pub fn apply_chat_template<M: serde::Serialize>(
         &self,
-        messages: &[Message],
+        messages: &[M],
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, Value>,
     ) -> Result<String> {

@@ -1,0 +1,391 @@
+//! The scheduler: one thread owns the model and serves every live request by continuous
+//! batching. Requests join between decode steps (their prompt computed in chunks first,
+//! starting from the longest shared prefix the [`PrefixCache`] holds), every decode step
+//! advances all of them at once over one left-padded batched KV cache, and a request leaves as
+//! soon as it ends (eos, its max_tokens, or its client gone: the receiver of its events is
+//! dropped). A model whose cache cannot be batched (sliding-window layers) serves requests one
+//! after another through the same loop.
+
+use super::prefix_cache::PrefixCache;
+use crate::cache::KvCache;
+use crate::models::LanguageModel;
+use crate::sample::{log_softmax, LogitsProcessors, Sampler, SamplerConfig};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Why a request's generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// an eos token
+    Stop,
+    /// max_tokens, or the model's context
+    Length,
+}
+
+/// What the scheduler tells a request's handler.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The prompt is computed; `cached` of its tokens came from the prefix cache.
+    Started { cached: usize },
+    /// A generated token; with `finish` it is the last one (an eos is sent too, marked
+    /// [`Finish::Stop`]). `logprob` and `top` are there when the request asked for them.
+    Token { id: u32, logprob: Option<f32>, top: Vec<(u32, f32)>, finish: Option<Finish> },
+    /// The request failed in the model.
+    Error(String),
+}
+
+/// One generation request.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    pub processors: LogitsProcessors,
+    /// `Some(n)`: report each token's log-probability and the `n` most likely alternatives
+    pub logprobs: Option<usize>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// Counts a job as in flight until it is dropped.
+struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Queued {
+    job: Job,
+    _ticket: Ticket,
+}
+
+/// Why a job was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// as many requests as the server takes are running or waiting
+    Full,
+    /// the scheduler thread has ended
+    Stopped,
+}
+
+/// Submits jobs to the scheduler thread; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Queued>,
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+    alive: Arc<AtomicBool>,
+}
+
+/// Settings of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// requests decoded together (`--max-concurrency`)
+    pub max_batch: usize,
+    /// requests waiting beyond those (`--max-queue`)
+    pub max_queue: usize,
+    pub prefill_step_size: usize,
+    /// prefix caches kept (`--prompt-cache-size`)
+    pub prompt_cache_size: usize,
+    pub eos_token_ids: BTreeSet<u32>,
+}
+
+impl Scheduler {
+    /// The scheduler's handle and its worker, which owns `model`; [`Worker::run`] serves the
+    /// handle's jobs on the calling thread until every handle is dropped. On the CPU, run it on
+    /// one of rayon's threads (as the `wick` binary runs its commands), so that it never waits
+    /// for a core the kernels' threads hold.
+    pub fn new(model: Box<dyn LanguageModel>, cfg: SchedulerConfig) -> Result<(Self, Worker)> {
+        if cfg.max_batch == 0 {
+            bail!("--max-concurrency must be at least 1");
+        }
+        if cfg.prefill_step_size == 0 {
+            bail!("--prefill-step-size must be at least 1");
+        }
+        let (tx, rx) = mpsc::channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let limit = cfg.max_batch + cfg.max_queue;
+        let worker = Worker::new(model, cfg, rx, alive.clone());
+        Ok((Self { tx, in_flight: Arc::new(AtomicUsize::new(0)), limit, alive }, worker))
+    }
+
+    /// [`Scheduler::new`] with the worker on a thread of its own.
+    pub fn start(model: Box<dyn LanguageModel>, cfg: SchedulerConfig) -> Result<Self> {
+        let (handle, worker) = Self::new(model, cfg)?;
+        std::thread::Builder::new().name("wick-scheduler".into()).spawn(move || worker.run())?;
+        Ok(handle)
+    }
+
+    /// Queues `job`, or refuses it when the server is full or stopped.
+    pub fn submit(&self, job: Job) -> std::result::Result<(), Refused> {
+        if !self.is_alive() {
+            return Err(Refused::Stopped);
+        }
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::Full);
+        }
+        let ticket = Ticket(self.in_flight.clone());
+        self.tx.send(Queued { job, _ticket: ticket }).map_err(|_| Refused::Stopped)
+    }
+
+    /// Requests running or waiting.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+/// A request whose prompt is being computed.
+struct Pending {
+    q: Queued,
+    cache: Vec<KvCache>,
+    /// prompt tokens in `cache`
+    done: usize,
+    cached: usize,
+}
+
+/// A request in the decode batch.
+struct Row {
+    q: Queued,
+    sampler: Sampler,
+    /// tokens in the cache: the prompt and the generated tokens fed so far
+    fed: Vec<u32>,
+    /// the token the next step feeds
+    next: u32,
+    generated: usize,
+}
+
+/// The scheduler's loop and state; see [`Scheduler::new`].
+pub struct Worker {
+    model: Box<dyn LanguageModel>,
+    cfg: SchedulerConfig,
+    rx: mpsc::Receiver<Queued>,
+    alive: Arc<AtomicBool>,
+    batchable: bool,
+    prefix: PrefixCache,
+    pending: Vec<Pending>,
+    rows: Vec<Row>,
+    /// the batch's cache, one per layer (row `i` of each is `rows[i]`)
+    cache: Vec<KvCache>,
+}
+
+fn send(job: &Job, ev: Event) -> bool {
+    job.events.send(ev).is_ok()
+}
+
+impl Worker {
+    fn new(
+        model: Box<dyn LanguageModel>,
+        cfg: SchedulerConfig,
+        rx: mpsc::Receiver<Queued>,
+        alive: Arc<AtomicBool>,
+    ) -> Self {
+        let batchable = model.make_cache(None).iter().all(KvCache::is_batchable);
+        let prefix = PrefixCache::new(if batchable { cfg.prompt_cache_size } else { 0 });
+        Self { model, cfg, rx, alive, batchable, prefix, pending: vec![], rows: vec![], cache: vec![] }
+    }
+
+    /// Serves jobs until every [`Scheduler`] handle is gone.
+    pub fn run(mut self) {
+        self.serve();
+        self.alive.store(false, Ordering::SeqCst);
+    }
+
+    fn capacity(&self) -> usize {
+        if self.batchable {
+            self.cfg.max_batch
+        } else {
+            1
+        }
+    }
+
+    fn serve(&mut self) {
+        loop {
+            // take new requests while there is room; wait for one when idle
+            while self.pending.len() + self.rows.len() < self.capacity() {
+                let q = if self.pending.is_empty() && self.rows.is_empty() {
+                    match self.rx.recv() {
+                        Ok(q) => q,
+                        Err(_) => return,
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(q) => q,
+                        Err(_) => break,
+                    }
+                };
+                self.admit(q);
+            }
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            let failure = match step {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(p) => Some(
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "the model panicked".into()),
+                ),
+            };
+            if let Some(msg) = failure {
+                // the batch's state is unknown now: fail its requests and start clean
+                for r in self.rows.drain(..) {
+                    send(&r.q.job, Event::Error(msg.clone()));
+                }
+                for p in self.pending.drain(..) {
+                    send(&p.q.job, Event::Error(msg.clone()));
+                }
+                self.cache.clear();
+            }
+        }
+    }
+
+    /// Starts computing a request's prompt, from the longest prefix cached.
+    fn admit(&mut self, q: Queued) {
+        if q.job.events.is_closed() {
+            return;
+        }
+        let found = match self.prefix.fetch(&q.job.prompt) {
+            Ok(f) => f,
+            Err(e) => {
+                send(&q.job, Event::Error(format!("{e:#}")));
+                return;
+            }
+        };
+        let (cache, done) = found.unwrap_or_else(|| (self.model.make_cache(None), 0));
+        self.pending.push(Pending { q, cache, done, cached: done });
+    }
+
+    /// One round: a prompt chunk of the oldest pending request, then a decode step of the batch.
+    fn step(&mut self) -> Result<()> {
+        self.pending.retain(|p| !p.q.job.events.is_closed());
+        if let Some(p) = self.pending.first_mut() {
+            let prompt = &p.q.job.prompt;
+            let left = prompt.len() - 1 - p.done;
+            if left > 0 {
+                let n = self.cfg.prefill_step_size.min(left);
+                let input = Tensor::new(&prompt[p.done..p.done + n], self.model.device())?.unsqueeze(0)?;
+                self.model.forward(&input, &mut p.cache, true)?;
+                p.done += n;
+            }
+            if p.done == prompt.len() - 1 {
+                let p = self.pending.remove(0);
+                self.join(p)?;
+            }
+        }
+        if !self.rows.is_empty() {
+            self.decode()?;
+        }
+        Ok(())
+    }
+
+    /// Moves a request whose prompt is computed (but its last token) into the batch.
+    fn join(&mut self, p: Pending) -> Result<()> {
+        let Pending { q, cache, done, cached } = p;
+        if !send(&q.job, Event::Started { cached }) {
+            return Ok(());
+        }
+        let sampler = match Sampler::new(q.job.sampler.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                send(&q.job, Event::Error(format!("{e:#}")));
+                return Ok(());
+            }
+        };
+        let prompt = &q.job.prompt;
+        let row = Row { fed: prompt[..done].to_vec(), next: prompt[done], generated: 0, sampler, q };
+        self.cache = if self.rows.is_empty() {
+            cache
+        } else {
+            self.cache
+                .iter()
+                .zip(&cache)
+                .map(|(b, c)| KvCache::merge(&[b.clone(), c.clone()]))
+                .collect::<Result<_>>()?
+        };
+        self.rows.push(row);
+        Ok(())
+    }
+
+    /// Feeds every row's next token, samples each row's following one, lets finished rows go.
+    fn decode(&mut self) -> Result<()> {
+        let input: Vec<Vec<u32>> = self.rows.iter().map(|r| vec![r.next]).collect();
+        let logits = self.model.forward(&Tensor::new(input, self.model.device())?, &mut self.cache, true)?;
+        let mut logits = logits.squeeze(1)?.to_vec2::<f32>()?;
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut leaving = vec![];
+        for (i, (row, l)) in self.rows.iter_mut().zip(logits.iter_mut()).enumerate() {
+            let job = &row.q.job;
+            row.fed.push(row.next);
+            job.processors.apply(&row.fed, l);
+            let (logprob, top, id) = match job.logprobs {
+                Some(n) => {
+                    let lp = log_softmax(l);
+                    let id = row.sampler.sample(l)?;
+                    (Some(lp[id as usize]), top_n(&lp, n), id)
+                }
+                None => (None, vec![], row.sampler.sample(l)?),
+            };
+            row.generated += 1;
+            let finish = if self.cfg.eos_token_ids.contains(&id) {
+                Some(Finish::Stop)
+            } else if row.generated >= job.max_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            let open = send(job, Event::Token { id, logprob, top, finish });
+            if finish.is_none() && open {
+                row.next = id;
+                keep.push(i);
+            } else {
+                leaving.push(i);
+            }
+        }
+        if leaving.is_empty() {
+            return Ok(());
+        }
+        for &i in &leaving {
+            let row = &self.rows[i];
+            let cache = self.cache.iter().map(|c| c.extract_row(i)).collect::<Result<Vec<_>>>()?;
+            self.prefix.insert(row.fed.clone(), cache);
+        }
+        if keep.is_empty() {
+            self.rows.clear();
+            self.cache.clear();
+            return Ok(());
+        }
+        for c in self.cache.iter_mut() {
+            c.select_rows(&keep)?;
+            c.drop_common_padding()?;
+        }
+        let mut i = 0;
+        self.rows.retain(|_| {
+            i += 1;
+            keep.contains(&(i - 1))
+        });
+        Ok(())
+    }
+}
+
+/// The `n` largest entries of `lp` with their indices, largest first.
+fn top_n(lp: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return vec![];
+    }
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    let n = n.min(idx.len());
+    let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]);
+    idx.select_nth_unstable_by(n - 1, by);
+    idx.truncate(n);
+    idx.sort_by(by);
+    idx.into_iter().map(|i| (i, lp[i as usize])).collect()
+}
