@@ -27,12 +27,10 @@ impl PrefixCache {
         Self { entries: VecDeque::new(), capacity }
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// Whether entries are kept at all (a capacity of 0, or a model whose cache cannot give
+    /// rows back, keeps none).
+    pub fn is_enabled(&self) -> bool {
+        self.capacity > 0
     }
 
     /// Keeps `cache` (one row per layer, holding exactly `tokens`). An entry whose tokens are a

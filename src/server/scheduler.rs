@@ -353,7 +353,9 @@ impl Worker {
         if leaving.is_empty() {
             return Ok(());
         }
-        for &i in &leaving {
+        // (copying a row out is skipped when nothing is kept: a rotating cache cannot give one)
+        let keep_prefixes = self.prefix.is_enabled();
+        for &i in leaving.iter().filter(|_| keep_prefixes) {
             let row = &self.rows[i];
             let cache = self.cache.iter().map(|c| c.extract_row(i)).collect::<Result<Vec<_>>>()?;
             self.prefix.insert(row.fed.clone(), cache);
