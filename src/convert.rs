@@ -31,6 +31,9 @@ pub struct ConvertOptions {
     pub quantize: Option<QuantizeOptions>,
     pub dequantize: bool,
     pub force: bool,
+    /// Fold the adapters of this folder into the weights (`wick fuse`); stored dtypes are
+    /// then kept unless `dtype` is given.
+    pub adapter: Option<PathBuf>,
 }
 
 /// `(low, high)` bits of a recipe.
@@ -108,8 +111,14 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         let args: crate::models::llama::ModelArgs = cfg.parse()?;
         crate::models::llama::sanitize(&args, &mut weights)?;
     }
-    let target = opts.dtype.or_else(|| dtype_of_config(&cfg));
-    let out = AtomicFolder::create(dst, opts.force, "--mlx-path")?;
+    let adapters = opts.adapter.as_deref().map(crate::lora::Adapters::open).transpose()?;
+    let fused = match &adapters {
+        Some(a) => crate::lora::fuse::prepare(&mut weights, a)?,
+        None => Default::default(),
+    };
+    let target = if adapters.is_some() { opts.dtype } else { opts.dtype.or_else(|| dtype_of_config(&cfg)) };
+    let flag = if opts.adapter.is_some() { "--save-path" } else { "--mlx-path" };
+    let out = AtomicFolder::create(dst, opts.force, flag)?;
 
     let layers = quantizable_layers(&weights)?;
     let mut config = cfg.value.as_object().cloned().context("config.json is not an object")?;
@@ -142,6 +151,21 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         let t = weights.raw(name, &dev)?;
         let path = name.strip_suffix(".weight").unwrap_or(name);
         let is_layer = name.ends_with(".weight") && layers.iter().any(|l| l == path);
+        // an adapted layer: its weight (and quantization) replaced by the fused one
+        if let (Some(a), Some(layer)) = (&adapters, crate::lora::fuse::layer_of(name, &fused)) {
+            if name.ends_with(".weight") {
+                bar.set_message(format!("fusing {layer}"));
+                for (n, t) in crate::lora::fuse::fuse_layer(&weights, spec.as_ref(), a, layer, opts.dequantize)? {
+                    let t = match target {
+                        Some(dt) if t.dtype().is_float() => t.to_dtype(dt)?,
+                        _ => t,
+                    };
+                    tensors.push((n, t));
+                }
+            }
+            bar.inc(1);
+            continue;
+        }
         // already-quantized layers: dequantize or copy
         if let Some(spec) = &spec {
             if name.ends_with(".scales") || name.ends_with(".biases") {
@@ -215,6 +239,9 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
     out.write_json("config.json", &Value::Object(sorted.into_iter().collect()))?;
     write_shards(&out, tensors)?;
     copy_tokenizer_files(src, &out)?;
+    if let Some(a) = &adapters {
+        a.finish()?;
+    }
     out.commit()
 }
 

@@ -24,6 +24,13 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn dot4(_x: &[f32], _w: [&[Self]; 4]) -> Option<[f32; 4]> {
         None
     }
+    /// Whether [`Elem::dot4_many`] has a fused kernel on this build.
+    const DOT4_MANY: bool = false;
+    /// [`Elem::dot4`] for each of the `m` input rows of `xs` (m × row length) into `out[i]`,
+    /// where a fused kernel exists (see [`Elem::DOT4_MANY`]); each result equals `dot4`'s.
+    fn dot4_many(_xs: &[f32], _m: usize, _w: [&[Self]; 4], _out: &mut [[f32; 4]]) -> bool {
+        false
+    }
     /// The slice itself when the type is f32.
     fn as_f32(_s: &[Self]) -> Option<&[f32]> {
         None
@@ -50,7 +57,7 @@ impl Elem for f32 {
 
 /// The conversions every 16-bit float type shares; `dot`/`dot4` name its SIMD kernels.
 macro_rules! half_elem {
-    ($t:ty, $dot:path $(, $dot4:path)?) => {
+    ($t:ty, $dot:path $(, $dot4:path, $many:path)?) => {
         impl Elem for $t {
             fn to_f32(self) -> f32 {
                 <$t>::to_f32(self)
@@ -67,12 +74,16 @@ macro_rules! half_elem {
             }
             $(fn dot4(x: &[f32], w: [&[$t]; 4]) -> Option<[f32; 4]> {
                 $dot4(x, w)
+            }
+            const DOT4_MANY: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
+            fn dot4_many(xs: &[f32], m: usize, w: [&[$t]; 4], out: &mut [[f32; 4]]) -> bool {
+                $many(xs, m, w, out)
             })?
         }
     };
 }
 
-half_elem!(f16, simd::dot_f16, simd::dot4_f16);
+half_elem!(f16, simd::dot_f16, simd::dot4_f16, simd::dot4_f16_many);
 half_elem!(bf16, simd::dot_bf16);
 
 /// `Σ a·b` in f32.
@@ -357,6 +368,66 @@ pub mod simd {
             let bias = bias_dots::<N>(w, r0, xsum);
             std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + bias[r])
         }
+
+        /// [`rows_affine`] for four rows against `G` input rows at once: each weight block is
+        /// widened once for all `G` inputs. Every (input, row) pair sums in exactly the order
+        /// `rows_affine` uses, so a batch row gets the same bits as the row alone.
+        #[inline(always)]
+        pub unsafe fn rows_affine_many<const G: usize, const BITS: usize>(
+            x: [*const f32; G],
+            xsum: [*const f32; G],
+            w: Rows,
+            r0: usize,
+        ) -> [[f32; 4]; G] {
+            let m4 = _mm512_set1_epi32(0x0f);
+            let step = 128 / BITS;
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            let bytes: [*const u8; 4] = std::array::from_fn(|r| w.codes.add((r0 + r) * w.row_bytes));
+            for g in 0..w.groups {
+                let mut ga = [[_mm512_setzero_ps(); 4]; G];
+                let mut c = g * w.gs;
+                while c < (g + 1) * w.gs {
+                    let at = c * BITS / 8;
+                    let mut lo = [_mm512_setzero_ps(); 4];
+                    let mut hi = [_mm512_setzero_ps(); 4];
+                    for r in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(bytes[r].add(at + PREFETCH) as *const i8);
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes[r].add(at) as *const __m128i));
+                        if BITS == 4 {
+                            lo[r] = _mm512_cvtepi32_ps(_mm512_and_si512(v, m4));
+                            hi[r] = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+                        } else {
+                            lo[r] = _mm512_cvtepi32_ps(v);
+                        }
+                    }
+                    for i in 0..G {
+                        let x0 = _mm512_loadu_ps(x[i].add(c));
+                        if BITS == 4 {
+                            let x1 = _mm512_loadu_ps(x[i].add(c + 16));
+                            for r in 0..4 {
+                                ga[i][r] = _mm512_fmadd_ps(x0, lo[r], ga[i][r]);
+                                ga[i][r] = _mm512_fmadd_ps(x1, hi[r], ga[i][r]);
+                            }
+                        } else {
+                            for r in 0..4 {
+                                ga[i][r] = _mm512_fmadd_ps(x0, lo[r], ga[i][r]);
+                            }
+                        }
+                    }
+                    c += step;
+                }
+                for r in 0..4 {
+                    let s = _mm512_set1_ps(*w.scales.add((r0 + r) * w.groups + g));
+                    for i in 0..G {
+                        acc[i][r] = _mm512_fmadd_ps(ga[i][r], s, acc[i][r]);
+                    }
+                }
+            }
+            std::array::from_fn(|i| {
+                let bias = bias_dots::<4>(w, r0, xsum[i]);
+                std::array::from_fn(|r| _mm512_reduce_add_ps(acc[i][r]) + bias[r])
+            })
+        }
     }
 
     /// Four f16 rows at once with AVX-512 (16 halves per load), `n` a multiple of 32.
@@ -384,6 +455,73 @@ pub mod simd {
             _mm512_reduce_add_ps(acc[2]),
             _mm512_reduce_add_ps(acc[3]),
         ]
+    }
+
+    /// [`dot4_f16_512`] against `G` input rows at once: each weight load is widened once for
+    /// all `G` inputs, and every (input, row) pair sums in `dot4_f16_512`'s order, so a batch
+    /// row gets the same bits as the row alone.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[inline(always)]
+    unsafe fn dot4_f16_512_many<const G: usize>(x: [*const f32; G], w: [*const u16; 4], n: usize) -> [[f32; 4]; G] {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        let mut i = 0;
+        while i < n {
+            let mut w0 = [_mm512_setzero_ps(); 4];
+            let mut w1 = [_mm512_setzero_ps(); 4];
+            for r in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(w[r].add(i + 2048) as *const i8);
+                w0[r] = _mm512_cvtph_ps(_mm256_loadu_si256(w[r].add(i) as *const __m256i));
+                w1[r] = _mm512_cvtph_ps(_mm256_loadu_si256(w[r].add(i + 16) as *const __m256i));
+            }
+            for g in 0..G {
+                let x0 = _mm512_loadu_ps(x[g].add(i));
+                let x1 = _mm512_loadu_ps(x[g].add(i + 16));
+                for r in 0..4 {
+                    acc[g][r] = _mm512_fmadd_ps(x0, w0[r], acc[g][r]);
+                    acc[g][r] = _mm512_fmadd_ps(x1, w1[r], acc[g][r]);
+                }
+            }
+            i += 32;
+        }
+        std::array::from_fn(|g| std::array::from_fn(|r| _mm512_reduce_add_ps(acc[g][r])))
+    }
+
+    /// Input rows handled together by the multi-input kernels.
+    pub const MANY: usize = 4;
+
+    /// `out[i] = x_i · w_r` (r = 0..4) for the `m` input rows of `xs` (m × n) against four f16
+    /// rows of length n; `false` where there is no fused kernel (then nothing is written).
+    /// Each result equals [`dot4_f16`]'s for that input row alone.
+    #[inline]
+    pub fn dot4_f16_many(xs: &[f32], m: usize, w: [&[f16]; 4], out: &mut [[f32; 4]]) -> bool {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            let n = w[0].len();
+            if n.is_multiple_of(32) && w.iter().all(|r| r.len() == n) && xs.len() >= m * n && out.len() >= m {
+                let p = w.map(|r| r.as_ptr() as *const u16);
+                let row = |i: usize| xs[i * n..].as_ptr();
+                let mut i = 0;
+                // SAFETY: every input row and all four weight rows hold n elements (checked
+                // above), n is a multiple of 32; prefetches past the end are only hints.
+                unsafe {
+                    while i + MANY <= m {
+                        let r = dot4_f16_512_many::<MANY>(std::array::from_fn(|g| row(i + g)), p, n);
+                        out[i..i + MANY].copy_from_slice(&r);
+                        i += MANY;
+                    }
+                    match m - i {
+                        0 => {}
+                        1 => out[i] = dot4_f16_512_many::<1>([row(i)], p, n)[0],
+                        2 => out[i..m].copy_from_slice(&dot4_f16_512_many::<2>([row(i), row(i + 1)], p, n)),
+                        _ => out[i..m].copy_from_slice(&dot4_f16_512_many::<3>([row(i), row(i + 1), row(i + 2)], p, n)),
+                    }
+                }
+                return true;
+            }
+        }
+        let _ = (xs, m, w, out);
+        false
     }
     /// The input of 4- or 8-bit rows as the AVX-512 block kernels ([`block_affine`]) read it,
     /// built once per matmul: permuted by [`permute_x_q4`] for 4 bits, as it is for 8. `None`
@@ -476,6 +614,97 @@ pub mod simd {
         #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
         {
             let _ = (xp, i, words, scales, biases, xsum, out);
+            unreachable!("affine_input builds inputs only on AVX-512 builds")
+        }
+    }
+
+    /// [`block_affine`] for all `m` input rows of `xp` at once: `out[j·m + i]` is input row
+    /// `i` against row `j` of the block, bit for bit what `block_affine` gives for that input
+    /// row alone; `xsum` holds the m rows' group sums. AVX-512 builds only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_affine_many(
+        bits: usize,
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        gs: usize,
+        words: &[u32],
+        scales: &[f32],
+        biases: &[f32],
+        xsum: &[f32],
+        out: &mut [f32],
+    ) {
+        let (rows, groups) = (out.len() / m, k / gs);
+        assert!(bits == 4 || bits == 8);
+        assert!(k.is_multiple_of(gs) && gs.is_multiple_of(32) && xp.len() >= m * k);
+        assert!(words.len() * 32 >= rows * k * bits && xsum.len() >= m * groups);
+        assert!(scales.len() >= rows * groups && biases.len() >= rows * groups);
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            let w = x86_512::Rows {
+                codes: words.as_ptr() as *const u8,
+                row_bytes: k * bits / 8,
+                scales: scales.as_ptr(),
+                biases: biases.as_ptr(),
+                groups,
+                gs,
+            };
+            let x = |i: usize| xp[i * k..].as_ptr();
+            let xs = |i: usize| xsum[i * groups..].as_ptr();
+            fn put<const G: usize>(out: &mut [f32], m: usize, i0: usize, d: [[f32; 4]; G], r: usize) {
+                for (g, row) in d.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        out[(r + j) * m + i0 + g] = *v;
+                    }
+                }
+            }
+            macro_rules! many {
+                ($g:literal, $i:expr, $r:expr) => {{
+                    let (xr, sr) = (std::array::from_fn(|g| x($i + g)), std::array::from_fn(|g| xs($i + g)));
+                    // SAFETY: the asserts above bound the codes, scales and biases of rows
+                    // r..r+4 and the input rows i..i+G; gs is a multiple of 32.
+                    let d = unsafe {
+                        if bits == 4 {
+                            x86_512::rows_affine_many::<$g, 4>(xr, sr, w, $r)
+                        } else {
+                            x86_512::rows_affine_many::<$g, 8>(xr, sr, w, $r)
+                        }
+                    };
+                    put::<$g>(out, m, $i, d, $r);
+                }};
+            }
+            let mut r = 0;
+            while r + 4 <= rows {
+                let mut i = 0;
+                while i + MANY <= m {
+                    many!(4, i, r);
+                    i += MANY;
+                }
+                match m - i {
+                    0 => {}
+                    1 => many!(1, i, r),
+                    2 => many!(2, i, r),
+                    _ => many!(3, i, r),
+                }
+                r += 4;
+            }
+            for j in r..rows {
+                for i in 0..m {
+                    // SAFETY: as above, for the single row j and input row i.
+                    let d = unsafe {
+                        if bits == 4 {
+                            x86_512::rows_affine::<1, 4>(x(i), xs(i), w, j)
+                        } else {
+                            x86_512::rows_affine::<1, 8>(x(i), xs(i), w, j)
+                        }
+                    };
+                    out[j * m + i] = d[0];
+                }
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            let _ = (xp, words, scales, biases, xsum, out);
             unreachable!("affine_input builds inputs only on AVX-512 builds")
         }
     }
@@ -655,6 +884,26 @@ pub trait WeightRows: Sync {
     ) -> bool {
         false
     }
+    /// `out[j·m + i] = x_i · row(r0 + j)` for all `m` input rows over a block of rows at
+    /// once, when a fused multi-input kernel exists ([`WeightRows::has_block_many`]); each value
+    /// equals what [`WeightRows::block_one`] gives for that input row. False leaves the block
+    /// to the other paths.
+    #[allow(clippy::too_many_arguments)]
+    fn block_many(
+        &self,
+        _r0: usize,
+        _xs: &[f32],
+        _m: usize,
+        _prep: &Self::Prep,
+        _scratch: &mut Vec<f32>,
+        _out: &mut [f32],
+    ) -> bool {
+        false
+    }
+    /// Whether [`WeightRows::block_many`] has a kernel for this weight on this build.
+    fn has_block_many(&self) -> bool {
+        false
+    }
     /// Rows `r0 .. r0 + cnt` as f32 into `dst` (cnt × k).
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]);
 }
@@ -675,6 +924,9 @@ pub fn gemv<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
         let r0 = bi * GEMV_BLOCK;
         let rows = chunk.len() / m;
         if m == 1 && w.block_one(r0, xs, 0, &prep, scratch, chunk) {
+            return;
+        }
+        if m > 1 && w.block_many(r0, xs, m, &prep, scratch, chunk) {
             return;
         }
         // a few input rows: the block kernel once per input row, the block's weights staying
@@ -754,10 +1006,14 @@ pub fn gemm_tiles<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
 
 /// Largest input row count that takes the decode path.
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Largest input row count that takes the decode path where a multi-input kernel exists
+/// ([`WeightRows::has_block_many`]): a batch of decode rows then reads each weight once and
+/// gets the bits each row gets alone.
+pub const GEMV_MANY_MAX_ROWS: usize = 64;
 
 /// Chooses the driver by the number of input rows.
 pub fn matmul_f32<W: WeightRows>(w: &W, xs: &[f32], m: usize) -> Vec<f32> {
-    if m <= GEMV_MAX_ROWS {
+    if m <= GEMV_MAX_ROWS || (m <= GEMV_MANY_MAX_ROWS && w.has_block_many()) {
         gemv(w, xs, m)
     } else {
         gemm_tiles(w, xs, m)
@@ -805,6 +1061,47 @@ impl<T: Elem> WeightRows for DenseRows<'_, T> {
             *o = T::dot(x, &d[(r0 + jj) * k..(r0 + jj + 1) * k]);
         }
         true
+    }
+    fn block_many(
+        &self,
+        r0: usize,
+        xs: &[f32],
+        m: usize,
+        _prep: &(),
+        _scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> bool {
+        let (k, d) = (self.k, self.data);
+        let rows = out.len() / m;
+        if !T::DOT4_MANY {
+            return false;
+        }
+        let mut four = vec![[0f32; 4]; m];
+        let mut j = 0;
+        while j + 4 <= rows {
+            let r = r0 + j;
+            let w = [0, 1, 2, 3].map(|i| &d[(r + i) * k..(r + i + 1) * k]);
+            if !T::dot4_many(xs, m, w, &mut four) {
+                return false;
+            }
+            for (i, v) in four.iter().enumerate() {
+                for (jj, x) in v.iter().enumerate() {
+                    out[(j + jj) * m + i] = *x;
+                }
+            }
+            j += 4;
+        }
+        // the rows `block_one` also leaves to `dot`
+        for jj in j..rows {
+            let row = &d[(r0 + jj) * k..(r0 + jj + 1) * k];
+            for i in 0..m {
+                out[jj * m + i] = T::dot(&xs[i * k..(i + 1) * k], row);
+            }
+        }
+        true
+    }
+    fn has_block_many(&self) -> bool {
+        T::DOT4_MANY && self.k.is_multiple_of(32)
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
         let k = self.k;

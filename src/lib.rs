@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod load;
+pub mod lora;
 pub mod memory;
 pub mod models;
 pub mod nn;

@@ -19,6 +19,8 @@ pub struct Loader<'a> {
     pub act_dtype: DType,
     pub device: Device,
     pub quant: Option<&'a QuantSpec>,
+    /// LoRA / DoRA adapters to wrap the linear layers they name with.
+    pub adapters: Option<&'a crate::lora::Adapters>,
 }
 
 impl Loader<'_> {
@@ -70,34 +72,73 @@ impl Loader<'_> {
     }
 }
 
-/// A linear layer `y = x Wᵀ + b`, dense or MLX-affine-quantized.
+/// A linear layer `y = x Wᵀ + b`, dense or MLX-affine-quantized, or one of those with a LoRA /
+/// DoRA adapter.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense { weight: Tensor, bias: Option<Tensor> },
     Quantized { weight: QuantizedWeight, bias: Option<Tensor> },
+    Lora(Box<crate::lora::LoraLinear>),
 }
 
 impl Linear {
     /// Loads `{prefix}.weight` (and `.bias` when `bias`), quantized when the config says so.
     pub fn load(ld: &Loader, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let bias = if bias { Some(ld.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        if let Some(params) = ld.quant_params(prefix, in_dim)? {
-            let weight = QuantizedWeight::load(ld, prefix, out_dim, in_dim, params)?;
-            return Ok(Linear::Quantized { weight, bias });
+        let base = if let Some(params) = ld.quant_params(prefix, in_dim)? {
+            Linear::Quantized { weight: QuantizedWeight::load(ld, prefix, out_dim, in_dim, params)?, bias }
+        } else {
+            Linear::Dense { weight: ld.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?, bias }
+        };
+        match ld.adapters {
+            Some(a) => a.wrap(prefix, base, in_dim, out_dim, ld.act_dtype, &ld.device),
+            None => Ok(base),
         }
-        let weight = ld.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        Ok(Linear::Dense { weight, bias })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, bias) = match self {
-            Linear::Dense { weight, bias } => (dense_matmul(x, weight)?, bias),
-            Linear::Quantized { weight, bias } => (weight.matmul(x)?, bias),
-        };
-        Ok(match bias {
+        if let Linear::Lora(l) = self {
+            return l.forward(x);
+        }
+        let y = self.forward_no_bias(x)?;
+        Ok(match self.bias() {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// `x Wᵀ` without the bias (with the adapter's update for an adapted layer).
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense { weight, .. } => dense_matmul(x, weight),
+            Linear::Quantized { weight, .. } => weight.matmul(x),
+            Linear::Lora(l) => l.base.forward_no_bias(x),
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+            Linear::Lora(l) => l.base.bias(),
+        }
+    }
+
+    /// The (base) weight as a dense matrix (out × in) in `dtype`, dequantized when quantized.
+    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Linear::Dense { weight, .. } => Ok(weight.to_dtype(dtype)?),
+            Linear::Quantized { weight, .. } => Ok(weight.dequantize()?.to_dtype(dtype)?),
+            Linear::Lora(l) => l.base.dense_weight(dtype),
+        }
+    }
+
+    /// The dtype the (base) weight is stored in: a quantized weight's scales' dtype.
+    pub fn weight_dtype(&self) -> DType {
+        match self {
+            Linear::Dense { weight, .. } => weight.dtype(),
+            Linear::Quantized { weight, .. } => weight.scales.dtype(),
+            Linear::Lora(l) => l.base.weight_dtype(),
+        }
     }
 }
 

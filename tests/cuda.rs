@@ -265,8 +265,7 @@ fn cuda_4bit_greedy_tokens_match_mlx_lm() {
             mode: "affine".into(),
             recipe: None,
         }),
-        dequantize: false,
-        force: false,
+        ..Default::default()
     };
     convert(&default_model(), &out, &opts).unwrap();
     let m = wick::models::load_model(&out, Some(DType::F32), &dev).unwrap();

@@ -38,7 +38,7 @@ fn quantized_matmul_matches_dequantize_then_matmul() {
                         ..w.clone()
                     };
                     let dense = w32.dequantize().unwrap();
-                    for m in [1usize, 3, 8, 9, 17] {
+                    for m in [1usize, 3, 8, 9, 17, 38] {
                         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                         // inputs in the weight's dtype; the reference sees the same rounded values
                         let xd = x.to_dtype(dtype).unwrap();
@@ -129,5 +129,47 @@ fn decode_path_keeps_precision_with_outlier_inputs() {
             let e = max_rel(&w.matmul(&xm).unwrap(), &want.narrow(0, 0, m).unwrap());
             assert!(e < 1e-4, "gs={gs} m={m}: rel err {e}");
         }
+    }
+}
+
+/// A batch of decode rows (up to the decode path's limit) gets, row for row, the bits each
+/// row gets alone: batched requests in the server stay identical to single ones. Checked
+/// for 4 and 8 bits and dense f16 weights (multi-input kernels, up to 64 rows) and for 3 bits
+/// (one input row at a time, up to 8 rows).
+#[test]
+fn batch_rows_equal_single_rows_bit_for_bit() {
+    let dev = Device::Cpu;
+    let (n, k) = (70usize, 320usize);
+    let rows = |x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let batch: Vec<Vec<f32>> = f(x).to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let single = (0..x.dim(0).unwrap())
+            .map(|i| {
+                let r = f(&x.narrow(0, i, 1).unwrap());
+                r.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap().remove(0)
+            })
+            .collect();
+        (batch, single)
+    };
+    // the multi-input kernels exist on AVX-512 builds; elsewhere only the 8-row decode path
+    let avx512 = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
+    for m in [2usize, 5, 16, 23, 64] {
+        if !avx512 && m > wick::kernels::GEMV_MAX_ROWS {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        for bits in [3, 4, 8] {
+            // widths without a multi-input kernel take the decode path up to 8 rows only
+            if bits == 3 && m > wick::kernels::GEMV_MAX_ROWS {
+                continue;
+            }
+            for gs in [32, 64] {
+                let w = weight(n, k, QuantParams::new(bits, gs, "test").unwrap(), DType::F16);
+                let (batch, single) = rows(&x, &|x| w.matmul(&x.to_dtype(DType::F16).unwrap()).unwrap());
+                assert_eq!(batch, single, "bits={bits} gs={gs} m={m}");
+            }
+        }
+        let wd = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let (batch, single) = rows(&x, &|x| wick::nn::dense_matmul(x, &wd).unwrap());
+        assert_eq!(batch, single, "dense f16 m={m}");
     }
 }

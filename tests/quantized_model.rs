@@ -23,8 +23,7 @@ fn options(args: &serde_json::Value) -> ConvertOptions {
             mode: "affine".into(),
             recipe: args.get("quant_predicate").and_then(|v| v.as_str()).map(String::from),
         }),
-        dequantize: false,
-        force: false,
+        ..Default::default()
     }
 }
 

@@ -57,7 +57,7 @@ impl QuantFlags {
             }
             None
         };
-        Ok(ConvertOptions { dtype, quantize, dequantize, force: self.force })
+        Ok(ConvertOptions { dtype, quantize, dequantize, force: self.force, adapter: None })
     }
 }
 

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cache_prompt;
 pub mod chat;
 pub mod convert;
+pub mod fuse;
 pub mod generate;
 pub mod manage;
 pub mod perplexity;
@@ -37,7 +38,7 @@ pub enum Command {
     /// Fine-tune with LoRA, DoRA or fully (mlx_lm.lora)
     Lora(NotYet),
     /// Fuse LoRA adapters into the base model (mlx_lm.fuse)
-    Fuse(NotYet),
+    Fuse(fuse::FuseArgs),
     /// Scan or delete models in the Hugging Face cache (mlx_lm.manage)
     Manage(manage::ManageArgs),
     /// Serve an OpenAI-compatible HTTP API (mlx_lm.server)
@@ -71,6 +72,10 @@ pub struct ModelOpts {
     /// cpu, cuda, cuda:N, metal or auto
     #[arg(long)]
     pub device: Option<String>,
+    /// Folder of trained adapters (adapter_config.json + adapters.safetensors, from `wick lora`
+    /// or mlx_lm.lora) applied to the model
+    #[arg(long)]
+    pub adapter_path: Option<std::path::PathBuf>,
 }
 
 impl ModelOpts {
@@ -84,7 +89,7 @@ impl ModelOpts {
             .transpose()
             .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
         let src = crate::load::ModelSource::resolve(self.model.as_deref(), self.revision.as_deref(), dtype)?;
-        let model = crate::models::load_model(&src.dir, dtype, &device)?;
+        let model = crate::models::load_model_with(&src.dir, dtype, &device, self.adapter_path.as_deref())?;
         let tok = crate::tokenizer::Tokenizer::load(&src.dir)?;
         Ok((model, tok))
     }
@@ -182,7 +187,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::CachePrompt(a) => cache_prompt::run(a),
         Command::Quantize(a) => convert::run_quantize(a),
         Command::Lora(_) => not_yet("lora"),
-        Command::Fuse(_) => not_yet("fuse"),
+        Command::Fuse(a) => fuse::run(a),
         Command::Manage(a) => manage::run(a),
         Command::Server(a) => server::run(a),
         Command::Perplexity(a) => perplexity::run(a),

@@ -5,7 +5,7 @@ use crate::server::api::Defaults;
 use crate::server::scheduler::{Scheduler, SchedulerConfig};
 use crate::server::text::ToolFormat;
 use crate::server::{unix_time, App};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use std::sync::Arc;
 
@@ -13,9 +13,6 @@ use std::sync::Arc;
 pub struct ServerArgs {
     #[command(flatten)]
     pub model: ModelOpts,
-    /// Path of trained adapter weights and config (LoRA adapters)
-    #[arg(long)]
-    pub adapter_path: Option<String>,
     /// Host for the HTTP server
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -54,9 +51,6 @@ pub struct ServerArgs {
 }
 
 pub fn run(a: ServerArgs) -> Result<i32> {
-    if a.adapter_path.is_some() {
-        bail!("--adapter-path: LoRA adapters are not supported by this version of wick yet");
-    }
     let template_args = super::generate::template_config(a.chat_template_args.as_deref())
         .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("--chat-template-config", "--chat-template-args")))?;
     let (loaded, tok) = a.model.load()?;

@@ -30,28 +30,42 @@ impl Weights {
     /// Maps every safetensors file of `dir`, validating headers and sizes.
     pub fn open(dir: &Path) -> Result<Self> {
         let files = weight_files(dir)?;
-        let mut shards = Vec::new();
-        let mut index = BTreeMap::new();
-        for (i, path) in files.iter().enumerate() {
-            let file =
-                std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
-            // SAFETY: the file is only read; a concurrent writer is the user's error, as with mlx.
-            let mmap =
-                unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map weights file {}", path.display()))?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-                anyhow::anyhow!(
-                    "weights file {} is not a valid safetensors file ({e}); it may be truncated or corrupt — re-download or re-convert it",
-                    path.display()
-                )
-            })?;
-            for name in st.names() {
-                index.insert(name.to_string(), (i, name.to_string(), None));
-            }
-            drop(st);
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap)?;
-            shards.push(Shard { path: path.clone(), mmap, meta, data_start: 8 + header_len });
+        let mut w = Self { shards: vec![], index: BTreeMap::new(), dir: dir.to_path_buf() };
+        for path in &files {
+            w.add_file(path)?;
         }
-        Ok(Self { shards, index, dir: dir.to_path_buf() })
+        Ok(w)
+    }
+
+    /// The tensors of one safetensors file (an adapter file).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut w = Self { shards: vec![], index: BTreeMap::new(), dir };
+        w.add_file(path)?;
+        Ok(w)
+    }
+
+    /// Maps `path` and indexes its tensors; a name already present is replaced by this file's
+    /// tensor (full fine-tuning adapters laid over a model's weights).
+    pub fn add_file(&mut self, path: &Path) -> Result<()> {
+        let i = self.shards.len();
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+        // SAFETY: the file is only read; a concurrent writer is the user's error, as with mlx.
+        let mmap =
+            unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map weights file {}", path.display()))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow::anyhow!(
+                "weights file {} is not a valid safetensors file ({e}); it may be truncated or corrupt — re-download or re-convert it",
+                path.display()
+            )
+        })?;
+        for name in st.names() {
+            self.index.insert(name.to_string(), (i, name.to_string(), None));
+        }
+        drop(st);
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap)?;
+        self.shards.push(Shard { path: path.to_path_buf(), mmap, meta, data_start: 8 + header_len });
+        Ok(())
     }
 
     /// Renames or drops tensors (an architecture's `sanitize`): `f` returns the new name or `None`.

@@ -12,6 +12,7 @@ pub mod qwen3;
 
 use crate::cache::KvCache;
 use crate::load::{ConfigFile, Weights};
+use crate::lora::FineTuneType;
 use crate::nn::Loader;
 use crate::quant::QuantSpec;
 use anyhow::{bail, Result};
@@ -88,6 +89,18 @@ pub struct LoadedModel {
 
 /// Loads the model of `dir` in `dtype` (or the dtype its weights are stored in) on `device`.
 pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<LoadedModel> {
+    load_model_with(dir, dtype, device, None)
+}
+
+/// [`load_model`] with the LoRA / DoRA / full fine-tuning adapters of the folder `adapter_path`
+/// (mlx_lm's `--adapter-path`).
+pub fn load_model_with(
+    dir: &Path,
+    dtype: Option<DType>,
+    device: &Device,
+    adapter_path: Option<&Path>,
+) -> Result<LoadedModel> {
+    let adapters = adapter_path.map(crate::lora::Adapters::open).transpose()?;
     crate::device::init_threads();
     if !dir.is_dir() {
         bail!("model folder {} does not exist", dir.display());
@@ -114,12 +127,27 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<L
         ($arch:ident) => {{
             let args: $arch::ModelArgs = config.parse()?;
             $arch::sanitize(&args, &mut weights)?;
+            if let Some(a) = adapters.as_ref().filter(|a| a.config.fine_tune_type == FineTuneType::Full) {
+                // full fine-tuning: the trained tensors replace the model's own
+                weights.add_file(&a.dir.join(crate::lora::ADAPTER_WEIGHTS))?;
+            }
             if let Some(q) = &quant {
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
             }
-            let ld = Loader { weights: &weights, dtype, act_dtype, device: device.clone(), quant: quant.as_ref() };
-            Box::new($arch::load(&args, &ld)?) as Box<dyn LanguageModel>
+            let ld = Loader {
+                weights: &weights,
+                dtype,
+                act_dtype,
+                device: device.clone(),
+                quant: quant.as_ref(),
+                adapters: adapters.as_ref(),
+            };
+            let m = Box::new($arch::load(&args, &ld)?) as Box<dyn LanguageModel>;
+            if let Some(a) = &adapters {
+                a.finish()?;
+            }
+            m
         }};
     }
     let model = match model_type.as_str() {

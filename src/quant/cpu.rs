@@ -130,6 +130,29 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
         );
         true
     }
+    fn block_many(
+        &self,
+        r0: usize,
+        _xs: &[f32],
+        m: usize,
+        prep: &Self::Prep,
+        scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> bool {
+        let (xsum, fast) = prep;
+        let Some(input) = fast else { return false };
+        let rows = out.len() / m;
+        let width = self.p.packed_width(self.k);
+        let words = &self.packed[r0 * width..(r0 + rows) * width];
+        let (s, b) = self.block_scales(r0, rows, scratch);
+        simd::block_affine_many(self.p.bits, input, m, self.k, self.p.group_size, words, s, b, xsum, out);
+        true
+    }
+    fn has_block_many(&self) -> bool {
+        cfg!(all(target_arch = "x86_64", target_feature = "avx512f"))
+            && matches!(self.p.bits, 4 | 8)
+            && self.p.group_size.is_multiple_of(32)
+    }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
         self.rows_f32_impl(r0, cnt, dst)
     }

@@ -562,17 +562,110 @@ def perplexity():
     print(f"perplexity: {ppl:.4f} ± {se:.4f} over {rows.shape[0]} rows of {PPL_SEQ}")
 
 
+# Adapters made by mlx_lm (random, not trained: the low-rank factors and DoRA magnitudes are
+# perturbed so every adapted layer changes the output), on tiny models and the default model.
+ADAPTER_CASES = [
+    # (golden folder, base model folder under tests/golden, fine_tune_type, num_layers, lora_parameters)
+    ("tiny_llama3_lora", "tiny_llama3", "lora", 1, dict(rank=4, scale=2.0, dropout=0.0)),
+    ("tiny_llama3_q4_dora", "tiny_llama3/q4", "dora", -1,
+     dict(rank=4, scale=1.5, dropout=0.0, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])),
+    ("tiny_qwen2_dora", "tiny_qwen2", "dora", 2, dict(rank=2, scale=3.0, dropout=0.0)),
+    ("tiny_qwen2_q4_lora", "tiny_qwen2/q4", "lora", -1, dict(rank=4, scale=2.0, dropout=0.0)),
+]
+SMOLLM2_ADAPTER = ("smollm2_lora", "lora", 2, dict(rank=4, scale=20.0, dropout=0.0))
+
+
+def make_adapter(model, out_dir, fine_tune_type, num_layers, params, b_std):
+    """Adds mlx_lm's adapter layers to `model`, perturbs them and saves them as mlx_lm.lora
+    does (trainable parameters, adapter_config.json)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
+    adapters = {}
+    for k, v in tree_flatten(model.trainable_parameters()):
+        if k.endswith("lora_b"):
+            v = mx.random.normal(v.shape) * b_std
+        elif k.endswith(".m"):
+            v = v * (1.0 + 0.1 * mx.random.normal(v.shape))
+        adapters[k] = v.astype(mx.float32)
+    model.load_weights(list(adapters.items()), strict=False)
+    os.makedirs(out_dir, exist_ok=True)
+    mx.save_safetensors(os.path.join(out_dir, "adapters.safetensors"), adapters)
+    json.dump({"fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": params},
+              open(os.path.join(out_dir, "adapter_config.json"), "w"), indent=4)
+    return sorted({k.rsplit(".", 1)[0] for k in adapters})
+
+
+def fuse_model(model):
+    """mlx_lm.fuse's step: every adapter layer replaced by its fused linear."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(n, m.fuse(dequantize=False)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+
+
+def adapters():
+    """Per case: the adapter folder, f32 logits of the adapted model on the tiny model's inputs,
+    the fused layers' tensors as mlx_lm.fuse writes them, and f32 logits of the fused model.
+    For the default model: greedy tokens with the adapter (f32)."""
+    from pathlib import Path
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.utils import load_model
+
+    for name, base, kind, num_layers, params in ADAPTER_CASES:
+        mx.random.seed(11)
+        base_dir = os.path.join(GOLDEN, base)
+        out = os.path.join(GOLDEN, name)
+        ids = json.load(open(os.path.join(GOLDEN, base.split("/")[0], "inputs.json")))["ids"]
+        model, _ = load_model(Path(base_dir))
+        layers = make_adapter(model, out, kind, num_layers, params, b_std=0.1)
+        fuse_model(model)  # in the stored dtypes, as mlx_lm.fuse
+        fused = {k: v for k, v in tree_flatten(model.parameters())
+                 if k.rsplit(".", 1)[0] in layers and not k.endswith(".bias")}
+        mx.save_safetensors(os.path.join(out, "fused.safetensors"), fused)
+        to_f32(model)
+        fused_logits = np.array(model(mx.array(ids)[None])[0])
+        model, _ = load_model(Path(base_dir))
+        from mlx_lm.tuner.utils import load_adapters
+        load_adapters(model, out)
+        to_f32(model)
+        adapted = np.array(model(mx.array(ids)[None])[0])
+        save_f32(os.path.join(out, "logits.safetensors"), {"adapted": adapted, "fused": fused_logits})
+        json.dump({"base": base, "layers": layers}, open(os.path.join(out, "case.json"), "w"), indent=1)
+        print(f"{name}: {len(layers)} adapted layers")
+
+    name, kind, num_layers, params = SMOLLM2_ADAPTER
+    mx.random.seed(5)
+    out = os.path.join(GOLDEN, name)
+    model, tok = load(MODEL)
+    make_adapter(model, out, kind, num_layers, params, b_std=0.01)
+    model, tok = load(MODEL, adapter_path=out)
+    to_f32(model)
+    cases = []
+    for prompt, system in CHAT_PROMPTS[:2]:
+        text, ids = prompt_ids(tok, prompt, system)
+        toks = greedy(model, ids, 24)
+        cases.append({"prompt": prompt, "prompt_ids": ids, "greedy_f32": toks, "greedy_text": tok.decode(toks)})
+        print(f"{name}: {prompt!r} -> {tok.decode(toks)!r}")
+    json.dump({"model": "SmolLM2-135M-Instruct", "dtype": "float32", "cases": cases},
+              open(os.path.join(out, "greedy.json"), "w"), indent=1, ensure_ascii=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
-                                         "kv_quant", "prompt_cache", "perplexity"],
+                                         "kv_quant", "prompt_cache", "perplexity", "adapters"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
             "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling,
-            "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity}
+            "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity,
+            "adapters": adapters}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
