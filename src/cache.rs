@@ -224,6 +224,13 @@ impl KvCache {
     }
 
     fn update_growing(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.offset == 0 && (k.track_op() || v.track_op()) {
+            // training: keep the keys and values in the autograd graph (a buffer written with
+            // slice_set would cut them off); a later step appends by growing a fresh buffer
+            self.offset = k.dim(2)?;
+            (self.keys, self.values) = (Some(k.clone()), Some(v.clone()));
+            return Ok((k.clone(), v.clone()));
+        }
         let (b, h, l, dk) = k.dims4()?;
         let dv = v.dim(3)?;
         let prev = self.offset;

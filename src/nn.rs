@@ -282,6 +282,13 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            // training: candle's fused kernel has no backward; the same formula in tensor ops
+            let x32 = x.to_dtype(DType::F32)?;
+            let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+            let w = self.weight.to_dtype(DType::F32)?;
+            return Ok(x32.broadcast_mul(&inv)?.broadcast_mul(&w)?.to_dtype(x.dtype())?);
+        }
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
 }
@@ -304,6 +311,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            // training: the fused kernel has no backward
+            let x32 = x.to_dtype(DType::F32)?;
+            let c = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+            let inv = (c.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+            let y = c.broadcast_mul(&inv)?.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+            return Ok(y.broadcast_add(&self.bias.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
+        }
         Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
     }
 }
@@ -531,10 +546,12 @@ impl RopeTables {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(3)?;
         let rot = if self.dims < head_dim { x.narrow(D::Minus1, 0, self.dims)?.contiguous()? } else { x.contiguous()? };
-        let out = if self.traditional {
-            candle_nn::rotary_emb::rope_i(&rot, &self.cos, &self.sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&rot, &self.cos, &self.sin)?
+        // training: candle's fused kernels have no backward; their tensor-op forms do
+        let out = match (self.traditional, rot.track_op()) {
+            (true, false) => candle_nn::rotary_emb::rope_i(&rot, &self.cos, &self.sin)?,
+            (false, false) => candle_nn::rotary_emb::rope(&rot, &self.cos, &self.sin)?,
+            (true, true) => candle_nn::rotary_emb::rope_i_slow(&rot, &self.cos, &self.sin)?,
+            (false, true) => candle_nn::rotary_emb::rope_slow(&rot, &self.cos, &self.sin)?,
         };
         if self.dims < head_dim {
             let pass = x.narrow(D::Minus1, self.dims, head_dim - self.dims)?;
@@ -558,7 +575,7 @@ pub fn scaled_dot_product_attention(
     mask: MaskSpec,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    if q.dim(2)? == 1 && k.stride()[3] == 1 && v.stride()[3] == 1 && own_decode_attention(q, k, v)? {
+    if q.dim(2)? == 1 && !q.track_op() && k.stride()[3] == 1 && v.stride()[3] == 1 && own_decode_attention(q, k, v)? {
         let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32), starts: mask.left_padding };
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
@@ -578,7 +595,12 @@ pub fn scaled_dot_product_attention(
     } else {
         scores
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)? // differentiable (training)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.to_dtype(v.dtype())?;
     let out = probs.matmul(&v.contiguous()?)?;
     Ok(out.reshape((b, h, l, v.dim(3)?))?)
 }

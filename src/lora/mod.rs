@@ -5,6 +5,7 @@
 //! are laid over the model's own.
 
 pub mod fuse;
+pub mod train;
 
 use crate::load::Weights;
 use crate::nn::Linear;
@@ -155,14 +156,26 @@ impl AdapterConfig {
     }
 }
 
-/// An adapter folder opened for loading: its config and mapped weights. Each layer that the
-/// model builds takes its tensors ([`Adapters::wrap`]); [`Adapters::finish`] then reports any
-/// tensor no layer took, as mlx_lm's `load_adapters` does.
+/// Adapters for a model being built: read from an adapter folder (inference, fuse), or created
+/// trainable for `wick lora` (fresh, or resumed from an adapter file). Each layer the model
+/// builds asks [`Adapters::wrap`]; [`Adapters::finish`] then reports any tensor of the file that
+/// no layer took, as mlx_lm's `load_adapters` does.
 pub struct Adapters {
+    /// The folder (or, when training, where adapters will be written).
     pub dir: PathBuf,
     pub config: AdapterConfig,
-    weights: Weights,
+    /// The adapter tensors to load (the folder's file, or the file training resumes from).
+    weights: Option<Weights>,
     used: Mutex<BTreeSet<String>>,
+    train: Option<TrainInit>,
+}
+
+/// What creating trainable adapters needs.
+struct TrainInit {
+    /// Blocks in the model (the adapted ones are the last `num_layers`).
+    total_layers: usize,
+    rng: Mutex<rand::rngs::StdRng>,
+    vars: Mutex<Vec<(String, candle_core::Var)>>,
 }
 
 impl Adapters {
@@ -175,31 +188,89 @@ impl Adapters {
         if !file.is_file() {
             bail!("adapter folder {} has no {ADAPTER_WEIGHTS}", dir.display());
         }
-        let weights = Weights::open_file(&file)?;
-        Ok(Self { dir: dir.to_path_buf(), config, weights, used: Mutex::new(BTreeSet::new()) })
+        let weights = Some(Weights::open_file(&file)?);
+        Ok(Self { dir: dir.to_path_buf(), config, weights, used: Mutex::new(BTreeSet::new()), train: None })
+    }
+
+    /// Trainable adapters for a model of `total_layers` blocks: A uniform in ±1/√in, B zero,
+    /// DoRA's m the base rows' norms (mlx_lm's initialisation), or the tensors of `resume`.
+    pub fn for_training(
+        dir: &Path,
+        config: AdapterConfig,
+        total_layers: usize,
+        resume: Option<&Path>,
+        seed: u64,
+    ) -> Result<Self> {
+        if config.fine_tune_type == FineTuneType::Full {
+            bail!("fine_tune_type full: full fine-tuning is not supported by wick lora yet (lora and dora are)");
+        }
+        let weights = match resume {
+            Some(f) if !f.is_file() => bail!("--resume-adapter-file {} does not exist", f.display()),
+            Some(f) => Some(Weights::open_file(f)?),
+            None => None,
+        };
+        use rand::SeedableRng;
+        let train = TrainInit {
+            total_layers,
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            vars: Mutex::new(vec![]),
+        };
+        Ok(Self { dir: dir.to_path_buf(), config, weights, used: Mutex::new(BTreeSet::new()), train: Some(train) })
     }
 
     /// The adapters' weights (for full fine-tuning: whole model tensors).
     pub fn weights(&self) -> &Weights {
-        &self.weights
+        self.weights.as_ref().expect("adapters read from a file")
+    }
+
+    /// The trainable tensors by name, in creation order (training mode).
+    pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        self.train.as_ref().map(|t| t.vars.lock().unwrap().clone()).unwrap_or_default()
+    }
+
+    fn file_name(&self) -> String {
+        match &self.train {
+            Some(_) => "--resume-adapter-file".to_string(),
+            None => self.dir.join(ADAPTER_WEIGHTS).display().to_string(),
+        }
     }
 
     fn take(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Option<Tensor>> {
-        if !self.weights.contains(name) {
+        let Some(weights) = self.weights.as_ref().filter(|w| w.contains(name)) else {
             return Ok(None);
-        }
-        let stored = self.weights.shape(name)?;
+        };
+        let stored = weights.shape(name)?;
         if stored != shape {
             bail!(
                 "adapter tensor `{name}` in {} has shape {stored:?}, but the model's layer needs {shape:?} — the adapters were trained for a different model",
-                self.dir.join(ADAPTER_WEIGHTS).display()
+                self.file_name()
             );
         }
         self.used.lock().unwrap().insert(name.to_string());
-        Ok(Some(self.weights.get(name, shape, dtype, device)?))
+        Ok(Some(weights.get(name, shape, dtype, device)?))
     }
 
-    /// `base` wrapped with the adapter of the layer at `prefix` when the file has one.
+    /// Whether training adapts the layer at `prefix`: a linear layer inside one of the last
+    /// `num_layers` blocks (`…layers.{i}.{key}`), whose key is listed in `keys` when given.
+    fn adapts(&self, prefix: &str, total_layers: usize) -> bool {
+        let parts: Vec<&str> = prefix.split('.').collect();
+        let Some(at) = parts.windows(2).position(|w| w[0] == "layers" && w[1].parse::<usize>().is_ok()) else {
+            return false;
+        };
+        let index: usize = parts[at + 1].parse().unwrap_or(0);
+        let n = self.config.num_layers;
+        let first = if n < 0 { 0 } else { total_layers.saturating_sub(n as usize) };
+        if index < first {
+            return false;
+        }
+        let key = parts[at + 2..].join(".");
+        match &self.config.lora.keys {
+            None => true,
+            Some(keys) => keys.iter().any(|k| *k == key || *k == prefix),
+        }
+    }
+
+    /// `base` wrapped with the adapter of the layer at `prefix` when there is one.
     pub fn wrap(
         &self,
         prefix: &str,
@@ -213,34 +284,94 @@ impl Adapters {
             return Ok(base);
         }
         let r = self.config.lora.rank;
-        let Some(a) = self.take(&format!("{prefix}.lora_a"), &[in_dim, r], dtype, device)? else {
+        let dora = self.config.fine_tune_type == FineTuneType::Dora;
+        let (a_name, b_name, m_name) = (format!("{prefix}.lora_a"), format!("{prefix}.lora_b"), format!("{prefix}.m"));
+        let Some(train) = &self.train else {
+            let Some(a) = self.take(&a_name, &[in_dim, r], dtype, device)? else {
+                return Ok(base);
+            };
+            let b = self
+                .take(&b_name, &[r, out_dim], dtype, device)?
+                .with_context(|| format!("adapters have `{a_name}` but no `{b_name}`"))?;
+            let magnitude = match dora {
+                true => Some(
+                    self.take(&m_name, &[out_dim], DType::F32, device)?
+                        .with_context(|| format!("DoRA adapters have no magnitude `{m_name}`"))?,
+                ),
+                false => None,
+            };
+            let mut l =
+                LoraLinear { base, a, b, scale: self.config.lora.scale, dropout: 0.0, magnitude, dora_factor: None };
+            l.freeze_dora_factor()?;
+            return Ok(Linear::Lora(Box::new(l)));
+        };
+        if !self.adapts(prefix, train.total_layers) {
             return Ok(base);
+        }
+        // trainable: from the resume file, else mlx_lm's initialisation; kept in f32
+        let a = match self.take(&a_name, &[in_dim, r], DType::F32, device)? {
+            Some(a) => a,
+            None => {
+                use rand::Rng;
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let mut rng = train.rng.lock().unwrap();
+                let v: Vec<f32> = (0..in_dim * r).map(|_| rng.random_range(-bound..bound)).collect();
+                Tensor::from_vec(v, (in_dim, r), device)?
+            }
         };
-        let b = self
-            .take(&format!("{prefix}.lora_b"), &[r, out_dim], dtype, device)?
-            .with_context(|| format!("adapters have `{prefix}.lora_a` but no `{prefix}.lora_b`"))?;
-        let magnitude = match self.config.fine_tune_type {
-            FineTuneType::Dora => Some(
-                self.take(&format!("{prefix}.m"), &[out_dim], DType::F32, device)?
-                    .with_context(|| format!("DoRA adapters have no magnitude `{prefix}.m`"))?,
-            ),
-            _ => None,
+        let b = match self.take(&b_name, &[r, out_dim], DType::F32, device)? {
+            Some(b) => b,
+            None => Tensor::zeros((r, out_dim), DType::F32, device)?,
         };
-        let mut l =
-            LoraLinear { base, a, b, scale: self.config.lora.scale, dropout: 0.0, magnitude, dora_factor: None };
-        l.freeze_dora_factor()?;
+        let magnitude = match dora {
+            false => None,
+            true => Some(match self.take(&m_name, &[out_dim], DType::F32, device)? {
+                Some(m) => m,
+                None => base.dense_weight(DType::F32)?.sqr()?.sum(D::Minus1)?.sqrt()?,
+            }),
+        };
+        let mut vars = train.vars.lock().unwrap();
+        let mut var = |name: String, t: Tensor| -> Result<Tensor> {
+            let v = candle_core::Var::from_tensor(&t)?;
+            let t = v.as_tensor().clone();
+            vars.push((name, v));
+            Ok(t)
+        };
+        let a = var(a_name, a)?;
+        let b = var(b_name, b)?;
+        let magnitude = magnitude.map(|m| var(m_name, m)).transpose()?;
+        let l = LoraLinear {
+            base,
+            a,
+            b,
+            scale: self.config.lora.scale,
+            dropout: self.config.lora.dropout,
+            magnitude,
+            dora_factor: None,
+        };
         Ok(Linear::Lora(Box::new(l)))
     }
 
-    /// Fails when a tensor of the adapter file was not taken by any layer.
+    /// Fails when a tensor of the adapter file was not taken by any layer, or (training) when
+    /// no layer was adapted.
     pub fn finish(&self) -> Result<()> {
+        if let Some(t) = &self.train {
+            if t.vars.lock().unwrap().is_empty() {
+                bail!(
+                    "no layer of the model matches the adapter settings (num_layers {}, keys {:?})",
+                    self.config.num_layers,
+                    self.config.lora.keys
+                );
+            }
+        }
+        let Some(weights) = &self.weights else { return Ok(()) };
         let used = self.used.lock().unwrap();
-        let left: Vec<&str> = self.weights.names().filter(|n| !used.contains(*n)).collect();
+        let left: Vec<&str> = weights.names().filter(|n| !used.contains(*n)).collect();
         if self.config.fine_tune_type != FineTuneType::Full && !left.is_empty() {
             let shown: Vec<&str> = left.iter().take(8).copied().collect();
             bail!(
                 "{} holds {} tensor(s) that are not adapter parameters of this model's layers: {}{}",
-                self.dir.join(ADAPTER_WEIGHTS).display(),
+                self.file_name(),
                 left.len(),
                 shown.join(", "),
                 if left.len() > shown.len() { ", …" } else { "" }

@@ -101,6 +101,16 @@ pub fn load_model_with(
     adapter_path: Option<&Path>,
 ) -> Result<LoadedModel> {
     let adapters = adapter_path.map(crate::lora::Adapters::open).transpose()?;
+    load_model_adapted(dir, dtype, device, adapters.as_ref())
+}
+
+/// [`load_model`] with `adapters` (read from a folder, or trainable ones for `wick lora`).
+pub fn load_model_adapted(
+    dir: &Path,
+    dtype: Option<DType>,
+    device: &Device,
+    adapters: Option<&crate::lora::Adapters>,
+) -> Result<LoadedModel> {
     crate::device::init_threads();
     if !dir.is_dir() {
         bail!("model folder {} does not exist", dir.display());
@@ -127,7 +137,7 @@ pub fn load_model_with(
         ($arch:ident) => {{
             let args: $arch::ModelArgs = config.parse()?;
             $arch::sanitize(&args, &mut weights)?;
-            if let Some(a) = adapters.as_ref().filter(|a| a.config.fine_tune_type == FineTuneType::Full) {
+            if let Some(a) = adapters.filter(|a| a.config.fine_tune_type == FineTuneType::Full) {
                 // full fine-tuning: the trained tensors replace the model's own
                 weights.add_file(&a.dir.join(crate::lora::ADAPTER_WEIGHTS))?;
             }
@@ -135,16 +145,10 @@ pub fn load_model_with(
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
             }
-            let ld = Loader {
-                weights: &weights,
-                dtype,
-                act_dtype,
-                device: device.clone(),
-                quant: quant.as_ref(),
-                adapters: adapters.as_ref(),
-            };
+            let ld =
+                Loader { weights: &weights, dtype, act_dtype, device: device.clone(), quant: quant.as_ref(), adapters };
             let m = Box::new($arch::load(&args, &ld)?) as Box<dyn LanguageModel>;
-            if let Some(a) = &adapters {
+            if let Some(a) = adapters {
                 a.finish()?;
             }
             m

@@ -654,10 +654,53 @@ def adapters():
               open(os.path.join(out, "greedy.json"), "w"), indent=1, ensure_ascii=False)
 
 
+# Gradient goldens: one batch through mlx_lm's default_loss, gradients w.r.t. the adapter
+# parameters (B perturbed so A's gradient is not zero), in f32.
+GRAD_CASES = [("tiny_llama3", "lora"), ("tiny_llama3/q4", "lora"), ("tiny_qwen2", "dora"), ("tiny_qwen2/q4", "dora")]
+
+
+def lora_grads():
+    from pathlib import Path
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    for base, kind in GRAD_CASES:
+        mx.random.seed(13)
+        model, cfg = load_model(Path(os.path.join(GOLDEN, base)))
+        to_f32(model)
+        model.freeze()
+        params = dict(rank=4, scale=2.0, dropout=0.0)
+        linear_to_lora_layers(model, 2, params, use_dora=kind == "dora")
+        init = {}
+        for k, v in tree_flatten(model.trainable_parameters()):
+            if k.endswith("lora_b"):
+                v = mx.random.normal(v.shape) * 0.1
+            init[k] = v.astype(mx.float32)
+        model.load_weights(list(init.items()), strict=False)
+        rng = np.random.default_rng(17)
+        lengths = [(0, 40), (5, 27)]
+        batch = np.zeros((2, 41), np.int32)
+        for r, (_, n) in enumerate(lengths):
+            batch[r, :n] = rng.integers(0, cfg["vocab_size"], size=n)
+        loss_and_grad = nn.value_and_grad(model, default_loss)
+        (loss, ntoks), grads = loss_and_grad(model, mx.array(batch), mx.array(lengths))
+        out = os.path.join(GOLDEN, "lora_grads", base.replace("/", "_") + "_" + kind)
+        os.makedirs(out, exist_ok=True)
+        mx.save_safetensors(os.path.join(out, "adapters.safetensors"), init)
+        mx.save_safetensors(os.path.join(out, "grads.safetensors"), dict(tree_flatten(grads)))
+        json.dump({"base": base, "fine_tune_type": kind, "num_layers": 2, "lora_parameters": params,
+                   "batch": batch.tolist(), "lengths": lengths, "loss": loss.item(), "ntoks": ntoks.item()},
+                  open(os.path.join(out, "case.json"), "w"))
+        print(f"grads {base} {kind}: loss {loss.item():.5f} over {ntoks.item()} tokens")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
-                                         "kv_quant", "prompt_cache", "perplexity", "adapters"],
+                                         "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
@@ -665,7 +708,7 @@ def main():
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
             "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling,
             "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity,
-            "adapters": adapters}
+            "adapters": adapters, "lora_grads": lora_grads}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
