@@ -112,13 +112,6 @@ fn bad_flags_name_the_flag() {
 }
 
 #[test]
-fn later_subcommands_say_not_yet_with_exit_2() {
-    let out = wick().args(["lora", "--model", "x"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet available"));
-}
-
-#[test]
 fn generation_feature_flags_reject_bad_values() {
     let m = default_model();
     let m = m.to_str().unwrap();

@@ -61,3 +61,102 @@ fn loss_and_adapter_gradients_match_mlx_lm() {
         }
     }
 }
+
+/// 50 steps of `wick lora` on mlx_lm's reference run (tests/golden/lora_run: a tiny random
+/// llama in the default model's vocabulary, 4-bit quantized by mlx_lm, the committed dataset),
+/// from the same initial adapters, same data and order: every reported training loss and every
+/// validation loss within 2 % of mlx_lm's, validation loss going down, and the adapter folder
+/// written as mlx_lm writes it.
+#[test]
+fn fifty_steps_follow_mlx_lm_loss_curve() {
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("lora_run").join("run.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // mlx_lm's model with the default model's tokenizer files
+    let q4 = tmp.path().join("model");
+    std::fs::create_dir(&q4).unwrap();
+    for (dir, f) in [
+        (golden("lora_run").join("model"), "model.safetensors"),
+        (golden("lora_run").join("model"), "config.json"),
+        (default_model(), "tokenizer.json"),
+        (default_model(), "tokenizer_config.json"),
+    ] {
+        std::fs::copy(dir.join(f), q4.join(f)).unwrap();
+    }
+    let r = &gold["config"];
+    let mut m = train::defaults();
+    for k in [
+        "iters",
+        "batch_size",
+        "learning_rate",
+        "steps_per_report",
+        "steps_per_eval",
+        "val_batches",
+        "num_layers",
+        "seed",
+        "lora_parameters",
+    ] {
+        m.insert(k.into(), r[k].clone());
+    }
+    let adapters = tmp.path().join("adapters");
+    m.insert("train".into(), serde_json::json!(true));
+    m.insert("data".into(), serde_json::json!(root().join("tests/data/lora")));
+    m.insert("adapter_path".into(), serde_json::json!(adapters));
+    m.insert("resume_adapter_file".into(), serde_json::json!(golden("lora_run").join("init_adapters.safetensors")));
+    m.insert("save_every".into(), serde_json::json!(25));
+    let cfg = train::TrainConfig::from_map(m, "test").unwrap();
+    let mut lines = vec![];
+    let out = train::run(&cfg, &q4, &Device::Cpu, &mut |s| lines.push(s.to_string())).unwrap();
+
+    let want = gold["train"].as_array().unwrap();
+    assert_eq!(out.reports.len(), want.len(), "{lines:#?}");
+    for (got, w) in out.reports.iter().zip(want) {
+        assert_eq!(got.iteration as u64, w["iteration"].as_u64().unwrap());
+        let wl = w["train_loss"].as_f64().unwrap();
+        let rel = (got.train_loss - wl).abs() / wl;
+        assert!(
+            rel < 0.02,
+            "iter {}: train loss {} vs mlx_lm {wl} ({:.2} %)",
+            got.iteration,
+            got.train_loss,
+            rel * 100.0
+        );
+        let lr = w["learning_rate"].as_f64().unwrap();
+        assert!((got.learning_rate - lr).abs() < 1e-12 + 1e-6 * lr);
+    }
+    let want = gold["val"].as_array().unwrap();
+    assert_eq!(out.val_losses.len(), want.len());
+    for ((it, l), w) in out.val_losses.iter().zip(want) {
+        assert_eq!(*it as u64, w["iteration"].as_u64().unwrap());
+        let wl = w["val_loss"].as_f64().unwrap();
+        assert!((l - wl).abs() / wl < 0.02, "iter {it}: val loss {l} vs mlx_lm {wl}");
+    }
+    let (first, last) = (out.val_losses[0].1, out.val_losses.last().unwrap().1);
+    assert!(last < 0.8 * first, "validation loss {first} -> {last} did not go down");
+    // mlx_lm's report lines and files
+    assert!(
+        lines.iter().any(|l| l.starts_with("Iter 5: Train loss ") && l.contains("Learning Rate 1.000e-03")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("Iter 1: Val loss ")));
+    for f in [
+        "adapters.safetensors",
+        "adapter_config.json",
+        "0000025_adapters.safetensors",
+        "0000050_adapters.safetensors",
+        "loss.svg",
+    ] {
+        assert!(adapters.join(f).is_file(), "{f} missing");
+    }
+    let ac = wick::lora::AdapterConfig::read(&adapters).unwrap();
+    assert_eq!((ac.num_layers, ac.lora.rank), (2, 8));
+    // the trained adapters load for generation and change the model
+    let a = wick::models::load_model_with(&q4, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
+    let b = wick::models::load_model_with(&q4, Some(DType::F32), &Device::Cpu, None).unwrap();
+    let x = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    let la: Vec<f32> =
+        a.model.forward(&x, &mut a.model.make_cache(None), true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let lb: Vec<f32> =
+        b.model.forward(&x, &mut b.model.make_cache(None), true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(max_abs_diff(&la, &lb) > 1e-3);
+}

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod convert;
 pub mod fuse;
 pub mod generate;
+pub mod lora;
 pub mod manage;
 pub mod perplexity;
 pub mod server;
@@ -36,7 +37,7 @@ pub enum Command {
     /// Quantize an existing model folder (short form of `convert -q`)
     Quantize(convert::QuantizeArgs),
     /// Fine-tune with LoRA, DoRA or fully (mlx_lm.lora)
-    Lora(NotYet),
+    Lora(lora::LoraArgs),
     /// Fuse LoRA adapters into the base model (mlx_lm.fuse)
     Fuse(fuse::FuseArgs),
     /// Scan or delete models in the Hugging Face cache (mlx_lm.manage)
@@ -47,13 +48,6 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Measure perplexity on a text or jsonl file (mlx_lm.perplexity)
     Perplexity(perplexity::PerplexityArgs),
-}
-
-/// A subcommand a later release fills in: accepts anything, says so, exits with code 2.
-#[derive(Args, Debug)]
-pub struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
 }
 
 /// Options every model-loading command shares.
@@ -175,10 +169,6 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let not_yet = |name: &str| {
-        eprintln!("wick {name}: not yet available in this version of wick");
-        Ok(2)
-    };
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
@@ -186,7 +176,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Chat(a) => chat::run(a),
         Command::CachePrompt(a) => cache_prompt::run(a),
         Command::Quantize(a) => convert::run_quantize(a),
-        Command::Lora(_) => not_yet("lora"),
+        Command::Lora(a) => lora::run(a),
         Command::Fuse(a) => fuse::run(a),
         Command::Manage(a) => manage::run(a),
         Command::Server(a) => server::run(a),

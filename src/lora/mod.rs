@@ -4,7 +4,9 @@
 //! `fuse` folds adapters into a model folder. Full fine-tuning adapters hold whole weights and
 //! are laid over the model's own.
 
+pub mod data;
 pub mod fuse;
+pub mod optim;
 pub mod train;
 
 use crate::load::Weights;
