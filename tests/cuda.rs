@@ -10,7 +10,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{default_model, golden};
+use common::{default_model, golden, greedy};
 use rand::{Rng, SeedableRng};
 use wick::convert::{convert, ConvertOptions, QuantizeOptions};
 use wick::quant::{quantize_tensor, QuantParams, QuantizedWeight};
@@ -223,18 +223,6 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// The golden prompts' ids.
 fn prompts() -> Vec<Vec<u32>> {
     json("smollm2_greedy.json")["cases"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect()
-}
-
-fn greedy(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.make_cache(None);
-    let mut l = wick::generate::prefill(model, prompt, &mut cache, 2048).unwrap();
-    let mut out = vec![];
-    for _ in 0..n {
-        let t = wick::sample::argmax(&l);
-        out.push(t);
-        l = wick::generate::step_logits(model, &[t], &mut cache).unwrap();
-    }
-    out
 }
 
 fn check_greedy(model: &dyn wick::models::LanguageModel, want: &[Vec<u32>], what: &str) {

@@ -159,4 +159,18 @@ fn fifty_steps_follow_mlx_lm_loss_curve() {
     let lb: Vec<f32> =
         b.model.forward(&x, &mut b.model.make_cache(None), true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!(max_abs_diff(&la, &lb) > 1e-3);
+
+    // mlx_lm loads the adapters wick wrote and generates the same greedy tokens
+    let prompt = [504u32, 2365, 282, 253, 5150];
+    let want = greedy(a.model.as_ref(), &prompt, 12);
+    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    let py = std::process::Command::new("python3")
+        .arg(root().join("tests/mlx_greedy.py"))
+        .args([q4.to_str().unwrap(), adapters.to_str().unwrap(), &ids.join(","), "12"])
+        .output()
+        .expect("python3 with mlx and mlx-lm (tests/requirements.txt)");
+    assert!(py.status.success(), "mlx_lm failed: {}", String::from_utf8_lossy(&py.stderr));
+    let got: Vec<u32> = serde_json::from_slice(&py.stdout).unwrap();
+    assert_eq!(got, want, "mlx_lm's greedy tokens with wick's adapters");
+    assert_ne!(want, greedy(b.model.as_ref(), &prompt, 12), "the adapters should change the greedy tokens");
 }

@@ -206,12 +206,15 @@ impl Optimizer {
         }
         for (((_, var), g), (m, v)) in vars.iter().zip(grads).zip(self.state.iter_mut()) {
             let Some(g) = g else { continue };
-            let w = var.as_tensor();
+            // detached: a gradient's graph reaches back through the whole forward pass, and
+            // optimizer state holding it would keep every step's activations alive
+            let g = &g.detach();
+            let w = &var.as_tensor().detach();
             let new = match self.kind {
                 Kind::Adam { b1, b2, eps, weight_decay, bias_correction } => {
                     let w = if weight_decay != 0.0 { (w * (1.0 - lr * weight_decay))? } else { w.clone() };
-                    *m = ((&*m * b1)? + (g * (1.0 - b1))?)?;
-                    *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    *m = ((&*m * b1)? + (g * (1.0 - b1))?)?.detach();
+                    *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
                     if bias_correction {
                         let s = self.step as i32;
                         let c1 = lr / (1.0 - b1.powi(s));
@@ -229,12 +232,12 @@ impl Optimizer {
                         let mut nv = (&*v * momentum)?;
                         nv = if dampening > 0.0 { (nv + (&g * (1.0 - dampening))?)? } else { (nv + &g)? };
                         let upd = if nesterov { (&g + (&nv * momentum)?)? } else { nv.clone() };
-                        *v = nv;
+                        *v = nv.detach();
                         (w - (upd * lr)?)?
                     }
                 }
             };
-            var.set(&new)?;
+            var.set(&new.detach())?;
         }
         Ok(())
     }
@@ -242,7 +245,7 @@ impl Optimizer {
 
 /// The gradients of `vars` in `grads`, in order.
 pub fn collect(vars: &[(String, Var)], grads: &GradStore) -> Vec<Option<Tensor>> {
-    vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect()
+    vars.iter().map(|(_, v)| grads.get(v.as_tensor()).map(|g| g.detach())).collect()
 }
 
 #[cfg(test)]

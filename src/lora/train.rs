@@ -429,6 +429,7 @@ fn train_loop(
             let x = batch_tensor(&batch, model.device())?;
             let (l, n) = loss(model, &x, &batch.lengths)?;
             let grads = optim::collect(vars, &l.backward()?);
+            let l = l.detach();
             let grads = match accum.take() {
                 None => grads,
                 Some(prev) => prev

@@ -50,3 +50,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn wick() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
 }
+
+/// `n` greedy tokens after `prompt` (whole-prompt prefill, then one token per step).
+pub fn greedy(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.make_cache(None);
+    let mut l = wick::generate::prefill(model, prompt, &mut cache, 2048).unwrap();
+    let mut out = vec![];
+    for _ in 0..n {
+        let t = wick::sample::argmax(&l);
+        out.push(t);
+        l = wick::generate::step_logits(model, &[t], &mut cache).unwrap();
+    }
+    out
+}
