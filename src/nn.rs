@@ -534,6 +534,7 @@ impl Rope {
 }
 
 /// RoPE tables for one forward pass.
+#[derive(Clone)]
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,

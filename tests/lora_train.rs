@@ -46,18 +46,29 @@ fn loss_and_adapter_gradients_match_mlx_lm() {
         let l = loss.to_scalar::<f32>().unwrap();
         let want = c["loss"].as_f64().unwrap() as f32;
         assert!((l - want).abs() < 1e-4 * want.abs(), "{}: loss {l}, mlx_lm {want}", dir.display());
-        let grads = loss.backward().unwrap();
         let gold = load_f32(&dir.join("grads.safetensors"));
         let vars = adapters.trainable();
         assert_eq!(vars.len(), gold.len(), "{}: trainable tensors", dir.display());
-        for (name, var) in &vars {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-            let (_, w) = gold.get(name).unwrap_or_else(|| panic!("{name}: not in mlx_lm's gradients"));
-            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(scale > 0.0, "{name}: mlx_lm's gradient is zero");
-            let d = max_abs_diff(&g, w);
-            assert!(d <= 1e-4 * scale, "{} {name}: gradient differs by {d} (max |g| {scale})", dir.display());
+        // plain backward, then with every layer checkpointed (recomputed in the backward pass)
+        let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        for checkpointed in [false, true] {
+            wick::lora::checkpoint::enable(if checkpointed { &plain } else { &[] });
+            let (loss, _) = train::loss(m.model.as_ref(), &batch, &lengths).unwrap();
+            let grads = train::gradients(&vars, &loss).unwrap();
+            wick::lora::checkpoint::enable(&[]);
+            for ((name, _), g) in vars.iter().zip(grads) {
+                let g = g.unwrap_or_else(|| panic!("{name}: no gradient (checkpointed: {checkpointed})"));
+                let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                let (_, w) = gold.get(name).unwrap_or_else(|| panic!("{name}: not in mlx_lm's gradients"));
+                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(scale > 0.0, "{name}: mlx_lm's gradient is zero");
+                let d = max_abs_diff(&g, w);
+                assert!(
+                    d <= 1e-4 * scale,
+                    "{} {name} (checkpointed: {checkpointed}): gradient differs by {d} (max |g| {scale})",
+                    dir.display()
+                );
+            }
         }
     }
 }

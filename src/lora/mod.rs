@@ -4,6 +4,7 @@
 //! `fuse` folds adapters into a model folder. Full fine-tuning adapters hold whole weights and
 //! are laid over the model's own.
 
+pub mod checkpoint;
 pub mod data;
 pub mod fuse;
 pub mod optim;

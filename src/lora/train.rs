@@ -311,8 +311,8 @@ fn total_parameters(dir: &Path) -> Result<usize> {
 
 /// `wick lora`: train (and/or test) adapters as mlx_lm.lora does. `log` gets every report line.
 pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn FnMut(&str)) -> Result<TrainOutcome> {
-    if cfg.grad_checkpoint {
-        log("[WARNING] --grad-checkpoint is not implemented by wick yet; training keeps every activation");
+    if cfg.grad_checkpoint && cfg.lora.dropout > 0.0 {
+        bail!("--grad-checkpoint with lora_parameters.dropout > 0 is not supported: the recomputed pass would draw another dropout mask");
     }
     if !cfg.data.is_dir() {
         bail!(
@@ -369,7 +369,11 @@ pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn F
             .with_context(|| format!("cannot create --adapter-path {}", cfg.adapter_path.display()))?;
         write_json_atomic(&cfg.adapter_path.join(ADAPTER_CONFIG), &Value::Object(cfg.raw.clone()))?;
         log("Training");
-        train_loop(model, &vars, &mut opt, &train_set, &valid_set, cfg, &mut rng, &mut out, log)?;
+        let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        super::checkpoint::enable(if cfg.grad_checkpoint { &plain } else { &[] });
+        let trained = train_loop(model, &vars, &mut opt, &train_set, &valid_set, cfg, &mut rng, &mut out, log);
+        super::checkpoint::enable(&[]);
+        trained?;
         save_adapters(&vars, &train_adapter_file)?;
         log(&format!("Saved final weights to {}.", train_adapter_file.display()));
         write_loss_plot(&cfg.adapter_path.join("loss.svg"), &out)?;
@@ -428,7 +432,7 @@ fn train_loop(
             let tic = std::time::Instant::now();
             let x = batch_tensor(&batch, model.device())?;
             let (l, n) = loss(model, &x, &batch.lengths)?;
-            let grads = optim::collect(vars, &l.backward()?);
+            let grads = gradients(vars, &l)?;
             let l = l.detach();
             let grads = match accum.take() {
                 None => grads,
@@ -554,4 +558,20 @@ fn python_exp(x: f64) -> String {
         }
         None => s,
     }
+}
+
+/// The gradients of `loss` for `vars`: the backward pass's, plus what checkpointed layers
+/// found in their inner passes.
+pub fn gradients(vars: &[(String, candle_core::Var)], loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    let outer = optim::collect(vars, &loss.backward()?);
+    outer
+        .into_iter()
+        .zip(vars)
+        .map(|(g, (_, v))| {
+            Ok(match (g, super::checkpoint::take_grads(v)) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            })
+        })
+        .collect()
 }

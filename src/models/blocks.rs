@@ -349,13 +349,21 @@ impl BaseArgs {
     pub fn build(&self, ld: &Loader, attn: &AttentionSpec, mlp: &MlpSpec, spec: ModelSpec) -> Result<DecoderModel> {
         let norm = NormSpec { eps: self.rms_norm_eps, shift: spec.norm_shift };
         let layers = (0..self.num_hidden_layers)
-            .map(|i| Ok(Box::new(Block::load(attn, mlp, norm, ld, &format!("model.layers.{i}"))?) as Box<dyn Layer>))
+            .map(|i| {
+                Ok(std::sync::Arc::new(Block::load(attn, mlp, norm, ld, &format!("model.layers.{i}"))?)
+                    as std::sync::Arc<dyn Layer>)
+            })
             .collect::<Result<Vec<_>>>()?;
         self.build_with(ld, spec, layers)
     }
 
     /// A model around `layers` (an architecture's own layer type).
-    pub fn build_with(&self, ld: &Loader, spec: ModelSpec, layers: Vec<Box<dyn Layer>>) -> Result<DecoderModel> {
+    pub fn build_with(
+        &self,
+        ld: &Loader,
+        spec: ModelSpec,
+        layers: Vec<std::sync::Arc<dyn Layer>>,
+    ) -> Result<DecoderModel> {
         let final_norm = if spec.final_layernorm {
             Norm::Layer(LayerNorm::load(ld, "model.final_layernorm", self.hidden_size, self.rms_norm_eps)?)
         } else {
@@ -406,7 +414,7 @@ impl Norm {
 /// `lm_head`, or the embedding used as a linear layer when tied).
 pub struct DecoderModel {
     embed_tokens: Embedding,
-    layers: Vec<Box<dyn Layer>>,
+    layers: Vec<std::sync::Arc<dyn Layer>>,
     windows: Vec<Option<usize>>,
     norm: Norm,
     lm_head: Option<Linear>,
@@ -437,8 +445,15 @@ impl LanguageModel for DecoderModel {
                 None => r.tables(offset, l, self.dtype, &self.device),
             })
             .collect::<Result<Vec<_>>>()?;
-        for ((layer, c), r) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope) {
-            h = layer.forward(&h, &tables[*r], c)?;
+        let checkpoint = crate::lora::checkpoint::active(&h, offset);
+        for (((layer, c), r), w) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope).zip(&self.windows) {
+            h = if checkpoint && w.is_none() && h.track_op() {
+                // training with --grad-checkpoint: the layer's activations are recomputed in
+                // the backward pass instead of kept
+                crate::lora::checkpoint::run(layer.clone(), &h, &tables[*r])?
+            } else {
+                layer.forward(&h, &tables[*r], c)?
+            };
         }
         if last_only {
             h = h.narrow(1, l - 1, 1)?;

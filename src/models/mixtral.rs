@@ -133,7 +133,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                 input_layernorm: norm.load(ld, &format!("{p}.input_layernorm"), a.hidden_size)?,
                 post_attention_layernorm: norm.load(ld, &format!("{p}.post_attention_layernorm"), a.hidden_size)?,
             };
-            Ok(Box::new(layer) as Box<dyn Layer>)
+            Ok(std::sync::Arc::new(layer) as std::sync::Arc<dyn Layer>)
         })
         .collect::<Result<Vec<_>>>()?;
     let rope = args.rope.rope(head_dim, args.rope_theta, None)?;

@@ -92,7 +92,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                 self_attn: Attention::load(&attn, no_norm, ld, &format!("{p}.self_attn"))?,
                 mlp: Mlp::load(ld, &format!("{p}.mlp"), args.hidden_size, &mlp)?,
             };
-            Ok(Box::new(layer) as Box<dyn Layer>)
+            Ok(std::sync::Arc::new(layer) as std::sync::Arc<dyn Layer>)
         })
         .collect::<Result<Vec<_>>>()?;
     let rope =
