@@ -9,8 +9,9 @@ use crate::models::blocks::Layer;
 use crate::nn::RopeTables;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, TensorId, Var};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 struct State {
     on: bool,
@@ -19,26 +20,29 @@ struct State {
     grads: HashMap<TensorId, Tensor>,
 }
 
-static STATE: std::sync::LazyLock<Mutex<State>> =
-    std::sync::LazyLock::new(|| Mutex::new(State { on: false, vars: vec![], grads: HashMap::new() }));
+thread_local! {
+    /// Per thread: a training loop, its forward and its backward pass run on one thread.
+    static STATE: RefCell<State> = RefCell::new(State { on: false, vars: vec![], grads: HashMap::new() });
+}
 
 /// Turns checkpointing on for the trainable tensors `vars` (off with an empty list).
 pub fn enable(vars: &[Var]) {
-    let mut s = STATE.lock().unwrap();
-    s.on = !vars.is_empty();
-    s.vars = vars.iter().map(|v| v.as_tensor().id()).collect();
-    s.grads.clear();
+    STATE.with_borrow_mut(|s| {
+        s.on = !vars.is_empty();
+        s.vars = vars.iter().map(|v| v.as_tensor().id()).collect();
+        s.grads.clear();
+    })
 }
 
 /// Whether a forward pass starting at `h` with a cache at `offset` checkpoints its layers: on,
 /// on the CPU, a whole sequence from position 0 being differentiated.
 pub fn active(h: &Tensor, offset: usize) -> bool {
-    offset == 0 && h.device().is_cpu() && h.dtype() == candle_core::DType::F32 && STATE.lock().unwrap().on
+    offset == 0 && h.device().is_cpu() && h.dtype() == candle_core::DType::F32 && STATE.with_borrow(|s| s.on)
 }
 
 /// The gradients the inner passes found for `v` since the last call, removed.
 pub fn take_grads(v: &Var) -> Option<Tensor> {
-    STATE.lock().unwrap().grads.remove(&v.as_tensor().id())
+    STATE.with_borrow_mut(|s| s.grads.remove(&v.as_tensor().id()))
 }
 
 /// `layer(x)` as a checkpointed op.
@@ -74,18 +78,19 @@ impl CustomOp1 for Checkpoint {
         let x = Var::from_tensor(&arg.detach())?;
         let y = self.layer.forward(x.as_tensor(), &self.rope, &mut KvCache::new()).map_err(wrap)?;
         let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
-        let mut s = STATE.lock().unwrap();
-        let vars = s.vars.clone();
-        for id in vars {
-            if let Some(g) = grads.get_id(id) {
-                let g = g.detach();
-                let sum = match s.grads.remove(&id) {
-                    Some(prev) => (prev + g)?,
-                    None => g,
-                };
-                s.grads.insert(id, sum);
+        STATE.with_borrow_mut(|s| -> candle_core::Result<()> {
+            for id in s.vars.clone() {
+                if let Some(g) = grads.get_id(id) {
+                    let g = g.detach();
+                    let sum = match s.grads.remove(&id) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    s.grads.insert(id, sum);
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok(grads.get(x.as_tensor()).map(|g| g.detach()))
     }
 }

@@ -484,14 +484,17 @@ impl LoraLinear {
     }
 }
 
-static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether adapters are being trained (dropout on); set by the training loop.
-pub fn training() -> bool {
-    TRAINING.load(std::sync::atomic::Ordering::Relaxed)
+thread_local! {
+    /// Per thread, like the training loop that sets it.
+    static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Turns training mode (dropout) on or off.
+/// Whether adapters are being trained on this thread (dropout on); set by the training loop.
+pub fn training() -> bool {
+    TRAINING.with(|t| t.get())
+}
+
+/// Turns training mode (dropout) on or off for this thread.
 pub fn set_training(on: bool) {
-    TRAINING.store(on, std::sync::atomic::Ordering::Relaxed)
+    TRAINING.with(|t| t.set(on))
 }
