@@ -528,15 +528,16 @@ pub mod simd {
     /// on builds without AVX-512 (the AVX2 and portable paths read `x` directly), for other
     /// widths, or for group sizes that are not a multiple of 32.
     pub fn affine_input(xs: &[f32], bits: usize, gs: usize) -> Option<Vec<f32>> {
-        let avx512 = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
-        if !avx512 || !gs.is_multiple_of(32) {
+        if !has_affine_blocks(bits, gs) {
             return None;
         }
-        match bits {
-            4 => Some(permute_x_q4(xs)),
-            8 => Some(xs.to_vec()),
-            _ => None,
-        }
+        Some(if bits == 4 { permute_x_q4(xs) } else { xs.to_vec() })
+    }
+
+    /// Whether the AVX-512 block kernels ([`block_affine`], [`block_affine_many`]) serve
+    /// `bits`-bit rows in groups of `gs` on this build.
+    pub fn has_affine_blocks(bits: usize, gs: usize) -> bool {
+        cfg!(all(target_arch = "x86_64", target_feature = "avx512f")) && matches!(bits, 4 | 8) && gs.is_multiple_of(32)
     }
 
     /// Reorders each run of 32 inputs as [even positions, odd positions] to match the nibble
@@ -1073,15 +1074,16 @@ impl<T: Elem> WeightRows for DenseRows<'_, T> {
     ) -> bool {
         let (k, d) = (self.k, self.data);
         let rows = out.len() / m;
-        if !T::DOT4_MANY {
+        if !T::DOT4_MANY || m > GEMV_MANY_MAX_ROWS {
             return false;
         }
-        let mut four = vec![[0f32; 4]; m];
+        let mut four = [[0f32; 4]; GEMV_MANY_MAX_ROWS];
+        let four = &mut four[..m];
         let mut j = 0;
         while j + 4 <= rows {
             let r = r0 + j;
             let w = [0, 1, 2, 3].map(|i| &d[(r + i) * k..(r + i + 1) * k]);
-            if !T::dot4_many(xs, m, w, &mut four) {
+            if !T::dot4_many(xs, m, w, four) {
                 return false;
             }
             for (i, v) in four.iter().enumerate() {

@@ -102,3 +102,19 @@ fn make_readable(dir: &Path) -> Result<()> {
     let _ = dir;
     Ok(())
 }
+
+/// Writes the file `path` atomically: `write` fills a temporary file beside it, which is then
+/// renamed into place, so a reader never sees a half-written file.
+pub fn write_file_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".wick-tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    write(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error))?;
+    Ok(())
+}

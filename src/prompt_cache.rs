@@ -64,18 +64,9 @@ pub fn save(path: &Path, cache: &[KvCache], metadata: &BTreeMap<String, String>)
             }
         }
     }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".wick-prompt-cache")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), tmp.path())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error))?;
-    Ok(())
+    crate::output::write_file_atomic(path, |tmp| {
+        Ok(safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), tmp)?)
+    })
 }
 
 /// The metadata a prompt cache file was saved with (its `"0.<key>"` entries).

@@ -41,6 +41,7 @@ pub fn loss(model: &dyn LanguageModel, batch: &Tensor, lengths: &[(usize, usize)
 use super::data::{self, Dataset, Features, NumpyRandom};
 use super::optim::{self, Optimizer, Schedule};
 use super::{AdapterConfig, Adapters, FineTuneType, LoraParameters, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::output::write_file_atomic;
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -274,20 +275,7 @@ fn evaluate(
 pub fn save_adapters(vars: &[(String, candle_core::Var)], path: &Path) -> Result<()> {
     let map: std::collections::HashMap<String, Tensor> =
         vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".adapters-").suffix(".tmp").tempfile_in(dir)?;
-    candle_core::safetensors::save(&map, tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
-/// Writes a JSON file atomically.
-fn write_json_atomic(path: &Path, v: &Value) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".config-").suffix(".tmp").tempfile_in(dir)?;
-    std::fs::write(tmp.path(), serde_json::to_string_pretty(v)? + "\n")?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    write_file_atomic(path, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))
 }
 
 /// Sums of parameters as mlx_lm counts them (a quantized weight as its unpacked size).
@@ -367,7 +355,8 @@ pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn F
         let valid_set = valid_set.with_context(|| format!("--train needs {}/valid.jsonl", cfg.data.display()))?;
         std::fs::create_dir_all(&cfg.adapter_path)
             .with_context(|| format!("cannot create --adapter-path {}", cfg.adapter_path.display()))?;
-        write_json_atomic(&cfg.adapter_path.join(ADAPTER_CONFIG), &Value::Object(cfg.raw.clone()))?;
+        let text = serde_json::to_string_pretty(&Value::Object(cfg.raw.clone()))? + "\n";
+        write_file_atomic(&cfg.adapter_path.join(ADAPTER_CONFIG), |tmp| Ok(std::fs::write(tmp, &text)?))?;
         log("Training");
         let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         super::checkpoint::enable(if cfg.grad_checkpoint { &plain } else { &[] });
@@ -538,11 +527,7 @@ pub fn write_loss_plot(path: &Path, out: &TrainOutcome) -> Result<()> {
         tl = line(&train, "steelblue"),
         vl = line(&val, "darkorange"),
     );
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".loss-").suffix(".tmp").tempfile_in(dir)?;
-    std::fs::write(tmp.path(), svg)?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    write_file_atomic(path, |tmp| Ok(std::fs::write(tmp, &svg)?))
 }
 
 /// Python's `f"{x:.3e}"`: a signed exponent of at least two digits (`1.000e-05`).

@@ -56,6 +56,12 @@ impl<S: Elem> AffineRows<'_, S> {
     fn groups(&self) -> usize {
         self.k / self.p.group_size
     }
+
+    /// The packed words of rows `r0 .. r0 + rows`.
+    fn block_words(&self, r0: usize, rows: usize) -> &[u32] {
+        let width = self.p.packed_width(self.k);
+        &self.packed[r0 * width..(r0 + rows) * width]
+    }
 }
 
 impl<S: Elem> WeightRows for AffineRows<'_, S> {
@@ -113,16 +119,15 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
         let (xsum, fast) = prep;
         let Some(input) = fast else { return false };
         let g = self.groups();
-        let width = self.p.packed_width(self.k);
-        let words = &self.packed[r0 * width..(r0 + out.len()) * width];
         let (s, b) = self.block_scales(r0, out.len(), scratch);
+        let (bits, k, gs) = (self.p.bits, self.k, self.p.group_size);
         simd::block_affine(
-            self.p.bits,
+            bits,
             input,
             i,
-            self.k,
-            self.p.group_size,
-            words,
+            k,
+            gs,
+            self.block_words(r0, out.len()),
             s,
             b,
             &xsum[i * g..(i + 1) * g],
@@ -142,16 +147,13 @@ impl<S: Elem> WeightRows for AffineRows<'_, S> {
         let (xsum, fast) = prep;
         let Some(input) = fast else { return false };
         let rows = out.len() / m;
-        let width = self.p.packed_width(self.k);
-        let words = &self.packed[r0 * width..(r0 + rows) * width];
         let (s, b) = self.block_scales(r0, rows, scratch);
-        simd::block_affine_many(self.p.bits, input, m, self.k, self.p.group_size, words, s, b, xsum, out);
+        let (bits, k, gs) = (self.p.bits, self.k, self.p.group_size);
+        simd::block_affine_many(bits, input, m, k, gs, self.block_words(r0, rows), s, b, xsum, out);
         true
     }
     fn has_block_many(&self) -> bool {
-        cfg!(all(target_arch = "x86_64", target_feature = "avx512f"))
-            && matches!(self.p.bits, 4 | 8)
-            && self.p.group_size.is_multiple_of(32)
+        simd::has_affine_blocks(self.p.bits, self.p.group_size)
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
         self.rows_f32_impl(r0, cnt, dst)
