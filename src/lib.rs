@@ -17,6 +17,8 @@ pub mod kernels;
 pub mod load;
 pub mod lora;
 pub mod memory;
+#[cfg(feature = "metal")]
+pub mod metal;
 pub mod models;
 pub mod nn;
 pub mod output;

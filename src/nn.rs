@@ -26,12 +26,28 @@ pub struct Loader<'a> {
 impl Loader<'_> {
     /// A small tensor (norm weight, bias) in the activation dtype.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.get(name, shape, self.act_dtype, &self.device)
+        self.parameter(name, shape, self.act_dtype)
     }
 
     /// A weight matrix in the weight dtype.
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.get(name, shape, self.dtype, &self.device)
+        self.parameter(name, shape, self.dtype)
+    }
+
+    /// A small tensor in the activation dtype that is never trained.
+    pub fn frozen_tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(name, shape, self.act_dtype, &self.device)
+    }
+
+    /// A model tensor in `dtype`, or, when full fine-tuning trains it, a trainable tensor in the
+    /// activation dtype (what the forward pass computes in).
+    fn parameter(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if let Some(a) = self.adapters {
+            if let Some(t) = a.full_parameter(name, shape, self.act_dtype, &self.device, self.weights)? {
+                return Ok(t);
+            }
+        }
+        self.weights.get(name, shape, dtype, &self.device)
     }
 
     /// How the layer at `prefix` (with `in_dim` inputs) is quantized, as mlx_lm decides it: a
@@ -84,10 +100,15 @@ pub enum Linear {
 impl Linear {
     /// Loads `{prefix}.weight` (and `.bias` when `bias`), quantized when the config says so.
     pub fn load(ld: &Loader, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let bias = if bias { Some(ld.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        let bias_name = format!("{prefix}.bias");
         let base = if let Some(params) = ld.quant_params(prefix, in_dim)? {
+            if let Some(a) = ld.adapters {
+                a.check_trainable_quantized(prefix)?;
+            }
+            let bias = if bias { Some(ld.frozen_tensor(&bias_name, &[out_dim])?) } else { None };
             Linear::Quantized { weight: QuantizedWeight::load(ld, prefix, out_dim, in_dim, params)?, bias }
         } else {
+            let bias = if bias { Some(ld.tensor(&bias_name, &[out_dim])?) } else { None };
             Linear::Dense { weight: ld.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?, bias }
         };
         match ld.adapters {
@@ -267,6 +288,8 @@ impl Embedding {
 pub struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    /// Added to the weight in each pass (a trained gemma weight); 0 otherwise.
+    shift: f64,
 }
 
 impl RmsNorm {
@@ -275,18 +298,22 @@ impl RmsNorm {
     }
 
     /// Scale by `shift + weight` (gemma stores the weight as an offset from 1).
+    /// A trained weight (full fine-tuning) keeps its shift apart and adds it in each pass, as
+    /// the optimizer updates the weight in place.
     pub fn load_shifted(ld: &Loader, name: &str, dim: usize, eps: f64, shift: f64) -> Result<Self> {
         let weight = ld.tensor(&format!("{name}.weight"), &[dim])?;
-        let weight = if shift != 0.0 { (weight + shift)? } else { weight };
-        Ok(Self { weight, eps: eps as f32 })
+        if weight.is_variable() || shift == 0.0 {
+            return Ok(Self { weight, eps: eps as f32, shift });
+        }
+        Ok(Self { weight: (weight + shift)?, eps: eps as f32, shift: 0.0 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
+        if x.track_op() || self.weight.track_op() {
             // training: candle's fused kernel has no backward; the same formula in tensor ops
             let x32 = x.to_dtype(DType::F32)?;
             let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
-            let w = self.weight.to_dtype(DType::F32)?;
+            let w = (self.weight.to_dtype(DType::F32)? + self.shift)?;
             return Ok(x32.broadcast_mul(&inv)?.broadcast_mul(&w)?.to_dtype(x.dtype())?);
         }
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
@@ -311,7 +338,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
+        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
             // training: the fused kernel has no backward
             let x32 = x.to_dtype(DType::F32)?;
             let c = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;

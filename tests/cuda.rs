@@ -10,101 +10,18 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{default_model, golden, greedy};
+use common::gpu::{self, quantized, rel_err, to_dev};
 use rand::{Rng, SeedableRng};
-use wick::convert::{convert, ConvertOptions, QuantizeOptions};
-use wick::quant::{quantize_tensor, QuantParams, QuantizedWeight};
+use wick::quant::QuantParams;
 
 fn cuda() -> Option<Device> {
-    match wick::device::select_device(Some("cuda")) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-/// `w` (n × k, f32 on the CPU) rounded to `dtype` and quantized as `mx.quantize` does.
-fn quantized(w: &Tensor, p: QuantParams, dtype: DType) -> QuantizedWeight {
-    let (n, k) = w.dims2().unwrap();
-    let (packed, scales, biases) = quantize_tensor(&w.to_dtype(dtype).unwrap(), p).unwrap();
-    QuantizedWeight { packed, scales, biases, params: p, out_dim: n, in_dim: k, compute_dtype: dtype }
-}
-
-fn to_dev(w: &QuantizedWeight, dev: &Device) -> QuantizedWeight {
-    QuantizedWeight {
-        packed: w.packed.to_device(dev).unwrap(),
-        scales: w.scales.to_device(dev).unwrap(),
-        biases: w.biases.to_device(dev).unwrap(),
-        ..w.clone()
-    }
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// ‖a − b‖ / ‖b‖
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b) = (flat(a), flat(b));
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt() as f32
+    gpu::device("cuda")
 }
 
 #[test]
 fn cuda_quantized_matmul_matches_dequantize_then_cublas() {
     let Some(dev) = cuda() else { return };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(20261123);
-    let mut worst = std::collections::BTreeMap::<String, f32>::new();
-    let mut cases = 0;
-    for bits in [2, 3, 4, 5, 6, 8] {
-        for gs in [32, 64, 128] {
-            for _ in 0..3 {
-                let n = rng.random_range(1..=96) * 8 + rng.random_range(0..8);
-                let k = gs * rng.random_range(1..=24);
-                let p = QuantParams::new(bits, gs, "test").unwrap();
-                let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-                for dtype in [DType::F32, DType::F16, DType::BF16] {
-                    let qw = quantized(&w, p, dtype);
-                    // reference: the CPU's dequantization (f32 arithmetic) and cuBLAS in f32
-                    let dense = QuantizedWeight {
-                        scales: qw.scales.to_dtype(DType::F32).unwrap(),
-                        biases: qw.biases.to_dtype(DType::F32).unwrap(),
-                        ..qw.clone()
-                    }
-                    .dequantize()
-                    .unwrap()
-                    .to_device(&dev)
-                    .unwrap();
-                    let gw = to_dev(&qw, &dev);
-                    for m in [1usize, 2, 3, 5, 8, 9, 40] {
-                        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(dtype).unwrap();
-                        let want = x.to_dtype(DType::F32).unwrap().matmul(&dense.t().unwrap()).unwrap();
-                        let got = gw.matmul(&x).unwrap();
-                        assert_eq!(got.dims(), &[m, n]);
-                        assert_eq!(got.dtype(), dtype);
-                        let e = rel_err(&got, &want);
-                        let tol = match dtype {
-                            DType::F32 => 1e-3,
-                            DType::F16 => 5e-3,
-                            _ => 1e-2,
-                        };
-                        assert!(
-                            e < tol,
-                            "bits {bits} group {gs} {dtype:?} m {m} n {n} k {k}: relative error {e:e} ≥ {tol:e}"
-                        );
-                        let key = format!("{dtype:?} m{}", if m <= 8 { "≤8" } else { ">8" });
-                        let v = worst.entry(key).or_insert(0.0);
-                        *v = v.max(e);
-                        cases += 1;
-                    }
-                }
-            }
-        }
-    }
-    eprintln!("{cases} cases; worst relative error: {worst:?}");
+    gpu::quantized_matmul_matches_dequantize_then_matmul(&dev);
 }
 
 #[test]
@@ -191,73 +108,17 @@ fn cuda_decode_attention_matches_the_cpu() {
 #[test]
 fn cuda_dequantize_is_bit_exact_with_the_cpu() {
     let Some(dev) = cuda() else { return };
-    for bits in [2, 3, 4, 5, 6, 8] {
-        for gs in [32, 64, 128] {
-            let p = QuantParams::new(bits, gs, "test").unwrap();
-            let w = Tensor::randn(0f32, 1.0, (37, 3 * 128), &Device::Cpu).unwrap();
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
-                let (packed, scales, biases) = quantize_tensor(&w.to_dtype(dtype).unwrap(), p).unwrap();
-                let cpu = wick::quant::dequantize_tensor(&packed, &scales, &biases, p).unwrap();
-                let gpu = wick::quant::dequantize_tensor(
-                    &packed.to_device(&dev).unwrap(),
-                    &scales.to_device(&dev).unwrap(),
-                    &biases.to_device(&dev).unwrap(),
-                    p,
-                )
-                .unwrap();
-                assert_eq!(gpu.dtype(), dtype);
-                assert_eq!(flat(&gpu), flat(&cpu), "bits {bits} group {gs} {dtype:?}: dequantized values differ");
-            }
-        }
-    }
-}
-
-fn json(file: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(golden(file)).unwrap()).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
-}
-
-/// The golden prompts' ids.
-fn prompts() -> Vec<Vec<u32>> {
-    json("smollm2_greedy.json")["cases"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect()
-}
-
-fn check_greedy(model: &dyn wick::models::LanguageModel, want: &[Vec<u32>], what: &str) {
-    for (i, (prompt, want)) in prompts().iter().zip(want).enumerate() {
-        let got = greedy(model, prompt, want.len());
-        assert_eq!(&got, want, "case {i}: {what}");
-    }
+    gpu::dequantize_is_bit_exact_with_the_cpu(&dev);
 }
 
 #[test]
 fn cuda_greedy_tokens_equal_mlx_lm_goldens_in_f32() {
     let Some(dev) = cuda() else { return };
-    let m = wick::models::load_model(&default_model(), Some(DType::F32), &dev).unwrap();
-    let want: Vec<Vec<u32>> =
-        json("smollm2_greedy.json")["cases"].as_array().unwrap().iter().map(|c| ids(&c["greedy_f32"])).collect();
-    check_greedy(m.model.as_ref(), &want, "greedy tokens on CUDA differ from mlx_lm's (and the CPU's)");
+    gpu::greedy_tokens_equal_mlx_lm_goldens_in_f32(&dev);
 }
 
 #[test]
 fn cuda_4bit_greedy_tokens_match_mlx_lm() {
     let Some(dev) = cuda() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("q4");
-    let opts = ConvertOptions {
-        dtype: None,
-        quantize: Some(QuantizeOptions {
-            params: QuantParams::new(4, 64, "test").unwrap(),
-            mode: "affine".into(),
-            recipe: None,
-        }),
-        ..Default::default()
-    };
-    convert(&default_model(), &out, &opts).unwrap();
-    let m = wick::models::load_model(&out, Some(DType::F32), &dev).unwrap();
-    let want: Vec<Vec<u32>> =
-        json("smollm2_quantized.json")["q4g64"]["greedy_f32"].as_array().unwrap().iter().map(ids).collect();
-    check_greedy(m.model.as_ref(), &want, "4-bit greedy tokens on CUDA differ from mlx_lm's");
+    gpu::greedy_4bit_tokens_match_mlx_lm(&dev);
 }

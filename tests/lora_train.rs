@@ -14,7 +14,7 @@ fn loss_and_adapter_gradients_match_mlx_lm() {
     let root = golden("lora_grads");
     let mut cases: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
     cases.sort();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 6);
     for dir in cases {
         let c: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
@@ -83,17 +83,7 @@ fn fifty_steps_follow_mlx_lm_loss_curve() {
     let gold: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden("lora_run").join("run.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    // mlx_lm's model with the default model's tokenizer files
-    let q4 = tmp.path().join("model");
-    std::fs::create_dir(&q4).unwrap();
-    for (dir, f) in [
-        (golden("lora_run").join("model"), "model.safetensors"),
-        (golden("lora_run").join("model"), "config.json"),
-        (default_model(), "tokenizer.json"),
-        (default_model(), "tokenizer_config.json"),
-    ] {
-        std::fs::copy(dir.join(f), q4.join(f)).unwrap();
-    }
+    let q4 = lora_run_model(tmp.path());
     let r = &gold["config"];
     let mut m = train::defaults();
     for k in [
@@ -174,14 +164,91 @@ fn fifty_steps_follow_mlx_lm_loss_curve() {
     // mlx_lm loads the adapters wick wrote and generates the same greedy tokens
     let prompt = [504u32, 2365, 282, 253, 5150];
     let want = greedy(a.model.as_ref(), &prompt, 12);
+    assert_eq!(mlx_greedy(&q4, &adapters, &prompt, 12), want, "mlx_lm's greedy tokens with wick's adapters");
+    assert_ne!(want, greedy(b.model.as_ref(), &prompt, 12), "the adapters should change the greedy tokens");
+}
+
+/// mlx_lm's reference-run model (tests/golden/lora_run: a tiny random llama, 4-bit) with the
+/// default model's tokenizer files, in a folder under `dir`.
+fn lora_run_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let q4 = dir.join("model");
+    std::fs::create_dir(&q4).unwrap();
+    for (src, f) in [
+        (golden("lora_run").join("model"), "model.safetensors"),
+        (golden("lora_run").join("model"), "config.json"),
+        (default_model(), "tokenizer.json"),
+        (default_model(), "tokenizer_config.json"),
+    ] {
+        std::fs::copy(src.join(f), q4.join(f)).unwrap();
+    }
+    q4
+}
+
+/// mlx_lm's greedy tokens (f32) after `prompt` with the model and adapters (tests/mlx_greedy.py).
+fn mlx_greedy(model: &std::path::Path, adapters: &std::path::Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
     let py = std::process::Command::new("python3")
         .arg(root().join("tests/mlx_greedy.py"))
-        .args([q4.to_str().unwrap(), adapters.to_str().unwrap(), &ids.join(","), "12"])
+        .args([model.to_str().unwrap(), adapters.to_str().unwrap(), &ids.join(","), &n.to_string()])
         .output()
         .expect("python3 with mlx and mlx-lm (tests/requirements.txt)");
     assert!(py.status.success(), "mlx_lm failed: {}", String::from_utf8_lossy(&py.stderr));
-    let got: Vec<u32> = serde_json::from_slice(&py.stdout).unwrap();
-    assert_eq!(got, want, "mlx_lm's greedy tokens with wick's adapters");
-    assert_ne!(want, greedy(b.model.as_ref(), &prompt, 12), "the adapters should change the greedy tokens");
+    serde_json::from_slice(&py.stdout).unwrap()
+}
+
+/// Full fine-tuning (`fine_tune_type: full`): refused on a quantized model with mlx_lm's reason;
+/// on its float (dequantized) form, 10 steps lower the validation loss, the file holds the last
+/// block's own tensors under the model's names, and both wick and mlx_lm load it as adapters
+/// and generate the same greedy tokens. (Its gradients are checked against mlx_lm's in
+/// `loss_and_adapter_gradients_match_mlx_lm`.)
+#[test]
+fn full_fine_tuning_trains_the_last_blocks_and_loads_in_mlx_lm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q4 = lora_run_model(tmp.path());
+    let config = |adapters: &std::path::Path| {
+        let mut m = train::defaults();
+        for (k, v) in [
+            ("fine_tune_type", serde_json::json!("full")),
+            ("num_layers", serde_json::json!(1)),
+            ("iters", serde_json::json!(10)),
+            ("batch_size", serde_json::json!(4)),
+            ("learning_rate", serde_json::json!(1e-3)),
+            ("steps_per_report", serde_json::json!(5)),
+            ("steps_per_eval", serde_json::json!(10)),
+            ("val_batches", serde_json::json!(-1)),
+            ("train", serde_json::json!(true)),
+            ("data", serde_json::json!(root().join("tests/data/lora"))),
+            ("adapter_path", serde_json::json!(adapters)),
+        ] {
+            m.insert(k.into(), v);
+        }
+        train::TrainConfig::from_map(m, "test").unwrap()
+    };
+    let err = train::run(&config(&tmp.path().join("a4")), &q4, &Device::Cpu, &mut |_| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("quantized weights cannot be trained"), "{err:#}");
+
+    let dense = tmp.path().join("dense");
+    let opts = wick::convert::ConvertOptions { dequantize: true, ..Default::default() };
+    wick::convert::convert(&q4, &dense, &opts).unwrap();
+    let adapters = tmp.path().join("full");
+    let mut lines = vec![];
+    let out = train::run(&config(&adapters), &dense, &Device::Cpu, &mut |s| lines.push(s.to_string())).unwrap();
+    let (first, last) = (out.val_losses[0].1, out.val_losses.last().unwrap().1);
+    assert!(last < first, "validation loss {first} -> {last} did not go down: {lines:#?}");
+    let saved = load_f32(&adapters.join("adapters.safetensors"));
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    // the last of two blocks, whole: two norms and seven projections
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("model.layers.1.")), "{names:?}");
+    assert!(names.contains(&&"model.layers.1.input_layernorm.weight".to_string()));
+    let ac = wick::lora::AdapterConfig::read(&adapters).unwrap();
+    assert_eq!((ac.fine_tune_type, ac.num_layers), (FineTuneType::Full, 1));
+
+    let a = wick::models::load_model_with(&dense, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
+    let b = wick::models::load_model_with(&dense, Some(DType::F32), &Device::Cpu, None).unwrap();
+    let prompt = [504u32, 2365, 282, 253, 5150];
+    let want = greedy(a.model.as_ref(), &prompt, 12);
+    assert_ne!(want, greedy(b.model.as_ref(), &prompt, 12), "the trained weights should change the greedy tokens");
+    assert_eq!(mlx_greedy(&dense, &adapters, &prompt, 12), want, "mlx_lm's greedy tokens with wick's full fine-tune");
 }

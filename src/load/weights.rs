@@ -132,9 +132,10 @@ impl Weights {
     pub fn raw(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (v, p) = self.view(name)?;
         let dtype = st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))?;
-        let t = Tensor::from_raw_buffer(v.data(), dtype, v.shape(), &Device::Cpu)
-            .with_context(|| format!("tensor `{name}` in {}", p.display()))?;
-        Ok(t.to_device(device)?)
+        // straight from the mapped file into the device's memory (for Metal: one copy into
+        // unified memory, no host staging copy)
+        Tensor::from_raw_buffer(v.data(), dtype, v.shape(), device)
+            .with_context(|| format!("tensor `{name}` in {}", p.display()))
     }
 
     /// A float tensor with a checked shape, cast to `dtype`.

@@ -204,9 +204,6 @@ impl Adapters {
         resume: Option<&Path>,
         seed: u64,
     ) -> Result<Self> {
-        if config.fine_tune_type == FineTuneType::Full {
-            bail!("fine_tune_type full: full fine-tuning is not supported by wick lora yet (lora and dora are)");
-        }
         let weights = match resume {
             Some(f) if !f.is_file() => bail!("--resume-adapter-file {} does not exist", f.display()),
             Some(f) => Some(Weights::open_file(f)?),
@@ -253,24 +250,74 @@ impl Adapters {
         Ok(Some(weights.get(name, shape, dtype, device)?))
     }
 
-    /// Whether training adapts the layer at `prefix`: a linear layer inside one of the last
-    /// `num_layers` blocks (`…layers.{i}.{key}`), whose key is listed in `keys` when given.
-    fn adapts(&self, prefix: &str, total_layers: usize) -> bool {
-        let parts: Vec<&str> = prefix.split('.').collect();
-        let Some(at) = parts.windows(2).position(|w| w[0] == "layers" && w[1].parse::<usize>().is_ok()) else {
-            return false;
-        };
-        let index: usize = parts[at + 1].parse().unwrap_or(0);
+    /// Whether these are adapters being trained (not read from a folder).
+    pub fn is_training(&self) -> bool {
+        self.train.is_some()
+    }
+
+    /// For a name inside one of the last `num_layers` of `total_layers` blocks
+    /// (`…layers.{i}.{key}`), the key; `None` for any other name.
+    fn trained_block_key(&self, name: &str, total_layers: usize) -> Option<String> {
+        let parts: Vec<&str> = name.split('.').collect();
+        let at = parts.windows(2).position(|w| w[0] == "layers" && w[1].parse::<usize>().is_ok())?;
+        let index: usize = parts[at + 1].parse().ok()?;
         let n = self.config.num_layers;
         let first = if n < 0 { 0 } else { total_layers.saturating_sub(n as usize) };
-        if index < first {
+        (index >= first).then(|| parts[at + 2..].join("."))
+    }
+
+    /// Whether training adapts the layer at `prefix`: a linear layer inside one of the last
+    /// `num_layers` blocks, whose key is listed in `keys` when given.
+    fn adapts(&self, prefix: &str, total_layers: usize) -> bool {
+        let Some(key) = self.trained_block_key(prefix, total_layers) else {
             return false;
-        }
-        let key = parts[at + 2..].join(".");
+        };
         match &self.config.lora.keys {
             None => true,
             Some(keys) => keys.iter().any(|k| *k == key || *k == prefix),
         }
+    }
+
+    /// Fails when full fine-tuning would train the quantized layer at `prefix`: a quantized
+    /// weight has no gradient (mlx_lm stops with "no gradient wrt the quantized weights").
+    pub fn check_trainable_quantized(&self, prefix: &str) -> Result<()> {
+        let Some(train) = &self.train else { return Ok(()) };
+        if self.config.fine_tune_type == FineTuneType::Full
+            && self.trained_block_key(prefix, train.total_layers).is_some()
+        {
+            bail!(
+                "fine_tune_type full: layer `{prefix}` is quantized, and quantized weights cannot be trained — fine-tune a float model (`wick convert --dequantize`), or use lora / dora on the quantized one"
+            );
+        }
+        Ok(())
+    }
+
+    /// Full fine-tuning being trained: the model tensor `name` as a trainable tensor in `dtype`
+    /// when it belongs to one of the last `num_layers` blocks (mlx_lm unfreezes those blocks
+    /// whole; quantized weights stay frozen, as mlx's `QuantizedLinear` keeps them), taken from
+    /// the resume file when it has it, else from `model`. `None`: not a trained tensor.
+    pub fn full_parameter(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        model: &Weights,
+    ) -> Result<Option<Tensor>> {
+        let Some(train) = &self.train else { return Ok(None) };
+        if self.config.fine_tune_type != FineTuneType::Full
+            || self.trained_block_key(name, train.total_layers).is_none()
+        {
+            return Ok(None);
+        }
+        let t = match self.take(name, shape, dtype, device)? {
+            Some(t) => t,
+            None => model.get(name, shape, dtype, device)?,
+        };
+        let v = candle_core::Var::from_tensor(&t)?;
+        let t = v.as_tensor().clone();
+        train.vars.lock().unwrap().push((name.to_string(), v));
+        Ok(Some(t))
     }
 
     /// `base` wrapped with the adapter of the layer at `prefix` when there is one.

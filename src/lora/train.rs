@@ -334,7 +334,9 @@ pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn F
     let model = loaded.model.as_ref();
     let vars = adapters.trainable();
     let trainable: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
-    let total = total_parameters(model_dir)? + trainable;
+    // LoRA / DoRA tensors are added to the model; full fine-tuning trains the model's own
+    let added = if cfg.fine_tune_type == FineTuneType::Full { 0 } else { trainable };
+    let total = total_parameters(model_dir)? + added;
     log(&format!(
         "Trainable parameters: {:.3}% ({:.3}M/{:.3}M)",
         100.0 * trainable as f64 / total as f64,

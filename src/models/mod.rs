@@ -137,7 +137,7 @@ pub fn load_model_adapted(
         ($arch:ident) => {{
             let args: $arch::ModelArgs = config.parse()?;
             $arch::sanitize(&args, &mut weights)?;
-            if let Some(a) = adapters.filter(|a| a.config.fine_tune_type == FineTuneType::Full) {
+            if let Some(a) = adapters.filter(|a| a.config.fine_tune_type == FineTuneType::Full && !a.is_training()) {
                 // full fine-tuning: the trained tensors replace the model's own
                 weights.add_file(&a.dir.join(crate::lora::ADAPTER_WEIGHTS))?;
             }

@@ -213,8 +213,8 @@ pub fn dequantize_tensor(
 ) -> Result<candle_core::Tensor> {
     use candle_core::{DType, Tensor};
     let (lead, width) = split_last(packed.dims())?;
-    #[cfg(feature = "cuda")]
-    if packed.device().is_cuda() {
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    if packed.device().is_cuda() || packed.device().is_metal() {
         let op = super::matmul::Dequantize { p };
         return Ok(packed.contiguous()?.apply_op3_no_bwd(&scales.contiguous()?, &biases.contiguous()?, &op)?);
     }

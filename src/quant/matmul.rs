@@ -98,6 +98,26 @@ impl CustomOp1 for QMatMul {
         with_parts(&self.w, |parts| super::cuda::qmv(s, l, parts))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        let k = *l.shape().dims().last().unwrap_or(&0);
+        if k != self.w.in_dim {
+            candle_core::bail!("quantized matmul: input has {k} features, the weight expects {}", self.w.in_dim);
+        }
+        if s.dtype() != self.w.scales.dtype() {
+            candle_core::bail!(
+                "quantized matmul on Metal: input dtype {:?} differs from the scales' {:?}",
+                s.dtype(),
+                self.w.scales.dtype()
+            );
+        }
+        with_metal_parts(&self.w, |parts| super::metal::qmm(s, l, parts))
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // dL/dx = dL/dy · W
         let w = self.w.dequantize().map_err(candle_core::Error::wrap)?.to_dtype(grad_res.dtype())?;
@@ -134,6 +154,30 @@ fn with_parts<R>(
     f(&parts)
 }
 
+/// The storage guards of one weight on a Metal device, held while a kernel is encoded.
+#[cfg(feature = "metal")]
+fn with_metal_parts<R>(
+    w: &QuantizedWeight,
+    f: impl FnOnce(&super::metal::WeightParts) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    use super::metal::metal_storage;
+    let (pst, pl) = w.packed.storage_and_layout();
+    let (sst, sl) = w.scales.storage_and_layout();
+    let (bst, bl) = w.biases.storage_and_layout();
+    let parts = super::metal::WeightParts {
+        packed: metal_storage(&pst, "packed codes")?,
+        packed_layout: pl,
+        scales: metal_storage(&sst, "scales")?,
+        scales_layout: sl,
+        biases: metal_storage(&bst, "biases")?,
+        biases_layout: bl,
+        n: w.out_dim,
+        k: w.in_dim,
+        p: w.params,
+    };
+    f(&parts)
+}
+
 /// An input the CUDA kernels take: in the scales' dtype (the model's), contiguous from offset 0
 /// of its storage, so that their 16-byte loads are aligned.
 #[cfg(feature = "cuda")]
@@ -144,12 +188,27 @@ fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// `mx.dequantize` as an op on (packed, scales, biases) for the GPU backends; the CPU path is
 /// `affine::dequantize_tensor`'s own loop.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "metal"))]
 pub(crate) struct Dequantize {
     pub p: super::QuantParams,
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "metal"))]
+impl Dequantize {
+    /// (rows, columns) of the dense matrix that packed codes of layout `pl` hold.
+    fn dims(&self, pl: &Layout) -> (usize, usize) {
+        let width = *pl.shape().dims().last().unwrap_or(&0);
+        (pl.shape().elem_count() / width.max(1), width * 32 / self.p.bits)
+    }
+
+    fn out_shape(&self, pl: &Layout) -> Shape {
+        let mut dims = pl.shape().dims().to_vec();
+        *dims.last_mut().expect("a matrix") = self.dims(pl).1;
+        Shape::from(dims)
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "metal"))]
 impl candle_core::CustomOp3 for Dequantize {
     fn name(&self) -> &'static str {
         "affine-dequantize"
@@ -167,6 +226,7 @@ impl candle_core::CustomOp3 for Dequantize {
         candle_core::bail!("affine-dequantize op: on the CPU use quant::dequantize_tensor")
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         packed: &candle_core::CudaStorage,
@@ -176,10 +236,7 @@ impl candle_core::CustomOp3 for Dequantize {
         biases: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dims = pl.shape().dims();
-        let width = *dims.last().unwrap_or(&0);
-        let k = width * 32 / self.p.bits;
-        let n = pl.shape().elem_count() / width.max(1);
+        let (n, k) = self.dims(pl);
         let parts = super::cuda::WeightParts {
             packed,
             packed_layout: pl,
@@ -192,9 +249,33 @@ impl candle_core::CustomOp3 for Dequantize {
             p: self.p,
         };
         let out = super::cuda::dequantize(packed.device(), &parts, scales.dtype())?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("a matrix") = k;
-        Ok((out, Shape::from(out_dims)))
+        Ok((out, self.out_shape(pl)))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        packed: &candle_core::MetalStorage,
+        pl: &Layout,
+        scales: &candle_core::MetalStorage,
+        sl: &Layout,
+        biases: &candle_core::MetalStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        let (n, k) = self.dims(pl);
+        let parts = super::metal::WeightParts {
+            packed,
+            packed_layout: pl,
+            scales,
+            scales_layout: sl,
+            biases,
+            biases_layout: bl,
+            n,
+            k,
+            p: self.p,
+        };
+        let out = super::metal::dequantize(packed.device(), &parts, scales.dtype())?;
+        Ok((out, self.out_shape(pl)))
     }
 }
 
@@ -214,6 +295,11 @@ pub fn quantized_matmul(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
             crate::nn::dense_matmul(&xin, &w.dequantize()?)?
         };
         return Ok(y.to_dtype(x.dtype())?);
+    }
+    #[cfg(feature = "metal")]
+    if x.device().is_metal() {
+        let xin = x.to_dtype(w.scales.dtype())?.contiguous()?;
+        return Ok(xin.apply_op1(QMatMul { w: w.clone() })?.to_dtype(x.dtype())?);
     }
     let dense = w.dequantize()?.to_dtype(x.dtype())?;
     crate::nn::dense_matmul(x, &dense)

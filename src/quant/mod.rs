@@ -13,3 +13,5 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod matmul;
+#[cfg(feature = "metal")]
+pub mod metal;

@@ -2,6 +2,8 @@
 //! Shared helpers for the integration tests: golden files (written by
 //! tests/reference/make_goldens.py from mlx_lm) and the default model.
 
+pub mod gpu;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

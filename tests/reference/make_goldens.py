@@ -656,7 +656,8 @@ def adapters():
 
 # Gradient goldens: one batch through mlx_lm's default_loss, gradients w.r.t. the adapter
 # parameters (B perturbed so A's gradient is not zero), in f32.
-GRAD_CASES = [("tiny_llama3", "lora"), ("tiny_llama3/q4", "lora"), ("tiny_qwen2", "dora"), ("tiny_qwen2/q4", "dora")]
+GRAD_CASES = [("tiny_llama3", "lora"), ("tiny_llama3/q4", "lora"), ("tiny_qwen2", "dora"), ("tiny_qwen2/q4", "dora"),
+              ("tiny_llama3", "full"), ("tiny_qwen2", "full")]
 
 
 def lora_grads():
@@ -673,7 +674,13 @@ def lora_grads():
         to_f32(model)
         model.freeze()
         params = dict(rank=4, scale=2.0, dropout=0.0)
-        linear_to_lora_layers(model, 2, params, use_dora=kind == "dora")
+        if kind == "full":
+            # mlx_lm.lora's full fine-tuning: the last num_layers blocks unfrozen whole (on a
+            # quantized model mlx fails: "no gradient wrt the quantized weights")
+            for layer in model.layers[-2:]:
+                layer.unfreeze()
+        else:
+            linear_to_lora_layers(model, 2, params, use_dora=kind == "dora")
         init = {}
         for k, v in tree_flatten(model.trainable_parameters()):
             if k.endswith("lora_b"):

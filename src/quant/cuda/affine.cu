@@ -3,12 +3,12 @@
 // values w = scale * q + bias). Compiled to PTX by build.rs (nvcc, `cuda` feature) and loaded
 // once per device; the launch code is src/quant/cuda.rs.
 //
-// The unit of work everywhere is a chunk of 32 consecutive values of one row: it is exactly
-// BITS words, it never straddles a group (group sizes are 32, 64 or 128), and its codes sit at
-// compile-time bit offsets, so unpacking is register shifts only. This mirrors the CPU kernels
-// (src/quant/cpu.rs): per chunk, y += s * (x . q) + b * sum(x), accumulated in f32.
+// The unit of work everywhere is a chunk of 32 consecutive values of one row; its unpacking and
+// accumulation (y += s * (x . q) + b * sum(x) in f32, as the CPU kernels) are in
+// ../affine_chunk.h, shared with the Metal kernels.
 
 #include "../../cuda/common.cuh"
+#include "../affine_chunk.h"
 
 typedef __half f16;
 typedef __nv_bfloat16 bf16;
@@ -35,20 +35,10 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint3
     }
 }
 
-// Code j of the chunk as a float: bits j*BITS .. (j+1)*BITS of the chunk's words. The integer
-// becomes a float by OR-ing it into the mantissa of 2^23 and subtracting 2^23 (exact for
-// codes < 2^23), which is cheaper than an int-to-float conversion.
+// All 32 codes of a chunk as floats (the shared arithmetic of quant/affine_chunk.h).
 template <int BITS>
 __device__ __forceinline__ void unpack32(const uint32_t (&w)[BITS], float (&q)[32]) {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        constexpr uint32_t mask = (1u << BITS) - 1u;
-        const int bit = j * BITS;
-        const int wi = bit / 32, off = bit % 32;
-        uint32_t v = w[wi] >> off;
-        if (off + BITS > 32) v |= w[wi + 1] << (32 - off);
-        q[j] = __uint_as_float((v & mask) | 0x4B000000u) - 8388608.0f;
-    }
+    wick_unpack32<BITS>(w, q);
 }
 
 // 32 consecutive activations as floats (16-byte loads; the chunk start is 64-byte aligned
@@ -112,7 +102,7 @@ __device__ __forceinline__ void qmv_row(const uint32_t* __restrict__ w, const T*
                             d = fmaf(xv[j], q[j], d);
                             sx += xv[j];
                         }
-                        acc[m] = fmaf(s[u], d, fmaf(b[u], sx, acc[m]));
+                        acc[m] = wick_chunk_acc(acc[m], s[u], b[u], d, sx);
                     }
                 }
             }
@@ -167,12 +157,12 @@ __device__ __forceinline__ void qmv_two_rows(const uint32_t* __restrict__ w0, co
                 float d = 0.f;
 #pragma unroll
                 for (int j = 0; j < 32; ++j) d = fmaf(xv[j], q[j], d);
-                acc0 = fmaf(sa[u], d, fmaf(ba[u], sx, acc0));
+                acc0 = wick_chunk_acc(acc0, sa[u], ba[u], d, sx);
                 unpack32<BITS>(wb[u], q);
                 d = 0.f;
 #pragma unroll
                 for (int j = 0; j < 32; ++j) d = fmaf(xv[j], q[j], d);
-                acc1 = fmaf(sb[u], d, fmaf(bb[u], sx, acc1));
+                acc1 = wick_chunk_acc(acc1, sb[u], bb[u], d, sx);
             }
         }
     }

@@ -1,0 +1,44 @@
+//! Metal backend (built with `--features metal` on a Mac; see docs/metal.md). Where no Metal
+//! device exists — any build without the feature, a Mac without Metal support — each test
+//! prints why it is skipped and passes. The checks are the CUDA backend's (tests/common/gpu.rs):
+//! - the quantized-matmul kernels against dequantize-then-matmul in f32 over random shapes,
+//!   every bits × group size, f32/f16/bf16 activations, decode (≤ 8 rows) and prefill rows;
+//! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
+//! - the default model's greedy tokens (f32) equal mlx_lm's goldens, and so do its 4-bit
+//!   conversion's.
+//!
+//! These tests have never run: this project has no Mac. On one:
+//! `cargo test --release --features metal --test metal -- --nocapture`.
+
+mod common;
+
+use candle_core::Device;
+use common::gpu;
+
+fn metal() -> Option<Device> {
+    gpu::device("metal")
+}
+
+#[test]
+fn metal_quantized_matmul_matches_dequantize_then_matmul() {
+    let Some(dev) = metal() else { return };
+    gpu::quantized_matmul_matches_dequantize_then_matmul(&dev);
+}
+
+#[test]
+fn metal_dequantize_is_bit_exact_with_the_cpu() {
+    let Some(dev) = metal() else { return };
+    gpu::dequantize_is_bit_exact_with_the_cpu(&dev);
+}
+
+#[test]
+fn metal_greedy_tokens_equal_mlx_lm_goldens_in_f32() {
+    let Some(dev) = metal() else { return };
+    gpu::greedy_tokens_equal_mlx_lm_goldens_in_f32(&dev);
+}
+
+#[test]
+fn metal_4bit_greedy_tokens_match_mlx_lm() {
+    let Some(dev) = metal() else { return };
+    gpu::greedy_4bit_tokens_match_mlx_lm(&dev);
+}
