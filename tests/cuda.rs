@@ -4,7 +4,9 @@
 //!   shapes, every bits × group size, f32/f16/bf16 activations, decode and prefill row counts;
 //! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
 //! - the default model's greedy tokens on CUDA (f32) equal mlx_lm's goldens, which the CPU
-//!   matches too, and so do its 4-bit conversion's.
+//!   matches too, and so do its 4-bit conversion's;
+//! - training: LoRA / DoRA / full fine-tuning gradients on CUDA equal mlx_lm's (with and
+//!   without gradient checkpointing).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -121,4 +123,10 @@ fn cuda_greedy_tokens_equal_mlx_lm_goldens_in_f32() {
 fn cuda_4bit_greedy_tokens_match_mlx_lm() {
     let Some(dev) = cuda() else { return };
     gpu::greedy_4bit_tokens_match_mlx_lm(&dev);
+}
+
+#[test]
+fn cuda_lora_gradients_match_mlx_lm() {
+    let Some(dev) = cuda() else { return };
+    common::lora_gradients_match_mlx_lm(&dev);
 }

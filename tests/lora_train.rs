@@ -6,71 +6,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use wick::lora::{train, AdapterConfig, Adapters, FineTuneType, LoraParameters};
-use wick::models::load_model_adapted;
+use wick::lora::{train, FineTuneType};
 
 #[test]
 fn loss_and_adapter_gradients_match_mlx_lm() {
-    let root = golden("lora_grads");
-    let mut cases: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
-    cases.sort();
-    assert_eq!(cases.len(), 6);
-    for dir in cases {
-        let c: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        let config = AdapterConfig {
-            fine_tune_type: FineTuneType::parse(c["fine_tune_type"].as_str().unwrap()).unwrap(),
-            num_layers: c["num_layers"].as_i64().unwrap(),
-            lora: LoraParameters::from_json(&c["lora_parameters"], "case.json").unwrap(),
-            raw: c.clone(),
-        };
-        let init = dir.join("adapters.safetensors");
-        let adapters = Adapters::for_training(&dir, config, 2, Some(&init), 0).unwrap();
-        let base = golden(c["base"].as_str().unwrap());
-        let m = load_model_adapted(&base, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
-        let rows: Vec<Vec<u32>> = c["batch"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
-            .collect();
-        let batch = Tensor::new(rows, &Device::Cpu).unwrap();
-        let lengths: Vec<(usize, usize)> = c["lengths"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_u64().unwrap() as usize))
-            .collect();
-        let (loss, ntoks) = train::loss(m.model.as_ref(), &batch, &lengths).unwrap();
-        assert_eq!(ntoks as u64, c["ntoks"].as_u64().unwrap());
-        let l = loss.to_scalar::<f32>().unwrap();
-        let want = c["loss"].as_f64().unwrap() as f32;
-        assert!((l - want).abs() < 1e-4 * want.abs(), "{}: loss {l}, mlx_lm {want}", dir.display());
-        let gold = load_f32(&dir.join("grads.safetensors"));
-        let vars = adapters.trainable();
-        assert_eq!(vars.len(), gold.len(), "{}: trainable tensors", dir.display());
-        // plain backward, then with every layer checkpointed (recomputed in the backward pass)
-        let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-        for checkpointed in [false, true] {
-            wick::lora::checkpoint::enable(if checkpointed { &plain } else { &[] });
-            let (loss, _) = train::loss(m.model.as_ref(), &batch, &lengths).unwrap();
-            let grads = train::gradients(&vars, &loss).unwrap();
-            wick::lora::checkpoint::enable(&[]);
-            for ((name, _), g) in vars.iter().zip(grads) {
-                let g = g.unwrap_or_else(|| panic!("{name}: no gradient (checkpointed: {checkpointed})"));
-                let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-                let (_, w) = gold.get(name).unwrap_or_else(|| panic!("{name}: not in mlx_lm's gradients"));
-                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                assert!(scale > 0.0, "{name}: mlx_lm's gradient is zero");
-                let d = max_abs_diff(&g, w);
-                assert!(
-                    d <= 1e-4 * scale,
-                    "{} {name} (checkpointed: {checkpointed}): gradient differs by {d} (max |g| {scale})",
-                    dir.display()
-                );
-            }
-        }
-    }
+    lora_gradients_match_mlx_lm(&Device::Cpu);
 }
 
 /// 50 steps of `wick lora` on mlx_lm's reference run (tests/golden/lora_run: a tiny random
@@ -80,58 +20,10 @@ fn loss_and_adapter_gradients_match_mlx_lm() {
 /// written as mlx_lm writes it.
 #[test]
 fn fifty_steps_follow_mlx_lm_loss_curve() {
-    let gold: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("lora_run").join("run.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let q4 = lora_run_model(tmp.path());
-    let r = &gold["config"];
-    let mut m = train::defaults();
-    for k in [
-        "iters",
-        "batch_size",
-        "learning_rate",
-        "steps_per_report",
-        "steps_per_eval",
-        "val_batches",
-        "num_layers",
-        "seed",
-        "lora_parameters",
-    ] {
-        m.insert(k.into(), r[k].clone());
-    }
     let adapters = tmp.path().join("adapters");
-    m.insert("train".into(), serde_json::json!(true));
-    m.insert("data".into(), serde_json::json!(root().join("tests/data/lora")));
-    m.insert("adapter_path".into(), serde_json::json!(adapters));
-    m.insert("resume_adapter_file".into(), serde_json::json!(golden("lora_run").join("init_adapters.safetensors")));
-    m.insert("save_every".into(), serde_json::json!(25));
-    let cfg = train::TrainConfig::from_map(m, "test").unwrap();
-    let mut lines = vec![];
-    let out = train::run(&cfg, &q4, &Device::Cpu, &mut |s| lines.push(s.to_string())).unwrap();
-
-    let want = gold["train"].as_array().unwrap();
-    assert_eq!(out.reports.len(), want.len(), "{lines:#?}");
-    for (got, w) in out.reports.iter().zip(want) {
-        assert_eq!(got.iteration as u64, w["iteration"].as_u64().unwrap());
-        let wl = w["train_loss"].as_f64().unwrap();
-        let rel = (got.train_loss - wl).abs() / wl;
-        assert!(
-            rel < 0.02,
-            "iter {}: train loss {} vs mlx_lm {wl} ({:.2} %)",
-            got.iteration,
-            got.train_loss,
-            rel * 100.0
-        );
-        let lr = w["learning_rate"].as_f64().unwrap();
-        assert!((got.learning_rate - lr).abs() < 1e-12 + 1e-6 * lr);
-    }
-    let want = gold["val"].as_array().unwrap();
-    assert_eq!(out.val_losses.len(), want.len());
-    for ((it, l), w) in out.val_losses.iter().zip(want) {
-        assert_eq!(*it as u64, w["iteration"].as_u64().unwrap());
-        let wl = w["val_loss"].as_f64().unwrap();
-        assert!((l - wl).abs() / wl < 0.02, "iter {it}: val loss {l} vs mlx_lm {wl}");
-    }
+    let (out, lines) = follow_mlx_lm_run(&golden("lora_run"), &q4, &adapters, 25);
     let (first, last) = (out.val_losses[0].1, out.val_losses.last().unwrap().1);
     assert!(last < 0.8 * first, "validation loss {first} -> {last} did not go down");
     // mlx_lm's report lines and files
@@ -166,6 +58,93 @@ fn fifty_steps_follow_mlx_lm_loss_curve() {
     let want = greedy(a.model.as_ref(), &prompt, 12);
     assert_eq!(mlx_greedy(&q4, &adapters, &prompt, 12), want, "mlx_lm's greedy tokens with wick's adapters");
     assert_ne!(want, greedy(b.model.as_ref(), &prompt, 12), "the adapters should change the greedy tokens");
+}
+
+/// Trains adapters on `model` with the config of mlx_lm's reference run in `gold` (run.json),
+/// from its initial adapters (init_adapters.safetensors), saving every `save_every` steps into
+/// `adapters`; asserts every reported training loss (and learning rate) and every validation
+/// loss within 2 % of mlx_lm's. Returns the outcome and the report lines.
+fn follow_mlx_lm_run(
+    gold_dir: &std::path::Path,
+    model: &std::path::Path,
+    adapters: &std::path::Path,
+    save_every: usize,
+) -> (train::TrainOutcome, Vec<String>) {
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gold_dir.join("run.json")).unwrap()).unwrap();
+    let r = &gold["config"];
+    let mut m = train::defaults();
+    for k in [
+        "iters",
+        "batch_size",
+        "learning_rate",
+        "steps_per_report",
+        "steps_per_eval",
+        "val_batches",
+        "num_layers",
+        "seed",
+        "lora_parameters",
+    ] {
+        m.insert(k.into(), r[k].clone());
+    }
+    m.insert("train".into(), serde_json::json!(true));
+    m.insert("data".into(), serde_json::json!(root().join("tests/data/lora")));
+    m.insert("adapter_path".into(), serde_json::json!(adapters));
+    m.insert("resume_adapter_file".into(), serde_json::json!(gold_dir.join("init_adapters.safetensors")));
+    m.insert("save_every".into(), serde_json::json!(save_every));
+    let cfg = train::TrainConfig::from_map(m, "test").unwrap();
+    let mut lines = vec![];
+    let out = train::run(&cfg, model, &Device::Cpu, &mut |s| lines.push(s.to_string())).unwrap();
+
+    let want = gold["train"].as_array().unwrap();
+    assert_eq!(out.reports.len(), want.len(), "{lines:#?}");
+    for (got, w) in out.reports.iter().zip(want) {
+        assert_eq!(got.iteration as u64, w["iteration"].as_u64().unwrap());
+        let wl = w["train_loss"].as_f64().unwrap();
+        let rel = (got.train_loss - wl).abs() / wl;
+        assert!(
+            rel < 0.02,
+            "iter {}: train loss {} vs mlx_lm {wl} ({:.2} %)",
+            got.iteration,
+            got.train_loss,
+            rel * 100.0
+        );
+        let lr = w["learning_rate"].as_f64().unwrap();
+        assert!((got.learning_rate - lr).abs() < 1e-12 + 1e-6 * lr);
+    }
+    let want = gold["val"].as_array().unwrap();
+    assert_eq!(out.val_losses.len(), want.len());
+    for ((it, l), w) in out.val_losses.iter().zip(want) {
+        assert_eq!(*it as u64, w["iteration"].as_u64().unwrap());
+        let wl = w["val_loss"].as_f64().unwrap();
+        assert!((l - wl).abs() / wl < 0.02, "iter {it}: val loss {l} vs mlx_lm {wl}");
+    }
+    (out, lines)
+}
+
+/// The acceptance run on the default model itself: 4-bit g64 (wick's conversion, bit-exact with
+/// mlx_lm's), 50 steps of LoRA on the committed dataset from mlx_lm's initial adapters, against
+/// mlx_lm's trainer (tests/golden/lora_run_default, computed on a GPU by mlx's CUDA backend in
+/// f32; wick computes in f32 on the CPU): every reported loss within 2 %, validation loss down.
+#[test]
+fn default_model_fifty_steps_follow_mlx_lm_loss_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q4 = tmp.path().join("q4");
+    let opts = wick::convert::ConvertOptions {
+        quantize: Some(wick::convert::QuantizeOptions {
+            params: wick::quant::QuantParams::new(4, 64, "test").unwrap(),
+            mode: "affine".into(),
+            recipe: None,
+        }),
+        ..Default::default()
+    };
+    wick::convert::convert(&default_model(), &q4, &opts).unwrap();
+    let (out, lines) = follow_mlx_lm_run(&golden("lora_run_default"), &q4, &tmp.path().join("adapters"), 1000);
+    let (first, last) = (out.val_losses[0].1, out.val_losses.last().unwrap().1);
+    assert!(last < 0.5 * first, "validation loss {first} -> {last} did not go down: {lines:#?}");
+    for l in &lines {
+        eprintln!("{l}");
+    }
 }
 
 /// mlx_lm's reference-run model (tests/golden/lora_run: a tiny random llama, 4-bit) with the

@@ -5,7 +5,9 @@
 //!   every bits × group size, f32/f16/bf16 activations, decode (≤ 8 rows) and prefill rows;
 //! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
 //! - the default model's greedy tokens (f32) equal mlx_lm's goldens, and so do its 4-bit
-//!   conversion's.
+//!   conversion's;
+//! - training: LoRA / DoRA / full fine-tuning gradients equal mlx_lm's (with and without
+//!   gradient checkpointing).
 //!
 //! These tests have never run: this project has no Mac. On one:
 //! `cargo test --release --features metal --test metal -- --nocapture`.
@@ -41,4 +43,10 @@ fn metal_greedy_tokens_equal_mlx_lm_goldens_in_f32() {
 fn metal_4bit_greedy_tokens_match_mlx_lm() {
     let Some(dev) = metal() else { return };
     gpu::greedy_4bit_tokens_match_mlx_lm(&dev);
+}
+
+#[test]
+fn metal_lora_gradients_match_mlx_lm() {
+    let Some(dev) = metal() else { return };
+    common::lora_gradients_match_mlx_lm(&dev);
 }

@@ -8,7 +8,7 @@ use crate::cache::KvCache;
 use crate::models::blocks::Layer;
 use crate::nn::RopeTables;
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,9 +35,9 @@ pub fn enable(vars: &[Var]) {
 }
 
 /// Whether a forward pass starting at `h` with a cache at `offset` checkpoints its layers: on,
-/// on the CPU, a whole sequence from position 0 being differentiated.
-pub fn active(h: &Tensor, offset: usize) -> bool {
-    offset == 0 && h.device().is_cpu() && h.dtype() == candle_core::DType::F32 && STATE.with_borrow(|s| s.on)
+/// and a whole sequence from position 0 being differentiated.
+pub fn active(_h: &Tensor, offset: usize) -> bool {
+    offset == 0 && STATE.with_borrow(|s| s.on)
 }
 
 /// The gradients the inner passes found for `v` since the last call, removed.
@@ -47,7 +47,8 @@ pub fn take_grads(v: &Var) -> Option<Tensor> {
 
 /// `layer(x)` as a checkpointed op.
 pub fn run(layer: Arc<dyn Layer>, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(Checkpoint { layer, rope: rope.clone() })?)
+    // a copy: the op's input storage then holds exactly the input, from offset 0
+    Ok(x.copy()?.apply_op1(Checkpoint { layer, rope: rope.clone() })?)
 }
 
 struct Checkpoint {
@@ -59,19 +60,71 @@ fn wrap(e: anyhow::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("{e:#}"))
 }
 
+impl Checkpoint {
+    /// The layer on the op's input (`input`: a copy of the storage, which holds exactly the
+    /// input from offset 0, see [`run`]), no graph kept: the output's values in a storage of
+    /// their own.
+    fn forward_storage(&self, input: Storage, l: &Layout) -> candle_core::Result<(Storage, Shape)> {
+        if l.start_offset() != 0 || !l.is_contiguous() {
+            candle_core::bail!("checkpoint: the input must be contiguous from offset 0");
+        }
+        let x = Tensor::from_storage(input, l.shape().clone(), candle_core::op::BackpropOp::none(), false);
+        let y = self.layer.forward(&x, &self.rope, &mut KvCache::new()).map_err(wrap)?.copy()?;
+        let shape = y.shape().clone();
+        let (st, yl) = y.storage_and_layout();
+        let out = match &*st {
+            Storage::Cpu(c) => Storage::Cpu(c.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => Storage::Cuda(candle_core::backend::BackendStorage::try_clone(c, yl)?),
+            #[cfg(feature = "metal")]
+            Storage::Metal(m) => Storage::Metal(candle_core::backend::BackendStorage::try_clone(m, yl)?),
+            #[allow(unreachable_patterns)]
+            _ => candle_core::bail!("checkpoint: unsupported device"),
+        };
+        let _ = yl;
+        Ok((out, shape))
+    }
+}
+
 impl CustomOp1 for Checkpoint {
     fn name(&self) -> &'static str {
         "grad-checkpoint"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) =
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("checkpoint: input not contiguous".into()))?;
-        let x = Tensor::from_slice(&s.as_slice::<f32>()?[a..b], l.shape(), &candle_core::Device::Cpu)?;
-        // the graph through the adapters ends here: only the output values are kept
-        let y = self.layer.forward(&x, &self.rope, &mut KvCache::new()).map_err(wrap)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        let (y, shape) = self.forward_storage(Storage::Cpu(s.clone()), l)?;
+        match y {
+            Storage::Cpu(c) => Ok((c, shape)),
+            _ => candle_core::bail!("checkpoint: the layer left the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (y, shape) = self.forward_storage(Storage::Cuda(s.try_clone(l)?), l)?;
+        match y {
+            Storage::Cuda(c) => Ok((c, shape)),
+            _ => candle_core::bail!("checkpoint: the layer left the CUDA device"),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (y, shape) = self.forward_storage(Storage::Metal(s.try_clone(l)?), l)?;
+        match y {
+            Storage::Metal(m) => Ok((m, shape)),
+            _ => candle_core::bail!("checkpoint: the layer left the Metal device"),
+        }
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {

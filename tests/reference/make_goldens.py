@@ -14,8 +14,12 @@ import json
 import os
 import sys
 
-import mlx.core as mx
-import numpy as np
+# float32 matmuls in float32: mlx's CUDA backend otherwise uses TF32 tensor cores (about 5e-4
+# relative error), which moves a training run's losses by percents (lora_run_default)
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
@@ -717,14 +721,9 @@ TINY_SMOL = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, interm
 
 
 def lora_train():
-    import tempfile
-    import types
     from pathlib import Path
-    import mlx.optimizers as optim
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_tokenizer
-    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
-    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import _get_classes, quantize_model
 
@@ -747,6 +746,18 @@ def lora_train():
     linear_to_lora_layers(model, r["num_layers"], r["lora_parameters"])
     init = {k: v for k, v in tree_flatten(model.trainable_parameters())}
     mx.save_safetensors(os.path.join(out, "init_adapters.safetensors"), init)
+
+    _mlx_lora_run(model, tok, r, out)
+
+
+def _mlx_lora_run(model, tok, r, out):
+    """mlx_lm's trainer on the committed dataset (tests/data/lora) with config `r`, from the
+    model's current adapters; the reported training and validation losses go to OUT/run.json."""
+    import tempfile
+    import types
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
 
     np.random.seed(r["seed"])
     args = types.SimpleNamespace(data=os.path.join(ROOT, "tests", "data", "lora"), train=True, test=False,
@@ -773,17 +784,59 @@ def lora_train():
         train(model=model, optimizer=optim.Adam(learning_rate=r["learning_rate"]),
               train_dataset=CacheDataset(train_set), val_dataset=CacheDataset(valid_set), args=targs,
               training_callback=rec)
-    json.dump({"config": r, "train": rec.train, "val": rec.val}, open(os.path.join(out, "run.json"), "w"), indent=1)
+    json.dump({"config": r, "device": str(mx.default_device()), "train": rec.train, "val": rec.val},
+              open(os.path.join(out, "run.json"), "w"), indent=1)
     for t in rec.train:
         print(f"iter {t['iteration']}: train loss {t['train_loss']:.4f}")
     for v in rec.val:
         print(f"iter {v['iteration']}: val loss {v['val_loss']:.4f}")
 
 
+# The same comparison on the default model itself, 4-bit g64 (mlx_lm's quantization, which
+# wick's equals bit for bit), computing in f32. mlx's CPU backend needs over an hour for this, so
+# the job runs on a GPU when mlx has one (mlx's CUDA backend on the GPU machine, docs/cuda.md).
+LORA_RUN_DEFAULT = dict(iters=50, batch_size=4, learning_rate=5e-5, steps_per_report=5, steps_per_eval=25,
+                        val_batches=-1, num_layers=4, seed=0, lora_parameters=dict(rank=8, scale=20.0, dropout=0.0))
+
+
+def lora_run_default():
+    from pathlib import Path
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model, load_tokenizer, quantize_model
+
+    r = LORA_RUN_DEFAULT
+    out = os.path.join(GOLDEN, "lora_run_default")
+    os.makedirs(out, exist_ok=True)
+    mx.random.seed(22)
+    # quantized and initialised on the CPU (the quantization wick reproduces), trained on the GPU.
+    # LORA_RUN_DEFAULT_Q4: a folder holding that 4-bit model already (`wick convert -q` of the
+    # default model, equal to mlx_lm's bit for bit), where carrying it is cheaper than the GGUF
+    q4 = os.environ.get("LORA_RUN_DEFAULT_Q4")
+    if q4:
+        model, cfg = load_model(Path(q4))
+    else:
+        model, cfg = load_model(Path(MODEL))
+        model, _ = quantize_model(model, cfg, group_size=64, bits=4)
+    tok = load_tokenizer(Path(q4 or MODEL))
+    to_f32(model)
+    model.freeze()
+    linear_to_lora_layers(model, r["num_layers"], r["lora_parameters"])
+    init = {k: v for k, v in tree_flatten(model.trainable_parameters())}
+    mx.eval(model.parameters())
+    mx.save_safetensors(os.path.join(out, "init_adapters.safetensors"), init)
+    if mx.cuda.is_available() or mx.metal.is_available():
+        mx.set_default_device(mx.gpu)
+    else:
+        print("lora_run_default: no GPU for mlx; mlx's CPU backend takes over an hour for this job")
+    _mlx_lora_run(model, tok, r, out)
+    mx.set_default_device(mx.cpu)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
-                                         "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads", "lora_train"],
+                                         "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads", "lora_train", "lora_run_default"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
@@ -791,7 +844,8 @@ def main():
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
             "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling,
             "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity,
-            "adapters": adapters, "lora_grads": lora_grads, "lora_train": lora_train}
+            "adapters": adapters, "lora_grads": lora_grads, "lora_train": lora_train,
+            "lora_run_default": lora_run_default}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
