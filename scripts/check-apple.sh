@@ -10,7 +10,7 @@
 # the tokenizer uses the pure-Rust fancy-regex engine (Cargo.toml), so Oniguruma's C is not built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rustup target add aarch64-apple-darwin >/dev/null 2>&1 || true
+rustup target add aarch64-apple-darwin >/dev/null || { echo "check-apple.sh: rustup could not add the aarch64-apple-darwin target" >&2; exit 1; }
 command -v clang >/dev/null || { echo "check-apple.sh needs clang (apt-get install clang llvm)" >&2; exit 1; }
 AR=$(command -v llvm-ar || ls /usr/bin/llvm-ar-* 2>/dev/null | head -1 || true)
 [ -n "$AR" ] || { echo "check-apple.sh needs llvm-ar (apt-get install llvm)" >&2; exit 1; }
