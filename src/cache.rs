@@ -470,18 +470,22 @@ impl KvCache {
         let Some(proto) = parts.iter().find_map(|p| p.keys.as_ref().zip(p.values.as_ref())) else {
             return Ok(merged);
         };
+        // room for the next CACHE_STEP positions, so that the decode steps after a join do not
+        // grow (copy) the merged buffer again at once
+        let capacity = (total + 1).next_multiple_of(CACHE_STEP);
         let side = |pick: fn(&KvCache) -> Option<&Tensor>, like: &Tensor| -> Result<Tensor> {
             let (_, h, _, d) = like.dims4()?;
             let mut rows = Vec::with_capacity(parts.len());
             for p in parts {
                 let b = p.rows()?;
-                let mut seq = Vec::with_capacity(2);
+                let mut seq = Vec::with_capacity(3);
                 if p.offset < total {
                     seq.push(Tensor::zeros((b, h, total - p.offset, d), like.dtype(), like.device())?);
                 }
                 if let Some(t) = pick(p).filter(|_| p.offset > 0) {
                     seq.push(t.narrow(2, 0, p.offset)?);
                 }
+                seq.push(Tensor::zeros((b, h, capacity - total, d), like.dtype(), like.device())?);
                 rows.push(Tensor::cat(&seq, 2)?);
             }
             Ok(Tensor::cat(&rows, 0)?.contiguous()?)
@@ -499,8 +503,10 @@ impl KvCache {
         if m > 0 && self.is_batchable() {
             let n = self.offset - m;
             if let (Some(k), Some(v)) = (&self.keys, &self.values) {
-                self.keys = Some(k.narrow(2, m, n)?.force_contiguous()?);
-                self.values = Some(v.narrow(2, m, n)?.force_contiguous()?);
+                // the unused tail is kept: the next steps write there without growing
+                let cap = k.dim(2)?;
+                self.keys = Some(k.narrow(2, m, cap - m)?.force_contiguous()?);
+                self.values = Some(v.narrow(2, m, cap - m)?.force_contiguous()?);
             }
             self.offset = n;
             self.left_padding = Some(p.iter().map(|x| x - m).collect());

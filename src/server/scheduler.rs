@@ -264,54 +264,75 @@ impl Worker {
         self.pending.push(Pending { q, cache, done, cached: done });
     }
 
-    /// One round: a prompt chunk of the oldest pending request, then a decode step of the batch.
+    /// One round: prompt chunks of the pending requests, oldest first, up to `prefill_step_size`
+    /// tokens in all (a long prompt takes several rounds, so the batch keeps decoding between
+    /// its chunks); the requests whose prompts are done join the batch together; then a decode
+    /// step of the batch.
     fn step(&mut self) -> Result<()> {
         self.pending.retain(|p| !p.q.job.events.is_closed());
-        if let Some(p) = self.pending.first_mut() {
+        let mut budget = self.cfg.prefill_step_size;
+        let mut ready = 0;
+        for p in self.pending.iter_mut() {
             let prompt = &p.q.job.prompt;
             let left = prompt.len() - 1 - p.done;
             if left > 0 {
-                let n = self.cfg.prefill_step_size.min(left);
+                if budget == 0 {
+                    break;
+                }
+                let n = budget.min(left);
                 let input = Tensor::new(&prompt[p.done..p.done + n], self.model.device())?.unsqueeze(0)?;
                 self.model.forward(&input, &mut p.cache, true)?;
                 p.done += n;
+                budget -= n;
             }
-            if p.done == prompt.len() - 1 {
-                let p = self.pending.remove(0);
-                self.join(p)?;
+            if p.done < prompt.len() - 1 {
+                break;
             }
+            ready += 1;
         }
+        let joining: Vec<Pending> = self.pending.drain(..ready).collect();
+        self.join(joining)?;
         if !self.rows.is_empty() {
             self.decode()?;
         }
         Ok(())
     }
 
-    /// Moves a request whose prompt is computed (but its last token) into the batch.
-    fn join(&mut self, p: Pending) -> Result<()> {
-        let Pending { q, cache, done, cached } = p;
-        if !send(&q.job, Event::Started { cached }) {
+    /// Moves requests whose prompts are computed (but their last tokens) into the batch: their
+    /// caches and the batch's are merged in one copy.
+    fn join(&mut self, joining: Vec<Pending>) -> Result<()> {
+        let mut caches = vec![];
+        for Pending { q, cache, done, cached } in joining {
+            if !send(&q.job, Event::Started { cached }) {
+                continue;
+            }
+            let sampler = match Sampler::new(q.job.sampler.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    send(&q.job, Event::Error(format!("{e:#}")));
+                    continue;
+                }
+            };
+            let prompt = &q.job.prompt;
+            self.rows.push(Row { fed: prompt[..done].to_vec(), next: prompt[done], generated: 0, sampler, q });
+            caches.push(cache);
+        }
+        if caches.is_empty() {
             return Ok(());
         }
-        let sampler = match Sampler::new(q.job.sampler.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                send(&q.job, Event::Error(format!("{e:#}")));
-                return Ok(());
-            }
-        };
-        let prompt = &q.job.prompt;
-        let row = Row { fed: prompt[..done].to_vec(), next: prompt[done], generated: 0, sampler, q };
-        self.cache = if self.rows.is_empty() {
-            cache
-        } else {
-            self.cache
-                .iter()
-                .zip(&cache)
-                .map(|(b, c)| KvCache::merge(&[b.clone(), c.clone()]))
-                .collect::<Result<_>>()?
-        };
-        self.rows.push(row);
+        if caches.len() == 1 && self.cache.is_empty() {
+            self.cache = caches.pop().expect("one cache");
+            return Ok(());
+        }
+        // per layer: the batch's cache (when there is a batch), then each joiner's
+        let layers = caches[0].len();
+        let mut merged = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let parts: Vec<KvCache> =
+                self.cache.get(l).into_iter().chain(caches.iter().map(|c| &c[l])).cloned().collect();
+            merged.push(KvCache::merge(&parts)?);
+        }
+        self.cache = merged;
         Ok(())
     }
 
