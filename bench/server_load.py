@@ -9,7 +9,8 @@ For each server it starts (on a free loopback port), it measures
 Everything is bounded: a fixed number of clients, a fixed duration, loopback only.
 
   bench/server_load.py --model models/SmolLM2-135M-Instruct [--wick target/release/wick]
-                       [--mlx] [--duration 120] [--max-tokens 48]
+                       [--mlx | --mlx-only] [--duration 120] [--max-tokens 48]
+Each server is warmed up first (untimed: two requests alone, then 16 at once).
 """
 
 import argparse
@@ -102,10 +103,13 @@ def run_clients(port, clients, max_tokens, *, per_client=None, duration=None, sa
     tic = time.time()
     for t in threads:
         t.start()
+    # timed to when the last client finishes (polled every 10 ms); memory sampled every 2 s
+    next_sample = tic
     while any(t.is_alive() for t in threads):
-        if sample:
+        if sample and time.time() >= next_sample:
             sample()
-        time.sleep(2)
+            next_sample += 2
+        time.sleep(0.01)
     for t in threads:
         t.join()
     return stats["tokens"], stats["errors"], time.time() - tic, stats["lat"]
@@ -126,7 +130,10 @@ def measure(name, cmd, port, args):
                 time.sleep(0.5)
         else:
             raise SystemExit(f"{name} did not start; see /tmp/server_load_{name}.log")
-        request(port, 0, 4)  # warm-up
+        # warm-up, untimed: a full request alone, then 16 at once (mlx compiles its GPU kernels
+        # on first use, per shape)
+        run_clients(port, 1, args.max_tokens, per_client=2)
+        run_clients(port, 16, args.max_tokens, per_client=1)
         res = {}
         tok, err, secs, _ = run_clients(port, 1, args.max_tokens, per_client=8)
         res["one"] = tok / secs
@@ -160,14 +167,16 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--wick", default="target/release/wick")
     ap.add_argument("--mlx", action="store_true", help="also run mlx_lm.server on the same model")
+    ap.add_argument("--mlx-only", action="store_true", help="run mlx_lm.server only")
     ap.add_argument("--duration", type=float, default=120)
     ap.add_argument("--max-tokens", type=int, default=48)
     args = ap.parse_args()
     results = {}
     port = free_port()
     cmd = [args.wick, "server", "--model", args.model, "--port", str(port), "--log-level", "WARNING"]
-    results["wick"] = measure("wick", cmd, port, args)
-    if args.mlx:
+    if not args.mlx_only:
+        results["wick"] = measure("wick", cmd, port, args)
+    if args.mlx or args.mlx_only:
         port = free_port()
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", args.model, "--port", str(port), "--log-level", "WARNING"]
         results["mlx_lm"] = measure("mlx_lm", cmd, port, args)
