@@ -181,6 +181,16 @@ struct TrainInit {
     vars: Mutex<Vec<(String, candle_core::Var)>>,
 }
 
+impl TrainInit {
+    /// `t` as a trainable tensor named `name` (registered for the optimizer and the file).
+    fn var(&self, name: String, t: Tensor) -> Result<Tensor> {
+        let v = candle_core::Var::from_tensor(&t)?;
+        let t = v.as_tensor().clone();
+        self.vars.lock().unwrap().push((name, v));
+        Ok(t)
+    }
+}
+
 impl Adapters {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
@@ -314,10 +324,7 @@ impl Adapters {
             Some(t) => t,
             None => model.get(name, shape, dtype, device)?,
         };
-        let v = candle_core::Var::from_tensor(&t)?;
-        let t = v.as_tensor().clone();
-        train.vars.lock().unwrap().push((name.to_string(), v));
-        Ok(Some(t))
+        Ok(Some(train.var(name.to_string(), t)?))
     }
 
     /// `base` wrapped with the adapter of the layer at `prefix` when there is one.
@@ -380,16 +387,9 @@ impl Adapters {
                 None => base.dense_weight(DType::F32)?.sqr()?.sum(D::Minus1)?.sqrt()?,
             }),
         };
-        let mut vars = train.vars.lock().unwrap();
-        let mut var = |name: String, t: Tensor| -> Result<Tensor> {
-            let v = candle_core::Var::from_tensor(&t)?;
-            let t = v.as_tensor().clone();
-            vars.push((name, v));
-            Ok(t)
-        };
-        let a = var(a_name, a)?;
-        let b = var(b_name, b)?;
-        let magnitude = magnitude.map(|m| var(m_name, m)).transpose()?;
+        let a = train.var(a_name, a)?;
+        let b = train.var(b_name, b)?;
+        let magnitude = magnitude.map(|m| train.var(m_name, m)).transpose()?;
         let l = LoraLinear {
             base,
             a,

@@ -32,26 +32,8 @@ fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -
     st.as_cuda_slice::<T>()
 }
 
-/// The CUDA storage of a weight part.
-pub fn cuda_storage<'a>(st: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
-    match st {
-        candle_core::Storage::Cuda(c) => Ok(c),
-        _ => candle_core::bail!("quantized matmul on CUDA: the weight's {what} is not on the CUDA device"),
-    }
-}
-
-/// The three parts of a quantized weight on one CUDA device, with its shape (`n` rows of `k`).
-pub struct WeightParts<'a> {
-    pub packed: &'a CudaStorage,
-    pub packed_layout: &'a Layout,
-    pub scales: &'a CudaStorage,
-    pub scales_layout: &'a Layout,
-    pub biases: &'a CudaStorage,
-    pub biases_layout: &'a Layout,
-    pub n: usize,
-    pub k: usize,
-    pub p: QuantParams,
-}
+/// The three parts of a quantized weight on one CUDA device.
+pub type WeightParts<'a> = super::matmul::WeightParts<'a, CudaStorage>;
 
 impl WeightParts<'_> {
     /// Packed codes, scales and biases as the kernels take them (scales in the activation dtype).

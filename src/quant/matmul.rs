@@ -37,6 +37,30 @@ fn run<S: Elem>(w: &QuantizedWeight, packed: &[u32], scales: &[S], biases: &[S],
     matmul_f32(&rows, xs, m)
 }
 
+impl QMatMul {
+    /// Fails unless the input's last axis is the weight's input size.
+    fn check_features(&self, l: &Layout) -> candle_core::Result<()> {
+        let k = *l.shape().dims().last().unwrap_or(&0);
+        if k != self.w.in_dim {
+            candle_core::bail!("quantized matmul: input has {k} features, the weight expects {}", self.w.in_dim);
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_features`], and the GPU kernels' input dtype: the scales'.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn check_gpu_input(&self, l: &Layout, dtype: DType, backend: &str) -> candle_core::Result<()> {
+        self.check_features(l)?;
+        if dtype != self.w.scales.dtype() {
+            candle_core::bail!(
+                "quantized matmul on {backend}: input dtype {dtype:?} differs from the scales' {:?}",
+                self.w.scales.dtype()
+            );
+        }
+        Ok(())
+    }
+}
+
 impl CustomOp1 for QMatMul {
     fn name(&self) -> &'static str {
         "affine-quantized-matmul"
@@ -44,10 +68,8 @@ impl CustomOp1 for QMatMul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.w.in_dim {
-            candle_core::bail!("quantized matmul: input has {k} features, the weight expects {}", self.w.in_dim);
-        }
+        self.check_features(l)?;
+        let k = self.w.in_dim;
         let m = l.shape().elem_count() / k.max(1);
         let (start, end) = l
             .contiguous_offsets()
@@ -84,17 +106,7 @@ impl CustomOp1 for QMatMul {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let k = *l.shape().dims().last().unwrap_or(&0);
-        if k != self.w.in_dim {
-            candle_core::bail!("quantized matmul: input has {k} features, the weight expects {}", self.w.in_dim);
-        }
-        if s.dtype() != self.w.scales.dtype() {
-            candle_core::bail!(
-                "quantized matmul on CUDA: input dtype {:?} differs from the scales' {:?}",
-                s.dtype(),
-                self.w.scales.dtype()
-            );
-        }
+        self.check_gpu_input(l, s.dtype(), "CUDA")?;
         with_parts(&self.w, |parts| super::cuda::qmv(s, l, parts))
     }
 
@@ -104,18 +116,8 @@ impl CustomOp1 for QMatMul {
         s: &candle_core::MetalStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        let k = *l.shape().dims().last().unwrap_or(&0);
-        if k != self.w.in_dim {
-            candle_core::bail!("quantized matmul: input has {k} features, the weight expects {}", self.w.in_dim);
-        }
-        if s.dtype() != self.w.scales.dtype() {
-            candle_core::bail!(
-                "quantized matmul on Metal: input dtype {:?} differs from the scales' {:?}",
-                s.dtype(),
-                self.w.scales.dtype()
-            );
-        }
-        with_metal_parts(&self.w, |parts| super::metal::qmm(s, l, parts))
+        self.check_gpu_input(l, s.dtype(), "Metal")?;
+        with_parts(&self.w, |parts| super::metal::qmm(s, l, parts))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -131,45 +133,72 @@ impl CustomOp1 for QMatMul {
     }
 }
 
-/// The storage guards of one weight, held while a kernel is launched.
-#[cfg(feature = "cuda")]
-fn with_parts<R>(
-    w: &QuantizedWeight,
-    f: impl FnOnce(&super::cuda::WeightParts) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (pst, pl) = w.packed.storage_and_layout();
-    let (sst, sl) = w.scales.storage_and_layout();
-    let (bst, bl) = w.biases.storage_and_layout();
-    let parts = super::cuda::WeightParts {
-        packed: super::cuda::cuda_storage(&pst, "packed codes")?,
-        packed_layout: pl,
-        scales: super::cuda::cuda_storage(&sst, "scales")?,
-        scales_layout: sl,
-        biases: super::cuda::cuda_storage(&bst, "biases")?,
-        biases_layout: bl,
-        n: w.out_dim,
-        k: w.in_dim,
-        p: w.params,
-    };
-    f(&parts)
+/// The three parts of a quantized weight on one GPU device (storage `S`: CUDA or Metal), with
+/// its shape (`n` rows of `k`): what the GPU kernels take.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+pub struct WeightParts<'a, S> {
+    pub packed: &'a S,
+    pub packed_layout: &'a Layout,
+    pub scales: &'a S,
+    pub scales_layout: &'a Layout,
+    pub biases: &'a S,
+    pub biases_layout: &'a Layout,
+    pub n: usize,
+    pub k: usize,
+    pub p: super::QuantParams,
 }
 
-/// The storage guards of one weight on a Metal device, held while a kernel is encoded.
+/// A GPU backend's storage, as found inside a candle `Storage`.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+pub(crate) trait GpuStorage: Sized {
+    /// The backend's name in errors.
+    const BACKEND: &'static str;
+    fn of(st: &candle_core::Storage) -> Option<&Self>;
+}
+
+#[cfg(feature = "cuda")]
+impl GpuStorage for candle_core::CudaStorage {
+    const BACKEND: &'static str = "CUDA";
+    fn of(st: &candle_core::Storage) -> Option<&Self> {
+        match st {
+            candle_core::Storage::Cuda(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(feature = "metal")]
-fn with_metal_parts<R>(
+impl GpuStorage for candle_core::MetalStorage {
+    const BACKEND: &'static str = "Metal";
+    fn of(st: &candle_core::Storage) -> Option<&Self> {
+        match st {
+            candle_core::Storage::Metal(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// The storage guards of one weight on a GPU device, held while a kernel is launched.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+fn with_parts<S: GpuStorage, R>(
     w: &QuantizedWeight,
-    f: impl FnOnce(&super::metal::WeightParts) -> candle_core::Result<R>,
+    f: impl FnOnce(&WeightParts<S>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    use super::metal::metal_storage;
     let (pst, pl) = w.packed.storage_and_layout();
     let (sst, sl) = w.scales.storage_and_layout();
     let (bst, bl) = w.biases.storage_and_layout();
-    let parts = super::metal::WeightParts {
-        packed: metal_storage(&pst, "packed codes")?,
+    fn part<'a, S: GpuStorage>(st: &'a candle_core::Storage, what: &str) -> candle_core::Result<&'a S> {
+        S::of(st).ok_or_else(|| {
+            let b = S::BACKEND;
+            candle_core::Error::Msg(format!("quantized matmul on {b}: the weight's {what} is not on the {b} device"))
+        })
+    }
+    let parts = WeightParts {
+        packed: part(&pst, "packed codes")?,
         packed_layout: pl,
-        scales: metal_storage(&sst, "scales")?,
+        scales: part(&sst, "scales")?,
         scales_layout: sl,
-        biases: metal_storage(&bst, "biases")?,
+        biases: part(&bst, "biases")?,
         biases_layout: bl,
         n: w.out_dim,
         k: w.in_dim,
@@ -206,6 +235,17 @@ impl Dequantize {
         *dims.last_mut().expect("a matrix") = self.dims(pl).1;
         Shape::from(dims)
     }
+
+    /// The op's three arguments as one weight.
+    fn parts<'a, S>(
+        &self,
+        (packed, packed_layout): (&'a S, &'a Layout),
+        (scales, scales_layout): (&'a S, &'a Layout),
+        (biases, biases_layout): (&'a S, &'a Layout),
+    ) -> WeightParts<'a, S> {
+        let (n, k) = self.dims(packed_layout);
+        WeightParts { packed, packed_layout, scales, scales_layout, biases, biases_layout, n, k, p: self.p }
+    }
 }
 
 #[cfg(any(feature = "cuda", feature = "metal"))]
@@ -236,18 +276,7 @@ impl candle_core::CustomOp3 for Dequantize {
         biases: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = self.dims(pl);
-        let parts = super::cuda::WeightParts {
-            packed,
-            packed_layout: pl,
-            scales,
-            scales_layout: sl,
-            biases,
-            biases_layout: bl,
-            n,
-            k,
-            p: self.p,
-        };
+        let parts = self.parts((packed, pl), (scales, sl), (biases, bl));
         let out = super::cuda::dequantize(packed.device(), &parts, scales.dtype())?;
         Ok((out, self.out_shape(pl)))
     }
@@ -262,18 +291,7 @@ impl candle_core::CustomOp3 for Dequantize {
         biases: &candle_core::MetalStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        let (n, k) = self.dims(pl);
-        let parts = super::metal::WeightParts {
-            packed,
-            packed_layout: pl,
-            scales,
-            scales_layout: sl,
-            biases,
-            biases_layout: bl,
-            n,
-            k,
-            p: self.p,
-        };
+        let parts = self.parts((packed, pl), (scales, sl), (biases, bl));
         let out = super::metal::dequantize(packed.device(), &parts, scales.dtype())?;
         Ok((out, self.out_shape(pl)))
     }

@@ -32,26 +32,8 @@ struct Dims {
     gs: i32,
 }
 
-/// The three parts of a quantized weight on one Metal device, with its shape (`n` rows of `k`).
-pub struct WeightParts<'a> {
-    pub packed: &'a MetalStorage,
-    pub packed_layout: &'a Layout,
-    pub scales: &'a MetalStorage,
-    pub scales_layout: &'a Layout,
-    pub biases: &'a MetalStorage,
-    pub biases_layout: &'a Layout,
-    pub n: usize,
-    pub k: usize,
-    pub p: QuantParams,
-}
-
-/// The Metal storage of a weight part.
-pub fn metal_storage<'a>(st: &'a candle_core::Storage, what: &str) -> Result<&'a MetalStorage> {
-    match st {
-        candle_core::Storage::Metal(m) => Ok(m),
-        _ => candle_core::bail!("quantized matmul on Metal: the weight's {what} is not on the Metal device"),
-    }
-}
+/// The three parts of a quantized weight on one Metal device.
+pub type WeightParts<'a> = super::matmul::WeightParts<'a, MetalStorage>;
 
 /// A buffer and the byte offset of a contiguous tensor's first element.
 fn contiguous<'a>(s: &'a MetalStorage, l: &Layout, what: &str) -> Result<(&'a Buffer, usize)> {
