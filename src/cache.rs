@@ -37,6 +37,57 @@ pub struct MaskSpec {
     pub offset: usize,
     pub window: Option<usize>,
     pub left_padding: Option<Arc<[usize]>>,
+    /// a decode step captured into a CUDA graph: the keys seen end at this device position
+    /// (the step's keys are the cache's whole buffer)
+    pub pos: Option<DevicePos>,
+}
+
+/// A u32 tensor of one element on the device: the position a replayed decode step writes and
+/// attends up to (a CUDA graph replays one captured step at every position, so the position
+/// cannot be a kernel argument). Compared by identity.
+#[derive(Debug, Clone)]
+pub struct DevicePos(pub Tensor);
+
+impl PartialEq for DevicePos {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
+    }
+}
+
+impl Eq for DevicePos {}
+
+/// Writes a decode step's keys or values into the cache buffer at the [`DevicePos`].
+struct KvWrite;
+
+impl candle_core::InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("device-position cache writes exist for CUDA graphs only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cl: &candle_core::Layout,
+        src: &candle_core::CudaStorage,
+        sl: &candle_core::Layout,
+        pos: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::kv_write((cache, cl), (src, sl), pos)
+    }
 }
 
 /// A quantized key or value buffer: packed codes, scales and biases, as `mx.quantize` returns.
@@ -88,6 +139,8 @@ pub struct KvCache {
     quant: Option<QuantStore>,
     /// per batch row, the number of padding positions before its sequence
     left_padding: Option<Arc<[usize]>>,
+    /// set while a decode step is captured into a CUDA graph: writes go to this device position
+    graph_pos: Option<DevicePos>,
 }
 
 /// What a cache is, in mlx_lm's class names (prompt cache files record it).
@@ -167,9 +220,9 @@ impl KvCache {
         let left_padding = self.left_padding.clone();
         match self.rotation {
             Some(r) if l > 1 => {
-                MaskSpec { offset: self.offset.min(r.max_size - 1), window: Some(r.max_size), left_padding }
+                MaskSpec { offset: self.offset.min(r.max_size - 1), window: Some(r.max_size), left_padding, pos: None }
             }
-            _ => MaskSpec { offset: self.offset, window: None, left_padding },
+            _ => MaskSpec { offset: self.offset, window: None, left_padding, pos: self.graph_pos.clone() },
         }
     }
 
@@ -231,33 +284,82 @@ impl KvCache {
             (self.keys, self.values) = (Some(k.clone()), Some(v.clone()));
             return Ok((k.clone(), v.clone()));
         }
-        let (b, h, l, dk) = k.dims4()?;
-        let dv = v.dim(3)?;
-        let prev = self.offset;
-        let capacity = self.keys.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
-        if prev + l > capacity {
-            let steps = l.div_ceil(CACHE_STEP);
-            let grow = steps * CACHE_STEP;
-            let new_k = Tensor::zeros((b, h, grow, dk), k.dtype(), k.device())?;
-            let new_v = Tensor::zeros((b, h, grow, dv), v.dtype(), v.device())?;
-            let (nk, nv) = match (&self.keys, &self.values) {
-                (Some(ok), Some(ov)) => {
-                    // Trim unused tail (as mlx_lm does when the previous size is not a multiple of the step).
-                    let ok = ok.narrow(2, 0, prev)?;
-                    let ov = ov.narrow(2, 0, prev)?;
-                    (Tensor::cat(&[&ok, &new_k], 2)?, Tensor::cat(&[&ov, &new_v], 2)?)
-                }
-                _ => (new_k, new_v),
+        if let Some(pos) = &self.graph_pos {
+            // a decode step being captured into a CUDA graph: written at the device position
+            // (room reserved beforehand); attention sees the whole buffer up to that position
+            let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
+                bail!("a captured decode step needs a filled cache");
             };
-            self.keys = Some(nk);
-            self.values = Some(nv);
+            keys.inplace_op3(&k.contiguous()?, &pos.0, &KvWrite)?;
+            values.inplace_op3(&v.contiguous()?, &pos.0, &KvWrite)?;
+            return Ok((keys.clone(), values.clone()));
         }
+        let (b, h, l, dk) = k.dims4()?;
+        let prev = self.offset;
+        self.grow_for(l, (b, h, dk, v.dim(3)?), k.dtype(), k.device())?;
         let keys = self.keys.as_ref().expect("allocated above");
         let values = self.values.as_ref().expect("allocated above");
         keys.slice_set(&k.contiguous()?, 2, prev)?;
         values.slice_set(&v.contiguous()?, 2, prev)?;
         self.offset = prev + l;
         Ok((keys.narrow(2, 0, self.offset)?, values.narrow(2, 0, self.offset)?))
+    }
+
+    /// Grows the standard buffers by whole steps of 256 positions when `l` more do not fit.
+    fn grow_for(
+        &mut self,
+        l: usize,
+        (b, h, dk, dv): (usize, usize, usize, usize),
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
+        if prev + l <= capacity {
+            return Ok(());
+        }
+        let grow = l.div_ceil(CACHE_STEP) * CACHE_STEP;
+        let new_k = Tensor::zeros((b, h, grow, dk), dtype, device)?;
+        let new_v = Tensor::zeros((b, h, grow, dv), dtype, device)?;
+        let (nk, nv) = match (&self.keys, &self.values) {
+            (Some(ok), Some(ov)) => {
+                // Trim unused tail (as mlx_lm does when the previous size is not a multiple of the step).
+                let ok = ok.narrow(2, 0, prev)?;
+                let ov = ov.narrow(2, 0, prev)?;
+                (Tensor::cat(&[&ok, &new_k], 2)?, Tensor::cat(&[&ov, &new_v], 2)?)
+            }
+            _ => (new_k, new_v),
+        };
+        self.keys = Some(nk);
+        self.values = Some(nv);
+        Ok(())
+    }
+
+    /// The key and value buffers a CUDA graph of the next decode step can be captured against:
+    /// a filled standard cache of one sequence (not rotating, quantized, padded or training),
+    /// grown first when the next position does not fit. `None`: the step runs eagerly.
+    pub fn graph_buffers(&mut self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.rotation.is_some() || self.quant.is_some() || self.left_padding.is_some() {
+            return Ok(None);
+        }
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else { return Ok(None) };
+        if k.track_op() || v.track_op() || k.dim(0)? != 1 {
+            return Ok(None);
+        }
+        let (b, h, _, dk) = k.dims4()?;
+        let (dtype, device) = (k.dtype(), k.device().clone());
+        self.grow_for(1, (b, h, dk, v.dim(3)?), dtype, &device)?;
+        Ok(self.keys.clone().zip(self.values.clone()))
+    }
+
+    /// While a decode step is captured: write at `pos` on the device instead of at the offset.
+    pub fn set_graph_pos(&mut self, pos: Option<DevicePos>) {
+        self.graph_pos = pos;
+    }
+
+    /// After a replayed decode step wrote position `offset`: one more position stored.
+    pub fn advance(&mut self) {
+        self.offset += 1;
     }
 
     /// The buffer in temporal order (kept positions, then oldest to newest), unused tail cut.

@@ -530,6 +530,23 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<RopeTables> {
+        let (cos, sin) = self.host_tables(positions, seq);
+        let shape = [lead, &[self.inv_freq.len()]].concat();
+        let cos = Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok(RopeTables { cos, sin, dims: self.dims, traditional: self.traditional })
+    }
+
+    /// Tables of one position whose values are written in place before each replay of a
+    /// captured decode step ([`RopeTables::write_position`]).
+    pub fn position_tables(&self, dtype: DType, device: &Device) -> Result<RopeTables> {
+        let half = self.inv_freq.len();
+        let cos = Tensor::zeros((1, half), dtype, device)?;
+        Ok(RopeTables { cos: cos.clone(), sin: cos.zeros_like()?, dims: self.dims, traditional: self.traditional })
+    }
+
+    /// The f32 cos/sin values for `positions` (row-major, half the rotated dims per position).
+    fn host_tables(&self, positions: &[usize], seq: usize) -> (Vec<f32>, Vec<f32>) {
         let dyn_freq;
         let inv_freq = match self.dynamic {
             Some((factor, max, base)) => {
@@ -553,10 +570,7 @@ impl Rope {
                 sin.push(theta.sin() * self.input_scale);
             }
         }
-        let shape = [lead, &[half]].concat();
-        let cos = Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
-        Ok(RopeTables { cos, sin, dims: self.dims, traditional: self.traditional })
+        (cos, sin)
     }
 }
 
@@ -570,6 +584,16 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
+    /// Writes position `pos`'s values into tables made by [`Rope::position_tables`] (host to
+    /// device copies outside any kernel, so a captured graph reads them at replay).
+    #[cfg(feature = "cuda")]
+    pub fn write_position(&self, rope: &Rope, pos: usize) -> Result<()> {
+        let (cos, sin) = rope.host_tables(&[pos], pos + 1);
+        crate::cuda::upload_f32(&self.cos, &cos)?;
+        crate::cuda::upload_f32(&self.sin, &sin)?;
+        Ok(())
+    }
+
     /// Applies RoPE to `x` of shape (B, heads, L, head_dim).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(3)?;
@@ -604,8 +628,16 @@ pub fn scaled_dot_product_attention(
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     if q.dim(2)? == 1 && !q.track_op() && k.stride()[3] == 1 && v.stride()[3] == 1 && own_decode_attention(q, k, v)? {
-        let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32), starts: mask.left_padding };
+        let op = DecodeAttention {
+            scale: scale as f32,
+            softcap: softcap.map(|c| c as f32),
+            starts: mask.left_padding,
+            pos: mask.pos.map(|p| p.0),
+        };
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
+    }
+    if mask.pos.is_some() {
+        anyhow::bail!("a decode step captured into a CUDA graph needs wick's decode-attention kernel");
     }
     let (b, h, l, d) = q.dims4()?;
     let kv = k.dim(1)?;
@@ -736,6 +768,8 @@ struct DecodeAttention {
     softcap: Option<f32>,
     /// per batch row, the first key it may see (left padding)
     starts: Option<std::sync::Arc<[usize]>>,
+    /// CUDA graphs: the device position the keys end at (`k`, `v` are the whole cache buffer)
+    pos: Option<Tensor>,
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -753,7 +787,14 @@ impl candle_core::CustomOp3 for DecodeAttention {
         vs: &candle_core::CudaStorage,
         vl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        crate::cuda::decode_attention((qs, ql), (ks, kl), (vs, vl), self.scale, self.softcap, self.starts.as_deref())
+        let pos = self.pos.as_ref().map(|p| p.storage_and_layout());
+        let pos = match pos.as_ref().map(|(s, _)| &**s) {
+            None => None,
+            Some(candle_core::Storage::Cuda(s)) => Some(s),
+            Some(_) => candle_core::bail!("decode attention: the device position is not on the GPU"),
+        };
+        let (starts, cap) = (self.starts.as_deref(), self.softcap);
+        crate::cuda::decode_attention((qs, ql), (ks, kl), (vs, vl), self.scale, cap, starts, pos)
     }
 
     fn cpu_fwd(
@@ -773,6 +814,9 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let n_rep = h / kvh;
         let (qa, _) = ql.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("query not contiguous".into()))?;
         let (scale, softcap) = (self.scale, self.softcap);
+        if self.pos.is_some() {
+            candle_core::bail!("decode attention at a device position runs on CUDA only");
+        }
         let starts: &[usize] = self.starts.as_deref().unwrap_or(&[]);
         #[allow(clippy::too_many_arguments)]
         fn go<T: Elem>(

@@ -5,6 +5,8 @@
 //! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
 //! - the default model's greedy tokens on CUDA (f32) equal mlx_lm's goldens, which the CPU
 //!   matches too, and so do its 4-bit conversion's;
+//! - the decode step replayed as a CUDA graph gives the eager step's tokens, across the cache
+//!   growing (a new capture) in f32 and bf16;
 //! - training: LoRA / DoRA / full fine-tuning gradients on CUDA equal mlx_lm's (with and
 //!   without gradient checkpointing).
 #![cfg(feature = "cuda")]
@@ -91,7 +93,7 @@ fn cuda_decode_attention_matches_the_cpu() {
             // keys and values as views of a larger cache, as KvCache hands them out
             let kc = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let spec = MaskSpec { offset: t - 1, window: None, left_padding: pads.clone().map(Arc::from) };
+            let spec = MaskSpec { offset: t - 1, window: None, left_padding: pads.clone().map(Arc::from), pos: None };
             let run = |dev: &Device| {
                 let (q, kc, vc) = (q.to_device(dev).unwrap(), kc.to_device(dev).unwrap(), vc.to_device(dev).unwrap());
                 let (k, v) = (kc.narrow(2, 0, t).unwrap(), vc.narrow(2, 0, t).unwrap());
@@ -123,6 +125,35 @@ fn cuda_greedy_tokens_equal_mlx_lm_goldens_in_f32() {
 fn cuda_4bit_greedy_tokens_match_mlx_lm() {
     let Some(dev) = cuda() else { return };
     gpu::greedy_4bit_tokens_match_mlx_lm(&dev);
+}
+
+#[test]
+fn cuda_graph_decode_equals_eager_decode() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use wick::cuda::graph::{set_enabled, CAPTURES, REPLAYS};
+    let Some(dev) = cuda() else { return };
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::golden("smollm2_greedy.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> =
+        golden["cases"][1]["prompt_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    // 38 prompt positions + 300 steps: the cache grows past 256 positions during the decode
+    let n = 300;
+    for dtype in [DType::F32, DType::BF16] {
+        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        set_enabled(false);
+        let r0 = REPLAYS.load(Relaxed);
+        let eager = common::greedy(m.model.as_ref(), &prompt, n);
+        assert_eq!(REPLAYS.load(Relaxed), r0, "graphs were off");
+        set_enabled(true);
+        let (c0, r0) = (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed));
+        let graphed = common::greedy(m.model.as_ref(), &prompt, n);
+        let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
+        println!("{dtype:?}: {captures} captures, {replays} replays");
+        // the prompt's last token and every decode step; one capture per cache size (256, 512)
+        assert_eq!(replays, n + 1, "{dtype:?}: decode steps not replayed from the graph");
+        assert_eq!(captures, 2, "{dtype:?}: one capture per cache buffer");
+        assert_eq!(graphed, eager, "{dtype:?}: graph replay differs from the eager decode");
+    }
 }
 
 #[test]

@@ -29,11 +29,14 @@ __device__ __forceinline__ float warp_max(float v) {
 // o (DV floats), the chunk's max score m and its sum of exp(score - m) l.
 // q: (B, H, D) contiguous; k: (B, KV, T, D), v: (B, KV, T, DV) with element strides
 // (sb, sh, st, 1); grouped-query heads read their KV head in place. starts: per batch row the
-// first visible key, or null.
+// first visible key, or null. pos: null, or the position this step wrote (a CUDA graph replays
+// the step at every position: the key count is read on the device and blocks past it write an
+// empty partial).
 template <typename T>
 __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                        float* __restrict__ part_o, float* __restrict__ part_ml,
-                                       const int* __restrict__ starts, int h, int kvh, int t_len, int d, int dv,
+                                       const int* __restrict__ starts, const unsigned* __restrict__ pos, int h,
+                                       int kvh, int t_len, int d, int dv,
                                        long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
                                        long long vst, float scale, float softcap, int vec) {
     __shared__ float qs[MAX_D];
@@ -44,6 +47,7 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     const int b = bh / h, kv = (bh % h) / (h / kvh);
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int start = starts ? starts[b] : 0;
+    if (pos) t_len = (int)*pos + 1;  // replayed decode step: the keys up to this step's position
     const int j0 = split * CHUNK, j1 = min(t_len, j0 + CHUNK);
     for (int i = tid; i < d; i += THREADS) qs[i] = to_f32(q[(size_t)bh * d + i]) * scale;
     __syncthreads();
@@ -158,13 +162,28 @@ __device__ void attention_combine_impl(const float* __restrict__ part_o, const f
     }
 }
 
+// A decode step's keys (or values) into the cache at the position read on the device (the
+// step a CUDA graph replays): src (B, heads, 1, d) contiguous; cache (B, heads, T, d) with
+// element strides (sb, sh, st, 1). One block per (batch row, head).
+template <typename T>
+__device__ void kv_write_impl(T* __restrict__ cache, const T* __restrict__ src, const unsigned* __restrict__ pos,
+                              int heads, int d, long long sb, long long sh, long long st) {
+    const int r = blockIdx.x, b = r / heads, hd = r % heads;
+    T* row = cache + b * sb + hd * sh + (long long)*pos * st;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = src[(size_t)r * d + i];
+}
+
 #define ATTN(T, TN)                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS) wick_attention_partial_##TN(                         \
-        const T* q, const T* k, const T* v, float* part_o, float* part_ml, const int* starts, int h, int kvh,   \
-        int t_len, int d, int dv, long long ksb, long long ksh, long long kst, long long vsb, long long vsh,    \
-        long long vst, float scale, float softcap, int vec) {                                                   \
-        attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, h, kvh, t_len, d, dv, ksb, ksh, kst, vsb,   \
-                                  vsh, vst, scale, softcap, vec);                                               \
+        const T* q, const T* k, const T* v, float* part_o, float* part_ml, const int* starts,                   \
+        const unsigned* pos, int h, int kvh, int t_len, int d, int dv, long long ksb, long long ksh,            \
+        long long kst, long long vsb, long long vsh, long long vst, float scale, float softcap, int vec) {      \
+        attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh, kst,   \
+                                  vsb, vsh, vst, scale, softcap, vec);                                          \
+    }                                                                                                           \
+    extern "C" __global__ void wick_kv_write_##TN(T* cache, const T* src, const unsigned* pos, int heads,      \
+                                                  int d, long long sb, long long sh, long long st) {            \
+        kv_write_impl<T>(cache, src, pos, heads, d, sb, sh, st);                                                \
     }                                                                                                           \
     extern "C" __global__ void wick_attention_combine_##TN(const float* part_o, const float* part_ml, T* out,   \
                                                            int splits, int dv) {                                \

@@ -1,5 +1,8 @@
 //! wick's own CUDA kernels outside the quantized matmul (which lives in `quant/cuda`): loading
-//! the fatbins build.rs compiles (once per device), and the decode-attention kernel.
+//! the fatbins build.rs compiles (once per device), the decode-attention kernel, and CUDA graphs
+//! of the decode step ([`graph`]).
+
+pub mod graph;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -96,7 +99,9 @@ const ATTN_THREADS: u32 = 128;
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 
 /// Decode attention: `q` (B, H, 1, D) contiguous over `k` (B, KV, T, D), `v` (B, KV, T, DV)
-/// views with unit last stride. `starts[b]`: the first key row `b` may see.
+/// views with unit last stride. `starts[b]`: the first key row `b` may see. `pos`: a u32 on the
+/// device, the position this step wrote; only keys up to it are seen (`T` is then the cache's
+/// capacity: a replayed CUDA graph reads the count at run time).
 pub fn decode_attention(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
@@ -104,14 +109,18 @@ pub fn decode_attention(
     scale: f32,
     softcap: Option<f32>,
     starts: Option<&[usize]>,
+    pos: Option<&CudaStorage>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = q.0.device().clone();
-    let out = by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts));
+    let pos = pos.map(|p| p.as_cuda_slice::<u32>()).transpose()?;
+    let out =
+        by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts, pos));
     let (b, h, _, _) = q.1.shape().dims4()?;
     let dv = v.1.shape().dims4()?.3;
     Ok((out, Shape::from((b, h, 1, dv))))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     (qs, ql): (&CudaStorage, &Layout),
@@ -120,6 +129,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     scale: f32,
     softcap: Option<f32>,
     starts: Option<&[usize]>,
+    pos: Option<&CudaSlice<u32>>,
 ) -> Result<CudaSlice<T>> {
     let (b, h, _, d) = ql.shape().dims4()?;
     let (_, kvh, t, _) = kl.shape().dims4()?;
@@ -160,6 +170,10 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
         Some(s) => lb.arg(s),
         None => lb.arg(&null),
     };
+    match pos {
+        Some(p) => lb.arg(p),
+        None => lb.arg(&null),
+    };
     lb.arg(&h_i).arg(&kvh_i).arg(&t_i).arg(&d_i).arg(&dv_i);
     lb.arg(&ks_[0]).arg(&ks_[1]).arg(&ks_[2]).arg(&vs_[0]).arg(&vs_[1]).arg(&vs_[2]);
     // 16-byte loads of key rows: the head size and every stride in whole 16-byte units
@@ -177,4 +191,92 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let cfg = LaunchConfig { grid_dim: ((b * h) as u32, 1, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
     unsafe { lb.launch(cfg) }.w()?;
     Ok(out)
+}
+
+/// Writes a decode step's keys or values `src` (B, heads, 1, d) into `cache` (B, heads, T, d,
+/// unit last stride) at the position held by the device u32 `pos` (see [`decode_attention`]).
+pub fn kv_write(cache: (&mut CudaStorage, &Layout), src: (&CudaStorage, &Layout), pos: &CudaStorage) -> Result<()> {
+    match cache.0.dtype() {
+        DType::F32 => kv_write_typed::<f32>(cache, src, pos),
+        DType::F16 => kv_write_typed::<half::f16>(cache, src, pos),
+        DType::BF16 => kv_write_typed::<half::bf16>(cache, src, pos),
+        d => candle_core::bail!("kv_write on CUDA: dtype {d:?} is not supported (f32, f16, bf16)"),
+    }
+}
+
+fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
+    (cs, cl): (&mut CudaStorage, &Layout),
+    (ss, sl): (&CudaStorage, &Layout),
+    pos: &CudaStorage,
+) -> Result<()> {
+    let (b, heads, _, d) = cl.shape().dims4()?;
+    if sl.shape().dims4()? != (b, heads, 1, d) || cl.stride()[3] != 1 {
+        candle_core::bail!("kv_write: {:?} into the cache {:?} does not fit", sl.shape(), cl.shape());
+    }
+    let (sa, se) =
+        sl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("kv_write: source not contiguous".into()))?;
+    let dev = cs.device().clone();
+    let f = function(&dev, Module::Attention, &format!("wick_kv_write_{}", dtype_suffix(T::DTYPE, "kv_write")?))?;
+    let st = cl.stride();
+    let (sb, sh, sr) = (st[0] as i64, st[1] as i64, st[2] as i64);
+    let (heads_i, d_i) = (heads as i32, d as i32);
+    let src = ss.as_cuda_slice::<T>()?.slice(sa..se);
+    let pos = pos.as_cuda_slice::<u32>()?;
+    let mut dst = cs.as_cuda_slice_mut::<T>()?.slice_mut(cl.start_offset()..);
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&mut dst).arg(&src).arg(pos).arg(&heads_i).arg(&d_i).arg(&sb).arg(&sh).arg(&sr);
+    let cfg = LaunchConfig {
+        grid_dim: ((b * heads) as u32, 1, 1),
+        block_dim: (d.min(256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Host values copied into a tensor's device memory in place (converted to its dtype on the
+/// host, as a cast on the device rounds: to nearest even).
+struct Upload<'a>(&'a [f32]);
+
+impl candle_core::InplaceOp1 for Upload<'_> {
+    fn name(&self) -> &'static str {
+        "upload"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("upload: the tensor is not on a CUDA device")
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        let (a, b) =
+            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("upload: tensor not contiguous".into()))?;
+        if b - a != self.0.len() {
+            candle_core::bail!("upload: {} values into a tensor of {} elements", self.0.len(), b - a);
+        }
+        let stream = s.device().cuda_stream();
+        fn put<T: CudaDType + DeviceRepr>(
+            stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+            s: &mut CudaStorage,
+            (a, b): (usize, usize),
+            v: &[T],
+        ) -> Result<()> {
+            let mut dst = s.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
+            stream.memcpy_htod(v, &mut dst).w()
+        }
+        let v = self.0;
+        match s.dtype() {
+            DType::F32 => put(&stream, s, (a, b), v),
+            DType::F16 => put(&stream, s, (a, b), &v.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()),
+            DType::BF16 => put(&stream, s, (a, b), &v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>()),
+            DType::U32 => put(&stream, s, (a, b), &v.iter().map(|&x| x as u32).collect::<Vec<_>>()),
+            d => candle_core::bail!("upload: dtype {d:?} is not supported"),
+        }
+    }
+}
+
+/// Overwrites the CUDA tensor `t` (contiguous, `values.len()` elements, f32/f16/bf16 or u32:
+/// exact for integers below 2^24) with `values`.
+pub fn upload_f32(t: &candle_core::Tensor, values: &[f32]) -> Result<()> {
+    t.inplace_op1(&Upload(values))
 }

@@ -354,7 +354,10 @@ impl BaseArgs {
                     as std::sync::Arc<dyn Layer>)
             })
             .collect::<Result<Vec<_>>>()?;
-        self.build_with(ld, spec, layers)
+        let mut model = self.build_with(ld, spec, layers)?;
+        // Block's decode step does nothing on the host: a CUDA graph can replay it
+        model.graphable = true;
+        Ok(model)
     }
 
     /// A model around `layers` (an architecture's own layer type).
@@ -391,6 +394,9 @@ impl BaseArgs {
             max_context: spec.max_context,
             dtype: ld.act_dtype,
             device: ld.device.clone(),
+            graphable: false,
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
         })
     }
 }
@@ -426,10 +432,22 @@ pub struct DecoderModel {
     max_context: Option<usize>,
     dtype: DType,
     device: Device,
+    /// whether the layers' decode step may be captured into a CUDA graph
+    graphable: bool,
+    #[cfg(feature = "cuda")]
+    graph: crate::cuda::graph::DecodeGraph,
 }
 
-impl LanguageModel for DecoderModel {
-    fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
+impl DecoderModel {
+    /// The forward pass; `tables`: RoPE tables to use instead of computing them (a captured
+    /// decode step's, written in place before each replay).
+    fn forward_with(
+        &self,
+        tokens: &Tensor,
+        cache: &mut [KvCache],
+        last_only: bool,
+        tables: Option<&[RopeTables]>,
+    ) -> Result<Tensor> {
         let mut h = self.embed_tokens.forward(tokens)?;
         if let Some(s) = self.embed_scale {
             h = (h * s)?;
@@ -437,14 +455,17 @@ impl LanguageModel for DecoderModel {
         let offset = cache.first().map(|c| c.offset()).unwrap_or(0);
         let l = tokens.dim(1)?;
         let padding = cache.first().and_then(|c| c.left_padding().cloned());
-        let tables = self
-            .ropes
-            .iter()
-            .map(|r| match &padding {
-                Some(p) => r.batch_tables(offset, l, p, self.dtype, &self.device),
-                None => r.tables(offset, l, self.dtype, &self.device),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let tables = match tables {
+            Some(t) => t.to_vec(),
+            None => self
+                .ropes
+                .iter()
+                .map(|r| match &padding {
+                    Some(p) => r.batch_tables(offset, l, p, self.dtype, &self.device),
+                    None => r.tables(offset, l, self.dtype, &self.device),
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         let checkpoint = crate::lora::checkpoint::active(&h, offset);
         for (((layer, c), r), w) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope).zip(&self.windows) {
             h = if checkpoint && w.is_none() && h.track_op() {
@@ -468,6 +489,21 @@ impl LanguageModel for DecoderModel {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,
         })
+    }
+}
+
+impl LanguageModel for DecoderModel {
+    fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.graphable && last_only {
+            let shape = crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size };
+            let run =
+                |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
+            if let Some(logits) = self.graph.step(&self.device, tokens, cache, shape, run)? {
+                return Ok(logits);
+            }
+        }
+        self.forward_with(tokens, cache, last_only, None)
     }
 
     fn make_cache(&self, max_kv_size: Option<usize>) -> Vec<KvCache> {

@@ -1,0 +1,221 @@
+//! The decode step as a CUDA graph: one sequence's step (embedding, every layer, the head) is
+//! captured once and replayed at every position, so the host issues one graph launch and four
+//! small copies instead of ~20 kernel launches per layer.
+//!
+//! What changes from step to step lives on the device, written before each replay: the token,
+//! the position (the cache writes and decode attention read it there, [`DevicePos`]) and the
+//! RoPE tables of that position. Everything else has fixed addresses: the cache buffers (a
+//! graph is captured against them and captured again when they grow, every 256 positions, or
+//! when another cache is passed), the weights, and the intermediates (the capture allocates and
+//! frees them with stream-ordered allocation, so they become the graph's own memory). The
+//! logits land in a buffer made before the capture.
+//!
+//! Steps that do not fit run eagerly: batches, prompts, rotating, quantized or padded caches,
+//! training, and `WICK_CUDA_GRAPH=0`. A capture that fails (an op that synchronizes with the
+//! host) turns graphs off for the model and the step runs eagerly.
+
+use crate::cache::{DevicePos, KvCache};
+use crate::nn::{Rope, RopeTables};
+use anyhow::Result;
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::{DType, Device, Tensor, TensorId};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Graph replays and captures in this process (tests check that the graph path ran).
+pub static REPLAYS: AtomicUsize = AtomicUsize::new(0);
+pub static CAPTURES: AtomicUsize = AtomicUsize::new(0);
+
+struct Captured {
+    graph: CudaGraph,
+    /// the identities of the cache buffers the graph writes and reads (never reused, so a
+    /// match means the same buffers are still alive)
+    buffers: Vec<(TensorId, TensorId)>,
+    /// the capturing thread: candle's cache of uploaded shape parameters, which the graph
+    /// reads, is per thread
+    thread: std::thread::ThreadId,
+    inputs: Inputs,
+}
+
+/// The buffers a captured step reads its inputs from and writes its logits to.
+struct Inputs {
+    token: Tensor,
+    pos: DevicePos,
+    tables: Vec<RopeTables>,
+    logits: Tensor,
+}
+
+impl Inputs {
+    fn new(device: &Device, shape: &StepShape) -> Result<Self> {
+        Ok(Self {
+            token: Tensor::zeros((1, 1), DType::U32, device)?,
+            pos: DevicePos(Tensor::zeros(1, DType::U32, device)?),
+            tables: shape.ropes.iter().map(|r| r.position_tables(shape.dtype, device)).collect::<Result<Vec<_>>>()?,
+            logits: Tensor::zeros((1, 1, shape.vocab), DType::F32, device)?,
+        })
+    }
+
+    /// This step's token, position and RoPE tables, copied in before the step runs.
+    fn write(&self, tokens: &Tensor, offset: usize, ropes: &[Rope]) -> Result<()> {
+        self.token.slice_set(&tokens.to_dtype(DType::U32)?, 1, 0)?;
+        super::upload_f32(&self.pos.0, &[offset as f32])?;
+        for (t, r) in self.tables.iter().zip(ropes) {
+            t.write_position(r, offset)?;
+        }
+        Ok(())
+    }
+
+    /// The step on these buffers, eagerly (or into the capture under way).
+    fn run(
+        &self,
+        cache: &mut [KvCache],
+        run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
+    ) -> Result<()> {
+        // everything the step allocates is freed within it, but for the logits, copied into
+        // the buffer made beforehand
+        let out = run(&self.token, cache, &self.tables)?;
+        self.logits.slice_set(&out, 2, 0)?;
+        Ok(())
+    }
+}
+
+// The graph handle is only touched under the [`DecodeGraph`] mutex (CUDA graphs must not be
+// used from two threads at once; one at a time is fine).
+unsafe impl Send for Captured {}
+
+#[derive(Default)]
+struct State {
+    captured: Option<Captured>,
+    /// a capture failed: this model's steps run eagerly
+    disabled: bool,
+}
+
+/// A model's decode-step graph (one per model; see the module docs).
+#[derive(Default)]
+pub struct DecodeGraph {
+    state: Mutex<State>,
+}
+
+/// What the step needs from the model: its RoPEs, activation dtype and vocabulary size.
+pub struct StepShape<'a> {
+    pub ropes: &'a [Rope],
+    pub dtype: DType,
+    pub vocab: usize,
+}
+
+/// 0: not read yet, 1: on, 2: off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("WICK_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);
+            set_enabled(on);
+            on
+        }
+        s => s == 1,
+    }
+}
+
+/// Turns decode-step graphs on or off for the whole process (`WICK_CUDA_GRAPH=0` starts off).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+impl DecodeGraph {
+    /// Runs one decode step of `tokens` (1, 1) through the graph, capturing it first when
+    /// needed; `run` is the model's eager forward pass with given RoPE tables (what is
+    /// captured). `None`: this step does not fit a graph; run it eagerly.
+    pub fn step(
+        &self,
+        device: &Device,
+        tokens: &Tensor,
+        cache: &mut [KvCache],
+        shape: StepShape,
+        run: impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if !device.is_cuda() || tokens.dims() != [1, 1] || cache.is_empty() || !enabled() {
+            return Ok(None);
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.disabled {
+            return Ok(None);
+        }
+        let offset = cache[0].offset();
+        let mut buffers = Vec::with_capacity(cache.len());
+        for c in cache.iter_mut() {
+            match c.graph_buffers()? {
+                Some((k, v)) if c.offset() == offset => buffers.push((k.id(), v.id())),
+                _ => return Ok(None),
+            }
+        }
+        let thread = std::thread::current().id();
+        let same = |c: &Captured| c.buffers == buffers && c.thread == thread;
+        if !state.captured.as_ref().is_some_and(same) {
+            state.captured = None; // its memory back before the next capture
+            let inputs = Inputs::new(device, &shape)?;
+            inputs.write(tokens, offset, shape.ropes)?;
+            match capture(device, cache, &inputs, &run) {
+                Ok(graph) => {
+                    CAPTURES.fetch_add(1, Ordering::Relaxed);
+                    state.captured = Some(Captured { graph, buffers, thread, inputs });
+                }
+                Err(e) => {
+                    state.disabled = true;
+                    if std::env::var_os("WICK_CUDA_GRAPH_DEBUG").is_some() {
+                        eprintln!("wick: CUDA graph capture failed, decoding without graphs: {e:#}");
+                    }
+                    return Ok(None);
+                }
+            }
+        } else if let Some(c) = &state.captured {
+            c.inputs.write(tokens, offset, shape.ropes)?;
+        }
+        let c = state.captured.as_ref().expect("captured above");
+        c.graph.launch().map_err(|e| anyhow::anyhow!("replaying the decode step's CUDA graph: {e:?}"))?;
+        REPLAYS.fetch_add(1, Ordering::Relaxed);
+        for cache in cache.iter_mut() {
+            cache.advance();
+        }
+        // a copy: the next replay overwrites the graph's buffer
+        Ok(Some(c.inputs.logits.copy()?))
+    }
+}
+
+/// Captures one decode step on `inputs` (already holding this step's values) against the
+/// caches' current buffers.
+fn capture(
+    device: &Device,
+    cache: &mut [KvCache],
+    inputs: &Inputs,
+    run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
+) -> Result<CudaGraph> {
+    let cuda = device.as_cuda_device()?;
+    let stream = cuda.cuda_stream();
+    // candle uploads some kernels' shape and stride parameters from the host; a captured copy
+    // would read host memory gone by the replay. Its upload cache keeps them on the device:
+    // the eager run fills it, the capture then only reuses them (and fails on anything new).
+    let _uploads = cuda.enable_cuda_graph_htod_cache();
+    for c in cache.iter_mut() {
+        c.set_graph_pos(Some(inputs.pos.clone()));
+    }
+    let ran = inputs.run(cache, run).and_then(|()| {
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let ran = inputs.run(cache, run);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        ran?;
+        let graph = graph.map_err(|e| anyhow::anyhow!("instantiating the decode step's CUDA graph: {e:?}"))?;
+        graph.ok_or_else(|| anyhow::anyhow!("the decode step's capture produced no graph"))
+    });
+    for c in cache.iter_mut() {
+        c.set_graph_pos(None);
+    }
+    // errors recorded while a failed capture was invalid (frees of its allocations) must not
+    // surface in later eager work
+    if ran.is_err() {
+        let _ = stream.context().check_err();
+    }
+    ran
+}
