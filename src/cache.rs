@@ -352,6 +352,14 @@ impl KvCache {
         Ok(self.keys.clone().zip(self.values.clone()))
     }
 
+    /// The key and value buffers of a standard cache (all its capacity).
+    pub fn buffers(&self) -> Option<(Tensor, Tensor)> {
+        match (&self.keys, &self.values, &self.quant) {
+            (Some(k), Some(v), None) => Some((k.clone(), v.clone())),
+            _ => None,
+        }
+    }
+
     /// While a decode step is captured: write at `pos` on the device instead of at the offset.
     pub fn set_graph_pos(&mut self, pos: Option<DevicePos>) {
         self.graph_pos = pos;

@@ -614,6 +614,42 @@ impl RopeTables {
     }
 }
 
+/// A decode step captured into a CUDA graph ([`MaskSpec::pos`]): RoPE of `q` and `k` and the
+/// cache write of `k` and `v` in one kernel; returns the rotated queries and the cache's whole
+/// buffers. `None`: apply RoPE and update the cache the usual way.
+pub fn rope_and_cache_write(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &RopeTables,
+    mask: &crate::cache::MaskSpec,
+    cache: &crate::cache::KvCache,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if let (Some(pos), Some((keys, values))) = (&mask.pos, cache.buffers()) {
+        let d = q.dim(3)?;
+        if rope.dims == d
+            && k.dim(3)? == d
+            && v.dim(3)? == d
+            && rope.cos.dtype() == q.dtype()
+            && keys.dtype() == q.dtype()
+        {
+            let op = crate::cuda::RopeKvWrite {
+                cos: rope.cos.clone(),
+                sin: rope.sin.clone(),
+                traditional: rope.traditional,
+                pos: pos.0.clone(),
+                keys: keys.clone(),
+                values: values.clone(),
+            };
+            let q = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+            return Ok(Some((q, keys, values)));
+        }
+    }
+    let _ = (q, k, v, rope, mask, cache);
+    Ok(None)
+}
+
 /// Causal attention of `q` (B, H, L, D) over `k`, `v` (B, KV, T, D), the queries at key indices
 /// `mask.offset ..` (optionally within a sliding window); grouped-query heads share their KV head
 /// without copying it.

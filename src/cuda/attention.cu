@@ -173,6 +173,39 @@ __device__ void kv_write_impl(T* __restrict__ cache, const T* __restrict__ src, 
     for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = src[(size_t)r * d + i];
 }
 
+// A replayed decode step's RoPE and cache write in one launch: block i < h rotates query head i
+// into q_out; block h + j rotates key head j into the key cache and copies value head j into
+// the value cache, both at the position read on the device. q: (B=1, h, 1, d), k, v: (1, kvh, 1,
+// d) contiguous; cos, sin: (1, d/2); caches (1, kvh, T, d) with element strides (sh, st, 1).
+// The products and sums round as candle's rope kernels do (in T).
+template <typename T>
+__device__ void rope_kv_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const T* __restrict__ cos, const T* __restrict__ sin, const unsigned* __restrict__ pos,
+                             T* __restrict__ q_out, T* __restrict__ kc, T* __restrict__ vc, int h, int d,
+                             long long ksh, long long kst, long long vsh, long long vst, int traditional) {
+    const int head = blockIdx.x;
+    const T* src;
+    T* dst;
+    if (head < h) {
+        src = q + (size_t)head * d;
+        dst = q_out + (size_t)head * d;
+    } else {
+        const int j = head - h;
+        const long long p = *pos;
+        src = k + (size_t)j * d;
+        dst = kc + j * ksh + p * kst;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) vc[j * vsh + p * vst + i] = v[(size_t)j * d + i];
+    }
+    const int half = d / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const T c = cos[i], s = sin[i];
+        const int i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
+        const T a = src[i1], b = src[i2];
+        dst[i1] = a * c - b * s;
+        dst[i2] = a * s + b * c;
+    }
+}
+
 #define ATTN(T, TN)                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS) wick_attention_partial_##TN(                         \
         const T* q, const T* k, const T* v, float* part_o, float* part_ml, const int* starts,                   \
@@ -180,6 +213,12 @@ __device__ void kv_write_impl(T* __restrict__ cache, const T* __restrict__ src, 
         long long kst, long long vsb, long long vsh, long long vst, float scale, float softcap, int vec) {      \
         attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh, kst,   \
                                   vsb, vsh, vst, scale, softcap, vec);                                          \
+    }                                                                                                           \
+    extern "C" __global__ void wick_rope_kv_##TN(const T* q, const T* k, const T* v, const T* cos, const T* sin, \
+                                                 const unsigned* pos, T* q_out, T* kc, T* vc, int h, int d,     \
+                                                 long long ksh, long long kst, long long vsh, long long vst,    \
+                                                 int traditional) {                                             \
+        rope_kv_impl<T>(q, k, v, cos, sin, pos, q_out, kc, vc, h, d, ksh, kst, vsh, vst, traditional);          \
     }                                                                                                           \
     extern "C" __global__ void wick_kv_write_##TN(T* cache, const T* src, const unsigned* pos, int heads,      \
                                                   int d, long long sb, long long sh, long long st) {            \

@@ -235,6 +235,139 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
     Ok(())
 }
 
+/// A replayed decode step's RoPE of q and k and its cache write in one kernel: the op's inputs
+/// are q (1, H, 1, D), k and v (1, KV, 1, D); it returns the rotated q and writes the rotated k
+/// and v into the cache buffers at the device position (see [`decode_attention`]).
+pub struct RopeKvWrite {
+    pub cos: candle_core::Tensor,
+    pub sin: candle_core::Tensor,
+    pub traditional: bool,
+    pub pos: candle_core::Tensor,
+    pub keys: candle_core::Tensor,
+    pub values: candle_core::Tensor,
+}
+
+/// The CUDA storage of a tensor an op reads besides its inputs, with its layout.
+fn side_storage(t: &candle_core::Tensor) -> Result<(impl std::ops::Deref<Target = candle_core::Storage> + '_, Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, candle_core::Storage::Cuda(_)) {
+        candle_core::bail!("a CUDA op's operand is not on the GPU");
+    }
+    Ok((s, l.clone()))
+}
+
+fn cuda_of(s: &candle_core::Storage) -> &CudaStorage {
+    match s {
+        candle_core::Storage::Cuda(c) => c,
+        _ => unreachable!("checked by side_storage"),
+    }
+}
+
+impl candle_core::CustomOp3 for RopeKvWrite {
+    fn name(&self) -> &'static str {
+        "rope-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the fused RoPE and cache write runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = qs.device().clone();
+        let out =
+            by_dtype!(qs.dtype(), "rope + cache write", dev, rope_kv_typed(&dev, self, (qs, ql), (ks, kl), (vs, vl)));
+        Ok((out, ql.shape().clone()))
+    }
+}
+
+fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    op: &RopeKvWrite,
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (b, h, l, d) = ql.shape().dims4()?;
+    let (_, kvh, _, _) = kl.shape().dims4()?;
+    let (cos_s, cos_l) = side_storage(&op.cos)?;
+    let (sin_s, sin_l) = side_storage(&op.sin)?;
+    let (pos_s, _) = side_storage(&op.pos)?;
+    let (kc_s, kc_l) = side_storage(&op.keys)?;
+    let (vc_s, vc_l) = side_storage(&op.values)?;
+    let half = cos_l.shape().elem_count();
+    if b != 1
+        || l != 1
+        || d % 2 != 0
+        || half != d / 2
+        || kl.shape().dims4()? != (1, kvh, 1, d)
+        || vl.shape().dims4()? != (1, kvh, 1, d)
+        || kc_l.shape().dims4()?.3 != d
+        || vc_l.shape().dims4()?.3 != d
+        || kc_l.stride()[3] != 1
+        || vc_l.stride()[3] != 1
+    {
+        candle_core::bail!(
+            "rope + cache write: shapes q {:?}, k {:?}, cache {:?} do not fit",
+            ql.shape(),
+            kl.shape(),
+            kc_l.shape()
+        );
+    }
+    fn slice<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        let (a, e) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("rope + cache write: {what} not contiguous")))?;
+        Ok(s.as_cuda_slice::<T>()?.slice(a..e))
+    }
+    let (q, k, v) = (slice::<T>(qs, ql, "q")?, slice::<T>(ks, kl, "k")?, slice::<T>(vs, vl, "v")?);
+    let (cos, sin) = (slice::<T>(cuda_of(&cos_s), &cos_l, "cos")?, slice::<T>(cuda_of(&sin_s), &sin_l, "sin")?);
+    let pos = cuda_of(&pos_s).as_cuda_slice::<u32>()?;
+    let stream = dev.cuda_stream();
+    let esz = std::mem::size_of::<T>() as u64;
+    // the caches are written in place through their device addresses (the op's output is q)
+    let (kc_ptr, _k_sync) = cuda_of(&kc_s).as_cuda_slice::<T>()?.device_ptr(&stream);
+    let (vc_ptr, _v_sync) = cuda_of(&vc_s).as_cuda_slice::<T>()?.device_ptr(&stream);
+    let kc_ptr = kc_ptr + kc_l.start_offset() as u64 * esz;
+    let vc_ptr = vc_ptr + vc_l.start_offset() as u64 * esz;
+    let out = unsafe { dev.alloc::<T>(h * d)? };
+    let f =
+        function(dev, Module::Attention, &format!("wick_rope_kv_{}", dtype_suffix(T::DTYPE, "rope + cache write")?))?;
+    let (h_i, d_i, trad) = (h as i32, d as i32, op.traditional as i32);
+    let (ksh, kst) = (kc_l.stride()[1] as i64, kc_l.stride()[2] as i64);
+    let (vsh, vst) = (vc_l.stride()[1] as i64, vc_l.stride()[2] as i64);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&q).arg(&k).arg(&v).arg(&cos).arg(&sin).arg(pos).arg(&out).arg(&kc_ptr).arg(&vc_ptr);
+    lb.arg(&h_i).arg(&d_i).arg(&ksh).arg(&kst).arg(&vsh).arg(&vst).arg(&trad);
+    let cfg = LaunchConfig {
+        grid_dim: ((h + kvh) as u32, 1, 1),
+        block_dim: ((d / 2).min(1024) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(out)
+}
+
 /// Host values copied into a tensor's device memory in place (converted to its dtype on the
 /// host, as a cast on the device rounds: to nearest even).
 struct Upload<'a>(&'a [f32]);
