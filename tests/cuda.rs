@@ -45,7 +45,8 @@ fn cuda_fused_decode_kernels_match_the_separate_matmuls() {
                 };
                 let [wq, wk, wv] = ns.map(mk);
                 let wu = mk(ns[0]);
-                for m in 1..=8usize {
+                // ≤ 8 rows: one launch; up to 32 (decode batches): slices of 8
+                for m in (1..=8usize).chain([9, 16, 21, 32]) {
                     let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap().to_dtype(dtype).unwrap();
                     let got =
                         wick::quant::matmul::fused_qkv(&x, &wq, &wk, &wv).unwrap().expect("a fused kernel applies");

@@ -14,6 +14,16 @@ use candle_core::{DType, Layout, Result, Shape, WithDType};
 
 /// Decode kernels are instantiated for at most this many input rows; more rows run in slices.
 pub const MAX_DECODE_ROWS: usize = 8;
+/// Up to this many input rows (a decode batch) the decode kernels run, in slices of
+/// [`MAX_DECODE_ROWS`], each reading the packed weights once; beyond it (prefill) the weights
+/// are dequantized once and cuBLAS multiplies. Dequantizing writes and re-reads ~4.6 bytes per
+/// weight against ~0.56 per slice, so slices win up to a few dozen rows.
+pub const DECODE_PATH_ROWS: usize = 32;
+
+/// `(first row, rows)` of each slice of at most [`MAX_DECODE_ROWS`] of `m` input rows.
+fn row_slices(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..m).step_by(MAX_DECODE_ROWS).map(move |r0| (r0, (m - r0).min(MAX_DECODE_ROWS)))
+}
 const WARPS_PER_BLOCK: usize = 8;
 
 fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
@@ -76,9 +86,7 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let x = x_view::<T>(x, x_layout)?;
     let out = unsafe { dev.alloc::<T>(m * w.n)? };
     let stream = dev.cuda_stream();
-    let mut r0 = 0;
-    while r0 < m {
-        let rows = (m - r0).min(MAX_DECODE_ROWS);
+    for (r0, rows) in row_slices(m) {
         let mm = rows.next_power_of_two();
         let f = function(dev, &format!("wick_qmv_{tn}_b{}_m{mm}", w.p.bits))?;
         let xs = x.slice(r0 * w.k..(r0 + rows) * w.k);
@@ -87,7 +95,6 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
         let mut b = stream.launch_builder(&f);
         b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(rows_launch(w.n, rows_per_warp(mm))) }.w()?;
-        r0 += rows;
     }
     Ok(out)
 }
@@ -154,25 +161,31 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     let out = unsafe { dev.alloc::<T>(m * total)? };
     let parts = [ws[0].slices::<T>()?, ws[1].slices::<T>()?, ws[2].slices::<T>()?];
     let (n0, n1) = (ws[0].n, ws[1].n);
-    let ys = [out.slice(0..m * n0), out.slice(m * n0..m * (n0 + n1)), out.slice(m * (n0 + n1)..m * total)];
-    let mm = m.next_power_of_two();
-    let f = function(dev, &format!("wick_qmv3_{tn}_b{}_m{mm}", ws[0].p.bits))?;
     let ns = [ws[0].n as i32, ws[1].n as i32, ws[2].n as i32];
-    let (m_i, k_i, gs_i) = (m as i32, ws[0].k as i32, ws[0].p.group_size as i32);
-    // pairs of rows never straddle two weights: fused_qkv passes even sizes only
-    let cfg = rows_launch(total, rows_per_warp(mm));
+    let (k, k_i, gs_i) = (ws[0].k, ws[0].k as i32, ws[0].p.group_size as i32);
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    for (w, s, bi) in &parts {
-        b.arg(*w).arg(*s).arg(*bi);
+    for (r0, rows) in row_slices(m) {
+        // each projection's rows r0 .. r0 + rows of the flat output
+        let at = |base: usize, n: usize| out.slice(base + r0 * n..base + (r0 + rows) * n);
+        let ys = [at(0, n0), at(m * n0, n1), at(m * (n0 + n1), ws[2].n)];
+        let xr = xs.slice(r0 * k..(r0 + rows) * k);
+        let mm = rows.next_power_of_two();
+        let f = function(dev, &format!("wick_qmv3_{tn}_b{}_m{mm}", ws[0].p.bits))?;
+        let m_i = rows as i32;
+        // pairs of rows never straddle two weights: fused_qkv passes even sizes only
+        let cfg = rows_launch(total, rows_per_warp(mm));
+        let mut b = stream.launch_builder(&f);
+        for (w, s, bi) in &parts {
+            b.arg(*w).arg(*s).arg(*bi);
+        }
+        b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
+        b.arg(&xr).arg(&m_i).arg(&k_i).arg(&gs_i);
+        unsafe { b.launch(cfg) }.w()?;
     }
-    b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
-    b.arg(&xs).arg(&m_i).arg(&k_i).arg(&gs_i);
-    unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
 
-/// Three projections of the same input (≤ 8 rows) in one launch; the output is flat: all of
+/// Three projections of the same input in one launch per 8 rows; the output is flat: all of
 /// the first projection's rows (m × n0), then the second's, then the third's.
 pub fn qmv3(x: &CudaStorage, l: &Layout, ws: [&WeightParts; 3]) -> Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
@@ -193,23 +206,27 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let tn = dtype_name(T::DTYPE)?;
     let xs = x_view::<T>(x, l)?;
     let out = unsafe { dev.alloc::<T>(m * g.n)? };
-    let mm = m.next_power_of_two();
-    let f = function(dev, &format!("wick_qmv_swiglu_{tn}_b{}_m{mm}", g.p.bits))?;
-    let (m_i, n_i, k_i, gs_i) = (m as i32, g.n as i32, g.k as i32, g.p.group_size as i32);
-    // one output row per warp: for one input row it computes that row of both weights
-    let cfg = rows_launch(g.n, 1);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
+    let (n, n_i, k_i, gs_i) = (g.n, g.n as i32, g.k as i32, g.p.group_size as i32);
     let parts = [g.slices::<T>()?, u.slices::<T>()?];
-    for (w, s, bi) in &parts {
-        b.arg(*w).arg(*s).arg(*bi);
+    let stream = dev.cuda_stream();
+    for (r0, rows) in row_slices(m) {
+        let mm = rows.next_power_of_two();
+        let f = function(dev, &format!("wick_qmv_swiglu_{tn}_b{}_m{mm}", g.p.bits))?;
+        let (xr, yr) = (xs.slice(r0 * g.k..(r0 + rows) * g.k), out.slice(r0 * n..(r0 + rows) * n));
+        let m_i = rows as i32;
+        // one output row per warp: for one input row it computes that row of both weights
+        let cfg = rows_launch(g.n, 1);
+        let mut b = stream.launch_builder(&f);
+        for (w, s, bi) in &parts {
+            b.arg(*w).arg(*s).arg(*bi);
+        }
+        b.arg(&xr).arg(&yr).arg(&m_i).arg(&n_i).arg(&k_i).arg(&gs_i);
+        unsafe { b.launch(cfg) }.w()?;
     }
-    b.arg(&xs).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i).arg(&gs_i);
-    unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
 
-/// `silu(x·Gᵀ) * (x·Uᵀ)` for ≤ 8 rows of `x` in one launch.
+/// `silu(x·Gᵀ) * (x·Uᵀ)` in one launch per 8 rows of `x`.
 pub fn qmv_swiglu(x: &CudaStorage, l: &Layout, g: &WeightParts, u: &WeightParts) -> Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
     let dims = l.shape().dims();

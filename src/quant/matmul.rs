@@ -307,7 +307,7 @@ pub fn quantized_matmul(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     if x.device().is_cuda() {
         let xin = kernel_input(x, w.scales.dtype())?;
         let m = xin.elem_count() / w.in_dim.max(1);
-        let y = if m <= super::cuda::MAX_DECODE_ROWS {
+        let y = if m <= super::cuda::DECODE_PATH_ROWS {
             xin.apply_op1(QMatMul { w: w.clone() })?
         } else {
             crate::nn::dense_matmul(&xin, &w.dequantize()?)?
@@ -376,7 +376,7 @@ mod fused {
         if !x.device().is_cuda() || !same || !cuda::has_fused(w0.params) {
             return Ok(None);
         }
-        if x.elem_count() / w0.in_dim.max(1) > cuda::MAX_DECODE_ROWS {
+        if x.elem_count() / w0.in_dim.max(1) > cuda::DECODE_PATH_ROWS {
             return Ok(None);
         }
         Ok(Some(kernel_input(x, w0.scales.dtype())?))

@@ -73,7 +73,7 @@ pub fn quantized_matmul_matches_dequantize_then_matmul(dev: &Device) {
                     .to_device(dev)
                     .unwrap();
                     let gw = to_dev(&qw, dev);
-                    for m in [1usize, 2, 3, 5, 8, 9, 40] {
+                    for m in [1usize, 2, 3, 5, 8, 9, 20, 32, 40] {
                         let x = Tensor::randn(0f32, 1.0, (m, k), dev).unwrap().to_dtype(dtype).unwrap();
                         let want = x.to_dtype(DType::F32).unwrap().matmul(&dense.t().unwrap()).unwrap();
                         let got = gw.matmul(&x).unwrap();
@@ -89,7 +89,16 @@ pub fn quantized_matmul_matches_dequantize_then_matmul(dev: &Device) {
                             e < tol,
                             "bits {bits} group {gs} {dtype:?} m {m} n {n} k {k}: relative error {e:e} ≥ {tol:e}"
                         );
-                        let key = format!("{dtype:?} m{}", if m <= 8 { "≤8" } else { ">8" });
+                        let key = format!(
+                            "{dtype:?} m{}",
+                            if m <= 8 {
+                                "≤8"
+                            } else if m <= 32 {
+                                " 9-32"
+                            } else {
+                                ">32"
+                            }
+                        );
                         let v = worst.entry(key).or_insert(0.0);
                         *v = v.max(e);
                         cases += 1;
