@@ -823,14 +823,8 @@ impl candle_core::CustomOp3 for DecodeAttention {
         vs: &candle_core::CudaStorage,
         vl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let pos = self.pos.as_ref().map(|p| p.storage_and_layout());
-        let pos = match pos.as_ref().map(|(s, _)| &**s) {
-            None => None,
-            Some(candle_core::Storage::Cuda(s)) => Some(s),
-            Some(_) => candle_core::bail!("decode attention: the device position is not on the GPU"),
-        };
-        let (starts, cap) = (self.starts.as_deref(), self.softcap);
-        crate::cuda::decode_attention((qs, ql), (ks, kl), (vs, vl), self.scale, cap, starts, pos)
+        let (starts, pos) = (self.starts.as_deref(), self.pos.as_ref());
+        crate::cuda::decode_attention((qs, ql), (ks, kl), (vs, vl), self.scale, self.softcap, starts, pos)
     }
 
     fn cpu_fwd(

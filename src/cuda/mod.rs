@@ -109,10 +109,14 @@ pub fn decode_attention(
     scale: f32,
     softcap: Option<f32>,
     starts: Option<&[usize]>,
-    pos: Option<&CudaStorage>,
+    pos: Option<&candle_core::Tensor>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = q.0.device().clone();
-    let pos = pos.map(|p| p.as_cuda_slice::<u32>()).transpose()?;
+    let pos = pos.map(|p| p.storage_and_layout().0);
+    let pos = match &pos {
+        Some(p) => Some(cuda_of(p, "decode attention: the device position")?.as_cuda_slice::<u32>()?),
+        None => None,
+    };
     let out =
         by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts, pos));
     let (b, h, _, _) = q.1.shape().dims4()?;
@@ -247,20 +251,10 @@ pub struct RopeKvWrite {
     pub values: candle_core::Tensor,
 }
 
-/// The CUDA storage of a tensor an op reads besides its inputs, with its layout.
-fn side_storage(t: &candle_core::Tensor) -> Result<(impl std::ops::Deref<Target = candle_core::Storage> + '_, Layout)> {
-    let (s, l) = t.storage_and_layout();
-    if !matches!(&*s, candle_core::Storage::Cuda(_)) {
-        candle_core::bail!("a CUDA op's operand is not on the GPU");
-    }
-    Ok((s, l.clone()))
-}
-
-fn cuda_of(s: &candle_core::Storage) -> &CudaStorage {
-    match s {
-        candle_core::Storage::Cuda(c) => c,
-        _ => unreachable!("checked by side_storage"),
-    }
+/// The CUDA storage inside a storage guard of a tensor an op reads besides its inputs.
+fn cuda_of<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+    use crate::quant::matmul::GpuStorage;
+    CudaStorage::of(s).ok_or_else(|| candle_core::Error::Msg(format!("{what} is not on the CUDA device")))
 }
 
 impl candle_core::CustomOp3 for RopeKvWrite {
@@ -306,11 +300,14 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (b, h, l, d) = ql.shape().dims4()?;
     let (_, kvh, _, _) = kl.shape().dims4()?;
-    let (cos_s, cos_l) = side_storage(&op.cos)?;
-    let (sin_s, sin_l) = side_storage(&op.sin)?;
-    let (pos_s, _) = side_storage(&op.pos)?;
-    let (kc_s, kc_l) = side_storage(&op.keys)?;
-    let (vc_s, vc_l) = side_storage(&op.values)?;
+    let (cos_s, cos_l) = op.cos.storage_and_layout();
+    let (sin_s, sin_l) = op.sin.storage_and_layout();
+    let (pos_s, _) = op.pos.storage_and_layout();
+    let (kc_s, kc_l) = op.keys.storage_and_layout();
+    let (vc_s, vc_l) = op.values.storage_and_layout();
+    let (cos_s, sin_s) = (cuda_of(&cos_s, "rope + cache write: cos")?, cuda_of(&sin_s, "rope + cache write: sin")?);
+    let pos_s = cuda_of(&pos_s, "rope + cache write: the position")?;
+    let (kc_s, vc_s) = (cuda_of(&kc_s, "the key cache")?, cuda_of(&vc_s, "the value cache")?);
     let half = cos_l.shape().elem_count();
     if b != 1
         || l != 1
@@ -341,13 +338,13 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
         Ok(s.as_cuda_slice::<T>()?.slice(a..e))
     }
     let (q, k, v) = (slice::<T>(qs, ql, "q")?, slice::<T>(ks, kl, "k")?, slice::<T>(vs, vl, "v")?);
-    let (cos, sin) = (slice::<T>(cuda_of(&cos_s), &cos_l, "cos")?, slice::<T>(cuda_of(&sin_s), &sin_l, "sin")?);
-    let pos = cuda_of(&pos_s).as_cuda_slice::<u32>()?;
+    let (cos, sin) = (slice::<T>(cos_s, cos_l, "cos")?, slice::<T>(sin_s, sin_l, "sin")?);
+    let pos = pos_s.as_cuda_slice::<u32>()?;
     let stream = dev.cuda_stream();
     let esz = std::mem::size_of::<T>() as u64;
     // the caches are written in place through their device addresses (the op's output is q)
-    let (kc_ptr, _k_sync) = cuda_of(&kc_s).as_cuda_slice::<T>()?.device_ptr(&stream);
-    let (vc_ptr, _v_sync) = cuda_of(&vc_s).as_cuda_slice::<T>()?.device_ptr(&stream);
+    let (kc_ptr, _k_sync) = kc_s.as_cuda_slice::<T>()?.device_ptr(&stream);
+    let (vc_ptr, _v_sync) = vc_s.as_cuda_slice::<T>()?.device_ptr(&stream);
     let kc_ptr = kc_ptr + kc_l.start_offset() as u64 * esz;
     let vc_ptr = vc_ptr + vc_l.start_offset() as u64 * esz;
     let out = unsafe { dev.alloc::<T>(h * d)? };
