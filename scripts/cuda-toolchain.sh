@@ -20,7 +20,7 @@ _wick_cuda_setup() {
     # cudarc links -lcuda. Every driver-API symbol it declares gets a stub returning an error; the
     # soname is the real library's, so at run time the loader picks the driver's libcuda.so.1.
     local c
-    c=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1)
+    c=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1 || true)
     if [ -z "$c" ]; then cargo fetch -q >/dev/null 2>&1; c=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* | tail -1); fi
     grep -hoE "^\s+fn cu[A-Za-z0-9_]+\(" "$c/src/driver/sys/mod.rs" | sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
       | awk '{print "int " $1 "(void){return 999;}"}' > "$l/cuda_stub.c"

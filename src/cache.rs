@@ -42,15 +42,19 @@ pub struct MaskSpec {
     pub pos: Option<DevicePos>,
 }
 
-/// A u32 tensor of one element on the device: the position a replayed decode step writes and
-/// attends up to (a CUDA graph replays one captured step at every position, so the position
-/// cannot be a kernel argument). Compared by identity.
+/// What a replayed decode step reads on the device instead of taking as kernel arguments (a
+/// CUDA graph replays one captured step at every position): `pos`, one u32, the position the
+/// step writes and attends up to; `starts`, one u32 per batch row, the first key the row may
+/// see (its left padding). Compared by identity.
 #[derive(Debug, Clone)]
-pub struct DevicePos(pub Tensor);
+pub struct DevicePos {
+    pub pos: Tensor,
+    pub starts: Tensor,
+}
 
 impl PartialEq for DevicePos {
     fn eq(&self, other: &Self) -> bool {
-        self.0.id() == other.0.id()
+        self.pos.id() == other.pos.id() && self.starts.id() == other.starts.id()
     }
 }
 
@@ -290,8 +294,8 @@ impl KvCache {
             let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
                 bail!("a captured decode step needs a filled cache");
             };
-            keys.inplace_op3(&k.contiguous()?, &pos.0, &KvWrite)?;
-            values.inplace_op3(&v.contiguous()?, &pos.0, &KvWrite)?;
+            keys.inplace_op3(&k.contiguous()?, &pos.pos, &KvWrite)?;
+            values.inplace_op3(&v.contiguous()?, &pos.pos, &KvWrite)?;
             return Ok((keys.clone(), values.clone()));
         }
         let (b, h, l, dk) = k.dims4()?;
@@ -336,14 +340,15 @@ impl KvCache {
     }
 
     /// The key and value buffers a CUDA graph of the next decode step can be captured against:
-    /// a filled standard cache of one sequence (not rotating, quantized, padded or training),
-    /// grown first when the next position does not fit. `None`: the step runs eagerly.
+    /// a filled standard cache of a sequence or a (left-padded) batch (not rotating, quantized
+    /// or training), grown first when the next position does not fit. `None`: the step runs
+    /// eagerly.
     pub fn graph_buffers(&mut self) -> Result<Option<(Tensor, Tensor)>> {
-        if self.rotation.is_some() || self.quant.is_some() || self.left_padding.is_some() {
+        if self.rotation.is_some() || self.quant.is_some() {
             return Ok(None);
         }
         let (Some(k), Some(v)) = (&self.keys, &self.values) else { return Ok(None) };
-        if k.track_op() || v.track_op() || k.dim(0)? != 1 {
+        if k.track_op() || v.track_op() {
             return Ok(None);
         }
         let (b, h, _, dk) = k.dims4()?;
@@ -524,6 +529,55 @@ impl KvCache {
         if let Some(p) = &self.left_padding {
             self.left_padding = Some(rows.iter().map(|&r| p[r]).collect());
         }
+        Ok(())
+    }
+
+    /// Whether the next position does not fit the buffers of a plain cache (the next update
+    /// grows them).
+    pub fn is_full(&self) -> bool {
+        let cap = self.keys.as_ref().and_then(|k| k.dim(2).ok());
+        self.is_batchable() && cap.is_some_and(|c| self.offset >= c)
+    }
+
+    /// Marks row `row` of a batch as left: from the next step on, it sees only its own new
+    /// positions (its slot computes a throwaway row until [`KvCache::write_row`] fills it).
+    pub fn retire_row(&mut self, row: usize) {
+        self.set_row_start(row, self.offset);
+    }
+
+    /// Sets row `row`'s left padding (the first key it sees) to `start`.
+    fn set_row_start(&mut self, row: usize, start: usize) {
+        let rows = self.rows().unwrap_or(1);
+        let mut padding = self.left_padding.as_deref().map_or_else(|| vec![0; rows], |p| p.to_vec());
+        if let Some(p) = padding.get_mut(row) {
+            *p = start;
+        }
+        self.left_padding = Some(padding.into());
+    }
+
+    /// Puts the sequence of `other` (one row, unpadded) into row `row` of this batch, in place:
+    /// its positions end at the batch's offset and padding fills the row before them. The
+    /// buffers stay the same (a CUDA graph captured against them keeps being replayed).
+    pub fn write_row(&mut self, row: usize, other: &KvCache) -> Result<()> {
+        let n = other.offset;
+        if !self.is_batchable() || !other.is_batchable() || other.left_padding.is_some() || other.rows()? != 1 {
+            bail!("only a plain single-sequence cache can take over a batch row");
+        }
+        let rows = self.rows()?;
+        if row >= rows || n > self.offset {
+            bail!(
+                "a sequence of {n} positions does not fit row {row} of a batch of {rows} rows at offset {}",
+                self.offset
+            );
+        }
+        if n > 0 {
+            let (Some(k), Some(v), Some(ok), Some(ov)) = (&self.keys, &self.values, &other.keys, &other.values) else {
+                bail!("taking over a batch row: a cache holds positions but no buffers");
+            };
+            k.narrow(0, row, 1)?.slice_set(&ok.narrow(2, 0, n)?.contiguous()?, 2, self.offset - n)?;
+            v.narrow(0, row, 1)?.slice_set(&ov.narrow(2, 0, n)?.contiguous()?, 2, self.offset - n)?;
+        }
+        self.set_row_start(row, self.offset - n);
         Ok(())
     }
 

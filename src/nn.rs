@@ -537,11 +537,11 @@ impl Rope {
         Ok(RopeTables { cos, sin, dims: self.dims, traditional: self.traditional })
     }
 
-    /// Tables of one position whose values are written in place before each replay of a
-    /// captured decode step ([`RopeTables::write_position`]).
-    pub fn position_tables(&self, dtype: DType, device: &Device) -> Result<RopeTables> {
+    /// Tables of one position per batch row whose values are written in place before each
+    /// replay of a captured decode step ([`RopeTables::write_positions`]).
+    pub fn position_tables(&self, rows: usize, dtype: DType, device: &Device) -> Result<RopeTables> {
         let half = self.inv_freq.len();
-        let cos = Tensor::zeros((1, half), dtype, device)?;
+        let cos = Tensor::zeros((rows, 1, half), dtype, device)?;
         Ok(RopeTables { cos: cos.clone(), sin: cos.zeros_like()?, dims: self.dims, traditional: self.traditional })
     }
 
@@ -584,11 +584,12 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    /// Writes position `pos`'s values into tables made by [`Rope::position_tables`] (host to
-    /// device copies outside any kernel, so a captured graph reads them at replay).
+    /// Writes each row's position into tables made by [`Rope::position_tables`] (host to device
+    /// copies outside any kernel, so a captured graph reads them at replay); `seq`: the
+    /// sequence length of the step, as [`Rope::batch_tables`] takes it (offset + 1).
     #[cfg(feature = "cuda")]
-    pub fn write_position(&self, rope: &Rope, pos: usize) -> Result<()> {
-        let (cos, sin) = rope.host_tables(&[pos], pos + 1);
+    pub fn write_positions(&self, rope: &Rope, positions: &[usize], seq: usize) -> Result<()> {
+        let (cos, sin) = rope.host_tables(positions, seq);
         crate::cuda::upload_f32(&self.cos, &cos)?;
         crate::cuda::upload_f32(&self.sin, &sin)?;
         Ok(())
@@ -638,7 +639,7 @@ pub fn rope_and_cache_write(
                 cos: rope.cos.clone(),
                 sin: rope.sin.clone(),
                 traditional: rope.traditional,
-                pos: pos.0.clone(),
+                pos: pos.pos.clone(),
                 keys: keys.clone(),
                 values: values.clone(),
             };
@@ -668,7 +669,7 @@ pub fn scaled_dot_product_attention(
             scale: scale as f32,
             softcap: softcap.map(|c| c as f32),
             starts: mask.left_padding,
-            pos: mask.pos.map(|p| p.0),
+            pos: mask.pos,
         };
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
@@ -805,7 +806,8 @@ struct DecodeAttention {
     /// per batch row, the first key it may see (left padding)
     starts: Option<std::sync::Arc<[usize]>>,
     /// CUDA graphs: the device position the keys end at (`k`, `v` are the whole cache buffer)
-    pos: Option<Tensor>,
+    /// and the rows' first keys, read there instead of `starts`
+    pos: Option<crate::cache::DevicePos>,
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -824,6 +826,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
         vl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let (starts, pos) = (self.starts.as_deref(), self.pos.as_ref());
+        let pos = pos.map(|p| (&p.pos, &p.starts));
         crate::cuda::decode_attention((qs, ql), (ks, kl), (vs, vl), self.scale, self.softcap, starts, pos)
     }
 

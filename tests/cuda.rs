@@ -6,7 +6,8 @@
 //! - the default model's greedy tokens on CUDA (f32) equal mlx_lm's goldens, which the CPU
 //!   matches too, and so do its 4-bit conversion's;
 //! - the decode step replayed as a CUDA graph gives the eager step's tokens, across the cache
-//!   growing (a new capture) in f32 and bf16;
+//!   growing (a new capture) in f32 and bf16, for one sequence and a left-padded batch whose
+//!   rows leave at different steps;
 //! - training: LoRA / DoRA / full fine-tuning gradients on CUDA equal mlx_lm's (with and
 //!   without gradient checkpointing).
 #![cfg(feature = "cuda")]
@@ -154,6 +155,52 @@ fn cuda_graph_decode_equals_eager_decode() {
         assert_eq!(replays, n + 1, "{dtype:?}: decode steps not replayed from the graph");
         assert_eq!(captures, 2, "{dtype:?}: one capture per cache buffer");
         assert_eq!(graphed, eager, "{dtype:?}: graph replay differs from the eager decode");
+    }
+}
+
+#[test]
+fn cuda_graph_batch_decode_equals_eager_batch_decode() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::Ordering::Relaxed;
+    use wick::cuda::graph::{set_enabled, CAPTURES, REPLAYS};
+    let Some(dev) = cuda() else { return };
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::golden("smollm2_greedy.json")).unwrap()).unwrap();
+    // the eight golden prompts, 4 to 41 tokens: a left-padded batch
+    let prompts: Vec<Vec<u32>> = golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["prompt_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
+        .collect();
+    let tok = wick::tokenizer::Tokenizer::load(&common::default_model()).unwrap();
+    let opts = wick::generate::GenerateOptions { max_tokens: 120, ..Default::default() };
+    for dtype in [DType::F32, DType::BF16] {
+        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        let model = m.model.as_ref();
+        let run =
+            |eos: &BTreeSet<u32>| wick::batch::batch_generate(model, &prompts, &opts, eos, |_| {}).unwrap().tokens;
+        for eos in [BTreeSet::new(), tok.eos_token_ids.clone()] {
+            set_enabled(false);
+            let r0 = REPLAYS.load(Relaxed);
+            let eager = run(&eos);
+            assert_eq!(REPLAYS.load(Relaxed), r0, "graphs were off");
+            set_enabled(true);
+            let (c0, r0) = (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed));
+            let graphed = run(&eos);
+            let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
+            let steps = graphed.iter().map(Vec::len).max().unwrap();
+            println!("{dtype:?}, {} eos ids: {captures} captures, {replays} replays, {steps} steps", eos.len());
+            // every step is replayed: the prompts' last tokens, then one per token but the last
+            // (and the last too when the longest row ends with an eos); a capture per batch
+            // buffer (rows leaving with eos make new ones)
+            assert!(
+                (steps..=steps + 1).contains(&replays),
+                "{dtype:?}: batch decode steps not replayed from the graph"
+            );
+            assert!(captures >= 1, "{dtype:?}: no capture");
+            assert_eq!(graphed, eager, "{dtype:?}: the batch's graph replay differs from its eager decode");
+        }
     }
 }
 

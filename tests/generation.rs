@@ -315,3 +315,38 @@ fn prefill_then_step_is_unchanged_by_the_new_paths() {
     let logits = prefill(m.as_ref(), &prompt, &mut cache, 7).unwrap();
     assert_eq!(wick::sample::argmax(&logits), want[0]);
 }
+
+#[test]
+fn a_left_request_s_batch_slot_takes_a_new_sequence_in_place() {
+    use candle_core::Tensor;
+    use wick::cache::{CacheState, KvCache};
+    // a sequence of n positions: 2 heads of size 3, values base + 0, 1, 2, ...
+    let seq = |n: usize, base: f32| {
+        let mut c = KvCache::new();
+        let k = (Tensor::arange(0f32, (2 * n * 3) as f32, &Device::Cpu).unwrap().reshape((1, 2, n, 3)).unwrap()
+            + base as f64)
+            .unwrap();
+        c.update_and_fetch(&k, &(&k + 0.5).unwrap()).unwrap();
+        c
+    };
+    let keys = |c: &KvCache| match c.state().unwrap() {
+        Some(CacheState::Standard { keys, .. }) => keys.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        _ => panic!("a standard cache"),
+    };
+    let (a, b) = (seq(5, 0.0), seq(3, 100.0));
+    let mut batch = KvCache::merge(&[a.clone(), b]).unwrap();
+    assert_eq!(batch.left_padding().unwrap().as_ref(), &[0, 2]);
+    let buffer = batch.buffers().unwrap().0.id();
+    batch.retire_row(1);
+    assert_eq!(batch.left_padding().unwrap().as_ref(), &[0, 5], "a left row sees only its next position");
+    // 4 positions take over row 1: they end at the batch's offset (5), one padding position first
+    let c = seq(4, 200.0);
+    batch.write_row(1, &c).unwrap();
+    assert_eq!(batch.buffers().unwrap().0.id(), buffer, "written in place");
+    assert_eq!(batch.left_padding().unwrap().as_ref(), &[0, 1]);
+    assert_eq!(keys(&batch.extract_row(1).unwrap()), keys(&c));
+    assert_eq!(keys(&batch.extract_row(0).unwrap()), keys(&a), "the other row is untouched");
+    // a sequence longer than the batch's positions does not fit
+    assert!(batch.write_row(1, &seq(6, 0.0)).is_err());
+    assert!(batch.write_row(2, &seq(2, 0.0)).is_err(), "no row 2");
+}

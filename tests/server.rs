@@ -89,7 +89,7 @@ fn openai_client_gets_what_wick_generate_gives() {
         String::from_utf8_lossy(&out.stderr),
         tail(&server.log.lock().unwrap(), 40)
     );
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 9, "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 10, "{stdout}");
 }
 
 fn tail(s: &str, n: usize) -> String {

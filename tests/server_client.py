@@ -244,6 +244,26 @@ def _():
         assert alone[i] == generate(prompts[i], 24), prompts[i]
 
 
+@check("requests joining a running batch (in the slots of finished ones) get their single-request greedy output")
+def _():
+    # 6 clients, 4 requests each, back to back, of different lengths: every request after a
+    # client's first joins a batch that is decoding, mostly in the slot of one that left
+    jobs = [[(f"Name {k + 2} animals that live in place number {c}.", 6 + 5 * ((c + k) % 4)) for k in range(4)] for c in range(6)]
+
+    def client(reqs):
+        return [chat(user(p), max_tokens=n).choices[0].message.content for p, n in reqs]
+
+    alone = [client(reqs) for reqs in jobs]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(client, jobs))
+    for reqs, want, got in zip(jobs, alone, together):
+        for (p, n), a, t in zip(reqs, want, got):
+            assert t == a, (p, n, t, a)
+    for c, k in ((0, 0), (3, 2), (5, 3)):
+        p, n = jobs[c][k]
+        assert alone[c][k] == generate(p, n), (p, n)
+
+
 @check("errors: unknown model 404, wrong key 401, bad field 400")
 def _():
     try:

@@ -35,7 +35,7 @@ __device__ __forceinline__ float warp_max(float v) {
 template <typename T>
 __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                        float* __restrict__ part_o, float* __restrict__ part_ml,
-                                       const int* __restrict__ starts, const unsigned* __restrict__ pos, int h,
+                                       const unsigned* __restrict__ starts, const unsigned* __restrict__ pos, int h,
                                        int kvh, int t_len, int d, int dv,
                                        long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
                                        long long vst, float scale, float softcap, int vec) {
@@ -46,8 +46,9 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     const int bh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int b = bh / h, kv = (bh % h) / (h / kvh);
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int start = starts ? starts[b] : 0;
     if (pos) t_len = (int)*pos + 1;  // replayed decode step: the keys up to this step's position
+    // a row sees at least its newest key (a batch slot whose request has left)
+    const int start = starts ? min((int)starts[b], t_len - 1) : 0;
     const int j0 = split * CHUNK, j1 = min(t_len, j0 + CHUNK);
     for (int i = tid; i < d; i += THREADS) qs[i] = to_f32(q[(size_t)bh * d + i]) * scale;
     __syncthreads();
@@ -173,52 +174,58 @@ __device__ void kv_write_impl(T* __restrict__ cache, const T* __restrict__ src, 
     for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = src[(size_t)r * d + i];
 }
 
-// A replayed decode step's RoPE and cache write in one launch: block i < h rotates query head i
-// into q_out; block h + j rotates key head j into the key cache and copies value head j into
-// the value cache, both at the position read on the device. q: (B=1, h, 1, d), k, v: (1, kvh, 1,
-// d) contiguous; cos, sin: (1, d/2); caches (1, kvh, T, d) with element strides (sh, st, 1).
+// A replayed decode step's RoPE and cache write in one launch, per batch row b: block
+// b * (h + kvh) + i, i < h, rotates query head i into q_out; block b * (h + kvh) + h + j rotates
+// key head j into the key cache and copies value head j into the value cache, both at the
+// position read on the device. q: (B, h, 1, d), k, v: (B, kvh, 1, d) contiguous; cos, sin:
+// (B, d/2), row b's position; caches (B, kvh, T, d) with element strides (sb, sh, st, 1).
 // The products and sums round as candle's rope kernels do (in T).
 template <typename T>
 __device__ void rope_kv_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              const T* __restrict__ cos, const T* __restrict__ sin, const unsigned* __restrict__ pos,
-                             T* __restrict__ q_out, T* __restrict__ kc, T* __restrict__ vc, int h, int d,
-                             long long ksh, long long kst, long long vsh, long long vst, int traditional) {
-    const int head = blockIdx.x;
+                             T* __restrict__ q_out, T* __restrict__ kc, T* __restrict__ vc, int h, int kvh, int d,
+                             long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
+                             long long vst, int traditional) {
+    const int b = blockIdx.x / (h + kvh), head = blockIdx.x % (h + kvh);
+    const int half = d / 2;
     const T* src;
     T* dst;
     if (head < h) {
-        src = q + (size_t)head * d;
-        dst = q_out + (size_t)head * d;
+        src = q + ((size_t)b * h + head) * d;
+        dst = q_out + ((size_t)b * h + head) * d;
     } else {
         const int j = head - h;
         const long long p = *pos;
-        src = k + (size_t)j * d;
-        dst = kc + j * ksh + p * kst;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) vc[j * vsh + p * vst + i] = v[(size_t)j * d + i];
+        src = k + ((size_t)b * kvh + j) * d;
+        dst = kc + b * ksb + j * ksh + p * kst;
+        T* vdst = vc + b * vsb + j * vsh + p * vst;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) vdst[i] = v[((size_t)b * kvh + j) * d + i];
     }
-    const int half = d / 2;
+    cos += (size_t)b * half;
+    sin += (size_t)b * half;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         const T c = cos[i], s = sin[i];
         const int i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
-        const T a = src[i1], b = src[i2];
-        dst[i1] = a * c - b * s;
-        dst[i2] = a * s + b * c;
+        const T a = src[i1], b2 = src[i2];
+        dst[i1] = a * c - b2 * s;
+        dst[i2] = a * s + b2 * c;
     }
 }
 
 #define ATTN(T, TN)                                                                                             \
     extern "C" __global__ void __launch_bounds__(THREADS) wick_attention_partial_##TN(                         \
-        const T* q, const T* k, const T* v, float* part_o, float* part_ml, const int* starts,                   \
+        const T* q, const T* k, const T* v, float* part_o, float* part_ml, const unsigned* starts,              \
         const unsigned* pos, int h, int kvh, int t_len, int d, int dv, long long ksb, long long ksh,            \
         long long kst, long long vsb, long long vsh, long long vst, float scale, float softcap, int vec) {      \
         attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh, kst,   \
                                   vsb, vsh, vst, scale, softcap, vec);                                          \
     }                                                                                                           \
     extern "C" __global__ void wick_rope_kv_##TN(const T* q, const T* k, const T* v, const T* cos, const T* sin, \
-                                                 const unsigned* pos, T* q_out, T* kc, T* vc, int h, int d,     \
-                                                 long long ksh, long long kst, long long vsh, long long vst,    \
-                                                 int traditional) {                                             \
-        rope_kv_impl<T>(q, k, v, cos, sin, pos, q_out, kc, vc, h, d, ksh, kst, vsh, vst, traditional);          \
+                                                 const unsigned* pos, T* q_out, T* kc, T* vc, int h, int kvh,   \
+                                                 int d, long long ksb, long long ksh, long long kst,            \
+                                                 long long vsb, long long vsh, long long vst, int traditional) { \
+        rope_kv_impl<T>(q, k, v, cos, sin, pos, q_out, kc, vc, h, kvh, d, ksb, ksh, kst, vsb, vsh, vst,         \
+                        traditional);                                                                           \
     }                                                                                                           \
     extern "C" __global__ void wick_kv_write_##TN(T* cache, const T* src, const unsigned* pos, int heads,      \
                                                   int d, long long sb, long long sh, long long st) {            \

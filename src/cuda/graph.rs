@@ -1,17 +1,18 @@
-//! The decode step as a CUDA graph: one sequence's step (embedding, every layer, the head) is
-//! captured once and replayed at every position, so the host issues one graph launch and four
+//! The decode step as a CUDA graph: the step of one sequence or of a (left-padded) batch
+//! (embedding, every layer, the head) is captured once and replayed at every position, so the host issues one graph launch and four
 //! small copies instead of ~20 kernel launches per layer.
 //!
-//! What changes from step to step lives on the device, written before each replay: the token,
-//! the position (the cache writes and decode attention read it there, [`DevicePos`]) and the
-//! RoPE tables of that position. Everything else has fixed addresses: the cache buffers (a
+//! What changes from step to step lives on the device, written before each replay: the tokens,
+//! the position (the cache writes and decode attention read it there, [`DevicePos`]), each
+//! row's first key (its left padding; decode attention reads it there too) and the RoPE tables
+//! of each row's position. Everything else has fixed addresses: the cache buffers (a
 //! graph is captured against them and captured again when they grow, every 256 positions, or
 //! when another cache is passed), the weights, and the intermediates (the capture allocates and
 //! frees them with stream-ordered allocation, so they become the graph's own memory). The
 //! logits land in a buffer made before the capture.
 //!
-//! Steps that do not fit run eagerly: batches, prompts, rotating, quantized or padded caches,
-//! training, and `WICK_CUDA_GRAPH=0`. A capture that fails (an op that synchronizes with the
+//! Steps that do not fit run eagerly: prompts, rotating or quantized caches, training, and
+//! `WICK_CUDA_GRAPH=0`. A capture that fails (an op that synchronizes with the
 //! host) turns graphs off for the model and the step runs eagerly.
 
 use crate::cache::{DevicePos, KvCache};
@@ -46,21 +47,28 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(device: &Device, shape: &StepShape) -> Result<Self> {
+    fn new(device: &Device, shape: &StepShape, rows: usize) -> Result<Self> {
+        let tables = shape.ropes.iter().map(|r| r.position_tables(rows, shape.dtype, device));
         Ok(Self {
-            token: Tensor::zeros((1, 1), DType::U32, device)?,
-            pos: DevicePos(Tensor::zeros(1, DType::U32, device)?),
-            tables: shape.ropes.iter().map(|r| r.position_tables(shape.dtype, device)).collect::<Result<Vec<_>>>()?,
-            logits: Tensor::zeros((1, 1, shape.vocab), DType::F32, device)?,
+            token: Tensor::zeros((rows, 1), DType::U32, device)?,
+            pos: DevicePos {
+                pos: Tensor::zeros(1, DType::U32, device)?,
+                starts: Tensor::zeros(rows, DType::U32, device)?,
+            },
+            tables: tables.collect::<Result<Vec<_>>>()?,
+            logits: Tensor::zeros((rows, 1, shape.vocab), DType::F32, device)?,
         })
     }
 
-    /// This step's token, position and RoPE tables, copied in before the step runs.
-    fn write(&self, tokens: &Tensor, offset: usize, ropes: &[Rope]) -> Result<()> {
-        self.token.slice_set(&tokens.to_dtype(DType::U32)?, 1, 0)?;
-        super::upload_f32(&self.pos.0, &[offset as f32])?;
+    /// This step's tokens, position, rows' first keys and RoPE tables, copied in before the
+    /// step runs. `offset`: the cache index the step writes; `starts`: the rows' left padding.
+    fn write(&self, tokens: &Tensor, offset: usize, starts: &[usize], ropes: &[Rope]) -> Result<()> {
+        self.token.slice_set(&tokens.to_dtype(DType::U32)?, 0, 0)?;
+        super::upload_f32(&self.pos.pos, &[offset as f32])?;
+        super::upload_f32(&self.pos.starts, &starts.iter().map(|&s| s as f32).collect::<Vec<_>>())?;
+        let positions: Vec<usize> = starts.iter().map(|&s| offset.saturating_sub(s)).collect();
         for (t, r) in self.tables.iter().zip(ropes) {
-            t.write_position(r, offset)?;
+            t.write_positions(r, &positions, offset + 1)?;
         }
         Ok(())
     }
@@ -123,7 +131,7 @@ pub fn set_enabled(on: bool) {
 }
 
 impl DecodeGraph {
-    /// Runs one decode step of `tokens` (1, 1) through the graph, capturing it first when
+    /// Runs one decode step of `tokens` (B, 1) through the graph, capturing it first when
     /// needed; `run` is the model's eager forward pass with given RoPE tables (what is
     /// captured). `None`: this step does not fit a graph; run it eagerly.
     pub fn step(
@@ -134,7 +142,8 @@ impl DecodeGraph {
         shape: StepShape,
         run: impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
     ) -> Result<Option<Tensor>> {
-        if !device.is_cuda() || tokens.dims() != [1, 1] || cache.is_empty() || !enabled() {
+        let rows = tokens.dim(0)?;
+        if !device.is_cuda() || tokens.dims() != [rows, 1] || cache.is_empty() || !enabled() {
             return Ok(None);
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,10 +151,14 @@ impl DecodeGraph {
             return Ok(None);
         }
         let offset = cache[0].offset();
+        let padding = cache[0].left_padding().cloned();
+        let starts = padding.as_deref().map_or_else(|| vec![0; rows], |p| p.to_vec());
         let mut buffers = Vec::with_capacity(cache.len());
         for c in cache.iter_mut() {
             match c.graph_buffers()? {
-                Some((k, v)) if c.offset() == offset => buffers.push((k.id(), v.id())),
+                Some((k, v)) if c.offset() == offset && c.left_padding() == padding.as_ref() && k.dim(0)? == rows => {
+                    buffers.push((k.id(), v.id()))
+                }
                 _ => return Ok(None),
             }
         }
@@ -153,8 +166,8 @@ impl DecodeGraph {
         let same = |c: &Captured| c.buffers == buffers && c.thread == thread;
         if !state.captured.as_ref().is_some_and(same) {
             state.captured = None; // its memory back before the next capture
-            let inputs = Inputs::new(device, &shape)?;
-            inputs.write(tokens, offset, shape.ropes)?;
+            let inputs = Inputs::new(device, &shape, rows)?;
+            inputs.write(tokens, offset, &starts, shape.ropes)?;
             match capture(device, cache, &inputs, &run) {
                 Ok(graph) => {
                     CAPTURES.fetch_add(1, Ordering::Relaxed);
@@ -169,7 +182,7 @@ impl DecodeGraph {
                 }
             }
         } else if let Some(c) = &state.captured {
-            c.inputs.write(tokens, offset, shape.ropes)?;
+            c.inputs.write(tokens, offset, &starts, shape.ropes)?;
         }
         let c = state.captured.as_ref().expect("captured above");
         c.graph.launch().map_err(|e| anyhow::anyhow!("replaying the decode step's CUDA graph: {e:?}"))?;

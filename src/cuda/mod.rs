@@ -99,9 +99,10 @@ const ATTN_THREADS: u32 = 128;
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 
 /// Decode attention: `q` (B, H, 1, D) contiguous over `k` (B, KV, T, D), `v` (B, KV, T, DV)
-/// views with unit last stride. `starts[b]`: the first key row `b` may see. `pos`: a u32 on the
-/// device, the position this step wrote; only keys up to it are seen (`T` is then the cache's
-/// capacity: a replayed CUDA graph reads the count at run time).
+/// views with unit last stride. `starts[b]`: the first key row `b` may see. `device_pos`: a u32
+/// on the device, the position this step wrote (only keys up to it are seen; `T` is then the
+/// cache's capacity: a replayed CUDA graph reads the count at run time), and the rows' starts on
+/// the device (u32, one per row), used instead of `starts`.
 pub fn decode_attention(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
@@ -109,19 +110,34 @@ pub fn decode_attention(
     scale: f32,
     softcap: Option<f32>,
     starts: Option<&[usize]>,
-    pos: Option<&candle_core::Tensor>,
+    device_pos: Option<(&candle_core::Tensor, &candle_core::Tensor)>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = q.0.device().clone();
-    let pos = pos.map(|p| p.storage_and_layout().0);
-    let pos = match &pos {
-        Some(p) => Some(cuda_of(p, "decode attention: the device position")?.as_cuda_slice::<u32>()?),
+    let guards = device_pos.map(|(p, s)| (p.storage_and_layout().0, s.storage_and_layout().0));
+    let on_device = match &guards {
+        Some((p, s)) => Some((
+            cuda_of(p, "decode attention: the device position")?.as_cuda_slice::<u32>()?,
+            cuda_of(s, "decode attention: the device row starts")?.as_cuda_slice::<u32>()?,
+        )),
         None => None,
     };
+    let starts = match on_device {
+        Some((_, s)) => Starts::Device(s),
+        None => Starts::Host(starts),
+    };
+    let pos = on_device.map(|(p, _)| p);
     let out =
         by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts, pos));
     let (b, h, _, _) = q.1.shape().dims4()?;
     let dv = v.1.shape().dims4()?.3;
     Ok((out, Shape::from((b, h, 1, dv))))
+}
+
+/// Where decode attention finds each row's first key: host values (uploaded per call), or a
+/// device buffer (a replayed CUDA graph).
+enum Starts<'a> {
+    Host(Option<&'a [usize]>),
+    Device(&'a CudaSlice<u32>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -132,7 +148,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     (vs, vl): (&CudaStorage, &Layout),
     scale: f32,
     softcap: Option<f32>,
-    starts: Option<&[usize]>,
+    starts: Starts,
     pos: Option<&CudaSlice<u32>>,
 ) -> Result<CudaSlice<T>> {
     let (b, h, _, d) = ql.shape().dims4()?;
@@ -150,14 +166,20 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let part_o = unsafe { dev.alloc::<f32>(b * h * splits * dv)? };
     let part_ml = unsafe { dev.alloc::<f32>(b * h * splits * 2)? };
     let out = unsafe { dev.alloc::<T>(b * h * dv)? };
-    let starts_dev: Option<CudaSlice<i32>> = match starts {
-        Some(s) => {
-            let s: Vec<i32> = s.iter().map(|&x| x as i32).collect();
-            let mut buf = unsafe { dev.alloc::<i32>(s.len())? };
+    let starts_dev: Option<CudaSlice<u32>> = match starts {
+        Starts::Host(Some(s)) => {
+            let s: Vec<u32> = s.iter().map(|&x| x as u32).collect();
+            let mut buf = unsafe { dev.alloc::<u32>(s.len())? };
             dev.memcpy_htod(&s, &mut buf)?;
             Some(buf)
         }
-        None => None,
+        Starts::Host(None) => None,
+        Starts::Device(s) => {
+            if s.len() != b {
+                candle_core::bail!("decode attention: {} row starts on the device for {b} rows", s.len());
+            }
+            None
+        }
     };
     let tn = dtype_suffix(T::DTYPE, "decode attention")?;
     let partial = function(dev, Module::Attention, &format!("wick_attention_partial_{tn}"))?;
@@ -170,9 +192,10 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let stream = dev.cuda_stream();
     let mut lb = stream.launch_builder(&partial);
     lb.arg(&q).arg(&k).arg(&v).arg(&part_o).arg(&part_ml);
-    match &starts_dev {
-        Some(s) => lb.arg(s),
-        None => lb.arg(&null),
+    match (&starts_dev, &starts) {
+        (Some(s), _) => lb.arg(s),
+        (None, Starts::Device(s)) => lb.arg(*s),
+        (None, Starts::Host(_)) => lb.arg(&null),
     };
     match pos {
         Some(p) => lb.arg(p),
@@ -240,8 +263,9 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
 }
 
 /// A replayed decode step's RoPE of q and k and its cache write in one kernel: the op's inputs
-/// are q (1, H, 1, D), k and v (1, KV, 1, D); it returns the rotated q and writes the rotated k
-/// and v into the cache buffers at the device position (see [`decode_attention`]).
+/// are q (B, H, 1, D), k and v (B, KV, 1, D), the tables (B, D/2) (row b's position); it returns
+/// the rotated q and writes the rotated k and v into the cache buffers (B rows) at the device
+/// position (see [`decode_attention`]).
 pub struct RopeKvWrite {
     pub cos: candle_core::Tensor,
     pub sin: candle_core::Tensor,
@@ -308,13 +332,15 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (cos_s, sin_s) = (cuda_of(&cos_s, "rope + cache write: cos")?, cuda_of(&sin_s, "rope + cache write: sin")?);
     let pos_s = cuda_of(&pos_s, "rope + cache write: the position")?;
     let (kc_s, vc_s) = (cuda_of(&kc_s, "the key cache")?, cuda_of(&vc_s, "the value cache")?);
-    let half = cos_l.shape().elem_count();
-    if b != 1
-        || l != 1
+    let half = cos_l.shape().elem_count() / b.max(1);
+    if l != 1
         || d % 2 != 0
         || half != d / 2
-        || kl.shape().dims4()? != (1, kvh, 1, d)
-        || vl.shape().dims4()? != (1, kvh, 1, d)
+        || cos_l.shape().elem_count() != b * half
+        || kl.shape().dims4()? != (b, kvh, 1, d)
+        || vl.shape().dims4()? != (b, kvh, 1, d)
+        || kc_l.shape().dims4()?.0 != b
+        || vc_l.shape().dims4()?.0 != b
         || kc_l.shape().dims4()?.3 != d
         || vc_l.shape().dims4()?.3 != d
         || kc_l.stride()[3] != 1
@@ -347,17 +373,17 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (vc_ptr, _v_sync) = vc_s.as_cuda_slice::<T>()?.device_ptr(&stream);
     let kc_ptr = kc_ptr + kc_l.start_offset() as u64 * esz;
     let vc_ptr = vc_ptr + vc_l.start_offset() as u64 * esz;
-    let out = unsafe { dev.alloc::<T>(h * d)? };
+    let out = unsafe { dev.alloc::<T>(b * h * d)? };
     let f =
         function(dev, Module::Attention, &format!("wick_rope_kv_{}", dtype_suffix(T::DTYPE, "rope + cache write")?))?;
-    let (h_i, d_i, trad) = (h as i32, d as i32, op.traditional as i32);
-    let (ksh, kst) = (kc_l.stride()[1] as i64, kc_l.stride()[2] as i64);
-    let (vsh, vst) = (vc_l.stride()[1] as i64, vc_l.stride()[2] as i64);
+    let (h_i, kvh_i, d_i, trad) = (h as i32, kvh as i32, d as i32, op.traditional as i32);
+    let [ksb, ksh, kst] = [0, 1, 2].map(|i| kc_l.stride()[i] as i64);
+    let [vsb, vsh, vst] = [0, 1, 2].map(|i| vc_l.stride()[i] as i64);
     let mut lb = stream.launch_builder(&f);
     lb.arg(&q).arg(&k).arg(&v).arg(&cos).arg(&sin).arg(pos).arg(&out).arg(&kc_ptr).arg(&vc_ptr);
-    lb.arg(&h_i).arg(&d_i).arg(&ksh).arg(&kst).arg(&vsh).arg(&vst).arg(&trad);
+    lb.arg(&h_i).arg(&kvh_i).arg(&d_i).arg(&ksb).arg(&ksh).arg(&kst).arg(&vsb).arg(&vsh).arg(&vst).arg(&trad);
     let cfg = LaunchConfig {
-        grid_dim: ((h + kvh) as u32, 1, 1),
+        grid_dim: ((b * (h + kvh)) as u32, 1, 1),
         block_dim: ((d / 2).min(1024) as u32, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -12,9 +12,11 @@ use crate::models::LanguageModel;
 use crate::sample::{log_softmax, LogitsProcessors, Sampler, SamplerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use rayon::prelude::*;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Why a request's generation ended.
@@ -172,9 +174,87 @@ pub struct Worker {
     batchable: bool,
     prefix: PrefixCache,
     pending: Vec<Pending>,
-    rows: Vec<Row>,
-    /// the batch's cache, one per layer (row `i` of each is `rows[i]`)
+    /// the batch's slots: slot `i` is row `i` of every layer's cache; `None`, a request that
+    /// left (the slot runs a throwaway step until a joining request takes it over, or the batch
+    /// is compacted)
+    rows: Vec<Option<Row>>,
+    /// the batch's cache, one per layer
     cache: Vec<KvCache>,
+    /// `WICK_SERVER_PROFILE=1`: where the loop's time goes, logged every few seconds
+    profile: Option<Profile>,
+}
+
+/// Time the scheduler spends per phase (`WICK_SERVER_PROFILE=1`); the device is synchronized
+/// after each phase, so each figure includes that phase's GPU work. Logged as one structured
+/// line every 5 s of serving and when the scheduler goes idle.
+struct Profile {
+    since: Instant,
+    steps: usize,
+    decodes: usize,
+    rows: usize,
+    /// slots of the decode steps whose requests had left
+    idle_rows: usize,
+    /// requests that joined the batch in a left request's slot, and in a new one
+    reused: usize,
+    appended: usize,
+    prefill_tokens: usize,
+    /// prompt chunks, joining the batch, the decode forward, reading the logits back,
+    /// sampling and sending, letting finished rows go
+    phases: [Duration; 6],
+}
+
+const PHASES: [&str; 6] = ["prefill", "join", "forward", "readback", "sample", "leave"];
+
+impl Profile {
+    fn from_env() -> Option<Self> {
+        std::env::var("WICK_SERVER_PROFILE").is_ok_and(|v| v != "0").then(|| Self {
+            since: Instant::now(),
+            steps: 0,
+            decodes: 0,
+            rows: 0,
+            idle_rows: 0,
+            reused: 0,
+            appended: 0,
+            prefill_tokens: 0,
+            phases: Default::default(),
+        })
+    }
+
+    /// Logs the figures since the last line, if 5 s have passed (or `now`), and starts anew.
+    fn log_if_due(&mut self, now: bool) {
+        let wall = self.since.elapsed();
+        if (wall < Duration::from_secs(5) && !now) || self.steps == 0 {
+            return;
+        }
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let mut v = serde_json::json!({
+            "event": "scheduler_profile",
+            "wall_ms": ms(wall),
+            "steps": self.steps,
+            "decode_steps": self.decodes,
+            "mean_rows": (self.rows as f64 / self.decodes.max(1) as f64 * 100.0).round() / 100.0,
+            "mean_idle_rows": (self.idle_rows as f64 / self.decodes.max(1) as f64 * 100.0).round() / 100.0,
+            "joined_into_slots": self.reused,
+            "joined_as_new_rows": self.appended,
+            "prefill_tokens": self.prefill_tokens,
+        });
+        for (name, d) in PHASES.iter().zip(self.phases) {
+            v[format!("{name}_ms")] = serde_json::json!(ms(d));
+        }
+        super::log_line(v);
+        *self = Self { since: Instant::now(), ..Self::from_env().expect("profiling is on") };
+    }
+}
+
+/// Adds the time since `*mark` to phase `i` of the profile (after synchronizing the device) and
+/// moves the mark; does nothing when profiling is off.
+fn lap(profile: &mut Option<Profile>, device: &candle_core::Device, mark: &mut Instant, i: usize) {
+    if let Some(p) = profile {
+        let _ = device.synchronize();
+        let now = Instant::now();
+        p.phases[i] += now - *mark;
+        *mark = now;
+    }
 }
 
 fn send(job: &Job, ev: Event) -> bool {
@@ -190,13 +270,19 @@ impl Worker {
     ) -> Self {
         let batchable = model.make_cache(None).iter().all(KvCache::is_batchable);
         let prefix = PrefixCache::new(if batchable { cfg.prompt_cache_size } else { 0 });
-        Self { model, cfg, rx, alive, batchable, prefix, pending: vec![], rows: vec![], cache: vec![] }
+        let profile = Profile::from_env();
+        Self { model, cfg, rx, alive, batchable, prefix, pending: vec![], rows: vec![], cache: vec![], profile }
     }
 
     /// Serves jobs until every [`Scheduler`] handle is gone.
     pub fn run(mut self) {
         self.serve();
         self.alive.store(false, Ordering::SeqCst);
+    }
+
+    /// Requests in the batch.
+    fn live(&self) -> usize {
+        self.rows.iter().filter(|r| r.is_some()).count()
     }
 
     fn capacity(&self) -> usize {
@@ -210,12 +296,20 @@ impl Worker {
     fn serve(&mut self) {
         loop {
             // take new requests while there is room; wait for one when idle
-            while self.pending.len() + self.rows.len() < self.capacity() {
+            while self.pending.len() + self.live() < self.capacity() {
                 let q = if self.pending.is_empty() && self.rows.is_empty() {
-                    match self.rx.recv() {
+                    if let Some(p) = self.profile.as_mut() {
+                        p.log_if_due(true);
+                    }
+                    let q = match self.rx.recv() {
                         Ok(q) => q,
                         Err(_) => return,
+                    };
+                    if let Some(p) = self.profile.as_mut() {
+                        // idle time is not the loop's
+                        p.since = Instant::now();
                     }
+                    q
                 } else {
                     match self.rx.try_recv() {
                         Ok(q) => q,
@@ -237,7 +331,7 @@ impl Worker {
             };
             if let Some(msg) = failure {
                 // the batch's state is unknown now: fail its requests and start clean
-                for r in self.rows.drain(..) {
+                for r in self.rows.drain(..).flatten() {
                     send(&r.q.job, Event::Error(msg.clone()));
                 }
                 for p in self.pending.drain(..) {
@@ -269,6 +363,7 @@ impl Worker {
     /// its chunks); the requests whose prompts are done join the batch together; then a decode
     /// step of the batch.
     fn step(&mut self) -> Result<()> {
+        let mut mark = Instant::now();
         self.pending.retain(|p| !p.q.job.events.is_closed());
         let mut budget = self.cfg.prefill_step_size;
         let mut ready = 0;
@@ -284,22 +379,34 @@ impl Worker {
                 self.model.forward(&input, &mut p.cache, true)?;
                 p.done += n;
                 budget -= n;
+                if let Some(prof) = self.profile.as_mut() {
+                    prof.prefill_tokens += n;
+                }
             }
             if p.done < prompt.len() - 1 {
                 break;
             }
             ready += 1;
         }
+        let device = self.model.device().clone();
+        lap(&mut self.profile, &device, &mut mark, 0);
         let joining: Vec<Pending> = self.pending.drain(..ready).collect();
         self.join(joining)?;
+        lap(&mut self.profile, &device, &mut mark, 1);
         if !self.rows.is_empty() {
-            self.decode()?;
+            self.decode(&mut mark)?;
+        }
+        if let Some(p) = self.profile.as_mut() {
+            p.steps += 1;
+            p.log_if_due(false);
         }
         Ok(())
     }
 
-    /// Moves requests whose prompts are computed (but their last tokens) into the batch: their
-    /// caches and the batch's are merged in one copy.
+    /// Moves requests whose prompts are computed (but their last tokens) into the batch: each
+    /// into the slot of a request that left when its positions fit before the batch's offset
+    /// (copied into that row in place: the batch's buffers stay, so a captured CUDA graph of the
+    /// step keeps being replayed), the others as new rows (the caches merged in one copy).
     fn join(&mut self, joining: Vec<Pending>) -> Result<()> {
         let mut caches = vec![];
         for Pending { q, cache, done, cached } in joining {
@@ -314,8 +421,23 @@ impl Worker {
                 }
             };
             let prompt = &q.job.prompt;
-            self.rows.push(Row { fed: prompt[..done].to_vec(), next: prompt[done], generated: 0, sampler, q });
+            let row = Row { fed: prompt[..done].to_vec(), next: prompt[done], generated: 0, sampler, q };
+            let free = self.rows.iter().position(Option::is_none);
+            if let Some(slot) = free.filter(|_| self.cache.first().is_some_and(|c| c.offset() >= done)) {
+                for (b, c) in self.cache.iter_mut().zip(&cache) {
+                    b.write_row(slot, c)?;
+                }
+                self.rows[slot] = Some(row);
+                if let Some(p) = self.profile.as_mut() {
+                    p.reused += 1;
+                }
+                continue;
+            }
+            self.rows.push(Some(row));
             caches.push(cache);
+            if let Some(p) = self.profile.as_mut() {
+                p.appended += 1;
+            }
         }
         if caches.is_empty() {
             return Ok(());
@@ -337,24 +459,44 @@ impl Worker {
     }
 
     /// Feeds every row's next token, samples each row's following one, lets finished rows go.
-    fn decode(&mut self) -> Result<()> {
-        let input: Vec<Vec<u32>> = self.rows.iter().map(|r| vec![r.next]).collect();
-        let logits = self.model.forward(&Tensor::new(input, self.model.device())?, &mut self.cache, true)?;
+    fn decode(&mut self, mark: &mut Instant) -> Result<()> {
+        let device = self.model.device().clone();
+        self.compact_before_growing()?;
+        if let Some(p) = self.profile.as_mut() {
+            p.decodes += 1;
+            p.rows += self.rows.len();
+            p.idle_rows += self.rows.len() - self.rows.iter().flatten().count();
+        }
+        // a left request's slot feeds any token: its row's output is not read
+        let input: Vec<Vec<u32>> = self.rows.iter().map(|r| vec![r.as_ref().map_or(0, |r| r.next)]).collect();
+        let logits = self.model.forward(&Tensor::new(input, &device)?, &mut self.cache, true)?;
+        lap(&mut self.profile, &device, mark, 2);
         let mut logits = logits.squeeze(1)?.to_vec2::<f32>()?;
-        let mut keep = Vec::with_capacity(self.rows.len());
+        lap(&mut self.profile, &device, mark, 3);
+        // each row's processors and sampler on its logits, the rows in parallel
+        let picked: Vec<Option<Result<Picked>>> = self
+            .rows
+            .par_iter_mut()
+            .zip(logits.par_iter_mut())
+            .map(|(slot, l)| {
+                let row = slot.as_mut()?;
+                row.fed.push(row.next);
+                let job = &row.q.job;
+                job.processors.apply(&row.fed, l);
+                Some(match job.logprobs {
+                    Some(n) => {
+                        let lp = log_softmax(l);
+                        row.sampler.sample(l).map(|id| (id, Some(lp[id as usize]), top_n(&lp, n)))
+                    }
+                    None => row.sampler.sample(l).map(|id| (id, None, vec![])),
+                })
+            })
+            .collect();
         let mut leaving = vec![];
-        for (i, (row, l)) in self.rows.iter_mut().zip(logits.iter_mut()).enumerate() {
+        for (i, (slot, p)) in self.rows.iter_mut().zip(picked).enumerate() {
+            let (Some(row), Some(p)) = (slot, p) else { continue };
+            let (id, logprob, top) = p?;
             let job = &row.q.job;
-            row.fed.push(row.next);
-            job.processors.apply(&row.fed, l);
-            let (logprob, top, id) = match job.logprobs {
-                Some(n) => {
-                    let lp = log_softmax(l);
-                    let id = row.sampler.sample(l)?;
-                    (Some(lp[id as usize]), top_n(&lp, n), id)
-                }
-                None => (None, vec![], row.sampler.sample(l)?),
-            };
             row.generated += 1;
             let finish = if self.cfg.eos_token_ids.contains(&id) {
                 Some(Finish::Stop)
@@ -366,38 +508,71 @@ impl Worker {
             let open = send(job, Event::Token { id, logprob, top, finish });
             if finish.is_none() && open {
                 row.next = id;
-                keep.push(i);
             } else {
                 leaving.push(i);
             }
         }
-        if leaving.is_empty() {
-            return Ok(());
+        lap(&mut self.profile, &device, mark, 4);
+        if !leaving.is_empty() {
+            self.leave(&leaving)?;
+            lap(&mut self.profile, &device, mark, 5);
         }
+        Ok(())
+    }
+
+    /// Lets the rows in `leaving` go (their caches kept as prefixes): their slots stay in the
+    /// batch for joining requests, until at most half the slots hold requests (then the batch
+    /// is compacted) or none does (then it is dropped).
+    fn leave(&mut self, leaving: &[usize]) -> Result<()> {
         // (copying a row out is skipped when nothing is kept: a rotating cache cannot give one)
         let keep_prefixes = self.prefix.is_enabled();
-        for &i in leaving.iter().filter(|_| keep_prefixes) {
-            let row = &self.rows[i];
-            let cache = self.cache.iter().map(|c| c.extract_row(i)).collect::<Result<Vec<_>>>()?;
-            self.prefix.insert(row.fed.clone(), cache);
+        for &i in leaving {
+            let row = self.rows[i].take().expect("a leaving row is in the batch");
+            if keep_prefixes {
+                let cache = self.cache.iter().map(|c| c.extract_row(i)).collect::<Result<Vec<_>>>()?;
+                self.prefix.insert(row.fed, cache);
+            }
+            if self.batchable {
+                for c in self.cache.iter_mut() {
+                    c.retire_row(i);
+                }
+            }
         }
-        if keep.is_empty() {
+        let live = self.live();
+        if live == 0 {
             self.rows.clear();
             self.cache.clear();
-            return Ok(());
+        } else if !self.batchable || 2 * live <= self.rows.len() {
+            self.compact()?;
         }
+        Ok(())
+    }
+
+    /// Drops the slots of requests that left, and the cache positions no request sees.
+    fn compact(&mut self) -> Result<()> {
+        let keep: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].is_some()).collect();
         for c in self.cache.iter_mut() {
-            c.select_rows(&keep)?;
+            if keep.len() < self.rows.len() {
+                c.select_rows(&keep)?;
+            }
             c.drop_common_padding()?;
         }
-        let mut i = 0;
-        self.rows.retain(|_| {
-            i += 1;
-            keep.contains(&(i - 1))
-        });
+        self.rows.retain(Option::is_some);
+        Ok(())
+    }
+
+    /// When the next step would grow the batch's cache (new buffers anyway), compacts it first:
+    /// the cache keeps no more than its requests' positions (and room for the next 256).
+    fn compact_before_growing(&mut self) -> Result<()> {
+        if self.batchable && self.cache.first().is_some_and(KvCache::is_full) {
+            self.compact()?;
+        }
         Ok(())
     }
 }
+
+/// A sampled token, its log-probability and the most likely alternatives (when asked for).
+type Picked = (u32, Option<f32>, Vec<(u32, f32)>);
 
 /// The `n` largest entries of `lp` with their indices, largest first.
 fn top_n(lp: &[f32], n: usize) -> Vec<(u32, f32)> {
