@@ -121,23 +121,23 @@ pub fn decode_attention(
         )),
         None => None,
     };
-    let starts = match on_device {
-        Some((_, s)) => Starts::Device(s),
-        None => Starts::Host(starts),
+    // host starts go up for this call; a replayed step's are on the device already
+    let uploaded = match (starts, on_device) {
+        (Some(s), None) => {
+            let s: Vec<u32> = s.iter().map(|&x| x as u32).collect();
+            let mut buf = unsafe { dev.alloc::<u32>(s.len())? };
+            dev.memcpy_htod(&s, &mut buf)?;
+            Some(buf)
+        }
+        _ => None,
     };
+    let starts = on_device.map(|(_, s)| s).or(uploaded.as_ref());
     let pos = on_device.map(|(p, _)| p);
     let out =
         by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts, pos));
     let (b, h, _, _) = q.1.shape().dims4()?;
     let dv = v.1.shape().dims4()?.3;
     Ok((out, Shape::from((b, h, 1, dv))))
-}
-
-/// Where decode attention finds each row's first key: host values (uploaded per call), or a
-/// device buffer (a replayed CUDA graph).
-enum Starts<'a> {
-    Host(Option<&'a [usize]>),
-    Device(&'a CudaSlice<u32>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -148,7 +148,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     (vs, vl): (&CudaStorage, &Layout),
     scale: f32,
     softcap: Option<f32>,
-    starts: Starts,
+    starts: Option<&CudaSlice<u32>>,
     pos: Option<&CudaSlice<u32>>,
 ) -> Result<CudaSlice<T>> {
     let (b, h, _, d) = ql.shape().dims4()?;
@@ -166,21 +166,9 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let part_o = unsafe { dev.alloc::<f32>(b * h * splits * dv)? };
     let part_ml = unsafe { dev.alloc::<f32>(b * h * splits * 2)? };
     let out = unsafe { dev.alloc::<T>(b * h * dv)? };
-    let starts_dev: Option<CudaSlice<u32>> = match starts {
-        Starts::Host(Some(s)) => {
-            let s: Vec<u32> = s.iter().map(|&x| x as u32).collect();
-            let mut buf = unsafe { dev.alloc::<u32>(s.len())? };
-            dev.memcpy_htod(&s, &mut buf)?;
-            Some(buf)
-        }
-        Starts::Host(None) => None,
-        Starts::Device(s) => {
-            if s.len() != b {
-                candle_core::bail!("decode attention: {} row starts on the device for {b} rows", s.len());
-            }
-            None
-        }
-    };
+    if let Some(s) = starts.filter(|s| s.len() != b) {
+        candle_core::bail!("decode attention: {} row starts for {b} rows", s.len());
+    }
     let tn = dtype_suffix(T::DTYPE, "decode attention")?;
     let partial = function(dev, Module::Attention, &format!("wick_attention_partial_{tn}"))?;
     let combine = function(dev, Module::Attention, &format!("wick_attention_combine_{tn}"))?;
@@ -192,10 +180,9 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let stream = dev.cuda_stream();
     let mut lb = stream.launch_builder(&partial);
     lb.arg(&q).arg(&k).arg(&v).arg(&part_o).arg(&part_ml);
-    match (&starts_dev, &starts) {
-        (Some(s), _) => lb.arg(s),
-        (None, Starts::Device(s)) => lb.arg(*s),
-        (None, Starts::Host(_)) => lb.arg(&null),
+    match starts {
+        Some(s) => lb.arg(s),
+        None => lb.arg(&null),
     };
     match pos {
         Some(p) => lb.arg(p),

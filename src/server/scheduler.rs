@@ -207,7 +207,11 @@ const PHASES: [&str; 6] = ["prefill", "join", "forward", "readback", "sample", "
 
 impl Profile {
     fn from_env() -> Option<Self> {
-        std::env::var("WICK_SERVER_PROFILE").is_ok_and(|v| v != "0").then(|| Self {
+        std::env::var("WICK_SERVER_PROFILE").is_ok_and(|v| v != "0").then(Self::new)
+    }
+
+    fn new() -> Self {
+        Self {
             since: Instant::now(),
             steps: 0,
             decodes: 0,
@@ -217,7 +221,7 @@ impl Profile {
             appended: 0,
             prefill_tokens: 0,
             phases: Default::default(),
-        })
+        }
     }
 
     /// Logs the figures since the last line, if 5 s have passed (or `now`), and starts anew.
@@ -242,7 +246,7 @@ impl Profile {
             v[format!("{name}_ms")] = serde_json::json!(ms(d));
         }
         super::log_line(v);
-        *self = Self { since: Instant::now(), ..Self::from_env().expect("profiling is on") };
+        *self = Self::new();
     }
 }
 
@@ -462,10 +466,11 @@ impl Worker {
     fn decode(&mut self, mark: &mut Instant) -> Result<()> {
         let device = self.model.device().clone();
         self.compact_before_growing()?;
+        let (slots, live) = (self.rows.len(), self.live());
         if let Some(p) = self.profile.as_mut() {
             p.decodes += 1;
-            p.rows += self.rows.len();
-            p.idle_rows += self.rows.len() - self.rows.iter().flatten().count();
+            p.rows += slots;
+            p.idle_rows += slots - live;
         }
         // a left request's slot feeds any token: its row's output is not read
         let input: Vec<Vec<u32>> = self.rows.iter().map(|r| vec![r.as_ref().map_or(0, |r| r.next)]).collect();
