@@ -1,6 +1,6 @@
 //! The CUDA quantized-matmul kernels alone on Llama-8B-shaped 4-bit g64 matrices (bf16), on a
 //! GPU: time per call and achieved bandwidth (bytes of packed codes, scales, biases, input and
-//! output over time) for decode (m = 1 and 8: `wick_qmv`), and time and TFLOP/s for prefill
+//! output over time) for decode (m = 1, 8 and 32: `wick_qmv` / `wick_qmt`), and time and TFLOP/s for prefill
 //! (m = 512: dequantize + cuBLAS). Each shape is cycled over enough copies to exceed the L2 cache.
 //!
 //! With a model folder as argument it also takes one decode step apart: the host time to issue
@@ -74,7 +74,7 @@ fn main() -> Result<()> {
         let bytes_w = (n * k / 2 + 2 * 2 * n * k / p.group_size) as f64;
         let copies = (256e6 / bytes_w).ceil().max(1.0) as usize;
         let ws: Vec<QuantizedWeight> = (0..copies).map(|_| weight(n, k, p, &dev)).collect::<Result<_>>()?;
-        for m in [1usize, 8, 512] {
+        for m in [1usize, 8, 32, 512] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(DType::BF16)?;
             for w in &ws {
                 w.matmul(&x)?;
@@ -88,7 +88,13 @@ fn main() -> Result<()> {
             dev.synchronize()?;
             let s = t.elapsed().as_secs_f64() / iters as f64;
             let bytes = bytes_w + 2.0 * (m * (k + n)) as f64;
-            let kernel = if m <= 8 { "qmv" } else { "dequant + cuBLAS" };
+            // the tensor-core kernel for 2-32 rows, and for one row of a layer of >= 2048 tiles
+            let kernel = match m {
+                1 if n >= 2048 * 16 => "qmt",
+                1 => "qmv",
+                2..=32 => "qmt",
+                _ => "dequant + cuBLAS",
+            };
             println!(
                 "| {name} ({n} × {k}) | {m} | {kernel} | {:.1} | {:.0} | {:.1} |",
                 s * 1e6,

@@ -1,8 +1,12 @@
 //! CUDA backend of the affine quantized matmul: launches the kernels of `cuda/affine.cu`
 //! (compiled by build.rs into a fatbin embedded in the binary, loaded by `crate::cuda`).
 //!
-//! - up to 8 input rows (decode, small batches): `wick_qmv_*`, one warp per output row,
-//!   reading the packed weight once per call;
+//! - up to 32 input rows (decode, decode batches) of 4-bit weights in f16 / bf16:
+//!   `wick_qmt*`, the codes through the tensor cores against all rows at once (one launch,
+//!   the packed weight read once); for one input row only where the layer has many rows (the
+//!   head), as the scalar kernel is as fast on the others;
+//! - other decode shapes (bits, f32, up to 32 rows): `wick_qmv_*`, one warp per output row,
+//!   reading the packed weight once per slice of 8 rows;
 //! - more rows (prefill): the weight is dequantized by `wick_dequant_*` into a dense temporary
 //!   and multiplied with cuBLAS on the tensor cores (see docs/cuda.md for why and what it costs).
 
@@ -74,6 +78,32 @@ fn rows_per_warp(mm: usize) -> usize {
     }
 }
 
+/// Output rows of one `wick_qmt*` tile (one thread block).
+const QMT_TILE: usize = 16;
+/// From this many tiles on, one input row also takes the tensor-core kernel.
+const QMT_ONE_ROW_TILES: usize = 2048;
+/// Below this many tiles, eight warps share a tile's k (else four): fewer tiles need more
+/// warps each to keep the memory busy, more tiles run better with smaller blocks.
+const QMT_WIDE_BELOW: usize = 512;
+
+/// The tensor-core kernel's launch for `m` input rows against `tiles` tiles of weights with
+/// these parameters in `dtype`, or None where it does not apply: its name suffix
+/// (`{tn}_g{gs}_n{tiles of 8 inputs}_w{warps}`) and its launch configuration.
+fn qmt_launch(dtype: DType, p: QuantParams, m: usize, tiles: usize) -> Option<(String, LaunchConfig)> {
+    let tn = match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => return None,
+    };
+    let fits = p.bits == 4 && matches!(p.group_size, 32 | 64 | 128) && (1..=DECODE_PATH_ROWS).contains(&m);
+    if !fits || (m == 1 && tiles < QMT_ONE_ROW_TILES) {
+        return None;
+    }
+    let warps = if tiles < QMT_WIDE_BELOW { 8 } else { 4 };
+    let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+    Some((format!("{tn}_g{}_n{}_w{warps}", p.group_size, m.div_ceil(8)), cfg))
+}
+
 fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     x: &CudaStorage,
@@ -86,6 +116,14 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let x = x_view::<T>(x, x_layout)?;
     let out = unsafe { dev.alloc::<T>(m * w.n)? };
     let stream = dev.cuda_stream();
+    let (m_i, n_i, k_i) = (m as i32, w.n as i32, w.k as i32);
+    if let Some((name, cfg)) = qmt_launch(T::DTYPE, w.p, m, w.n.div_ceil(QMT_TILE)) {
+        let f = function(dev, &format!("wick_qmt_{name}"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(out);
+    }
     for (r0, rows) in row_slices(m) {
         let mm = rows.next_power_of_two();
         let f = function(dev, &format!("wick_qmv_{tn}_b{}_m{mm}", w.p.bits))?;
@@ -164,6 +202,20 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     let ns = [ws[0].n as i32, ws[1].n as i32, ws[2].n as i32];
     let (k, k_i, gs_i) = (ws[0].k, ws[0].k as i32, ws[0].p.group_size as i32);
     let stream = dev.cuda_stream();
+    let tiles: usize = ws.iter().map(|w| w.n.div_ceil(QMT_TILE)).sum();
+    if let Some((name, cfg)) = qmt_launch(T::DTYPE, ws[0].p, m, tiles) {
+        let f = function(dev, &format!("wick_qmt3_{name}"))?;
+        let ys = [out.slice(0..m * n0), out.slice(m * n0..m * (n0 + n1)), out.slice(m * (n0 + n1)..m * total)];
+        let m_i = m as i32;
+        let mut b = stream.launch_builder(&f);
+        for (w, s, bi) in &parts {
+            b.arg(*w).arg(*s).arg(*bi);
+        }
+        b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
+        b.arg(&xs).arg(&m_i).arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(out);
+    }
     for (r0, rows) in row_slices(m) {
         // each projection's rows r0 .. r0 + rows of the flat output
         let at = |base: usize, n: usize| out.slice(base + r0 * n..base + (r0 + rows) * n);
@@ -209,6 +261,17 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (n, n_i, k_i, gs_i) = (g.n, g.n as i32, g.k as i32, g.p.group_size as i32);
     let parts = [g.slices::<T>()?, u.slices::<T>()?];
     let stream = dev.cuda_stream();
+    if let Some((name, cfg)) = qmt_launch(T::DTYPE, g.p, m, n.div_ceil(QMT_TILE)) {
+        let f = function(dev, &format!("wick_qmt_swiglu_{name}"))?;
+        let m_i = m as i32;
+        let mut b = stream.launch_builder(&f);
+        for (w, s, bi) in &parts {
+            b.arg(*w).arg(*s).arg(*bi);
+        }
+        b.arg(&xs).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(out);
+    }
     for (r0, rows) in row_slices(m) {
         let mm = rows.next_power_of_two();
         let f = function(dev, &format!("wick_qmv_swiglu_{tn}_b{}_m{mm}", g.p.bits))?;

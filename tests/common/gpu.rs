@@ -46,6 +46,20 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     (num / den.max(1e-30)).sqrt() as f32
 }
 
+/// The reference for a quantized weight: the CPU's dequantization (f32 arithmetic) on `dev`,
+/// for the device's f32 matmul.
+fn dense_reference(qw: &QuantizedWeight, dev: &Device) -> Tensor {
+    QuantizedWeight {
+        scales: qw.scales.to_dtype(DType::F32).unwrap(),
+        biases: qw.biases.to_dtype(DType::F32).unwrap(),
+        ..qw.clone()
+    }
+    .dequantize()
+    .unwrap()
+    .to_device(dev)
+    .unwrap()
+}
+
 /// The quantized matmul on `dev` against dequantize-then-matmul in f32 on the same device,
 /// over random shapes: every bits × group size, f32/f16/bf16 activations, decode and prefill
 /// row counts. Relative error bounds 1e-3 (f32), 5e-3 (f16), 1e-2 (bf16).
@@ -62,16 +76,7 @@ pub fn quantized_matmul_matches_dequantize_then_matmul(dev: &Device) {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
                 for dtype in [DType::F32, DType::F16, DType::BF16] {
                     let qw = quantized(&w, p, dtype);
-                    // reference: the CPU's dequantization (f32 arithmetic), the device's f32 matmul
-                    let dense = QuantizedWeight {
-                        scales: qw.scales.to_dtype(DType::F32).unwrap(),
-                        biases: qw.biases.to_dtype(DType::F32).unwrap(),
-                        ..qw.clone()
-                    }
-                    .dequantize()
-                    .unwrap()
-                    .to_device(dev)
-                    .unwrap();
+                    let dense = dense_reference(&qw, dev);
                     let gw = to_dev(&qw, dev);
                     for m in [1usize, 2, 3, 5, 8, 9, 20, 32, 40] {
                         let x = Tensor::randn(0f32, 1.0, (m, k), dev).unwrap().to_dtype(dtype).unwrap();
@@ -105,6 +110,24 @@ pub fn quantized_matmul_matches_dequantize_then_matmul(dev: &Device) {
                     }
                 }
             }
+        }
+    }
+    // a layer with many rows (a head): its blocks of four warps, and one input row on the
+    // tensor-core kernel (4 bits, f16 / bf16 activations, from 2,048 tiles of 16 rows on)
+    let (n, k) = (2048 * 16 + 24, 256);
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+    let p = QuantParams::new(4, 64, "test").unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let qw = quantized(&w, p, dtype);
+        let dense = dense_reference(&qw, dev);
+        let gw = to_dev(&qw, dev);
+        for m in [1usize, 3, 8, 32] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), dev).unwrap().to_dtype(dtype).unwrap();
+            let want = x.to_dtype(DType::F32).unwrap().matmul(&dense.t().unwrap()).unwrap();
+            let e = rel_err(&gw.matmul(&x).unwrap(), &want);
+            let tol = if dtype == DType::F16 { 5e-3 } else { 1e-2 };
+            assert!(e < tol, "large layer {dtype:?} m {m}: relative error {e:e} ≥ {tol:e}");
+            cases += 1;
         }
     }
     eprintln!("{cases} cases; worst relative error: {worst:?}");

@@ -320,3 +320,293 @@ FOR_T(6)
 FOR_T(8)
 FUSED_T(4)
 FUSED_T(8)
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernels for few input rows (decode and decode batches, up to 32 rows), 4-bit
+// codes, f16 / bf16 activations: `wick_qmt*`.
+//
+// A warp owns a tile of 16 output rows and, split over the block's KW warps, part of the
+// groups of k. Per group the codes themselves (not dequantized values) go through
+// mma.m16n8k16 as the A operand against the input rows as B (8 per n-tile), so each product
+// x·q is exact and the sums are f32, as in the scalar kernels; per group and row the
+// accumulator then takes  s·(x·q) + b·Σx,  Σx coming from a second mma with all-ones codes.
+//
+// Lane (g = lane/4, t = lane%4) holds rows g and g+8 of the tile and, of each group, the
+// GS/4 consecutive codes from t·GS/4 on (one 32-, 64- or 128-bit load per row). Within an mma
+// the k order is a permutation of the group's: A pair (low, high) = codes (p, p+4) of one
+// word, which `(word >> 4p) & 0x000F000F` extracts in place, and the input's B pairs are
+// permuted the same way (PRMT). A code becomes an f16/bf16 by OR-ing it into the mantissa of
+// a power of two (1024 / 128); f16 subtracts it again, bf16 leaves it in and takes
+// OFFSET·s·Σx off the bias term (exact math; the rounding stays far below bf16's).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T> struct QmtType;
+template <> struct QmtType<bf16> {
+    static constexpr uint32_t MAGIC = 0x43004300u;  // 128.0 in both halves: 128 + q exact for q < 128
+    static constexpr uint32_t ONES = 0x3F803F80u;
+    static constexpr float OFFSET = 128.f;
+    static __device__ __forceinline__ uint32_t pair(uint32_t v) { return v | MAGIC; }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct QmtType<f16> {
+    static constexpr uint32_t MAGIC = 0x64006400u;  // 1024.0 in both halves
+    static constexpr uint32_t ONES = 0x3C003C00u;
+    static constexpr float OFFSET = 0.f;
+    static __device__ __forceinline__ uint32_t pair(uint32_t v) {
+        __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&(v |= MAGIC)), __half2half2(__ushort_as_half(0x6400)));
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// N consecutive u32 words with one load (N = 1, 2 or 4; the caller guarantees the alignment).
+template <int N>
+__device__ __forceinline__ void load_n(const uint32_t* __restrict__ p, uint32_t (&w)[N]) {
+    if constexpr (N == 4) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else if constexpr (N == 2) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        w[0] = v.x; w[1] = v.y;
+    } else {
+        w[0] = __ldg(p);
+    }
+}
+
+
+// The tile's f32 accumulators for NW weights of the same shape (rows row0 .. row0+16) against
+// the NT·8 input rows of x (rows >= m read as zeros), over this warp's groups of k: warp w of
+// the block's KW takes groups w, w + KW, ..., so that the block's loads of one moment lie close
+// together in each row (contiguous ranges per warp, or per block with k split between blocks,
+// measured slower on the H100).
+// Lane layout as in the comment above: acc[w][nt][i] is row g + 8·(i/2), input nt·8 + 2t + i%2.
+template <typename T, int GS, int NT, int NW, int KW>
+__device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T* const (&sc)[NW],
+                                         const T* const (&bi)[NW], const T* __restrict__ x, int m, int n,
+                                         int k, int row0, float (&acc)[NW][NT][4]) {
+    using Q = QmtType<T>;
+    constexpr int WPL = GS / 32;      // words per lane per row and group
+    constexpr int CPL = GS / 4;       // codes per lane per group
+    constexpr int UG = 8 / WPL > 4 ? 4 : 8 / WPL;  // groups whose loads are issued together
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
+    const int groups = k / GS;
+    const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
+    const size_t wrow = (size_t)k / 8;  // words per row
+#pragma unroll
+    for (int v = 0; v < NW; ++v)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[v][j][i] = 0.f;
+    const uint32_t ones[4] = {Q::ONES, Q::ONES, Q::ONES, Q::ONES};
+    for (int g0 = warp; g0 < groups; g0 += KW * UG) {
+        uint32_t wa[UG][NW][WPL], wb[UG][NW][WPL];
+        float sa[UG][NW], sb[UG][NW], ba[UG][NW], bb[UG][NW];
+#pragma unroll
+        for (int u = 0; u < UG; ++u) {
+            const int gi = g0 + u * KW;
+            if (gi < groups) {
+                const size_t off = (size_t)gi * (GS / 8) + t * WPL;
+#pragma unroll
+                for (int v = 0; v < NW; ++v) {
+                    load_n<WPL>(w[v] + ra * wrow + off, wa[u][v]);
+                    load_n<WPL>(w[v] + rb * wrow + off, wb[u][v]);
+                    sa[u][v] = to_f32(sc[v][(size_t)ra * groups + gi]);
+                    sb[u][v] = to_f32(sc[v][(size_t)rb * groups + gi]);
+                    ba[u][v] = to_f32(bi[v][(size_t)ra * groups + gi]);
+                    bb[u][v] = to_f32(bi[v][(size_t)rb * groups + gi]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UG; ++u) {
+            const int gi = g0 + u * KW;
+            if (gi >= groups) break;
+            // this lane's input values of the group, for each n-tile, as bf16/f16 pairs
+            uint32_t xw[NT][CPL / 2];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int row = j * 8 + g;
+                if (row < m) {
+                    const uint4* p = reinterpret_cast<const uint4*>(x + (size_t)row * k + (size_t)gi * GS + t * CPL);
+#pragma unroll
+                    for (int q = 0; q < CPL / 8; ++q) {
+                        const uint4 v = __ldg(p + q);
+                        xw[j][4 * q] = v.x; xw[j][4 * q + 1] = v.y; xw[j][4 * q + 2] = v.z; xw[j][4 * q + 3] = v.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int q = 0; q < CPL / 2; ++q) xw[j][q] = 0u;
+                }
+            }
+            float d[NW][NT][4], s[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    s[j][i] = 0.f;
+#pragma unroll
+                    for (int v = 0; v < NW; ++v) d[v][j][i] = 0.f;
+                }
+#pragma unroll
+            for (int wi = 0; wi < WPL; ++wi) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    uint32_t a[NW][4];
+#pragma unroll
+                    for (int v = 0; v < NW; ++v) {
+                        a[v][0] = Q::pair((wa[u][v][wi] >> (8 * h)) & 0x000F000Fu);
+                        a[v][1] = Q::pair((wb[u][v][wi] >> (8 * h)) & 0x000F000Fu);
+                        a[v][2] = Q::pair((wa[u][v][wi] >> (8 * h + 4)) & 0x000F000Fu);
+                        a[v][3] = Q::pair((wb[u][v][wi] >> (8 * h + 4)) & 0x000F000Fu);
+                    }
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const uint32_t lo = xw[j][4 * wi + h], hi = xw[j][4 * wi + 2 + h];
+                        const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+#pragma unroll
+                        for (int v = 0; v < NW; ++v) Q::mma(d[v][j], a[v], b0, b1);
+                        Q::mma(s[j], ones, b0, b1);
+                    }
+                }
+            }
+#pragma unroll
+            for (int v = 0; v < NW; ++v)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float sv = i < 2 ? sa[u][v] : sb[u][v], bv = i < 2 ? ba[u][v] : bb[u][v];
+                        acc[v][j][i] = fmaf(sv, d[v][j][i], fmaf(bv - Q::OFFSET * sv, s[j][i], acc[v][j][i]));
+                    }
+        }
+    }
+}
+
+// Sums the block's warps' accumulators (each holds its share of the groups) into warp 0's.
+// Returns true in warp 0, whose acc then holds the totals.
+template <int NT, int NW, int KW>
+__device__ __forceinline__ bool qmt_reduce(float (&acc)[NW][NT][4]) {
+    __shared__ float red[KW - 1][NW * NT * 4][32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (warp > 0) {
+#pragma unroll
+        for (int v = 0; v < NW; ++v)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[warp - 1][(v * NT + j) * 4 + i][lane] = acc[v][j][i];
+    }
+    __syncthreads();
+    if (warp > 0) return false;
+#pragma unroll
+    for (int r = 0; r < KW - 1; ++r)
+#pragma unroll
+        for (int v = 0; v < NW; ++v)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[v][j][i] += red[r][(v * NT + j) * 4 + i][lane];
+    return true;
+}
+
+// Where acc[..][j][i] goes: output row (of W) and input row (of x).
+__device__ __forceinline__ int qmt_out_row(int row0, int i) { return row0 + (threadIdx.x % 32) / 4 + 8 * (i / 2); }
+__device__ __forceinline__ int qmt_in_row(int j, int i) { return j * 8 + 2 * (threadIdx.x % 4) + i % 2; }
+
+template <typename T, int NT>
+__device__ __forceinline__ void qmt_store(const float (&acc)[NT][4], T* __restrict__ y, int row0, int m, int n) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = qmt_out_row(row0, i), xr = qmt_in_row(j, i);
+            if (r < n && xr < m) y[(size_t)xr * n + r] = from_f32<T>(acc[j][i]);
+        }
+}
+
+// One weight's tile from row0 on: y (m × n) = x (m × k) · Wᵀ for those rows.
+template <typename T, int GS, int NT, int KW>
+__device__ __forceinline__ void qmt_one(const uint32_t* w, const T* s, const T* b, const T* x, T* y, int m, int n,
+                                        int k, int row0) {
+    float acc[1][NT][4];
+    const uint32_t* const ws[1] = {w};
+    const T* const ss[1] = {s};
+    const T* const bs[1] = {b};
+    qmt_tile<T, GS, NT, 1, KW>(ws, ss, bs, x, m, n, k, row0, acc);
+    if (qmt_reduce<NT, 1, KW>(acc)) qmt_store<T, NT>(acc[0], y, row0, m, n);
+}
+
+// Three weights sharing the input (q, k, v): the first ceil(n0/16) tiles are W0's, then W1's, W2's.
+template <typename T, int GS, int NT, int KW>
+__device__ __forceinline__ void qmt3_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
+                                          const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
+                                          T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* x, int m, int k) {
+    int tile = blockIdx.x;
+    const int t0 = (n0 + 15) / 16, t1 = (n1 + 15) / 16;
+    const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
+    if (tile >= t0) {
+        tile -= t0; w = w1; s = s1; b = b1; y = y1; n = n1;
+        if (tile >= t1) { tile -= t1; w = w2; s = s2; b = b2; y = y2; n = n2; }
+    }
+    qmt_one<T, GS, NT, KW>(w, s, b, x, y, m, n, k, tile * 16);
+}
+
+// y = silu(x · Gᵀ) * (x · Uᵀ), both tiles from the same input fragments.
+template <typename T, int GS, int NT, int KW>
+__device__ __forceinline__ void qmt_swiglu_impl(const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw,
+                                                const T* usc, const T* ub, const T* x, T* y, int m, int n, int k) {
+    const int row0 = blockIdx.x * 16;
+    float acc[2][NT][4];
+    const uint32_t* const ws[2] = {gw, uw};
+    const T* const ss[2] = {gsc, usc};
+    const T* const bs[2] = {gb, ub};
+    qmt_tile<T, GS, NT, 2, KW>(ws, ss, bs, x, m, n, k, row0, acc);
+    if (!qmt_reduce<NT, 2, KW>(acc)) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float gv = acc[0][j][i];
+            acc[0][j][i] = gv / (1.f + __expf(-gv)) * acc[1][j][i];
+        }
+    qmt_store<T, NT>(acc[0], y, row0, m, n);
+}
+
+#define QMT(T, TN, GS, NT, KW)                                                                              \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qmt_##TN##_g##GS##_n##NT##_w##KW(           \
+        const uint32_t* w, const T* s, const T* b, const T* x, T* y, int m, int n, int k) {                \
+        qmt_one<T, GS, NT, KW>(w, s, b, x, y, m, n, k, blockIdx.x * 16);                                    \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qmt3_##TN##_g##GS##_n##NT##_w##KW(          \
+        const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,         \
+        const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,          \
+        const T* x, int m, int k) {                                                                         \
+        qmt3_impl<T, GS, NT, KW>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, m, k);      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qmt_swiglu_##TN##_g##GS##_n##NT##_w##KW(    \
+        const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,       \
+        const T* x, T* y, int m, int n, int k) {                                                            \
+        qmt_swiglu_impl<T, GS, NT, KW>(gw, gsc, gb, uw, usc, ub, x, y, m, n, k);                            \
+    }
+#define QMT_N(T, TN, GS, KW) QMT(T, TN, GS, 1, KW) QMT(T, TN, GS, 2, KW) QMT(T, TN, GS, 3, KW) QMT(T, TN, GS, 4, KW)
+#define QMT_G(T, TN, KW) QMT_N(T, TN, 32, KW) QMT_N(T, TN, 64, KW) QMT_N(T, TN, 128, KW)
+// KW (warps per block sharing a tile's k): 4 for layers with many tiles, 8 for few (see cuda.rs)
+#ifndef WICK_QMT_LAB
+QMT_G(bf16, bf16, 4)
+QMT_G(bf16, bf16, 8)
+QMT_G(f16, f16, 4)
+QMT_G(f16, f16, 8)
+#endif
