@@ -88,13 +88,7 @@ fn main() -> Result<()> {
             dev.synchronize()?;
             let s = t.elapsed().as_secs_f64() / iters as f64;
             let bytes = bytes_w + 2.0 * (m * (k + n)) as f64;
-            // the tensor-core kernel for 2-32 rows, and for one row of a layer of >= 2048 tiles
-            let kernel = match m {
-                1 if n >= 2048 * 16 => "qmt",
-                1 => "qmv",
-                2..=32 => "qmt",
-                _ => "dequant + cuBLAS",
-            };
+            let kernel = wick::quant::cuda::kernel_name(DType::BF16, p, m, n);
             println!(
                 "| {name} ({n} × {k}) | {m} | {kernel} | {:.1} | {:.0} | {:.1} |",
                 s * 1e6,

@@ -12,7 +12,9 @@
 
 use super::affine::QuantParams;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 
@@ -49,9 +51,12 @@ fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -
 /// The three parts of a quantized weight on one CUDA device.
 pub type WeightParts<'a> = super::matmul::WeightParts<'a, CudaStorage>;
 
+/// A weight's packed codes, scales and biases on the device.
+type Parts<'a, T> = (&'a CudaSlice<u32>, &'a CudaSlice<T>, &'a CudaSlice<T>);
+
 impl WeightParts<'_> {
     /// Packed codes, scales and biases as the kernels take them (scales in the activation dtype).
-    fn slices<T: CudaDType>(&self) -> Result<(&CudaSlice<u32>, &CudaSlice<T>, &CudaSlice<T>)> {
+    fn slices<T: CudaDType>(&self) -> Result<Parts<'_, T>> {
         Ok((
             weight_slice::<u32>(self.packed, self.packed_layout, "packed codes")?,
             weight_slice::<T>(self.scales, self.scales_layout, "scales")?,
@@ -90,18 +95,41 @@ const QMT_WIDE_BELOW: usize = 512;
 /// these parameters in `dtype`, or None where it does not apply: its name suffix
 /// (`{tn}_g{gs}_n{tiles of 8 inputs}_w{warps}`) and its launch configuration.
 fn qmt_launch(dtype: DType, p: QuantParams, m: usize, tiles: usize) -> Option<(String, LaunchConfig)> {
-    let tn = match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => return None,
-    };
-    let fits = p.bits == 4 && matches!(p.group_size, 32 | 64 | 128) && (1..=DECODE_PATH_ROWS).contains(&m);
-    if !fits || (m == 1 && tiles < QMT_ONE_ROW_TILES) {
+    if !qmt_applies(dtype, p, m, tiles) {
         return None;
     }
+    let tn = dtype_name(dtype).ok()?;
     let warps = if tiles < QMT_WIDE_BELOW { 8 } else { 4 };
     let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
     Some((format!("{tn}_g{}_n{}_w{warps}", p.group_size, m.div_ceil(8)), cfg))
+}
+
+/// Whether `m` input rows against `tiles` tiles of a weight take the tensor-core kernel.
+fn qmt_applies(dtype: DType, p: QuantParams, m: usize, tiles: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && p.bits == 4
+        && matches!(p.group_size, 32 | 64 | 128)
+        && (1..=DECODE_PATH_ROWS).contains(&m)
+        && (m > 1 || tiles >= QMT_ONE_ROW_TILES)
+}
+
+/// Which kernel multiplies `m` input rows in `dtype` by an `n`-row weight with parameters `p`:
+/// `"qmt"` (tensor cores), `"qmv"` (scalar decode kernel) or `"dequant + cuBLAS"` (for reports).
+pub fn kernel_name(dtype: DType, p: QuantParams, m: usize, n: usize) -> &'static str {
+    if qmt_applies(dtype, p, m, n.div_ceil(QMT_TILE)) {
+        "qmt"
+    } else if m <= DECODE_PATH_ROWS {
+        "qmv"
+    } else {
+        "dequant + cuBLAS"
+    }
+}
+
+/// The packed codes, scales and biases of each weight as the next kernel arguments.
+fn push_parts<'a, T>(b: &mut LaunchArgs<'a>, parts: &[Parts<'a, T>]) {
+    for (w, s, bi) in parts {
+        b.arg(*w).arg(*s).arg(*bi);
+    }
 }
 
 fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
@@ -116,7 +144,7 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let x = x_view::<T>(x, x_layout)?;
     let out = unsafe { dev.alloc::<T>(m * w.n)? };
     let stream = dev.cuda_stream();
-    let (m_i, n_i, k_i) = (m as i32, w.n as i32, w.k as i32);
+    let (m_i, n_i, k_i, gs_i) = (m as i32, w.n as i32, w.k as i32, w.p.group_size as i32);
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, w.p, m, w.n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_{name}"))?;
         let mut b = stream.launch_builder(&f);
@@ -129,7 +157,7 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
         let f = function(dev, &format!("wick_qmv_{tn}_b{}_m{mm}", w.p.bits))?;
         let xs = x.slice(r0 * w.k..(r0 + rows) * w.k);
         let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
-        let (rows_i, n_i, k_i, gs_i) = (rows as i32, w.n as i32, w.k as i32, w.p.group_size as i32);
+        let rows_i = rows as i32;
         let mut b = stream.launch_builder(&f);
         b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(rows_launch(w.n, rows_per_warp(mm))) }.w()?;
@@ -202,24 +230,25 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     let ns = [ws[0].n as i32, ws[1].n as i32, ws[2].n as i32];
     let (k, k_i, gs_i) = (ws[0].k, ws[0].k as i32, ws[0].p.group_size as i32);
     let stream = dev.cuda_stream();
+    // each projection's rows r0 .. r0 + rows of the flat output
+    let outputs = |r0: usize, rows: usize| {
+        let at = |base: usize, n: usize| out.slice(base + r0 * n..base + (r0 + rows) * n);
+        [at(0, n0), at(m * n0, n1), at(m * (n0 + n1), ws[2].n)]
+    };
     let tiles: usize = ws.iter().map(|w| w.n.div_ceil(QMT_TILE)).sum();
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, ws[0].p, m, tiles) {
         let f = function(dev, &format!("wick_qmt3_{name}"))?;
-        let ys = [out.slice(0..m * n0), out.slice(m * n0..m * (n0 + n1)), out.slice(m * (n0 + n1)..m * total)];
+        let ys = outputs(0, m);
         let m_i = m as i32;
         let mut b = stream.launch_builder(&f);
-        for (w, s, bi) in &parts {
-            b.arg(*w).arg(*s).arg(*bi);
-        }
+        push_parts(&mut b, &parts);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
         b.arg(&xs).arg(&m_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
     }
     for (r0, rows) in row_slices(m) {
-        // each projection's rows r0 .. r0 + rows of the flat output
-        let at = |base: usize, n: usize| out.slice(base + r0 * n..base + (r0 + rows) * n);
-        let ys = [at(0, n0), at(m * n0, n1), at(m * (n0 + n1), ws[2].n)];
+        let ys = outputs(r0, rows);
         let xr = xs.slice(r0 * k..(r0 + rows) * k);
         let mm = rows.next_power_of_two();
         let f = function(dev, &format!("wick_qmv3_{tn}_b{}_m{mm}", ws[0].p.bits))?;
@@ -227,9 +256,7 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
         // pairs of rows never straddle two weights: fused_qkv passes even sizes only
         let cfg = rows_launch(total, rows_per_warp(mm));
         let mut b = stream.launch_builder(&f);
-        for (w, s, bi) in &parts {
-            b.arg(*w).arg(*s).arg(*bi);
-        }
+        push_parts(&mut b, &parts);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
         b.arg(&xr).arg(&m_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(cfg) }.w()?;
@@ -265,9 +292,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
         let f = function(dev, &format!("wick_qmt_swiglu_{name}"))?;
         let m_i = m as i32;
         let mut b = stream.launch_builder(&f);
-        for (w, s, bi) in &parts {
-            b.arg(*w).arg(*s).arg(*bi);
-        }
+        push_parts(&mut b, &parts);
         b.arg(&xs).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
@@ -280,9 +305,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
         // one output row per warp: for one input row it computes that row of both weights
         let cfg = rows_launch(g.n, 1);
         let mut b = stream.launch_builder(&f);
-        for (w, s, bi) in &parts {
-            b.arg(*w).arg(*s).arg(*bi);
-        }
+        push_parts(&mut b, &parts);
         b.arg(&xr).arg(&yr).arg(&m_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(cfg) }.w()?;
     }

@@ -60,6 +60,16 @@ fn dense_reference(qw: &QuantizedWeight, dev: &Device) -> Tensor {
     .unwrap()
 }
 
+/// The relative error a quantized matmul with activations in `dtype` may have against the f32
+/// reference.
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-3,
+        DType::F16 => 5e-3,
+        _ => 1e-2,
+    }
+}
+
 /// The quantized matmul on `dev` against dequantize-then-matmul in f32 on the same device,
 /// over random shapes: every bits × group size, f32/f16/bf16 activations, decode and prefill
 /// row counts. Relative error bounds 1e-3 (f32), 5e-3 (f16), 1e-2 (bf16).
@@ -85,11 +95,7 @@ pub fn quantized_matmul_matches_dequantize_then_matmul(dev: &Device) {
                         assert_eq!(got.dims(), &[m, n]);
                         assert_eq!(got.dtype(), dtype);
                         let e = rel_err(&got, &want);
-                        let tol = match dtype {
-                            DType::F32 => 1e-3,
-                            DType::F16 => 5e-3,
-                            _ => 1e-2,
-                        };
+                        let tol = tolerance(dtype);
                         assert!(
                             e < tol,
                             "bits {bits} group {gs} {dtype:?} m {m} n {n} k {k}: relative error {e:e} ≥ {tol:e}"
@@ -125,7 +131,7 @@ pub fn quantized_matmul_matches_dequantize_then_matmul(dev: &Device) {
             let x = Tensor::randn(0f32, 1.0, (m, k), dev).unwrap().to_dtype(dtype).unwrap();
             let want = x.to_dtype(DType::F32).unwrap().matmul(&dense.t().unwrap()).unwrap();
             let e = rel_err(&gw.matmul(&x).unwrap(), &want);
-            let tol = if dtype == DType::F16 { 5e-3 } else { 1e-2 };
+            let tol = tolerance(dtype);
             assert!(e < tol, "large layer {dtype:?} m {m}: relative error {e:e} ≥ {tol:e}");
             cases += 1;
         }

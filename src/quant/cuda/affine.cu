@@ -340,6 +340,13 @@ FUSED_T(8)
 // OFFSET·s·Σx off the bias term (exact math; the rounding stays far below bf16's).
 // ---------------------------------------------------------------------------------------------
 
+// d += a · b, one m16n8k16 tensor-core multiply with inputs of type TY ("f16" or "bf16").
+#define WICK_MMA_16816(TY, d, a, b0, b1)                                                                      \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                         \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
 template <typename T> struct QmtType;
 template <> struct QmtType<bf16> {
     static constexpr uint32_t MAGIC = 0x43004300u;  // 128.0 in both halves: 128 + q exact for q < 128
@@ -347,11 +354,7 @@ template <> struct QmtType<bf16> {
     static constexpr float OFFSET = 128.f;
     static __device__ __forceinline__ uint32_t pair(uint32_t v) { return v | MAGIC; }
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        WICK_MMA_16816("bf16", d, a, b0, b1);
     }
 };
 template <> struct QmtType<f16> {
@@ -359,32 +362,14 @@ template <> struct QmtType<f16> {
     static constexpr uint32_t ONES = 0x3C003C00u;
     static constexpr float OFFSET = 0.f;
     static __device__ __forceinline__ uint32_t pair(uint32_t v) {
-        __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&(v |= MAGIC)), __half2half2(__ushort_as_half(0x6400)));
+        v |= MAGIC;
+        __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&v), __half2half2(__ushort_as_half(0x6400)));
         return *reinterpret_cast<uint32_t*>(&h);
     }
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        WICK_MMA_16816("f16", d, a, b0, b1);
     }
 };
-
-// N consecutive u32 words with one load (N = 1, 2 or 4; the caller guarantees the alignment).
-template <int N>
-__device__ __forceinline__ void load_n(const uint32_t* __restrict__ p, uint32_t (&w)[N]) {
-    if constexpr (N == 4) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else if constexpr (N == 2) {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-        w[0] = v.x; w[1] = v.y;
-    } else {
-        w[0] = __ldg(p);
-    }
-}
-
 
 // The tile's f32 accumulators for NW weights of the same shape (rows row0 .. row0+16) against
 // the NT·8 input rows of x (rows >= m read as zeros), over this warp's groups of k: warp w of
@@ -397,7 +382,7 @@ __device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T
                                          const T* const (&bi)[NW], const T* __restrict__ x, int m, int n,
                                          int k, int row0, float (&acc)[NW][NT][4]) {
     using Q = QmtType<T>;
-    constexpr int WPL = GS / 32;      // words per lane per row and group
+    constexpr int WPL = GS / 32;      // words per lane per row and group (one load_words load)
     constexpr int CPL = GS / 4;       // codes per lane per group
     constexpr int UG = 8 / WPL > 4 ? 4 : 8 / WPL;  // groups whose loads are issued together
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
@@ -421,8 +406,8 @@ __device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T
                 const size_t off = (size_t)gi * (GS / 8) + t * WPL;
 #pragma unroll
                 for (int v = 0; v < NW; ++v) {
-                    load_n<WPL>(w[v] + ra * wrow + off, wa[u][v]);
-                    load_n<WPL>(w[v] + rb * wrow + off, wb[u][v]);
+                    load_words<WPL>(w[v] + ra * wrow + off, wa[u][v]);
+                    load_words<WPL>(w[v] + rb * wrow + off, wb[u][v]);
                     sa[u][v] = to_f32(sc[v][(size_t)ra * groups + gi]);
                     sb[u][v] = to_f32(sc[v][(size_t)rb * groups + gi]);
                     ba[u][v] = to_f32(bi[v][(size_t)ra * groups + gi]);
