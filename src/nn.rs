@@ -318,6 +318,30 @@ impl RmsNorm {
         }
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
+
+    /// The residual add before the norm: `(x + r, norm(x + r))`, in one CUDA kernel where it
+    /// applies (inference, same dtypes, contiguous; the same values as the two ops).
+    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && !(x.track_op() || r.track_op() || self.weight.track_op())
+            && self.shift == 0.0
+            && x.dtype() == r.dtype()
+            && x.dtype() == self.weight.dtype()
+            && x.shape() == r.shape()
+            && x.dim(D::Minus1)? <= crate::cuda::ADD_RMS_NORM_MAX_DIM
+        {
+            let both = x.contiguous()?.apply_op3_no_bwd(
+                &r.contiguous()?,
+                &self.weight.contiguous()?,
+                &crate::cuda::AddRmsNorm { eps: self.eps },
+            )?;
+            return Ok((both.get(1)?, both.get(0)?));
+        }
+        let h = (x + r)?;
+        let n = self.forward(&h)?;
+        Ok((h, n))
+    }
 }
 
 /// LayerNorm with a learned scale and bias.

@@ -2,6 +2,7 @@
 //! docs/cuda.md). Without a CUDA device each test prints why it is skipped and passes.
 //! - the quantized-matmul kernels against dequantize-then-matmul (cuBLAS, f32) over random
 //!   shapes, every bits × group size, f32/f16/bf16 activations, decode and prefill row counts;
+//! - the fused residual add + RMSNorm bit-exact with candle's two kernels;
 //! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
 //! - the default model's greedy tokens on CUDA (f32) equal mlx_lm's goldens, which the CPU
 //!   matches too, and so do its 4-bit conversion's;
@@ -107,6 +108,40 @@ fn cuda_decode_attention_matches_the_cpu() {
             let e = rel_err(&got, &want);
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             assert!(e < tol, "b {b} h {h} kv {kvh} t {t} d {d} softcap {softcap:?} {dtype:?}: relative error {e:e}");
+        }
+    }
+}
+
+#[test]
+fn cuda_add_rms_norm_equals_the_separate_add_and_norm_bit_for_bit() {
+    let Some(dev) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        // both block sizes (one warp below 1,024 columns, 1,024 threads from there), ragged tails
+        for d in [64, 576, 1000, 1024, 2048, 3000, 4096, 8192] {
+            let rows = rng.random_range(1..=5);
+            let rand = |shape: &[usize], scale: f64, rng: &mut rand::rngs::StdRng| -> Tensor {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32 * scale as f32).collect();
+                Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap()
+            };
+            let (x, r, w) =
+                (rand(&[1, rows, d], 3.0, &mut rng), rand(&[1, rows, d], 1.0, &mut rng), rand(&[d], 1.5, &mut rng));
+            let both = x.apply_op3_no_bwd(&r, &w, &wick::cuda::AddRmsNorm { eps: 1e-5 }).unwrap();
+            assert_eq!(both.dims(), &[2, 1, rows, d]);
+            let h = (&x + &r).unwrap();
+            let n = candle_nn::ops::rms_norm(&h, &w, 1e-5).unwrap();
+            for (got, want, what) in [(both.get(1).unwrap(), h, "x + r"), (both.get(0).unwrap(), n, "the norm")] {
+                let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{what}, {dtype:?}, {rows} x {d}");
+            }
         }
     }
 }

@@ -46,32 +46,48 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     const int bh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int b = bh / h, kv = (bh % h) / (h / kvh);
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    if (pos) t_len = (int)*pos + 1;  // replayed decode step: the keys up to this step's position
-    // a row sees at least its newest key (a batch slot whose request has left)
-    const int start = starts ? min((int)starts[b], t_len - 1) : 0;
-    const int j0 = split * CHUNK, j1 = min(t_len, j0 + CHUNK);
+    // the position, the row's start and the query are independent reads, issued together
+    const int pos_v = pos ? (int)*pos : 0;
+    const int start_v = starts ? (int)starts[b] : 0;
     for (int i = tid; i < d; i += THREADS) qs[i] = to_f32(q[(size_t)bh * d + i]) * scale;
-    __syncthreads();
+    if (pos) t_len = pos_v + 1;  // replayed decode step: the keys up to this step's position
+    // a row sees at least its newest key (a batch slot whose request has left)
+    const int start = starts ? min(start_v, t_len - 1) : 0;
+    const int j0 = split * CHUNK, j1 = min(t_len, j0 + CHUNK);
     const T* kb = k + b * ksb + kv * ksh;
     const T* vb = v + b * vsb + kv * vsh;
-    // scores: one key per thread; its row read with 16-byte loads when the layout allows
-    // (vec: d and the key stride are multiples of 16 bytes), all of them in flight at once
-    float mx = -INFINITY;
     const int j = j0 + tid;
+    // this thread's value row into L2 now, so that the second half's reads find it there
     if (j < j1) {
-        const T* kr = kb + (long long)j * kst;
+        const char* vr = reinterpret_cast<const char*>(vb + (long long)j * vst);
+        for (int o = 0; o < dv * (int)sizeof(T); o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(vr + o));
+    }
+    // scores: one key per thread; its row read with 16-byte loads when the layout allows
+    // (vec: d and the key stride are multiples of 16 bytes), up to U of them in flight at once,
+    // the first U issued before the barrier that publishes the query
+    constexpr int PER = 16 / sizeof(T);
+    constexpr int U = 16;
+    const T* kr = kb + (long long)j * kst;
+    const uint4* kv4 = reinterpret_cast<const uint4*>(kr);
+    uint4 kw[U];
+    if (vec && j < j1) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) if (u < d / PER) kw[u] = __ldg(kv4 + u);
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    if (j < j1) {
         float s = 0.f;
         if (vec) {
-            constexpr int PER = 16 / sizeof(T);
-            const uint4* kv4 = reinterpret_cast<const uint4*>(kr);
-            for (int v0 = 0; v0 < d / PER; v0 += 4) {
-                uint4 w[4];
+            for (int v0 = 0; v0 < d / PER; v0 += U) {
+                if (v0 > 0) {
 #pragma unroll
-                for (int u = 0; u < 4; ++u) if (v0 + u < d / PER) w[u] = __ldg(kv4 + v0 + u);
+                    for (int u = 0; u < U; ++u) if (v0 + u < d / PER) kw[u] = __ldg(kv4 + v0 + u);
+                }
 #pragma unroll
-                for (int u = 0; u < 4; ++u) {
+                for (int u = 0; u < U; ++u) {
                     if (v0 + u < d / PER) {
-                        const T* e = reinterpret_cast<const T*>(&w[u]);
+                        const T* e = reinterpret_cast<const T*>(&kw[u]);
 #pragma unroll
                         for (int x = 0; x < PER; ++x) s = fmaf(qs[(v0 + u) * PER + x], to_f32(e[x]), s);
                     }

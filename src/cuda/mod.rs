@@ -20,6 +20,8 @@ pub enum Module {
     Affine,
     /// src/cuda/attention.cu
     Attention,
+    /// src/cuda/norm.cu
+    Norm,
 }
 
 impl Module {
@@ -27,6 +29,7 @@ impl Module {
         match self {
             Module::Affine => include_bytes!(concat!(env!("OUT_DIR"), "/affine.fatbin")),
             Module::Attention => include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
+            Module::Norm => include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin")),
         }
     }
 }
@@ -262,44 +265,75 @@ pub struct RopeKvWrite {
     pub values: candle_core::Tensor,
 }
 
+/// The elements of a contiguous tensor as a view of its storage; `what` names it in the error.
+fn contiguous_view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let (a, e) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} not contiguous")))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..e))
+}
+
 /// The CUDA storage inside a storage guard of a tensor an op reads besides its inputs.
 fn cuda_of<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
     use crate::quant::matmul::GpuStorage;
     CudaStorage::of(s).ok_or_else(|| candle_core::Error::Msg(format!("{what} is not on the CUDA device")))
 }
 
-impl candle_core::CustomOp3 for RopeKvWrite {
-    fn name(&self) -> &'static str {
-        "rope-kv-write"
-    }
+/// `CustomOp3` for an op of wick's that runs on CUDA only (the CPU has the separate ops): its
+/// name, the CPU's error message, and the CUDA forward as a function of the op and the three
+/// inputs (storage, layout).
+macro_rules! cuda_only_op3 {
+    ($ty:ty, $name:expr, $cpu_msg:expr, $fwd:expr) => {
+        impl candle_core::CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("the fused RoPE and cache write runs on CUDA only")
-    }
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+            ) -> Result<(candle_core::CpuStorage, Shape)> {
+                candle_core::bail!($cpu_msg)
+            }
 
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+            fn cuda_fwd(
+                &self,
+                a: &CudaStorage,
+                al: &Layout,
+                b: &CudaStorage,
+                bl: &Layout,
+                c: &CudaStorage,
+                cl: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                let f: fn(
+                    &$ty,
+                    (&CudaStorage, &Layout),
+                    (&CudaStorage, &Layout),
+                    (&CudaStorage, &Layout),
+                ) -> Result<(CudaStorage, Shape)> = $fwd;
+                f(self, (a, al), (b, bl), (c, cl))
+            }
+        }
+    };
+}
+
+cuda_only_op3!(
+    RopeKvWrite,
+    "rope-kv-write",
+    "the fused RoPE and cache write runs on CUDA only",
+    |op, (qs, ql), k, v| {
         let dev = qs.device().clone();
-        let out =
-            by_dtype!(qs.dtype(), "rope + cache write", dev, rope_kv_typed(&dev, self, (qs, ql), (ks, kl), (vs, vl)));
+        let out = by_dtype!(qs.dtype(), "rope + cache write", dev, rope_kv_typed(&dev, op, (qs, ql), k, v));
         Ok((out, ql.shape().clone()))
     }
-}
+);
 
 fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
@@ -340,18 +374,9 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
             kc_l.shape()
         );
     }
-    fn slice<'a, T: CudaDType>(
-        s: &'a CudaStorage,
-        l: &Layout,
-        what: &str,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        let (a, e) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("rope + cache write: {what} not contiguous")))?;
-        Ok(s.as_cuda_slice::<T>()?.slice(a..e))
-    }
-    let (q, k, v) = (slice::<T>(qs, ql, "q")?, slice::<T>(ks, kl, "k")?, slice::<T>(vs, vl, "v")?);
-    let (cos, sin) = (slice::<T>(cos_s, cos_l, "cos")?, slice::<T>(sin_s, sin_l, "sin")?);
+    let slice = |s, l, what: &str| contiguous_view::<T>(s, l, &format!("rope + cache write: {what}"));
+    let (q, k, v) = (slice(qs, ql, "q")?, slice(ks, kl, "k")?, slice(vs, vl, "v")?);
+    let (cos, sin) = (slice(cos_s, cos_l, "cos")?, slice(sin_s, sin_l, "sin")?);
     let pos = pos_s.as_cuda_slice::<u32>()?;
     let stream = dev.cuda_stream();
     let esz = std::mem::size_of::<T>() as u64;
@@ -422,4 +447,67 @@ impl candle_core::InplaceOp1 for Upload<'_> {
 /// exact for integers below 2^24) with `values`.
 pub fn upload_f32(t: &candle_core::Tensor, values: &[f32]) -> Result<()> {
     t.inplace_op1(&Upload(values))
+}
+
+/// The residual add and the RMSNorm after it in one launch (src/cuda/norm.cu): inputs x and r
+/// (the same shape, last dimension d) and the norm's weight (d); the output stacks
+/// `rms_norm(x + r) * w` (index 0, so that it starts at offset 0, as the matmul kernels take it)
+/// and `x + r` (index 1) along a new first dimension. Both equal candle's separate `badd` and
+/// `rmsnorm` bit for bit.
+pub struct AddRmsNorm {
+    pub eps: f32,
+}
+
+/// The largest last dimension [`AddRmsNorm`] takes (1,024 threads, 8 columns each).
+pub const ADD_RMS_NORM_MAX_DIM: usize = 8192;
+
+cuda_only_op3!(
+    AddRmsNorm,
+    "add-rms-norm",
+    "the fused residual add and RMSNorm runs on CUDA only",
+    |op, (xs, xl), r, w| {
+        let dev = xs.device().clone();
+        let out = by_dtype!(xs.dtype(), "add + RMSNorm", dev, add_rms_norm_typed(&dev, op.eps, (xs, xl), r, w));
+        let mut dims = vec![2];
+        dims.extend_from_slice(xl.shape().dims());
+        Ok((out, Shape::from(dims)))
+    }
+);
+
+fn add_rms_norm_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    eps: f32,
+    (xs, xl): (&CudaStorage, &Layout),
+    (rs, rl): (&CudaStorage, &Layout),
+    (ws, wl): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>> {
+    let d = xl.shape().dims().last().copied().unwrap_or(0);
+    let rows = xl.shape().elem_count() / d.max(1);
+    if rl.shape() != xl.shape() || wl.shape().dims() != [d] || d == 0 || d > ADD_RMS_NORM_MAX_DIM {
+        candle_core::bail!(
+            "add + RMSNorm: x {:?}, r {:?} and weight {:?} do not fit (last dimension 1..={ADD_RMS_NORM_MAX_DIM})",
+            xl.shape(),
+            rl.shape(),
+            wl.shape()
+        );
+    }
+    let view = |s, l, what: &str| contiguous_view::<T>(s, l, &format!("add + RMSNorm: {what}"));
+    let (x, r, w) = (view(xs, xl, "x")?, view(rs, rl, "r")?, view(ws, wl, "the weight")?);
+    let out = unsafe { dev.alloc::<T>(2 * rows * d)? };
+    let tn = dtype_suffix(T::DTYPE, "add + RMSNorm")?;
+    // candle's rmsnorm block sizes, so that the sums come out in the same order
+    let (name, threads) = if d < 1024 {
+        (format!("wick_add_rms_norm_small_{tn}"), 32)
+    } else {
+        (format!("wick_add_rms_norm_{tn}"), 1024)
+    };
+    let f = function(dev, Module::Norm, &name)?;
+    let d_i = d as i32;
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    let (n, h) = (out.slice(0..rows * d), out.slice(rows * d..));
+    lb.arg(&x).arg(&r).arg(&w).arg(&n).arg(&h).arg(&d_i).arg(&eps);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(out)
 }

@@ -221,6 +221,24 @@ impl Mlp {
 /// One decoder layer as a model runs it: hidden states in, hidden states out.
 pub trait Layer: Send + Sync {
     fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// The layer on `x + pending` (`pending`: the previous layer's last residual branch, not
+    /// yet added), returning its output as `h` and its own last branch left unadded, so that
+    /// the next norm can take the add with it (one CUDA kernel instead of two: see
+    /// [`RmsNorm::forward_residual`]). The output is `h + branch`, or `h` without one.
+    fn forward_deferred(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        rope: &RopeTables,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let x = match pending {
+            Some(p) => (x + p)?,
+            None => x.clone(),
+        };
+        Ok((self.forward(&x, rope, cache)?, None))
+    }
 }
 
 /// The decoder layer of llama-like models, `h = x + attn(n1(x)); h + mlp(n2(h))`, or with
@@ -255,17 +273,35 @@ impl Block {
 
 impl Layer for Block {
     fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?;
-        match &self.sandwich {
-            None => {
-                let h = (x + r)?;
-                Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
-            }
-            Some((pre, post)) => {
-                let h = (x + self.post_attention_layernorm.forward(&r)?)?;
-                Ok((&h + post.forward(&self.mlp.forward(&pre.forward(&h)?)?)?)?)
-            }
-        }
+        let (h, branch) = self.forward_deferred(x, None, rope, cache)?;
+        Ok(match branch {
+            Some(b) => (h + b)?,
+            None => h,
+        })
+    }
+
+    fn forward_deferred(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        rope: &RopeTables,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (x, n1) = match pending {
+            Some(p) => self.input_layernorm.forward_residual(x, p)?,
+            None => (x.clone(), self.input_layernorm.forward(x)?),
+        };
+        let r = self.self_attn.forward(&n1, rope, cache)?;
+        let (h, n2) = match &self.sandwich {
+            None => self.post_attention_layernorm.forward_residual(&x, &r)?,
+            Some((pre, _)) => pre.forward_residual(&x, &self.post_attention_layernorm.forward(&r)?)?,
+        };
+        let m = self.mlp.forward(&n2)?;
+        let branch = match &self.sandwich {
+            None => m,
+            Some((_, post)) => post.forward(&m)?,
+        };
+        Ok((h, Some(branch)))
     }
 }
 
@@ -420,6 +456,14 @@ impl Norm {
             Norm::Layer(n) => n.forward(x),
         }
     }
+
+    /// The norm of `x + r` (the add fused into an RMSNorm where it can be).
+    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => Ok(n.forward_residual(x, r)?.1),
+            Norm::Layer(n) => n.forward(&(x + r)?),
+        }
+    }
 }
 
 /// The model body: token embedding, the layers, a final norm and the head (a separate
@@ -473,19 +517,28 @@ impl DecoderModel {
                 .collect::<Result<Vec<_>>>()?,
         };
         let checkpoint = crate::lora::checkpoint::active(&h, offset);
+        // each layer's last residual branch, added by the next norm (Layer::forward_deferred)
+        let mut pending: Option<Tensor> = None;
         for (((layer, c), r), w) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope).zip(&self.windows) {
-            h = if checkpoint && w.is_none() && h.track_op() {
+            if checkpoint && w.is_none() && h.track_op() {
                 // training with --grad-checkpoint: the layer's activations are recomputed in
                 // the backward pass instead of kept
-                crate::lora::checkpoint::run(layer.clone(), &h, &tables[*r])?
+                if let Some(p) = pending.take() {
+                    h = (h + p)?;
+                }
+                h = crate::lora::checkpoint::run(layer.clone(), &h, &tables[*r])?;
             } else {
-                layer.forward(&h, &tables[*r], c)?
-            };
+                (h, pending) = layer.forward_deferred(&h, pending.as_ref(), &tables[*r], c)?;
+            }
         }
         if last_only {
             h = h.narrow(1, l - 1, 1)?;
+            pending = pending.map(|p| p.narrow(1, l - 1, 1)).transpose()?;
         }
-        let h = self.norm.forward(&h)?;
+        let h = match &pending {
+            Some(p) => self.norm.forward_residual(&h, p)?,
+            None => self.norm.forward(&h)?,
+        };
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => self.embed_tokens.as_linear(&h)?,
