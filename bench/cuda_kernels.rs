@@ -88,7 +88,7 @@ fn main() -> Result<()> {
             dev.synchronize()?;
             let s = t.elapsed().as_secs_f64() / iters as f64;
             let bytes = bytes_w + 2.0 * (m * (k + n)) as f64;
-            let kernel = wick::quant::cuda::kernel_name(DType::BF16, p, m, n);
+            let kernel = wick::quant::cuda::kernel_name(DType::BF16, p, m, n, k);
             println!(
                 "| {name} ({n} × {k}) | {m} | {kernel} | {:.1} | {:.0} | {:.1} |",
                 s * 1e6,

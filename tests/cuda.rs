@@ -16,7 +16,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::gpu::{self, quantized, rel_err, to_dev};
+use common::gpu::{self, dense_reference, quantized, rel_err, to_dev};
 use rand::{Rng, SeedableRng};
 use wick::quant::QuantParams;
 
@@ -72,6 +72,57 @@ fn cuda_fused_decode_kernels_match_the_separate_matmuls() {
             }
         }
     }
+}
+
+/// One input row through the one-row tensor-core kernels (`wick_qm1*`: 4 bits, f16 / bf16, k a
+/// multiple of 128): plain, fused q/k/v and fused gate/up, at tile counts that pick each block
+/// width (16, 8 and 4 warps per tile) and row counts that end mid-tile, against the f32 matmul
+/// of the CPU's dequantization. The bound is twice the error that rounding the exact result to
+/// the activation dtype alone leaves (plus 1e-4), far tighter than the other kernels' tolerances.
+#[test]
+fn cuda_one_row_kernels_match_dequantize_then_matmul() {
+    let Some(dev) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1124);
+    let mut cases = 0;
+    for gs in [32, 64, 128] {
+        let p = QuantParams::new(4, gs, "test").unwrap();
+        // tiles of 16 rows (16 warps each below 375 tiles, 8 below 750, then 4); even sizes
+        // for the fused q/k/v (fused_qkv's rule)
+        let ns = [
+            2 * rng.random_range(8..=1200),
+            16 * rng.random_range(380..=700) + 6,
+            16 * rng.random_range(760..=800) + 2 * rng.random_range(0..8),
+        ];
+        for n in ns {
+            let k = 128 * rng.random_range(1..=12);
+            for dtype in [DType::F16, DType::BF16] {
+                let mk = |n: usize| quantized(&Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap(), p, dtype);
+                let (qa, qb, qc) = (mk(n), mk(2 * rng.random_range(1..=64)), mk(2 * rng.random_range(1..=64)));
+                let x = Tensor::randn(0f32, 1.0, (1, 1, k), &dev).unwrap().to_dtype(dtype).unwrap();
+                let x32 = x.to_dtype(DType::F32).unwrap().reshape((1, k)).unwrap();
+                let exact =
+                    |w: &wick::quant::QuantizedWeight| x32.matmul(&dense_reference(w, &dev).t().unwrap()).unwrap();
+                let check = |got: &Tensor, want: &Tensor, what: &str| {
+                    let bound = 2.0 * rel_err(&want.to_dtype(dtype).unwrap(), want) + 1e-4;
+                    let e = rel_err(got, want);
+                    assert!(e < bound, "{what} gs {gs} {dtype:?} n {n} k {k}: relative error {e:e} ≥ {bound:e}");
+                };
+                let [wa, wb, wc] = [&qa, &qb, &qc].map(|w| to_dev(w, &dev));
+                check(&wa.matmul(&x).unwrap(), &exact(&qa), "matmul");
+                let qkv = wick::quant::matmul::fused_qkv(&x, &wa, &wb, &wc).unwrap().expect("a fused kernel applies");
+                for ((got, w), name) in qkv.iter().zip([&qa, &qb, &qc]).zip(["q", "k", "v"]) {
+                    check(got, &exact(w), name);
+                }
+                let qu = mk(n);
+                let wu = to_dev(&qu, &dev);
+                let got = wick::quant::matmul::fused_swiglu(&x, &wa, &wu).unwrap().expect("a fused kernel applies");
+                let want = (candle_nn::ops::silu(&exact(&qa)).unwrap() * exact(&qu)).unwrap();
+                check(&got, &want, "swiglu");
+                cases += 5;
+            }
+        }
+    }
+    eprintln!("{cases} one-row cases");
 }
 
 #[test]

@@ -113,10 +113,41 @@ fn qmt_applies(dtype: DType, p: QuantParams, m: usize, tiles: usize) -> bool {
         && (m > 1 || tiles >= QMT_ONE_ROW_TILES)
 }
 
-/// Which kernel multiplies `m` input rows in `dtype` by an `n`-row weight with parameters `p`:
-/// `"qmt"` (tensor cores), `"qmv"` (scalar decode kernel) or `"dequant + cuBLAS"` (for reports).
-pub fn kernel_name(dtype: DType, p: QuantParams, m: usize, n: usize) -> &'static str {
-    if qmt_applies(dtype, p, m, n.div_ceil(QMT_TILE)) {
+/// Codes per segment of `wick_qm1*` (64 bytes of a row at 4 bits): k must be a multiple.
+const QM1_SEGMENT: usize = 128;
+/// The warps a one-row layer runs at least, when its tiles allow (measured on an H100: fewer
+/// leave the memory idle, more split k too finely): 4 warps per tile from this many tiles × 4
+/// on (gate/up of an 8B model), else 8, else 16.
+const QM1_WARPS: usize = 3000;
+
+/// Whether one input row takes the tensor-core one-row kernel (`wick_qm1*`).
+fn qm1_applies(dtype: DType, p: QuantParams, m: usize, k: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && p.bits == 4
+        && matches!(p.group_size, 32 | 64 | 128)
+        && m == 1
+        && k.is_multiple_of(QM1_SEGMENT)
+}
+
+/// The one-row kernel's launch over `tiles` tiles of 16 rows, or None where it does not apply:
+/// its name suffix (`{tn}_g{gs}_w{warps}`) and launch configuration.
+fn qm1_launch(dtype: DType, p: QuantParams, m: usize, k: usize, tiles: usize) -> Option<(String, LaunchConfig)> {
+    if !qm1_applies(dtype, p, m, k) {
+        return None;
+    }
+    let tn = dtype_name(dtype).ok()?;
+    let warps = [4u32, 8].into_iter().find(|&w| tiles * w as usize >= QM1_WARPS).unwrap_or(16);
+    let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+    Some((format!("{tn}_g{}_w{warps}", p.group_size), cfg))
+}
+
+/// Which kernel multiplies `m` input rows in `dtype` by an `n` × `k` weight with parameters
+/// `p`: `"qm1"` (one row, tensor cores), `"qmt"` (tensor cores), `"qmv"` (scalar decode
+/// kernel) or `"dequant + cuBLAS"` (for reports).
+pub fn kernel_name(dtype: DType, p: QuantParams, m: usize, n: usize, k: usize) -> &'static str {
+    if qm1_applies(dtype, p, m, k) {
+        "qm1"
+    } else if qmt_applies(dtype, p, m, n.div_ceil(QMT_TILE)) {
         "qmt"
     } else if m <= DECODE_PATH_ROWS {
         "qmv"
@@ -145,6 +176,13 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let out = unsafe { dev.alloc::<T>(m * w.n)? };
     let stream = dev.cuda_stream();
     let (m_i, n_i, k_i, gs_i) = (m as i32, w.n as i32, w.k as i32, w.p.group_size as i32);
+    if let Some((name, cfg)) = qm1_launch(T::DTYPE, w.p, m, w.k, w.n.div_ceil(QMT_TILE)) {
+        let f = function(dev, &format!("wick_qm1_{name}"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&n_i).arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(out);
+    }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, w.p, m, w.n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_{name}"))?;
         let mut b = stream.launch_builder(&f);
@@ -236,6 +274,16 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
         [at(0, n0), at(m * n0, n1), at(m * (n0 + n1), ws[2].n)]
     };
     let tiles: usize = ws.iter().map(|w| w.n.div_ceil(QMT_TILE)).sum();
+    if let Some((name, cfg)) = qm1_launch(T::DTYPE, ws[0].p, m, k, tiles) {
+        let f = function(dev, &format!("wick_qm13_{name}"))?;
+        let ys = outputs(0, m);
+        let mut b = stream.launch_builder(&f);
+        push_parts(&mut b, &parts);
+        b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
+        b.arg(&xs).arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(out);
+    }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, ws[0].p, m, tiles) {
         let f = function(dev, &format!("wick_qmt3_{name}"))?;
         let ys = outputs(0, m);
@@ -288,6 +336,14 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (n, n_i, k_i, gs_i) = (g.n, g.n as i32, g.k as i32, g.p.group_size as i32);
     let parts = [g.slices::<T>()?, u.slices::<T>()?];
     let stream = dev.cuda_stream();
+    if let Some((name, cfg)) = qm1_launch(T::DTYPE, g.p, m, g.k, n.div_ceil(QMT_TILE)) {
+        let f = function(dev, &format!("wick_qm1_swiglu_{name}"))?;
+        let mut b = stream.launch_builder(&f);
+        push_parts(&mut b, &parts);
+        b.arg(&xs).arg(&out).arg(&n_i).arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        return Ok(out);
+    }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, g.p, m, n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_swiglu_{name}"))?;
         let m_i = m as i32;

@@ -48,7 +48,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 
 /// The reference for a quantized weight: the CPU's dequantization (f32 arithmetic) on `dev`,
 /// for the device's f32 matmul.
-fn dense_reference(qw: &QuantizedWeight, dev: &Device) -> Tensor {
+pub fn dense_reference(qw: &QuantizedWeight, dev: &Device) -> Tensor {
     QuantizedWeight {
         scales: qw.scales.to_dtype(DType::F32).unwrap(),
         biases: qw.biases.to_dtype(DType::F32).unwrap(),

@@ -352,6 +352,7 @@ template <> struct QmtType<bf16> {
     static constexpr uint32_t MAGIC = 0x43004300u;  // 128.0 in both halves: 128 + q exact for q < 128
     static constexpr uint32_t ONES = 0x3F803F80u;
     static constexpr float OFFSET = 128.f;
+    static constexpr float MAGIC_VALUE = 128.f;
     static __device__ __forceinline__ uint32_t pair(uint32_t v) { return v | MAGIC; }
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
         WICK_MMA_16816("bf16", d, a, b0, b1);
@@ -361,6 +362,7 @@ template <> struct QmtType<f16> {
     static constexpr uint32_t MAGIC = 0x64006400u;  // 1024.0 in both halves
     static constexpr uint32_t ONES = 0x3C003C00u;
     static constexpr float OFFSET = 0.f;
+    static constexpr float MAGIC_VALUE = 1024.f;
     static __device__ __forceinline__ uint32_t pair(uint32_t v) {
         v |= MAGIC;
         __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&v), __half2half2(__ushort_as_half(0x6400)));
@@ -534,19 +536,30 @@ __device__ __forceinline__ void qmt_one(const uint32_t* w, const T* s, const T* 
     if (qmt_reduce<NT, 1, KW>(acc)) qmt_store<T, NT>(acc[0], y, row0, m, n);
 }
 
+// Of three weights sharing the input (q, k, v), the one this block's tile of 16 rows belongs
+// to: the first ceil(n0/16) tiles are W0's, then W1's, W2's.
+template <typename T>
+struct ThreeTiles {
+    const uint32_t* w; const T* s; const T* b; T* y; int n; int tile;
+    __device__ __forceinline__ ThreeTiles(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1,
+                                          const T* b1, const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1,
+                                          T* y2, int n0, int n1, int n2)
+        : w(w0), s(s0), b(b0), y(y0), n(n0), tile(blockIdx.x) {
+        const int t0 = (n0 + 15) / 16, t1 = (n1 + 15) / 16;
+        if (tile >= t0) {
+            tile -= t0; w = w1; s = s1; b = b1; y = y1; n = n1;
+            if (tile >= t1) { tile -= t1; w = w2; s = s2; b = b2; y = y2; n = n2; }
+        }
+    }
+};
+
 // Three weights sharing the input (q, k, v): the first ceil(n0/16) tiles are W0's, then W1's, W2's.
 template <typename T, int GS, int NT, int KW>
 __device__ __forceinline__ void qmt3_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
                                           T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* x, int m, int k) {
-    int tile = blockIdx.x;
-    const int t0 = (n0 + 15) / 16, t1 = (n1 + 15) / 16;
-    const uint32_t* w = w0; const T* s = s0; const T* b = b0; T* y = y0; int n = n0;
-    if (tile >= t0) {
-        tile -= t0; w = w1; s = s1; b = b1; y = y1; n = n1;
-        if (tile >= t1) { tile -= t1; w = w2; s = s2; b = b2; y = y2; n = n2; }
-    }
-    qmt_one<T, GS, NT, KW>(w, s, b, x, y, m, n, k, tile * 16);
+    const ThreeTiles<T> o(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2);
+    qmt_one<T, GS, NT, KW>(o.w, o.s, o.b, x, o.y, m, o.n, k, o.tile * 16);
 }
 
 // y = silu(x · Gᵀ) * (x · Uᵀ), both tiles from the same input fragments.
@@ -594,4 +607,200 @@ QMT_G(bf16, bf16, 4)
 QMT_G(bf16, bf16, 8)
 QMT_G(f16, f16, 4)
 QMT_G(f16, f16, 8)
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// One input row (the decode step at batch 1), 4-bit codes, f16 / bf16: `wick_qm1*`, the codes
+// through the tensor cores with the B operand's eight columns used as "slots".
+//
+// A block owns a tile of 16 output rows; its KW warps share k by segments of 128 codes (64
+// bytes per row): warp w takes segments w, w + KW, ... In a segment lane (g = lane/4,
+// t = lane%4) loads 16 bytes of rows g and g+8, codes 32t .. 32t+31 of the segment (slot t),
+// and supplies the input only to column t of B (the lanes with g == t; the others give zeros).
+// One mma.m16n8k16 then sums, per row, four codes of each slot into that slot's column, and the
+// segment's eight mmas leave in columns 0..3 the four 32-code dot products x·q of each row, each
+// times its own group's scale afterwards (lanes t = 0, 1 hold columns 0..3). Σx per slot comes
+// from an all-ones mma on the same input fragments. Codes become f16/bf16 as MAGIC_VALUE + q
+// (OR-ed into the mantissa, nothing subtracted): the accumulator takes s·(x·(M+q)) + (b − M·s)·Σx.
+// Against the scalar kernel (three instructions per code) this spends under one, so the warps
+// need fewer cycles between their loads; the launcher picks KW so that a layer runs about 3,000
+// warps (see cuda.rs), U segments per warp in flight (2 for KW = 4, else 1).
+// ---------------------------------------------------------------------------------------------
+
+// The B pairs of the segment's eight mmas from the input of slot t (lanes g == t; zeros
+// elsewhere): mma 2·wi + h takes codes (p, p+4) and (p+1, p+5), p = 2h, of word wi, so the
+// input pairs are permuted the same way (PRMT).
+template <typename T>
+__device__ __forceinline__ void qm1_xfrag(const T* __restrict__ x, int seg, int g, int t, uint32_t (&b)[8][2]) {
+    uint4 v[4];
+    const uint4* p = reinterpret_cast<const uint4*>(x) + (seg * 16 + 4 * t);
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) v[wi] = g == t ? __ldg(p + wi) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) {
+        b[2 * wi][0] = __byte_perm(v[wi].x, v[wi].z, 0x5410);
+        b[2 * wi][1] = __byte_perm(v[wi].x, v[wi].z, 0x7632);
+        b[2 * wi + 1][0] = __byte_perm(v[wi].y, v[wi].w, 0x5410);
+        b[2 * wi + 1][1] = __byte_perm(v[wi].y, v[wi].w, 0x7632);
+    }
+}
+
+__device__ __forceinline__ uint32_t u4_word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// The tile's sums for NW weights of the same shape (rows row0 .. row0+16): on return thread i
+// < 16 of the block holds row row0 + i of weight v in acc[v][0].
+template <typename T, int GS, int KW, int U, int NW>
+__device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T* const (&sc)[NW],
+                                         const T* const (&bi)[NW], const T* __restrict__ x, int n, int k, int row0,
+                                         float (&acc)[NW][2]) {
+    using Q = QmtType<T>;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
+    const int segs = k / 128, groups = k / GS;
+    const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
+    const size_t wrow = (size_t)k / 8;
+    constexpr int C = GS == 32 ? 2 : 1;  // groups per lane and segment (lanes t = 0, 1)
+#pragma unroll
+    for (int v = 0; v < NW; ++v) acc[v][0] = acc[v][1] = 0.f;
+    for (int s0 = warp; s0 < segs; s0 += KW * U) {
+        uint4 wa[U][NW], wb[U][NW];
+        float sa[U][NW][C], sb[U][NW][C], ba[U][NW][C], bb[U][NW][C];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int seg = s0 + u * KW;
+#pragma unroll
+            for (int v = 0; v < NW; ++v) {
+#pragma unroll
+                for (int c = 0; c < C; ++c) sa[u][v][c] = sb[u][v][c] = ba[u][v][c] = bb[u][v][c] = 0.f;
+                if (seg < segs) {
+                    wa[u][v] = __ldg(reinterpret_cast<const uint4*>(w[v] + ra * wrow + seg * 16 + 4 * t));
+                    wb[u][v] = __ldg(reinterpret_cast<const uint4*>(w[v] + rb * wrow + seg * 16 + 4 * t));
+                    if (t < 2) {
+#pragma unroll
+                        for (int c = 0; c < C; ++c) {
+                            const int gi = (seg * 4 + 2 * t + c) * 32 / GS;
+                            sa[u][v][c] = to_f32(sc[v][(size_t)ra * groups + gi]);
+                            sb[u][v][c] = to_f32(sc[v][(size_t)rb * groups + gi]);
+                            ba[u][v][c] = to_f32(bi[v][(size_t)ra * groups + gi]);
+                            bb[u][v][c] = to_f32(bi[v][(size_t)rb * groups + gi]);
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int seg = s0 + u * KW;
+            if (seg >= segs) break;
+            uint32_t xb[8][2];
+            qm1_xfrag<T>(x, seg, g, t, xb);
+            float sx[4] = {0.f, 0.f, 0.f, 0.f};
+            const uint32_t ones[4] = {Q::ONES, Q::ONES, Q::ONES, Q::ONES};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) Q::mma(sx, ones, xb[i][0], xb[i][1]);
+#pragma unroll
+            for (int v = 0; v < NW; ++v) {
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int wi = 0; wi < 4; ++wi) {
+                    const uint32_t a = u4_word(wa[u][v], wi), b = u4_word(wb[u][v], wi);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uint32_t frag[4] = {((a >> (8 * h)) & 0x000F000Fu) | Q::MAGIC,
+                                                  ((b >> (8 * h)) & 0x000F000Fu) | Q::MAGIC,
+                                                  ((a >> (8 * h + 4)) & 0x000F000Fu) | Q::MAGIC,
+                                                  ((b >> (8 * h + 4)) & 0x000F000Fu) | Q::MAGIC};
+                        Q::mma(d, frag, xb[2 * wi + h][0], xb[2 * wi + h][1]);
+                    }
+                }
+                // columns 2t and 2t+1 (t < 2): chunks seg·4 + 2t (+1), rows g (d0, d1), g+8 (d2, d3)
+                constexpr float M = Q::MAGIC_VALUE;
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int ci = C == 2 ? c : 0;
+                    acc[v][0] = fmaf(sa[u][v][ci], d[c], fmaf(ba[u][v][ci] - M * sa[u][v][ci], sx[c], acc[v][0]));
+                    acc[v][1] = fmaf(sb[u][v][ci], d[2 + c], fmaf(bb[u][v][ci] - M * sb[u][v][ci], sx[2 + c], acc[v][1]));
+                }
+            }
+        }
+    }
+    // lanes t = 0, 1 hold rows g and g+8 (t >= 2 zeros): the four lanes of a row, then the warps
+    __shared__ float red[KW][NW][16];
+#pragma unroll
+    for (int v = 0; v < NW; ++v)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            acc[v][r] += __shfl_xor_sync(0xffffffffu, acc[v][r], 1);
+            acc[v][r] += __shfl_xor_sync(0xffffffffu, acc[v][r], 2);
+            if (t == 0) red[warp][v][g + 8 * r] = acc[v][r];
+        }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+#pragma unroll
+        for (int v = 0; v < NW; ++v) {
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < KW; ++q) s += red[q][v][threadIdx.x];
+            acc[v][0] = s;
+        }
+    }
+}
+
+template <typename T, int GS, int KW, int U>
+__device__ __forceinline__ void qm1_one(const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k, int row0) {
+    float acc[1][2];
+    const uint32_t* const ws[1] = {w};
+    const T* const ss[1] = {s};
+    const T* const bs[1] = {b};
+    qm1_tile<T, GS, KW, U, 1>(ws, ss, bs, x, n, k, row0, acc);
+    const int r = row0 + threadIdx.x;
+    if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(acc[0][0]);
+}
+
+// q, k and v: the first ceil(n0/16) tiles are W0's, then W1's, W2's.
+template <typename T, int GS, int KW, int U>
+__device__ __forceinline__ void qm13_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
+                                          const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
+                                          T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* x, int k) {
+    const ThreeTiles<T> o(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2);
+    qm1_one<T, GS, KW, U>(o.w, o.s, o.b, x, o.y, o.n, k, o.tile * 16);
+}
+
+template <typename T, int GS, int KW, int U>
+__device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw,
+                                                const T* usc, const T* ub, const T* x, T* y, int n, int k) {
+    const int row0 = blockIdx.x * 16;
+    float acc[2][2];
+    const uint32_t* const ws[2] = {gw, uw};
+    const T* const ss[2] = {gsc, usc};
+    const T* const bs[2] = {gb, ub};
+    qm1_tile<T, GS, KW, U, 2>(ws, ss, bs, x, n, k, row0, acc);
+    const int r = row0 + threadIdx.x;
+    if (threadIdx.x < 16 && r < n) {
+        const float gv = acc[0][0];
+        y[r] = from_f32<T>(gv / (1.f + __expf(-gv)) * acc[1][0]);
+    }
+}
+
+#define QM1(T, TN, GS, KW, U)                                                                               \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_##TN##_g##GS##_w##KW(                    \
+        const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k) {                        \
+        qm1_one<T, GS, KW, U>(w, s, b, x, y, n, k, blockIdx.x * 16);                                        \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm13_##TN##_g##GS##_w##KW(                   \
+        const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,         \
+        const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,          \
+        const T* x, int k) {                                                                                \
+        qm13_impl<T, GS, KW, U>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, k);          \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_swiglu_##TN##_g##GS##_w##KW(             \
+        const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,       \
+        const T* x, T* y, int n, int k) {                                                                   \
+        qm1_swiglu_impl<T, GS, KW, U>(gw, gsc, gb, uw, usc, ub, x, y, n, k);                                \
+    }
+// KW warps per tile, U segments in flight per warp (the launcher's table: cuda.rs `qm1_launch`)
+#define QM1_W(T, TN, GS) QM1(T, TN, GS, 4, 2) QM1(T, TN, GS, 8, 1) QM1(T, TN, GS, 16, 1)
+#define QM1_G(T, TN) QM1_W(T, TN, 32) QM1_W(T, TN, 64) QM1_W(T, TN, 128)
+#ifndef WICK_QMT_LAB
+QM1_G(bf16, bf16)
+QM1_G(f16, f16)
 #endif
