@@ -320,8 +320,10 @@ impl RmsNorm {
     }
 
     /// The residual add before the norm: `(x + r, norm(x + r))`, in one CUDA kernel where it
-    /// applies (inference, same dtypes, contiguous; the same values as the two ops).
-    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// applies (inference, same dtypes, contiguous; the same values as the two ops); without
+    /// `r`, `(x, norm(x))`.
+    pub fn forward_residual(&self, x: &Tensor, r: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let Some(r) = r else { return Ok((x.clone(), self.forward(x)?)) };
         #[cfg(feature = "cuda")]
         if x.device().is_cuda()
             && !(x.track_op() || r.track_op() || self.weight.track_op())

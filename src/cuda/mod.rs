@@ -160,8 +160,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     if h % kvh != 0 || d > ATTN_MAX_HEAD_DIM || dv > ATTN_MAX_HEAD_DIM || t == 0 {
         candle_core::bail!("decode attention on CUDA: {h} heads over {kvh} KV heads of size {d}/{dv} and {t} keys are outside the kernel's limits");
     }
-    let (qa, qb) = ql.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("query not contiguous".into()))?;
-    let q = qs.as_cuda_slice::<T>()?.slice(qa..qb);
+    let q = contiguous_view::<T>(qs, ql, "query")?;
     let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
     let (kst, vst) = (kl.stride(), vl.stride());
@@ -230,14 +229,12 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
     if sl.shape().dims4()? != (b, heads, 1, d) || cl.stride()[3] != 1 {
         candle_core::bail!("kv_write: {:?} into the cache {:?} does not fit", sl.shape(), cl.shape());
     }
-    let (sa, se) =
-        sl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("kv_write: source not contiguous".into()))?;
     let dev = cs.device().clone();
     let f = function(&dev, Module::Attention, &format!("wick_kv_write_{}", dtype_suffix(T::DTYPE, "kv_write")?))?;
     let st = cl.stride();
     let (sb, sh, sr) = (st[0] as i64, st[1] as i64, st[2] as i64);
     let (heads_i, d_i) = (heads as i32, d as i32);
-    let src = ss.as_cuda_slice::<T>()?.slice(sa..se);
+    let src = contiguous_view::<T>(ss, sl, "kv_write: source")?;
     let pos = pos.as_cuda_slice::<u32>()?;
     let mut dst = cs.as_cuda_slice_mut::<T>()?.slice_mut(cl.start_offset()..);
     let stream = dev.cuda_stream();

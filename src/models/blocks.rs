@@ -233,12 +233,16 @@ pub trait Layer: Send + Sync {
         rope: &RopeTables,
         cache: &mut KvCache,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let x = match pending {
-            Some(p) => (x + p)?,
-            None => x.clone(),
-        };
-        Ok((self.forward(&x, rope, cache)?, None))
+        Ok((self.forward(&plus(x, pending)?, rope, cache)?, None))
     }
+}
+
+/// `x + p`, or `x` without `p` (a residual branch left for later, see [`Layer::forward_deferred`]).
+fn plus(x: &Tensor, p: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match p {
+        Some(p) => (x + p)?,
+        None => x.clone(),
+    })
 }
 
 /// The decoder layer of llama-like models, `h = x + attn(n1(x)); h + mlp(n2(h))`, or with
@@ -274,10 +278,7 @@ impl Block {
 impl Layer for Block {
     fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let (h, branch) = self.forward_deferred(x, None, rope, cache)?;
-        Ok(match branch {
-            Some(b) => (h + b)?,
-            None => h,
-        })
+        plus(&h, branch.as_ref())
     }
 
     fn forward_deferred(
@@ -287,14 +288,11 @@ impl Layer for Block {
         rope: &RopeTables,
         cache: &mut KvCache,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (x, n1) = match pending {
-            Some(p) => self.input_layernorm.forward_residual(x, p)?,
-            None => (x.clone(), self.input_layernorm.forward(x)?),
-        };
+        let (x, n1) = self.input_layernorm.forward_residual(x, pending)?;
         let r = self.self_attn.forward(&n1, rope, cache)?;
         let (h, n2) = match &self.sandwich {
-            None => self.post_attention_layernorm.forward_residual(&x, &r)?,
-            Some((pre, _)) => pre.forward_residual(&x, &self.post_attention_layernorm.forward(&r)?)?,
+            None => self.post_attention_layernorm.forward_residual(&x, Some(&r))?,
+            Some((pre, _)) => pre.forward_residual(&x, Some(&self.post_attention_layernorm.forward(&r)?))?,
         };
         let m = self.mlp.forward(&n2)?;
         let branch = match &self.sandwich {
@@ -457,11 +455,11 @@ impl Norm {
         }
     }
 
-    /// The norm of `x + r` (the add fused into an RMSNorm where it can be).
-    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    /// The norm of `x + r`, or of `x` without `r` (the add fused into an RMSNorm where it can be).
+    pub fn forward_residual(&self, x: &Tensor, r: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Norm::Rms(n) => Ok(n.forward_residual(x, r)?.1),
-            Norm::Layer(n) => n.forward(&(x + r)?),
+            Norm::Layer(n) => n.forward(&plus(x, r)?),
         }
     }
 }
@@ -523,10 +521,7 @@ impl DecoderModel {
             if checkpoint && w.is_none() && h.track_op() {
                 // training with --grad-checkpoint: the layer's activations are recomputed in
                 // the backward pass instead of kept
-                if let Some(p) = pending.take() {
-                    h = (h + p)?;
-                }
-                h = crate::lora::checkpoint::run(layer.clone(), &h, &tables[*r])?;
+                h = crate::lora::checkpoint::run(layer.clone(), &plus(&h, pending.take().as_ref())?, &tables[*r])?;
             } else {
                 (h, pending) = layer.forward_deferred(&h, pending.as_ref(), &tables[*r], c)?;
             }
@@ -535,10 +530,7 @@ impl DecoderModel {
             h = h.narrow(1, l - 1, 1)?;
             pending = pending.map(|p| p.narrow(1, l - 1, 1)).transpose()?;
         }
-        let h = match &pending {
-            Some(p) => self.norm.forward_residual(&h, p)?,
-            None => self.norm.forward(&h)?,
-        };
+        let h = self.norm.forward_residual(&h, pending.as_ref())?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => self.embed_tokens.as_linear(&h)?,

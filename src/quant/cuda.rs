@@ -100,17 +100,23 @@ fn qmt_launch(dtype: DType, p: QuantParams, m: usize, tiles: usize) -> Option<(S
     }
     let tn = dtype_name(dtype).ok()?;
     let warps = if tiles < QMT_WIDE_BELOW { 8 } else { 4 };
-    let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
-    Some((format!("{tn}_g{}_n{}_w{warps}", p.group_size, m.div_ceil(8)), cfg))
+    Some((format!("{tn}_g{}_n{}_w{warps}", p.group_size, m.div_ceil(8)), tile_launch(tiles, warps)))
+}
+
+/// One block of `warps` warps per tile of 16 output rows (the tensor-core kernels).
+fn tile_launch(tiles: usize, warps: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Whether the tensor-core kernels are built for weights with these parameters in `dtype`:
+/// 4-bit codes, f16 / bf16, group size 32, 64 or 128.
+fn tensor_core_weights(dtype: DType, p: QuantParams) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16) && p.bits == 4 && matches!(p.group_size, 32 | 64 | 128)
 }
 
 /// Whether `m` input rows against `tiles` tiles of a weight take the tensor-core kernel.
 fn qmt_applies(dtype: DType, p: QuantParams, m: usize, tiles: usize) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
-        && p.bits == 4
-        && matches!(p.group_size, 32 | 64 | 128)
-        && (1..=DECODE_PATH_ROWS).contains(&m)
-        && (m > 1 || tiles >= QMT_ONE_ROW_TILES)
+    tensor_core_weights(dtype, p) && (1..=DECODE_PATH_ROWS).contains(&m) && (m > 1 || tiles >= QMT_ONE_ROW_TILES)
 }
 
 /// Codes per segment of `wick_qm1*` (64 bytes of a row at 4 bits): k must be a multiple.
@@ -122,11 +128,7 @@ const QM1_WARPS: usize = 3000;
 
 /// Whether one input row takes the tensor-core one-row kernel (`wick_qm1*`).
 fn qm1_applies(dtype: DType, p: QuantParams, m: usize, k: usize) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
-        && p.bits == 4
-        && matches!(p.group_size, 32 | 64 | 128)
-        && m == 1
-        && k.is_multiple_of(QM1_SEGMENT)
+    tensor_core_weights(dtype, p) && m == 1 && k.is_multiple_of(QM1_SEGMENT)
 }
 
 /// The one-row kernel's launch over `tiles` tiles of 16 rows, or None where it does not apply:
@@ -137,8 +139,7 @@ fn qm1_launch(dtype: DType, p: QuantParams, m: usize, k: usize, tiles: usize) ->
     }
     let tn = dtype_name(dtype).ok()?;
     let warps = [4u32, 8].into_iter().find(|&w| tiles * w as usize >= QM1_WARPS).unwrap_or(16);
-    let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
-    Some((format!("{tn}_g{}_w{warps}", p.group_size), cfg))
+    Some((format!("{tn}_g{}_w{warps}", p.group_size), tile_launch(tiles, warps)))
 }
 
 /// Which kernel multiplies `m` input rows in `dtype` by an `n` × `k` weight with parameters

@@ -232,6 +232,9 @@ __device__ __forceinline__ void qmv3_impl(const uint32_t* w0, const T* s0, const
     if (row < n) qmv_warp_rows<T, BITS, MM>(w, s, b, x, y, row, m_rows, n, k, gs);
 }
 
+// silu(g) · u, the gated MLP's activation, in f32 (all the fused gate/up kernels).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
 // The gated MLP's first half in one launch: y = silu(x . G^T) * (x . U^T), in f32 before rounding.
 template <typename T, int BITS, int MM>
 __device__ __forceinline__ void qmv_swiglu_impl(const uint32_t* __restrict__ gw, const T* __restrict__ gsc,
@@ -253,7 +256,7 @@ __device__ __forceinline__ void qmv_swiglu_impl(const uint32_t* __restrict__ gw,
     if (threadIdx.x % 32 == 0) {
 #pragma unroll
         for (int m = 0; m < MM; ++m)
-            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(g[m] / (1.f + __expf(-g[m])) * u[m]);
+            if (m < m_rows) y[(size_t)m * n + row] = from_f32<T>(silu_mul(g[m], u[m]));
     }
 }
 
@@ -576,10 +579,7 @@ __device__ __forceinline__ void qmt_swiglu_impl(const uint32_t* gw, const T* gsc
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float gv = acc[0][j][i];
-            acc[0][j][i] = gv / (1.f + __expf(-gv)) * acc[1][j][i];
-        }
+        for (int i = 0; i < 4; ++i) acc[0][j][i] = silu_mul(acc[0][j][i], acc[1][j][i]);
     qmt_store<T, NT>(acc[0], y, row0, m, n);
 }
 
@@ -645,8 +645,6 @@ __device__ __forceinline__ void qm1_xfrag(const T* __restrict__ x, int seg, int 
     }
 }
 
-__device__ __forceinline__ uint32_t u4_word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-
 // The tile's sums for NW weights of the same shape (rows row0 .. row0+16): on return thread i
 // < 16 of the block holds row row0 + i of weight v in acc[v][0].
 template <typename T, int GS, int KW, int U, int NW>
@@ -662,7 +660,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
 #pragma unroll
     for (int v = 0; v < NW; ++v) acc[v][0] = acc[v][1] = 0.f;
     for (int s0 = warp; s0 < segs; s0 += KW * U) {
-        uint4 wa[U][NW], wb[U][NW];
+        uint32_t wa[U][NW][4], wb[U][NW][4];
         float sa[U][NW][C], sb[U][NW][C], ba[U][NW][C], bb[U][NW][C];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -672,8 +670,8 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
 #pragma unroll
                 for (int c = 0; c < C; ++c) sa[u][v][c] = sb[u][v][c] = ba[u][v][c] = bb[u][v][c] = 0.f;
                 if (seg < segs) {
-                    wa[u][v] = __ldg(reinterpret_cast<const uint4*>(w[v] + ra * wrow + seg * 16 + 4 * t));
-                    wb[u][v] = __ldg(reinterpret_cast<const uint4*>(w[v] + rb * wrow + seg * 16 + 4 * t));
+                    load_words<4>(w[v] + ra * wrow + seg * 16 + 4 * t, wa[u][v]);
+                    load_words<4>(w[v] + rb * wrow + seg * 16 + 4 * t, wb[u][v]);
                     if (t < 2) {
 #pragma unroll
                         for (int c = 0; c < C; ++c) {
@@ -702,7 +700,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int wi = 0; wi < 4; ++wi) {
-                    const uint32_t a = u4_word(wa[u][v], wi), b = u4_word(wb[u][v], wi);
+                    const uint32_t a = wa[u][v][wi], b = wb[u][v][wi];
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const uint32_t frag[4] = {((a >> (8 * h)) & 0x000F000Fu) | Q::MAGIC,
@@ -775,10 +773,7 @@ __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc
     const T* const bs[2] = {gb, ub};
     qm1_tile<T, GS, KW, U, 2>(ws, ss, bs, x, n, k, row0, acc);
     const int r = row0 + threadIdx.x;
-    if (threadIdx.x < 16 && r < n) {
-        const float gv = acc[0][0];
-        y[r] = from_f32<T>(gv / (1.f + __expf(-gv)) * acc[1][0]);
-    }
+    if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(silu_mul(acc[0][0], acc[1][0]));
 }
 
 #define QM1(T, TN, GS, KW, U)                                                                               \
