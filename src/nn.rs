@@ -682,6 +682,9 @@ pub fn rope_and_cache_write(
 /// without copying it.
 ///
 /// With `softcap`, scores become `softcap · tanh(scores / softcap)` before the mask (gemma2).
+/// One query (decode) runs wick's decode-attention kernel (CPU and CUDA); several on CUDA in
+/// f16 / bf16 run the flash-attention kernel (`crate::cuda::PrefillAttention`); the rest go
+/// through matmul, mask and softmax.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -701,6 +704,18 @@ pub fn scaled_dot_product_attention(
     }
     if mask.pos.is_some() {
         anyhow::bail!("a decode step captured into a CUDA graph needs wick's decode-attention kernel");
+    }
+    #[cfg(feature = "cuda")]
+    if q.dim(2)? > 1 && crate::cuda::PrefillAttention::fits(q, k, v)? {
+        let op = crate::cuda::PrefillAttention {
+            scale: scale as f32,
+            softcap: softcap.map(|c| c as f32),
+            offset: mask.offset,
+            window: mask.window,
+            starts: mask.left_padding,
+        };
+        // the kernel writes (B, L, H, D): the callers' transpose back is then free
+        return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)?);
     }
     let (b, h, l, d) = q.dims4()?;
     let kv = k.dim(1)?;
@@ -792,8 +807,13 @@ pub fn fused_swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Option<Ten
     }
 }
 
-/// SwiGLU activation: `silu(gate) * up`.
+/// SwiGLU activation: `silu(gate) * up` (one kernel on CUDA in f16 / bf16 where
+/// `crate::cuda::SwiGlu` fits, rounded once).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::SwiGlu::fits(gate, up) {
+        return Ok(gate.apply_op2_no_bwd(up, &crate::cuda::SwiGlu)?);
+    }
     Ok((candle_nn::ops::silu(gate)? * up)?)
 }
 

@@ -2,6 +2,8 @@
 //! docs/cuda.md). Without a CUDA device each test prints why it is skipped and passes.
 //! - the quantized-matmul kernels against dequantize-then-matmul (cuBLAS, f32) over random
 //!   shapes, every bits × group size, f32/f16/bf16 activations, decode and prefill row counts;
+//! - decode and prefill attention (flash attention on the tensor cores) against the CPU's f32;
+//! - the fused SwiGLU within half an ulp of the exact product;
 //! - the fused residual add + RMSNorm bit-exact with candle's two kernels;
 //! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
 //! - the default model's greedy tokens on CUDA (f32) equal mlx_lm's goldens, which the CPU
@@ -160,6 +162,97 @@ fn cuda_decode_attention_matches_the_cpu() {
             let e = rel_err(&got, &want);
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             assert!(e < tol, "b {b} h {h} kv {kvh} t {t} d {d} softcap {softcap:?} {dtype:?}: relative error {e:e}");
+        }
+    }
+}
+
+#[test]
+fn cuda_prefill_attention_matches_the_cpu_in_f32() {
+    let Some(dev) = cuda() else { return };
+    use std::sync::Arc;
+    use wick::cache::MaskSpec;
+    use wick::cuda::PrefillAttention;
+    // (batch, heads, kv heads, queries, offset: keys cached before them, head size, softcap,
+    // window, left padding)
+    type Case = (usize, usize, usize, usize, usize, usize, Option<f64>, Option<usize>, Option<Vec<usize>>);
+    let cases: [Case; 7] = [
+        // fewer queries than a block
+        (1, 4, 4, 7, 0, 64, None, None, None),
+        // grouped-query heads, a partial last block
+        (1, 32, 8, 300, 0, 128, None, None, None),
+        // a later chunk (keys cached before the queries), softcap
+        (2, 8, 2, 130, 57, 96, Some(30.0), None, None),
+        // a sliding window shorter than the chunk
+        (1, 8, 4, 200, 100, 64, None, Some(77), None),
+        // left-padded batch rows, one of them all padding but its last query
+        (3, 4, 1, 70, 0, 128, None, None, Some(vec![0, 5, 69])),
+        (1, 2, 2, 513, 0, 128, None, None, None),
+        (2, 6, 3, 65, 190, 64, None, Some(100), Some(vec![3, 200])),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for (b, h, kvh, l, offset, d, softcap, window, pads) in cases {
+        let t = offset + l;
+        let cap = t + rng.random_range(1..40);
+        let spec = MaskSpec { offset, window, left_padding: pads.clone().map(Arc::from), pos: None };
+        let scale = (d as f64).powf(-0.5);
+        for dtype in [DType::F16, DType::BF16] {
+            let rand = |shape: (usize, usize, usize, usize)| {
+                Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+            };
+            let (q, kc, vc) = (rand((b, h, l, d)), rand((b, kvh, cap, d)), rand((b, kvh, cap, d)));
+            // the reference: the CPU's matmul + mask + softmax in f32 on the same (rounded) inputs
+            let f32_ = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let (k32, v32) = (f32_(&kc).narrow(2, 0, t).unwrap(), f32_(&vc).narrow(2, 0, t).unwrap());
+            let want =
+                wick::nn::scaled_dot_product_attention(&f32_(&q), &k32, &v32, scale, spec.clone(), softcap).unwrap();
+            // keys and values as views of a larger cache, as KvCache hands them out
+            let (q, kc, vc) = (q.to_device(&dev).unwrap(), kc.to_device(&dev).unwrap(), vc.to_device(&dev).unwrap());
+            let (k, v) = (kc.narrow(2, 0, t).unwrap(), vc.narrow(2, 0, t).unwrap());
+            assert!(
+                PrefillAttention::fits(&q, &k, &v).unwrap(),
+                "case b {b} h {h} l {l} d {d} does not reach the kernel"
+            );
+            let op = PrefillAttention {
+                scale: scale as f32,
+                softcap: softcap.map(|c| c as f32),
+                offset,
+                window,
+                starts: pads.clone().map(Arc::from),
+            };
+            let got = q.apply_op3_no_bwd(&k, &v, &op).unwrap().transpose(1, 2).unwrap();
+            let e = rel_err(&got, &want);
+            let tol = if dtype == DType::F16 { 2e-3 } else { 1e-2 };
+            let what = format!("b {b} h {h}/{kvh} l {l} offset {offset} d {d} softcap {softcap:?} window {window:?} pads {pads:?} {dtype:?}");
+            assert!(e < tol, "{what}: relative error {e:e}");
+            // scaled_dot_product_attention takes the kernel for these inputs
+            let via = wick::nn::scaled_dot_product_attention(&q, &k, &v, scale, spec.clone(), softcap).unwrap();
+            assert_eq!(gpu::flat(&via), gpu::flat(&got), "{what}: scaled_dot_product_attention did not use the kernel");
+        }
+    }
+}
+
+#[test]
+fn cuda_swiglu_rounds_the_f32_result_once() {
+    let Some(dev) = cuda() else { return };
+    for dtype in [DType::F16, DType::BF16] {
+        // half the ulp at 1: the most a once-rounded value may lie from the exact one
+        let half_ulp = if dtype == DType::F16 { 2f32.powi(-11) } else { 2f32.powi(-8) };
+        let shapes = [candle_core::Shape::from((3, 8)), (511, 14336).into(), (2, 5, 1000).into()];
+        for shape in shapes {
+            let g = (Tensor::randn(0f32, 3.0, &shape, &Device::Cpu).unwrap()).to_dtype(dtype).unwrap();
+            let u = Tensor::randn(0f32, 1.0, &shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let (g32, u32_) = (gpu::flat(&g), gpu::flat(&u));
+            let (gd, ud) = (g.to_device(&dev).unwrap(), u.to_device(&dev).unwrap());
+            assert!(wick::cuda::SwiGlu::fits(&gd, &ud), "{shape:?} does not reach the kernel");
+            let got = gpu::flat(&wick::nn::swiglu(&gd, &ud).unwrap());
+            for (i, ((&x, &y), &z)) in g32.iter().zip(&u32_).zip(&got).enumerate() {
+                let want = x as f64 / (1.0 + (-x as f64).exp()) * y as f64;
+                let bound = want.abs() * half_ulp as f64 * 1.01 + 1e-6;
+                assert!(
+                    (z as f64 - want).abs() <= bound,
+                    "{dtype:?} {shape:?} element {i}: silu({x}) * {y} = {want}, got {z}"
+                );
+            }
         }
     }
 }

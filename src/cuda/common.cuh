@@ -1,5 +1,6 @@
 // What wick's CUDA kernels share: conversions between the activation dtypes (f32, f16,
-// bf16) and f32, in which every kernel computes.
+// bf16) and f32, in which every kernel computes, the gated MLP's activation and the tensor
+// cores' m16n8k16 multiply (MmaType).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -14,3 +15,30 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// silu(g) · u, the gated MLP's activation, in f32 (the fused gate/up kernels and SwiGLU).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
+// d += a · b, one m16n8k16 tensor-core multiply with inputs of type TY ("f16" or "bf16") and
+// f32 accumulators (sm_80 and newer).
+#define WICK_MMA_16816(TY, d, a, b0, b1)                                                                      \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                         \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+// The m16n8k16 multiply and the packing of two f32 values into one A/B register, per input type.
+template <typename T> struct MmaType;
+#define WICK_MMA_TYPE(T, T2, PACK, TY)                                                                         \
+    template <> struct MmaType<T> {                                                                           \
+        static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                                 \
+            T2 v = PACK(lo, hi);                                                                              \
+            return *reinterpret_cast<uint32_t*>(&v);                                                          \
+        }                                                                                                     \
+        static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,        \
+                                                   uint32_t b1) {                                             \
+            WICK_MMA_16816(TY, d, a, b0, b1);                                                                 \
+        }                                                                                                     \
+    };
+WICK_MMA_TYPE(__half, __half2, __floats2half2_rn, "f16")
+WICK_MMA_TYPE(__nv_bfloat16, __nv_bfloat162, __floats2bfloat162_rn, "bf16")

@@ -81,7 +81,6 @@ pub fn dtype_suffix(d: DType, what: &str) -> Result<&'static str> {
     })
 }
 
-/// Keys per block of the first pass and threads per block (attention.cu's CHUNK and THREADS).
 /// `$f::<T>(args)` for the element type `T` of `$dtype` (f32, f16 or bf16), its slice wrapped
 /// as storage on `$dev`; other dtypes are an error naming `$what`.
 macro_rules! by_dtype {
@@ -96,6 +95,7 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// Keys per block of the first pass and threads per block (attention.cu's CHUNK and THREADS).
 const ATTN_CHUNK: usize = 64;
 const ATTN_THREADS: u32 = 128;
 /// The head dimension limit of the kernel.
@@ -126,12 +126,7 @@ pub fn decode_attention(
     };
     // host starts go up for this call; a replayed step's are on the device already
     let uploaded = match (starts, on_device) {
-        (Some(s), None) => {
-            let s: Vec<u32> = s.iter().map(|&x| x as u32).collect();
-            let mut buf = unsafe { dev.alloc::<u32>(s.len())? };
-            dev.memcpy_htod(&s, &mut buf)?;
-            Some(buf)
-        }
+        (Some(s), None) => Some(upload_starts(&dev, s)?),
         _ => None,
     };
     let starts = on_device.map(|(_, s)| s).or(uploaded.as_ref());
@@ -141,6 +136,14 @@ pub fn decode_attention(
     let (b, h, _, _) = q.1.shape().dims4()?;
     let dv = v.1.shape().dims4()?.3;
     Ok((out, Shape::from((b, h, 1, dv))))
+}
+
+/// The rows' first keys (left padding) as device u32s, for the attention kernels.
+fn upload_starts(dev: &CudaDevice, starts: &[usize]) -> Result<CudaSlice<u32>> {
+    let s: Vec<u32> = starts.iter().map(|&x| x as u32).collect();
+    let mut buf = unsafe { dev.alloc::<u32>(s.len())? };
+    dev.memcpy_htod(&s, &mut buf)?;
+    Ok(buf)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -163,7 +166,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let q = contiguous_view::<T>(qs, ql, "query")?;
     let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
-    let (kst, vst) = (kl.stride(), vl.stride());
+    let kst = kl.stride();
     let splits = t.div_ceil(ATTN_CHUNK);
     let part_o = unsafe { dev.alloc::<f32>(b * h * splits * dv)? };
     let part_ml = unsafe { dev.alloc::<f32>(b * h * splits * 2)? };
@@ -176,8 +179,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let combine = function(dev, Module::Attention, &format!("wick_attention_combine_{tn}"))?;
     let null = 0u64;
     let (h_i, kvh_i, t_i, d_i, dv_i, splits_i) = (h as i32, kvh as i32, t as i32, d as i32, dv as i32, splits as i32);
-    let ks_ = [kst[0] as i64, kst[1] as i64, kst[2] as i64];
-    let vs_ = [vst[0] as i64, vst[1] as i64, vst[2] as i64];
+    let (ks_, vs_) = (outer_strides(kl), outer_strides(vl));
     let cap = softcap.unwrap_or(0.0);
     let stream = dev.cuda_stream();
     let mut lb = stream.launch_builder(&partial);
@@ -231,8 +233,7 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
     }
     let dev = cs.device().clone();
     let f = function(&dev, Module::Attention, &format!("wick_kv_write_{}", dtype_suffix(T::DTYPE, "kv_write")?))?;
-    let st = cl.stride();
-    let (sb, sh, sr) = (st[0] as i64, st[1] as i64, st[2] as i64);
+    let [sb, sh, sr] = outer_strides(cl);
     let (heads_i, d_i) = (heads as i32, d as i32);
     let src = contiguous_view::<T>(ss, sl, "kv_write: source")?;
     let pos = pos.as_cuda_slice::<u32>()?;
@@ -260,6 +261,13 @@ pub struct RopeKvWrite {
     pub pos: candle_core::Tensor,
     pub keys: candle_core::Tensor,
     pub values: candle_core::Tensor,
+}
+
+/// The first three element strides of a 4-d (B, heads, T, D) cache layout, as the kernels take
+/// them (the last is 1).
+fn outer_strides(l: &Layout) -> [i64; 3] {
+    let st = l.stride();
+    [st[0] as i64, st[1] as i64, st[2] as i64]
 }
 
 /// The elements of a contiguous tensor as a view of its storage; `what` names it in the error.
@@ -386,8 +394,8 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let f =
         function(dev, Module::Attention, &format!("wick_rope_kv_{}", dtype_suffix(T::DTYPE, "rope + cache write")?))?;
     let (h_i, kvh_i, d_i, trad) = (h as i32, kvh as i32, d as i32, op.traditional as i32);
-    let [ksb, ksh, kst] = [0, 1, 2].map(|i| kc_l.stride()[i] as i64);
-    let [vsb, vsh, vst] = [0, 1, 2].map(|i| vc_l.stride()[i] as i64);
+    let [ksb, ksh, kst] = outer_strides(kc_l);
+    let [vsb, vsh, vst] = outer_strides(vc_l);
     let mut lb = stream.launch_builder(&f);
     lb.arg(&q).arg(&k).arg(&v).arg(&cos).arg(&sin).arg(pos).arg(&out).arg(&kc_ptr).arg(&vc_ptr);
     lb.arg(&h_i).arg(&kvh_i).arg(&d_i).arg(&ksb).arg(&ksh).arg(&kst).arg(&vsb).arg(&vsh).arg(&vst).arg(&trad);
@@ -505,6 +513,194 @@ fn add_rms_norm_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (n, h) = (out.slice(0..rows * d), out.slice(rows * d..));
     lb.arg(&x).arg(&r).arg(&w).arg(&n).arg(&h).arg(&d_i).arg(&eps);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// Attention of several query positions (a prefill chunk) in one launch of
+/// `wick_attention_prefill_*` (attention.cu: flash attention on the tensor cores), with the
+/// causal mask of [`crate::nn::scaled_dot_product_attention`]: query row `r` sits at key index
+/// `offset + r` and sees keys up to it, within `window` and not before its row's `starts`
+/// entry. Inputs `q` (B, H, L, D), `k`, `v` (B, KV, T, D) as [`PrefillAttention::fits`] takes
+/// them; the output is (B, L, H, D) (the caller's transpose of (B, H, L, D)).
+pub struct PrefillAttention {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+    pub offset: usize,
+    pub window: Option<usize>,
+    pub starts: Option<Arc<[usize]>>,
+}
+
+/// The head sizes `wick_attention_prefill_*` is built for.
+pub const PREFILL_HEAD_DIMS: [usize; 3] = [64, 96, 128];
+
+impl PrefillAttention {
+    /// Whether the kernel takes these inputs: on CUDA, f16 or bf16 alike, no gradient to track,
+    /// query and key heads of one size in [`PREFILL_HEAD_DIMS`], whole query heads per KV head,
+    /// keys and values with unit last stride and rows on 16-byte boundaries.
+    pub fn fits(q: &candle_core::Tensor, k: &candle_core::Tensor, v: &candle_core::Tensor) -> Result<bool> {
+        let dtype = q.dtype();
+        if !q.device().is_cuda()
+            || !matches!(dtype, DType::F16 | DType::BF16)
+            || k.dtype() != dtype
+            || v.dtype() != dtype
+            || q.track_op()
+            || k.track_op()
+            || v.track_op()
+        {
+            return Ok(false);
+        }
+        let ((_, h, _, d), (_, kvh, t, dk), dv) = (q.dims4()?, k.dims4()?, v.dim(3)?);
+        let aligned = |x: &candle_core::Tensor| {
+            let (st, off) = (x.stride(), x.layout().start_offset());
+            st[3] == 1 && [st[0], st[1], st[2], off].iter().all(|&e| (e * dtype.size_in_bytes()).is_multiple_of(16))
+        };
+        Ok(PREFILL_HEAD_DIMS.contains(&d)
+            && dk == d
+            && dv == d
+            && t > 0
+            && kvh > 0
+            && h % kvh == 0
+            && aligned(k)
+            && aligned(v))
+    }
+}
+
+cuda_only_op3!(
+    PrefillAttention,
+    "prefill-attention",
+    "the prefill attention kernel runs on CUDA only",
+    |op, (qs, ql), k, v| {
+        let dev = qs.device().clone();
+        let out = by_dtype!(qs.dtype(), "prefill attention", dev, prefill_typed(&dev, op, (qs, ql), k, v));
+        let (b, h, l, d) = ql.shape().dims4()?;
+        Ok((out, Shape::from((b, l, h, d))))
+    }
+);
+
+fn prefill_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    op: &PrefillAttention,
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>> {
+    let (b, h, l, d) = ql.shape().dims4()?;
+    let (_, kvh, t, _) = kl.shape().dims4()?;
+    if T::DTYPE == DType::F32 || !PREFILL_HEAD_DIMS.contains(&d) {
+        candle_core::bail!(
+            "prefill attention on CUDA: {:?} heads of size {d} are outside the kernel's limits",
+            T::DTYPE
+        );
+    }
+    let q = contiguous_view::<T>(qs, ql, "query")?;
+    let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+    let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+    let starts = op.starts.as_deref().map(|s| upload_starts(dev, s)).transpose()?;
+    if let Some(s) = op.starts.as_deref().filter(|s| s.len() != b) {
+        candle_core::bail!("prefill attention: {} row starts for {b} rows", s.len());
+    }
+    let out = unsafe { dev.alloc::<T>(b * l * h * d)? };
+    let f = function(
+        dev,
+        Module::Attention,
+        &format!("wick_attention_prefill_{}_d{d}", dtype_suffix(T::DTYPE, "prefill attention")?),
+    )?;
+    let (ks_, vs_) = (outer_strides(kl), outer_strides(vl));
+    let ints = [h as i32, kvh as i32, l as i32, t as i32, op.offset as i32, op.window.unwrap_or(0) as i32];
+    let (scale, cap, null) = (op.scale, op.softcap.unwrap_or(0.0), 0u64);
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&q).arg(&k).arg(&v).arg(&out);
+    match &starts {
+        Some(s) => lb.arg(s),
+        None => lb.arg(&null),
+    };
+    for i in &ints {
+        lb.arg(i);
+    }
+    for s in ks_.iter().chain(&vs_) {
+        lb.arg(s);
+    }
+    lb.arg(&scale).arg(&cap);
+    let cfg = LaunchConfig {
+        grid_dim: (l.div_ceil(64) as u32, (b * h) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// `silu(g) · u` in one launch of `wick_swiglu_*` (norm.cu): f32 inside and rounded once, as the
+/// fused gate/up matmuls of decode round it; for inputs [`SwiGlu::fits`] takes.
+pub struct SwiGlu;
+
+impl SwiGlu {
+    /// Whether the kernel takes `g` and `u`: on CUDA, f16 or bf16 alike, one shape, contiguous
+    /// from 16-byte boundaries, a multiple of 8 elements, no gradient to track.
+    pub fn fits(g: &candle_core::Tensor, u: &candle_core::Tensor) -> bool {
+        let aligned = |x: &candle_core::Tensor| {
+            x.is_contiguous() && (x.layout().start_offset() * x.dtype().size_in_bytes()).is_multiple_of(16)
+        };
+        g.device().is_cuda()
+            && matches!(g.dtype(), DType::F16 | DType::BF16)
+            && u.dtype() == g.dtype()
+            && g.shape() == u.shape()
+            && g.elem_count().is_multiple_of(8)
+            && !g.track_op()
+            && !u.track_op()
+            && aligned(g)
+            && aligned(u)
+    }
+}
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the fused SwiGLU runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = gs.device().clone();
+        let out = by_dtype!(gs.dtype(), "SwiGLU", dev, swiglu_typed(&dev, (gs, gl), (us, ul)));
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    (gs, gl): (&CudaStorage, &Layout),
+    (us, ul): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>> {
+    let n = gl.shape().elem_count();
+    if T::DTYPE == DType::F32 || !n.is_multiple_of(8) || ul.shape() != gl.shape() {
+        candle_core::bail!(
+            "SwiGLU on CUDA: {:?} gate {:?} and up {:?} do not fit the kernel",
+            T::DTYPE,
+            gl.shape(),
+            ul.shape()
+        );
+    }
+    let g = contiguous_view::<T>(gs, gl, "SwiGLU: the gate")?;
+    let u = contiguous_view::<T>(us, ul, "SwiGLU: the up projection")?;
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let f = function(dev, Module::Norm, &format!("wick_swiglu_{}", dtype_suffix(T::DTYPE, "SwiGLU")?))?;
+    let n_u = n as u64;
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&g).arg(&u).arg(&out).arg(&n_u);
+    let cfg =
+        LaunchConfig { grid_dim: ((n / 8).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     unsafe { lb.launch(cfg) }.w()?;
     Ok(out)
 }

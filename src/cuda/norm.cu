@@ -1,10 +1,12 @@
-// The residual add and the RMSNorm that follows it, in one launch: h = x + r, n = rms_norm(h) * w.
+// Small fused kernels between the matmuls. The residual add and the RMSNorm that follows it, in one launch: h = x + r, n = rms_norm(h) * w.
 // Both results are exactly what the two separate kernels give (candle's `badd` and `rmsnorm`):
 // the add in the activation type, the sum of squares in f32 in the same order (a thread's
 // strided columns, a warp butterfly, then one across the block's warps), the same block sizes,
 // and n = T(rsqrt(mean + eps) * h * w) rounded once. The point is the launch saved and the
 // loads: x, r and w are read once, all at the start, instead of in two kernels' dependent
-// rounds. Launched from src/cuda/mod.rs; compiled by build.rs.
+// rounds. And SwiGLU, silu(g) · u in f32 rounded once (as the fused gate/up matmuls of
+// decode round it), for the prefill's separate gate and up products. Launched from
+// src/cuda/mod.rs; compiled by build.rs.
 
 #include "common.cuh"
 
@@ -74,3 +76,23 @@ __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__
 ADD_RMS_NORM(float, f32)
 ADD_RMS_NORM(__half, f16)
 ADD_RMS_NORM(__nv_bfloat16, bf16)
+
+// y = silu(g) · u over n elements (a multiple of 8, all three 16-byte aligned), 8 per thread.
+template <typename T>
+__device__ void swiglu_impl(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y, size_t n) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= n) return;
+    const uint4 gv = *reinterpret_cast<const uint4*>(g + i), uv = *reinterpret_cast<const uint4*>(u + i);
+    const T* ge = reinterpret_cast<const T*>(&gv);
+    const T* ue = reinterpret_cast<const T*>(&uv);
+    T out[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = from_f32<T>(silu_mul(to_f32(ge[j]), to_f32(ue[j])));
+    *reinterpret_cast<uint4*>(y + i) = *reinterpret_cast<const uint4*>(out);
+}
+#define SWIGLU(T, TN)                                                                                     \
+    extern "C" __global__ void wick_swiglu_##TN(const T* g, const T* u, T* y, size_t n) {                \
+        swiglu_impl<T>(g, u, y, n);                                                                       \
+    }
+SWIGLU(__half, f16)
+SWIGLU(__nv_bfloat16, bf16)

@@ -214,7 +214,11 @@ impl Mlp {
             }
             GateUp::Plain(fc1) => return self.down_proj.forward(&self.act(&fc1.forward(x)?)?),
         };
-        self.down_proj.forward(&(self.act(&gate)? * up)?)
+        let h = match self.act {
+            Act::Silu => crate::nn::swiglu(&gate, &up)?,
+            Act::GeluApprox => (self.act(&gate)? * up)?,
+        };
+        self.down_proj.forward(&h)
     }
 }
 

@@ -220,7 +220,9 @@ fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &We
     let tn = dtype_name(T::DTYPE)?;
     let (packed, scales, biases) = w.slices::<T>()?;
     let out = unsafe { dev.alloc::<T>(w.n * w.k)? };
-    let chunks = (w.n * w.k / 32) as u32;
+    // codes per thread: eight at 4 and 8 bits (`dequant8_impl`), else 32
+    let per = if matches!(w.p.bits, 4 | 8) { 8 } else { 32 };
+    let chunks = (w.n * w.k / per) as u32;
     let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let f = function(dev, &format!("wick_dequant_{tn}_b{}", w.p.bits))?;
     let (n_i, k_i, gs_i) = (w.n as i32, w.k as i32, w.p.group_size as i32);

@@ -232,9 +232,6 @@ __device__ __forceinline__ void qmv3_impl(const uint32_t* w0, const T* s0, const
     if (row < n) qmv_warp_rows<T, BITS, MM>(w, s, b, x, y, row, m_rows, n, k, gs);
 }
 
-// silu(g) · u, the gated MLP's activation, in f32 (all the fused gate/up kernels).
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
-
 // The gated MLP's first half in one launch: y = silu(x . G^T) * (x . U^T), in f32 before rounding.
 template <typename T, int BITS, int MM>
 __device__ __forceinline__ void qmv_swiglu_impl(const uint32_t* __restrict__ gw, const T* __restrict__ gsc,
@@ -260,7 +257,14 @@ __device__ __forceinline__ void qmv_swiglu_impl(const uint32_t* __restrict__ gw,
     }
 }
 
-// The dense matrix (n x k) in T, rounded as MLX's dequantize rounds in T: round(round(s*q) + b).
+// One value of the dense matrix, rounded as MLX's dequantize rounds in T: round(round(s*q) + b)
+// (explicit roundings: no fused multiply-add).
+template <typename T>
+__device__ __forceinline__ T dequant_value(float s, float q, float b) {
+    return from_f32<T>(__fadd_rn(to_f32(from_f32<T>(__fmul_rn(s, q))), b));
+}
+
+// The dense matrix (n x k) in T, 32 codes per thread (any bits).
 template <typename T, int BITS>
 __device__ __forceinline__ void dequant_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
                                              const T* __restrict__ biases, T* __restrict__ out, int n, int k,
@@ -277,12 +281,41 @@ __device__ __forceinline__ void dequant_impl(const uint32_t* __restrict__ w, con
     const float s = to_f32(scales[g]), b = to_f32(biases[g]);
     T vals[32];
 #pragma unroll
-    // explicit roundings: no fused multiply-add, as MLX rounds the product and then the sum
-    for (int j = 0; j < 32; ++j) vals[j] = from_f32<T>(__fadd_rn(to_f32(from_f32<T>(__fmul_rn(s, q[j]))), b));
+    for (int j = 0; j < 32; ++j) vals[j] = dequant_value<T>(s, q[j], b);
     uint4* dst = reinterpret_cast<uint4*>(out + row * k + c * 32);
     const uint4* src = reinterpret_cast<const uint4*>(vals);
 #pragma unroll
     for (int i = 0; i < 32 * (int)sizeof(T) / 16; ++i) dst[i] = src[i];
+}
+
+// The same for 4 and 8 bits, eight codes per thread (one or two words in, 16 bytes of f16 /
+// bf16 out): a warp's loads and stores are each one contiguous run.
+template <typename T, int BITS>
+__device__ __forceinline__ void dequant8_impl(const uint32_t* __restrict__ w, const T* __restrict__ scales,
+                                              const T* __restrict__ biases, T* __restrict__ out, int n, int k,
+                                              int gs) {
+    static_assert(BITS == 4 || BITS == 8, "eight codes per one or two words");
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // eight codes: out[idx*8 ..]
+    if (idx >= (size_t)n * k / 8) return;
+    const size_t g = idx * 8 / gs;  // rows are whole groups: the group index runs on across rows
+    const float s = to_f32(scales[g]), b = to_f32(biases[g]);
+    uint32_t words[BITS / 4];
+    if constexpr (BITS == 4) {
+        words[0] = w[idx];
+    } else {
+        const uint2 p = reinterpret_cast<const uint2*>(w)[idx];
+        words[0] = p.x;
+        words[1] = p.y;
+    }
+    T vals[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        vals[j] = dequant_value<T>(s, wick_code<BITS>(words, j), b);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + idx * 8);
+    const uint4* src = reinterpret_cast<const uint4*>(vals);
+#pragma unroll
+    for (int i = 0; i < 8 * (int)sizeof(T) / 16; ++i) dst[i] = src[i];
 }
 
 #define QMV(T, TN, BITS, MM)                                                                          \
@@ -305,7 +338,10 @@ __device__ __forceinline__ void dequant_impl(const uint32_t* __restrict__ w, con
 #define DEQ(T, TN, BITS)                                                                              \
     extern "C" __global__ void wick_dequant_##TN##_b##BITS(const uint32_t* w, const T* s, const T* b, \
                                                            T* out, int n, int k, int gs) {            \
-        dequant_impl<T, BITS>(w, s, b, out, n, k, gs);                                                \
+        if constexpr (BITS == 4 || BITS == 8)                                                         \
+            dequant8_impl<T, BITS>(w, s, b, out, n, k, gs);                                           \
+        else                                                                                          \
+            dequant_impl<T, BITS>(w, s, b, out, n, k, gs);                                            \
     }
 #define FOR_M(T, TN, BITS) QMV(T, TN, BITS, 1) QMV(T, TN, BITS, 2) QMV(T, TN, BITS, 4) QMV(T, TN, BITS, 8)
 #define FOR_T(BITS)                                                                                   \
@@ -343,25 +379,15 @@ FUSED_T(8)
 // OFFSET·s·Σx off the bias term (exact math; the rounding stays far below bf16's).
 // ---------------------------------------------------------------------------------------------
 
-// d += a · b, one m16n8k16 tensor-core multiply with inputs of type TY ("f16" or "bf16").
-#define WICK_MMA_16816(TY, d, a, b0, b1)                                                                      \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                         \
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                              \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-
 template <typename T> struct QmtType;
-template <> struct QmtType<bf16> {
+template <> struct QmtType<bf16> : MmaType<bf16> {
     static constexpr uint32_t MAGIC = 0x43004300u;  // 128.0 in both halves: 128 + q exact for q < 128
     static constexpr uint32_t ONES = 0x3F803F80u;
     static constexpr float OFFSET = 128.f;
     static constexpr float MAGIC_VALUE = 128.f;
     static __device__ __forceinline__ uint32_t pair(uint32_t v) { return v | MAGIC; }
-    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        WICK_MMA_16816("bf16", d, a, b0, b1);
-    }
 };
-template <> struct QmtType<f16> {
+template <> struct QmtType<f16> : MmaType<f16> {
     static constexpr uint32_t MAGIC = 0x64006400u;  // 1024.0 in both halves
     static constexpr uint32_t ONES = 0x3C003C00u;
     static constexpr float OFFSET = 0.f;
@@ -370,9 +396,6 @@ template <> struct QmtType<f16> {
         v |= MAGIC;
         __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&v), __half2half2(__ushort_as_half(0x6400)));
         return *reinterpret_cast<uint32_t*>(&h);
-    }
-    static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        WICK_MMA_16816("f16", d, a, b0, b1);
     }
 };
 
