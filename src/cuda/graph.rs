@@ -11,6 +11,9 @@
 //! frees them with stream-ordered allocation, so they become the graph's own memory). The
 //! logits land in a buffer made before the capture.
 //!
+//! A capture first runs the step eagerly (filling candle's upload cache),
+//! except when the model's last capture had the same batch size on the same thread.
+//!
 //! Steps that do not fit run eagerly: prompts, rotating or quantized caches, training, and
 //! `WICK_CUDA_GRAPH=0`. A capture that fails (an op that synchronizes with the
 //! host) turns graphs off for the model and the step runs eagerly.
@@ -96,6 +99,10 @@ struct State {
     captured: Option<Captured>,
     /// a capture failed: this model's steps run eagerly
     disabled: bool,
+    /// the batch rows and thread of this model's last capture: a step of the same shape on the
+    /// same thread finds candle's uploads cached already and is captured without an eager run
+    /// first (a new sequence, or the cache growing)
+    warm: Option<(usize, std::thread::ThreadId)>,
 }
 
 /// A model's decode-step graph (one per model; see the module docs).
@@ -168,10 +175,17 @@ impl DecodeGraph {
             state.captured = None; // its memory back before the next capture
             let inputs = Inputs::new(device, &shape, rows)?;
             inputs.write(tokens, offset, &starts, shape.ropes)?;
-            match capture(device, cache, &inputs, &run) {
+            // without the eager run when warm; a capture that misses an upload then takes it
+            let warm = state.warm == Some((rows, thread));
+            let graph = match capture(device, cache, &inputs, &run, warm) {
+                Err(_) if warm => capture(device, cache, &inputs, &run, false),
+                r => r,
+            };
+            match graph {
                 Ok(graph) => {
                     CAPTURES.fetch_add(1, Ordering::Relaxed);
                     state.captured = Some(Captured { graph, buffers, thread, inputs });
+                    state.warm = Some((rows, thread));
                 }
                 Err(e) => {
                     state.disabled = true;
@@ -196,23 +210,27 @@ impl DecodeGraph {
 }
 
 /// Captures one decode step on `inputs` (already holding this step's values) against the
-/// caches' current buffers.
+/// caches' current buffers; unless `warm`, after running it eagerly once (which fills candle's
+/// upload cache and any lazy setup; the replay then recomputes the step).
 fn capture(
     device: &Device,
     cache: &mut [KvCache],
     inputs: &Inputs,
     run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
+    warm: bool,
 ) -> Result<CudaGraph> {
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
     // candle uploads some kernels' shape and stride parameters from the host; a captured copy
     // would read host memory gone by the replay. Its upload cache keeps them on the device:
     // the eager run fills it, the capture then only reuses them (and fails on anything new).
+    // The cache outlives the capture (it is per thread), so a warm capture skips the eager run.
     let _uploads = cuda.enable_cuda_graph_htod_cache();
     for c in cache.iter_mut() {
         c.set_graph_pos(Some(inputs.pos.clone()));
     }
-    let ran = inputs.run(cache, run).and_then(|()| {
+    let eager = if warm { Ok(()) } else { inputs.run(cache, run) };
+    let ran = eager.and_then(|()| {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
