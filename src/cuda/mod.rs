@@ -166,7 +166,6 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let q = contiguous_view::<T>(qs, ql, "query")?;
     let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
-    let kst = kl.stride();
     let splits = t.div_ceil(ATTN_CHUNK);
     let part_o = unsafe { dev.alloc::<f32>(b * h * splits * dv)? };
     let part_ml = unsafe { dev.alloc::<f32>(b * h * splits * 2)? };
@@ -195,8 +194,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     lb.arg(&h_i).arg(&kvh_i).arg(&t_i).arg(&d_i).arg(&dv_i);
     lb.arg(&ks_[0]).arg(&ks_[1]).arg(&ks_[2]).arg(&vs_[0]).arg(&vs_[1]).arg(&vs_[2]);
     // 16-byte loads of key rows: the head size and every stride in whole 16-byte units
-    let esz = T::DTYPE.size_in_bytes();
-    let vec = [d, kst[0], kst[1], kst[2], kl.start_offset()].iter().all(|&x| (x * esz) % 16 == 0) as i32;
+    let vec = ((d * T::DTYPE.size_in_bytes()).is_multiple_of(16) && rows_on_16_bytes(kl, T::DTYPE)) as i32;
     lb.arg(&scale).arg(&cap).arg(&vec);
     let cfg = LaunchConfig {
         grid_dim: ((b * h) as u32, splits as u32, 1),
@@ -268,6 +266,14 @@ pub struct RopeKvWrite {
 fn outer_strides(l: &Layout) -> [i64; 3] {
     let st = l.stride();
     [st[0] as i64, st[1] as i64, st[2] as i64]
+}
+
+/// Whether every row of a 4-d (B, heads, T, D) layout of `dtype` starts on a 16-byte boundary
+/// (its start and its first three strides in whole 16-byte units): the attention kernels' 16-byte
+/// row loads.
+fn rows_on_16_bytes(l: &Layout, dtype: DType) -> bool {
+    let st = l.stride();
+    [st[0], st[1], st[2], l.start_offset()].iter().all(|&e| (e * dtype.size_in_bytes()).is_multiple_of(16))
 }
 
 /// The elements of a contiguous tensor as a view of its storage; `what` names it in the error.
@@ -531,6 +537,9 @@ pub struct PrefillAttention {
     pub starts: Option<Arc<[usize]>>,
 }
 
+/// Query rows per block and threads per block of prefill attention (attention.cu's PF_ROWS, 4 warps).
+const PREFILL_ROWS: usize = 64;
+const PREFILL_THREADS: u32 = 128;
 /// The head sizes `wick_attention_prefill_*` is built for.
 pub const PREFILL_HEAD_DIMS: [usize; 3] = [64, 96, 128];
 
@@ -551,10 +560,7 @@ impl PrefillAttention {
             return Ok(false);
         }
         let ((_, h, _, d), (_, kvh, t, dk), dv) = (q.dims4()?, k.dims4()?, v.dim(3)?);
-        let aligned = |x: &candle_core::Tensor| {
-            let (st, off) = (x.stride(), x.layout().start_offset());
-            st[3] == 1 && [st[0], st[1], st[2], off].iter().all(|&e| (e * dtype.size_in_bytes()).is_multiple_of(16))
-        };
+        let aligned = |x: &candle_core::Tensor| x.stride()[3] == 1 && rows_on_16_bytes(x.layout(), dtype);
         Ok(PREFILL_HEAD_DIMS.contains(&d)
             && dk == d
             && dv == d
@@ -596,10 +602,10 @@ fn prefill_typed<T: CudaDType + DeviceRepr + WithDType>(
     let q = contiguous_view::<T>(qs, ql, "query")?;
     let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
     let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
-    let starts = op.starts.as_deref().map(|s| upload_starts(dev, s)).transpose()?;
     if let Some(s) = op.starts.as_deref().filter(|s| s.len() != b) {
         candle_core::bail!("prefill attention: {} row starts for {b} rows", s.len());
     }
+    let starts = op.starts.as_deref().map(|s| upload_starts(dev, s)).transpose()?;
     let out = unsafe { dev.alloc::<T>(b * l * h * d)? };
     let f = function(
         dev,
@@ -624,8 +630,8 @@ fn prefill_typed<T: CudaDType + DeviceRepr + WithDType>(
     }
     lb.arg(&scale).arg(&cap);
     let cfg = LaunchConfig {
-        grid_dim: (l.div_ceil(64) as u32, (b * h) as u32, 1),
-        block_dim: (128, 1, 1),
+        grid_dim: (l.div_ceil(PREFILL_ROWS) as u32, (b * h) as u32, 1),
+        block_dim: (PREFILL_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     unsafe { lb.launch(cfg) }.w()?;
