@@ -1,5 +1,5 @@
 //! With the `cuda` feature, compiles wick's CUDA kernels (src/quant/cuda/affine.cu: the quantized
-//! matmul; src/cuda/attention.cu: decode attention; src/cuda/norm.cu: residual add + RMSNorm) with nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90, the H100/H200) plus PTX for
+//! matmul; src/cuda/attention.cu: decode attention; src/cuda/norm.cu: residual add + RMSNorm; src/cuda/sample.cu: greedy decoding's argmax) with nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90, the H100/H200) plus PTX for
 //! compute_80, which the driver JIT-compiles on any other GPU of compute capability 8.0 or newer.
 //! Without the feature nothing is built and no CUDA toolchain is needed.
 
@@ -8,8 +8,12 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    const SOURCES: [(&str, &str); 3] =
-        [("src/quant/cuda/affine.cu", "affine"), ("src/cuda/attention.cu", "attention"), ("src/cuda/norm.cu", "norm")];
+    const SOURCES: [(&str, &str); 4] = [
+        ("src/quant/cuda/affine.cu", "affine"),
+        ("src/cuda/attention.cu", "attention"),
+        ("src/cuda/norm.cu", "norm"),
+        ("src/cuda/sample.cu", "sample"),
+    ];
     for (src, _) in SOURCES {
         println!("cargo:rerun-if-changed={src}");
     }

@@ -27,11 +27,24 @@ pub struct BatchOutput {
     pub peak_memory_gb: f64,
 }
 
-/// Logits (rows, vocab) of the last position.
-fn last_logits(model: &dyn LanguageModel, tokens: &[Vec<u32>], cache: &mut [KvCache]) -> Result<Vec<Vec<f32>>> {
+/// What a step leaves each row to sample from: its last position's logits, or (greedy) the
+/// token the model already picked on the device.
+enum Picks {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<u32>),
+}
+
+/// One step of `tokens` (rows, L); `greedy`: the model may pick on the device (no logits to
+/// copy back), where it can.
+fn last_step(model: &dyn LanguageModel, tokens: &[Vec<u32>], cache: &mut [KvCache], greedy: bool) -> Result<Picks> {
     let input = Tensor::new(tokens.to_vec(), model.device())?;
+    if greedy {
+        if let Some(p) = model.greedy_step(Some(&input), tokens.len(), cache)? {
+            return Ok(Picks::Tokens(p.wait()?));
+        }
+    }
     let logits = model.forward(&input, cache, true)?;
-    Ok(logits.squeeze(1)?.to_vec2::<f32>()?)
+    Ok(Picks::Logits(logits.squeeze(1)?.to_vec2::<f32>()?))
 }
 
 /// Generates for every prompt at once; row `i` of the result is what [`crate::generate::generate`]
@@ -93,8 +106,10 @@ pub fn batch_generate(
         maybe_quantize(quant, &mut cache)?;
         done += n;
     }
+    // greedy rows without processors or a quantized cache take the device's picks
+    let greedy = opts.sampler.temp == 0.0 && opts.processors.is_empty() && quant.is_none();
     let last: Vec<Vec<u32>> = rows.iter().map(|r| vec![r[longest - 1]]).collect();
-    let mut logits = last_logits(model, &last, &mut cache)?;
+    let mut picks = last_step(model, &last, &mut cache, greedy)?;
     maybe_quantize(quant, &mut cache)?;
     let prompt_time = tic.elapsed().as_secs_f64();
 
@@ -108,9 +123,14 @@ pub fn batch_generate(
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (row, &i) in active.iter().enumerate() {
-            let l = &mut logits[row];
-            opts.processors.apply(&seen[i], l);
-            let t = samplers[i].sample(l)?;
+            let t = match &mut picks {
+                Picks::Tokens(t) => t[row],
+                Picks::Logits(logits) => {
+                    let l = &mut logits[row];
+                    opts.processors.apply(&seen[i], l);
+                    samplers[i].sample(l)?
+                }
+            };
             generated += 1;
             if eos_token_ids.contains(&t) {
                 finish[i] = FinishReason::Stop;
@@ -136,7 +156,7 @@ pub fn batch_generate(
         if active.is_empty() {
             break;
         }
-        logits = last_logits(model, &next, &mut cache)?;
+        picks = last_step(model, &next, &mut cache, greedy)?;
         maybe_quantize(quant, &mut cache)?;
     }
     let gen_time = tic.elapsed().as_secs_f64();

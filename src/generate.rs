@@ -4,7 +4,7 @@
 //! [`crate::batch`].
 
 use crate::cache::{CacheKind, KvCache};
-use crate::models::LanguageModel;
+use crate::models::{LanguageModel, PendingTokens};
 use crate::quant::QuantParams;
 use crate::sample::{LogitsProcessors, Sampler, SamplerConfig};
 use anyhow::{bail, Result};
@@ -256,22 +256,30 @@ pub fn generate_with_cache(
     check_vocab(model, prompt)?;
     opts.processors.validate(model.vocab_size())?;
     // the tokens the processors see: this generation's prompt and output
-    let mut seen: Vec<u32> = if opts.processors.is_empty() { vec![] } else { prompt.to_vec() };
-    let mut pick = |logits: &mut Vec<f32>, seen: &[u32]| {
-        opts.processors.apply(seen, logits);
-        sampler.sample(logits)
-    };
+    let seen: Vec<u32> = if opts.processors.is_empty() { vec![] } else { prompt.to_vec() };
     opts.check_cache(cache)?;
     let quant = opts.kv_quant.as_ref();
+    // greedy decoding (no processors, no quantized cache) picks on the device where the model
+    // can: the host then queues each step before reading the previous one's token
+    let on_device = sampler.config().temp == 0.0 && opts.processors.is_empty() && quant.is_none();
+    let mut feeder = Feeder { model, sampler, processors: &opts.processors, seen, quant, on_device };
     let tic = Instant::now();
-    let mut logits = prefill_quantized(model, prompt, cache, opts.prefill_step_size, quant)?;
-    let mut token = pick(&mut logits, &seen)?;
+    let last = prefill_all_but_last(model, prompt, cache, opts.prefill_step_size, quant)?;
+    // the prompt's time ends with its first token
+    let mut next = Next::Ready(feeder.feed(last, cache)?.token()?);
     let prompt_time = tic.elapsed().as_secs_f64();
     let tic = Instant::now();
     // As mlx_lm's stream_generate: every drawn token counts, the eos that stops generation too.
     let mut n = 0usize;
     let mut finish = FinishReason::Length;
     while n < opts.max_tokens {
+        // the step feeding the coming token, queued before it is read, when it will be needed
+        // (another token to draw, or this one to feed)
+        let ahead = match next {
+            Next::Pending(_) if n + 1 < opts.max_tokens || feed_last => model.greedy_step(None, 1, cache)?,
+            _ => None,
+        };
+        let token = next.token()?;
         n += 1;
         let stop = if eos_token_ids.contains(&token) || !on_token(token)? {
             finish = FinishReason::Stop;
@@ -279,18 +287,91 @@ pub fn generate_with_cache(
         } else {
             n == opts.max_tokens
         };
-        if stop && !feed_last {
-            break;
-        }
-        logits = step_logits(model, &[token], cache)?;
-        maybe_quantize(quant, cache)?;
         if stop {
+            match (ahead, feed_last) {
+                // the step queued ahead fed a token nobody wants
+                (Some(_), false) => trim_all(cache, 1),
+                // the cache takes the last token; nothing is drawn from it
+                (None, true) => drop(feeder.step(token, cache)?),
+                _ => {}
+            }
             break;
         }
         if !opts.processors.is_empty() {
-            seen.push(token);
+            feeder.seen.push(token);
         }
-        token = pick(&mut logits, &seen)?;
+        next = match ahead {
+            Some(p) => Next::Pending(p),
+            None => feeder.feed(token, cache)?,
+        };
     }
     Ok(GenerationStats::measured(prompt.len(), prompt_time, n, tic.elapsed().as_secs_f64(), finish))
+}
+
+/// Where the next token comes from: drawn on the host, or picked by a greedy step on the device.
+enum Next {
+    Ready(u32),
+    Pending(Box<dyn PendingTokens>),
+}
+
+impl Next {
+    /// The token (waiting for the device's step).
+    fn token(self) -> Result<u32> {
+        match self {
+            Next::Ready(t) => Ok(t),
+            Next::Pending(p) => Ok(p.wait()?[0]),
+        }
+    }
+}
+
+/// What feeding a token leaves: the greedy pick under way on the device, or the logits.
+enum Fed {
+    Picked(Box<dyn PendingTokens>),
+    Logits(Vec<f32>),
+}
+
+/// Feeds one token at a time: a greedy step on the device while the model offers one, else
+/// the logits to the host, its processors and sampler.
+struct Feeder<'a> {
+    model: &'a dyn LanguageModel,
+    sampler: &'a mut Sampler,
+    processors: &'a LogitsProcessors,
+    /// the tokens the processors see: the prompt and the output so far
+    seen: Vec<u32>,
+    quant: Option<&'a KvQuant>,
+    on_device: bool,
+}
+
+impl Feeder<'_> {
+    /// Feeds `token`.
+    fn step(&mut self, token: u32, cache: &mut [KvCache]) -> Result<Fed> {
+        if self.on_device {
+            let input = Tensor::new(&[token], self.model.device())?.unsqueeze(0)?;
+            if let Some(p) = self.model.greedy_step(Some(&input), 1, cache)? {
+                return Ok(Fed::Picked(p));
+            }
+            self.on_device = false;
+        }
+        let logits = step_logits(self.model, &[token], cache)?;
+        maybe_quantize(self.quant, cache)?;
+        Ok(Fed::Logits(logits))
+    }
+
+    /// Feeds `token` and says where the next one comes from.
+    fn feed(&mut self, token: u32, cache: &mut [KvCache]) -> Result<Next> {
+        Ok(match self.step(token, cache)? {
+            Fed::Picked(p) => Next::Pending(p),
+            Fed::Logits(mut logits) => {
+                self.processors.apply(&self.seen, &mut logits);
+                Next::Ready(self.sampler.sample(&logits)?)
+            }
+        })
+    }
+}
+
+/// Drops the last `n` positions of every layer's cache.
+fn trim_all(cache: &mut [KvCache], n: usize) {
+    for c in cache.iter_mut() {
+        c.trim(n);
+    }
 }

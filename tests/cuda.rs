@@ -11,6 +11,9 @@
 //! - the decode step replayed as a CUDA graph gives the eager step's tokens, across the cache
 //!   growing (a new capture) in f32 and bf16, for one sequence and a left-padded batch whose
 //!   rows leave at different steps;
+//! - greedy generation picking on the device (the argmax kernel, each step queued before the
+//!   last one's token is read) gives the host loop's tokens and leaves its cache when an eos
+//!   or the caller stops it; the argmax kernel picks as the host's (ties, NaN, -inf);
 //! - training: LoRA / DoRA / full fine-tuning gradients on CUDA equal mlx_lm's (with and
 //!   without gradient checkpointing).
 #![cfg(feature = "cuda")]
@@ -380,6 +383,116 @@ fn cuda_graph_batch_decode_equals_eager_batch_decode() {
             );
             assert!(captures >= 1, "{dtype:?}: no capture");
             assert_eq!(graphed, eager, "{dtype:?}: the batch's graph replay differs from its eager decode");
+        }
+    }
+}
+
+#[test]
+fn cuda_greedy_argmax_picks_as_the_host() {
+    use wick::cuda::{argmax_rows, HostRing};
+    let Some(dev) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // vocab sizes with and without 16-byte rows; ties (the first index wins), NaN (never
+    // picked), -inf, all -inf or NaN (0), the largest value last
+    for vocab in [1usize, 3, 7, 1024, 4099, 49152, 128256] {
+        let mut rows: Vec<Vec<f32>> = vec![];
+        for case in 0..6 {
+            let mut r: Vec<f32> = (0..vocab).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+            let at = |rng: &mut rand::rngs::StdRng| rng.random_range(0..vocab);
+            match case {
+                1 => {
+                    let (a, b) = (at(&mut rng), at(&mut rng));
+                    r[a] = 9.0;
+                    r[b] = 9.0;
+                }
+                2 => {
+                    for _ in 0..vocab.div_ceil(3) {
+                        let i = at(&mut rng);
+                        r[i] = f32::NAN;
+                    }
+                }
+                3 => r.iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+                4 => r
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY }),
+                5 => r[vocab - 1] = 100.0,
+                _ => {}
+            }
+            rows.push(r);
+        }
+        let want: Vec<u32> = rows.iter().map(|r| wick::sample::argmax(r)).collect();
+        let n = rows.len();
+        let logits = Tensor::new(rows.concat(), &dev).unwrap().reshape((n, 1, vocab)).unwrap();
+        let token = Tensor::zeros((n, 1), DType::U32, &dev).unwrap();
+        let pos = Tensor::new(&[6u32], &dev).unwrap();
+        let ring = HostRing::new(dev.as_cuda_device().unwrap(), n, 4).unwrap();
+        argmax_rows(&logits, &token, &ring, &pos).unwrap();
+        dev.synchronize().unwrap();
+        assert_eq!(token.flatten_all().unwrap().to_vec1::<u32>().unwrap(), want, "vocab {vocab}: the step's tokens");
+        assert_eq!(ring.read(6).unwrap(), want, "vocab {vocab}: the host's copy (slot 6 % 4)");
+        assert_eq!(ring.read(2).unwrap(), want, "vocab {vocab}: slot 2 is slot 6");
+    }
+}
+
+#[test]
+fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::Ordering::Relaxed;
+    use wick::cuda::graph::{CAPTURES, REPLAYS};
+    use wick::generate::{generate_with_cache, GenerateOptions};
+    let Some(dev) = cuda() else { return };
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::golden("smollm2_greedy.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> =
+        golden["cases"][2]["prompt_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    // past 256 positions: the graph is captured again on the way, with the token on the device
+    let n = 300;
+    for dtype in [DType::F32, DType::BF16] {
+        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        let model = m.model.as_ref();
+        // the host's argmax of each replayed step's logits
+        let host = common::greedy(model, &prompt, n);
+        let (c0, r0) = (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed));
+        let device = common::generated(model, &prompt, n);
+        let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
+        println!("{dtype:?}: {captures} captures, {replays} replays");
+        assert_eq!(device, host, "{dtype:?}: greedy tokens picked on the device differ from the host's");
+        // the prompt's last token, then every token but the last: one capture per cache size
+        assert_eq!(replays, n, "{dtype:?}: greedy steps not replayed");
+        assert_eq!(captures, 2, "{dtype:?}: one greedy capture per cache buffer");
+        // stopping early: at an eos (the first token after the 100th not drawn before) or when
+        // the caller says so; the cache then holds the prompt and every token fed (the
+        // stopping one too with feed_last), as the host loop leaves it, although the device
+        // had already fed the stopping token
+        let stop_at = (100..n).find(|&i| !host[..i].contains(&host[i])).expect("a new token after the 100th");
+        for (eos, feed_last, cut) in
+            [(true, false, stop_at), (true, true, stop_at), (false, false, 150), (false, true, 150)]
+        {
+            let ids = if eos { BTreeSet::from([host[stop_at]]) } else { BTreeSet::new() };
+            let opts = GenerateOptions { max_tokens: n, ..Default::default() };
+            let mut cache = model.make_cache(None);
+            let mut sampler = wick::sample::Sampler::new(Default::default()).unwrap();
+            let mut got = vec![];
+            let stats = generate_with_cache(model, &prompt, &mut cache, &mut sampler, &opts, &ids, feed_last, |t| {
+                got.push(t);
+                Ok(eos || got.len() <= cut)
+            })
+            .unwrap();
+            let case = format!("{dtype:?}, eos {eos}, feed_last {feed_last}");
+            // an eos is not passed on, but counted
+            assert_eq!(got, host[..cut + !eos as usize], "{case}: tokens");
+            assert_eq!(stats.generation_tokens, cut + 1, "{case}: counted tokens");
+            let fed = prompt.len() + cut + feed_last as usize;
+            assert!(
+                cache.iter().all(|c| c.offset() == fed),
+                "{case}: the cache holds {} positions, not {fed}",
+                cache[0].offset()
+            );
+            // and decoding on from that cache: feeding the next token gives the one after
+            let (feed, want) = if feed_last { (host[cut + 1], host[cut + 2]) } else { (host[cut], host[cut + 1]) };
+            let logits = wick::generate::prefill(model, &[feed], &mut cache, 2048).unwrap();
+            assert_eq!(wick::sample::argmax(&logits), want, "{case}: decoding on from the cache");
         }
     }
 }

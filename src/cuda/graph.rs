@@ -14,17 +14,22 @@
 //! A capture first runs the step eagerly (filling candle's upload cache),
 //! except when the model's last capture had the same batch size on the same thread.
 //!
+//! A greedy step (temperature 0) ends with the argmax of the logits (src/cuda/sample.cu): the
+//! token becomes the next replay's input on the device and reaches the host through mapped
+//! memory once the step's event has fired, so the host can queue the next step first.
+//!
 //! Steps that do not fit run eagerly: prompts, rotating or quantized caches, training, and
 //! `WICK_CUDA_GRAPH=0`. A capture that fails (an op that synchronizes with the
 //! host) turns graphs off for the model and the step runs eagerly.
 
+use super::HostRing;
 use crate::cache::{DevicePos, KvCache};
 use crate::nn::{Rope, RopeTables};
 use anyhow::Result;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaGraph};
 use candle_core::{DType, Device, Tensor, TensorId};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Graph replays and captures in this process (tests check that the graph path ran).
 pub static REPLAYS: AtomicUsize = AtomicUsize::new(0);
@@ -47,10 +52,13 @@ struct Inputs {
     pos: DevicePos,
     tables: Vec<RopeTables>,
     logits: Tensor,
+    /// a greedy step's: the argmax of the logits goes into `token` (the next step's input)
+    /// and into this ring, which the host reads
+    greedy: Option<Arc<HostRing>>,
 }
 
 impl Inputs {
-    fn new(device: &Device, shape: &StepShape, rows: usize) -> Result<Self> {
+    fn new(device: &Device, shape: &StepShape, rows: usize, greedy: Option<Arc<HostRing>>) -> Result<Self> {
         let tables = shape.ropes.iter().map(|r| r.position_tables(rows, shape.dtype, device));
         Ok(Self {
             token: Tensor::zeros((rows, 1), DType::U32, device)?,
@@ -60,13 +68,18 @@ impl Inputs {
             },
             tables: tables.collect::<Result<Vec<_>>>()?,
             logits: Tensor::zeros((rows, 1, shape.vocab), DType::F32, device)?,
+            greedy,
         })
     }
 
-    /// This step's tokens, position, rows' first keys and RoPE tables, copied in before the
-    /// step runs. `offset`: the cache index the step writes; `starts`: the rows' left padding.
-    fn write(&self, tokens: &Tensor, offset: usize, starts: &[usize], ropes: &[Rope]) -> Result<()> {
-        self.token.slice_set(&tokens.to_dtype(DType::U32)?, 0, 0)?;
+    /// This step's tokens (`None`: the previous greedy step left them there), position, rows'
+    /// first keys and RoPE tables, copied in before the step runs (in stream order: after the
+    /// steps still running). `offset`: the cache index the step writes; `starts`: the rows'
+    /// left padding.
+    fn write(&self, tokens: Option<&Tensor>, offset: usize, starts: &[usize], ropes: &[Rope]) -> Result<()> {
+        if let Some(tokens) = tokens {
+            self.token.slice_set(&tokens.to_dtype(DType::U32)?, 0, 0)?;
+        }
         super::upload_f32(&self.pos.pos, &[offset as f32])?;
         super::upload_f32(&self.pos.starts, &starts.iter().map(|&s| s as f32).collect::<Vec<_>>())?;
         let positions: Vec<usize> = starts.iter().map(|&s| offset.saturating_sub(s)).collect();
@@ -76,17 +89,23 @@ impl Inputs {
         Ok(())
     }
 
-    /// The step on these buffers, eagerly (or into the capture under way).
+    /// The step on these buffers, eagerly (or into the capture under way); with `pick`, a
+    /// greedy step's argmax too (never in the eager run before a capture: it overwrites the
+    /// step's own token input, which the replay then reads).
     fn run(
         &self,
         cache: &mut [KvCache],
         run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
+        pick: bool,
     ) -> Result<()> {
         // everything the step allocates is freed within it, but for the logits, copied into
         // the buffer made beforehand
         let out = run(&self.token, cache, &self.tables)?;
         self.logits.slice_set(&out, 2, 0)?;
-        Ok(())
+        match &self.greedy {
+            Some(ring) if pick => Ok(super::argmax_rows(&self.logits, &self.token, ring, &self.pos.pos)?),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -103,6 +122,31 @@ struct State {
     /// same thread finds candle's uploads cached already and is captured without an eager run
     /// first (a new sequence, or the cache growing)
     warm: Option<(usize, std::thread::ThreadId)>,
+    /// greedy steps' tokens for the host, kept across captures of the same batch size
+    ring: Option<Arc<HostRing>>,
+}
+
+/// Slots of a greedy ring: the host reads a step's tokens while at most one later step runs.
+const RING_SLOTS: usize = 4;
+
+/// The tokens a greedy decode step picks on the device, read on the host once it has run.
+pub struct GreedyTokens {
+    done: CudaEvent,
+    ring: Arc<HostRing>,
+    pos: usize,
+}
+
+impl crate::models::PendingTokens for GreedyTokens {
+    fn wait(self: Box<Self>) -> Result<Vec<u32>> {
+        self.done.synchronize().map_err(|e| anyhow::anyhow!("waiting for a greedy decode step: {e:?}"))?;
+        Ok(self.ring.read(self.pos)?)
+    }
+}
+
+/// What a replayed step leaves: its logits, or (greedy) its tokens on the way.
+pub enum Replayed {
+    Logits(Tensor),
+    Tokens(GreedyTokens),
 }
 
 /// A model's decode-step graph (one per model; see the module docs).
@@ -138,19 +182,26 @@ pub fn set_enabled(on: bool) {
 }
 
 impl DecodeGraph {
-    /// Runs one decode step of `tokens` (B, 1) through the graph, capturing it first when
-    /// needed; `run` is the model's eager forward pass with given RoPE tables (what is
-    /// captured). `None`: this step does not fit a graph; run it eagerly.
+    /// Runs one decode step of `rows` rows through the graph, capturing it first when needed:
+    /// `tokens` (rows, 1), or with `None` those the previous greedy step picked on the device;
+    /// `run` is the model's eager forward pass with given RoPE tables (what is captured). It
+    /// leaves the logits, or with `greedy` each row's argmax of them, picked on the device:
+    /// they become the next greedy step's input and the host reads them through
+    /// [`crate::models::PendingTokens::wait`]; nothing waits for a greedy step, so the host may
+    /// queue the next one first. `None`: this step does not fit a graph (nothing ran); run it
+    /// eagerly.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
         device: &Device,
-        tokens: &Tensor,
+        tokens: Option<&Tensor>,
+        rows: usize,
         cache: &mut [KvCache],
         shape: StepShape,
         run: impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
-    ) -> Result<Option<Tensor>> {
-        let rows = tokens.dim(0)?;
-        if !device.is_cuda() || tokens.dims() != [rows, 1] || cache.is_empty() || !enabled() {
+        greedy: bool,
+    ) -> Result<Option<Replayed>> {
+        if tokens.is_some_and(|t| t.dims() != [rows, 1]) || !device.is_cuda() || cache.is_empty() || !enabled() {
             return Ok(None);
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -170,11 +221,28 @@ impl DecodeGraph {
             }
         }
         let thread = std::thread::current().id();
-        let same = |c: &Captured| c.buffers == buffers && c.thread == thread;
+        let same = |c: &Captured| c.buffers == buffers && c.thread == thread && c.inputs.greedy.is_some() == greedy;
         if !state.captured.as_ref().is_some_and(same) {
-            state.captured = None; // its memory back before the next capture
-            let inputs = Inputs::new(device, &shape, rows)?;
-            inputs.write(tokens, offset, &starts, shape.ropes)?;
+            // A greedy step's input may be the last graph's output, still being computed.
+            // The last graph may still run, too: CUDA frees a graph in flight once it has
+            // finished, and its buffers go back in stream order.
+            let previous = state.captured.take().map(|c| c.inputs.token.clone());
+            let tokens = match (tokens, &previous) {
+                (Some(t), _) => t,
+                (None, Some(t)) if t.dim(0)? == rows => t,
+                _ => anyhow::bail!("a greedy decode step without its tokens: the previous step did not leave them"),
+            };
+            let ring = match &state.ring {
+                Some(r) if greedy && r.rows() == rows => Some(r.clone()),
+                _ if greedy => Some(Arc::new(HostRing::new(device.as_cuda_device()?, rows, RING_SLOTS)?)),
+                _ => None,
+            };
+            let inputs = Inputs::new(device, &shape, rows, ring.clone())?;
+            inputs.write(Some(tokens), offset, &starts, shape.ropes)?;
+            drop(previous);
+            if ring.is_some() {
+                state.ring = ring;
+            }
             // without the eager run when warm; a capture that misses an upload then takes it
             let warm = state.warm == Some((rows, thread));
             let graph = match capture(device, cache, &inputs, &run, warm) {
@@ -204,8 +272,15 @@ impl DecodeGraph {
         for cache in cache.iter_mut() {
             cache.advance();
         }
-        // a copy: the next replay overwrites the graph's buffer
-        Ok(Some(c.inputs.logits.copy()?))
+        Ok(Some(match &c.inputs.greedy {
+            Some(ring) => {
+                let done = device.as_cuda_device()?.cuda_stream().record_event(None);
+                let done = done.map_err(|e| anyhow::anyhow!("recording a greedy decode step: {e:?}"))?;
+                Replayed::Tokens(GreedyTokens { done, ring: ring.clone(), pos: offset })
+            }
+            // a copy: the next replay overwrites the graph's buffer
+            None => Replayed::Logits(c.inputs.logits.copy()?),
+        }))
     }
 }
 
@@ -229,12 +304,12 @@ fn capture(
     for c in cache.iter_mut() {
         c.set_graph_pos(Some(inputs.pos.clone()));
     }
-    let eager = if warm { Ok(()) } else { inputs.run(cache, run) };
+    let eager = if warm { Ok(()) } else { inputs.run(cache, run, false) };
     let ran = eager.and_then(|()| {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let ran = inputs.run(cache, run);
+        let ran = inputs.run(cache, run, true);
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         ran?;
         let graph = graph.map_err(|e| anyhow::anyhow!("instantiating the decode step's CUDA graph: {e:?}"))?;

@@ -22,6 +22,8 @@ pub enum Module {
     Attention,
     /// src/cuda/norm.cu
     Norm,
+    /// src/cuda/sample.cu
+    Sample,
 }
 
 impl Module {
@@ -30,6 +32,7 @@ impl Module {
             Module::Affine => include_bytes!(concat!(env!("OUT_DIR"), "/affine.fatbin")),
             Module::Attention => include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
             Module::Norm => include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin")),
+            Module::Sample => include_bytes!(concat!(env!("OUT_DIR"), "/sample.fatbin")),
         }
     }
 }
@@ -710,3 +713,94 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     unsafe { lb.launch(cfg) }.w()?;
     Ok(out)
 }
+
+/// Page-locked host memory the GPU writes through its mapping: the tokens of greedy decode
+/// steps ([`argmax_rows`]), `slots` slots of `rows` tokens, read by the host once the step that
+/// wrote a slot has finished (an event), while later steps run.
+pub struct HostRing {
+    host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
+    device_ptr: u64,
+    rows: usize,
+    slots: usize,
+}
+
+// The memory is only written by kernels and read after their completion.
+unsafe impl Send for HostRing {}
+unsafe impl Sync for HostRing {}
+
+impl HostRing {
+    pub fn new(dev: &CudaDevice, rows: usize, slots: usize) -> Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctx = dev.cuda_stream().context().clone();
+        let host = unsafe { ctx.alloc_pinned_with_flags::<u32>(rows * slots, sys::CU_MEMHOSTALLOC_DEVICEMAP) }.w()?;
+        let ptr = host.as_ptr().w()?;
+        let mut device_ptr = 0u64;
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, ptr as *mut std::ffi::c_void, 0) };
+        if r != sys::cudaError_enum::CUDA_SUCCESS {
+            candle_core::bail!("mapping page-locked host memory for greedy tokens: {r:?}");
+        }
+        Ok(Self { host, device_ptr, rows, slots })
+    }
+
+    /// Tokens per slot (the batch rows).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The tokens of the step that wrote position `pos`; only once that step has finished.
+    pub fn read(&self, pos: usize) -> Result<Vec<u32>> {
+        let base = self.host.as_ptr().w()?;
+        let at = (pos % self.slots) * self.rows;
+        // written by the device through the mapping: read each value from memory
+        Ok((at..at + self.rows).map(|i| unsafe { std::ptr::read_volatile(base.add(i)) }).collect())
+    }
+}
+
+/// Greedy decoding's pick (src/cuda/sample.cu): the argmax of each row of the f32 `logits`
+/// (rows, .., vocab), contiguous, written to `token` (u32, one per row: the next step's input)
+/// and to the `ring`'s slot of the position the device u32 `pos` holds.
+pub fn argmax_rows(
+    logits: &candle_core::Tensor,
+    token: &candle_core::Tensor,
+    ring: &HostRing,
+    pos: &candle_core::Tensor,
+) -> Result<()> {
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let rows = logits.elem_count() / vocab.max(1);
+    if logits.dtype() != DType::F32
+        || !logits.is_contiguous()
+        || token.dtype() != DType::U32
+        || token.elem_count() != rows
+        || pos.dtype() != DType::U32
+        || rows != ring.rows
+    {
+        candle_core::bail!(
+            "greedy argmax: logits {:?} {:?}, tokens {:?} {:?}, position {:?} and a ring of {} rows do not fit",
+            logits.dims(),
+            logits.dtype(),
+            token.dims(),
+            token.dtype(),
+            pos.dtype(),
+            ring.rows
+        );
+    }
+    let (ls, ll) = logits.storage_and_layout();
+    let (ts, tl) = token.storage_and_layout();
+    let (ps, pl) = pos.storage_and_layout();
+    let ls = cuda_of(&ls, "greedy argmax: the logits")?;
+    let dev = ls.device().clone();
+    let x = ls.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+    let t = cuda_of(&ts, "greedy argmax: the tokens")?.as_cuda_slice::<u32>()?.slice(tl.start_offset()..);
+    let p = cuda_of(&ps, "greedy argmax: the position")?.as_cuda_slice::<u32>()?.slice(pl.start_offset()..);
+    let f = function(&dev, Module::Sample, "wick_argmax_f32")?;
+    let (vocab, slots) = (vocab as u32, ring.slots as u32);
+    let stream = dev.cuda_stream();
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&x).arg(&vocab).arg(&t).arg(&ring.device_ptr).arg(&slots).arg(&p);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ARGMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
+    unsafe { lb.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Threads per block of the argmax (sample.cu's ARGMAX_THREADS).
+const ARGMAX_THREADS: u32 = 1024;

@@ -547,18 +547,45 @@ impl DecoderModel {
     }
 }
 
+impl DecoderModel {
+    #[cfg(feature = "cuda")]
+    fn step_shape(&self) -> crate::cuda::graph::StepShape<'_> {
+        crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size }
+    }
+}
+
 impl LanguageModel for DecoderModel {
     fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.graphable && last_only {
-            let shape = crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size };
             let run =
                 |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
-            if let Some(logits) = self.graph.step(&self.device, tokens, cache, shape, run)? {
+            let rows = tokens.dim(0)?;
+            let step = self.graph.step(&self.device, Some(tokens), rows, cache, self.step_shape(), run, false)?;
+            if let Some(crate::cuda::graph::Replayed::Logits(logits)) = step {
                 return Ok(logits);
             }
         }
         self.forward_with(tokens, cache, last_only, None)
+    }
+
+    fn greedy_step(
+        &self,
+        tokens: Option<&Tensor>,
+        rows: usize,
+        cache: &mut [KvCache],
+    ) -> Result<Option<Box<dyn super::PendingTokens>>> {
+        #[cfg(feature = "cuda")]
+        if self.graphable {
+            let run =
+                |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
+            let step = self.graph.step(&self.device, tokens, rows, cache, self.step_shape(), run, true)?;
+            if let Some(crate::cuda::graph::Replayed::Tokens(picked)) = step {
+                return Ok(Some(Box::new(picked)));
+            }
+        }
+        let _ = (tokens, rows, cache);
+        Ok(None)
     }
 
     fn make_cache(&self, max_kv_size: Option<usize>) -> Vec<KvCache> {

@@ -33,6 +33,25 @@ pub trait LanguageModel: Send {
     /// The activation dtype (f32 on the CPU, the weights' dtype elsewhere).
     fn dtype(&self) -> DType;
     fn device(&self) -> &Device;
+    /// A greedy decode step of `rows` sequences that does not wait for the device: feeds
+    /// `tokens` (rows, 1), or with `None` the tokens the previous greedy step picked on the
+    /// device, and returns the argmax of the step's logits (as [`crate::sample::argmax`]
+    /// picks) to wait for. So the host can queue the next step before reading this one's
+    /// tokens. `None`: no such path for this model or step (nothing ran); use `forward`.
+    fn greedy_step(
+        &self,
+        _tokens: Option<&Tensor>,
+        _rows: usize,
+        _cache: &mut [KvCache],
+    ) -> Result<Option<Box<dyn PendingTokens>>> {
+        Ok(None)
+    }
+}
+
+/// Tokens a model picks on its device ([`LanguageModel::greedy_step`]).
+pub trait PendingTokens: Send {
+    /// Waits for the step that picks them; one token per batch row.
+    fn wait(self: Box<Self>) -> Result<Vec<u32>>;
 }
 
 /// serde default for boolean config fields that default to true.

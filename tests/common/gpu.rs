@@ -1,7 +1,7 @@
 //! Checks shared by the GPU backends' tests (tests/cuda.rs, tests/metal.rs): each backend runs
 //! the same checks against the same references on its own device.
 
-use super::{default_model, golden, greedy};
+use super::{default_model, generated, golden, greedy};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use wick::convert::{convert, ConvertOptions, QuantizeOptions};
@@ -176,6 +176,8 @@ fn check_greedy(model: &dyn wick::models::LanguageModel, want: &[Vec<u32>], what
     for (i, (prompt, want)) in prompts.iter().zip(want).enumerate() {
         let got = greedy(model, prompt, want.len());
         assert_eq!(&got, want, "case {i}: {what}");
+        let got = generated(model, prompt, want.len());
+        assert_eq!(&got, want, "case {i}: {what} (generate)");
     }
 }
 

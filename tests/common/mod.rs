@@ -66,6 +66,20 @@ pub fn greedy(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize)
     out
 }
 
+/// `n` tokens of [`wick::generate::generate`] at temperature 0, no eos (on CUDA: each picked on
+/// the device, the next step queued before it is read).
+pub fn generated(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let opts = wick::generate::GenerateOptions { max_tokens: n, ..Default::default() };
+    let mut out = vec![];
+    let no_eos = std::collections::BTreeSet::new();
+    wick::generate::generate(model, prompt, &opts, &no_eos, |t| {
+        out.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    out
+}
+
 /// The loss and the gradient of every trainable tensor (LoRA, DoRA, full fine-tuning; dense and
 /// 4-bit tiny models) for one batch, on `dev` in f32, equal mlx_lm's (tests/golden/lora_grads,
 /// `nn.value_and_grad(default_loss)`) to 1e-4 relative, with and without gradient checkpointing.
