@@ -13,7 +13,8 @@
 //!   rows leave at different steps;
 //! - greedy generation picking on the device (the argmax kernel, each step queued before the
 //!   last one's token is read) gives the host loop's tokens and leaves its cache when an eos
-//!   or the caller stops it; the argmax kernel picks as the host's (ties, NaN, -inf);
+//!   or the caller stops it; the argmax kernel picks as the host's (ties, NaN, -inf); the
+//!   server's greedy batches picked on the device equal those picked from the logits;
 //! - training: LoRA / DoRA / full fine-tuning gradients on CUDA equal mlx_lm's (with and
 //!   without gradient checkpointing).
 #![cfg(feature = "cuda")]
@@ -317,10 +318,7 @@ fn cuda_graph_decode_equals_eager_decode() {
     use std::sync::atomic::Ordering::Relaxed;
     use wick::cuda::graph::{set_enabled, CAPTURES, REPLAYS};
     let Some(dev) = cuda() else { return };
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::golden("smollm2_greedy.json")).unwrap()).unwrap();
-    let prompt: Vec<u32> =
-        golden["cases"][1]["prompt_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let prompt = gpu::golden_prompts()[1].clone();
     // 38 prompt positions + 300 steps: the cache grows past 256 positions during the decode
     let n = 300;
     for dtype in [DType::F32, DType::BF16] {
@@ -347,15 +345,8 @@ fn cuda_graph_batch_decode_equals_eager_batch_decode() {
     use std::sync::atomic::Ordering::Relaxed;
     use wick::cuda::graph::{set_enabled, CAPTURES, REPLAYS};
     let Some(dev) = cuda() else { return };
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::golden("smollm2_greedy.json")).unwrap()).unwrap();
     // the eight golden prompts, 4 to 41 tokens: a left-padded batch
-    let prompts: Vec<Vec<u32>> = golden["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["prompt_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
-        .collect();
+    let prompts = gpu::golden_prompts();
     let tok = wick::tokenizer::Tokenizer::load(&common::default_model()).unwrap();
     let opts = wick::generate::GenerateOptions { max_tokens: 120, ..Default::default() };
     for dtype in [DType::F32, DType::BF16] {
@@ -442,10 +433,7 @@ fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
     use wick::cuda::graph::{CAPTURES, REPLAYS};
     use wick::generate::{generate_with_cache, GenerateOptions};
     let Some(dev) = cuda() else { return };
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::golden("smollm2_greedy.json")).unwrap()).unwrap();
-    let prompt: Vec<u32> =
-        golden["cases"][2]["prompt_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let prompt = gpu::golden_prompts()[2].clone();
     // past 256 positions: the graph is captured again on the way, with the token on the device
     let n = 300;
     for dtype in [DType::F32, DType::BF16] {
@@ -494,6 +482,75 @@ fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
             let logits = wick::generate::prefill(model, &[feed], &mut cache, 2048).unwrap();
             assert_eq!(wick::sample::argmax(&logits), want, "{case}: decoding on from the cache");
         }
+    }
+}
+
+#[test]
+fn cuda_server_greedy_batches_pick_on_the_device_as_the_host_does() {
+    use std::collections::BTreeSet;
+    use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
+    let Some(dev) = cuda() else { return };
+    let prompts = gpu::golden_prompts();
+    // the eight golden prompts as concurrent greedy requests (all queued before the scheduler
+    // starts, so both runs batch them alike), each with its own length; asking for
+    // log-probabilities sends the scheduler through the logits and the host's argmax
+    let serve = |dtype: DType, logprobs: Option<usize>| -> Vec<Vec<u32>> {
+        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        let cfg = SchedulerConfig {
+            max_batch: 8,
+            max_queue: 8,
+            prefill_step_size: 2048,
+            prompt_cache_size: 0,
+            eos_token_ids: BTreeSet::new(),
+        };
+        let (scheduler, worker) = Scheduler::new(m.model, cfg).unwrap();
+        let receivers: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+                let max_tokens = 30 + 10 * i;
+                let job = Job {
+                    prompt: p.clone(),
+                    max_tokens,
+                    sampler: Default::default(),
+                    processors: Default::default(),
+                    logprobs,
+                    events,
+                };
+                assert!(scheduler.submit(job).is_ok());
+                rx
+            })
+            .collect();
+        let worker = std::thread::spawn(move || worker.run());
+        let out = receivers
+            .into_iter()
+            .map(|mut rx| {
+                let mut ids = vec![];
+                while let Some(e) = rx.blocking_recv() {
+                    match e {
+                        Event::Token { id, finish, .. } => {
+                            ids.push(id);
+                            if finish.is_some() {
+                                break;
+                            }
+                        }
+                        Event::Error(e) => panic!("{dtype:?}: {e}"),
+                        Event::Started { .. } => {}
+                    }
+                }
+                ids
+            })
+            .collect();
+        drop(scheduler);
+        worker.join().unwrap();
+        out
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let host = serve(dtype, Some(1));
+        let device = serve(dtype, None);
+        assert!(host.iter().enumerate().all(|(i, t)| t.len() == 30 + 10 * i), "{dtype:?}: lengths");
+        assert_eq!(device, host, "{dtype:?}: the server's greedy tokens picked on the device differ from the host's");
     }
 }
 

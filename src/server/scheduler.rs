@@ -474,29 +474,51 @@ impl Worker {
         }
         // a left request's slot feeds any token: its row's output is not read
         let input: Vec<Vec<u32>> = self.rows.iter().map(|r| vec![r.as_ref().map_or(0, |r| r.next)]).collect();
-        let logits = self.model.forward(&Tensor::new(input, &device)?, &mut self.cache, true)?;
-        lap(&mut self.profile, &device, mark, 2);
-        let mut logits = logits.squeeze(1)?.to_vec2::<f32>()?;
-        lap(&mut self.profile, &device, mark, 3);
-        // each row's processors and sampler on its logits, the rows in parallel
-        let picked: Vec<Option<Result<Picked>>> = self
+        let input = Tensor::new(input, &device)?;
+        // every request greedy, without processors or log-probabilities: the model picks the
+        // tokens on the device where it can, and no logits come back
+        let greedy = self
             .rows
-            .par_iter_mut()
-            .zip(logits.par_iter_mut())
-            .map(|(slot, l)| {
+            .iter()
+            .flatten()
+            .all(|r| r.sampler.config().temp == 0.0 && r.q.job.processors.is_empty() && r.q.job.logprobs.is_none());
+        let picked_on_device =
+            if greedy { self.model.greedy_step(Some(&input), slots, &mut self.cache)? } else { None };
+        let picked: Vec<Option<Result<Picked>>> = if let Some(p) = picked_on_device {
+            lap(&mut self.profile, &device, mark, 2);
+            let ids = p.wait()?;
+            lap(&mut self.profile, &device, mark, 3);
+            let rows = self.rows.iter_mut().zip(ids);
+            rows.map(|(slot, id)| {
                 let row = slot.as_mut()?;
                 row.fed.push(row.next);
-                let job = &row.q.job;
-                job.processors.apply(&row.fed, l);
-                Some(match job.logprobs {
-                    Some(n) => {
-                        let lp = log_softmax(l);
-                        row.sampler.sample(l).map(|id| (id, Some(lp[id as usize]), top_n(&lp, n)))
-                    }
-                    None => row.sampler.sample(l).map(|id| (id, None, vec![])),
-                })
+                Some(Ok((id, None, vec![])))
             })
-            .collect();
+            .collect()
+        } else {
+            let logits = self.model.forward(&input, &mut self.cache, true)?;
+            lap(&mut self.profile, &device, mark, 2);
+            let mut logits = logits.squeeze(1)?.to_vec2::<f32>()?;
+            lap(&mut self.profile, &device, mark, 3);
+            // each row's processors and sampler on its logits, the rows in parallel
+            self.rows
+                .par_iter_mut()
+                .zip(logits.par_iter_mut())
+                .map(|(slot, l)| {
+                    let row = slot.as_mut()?;
+                    row.fed.push(row.next);
+                    let job = &row.q.job;
+                    job.processors.apply(&row.fed, l);
+                    Some(match job.logprobs {
+                        Some(n) => {
+                            let lp = log_softmax(l);
+                            row.sampler.sample(l).map(|id| (id, Some(lp[id as usize]), top_n(&lp, n)))
+                        }
+                        None => row.sampler.sample(l).map(|id| (id, None, vec![])),
+                    })
+                })
+                .collect()
+        };
         let mut leaving = vec![];
         for (i, (slot, p)) in self.rows.iter_mut().zip(picked).enumerate() {
             let (Some(row), Some(p)) = (slot, p) else { continue };

@@ -170,9 +170,13 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
 }
 
+/// The eight golden prompts (tests/golden/smollm2_greedy.json), 4 to 41 tokens.
+pub fn golden_prompts() -> Vec<Vec<u32>> {
+    json("smollm2_greedy.json")["cases"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect()
+}
+
 fn check_greedy(model: &dyn wick::models::LanguageModel, want: &[Vec<u32>], what: &str) {
-    let prompts: Vec<Vec<u32>> =
-        json("smollm2_greedy.json")["cases"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let prompts = golden_prompts();
     for (i, (prompt, want)) in prompts.iter().zip(want).enumerate() {
         let got = greedy(model, prompt, want.len());
         assert_eq!(&got, want, "case {i}: {what}");
