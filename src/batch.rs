@@ -106,8 +106,8 @@ pub fn batch_generate(
         maybe_quantize(quant, &mut cache)?;
         done += n;
     }
-    // greedy rows without processors or a quantized cache take the device's picks
-    let greedy = opts.sampler.temp == 0.0 && opts.processors.is_empty() && quant.is_none();
+    // greedy rows take the device's picks
+    let greedy = opts.picks_on_device(&opts.sampler);
     let last: Vec<Vec<u32>> = rows.iter().map(|r| vec![r[longest - 1]]).collect();
     let mut picks = last_step(model, &last, &mut cache, greedy)?;
     maybe_quantize(quant, &mut cache)?;

@@ -180,6 +180,13 @@ fn cat2(parts: &[Tensor]) -> Result<Tensor> {
     Ok(if parts.len() == 1 { parts[0].contiguous()? } else { Tensor::cat(&parts, 2)? })
 }
 
+/// Forgets the newest `n` positions of every layer's cache ([`KvCache::trim`]).
+pub fn trim_all(cache: &mut [KvCache], n: usize) {
+    for c in cache.iter_mut() {
+        c.trim(n);
+    }
+}
+
 impl KvCache {
     pub fn new() -> Self {
         Self::default()

@@ -3,7 +3,7 @@
 //! `maybe_quantize_kv_cache`). Speculative decoding is in [`crate::speculative`], batches in
 //! [`crate::batch`].
 
-use crate::cache::{CacheKind, KvCache};
+use crate::cache::{trim_all, CacheKind, KvCache};
 use crate::models::{LanguageModel, PendingTokens};
 use crate::quant::QuantParams;
 use crate::sample::{LogitsProcessors, Sampler, SamplerConfig};
@@ -60,6 +60,12 @@ pub struct GenerateOptions {
 }
 
 impl GenerateOptions {
+    /// Whether a model may pick the tokens of `sampler` on its device
+    /// ([`LanguageModel::greedy_step`]): greedy, no logits processors, no quantized cache.
+    pub fn picks_on_device(&self, sampler: &SamplerConfig) -> bool {
+        sampler.is_greedy() && self.processors.is_empty() && self.kv_quant.is_none()
+    }
+
     /// An empty cache for `model`, rotating at `max_kv_size` when it is set (and valid).
     pub fn new_cache(&self, model: &dyn LanguageModel) -> Result<Vec<KvCache>> {
         if let Some(m) = self.max_kv_size {
@@ -259,9 +265,9 @@ pub fn generate_with_cache(
     let seen: Vec<u32> = if opts.processors.is_empty() { vec![] } else { prompt.to_vec() };
     opts.check_cache(cache)?;
     let quant = opts.kv_quant.as_ref();
-    // greedy decoding (no processors, no quantized cache) picks on the device where the model
-    // can: the host then queues each step before reading the previous one's token
-    let on_device = sampler.config().temp == 0.0 && opts.processors.is_empty() && quant.is_none();
+    // greedy decoding picks on the device where the model can: the host then queues each step
+    // before reading the previous one's token
+    let on_device = opts.picks_on_device(sampler.config());
     let mut feeder = Feeder { model, sampler, processors: &opts.processors, seen, quant, on_device };
     let tic = Instant::now();
     let last = prefill_all_but_last(model, prompt, cache, opts.prefill_step_size, quant)?;
@@ -366,12 +372,5 @@ impl Feeder<'_> {
                 Next::Ready(self.sampler.sample(&logits)?)
             }
         })
-    }
-}
-
-/// Drops the last `n` positions of every layer's cache.
-fn trim_all(cache: &mut [KvCache], n: usize) {
-    for c in cache.iter_mut() {
-        c.trim(n);
     }
 }

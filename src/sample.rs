@@ -25,6 +25,13 @@ pub struct SamplerConfig {
     pub seed: Option<u64>,
 }
 
+impl SamplerConfig {
+    /// Temperature 0: the sampler takes the argmax, whatever the filters say.
+    pub fn is_greedy(&self) -> bool {
+        self.temp == 0.0
+    }
+}
+
 impl Default for SamplerConfig {
     fn default() -> Self {
         Self {
@@ -100,7 +107,7 @@ impl Sampler {
 
     /// Picks the next token from raw logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if self.cfg.temp == 0.0 {
+        if self.cfg.is_greedy() {
             return Ok(argmax(logits));
         }
         let mut lp = log_softmax(logits);

@@ -4,7 +4,7 @@
 //! followed by the main model's own token there. Both caches are then trimmed back to what was
 //! accepted. With the greedy sampler the output is exactly the main model's greedy output.
 
-use crate::cache::KvCache;
+use crate::cache::trim_all;
 use crate::generate::{
     check_context, check_vocab, maybe_quantize, prefill_all_but_last, FinishReason, GenerateOptions, GenerationStats,
 };
@@ -36,12 +36,6 @@ impl SpeculativeStats {
         } else {
             self.accepted as f64 / self.drafted as f64
         }
-    }
-}
-
-fn trim(cache: &mut [KvCache], n: usize) {
-    for c in cache.iter_mut() {
-        c.trim(n);
     }
 }
 
@@ -149,8 +143,8 @@ pub fn speculative_generate(
             }
         }
         // rewind both caches to the accepted tokens
-        trim(&mut cache, num_draft - n);
-        trim(&mut draft_cache, (num_draft - n).saturating_sub(1));
+        trim_all(&mut cache, num_draft - n);
+        trim_all(&mut draft_cache, (num_draft - n).saturating_sub(1));
         y = vec![tokens[n]];
         // all drafts accepted: the draft model has not seen the last one yet
         draft_y = if n == num_draft { vec![drafts[num_draft - 1], tokens[n]] } else { vec![tokens[n]] };

@@ -46,18 +46,25 @@ struct Captured {
     inputs: Inputs,
 }
 
-/// The buffers a captured step reads its inputs from and writes its logits to.
+/// The buffers a captured step reads its inputs from and writes its output to.
 struct Inputs {
     token: Tensor,
     pos: DevicePos,
     tables: Vec<RopeTables>,
-    logits: Tensor,
+    output: Output,
+}
+
+/// Where a captured step's result goes.
+enum Output {
+    /// the logits, copied into this buffer made before the capture
+    Logits(Tensor),
     /// a greedy step's: the argmax of the logits goes into `token` (the next step's input)
     /// and into this ring, which the host reads
-    greedy: Option<Arc<HostRing>>,
+    Greedy(Arc<HostRing>),
 }
 
 impl Inputs {
+    /// The buffers of a step; `greedy`: its tokens' ring (else the logits' buffer is made).
     fn new(device: &Device, shape: &StepShape, rows: usize, greedy: Option<Arc<HostRing>>) -> Result<Self> {
         let tables = shape.ropes.iter().map(|r| r.position_tables(rows, shape.dtype, device));
         Ok(Self {
@@ -67,8 +74,10 @@ impl Inputs {
                 starts: Tensor::zeros(rows, DType::U32, device)?,
             },
             tables: tables.collect::<Result<Vec<_>>>()?,
-            logits: Tensor::zeros((rows, 1, shape.vocab), DType::F32, device)?,
-            greedy,
+            output: match greedy {
+                Some(ring) => Output::Greedy(ring),
+                None => Output::Logits(Tensor::zeros((rows, 1, shape.vocab), DType::F32, device)?),
+            },
         })
     }
 
@@ -98,13 +107,15 @@ impl Inputs {
         run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
         pick: bool,
     ) -> Result<()> {
-        // everything the step allocates is freed within it, but for the logits, copied into
-        // the buffer made beforehand
+        // everything the step allocates is freed within it (in stream order, after the argmax
+        // reads the logits), but for the logits copied into the buffer made beforehand
         let out = run(&self.token, cache, &self.tables)?;
-        self.logits.slice_set(&out, 2, 0)?;
-        match &self.greedy {
-            Some(ring) if pick => Ok(super::argmax_rows(&self.logits, &self.token, ring, &self.pos.pos)?),
-            _ => Ok(()),
+        match &self.output {
+            Output::Logits(buf) => Ok(buf.slice_set(&out, 2, 0)?),
+            Output::Greedy(ring) if pick => {
+                Ok(super::argmax_rows(&out.contiguous()?, &self.token, ring, &self.pos.pos)?)
+            }
+            Output::Greedy(_) => Ok(()),
         }
     }
 }
@@ -139,7 +150,7 @@ pub struct GreedyTokens {
 impl crate::models::PendingTokens for GreedyTokens {
     fn wait(self: Box<Self>) -> Result<Vec<u32>> {
         self.done.synchronize().map_err(|e| anyhow::anyhow!("waiting for a greedy decode step: {e:?}"))?;
-        Ok(self.ring.read(self.pos)?)
+        Ok(self.ring.read(self.pos))
     }
 }
 
@@ -221,7 +232,9 @@ impl DecodeGraph {
             }
         }
         let thread = std::thread::current().id();
-        let same = |c: &Captured| c.buffers == buffers && c.thread == thread && c.inputs.greedy.is_some() == greedy;
+        let same = |c: &Captured| {
+            c.buffers == buffers && c.thread == thread && matches!(c.inputs.output, Output::Greedy(_)) == greedy
+        };
         if !state.captured.as_ref().is_some_and(same) {
             // A greedy step's input may be the last graph's output, still being computed.
             // The last graph may still run, too: CUDA frees a graph in flight once it has
@@ -272,14 +285,14 @@ impl DecodeGraph {
         for cache in cache.iter_mut() {
             cache.advance();
         }
-        Ok(Some(match &c.inputs.greedy {
-            Some(ring) => {
+        Ok(Some(match &c.inputs.output {
+            Output::Greedy(ring) => {
                 let done = device.as_cuda_device()?.cuda_stream().record_event(None);
                 let done = done.map_err(|e| anyhow::anyhow!("recording a greedy decode step: {e:?}"))?;
                 Replayed::Tokens(GreedyTokens { done, ring: ring.clone(), pos: offset })
             }
             // a copy: the next replay overwrites the graph's buffer
-            None => Replayed::Logits(c.inputs.logits.copy()?),
+            Output::Logits(buf) => Replayed::Logits(buf.copy()?),
         }))
     }
 }

@@ -718,7 +718,9 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
 /// steps ([`argmax_rows`]), `slots` slots of `rows` tokens, read by the host once the step that
 /// wrote a slot has finished (an event), while later steps run.
 pub struct HostRing {
-    host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
+    /// owns the memory; `host_ptr` and `device_ptr` are its two addresses
+    _host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
+    host_ptr: *const u32,
     device_ptr: u64,
     rows: usize,
     slots: usize,
@@ -739,7 +741,7 @@ impl HostRing {
         if r != sys::cudaError_enum::CUDA_SUCCESS {
             candle_core::bail!("mapping page-locked host memory for greedy tokens: {r:?}");
         }
-        Ok(Self { host, device_ptr, rows, slots })
+        Ok(Self { _host: host, host_ptr: ptr, device_ptr, rows, slots })
     }
 
     /// Tokens per slot (the batch rows).
@@ -748,11 +750,10 @@ impl HostRing {
     }
 
     /// The tokens of the step that wrote position `pos`; only once that step has finished.
-    pub fn read(&self, pos: usize) -> Result<Vec<u32>> {
-        let base = self.host.as_ptr().w()?;
+    pub fn read(&self, pos: usize) -> Vec<u32> {
         let at = (pos % self.slots) * self.rows;
         // written by the device through the mapping: read each value from memory
-        Ok((at..at + self.rows).map(|i| unsafe { std::ptr::read_volatile(base.add(i)) }).collect())
+        (at..at + self.rows).map(|i| unsafe { std::ptr::read_volatile(self.host_ptr.add(i)) }).collect()
     }
 }
 

@@ -548,9 +548,18 @@ impl DecoderModel {
 }
 
 impl DecoderModel {
+    /// One decode step of `rows` rows through the CUDA graph ([`crate::cuda::graph::DecodeGraph::step`]).
     #[cfg(feature = "cuda")]
-    fn step_shape(&self) -> crate::cuda::graph::StepShape<'_> {
-        crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size }
+    fn graph_step(
+        &self,
+        tokens: Option<&Tensor>,
+        rows: usize,
+        cache: &mut [KvCache],
+        greedy: bool,
+    ) -> Result<Option<crate::cuda::graph::Replayed>> {
+        let shape = crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size };
+        let run = |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
+        self.graph.step(&self.device, tokens, rows, cache, shape, run, greedy)
     }
 }
 
@@ -558,11 +567,9 @@ impl LanguageModel for DecoderModel {
     fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.graphable && last_only {
-            let run =
-                |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
-            let rows = tokens.dim(0)?;
-            let step = self.graph.step(&self.device, Some(tokens), rows, cache, self.step_shape(), run, false)?;
-            if let Some(crate::cuda::graph::Replayed::Logits(logits)) = step {
+            if let Some(crate::cuda::graph::Replayed::Logits(logits)) =
+                self.graph_step(Some(tokens), tokens.dim(0)?, cache, false)?
+            {
                 return Ok(logits);
             }
         }
@@ -577,10 +584,7 @@ impl LanguageModel for DecoderModel {
     ) -> Result<Option<Box<dyn super::PendingTokens>>> {
         #[cfg(feature = "cuda")]
         if self.graphable {
-            let run =
-                |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
-            let step = self.graph.step(&self.device, tokens, rows, cache, self.step_shape(), run, true)?;
-            if let Some(crate::cuda::graph::Replayed::Tokens(picked)) = step {
+            if let Some(crate::cuda::graph::Replayed::Tokens(picked)) = self.graph_step(tokens, rows, cache, true)? {
                 return Ok(Some(Box::new(picked)));
             }
         }

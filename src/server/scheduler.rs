@@ -481,7 +481,7 @@ impl Worker {
             .rows
             .iter()
             .flatten()
-            .all(|r| r.sampler.config().temp == 0.0 && r.q.job.processors.is_empty() && r.q.job.logprobs.is_none());
+            .all(|r| r.sampler.config().is_greedy() && r.q.job.processors.is_empty() && r.q.job.logprobs.is_none());
         let picked_on_device =
             if greedy { self.model.greedy_step(Some(&input), slots, &mut self.cache)? } else { None };
         let picked: Vec<Option<Result<Picked>>> = if let Some(p) = picked_on_device {
