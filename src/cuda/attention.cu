@@ -415,7 +415,7 @@ __device__ void attention_prefill_impl(const T* __restrict__ q, const T* __restr
         const T* q, const T* k, const T* v, T* out, const unsigned* starts, int h, int kvh, int l, int t,       \
         int offset, int window, long long ksb, long long ksh, long long kst, long long vsb, long long vsh,      \
         long long vst, float scale, float softcap) {                                                            \
-        attention_prefill_impl<T, D>(q, k, v, out, starts, h, kvh, l, t, offset, window, ksb, ksh, kst, vsb,    \
+        pdl_enter(); attention_prefill_impl<T, D>(q, k, v, out, starts, h, kvh, l, t, offset, window, ksb, ksh, kst, vsb,    \
                                      vsh, vst, scale, softcap);                                                 \
     }
 PREFILL(__half, f16, 64)
@@ -430,23 +430,23 @@ PREFILL(__nv_bfloat16, bf16, 128)
         const T* q, const T* k, const T* v, float* part_o, float* part_ml, const unsigned* starts,              \
         const unsigned* pos, int h, int kvh, int t_len, int d, int dv, long long ksb, long long ksh,            \
         long long kst, long long vsb, long long vsh, long long vst, float scale, float softcap, int vec) {      \
-        attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh, kst,   \
+        pdl_enter(); attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh, kst,   \
                                   vsb, vsh, vst, scale, softcap, vec);                                          \
     }                                                                                                           \
     extern "C" __global__ void wick_rope_kv_##TN(const T* q, const T* k, const T* v, const T* cos, const T* sin, \
                                                  const unsigned* pos, T* q_out, T* kc, T* vc, int h, int kvh,   \
                                                  int d, long long ksb, long long ksh, long long kst,            \
                                                  long long vsb, long long vsh, long long vst, int traditional) { \
-        rope_kv_impl<T>(q, k, v, cos, sin, pos, q_out, kc, vc, h, kvh, d, ksb, ksh, kst, vsb, vsh, vst,         \
+        pdl_enter(); rope_kv_impl<T>(q, k, v, cos, sin, pos, q_out, kc, vc, h, kvh, d, ksb, ksh, kst, vsb, vsh, vst,         \
                         traditional);                                                                           \
     }                                                                                                           \
     extern "C" __global__ void wick_kv_write_##TN(T* cache, const T* src, const unsigned* pos, int heads,      \
                                                   int d, long long sb, long long sh, long long st) {            \
-        kv_write_impl<T>(cache, src, pos, heads, d, sb, sh, st);                                                \
+        pdl_enter(); kv_write_impl<T>(cache, src, pos, heads, d, sb, sh, st);                                                \
     }                                                                                                           \
     extern "C" __global__ void wick_attention_combine_##TN(const float* part_o, const float* part_ml, T* out,   \
                                                            int splits, int dv) {                                \
-        attention_combine_impl<T>(part_o, part_ml, out, splits, dv);                                            \
+        pdl_enter(); attention_combine_impl<T>(part_o, part_ml, out, splits, dv);                                            \
     }
 ATTN(float, f32)
 ATTN(__half, f16)

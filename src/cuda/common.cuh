@@ -42,3 +42,24 @@ template <typename T> struct MmaType;
     };
 WICK_MMA_TYPE(__half, __half2, __floats2half2_rn, "f16")
 WICK_MMA_TYPE(__nv_bfloat16, __nv_bfloat162, __floats2bfloat162_rn, "bf16")
+
+// Programmatic dependent launch (src/cuda/launch.rs; sm_90 and newer, no-ops elsewhere and
+// when launched without it). Every wick kernel calls pdl_launch_dependents() first, so that
+// the next kernel's blocks may be scheduled while it runs, and pdl_wait() before it reads
+// anything an earlier kernel wrote or writes anything: the wait returns once the kernel ahead
+// has finished and its writes are visible. Before the wait a kernel reads only weights.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Both at a kernel's start, for kernels with nothing to read before the wait.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_launch_dependents();
+    pdl_wait();
+}

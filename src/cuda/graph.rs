@@ -23,10 +23,11 @@
 //! host) turns graphs off for the model and the step runs eagerly.
 
 use super::HostRing;
+use super::StepGraph;
 use crate::cache::{DevicePos, KvCache};
 use crate::nn::{Rope, RopeTables};
 use anyhow::Result;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent};
 use candle_core::{DType, Device, Tensor, TensorId};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,7 @@ pub static REPLAYS: AtomicUsize = AtomicUsize::new(0);
 pub static CAPTURES: AtomicUsize = AtomicUsize::new(0);
 
 struct Captured {
-    graph: CudaGraph,
+    graph: StepGraph,
     /// the identities of the cache buffers the graph writes and reads (never reused, so a
     /// match means the same buffers are still alive)
     buffers: Vec<(TensorId, TensorId)>,
@@ -306,7 +307,7 @@ fn capture(
     inputs: &Inputs,
     run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
     warm: bool,
-) -> Result<CudaGraph> {
+) -> Result<StepGraph> {
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
     // candle uploads some kernels' shape and stride parameters from the host; a captured copy
@@ -323,7 +324,7 @@ fn capture(
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let ran = inputs.run(cache, run, true);
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let graph = StepGraph::end_capture(&stream, std::env::var_os("WICK_CUDA_GRAPH_DEBUG").is_some());
         ran?;
         let graph = graph.map_err(|e| anyhow::anyhow!("instantiating the decode step's CUDA graph: {e:?}"))?;
         graph.ok_or_else(|| anyhow::anyhow!("the decode step's capture produced no graph"))

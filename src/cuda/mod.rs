@@ -3,11 +3,12 @@
 //! of the decode step ([`graph`]).
 
 pub mod graph;
+mod launch;
+
+pub use launch::{programmatic_launches, KernelArg, Launch, StepGraph, REBUILT};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 use std::collections::HashMap;
@@ -70,6 +71,7 @@ pub fn function(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunc
         return Ok(f.clone());
     }
     let f = l.handle.load_function(name).w()?;
+    launch::register(&f);
     l.funcs.insert(name.to_string(), f.clone());
     Ok(f)
 }
@@ -184,7 +186,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (ks_, vs_) = (outer_strides(kl), outer_strides(vl));
     let cap = softcap.unwrap_or(0.0);
     let stream = dev.cuda_stream();
-    let mut lb = stream.launch_builder(&partial);
+    let mut lb = Launch::new(&stream, &partial);
     lb.arg(&q).arg(&k).arg(&v).arg(&part_o).arg(&part_ml);
     match starts {
         Some(s) => lb.arg(s),
@@ -205,7 +207,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
         shared_mem_bytes: 0,
     };
     unsafe { lb.launch(cfg) }.w()?;
-    let mut lb = stream.launch_builder(&combine);
+    let mut lb = Launch::new(&stream, &combine);
     lb.arg(&part_o).arg(&part_ml).arg(&out).arg(&splits_i).arg(&dv_i);
     let cfg = LaunchConfig { grid_dim: ((b * h) as u32, 1, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
     unsafe { lb.launch(cfg) }.w()?;
@@ -238,10 +240,10 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (heads_i, d_i) = (heads as i32, d as i32);
     let src = contiguous_view::<T>(ss, sl, "kv_write: source")?;
     let pos = pos.as_cuda_slice::<u32>()?;
-    let mut dst = cs.as_cuda_slice_mut::<T>()?.slice_mut(cl.start_offset()..);
+    let dst = cs.as_cuda_slice_mut::<T>()?.slice_mut(cl.start_offset()..);
     let stream = dev.cuda_stream();
-    let mut lb = stream.launch_builder(&f);
-    lb.arg(&mut dst).arg(&src).arg(pos).arg(&heads_i).arg(&d_i).arg(&sb).arg(&sh).arg(&sr);
+    let mut lb = Launch::new(&stream, &f);
+    lb.arg(&dst).arg(&src).arg(pos).arg(&heads_i).arg(&d_i).arg(&sb).arg(&sh).arg(&sr);
     let cfg = LaunchConfig {
         grid_dim: ((b * heads) as u32, 1, 1),
         block_dim: (d.min(256) as u32, 1, 1),
@@ -405,7 +407,7 @@ fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (h_i, kvh_i, d_i, trad) = (h as i32, kvh as i32, d as i32, op.traditional as i32);
     let [ksb, ksh, kst] = outer_strides(kc_l);
     let [vsb, vsh, vst] = outer_strides(vc_l);
-    let mut lb = stream.launch_builder(&f);
+    let mut lb = Launch::new(&stream, &f);
     lb.arg(&q).arg(&k).arg(&v).arg(&cos).arg(&sin).arg(pos).arg(&out).arg(&kc_ptr).arg(&vc_ptr);
     lb.arg(&h_i).arg(&kvh_i).arg(&d_i).arg(&ksb).arg(&ksh).arg(&kst).arg(&vsb).arg(&vsh).arg(&vst).arg(&trad);
     let cfg = LaunchConfig {
@@ -518,7 +520,7 @@ fn add_rms_norm_typed<T: CudaDType + DeviceRepr + WithDType>(
     let f = function(dev, Module::Norm, &name)?;
     let d_i = d as i32;
     let stream = dev.cuda_stream();
-    let mut lb = stream.launch_builder(&f);
+    let mut lb = Launch::new(&stream, &f);
     let (n, h) = (out.slice(0..rows * d), out.slice(rows * d..));
     lb.arg(&x).arg(&r).arg(&w).arg(&n).arg(&h).arg(&d_i).arg(&eps);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
@@ -619,7 +621,7 @@ fn prefill_typed<T: CudaDType + DeviceRepr + WithDType>(
     let ints = [h as i32, kvh as i32, l as i32, t as i32, op.offset as i32, op.window.unwrap_or(0) as i32];
     let (scale, cap, null) = (op.scale, op.softcap.unwrap_or(0.0), 0u64);
     let stream = dev.cuda_stream();
-    let mut lb = stream.launch_builder(&f);
+    let mut lb = Launch::new(&stream, &f);
     lb.arg(&q).arg(&k).arg(&v).arg(&out);
     match &starts {
         Some(s) => lb.arg(s),
@@ -706,7 +708,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let f = function(dev, Module::Norm, &format!("wick_swiglu_{}", dtype_suffix(T::DTYPE, "SwiGLU")?))?;
     let n_u = n as u64;
     let stream = dev.cuda_stream();
-    let mut lb = stream.launch_builder(&f);
+    let mut lb = Launch::new(&stream, &f);
     lb.arg(&g).arg(&u).arg(&out).arg(&n_u);
     let cfg =
         LaunchConfig { grid_dim: ((n / 8).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -796,7 +798,7 @@ pub fn argmax_rows(
     let f = function(&dev, Module::Sample, "wick_argmax_f32")?;
     let (vocab, slots) = (vocab as u32, ring.slots as u32);
     let stream = dev.cuda_stream();
-    let mut lb = stream.launch_builder(&f);
+    let mut lb = Launch::new(&stream, &f);
     lb.arg(&x).arg(&vocab).arg(&t).arg(&ring.device_ptr).arg(&slots).arg(&p);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ARGMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
     unsafe { lb.launch(cfg) }.w()?;

@@ -67,11 +67,11 @@ __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__
 #define ADD_RMS_NORM(T, TN)                                                                               \
     extern "C" __global__ void __launch_bounds__(1024) wick_add_rms_norm_##TN(                           \
         const T* x, const T* r, const T* w, T* n, T* h, int d, float eps) {                               \
-        add_rms_norm_impl<T, 8>(x, r, w, n, h, d, eps);                                                  \
+        pdl_enter(); add_rms_norm_impl<T, 8>(x, r, w, n, h, d, eps);                                                  \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(32) wick_add_rms_norm_small_##TN(                       \
         const T* x, const T* r, const T* w, T* n, T* h, int d, float eps) {                               \
-        add_rms_norm_impl<T, 32>(x, r, w, n, h, d, eps);                                                 \
+        pdl_enter(); add_rms_norm_impl<T, 32>(x, r, w, n, h, d, eps);                                                 \
     }
 ADD_RMS_NORM(float, f32)
 ADD_RMS_NORM(__half, f16)
@@ -92,7 +92,7 @@ __device__ void swiglu_impl(const T* __restrict__ g, const T* __restrict__ u, T*
 }
 #define SWIGLU(T, TN)                                                                                     \
     extern "C" __global__ void wick_swiglu_##TN(const T* g, const T* u, T* y, size_t n) {                \
-        swiglu_impl<T>(g, u, y, n);                                                                       \
+        pdl_enter(); swiglu_impl<T>(g, u, y, n);                                                                       \
     }
 SWIGLU(__half, f16)
 SWIGLU(__nv_bfloat16, bf16)

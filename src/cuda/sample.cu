@@ -8,6 +8,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 #define ARGMAX_THREADS 1024
 #define NONE 0xffffffffu
 
@@ -25,6 +27,7 @@ __device__ __forceinline__ void take_better(float& v, unsigned& i, float w, unsi
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     wick_argmax_f32(const float* __restrict__ logits, unsigned vocab, unsigned* __restrict__ token,
                     unsigned* __restrict__ ring, unsigned ring_len, const unsigned* __restrict__ pos) {
+    pdl_enter();
     const unsigned row = blockIdx.x, tid = threadIdx.x;
     const float* x = logits + (size_t)row * vocab;
     float best = -INFINITY;

@@ -11,10 +11,9 @@
 //!   and multiplied with cuBLAS on the tensor cores (see docs/cuda.md for why and what it costs).
 
 use super::affine::QuantParams;
+use crate::cuda::Launch;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 
@@ -158,7 +157,7 @@ pub fn kernel_name(dtype: DType, p: QuantParams, m: usize, n: usize, k: usize) -
 }
 
 /// The packed codes, scales and biases of each weight as the next kernel arguments.
-fn push_parts<'a, T>(b: &mut LaunchArgs<'a>, parts: &[Parts<'a, T>]) {
+fn push_parts<'a, T>(b: &mut Launch<'a>, parts: &'a [Parts<'a, T>]) {
     for (w, s, bi) in parts {
         b.arg(*w).arg(*s).arg(*bi);
     }
@@ -179,14 +178,14 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     let (m_i, n_i, k_i, gs_i) = (m as i32, w.n as i32, w.k as i32, w.p.group_size as i32);
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, w.p, m, w.k, w.n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qm1_{name}"))?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
     }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, w.p, m, w.n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_{name}"))?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
@@ -197,7 +196,7 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
         let xs = x.slice(r0 * w.k..(r0 + rows) * w.k);
         let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
         let rows_i = rows as i32;
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(rows_launch(w.n, rows_per_warp(mm))) }.w()?;
     }
@@ -227,7 +226,7 @@ fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &We
     let f = function(dev, &format!("wick_dequant_{tn}_b{}", w.p.bits))?;
     let (n_i, k_i, gs_i) = (w.n as i32, w.k as i32, w.p.group_size as i32);
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
+    let mut b = Launch::new(&stream, &f);
     b.arg(packed).arg(scales).arg(biases).arg(&out).arg(&n_i).arg(&k_i).arg(&gs_i);
     unsafe { b.launch(cfg) }.w()?;
     Ok(out)
@@ -280,7 +279,7 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, ws[0].p, m, k, tiles) {
         let f = function(dev, &format!("wick_qm13_{name}"))?;
         let ys = outputs(0, m);
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
         b.arg(&xs).arg(&k_i);
@@ -291,7 +290,7 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
         let f = function(dev, &format!("wick_qmt3_{name}"))?;
         let ys = outputs(0, m);
         let m_i = m as i32;
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
         b.arg(&xs).arg(&m_i).arg(&k_i);
@@ -306,7 +305,7 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
         let m_i = rows as i32;
         // pairs of rows never straddle two weights: fused_qkv passes even sizes only
         let cfg = rows_launch(total, rows_per_warp(mm));
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
         b.arg(&xr).arg(&m_i).arg(&k_i).arg(&gs_i);
@@ -341,7 +340,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let stream = dev.cuda_stream();
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, g.p, m, g.k, n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qm1_swiglu_{name}"))?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&xs).arg(&out).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
@@ -350,7 +349,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, g.p, m, n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_swiglu_{name}"))?;
         let m_i = m as i32;
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&xs).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
@@ -363,7 +362,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
         let m_i = rows as i32;
         // one output row per warp: for one input row it computes that row of both weights
         let cfg = rows_launch(g.n, 1);
-        let mut b = stream.launch_builder(&f);
+        let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&xr).arg(&yr).arg(&m_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(cfg) }.w()?;

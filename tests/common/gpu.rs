@@ -193,10 +193,9 @@ pub fn greedy_tokens_equal_mlx_lm_goldens_in_f32(dev: &Device) {
     check_greedy(m.model.as_ref(), &want, &format!("greedy tokens on {dev:?} differ from mlx_lm's (and the CPU's)"));
 }
 
-/// The default model's 4-bit g64 conversion gives mlx_lm's 4-bit greedy tokens on `dev` (f32).
-pub fn greedy_4bit_tokens_match_mlx_lm(dev: &Device) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("q4");
+/// The default model converted to 4 bits, group size 64 (as mlx_lm's `q4g64` goldens), in `dir`.
+pub fn default_model_4bit(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("q4");
     let opts = ConvertOptions {
         dtype: None,
         quantize: Some(QuantizeOptions {
@@ -207,6 +206,13 @@ pub fn greedy_4bit_tokens_match_mlx_lm(dev: &Device) {
         ..Default::default()
     };
     convert(&default_model(), &out, &opts).unwrap();
+    out
+}
+
+/// The default model's 4-bit g64 conversion gives mlx_lm's 4-bit greedy tokens on `dev` (f32).
+pub fn greedy_4bit_tokens_match_mlx_lm(dev: &Device) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = default_model_4bit(tmp.path());
     let m = wick::models::load_model(&out, Some(DType::F32), dev).unwrap();
     let want: Vec<Vec<u32>> =
         json("smollm2_quantized.json")["q4g64"]["greedy_f32"].as_array().unwrap().iter().map(ids).collect();

@@ -321,23 +321,24 @@ __device__ __forceinline__ void dequant8_impl(const uint32_t* __restrict__ w, co
 #define QMV(T, TN, BITS, MM)                                                                          \
     extern "C" __global__ void __launch_bounds__(256) wick_qmv_##TN##_b##BITS##_m##MM(               \
         const uint32_t* w, const T* s, const T* b, const T* x, T* y, int m, int n, int k, int gs) {  \
-        qmv_impl<T, BITS, MM>(w, s, b, x, y, m, n, k, gs);                                            \
+        pdl_enter(); qmv_impl<T, BITS, MM>(w, s, b, x, y, m, n, k, gs);                                            \
     }
 #define FUSED(T, TN, BITS, MM)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) wick_qmv3_##TN##_b##BITS##_m##MM(              \
         const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,   \
         const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,    \
         const T* x, int m, int k, int gs) {                                                           \
-        qmv3_impl<T, BITS, MM>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, m, k, gs); \
+        pdl_enter(); qmv3_impl<T, BITS, MM>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, m, k, gs); \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) wick_qmv_swiglu_##TN##_b##BITS##_m##MM(        \
         const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub, \
         const T* x, T* y, int m, int n, int k, int gs) {                                              \
-        qmv_swiglu_impl<T, BITS, MM>(gw, gsc, gb, uw, usc, ub, x, y, m, n, k, gs);                    \
+        pdl_enter(); qmv_swiglu_impl<T, BITS, MM>(gw, gsc, gb, uw, usc, ub, x, y, m, n, k, gs);                    \
     }
 #define DEQ(T, TN, BITS)                                                                              \
     extern "C" __global__ void wick_dequant_##TN##_b##BITS(const uint32_t* w, const T* s, const T* b, \
                                                            T* out, int n, int k, int gs) {            \
+        pdl_enter();                                                                                  \
         if constexpr (BITS == 4 || BITS == 8)                                                         \
             dequant8_impl<T, BITS>(w, s, b, out, n, k, gs);                                           \
         else                                                                                          \
@@ -424,6 +425,8 @@ __device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[v][j][i] = 0.f;
     const uint32_t ones[4] = {Q::ONES, Q::ONES, Q::ONES, Q::ONES};
+    pdl_launch_dependents();
+    bool waited = false;  // the first groups' weights load before the wait (common.cuh)
     for (int g0 = warp; g0 < groups; g0 += KW * UG) {
         uint32_t wa[UG][NW][WPL], wb[UG][NW][WPL];
         float sa[UG][NW], sb[UG][NW], ba[UG][NW], bb[UG][NW];
@@ -442,6 +445,10 @@ __device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T
                     bb[u][v] = to_f32(bi[v][(size_t)rb * groups + gi]);
                 }
             }
+        }
+        if (!waited) {
+            pdl_wait();
+            waited = true;
         }
 #pragma unroll
         for (int u = 0; u < UG; ++u) {
@@ -506,6 +513,7 @@ __device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T
                     }
         }
     }
+    if (!waited) pdl_wait();  // a warp without groups still waits before the block writes
 }
 
 // Sums the block's warps' accumulators (each holds its share of the groups) into warp 0's.
@@ -682,6 +690,8 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
     constexpr int C = GS == 32 ? 2 : 1;  // groups per lane and segment (lanes t = 0, 1)
 #pragma unroll
     for (int v = 0; v < NW; ++v) acc[v][0] = acc[v][1] = 0.f;
+    pdl_launch_dependents();
+    bool waited = false;  // the first segments' weights load before the wait (common.cuh)
     for (int s0 = warp; s0 < segs; s0 += KW * U) {
         uint32_t wa[U][NW][4], wb[U][NW][4];
         float sa[U][NW][C], sb[U][NW][C], ba[U][NW][C], bb[U][NW][C];
@@ -707,6 +717,10 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
                     }
                 }
             }
+        }
+        if (!waited) {
+            pdl_wait();
+            waited = true;
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -744,6 +758,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
             }
         }
     }
+    if (!waited) pdl_wait();  // a warp without segments still waits before the block writes
     // lanes t = 0, 1 hold rows g and g+8 (t >= 2 zeros): the four lanes of a row, then the warps
     __shared__ float red[KW][NW][16];
 #pragma unroll
