@@ -92,11 +92,13 @@ fn cuda_one_row_kernels_match_dequantize_then_matmul() {
     let mut cases = 0;
     for gs in [32, 64, 128] {
         let p = QuantParams::new(4, gs, "test").unwrap();
-        // tiles of 16 rows (16 warps each below 375 tiles, 8 below 750, then 4); even sizes
-        // for the fused q/k/v (fused_qkv's rule)
+        // tiles of 16 rows (plain and q/k/v: 16 warps each below 375 tiles, 8 below 750, then
+        // 4; gate/up: 16 below 256, 8 below 512, then 4); even sizes for the fused q/k/v
+        // (fused_qkv's rule)
         let ns = [
             2 * rng.random_range(8..=1200),
-            16 * rng.random_range(380..=700) + 6,
+            16 * rng.random_range(380..=500) + 6,
+            16 * rng.random_range(520..=700) + 10,
             16 * rng.random_range(760..=800) + 2 * rng.random_range(0..8),
         ];
         for n in ns {
