@@ -428,17 +428,28 @@ fn cuda_greedy_argmax_picks_as_the_host() {
             }
             rows.push(r);
         }
-        let want: Vec<u32> = rows.iter().map(|r| wick::sample::argmax(r)).collect();
         let n = rows.len();
-        let logits = Tensor::new(rows.concat(), &dev).unwrap().reshape((n, 1, vocab)).unwrap();
-        let token = Tensor::zeros((n, 1), DType::U32, &dev).unwrap();
-        let pos = Tensor::new(&[6u32], &dev).unwrap();
-        let ring = HostRing::new(dev.as_cuda_device().unwrap(), n, 4).unwrap();
-        argmax_rows(&logits, &token, &ring, &pos).unwrap();
-        dev.synchronize().unwrap();
-        assert_eq!(token.flatten_all().unwrap().to_vec1::<u32>().unwrap(), want, "vocab {vocab}: the step's tokens");
-        assert_eq!(ring.read(6), want, "vocab {vocab}: the host's copy (slot 6 % 4)");
-        assert_eq!(ring.read(2), want, "vocab {vocab}: slot 2 is slot 6");
+        let f32_logits = Tensor::new(rows.concat(), &dev).unwrap().reshape((n, 1, vocab)).unwrap();
+        // in each dtype a step's head may give (f16 / bf16 round the values: many more ties),
+        // against the host's argmax of the same values in f32; then rows 1.. of them, which
+        // start off 16 bytes for odd sizes
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let logits = f32_logits.to_dtype(dtype).unwrap();
+            let host: Vec<Vec<f32>> = logits.to_dtype(DType::F32).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
+            let want: Vec<u32> = host.iter().map(|r| wick::sample::argmax(r)).collect();
+            for first in [0, 1] {
+                let (logits, want, m) = (logits.narrow(0, first, n - first).unwrap(), &want[first..], n - first);
+                let what = format!("vocab {vocab} {dtype:?} rows {first}..");
+                let token = Tensor::zeros((m, 1), DType::U32, &dev).unwrap();
+                let pos = Tensor::new(&[6u32], &dev).unwrap();
+                let ring = HostRing::new(dev.as_cuda_device().unwrap(), m, 4).unwrap();
+                argmax_rows(&logits, &token, &ring, &pos).unwrap();
+                dev.synchronize().unwrap();
+                assert_eq!(token.flatten_all().unwrap().to_vec1::<u32>().unwrap(), want, "{what}: the step's tokens");
+                assert_eq!(ring.read(6), want, "{what}: the host's copy (slot 6 % 4)");
+                assert_eq!(ring.read(2), want, "{what}: slot 2 is slot 6");
+            }
+        }
     }
 }
 

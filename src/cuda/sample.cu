@@ -1,5 +1,5 @@
 // Greedy decoding on the device, the last kernel of a replayed decode step: each row's argmax
-// of the step's f32 logits, with sample::argmax's rules (the first index on ties; NaN never
+// of the step's logits (the head's output in the model's dtype), with sample::argmax's rules (the first index on ties; NaN never
 // chosen; 0 when no value exceeds -inf). The token goes into the step's own token input, so
 // the next replay feeds it without the host, and into a ring the host reads (mapped host
 // memory) at the step's position, so the host may read one step late while the next one runs.
@@ -22,34 +22,39 @@ __device__ __forceinline__ void take_better(float& v, unsigned& i, float w, unsi
     }
 }
 
-// One block of ARGMAX_THREADS per row of `vocab` logits. `ring`: ring_len slots of gridDim.x
-// tokens; this step's slot is pos % ring_len.
-extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
-    wick_argmax_f32(const float* __restrict__ logits, unsigned vocab, unsigned* __restrict__ token,
-                    unsigned* __restrict__ ring, unsigned ring_len, const unsigned* __restrict__ pos) {
+// One block of ARGMAX_THREADS per row of `vocab` logits (f32, f16 or bf16: compared as their
+// exact f32 values). `ring`: ring_len slots of gridDim.x tokens; this step's slot is
+// pos % ring_len.
+template <typename T>
+__device__ void argmax_impl(const T* __restrict__ logits, unsigned vocab, unsigned* __restrict__ token,
+                            unsigned* __restrict__ ring, unsigned ring_len, const unsigned* __restrict__ pos) {
     pdl_enter();
     const unsigned row = blockIdx.x, tid = threadIdx.x;
-    const float* x = logits + (size_t)row * vocab;
+    const T* x = logits + (size_t)row * vocab;
     float best = -INFINITY;
     unsigned at = NONE;
-    // each thread sees its indices in increasing order: a strict > keeps the first of equals
-    if (vocab % 4 == 0) {
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        for (unsigned c = tid; c < vocab / 4; c += ARGMAX_THREADS) {
-            const float4 q = x4[c];
-            const float e[4] = {q.x, q.y, q.z, q.w};
+    // each thread sees its indices in increasing order: a strict > keeps the first of equals;
+    // rows of a multiple of PER values start on 16 bytes and are read 16 bytes at a time
+    constexpr unsigned PER = 16 / sizeof(T);
+    if (vocab % PER == 0) {
+        const uint4* x4 = reinterpret_cast<const uint4*>(x);
+        for (unsigned c = tid; c < vocab / PER; c += ARGMAX_THREADS) {
+            const uint4 q = x4[c];
+            const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                if (e[k] > best) {
-                    best = e[k];
-                    at = 4 * c + k;
+            for (unsigned k = 0; k < PER; ++k) {
+                const float v = to_f32(e[k]);
+                if (v > best) {
+                    best = v;
+                    at = PER * c + k;
                 }
             }
         }
     } else {
         for (unsigned c = tid; c < vocab; c += ARGMAX_THREADS) {
-            if (x[c] > best) {
-                best = x[c];
+            const float v = to_f32(x[c]);
+            if (v > best) {
+                best = v;
                 at = c;
             }
         }
@@ -74,3 +79,13 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
         ring[(size_t)(*pos % ring_len) * gridDim.x + row] = t;
     }
 }
+
+#define ARGMAX(T, TN)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)                                         \
+        wick_argmax_##TN(const T* logits, unsigned vocab, unsigned* token, unsigned* ring, unsigned ring_len, \
+                         const unsigned* pos) {                                                           \
+        argmax_impl<T>(logits, vocab, token, ring, ring_len, pos);                                        \
+    }
+ARGMAX(float, f32)
+ARGMAX(__half, f16)
+ARGMAX(__nv_bfloat16, bf16)

@@ -491,14 +491,18 @@ pub struct DecoderModel {
 }
 
 impl DecoderModel {
-    /// The forward pass; `tables`: RoPE tables to use instead of computing them (a captured
-    /// decode step's, written in place before each replay).
-    fn forward_with(
+    /// The forward pass, giving f32 logits; `tables`: RoPE tables to use instead of computing
+    /// them (a captured decode step's, written in place before each replay). With `raw` (for a
+    /// pick on the device: an argmax over the head's own dtype, which converts to f32 exactly)
+    /// the logits stay in the model's dtype when the model has no final soft-capping (whose tanh
+    /// in f32 could tie two of them).
+    fn forward_logits(
         &self,
         tokens: &Tensor,
         cache: &mut [KvCache],
         last_only: bool,
         tables: Option<&[RopeTables]>,
+        raw: bool,
     ) -> Result<Tensor> {
         let mut h = self.embed_tokens.forward(tokens)?;
         if let Some(s) = self.embed_scale {
@@ -539,6 +543,9 @@ impl DecoderModel {
             Some(head) => head.forward(&h)?,
             None => self.embed_tokens.as_linear(&h)?,
         };
+        if raw && self.final_softcap.is_none() {
+            return Ok(logits);
+        }
         let logits = logits.to_dtype(DType::F32)?;
         Ok(match self.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
@@ -558,7 +565,10 @@ impl DecoderModel {
         greedy: bool,
     ) -> Result<Option<crate::cuda::graph::Replayed>> {
         let shape = crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size };
-        let run = |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| self.forward_with(t, c, true, Some(tables));
+        // a greedy step's argmax reads the head's output in the model's dtype (no f32 copy)
+        let run = |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| {
+            self.forward_logits(t, c, true, Some(tables), greedy)
+        };
         self.graph.step(&self.device, tokens, rows, cache, shape, run, greedy)
     }
 }
@@ -573,7 +583,7 @@ impl LanguageModel for DecoderModel {
                 return Ok(logits);
             }
         }
-        self.forward_with(tokens, cache, last_only, None)
+        self.forward_logits(tokens, cache, last_only, None, false)
     }
 
     fn greedy_step(
