@@ -324,14 +324,14 @@ unsafe fn rebuild(graph: sys::CUgraph, stream: &Arc<CudaStream>) -> Result<Resul
     }
     // the arena's ranges, in stream order
     let mut arena = Arena::default();
-    let mut places = Vec::new(); // per allocation: its arena offset
+    let mut allocations = 0;
     let mut live: Vec<(u64, usize, usize)> = Vec::new(); // (captured address, size, offset)
     let mut moves: Vec<Vec<(u64, usize, usize)>> = Vec::with_capacity(nodes.len()); // live ranges per node
     for n in &nodes {
         match *n {
             Node::Alloc(dptr, size) => {
                 let at = arena.take(size);
-                places.push(at);
+                allocations += 1;
                 live.push((dptr, size, at));
             }
             Node::Free(dptr) => {
@@ -414,8 +414,7 @@ unsafe fn rebuild(graph: sys::CUgraph, stream: &Arc<CudaStream>) -> Result<Resul
             prev_kernel = kernel;
         }
         Ok(format!(
-            "{kernels} kernels ({ours_n} wick's), {others} copies/memsets, {programmatic} programmatic edges, {} allocations in {} bytes",
-            places.len(),
+            "{kernels} kernels ({ours_n} wick's), {others} copies/memsets, {programmatic} programmatic edges, {allocations} allocations in {} bytes",
             arena.high
         ))
     })();
