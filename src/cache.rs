@@ -45,11 +45,13 @@ pub struct MaskSpec {
 /// What a replayed decode step reads on the device instead of taking as kernel arguments (a
 /// CUDA graph replays one captured step at every position): `pos`, one u32, the position the
 /// step writes and attends up to; `starts`, one u32 per batch row, the first key the row may
-/// see (its left padding). Compared by identity.
+/// see (its left padding); `done`, u32 zeros the fused step attention counts its blocks in
+/// (`crate::cuda::STEP_COUNTERS` of them, left at zero by every launch). Compared by identity.
 #[derive(Debug, Clone)]
 pub struct DevicePos {
     pub pos: Tensor,
     pub starts: Tensor,
+    pub done: Tensor,
 }
 
 impl PartialEq for DevicePos {

@@ -641,39 +641,52 @@ impl RopeTables {
     }
 }
 
-/// A decode step captured into a CUDA graph ([`MaskSpec::pos`]): RoPE of `q` and `k` and the
-/// cache write of `k` and `v` in one kernel; returns the rotated queries and the cache's whole
-/// buffers. `None`: apply RoPE and update the cache the usual way.
-pub fn rope_and_cache_write(
+/// A decode step captured into a CUDA graph ([`MaskSpec::pos`]): RoPE of `q` and `k`, the
+/// cache write of `k` and `v` and the attention of `q` over the cache in one kernel
+/// (`crate::cuda::DecodeStep`); returns the attention's output (B, H, 1, D). `None`: the step
+/// does not fit the kernel (RoPE over part of the head, another cache dtype, value heads of
+/// another size, too many heads); apply RoPE, update the cache and attend the usual way.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     rope: &RopeTables,
     mask: &crate::cache::MaskSpec,
     cache: &crate::cache::KvCache,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if let (Some(pos), Some((keys, values))) = (&mask.pos, cache.buffers()) {
-        let d = q.dim(3)?;
+        let (b, h, _, d) = q.dims4()?;
         if rope.dims == d
             && k.dim(3)? == d
             && v.dim(3)? == d
+            && d <= crate::cuda::ATTN_MAX_HEAD_DIM
+            && h % k.dim(1)? == 0
+            && b * h <= crate::cuda::STEP_COUNTERS
             && rope.cos.dtype() == q.dtype()
             && keys.dtype() == q.dtype()
+            && values.dtype() == q.dtype()
         {
-            let op = crate::cuda::RopeKvWrite {
+            let op = crate::cuda::DecodeStep {
                 cos: rope.cos.clone(),
                 sin: rope.sin.clone(),
                 traditional: rope.traditional,
                 pos: pos.pos.clone(),
-                keys: keys.clone(),
-                values: values.clone(),
+                starts: pos.starts.clone(),
+                done: pos.done.clone(),
+                keys,
+                values,
+                scale: scale as f32,
+                softcap: softcap.map(|c| c as f32),
             };
-            let q = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-            return Ok(Some((q, keys, values)));
+            let out = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+            return Ok(Some(out));
         }
     }
-    let _ = (q, k, v, rope, mask, cache);
+    let _ = (q, k, v, rope, mask, cache, scale, softcap);
     Ok(None)
 }
 

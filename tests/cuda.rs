@@ -141,7 +141,7 @@ fn cuda_decode_attention_matches_the_cpu() {
     use wick::cache::MaskSpec;
     // (batch, heads, kv heads, cache capacity, keys used, head size, softcap, left padding)
     type Case = (usize, usize, usize, usize, usize, usize, Option<f64>, Option<Vec<usize>>);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         (1, 4, 4, 64, 37, 64, None, None),
         (1, 32, 8, 1024, 640, 128, None, None),
         (2, 16, 2, 300, 300, 96, Some(50.0), None),
@@ -149,6 +149,8 @@ fn cuda_decode_attention_matches_the_cpu() {
         (1, 8, 8, 9000, 8500, 64, None, None),
         // a head size that is not a whole number of 16-byte loads: the scalar path
         (1, 4, 2, 50, 45, 20, None, None),
+        // the largest head: one lane group per value row in bf16, the scalar value path in f32
+        (1, 4, 1, 200, 150, 256, None, None),
     ];
     for (b, h, kvh, cap, t, d, softcap, pads) in cases {
         for dtype in [DType::F32, DType::BF16] {
@@ -319,7 +321,7 @@ fn cuda_4bit_greedy_tokens_match_mlx_lm() {
 fn cuda_graph_decode_equals_eager_decode() {
     use std::sync::atomic::Ordering::Relaxed;
     use wick::cuda::graph::{set_enabled, CAPTURES, REPLAYS};
-    use wick::cuda::REBUILT;
+    use wick::cuda::{REBUILT, STEP_ATTENTION_LAUNCHES};
     let Some(dev) = cuda() else { return };
     let prompt = gpu::golden_prompts()[1].clone();
     // 38 prompt positions + 300 steps: the cache grows past 256 positions during the decode
@@ -340,7 +342,10 @@ fn cuda_graph_decode_equals_eager_decode() {
         assert_eq!(REPLAYS.load(Relaxed), r0, "graphs were off");
         set_enabled(true);
         let (c0, r0, b0) = (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed), REBUILT.load(Relaxed));
+        let s0 = STEP_ATTENTION_LAUNCHES.load(Relaxed);
         let graphed = common::greedy(m.model.as_ref(), &prompt, n);
+        // the captured steps attend through the fused kernel (RoPE, cache write, attention)
+        assert!(STEP_ATTENTION_LAUNCHES.load(Relaxed) > s0, "{dtype}: the fused step attention did not run");
         let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
         let rebuilt = REBUILT.load(Relaxed) - b0;
         println!("{dtype}: {captures} captures ({rebuilt} rebuilt for programmatic launches), {replays} replays");

@@ -1,9 +1,10 @@
 // Decode attention on CUDA: one query position per (batch row, head) over the strided KV cache,
 // split over blocks of 64 keys and combined (flash-decoding): two launches instead of the
 // dozen launches and the cache copies of matmul + softmax + matmul, and enough blocks to keep
-// the GPU busy at batch 1. Grouped-query heads read their shared KV head in place. Prefill:
-// flash attention on the tensor cores (below). Launched from src/cuda/mod.rs; compiled by
-// build.rs.
+// the GPU busy at batch 1. Grouped-query heads read their shared KV head in place. A replayed
+// decode step (CUDA graph) runs one launch per layer instead: the same pass with RoPE, the
+// cache write and the combine folded in (wick_attention_step_*). Prefill: flash attention on
+// the tensor cores (below). Launched from src/cuda/mod.rs; compiled by build.rs.
 
 #include "common.cuh"
 
@@ -24,6 +25,98 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+// v's max (sum) over the block's THREADS threads, for every thread, through red (WARPS
+// floats; the caller syncs before red is written again)
+__device__ __forceinline__ float block_max(float v, float* red) {
+    v = warp_max(v);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = red[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) v = fmaxf(v, red[w]);
+    return v;
+}
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    v = warp_sum(v);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += red[w];
+    return v;
+}
+
+// Second pass for one row bh: out[bh] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the
+// first n of the row's `stride` partials, read through L2 (other blocks of the kernel running
+// may have written them). THREADS threads: M and the sum of l over all of them, the weights of
+// THREADS partials at a time into shared memory, then each output column's sum over them in
+// order, its loads in flight together.
+template <typename T>
+__device__ void combine_row(const float* part_o, const float* part_ml, T* __restrict__ out, int bh, int n,
+                            int stride, int dv) {
+    __shared__ float wt[THREADS];
+    __shared__ float red2[WARPS];
+    const int tid = threadIdx.x;
+    const float* ml = part_ml + (size_t)bh * stride * 2;
+    // this thread's first partial's (m, l), kept for the first chunk
+    const float m0 = tid < n ? __ldcg(ml + 2 * tid) : -INFINITY;
+    const float l0 = tid < n ? __ldcg(ml + 2 * tid + 1) : 0.f;
+    float m = m0;
+    for (int s = tid + THREADS; s < n; s += THREADS) m = fmaxf(m, __ldcg(ml + 2 * s));
+    m = block_max(m, red2);
+    float l = 0.f;
+    float x[MAX_D / THREADS];
+#pragma unroll
+    for (int q = 0; q < MAX_D / THREADS; ++q) x[q] = 0.f;
+    for (int c0 = 0; c0 < n; c0 += THREADS) {
+        const int s = c0 + tid;
+        float ws = 0.f;
+        if (s < n) {
+            const float ms = c0 == 0 ? m0 : __ldcg(ml + 2 * s);
+            if (ms != -INFINITY) {
+                ws = __expf(ms - m);
+                l = fmaf(ws, c0 == 0 ? l0 : __ldcg(ml + 2 * s + 1), l);
+            }
+        }
+        __syncthreads();  // the previous chunk's weights (and the max's reduction) are read
+        wt[tid] = ws;
+        __syncthreads();
+        const int cn = min(THREADS, n - c0);
+#pragma unroll
+        for (int q = 0; q < MAX_D / THREADS; ++q) {
+            const int i = tid + q * THREADS;
+            if (i < dv) {
+                const float* po = part_o + ((size_t)bh * stride + c0) * dv + i;
+                float acc = x[q];
+#pragma unroll 8
+                for (int s2 = 0; s2 < cn; ++s2) acc = fmaf(wt[s2], __ldcg(po + (size_t)s2 * dv), acc);
+                x[q] = acc;
+            }
+        }
+    }
+    __syncthreads();  // the max's reads of red2 are done
+    l = block_sum(l, red2);
+#pragma unroll
+    for (int q = 0; q < MAX_D / THREADS; ++q) {
+        const int i = tid + q * THREADS;
+        if (i < dv) out[(size_t)bh * dv + i] = from_f32<T>(x[q] / l);
+    }
+}
+
+// What a replayed decode step's launch adds to the first pass (STEP): the step's keys and
+// values before RoPE (k_new, v_new: (B, KV, D) contiguous; q is then before RoPE too), the RoPE
+// tables (B, D/2) of each row's position, the output (B, H, DV), and one counter per (batch
+// row, head), zero between launches.
+template <typename T>
+struct Step {
+    const T* k_new;
+    const T* v_new;
+    const T* cos;
+    const T* sin;
+    T* out;
+    unsigned* done;
+    int traditional;
+};
 
 // Split-keys decode attention (flash-decoding), first pass. Block (bh, s) takes query head
 // bh = b*H + head over keys s*CHUNK .. (s+1)*CHUNK and writes its unnormalized partial output
@@ -33,28 +126,41 @@ __device__ __forceinline__ float warp_max(float v) {
 // first visible key, or null. pos: null, or the position this step wrote (a CUDA graph replays
 // the step at every position: the key count is read on the device and blocks past it write an
 // empty partial).
-template <typename T>
-__device__ void attention_partial_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                       float* __restrict__ part_o, float* __restrict__ part_ml,
-                                       const unsigned* __restrict__ starts, const unsigned* __restrict__ pos, int h,
-                                       int kvh, int t_len, int d, int dv,
+//
+// STEP (a replayed decode step, pos given): the block first rotates its query head, and the
+// blocks whose chunk holds the position rotate the step's key, which they and the cache take
+// (the first query head of each KV head writes the cache; every block of the chunk reads the
+// new key and value from shared memory, never from the cache it is writing). Blocks past the
+// position exit, and the last block of a row to finish (the counter) combines the row's
+// partials into out. Keys before the position are issued before pdl_wait: earlier steps wrote
+// them, and a step starts behind the copies of its position (full dependencies), so no kernel
+// of the step before is still running.
+template <typename T, bool STEP>
+__device__ void attention_partial_impl(const T* __restrict__ q, T* k, T* v, float* __restrict__ part_o,
+                                       float* __restrict__ part_ml, const unsigned* __restrict__ starts,
+                                       const unsigned* __restrict__ pos, int h, int kvh, int t_len, int d, int dv,
                                        long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
-                                       long long vst, float scale, float softcap, int vec) {
+                                       long long vst, float scale, float softcap, int vec, Step<T> step) {
     __shared__ float qs[MAX_D];
     __shared__ float sc[CHUNK];
     __shared__ float red[WARPS];
-    __shared__ float po[WARPS][MAX_D];
+    __shared__ __align__(16) float po[WARPS][MAX_D];
+    __shared__ __align__(16) T kn[STEP ? MAX_D : 1];
+    __shared__ __align__(16) T vn[STEP ? MAX_D : 1];
+    __shared__ bool last;
     const int bh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-    const int b = bh / h, kv = (bh % h) / (h / kvh);
+    const int b = bh / h, head = bh % h, n_rep = h / kvh, kv = head / n_rep;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     // the position, the row's start and the query are independent reads, issued together
     const int pos_v = pos ? (int)*pos : 0;
     const int start_v = starts ? (int)starts[b] : 0;
-    for (int i = tid; i < d; i += THREADS) qs[i] = to_f32(q[(size_t)bh * d + i]) * scale;
+    if (!STEP)
+        for (int i = tid; i < d; i += THREADS) qs[i] = to_f32(q[(size_t)bh * d + i]) * scale;
     if (pos) t_len = pos_v + 1;  // replayed decode step: the keys up to this step's position
     // a row sees at least its newest key (a batch slot whose request has left)
     const int start = starts ? min(start_v, t_len - 1) : 0;
     const int j0 = split * CHUNK, j1 = min(t_len, j0 + CHUNK);
+    if (STEP && j0 >= t_len) return;  // no keys: the combine counts only the splits with keys
     const T* kb = k + b * ksb + kv * ksh;
     const T* vb = v + b * vsb + kv * vsh;
     const int j = j0 + tid;
@@ -71,19 +177,65 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
     const T* kr = kb + (long long)j * kst;
     const uint4* kv4 = reinterpret_cast<const uint4*>(kr);
     uint4 kw[U];
-    if (vec && j < j1) {
+    if ((vec & 1) && j < j1) {
 #pragma unroll
         for (int u = 0; u < U; ++u) if (u < d / PER) kw[u] = __ldg(kv4 + u);
+    }
+    if (STEP) {
+        // RoPE in T, rounding as candle's rope kernels do: this head's query, and the step's key
+        // (with its value) where this chunk holds the position
+        const int half = d / 2;
+        const bool here = pos_v >= j0 && pos_v < j1;
+        T c = T(0.f), s = T(0.f);
+        if (tid < half) {
+            c = step.cos[(size_t)b * half + tid];
+            s = step.sin[(size_t)b * half + tid];
+        }
+        pdl_wait();
+        const int i1 = step.traditional ? 2 * tid : tid, i2 = step.traditional ? 2 * tid + 1 : tid + half;
+        if (tid < half) {
+            const T* qr = q + (size_t)bh * d;
+            const T a = qr[i1], a2 = qr[i2];
+            qs[i1] = to_f32(T(a * c - a2 * s)) * scale;
+            qs[i2] = to_f32(T(a * s + a2 * c)) * scale;
+        }
+        if (here) {
+            const bool writer = head % n_rep == 0;
+            if (tid < half) {
+                const T* kr2 = step.k_new + ((size_t)b * kvh + kv) * d;
+                const T a = kr2[i1], a2 = kr2[i2];
+                kn[i1] = a * c - a2 * s;
+                kn[i2] = a * s + a2 * c;
+                if (writer) {
+                    T* row = k + b * ksb + kv * ksh + (long long)pos_v * kst;
+                    row[i1] = kn[i1];
+                    row[i2] = kn[i2];
+                }
+            }
+            for (int i = tid; i < dv; i += THREADS) {
+                vn[i] = step.v_new[((size_t)b * kvh + kv) * dv + i];
+                if (writer) v[b * vsb + kv * vsh + (long long)pos_v * vst + i] = vn[i];
+            }
+        }
     }
     __syncthreads();
     float mx = -INFINITY;
     if (j < j1) {
         float s = 0.f;
-        if (vec) {
+        // the step's own key row: from shared memory (the cache row may not be written yet)
+        const bool fresh = STEP && j == pos_v;
+        const uint4* kn4 = reinterpret_cast<const uint4*>(kn);
+        if (fresh && !(vec & 1)) {
+            for (int i = 0; i < d; ++i) s = fmaf(qs[i], to_f32(kn[i]), s);
+        } else if (vec & 1) {
+            if (fresh) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) if (u < d / PER) kw[u] = kn4[u];
+            }
             for (int v0 = 0; v0 < d / PER; v0 += U) {
                 if (v0 > 0) {
 #pragma unroll
-                    for (int u = 0; u < U; ++u) if (v0 + u < d / PER) kw[u] = __ldg(kv4 + v0 + u);
+                    for (int u = 0; u < U; ++u) if (v0 + u < d / PER) kw[u] = fresh ? kn4[v0 + u] : __ldg(kv4 + v0 + u);
                 }
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
@@ -102,12 +254,7 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
         sc[j - j0] = s;
         mx = s;
     }
-    mx = warp_max(mx);
-    if (lane == 0) red[warp] = mx;
-    __syncthreads();
-    mx = red[0];
-#pragma unroll
-    for (int w = 1; w < WARPS; ++w) mx = fmaxf(mx, red[w]);
+    mx = block_max(mx, red);
     __syncthreads();
     float l = 0.f;
     if (j < j1) {
@@ -115,50 +262,108 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
         sc[j - j0] = e;
         l = e;
     }
-    l = warp_sum(l);
-    if (lane == 0) red[warp] = l;
-    __syncthreads();
-    l = 0.f;
+    l = block_sum(l, red);
+    // values, with 16-byte loads where the layout allows (vec & 2: dv and the value stride in
+    // whole 16-byte units, dv / E ≤ 32): G lanes per value row, E elements each, R rows per
+    // warp load, VU loads in flight; a lane accumulates its E columns over its rows, and the
+    // (warp, row-lane) sums meet in shared memory (po as one array)
+    constexpr int E = 16 / sizeof(T);
+    constexpr int VU = 8;
+    float* pof = &po[0][0];
+    int rows;  // partial sums per column in pof
+    if ((vec & 2) && dv / E <= 32) {
+        const int G = dv / E, R = 32 / G, r = lane / G, col = (lane % G) * E;
+        const bool on = r < R;
+        float a[E];
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) l += red[w];
-    // values: a warp per key, lanes over the value dimension, INFLIGHT rows loaded together
-    float acc[PER_LANE];
+        for (int e = 0; e < E; ++e) a[e] = 0.f;
+        const uint4* vn4 = reinterpret_cast<const uint4*>(vn);
+        for (int jb = j0 + warp * R + r; jb < j1; jb += WARPS * R * VU) {
+            uint4 w[VU];
+            float p[VU];
 #pragma unroll
-    for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
-    for (int jb = j0 + warp * INFLIGHT; jb < j1; jb += WARPS * INFLIGHT) {
-        float vx[INFLIGHT][PER_LANE];
+            for (int u = 0; u < VU; ++u) {
+                const int jj = jb + u * WARPS * R;
+                const bool ok = on && jj < j1;
+                w[u] = make_uint4(0, 0, 0, 0);
+                if (STEP && ok && jj == pos_v) w[u] = vn4[col / E];
+                else if (ok) w[u] = __ldg(reinterpret_cast<const uint4*>(vb + (long long)jj * vst + col));
+                p[u] = ok ? sc[jj - j0] : 0.f;
+            }
 #pragma unroll
-        for (int u = 0; u < INFLIGHT; ++u) {
-            const T* vr = vb + (long long)(jb + u) * vst;
+            for (int u = 0; u < VU; ++u) {
+                const T* e8 = reinterpret_cast<const T*>(&w[u]);
 #pragma unroll
-            for (int c = 0; c < PER_LANE; ++c) {
-                const int i = lane + 32 * c;
-                vx[u][c] = (jb + u < j1 && i < dv) ? to_f32(vr[i]) : 0.f;
+                for (int e = 0; e < E; ++e) a[e] = fmaf(p[u], to_f32(e8[e]), a[e]);
             }
         }
+        rows = WARPS * R;
+        if (on) {
 #pragma unroll
-        for (int u = 0; u < INFLIGHT; ++u) {
-            const float p = jb + u < j1 ? sc[jb + u - j0] : 0.f;
-#pragma unroll
-            for (int c = 0; c < PER_LANE; ++c) acc[c] = fmaf(p, vx[u][c], acc[c]);
+            for (int e = 0; e < E; ++e) pof[(warp * R + r) * dv + col + e] = a[e];
         }
-    }
+    } else {
+        // a warp per key, lanes over the value dimension, INFLIGHT rows loaded together
+        float acc[PER_LANE];
 #pragma unroll
-    for (int c = 0; c < PER_LANE; ++c) {
-        const int i = lane + 32 * c;
-        if (i < dv) po[warp][i] = acc[c];
+        for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
+        for (int jb = j0 + warp * INFLIGHT; jb < j1; jb += WARPS * INFLIGHT) {
+            float vx[INFLIGHT][PER_LANE];
+#pragma unroll
+            for (int u = 0; u < INFLIGHT; ++u) {
+                const T* vr = vb + (long long)(jb + u) * vst;
+#pragma unroll
+                for (int c = 0; c < PER_LANE; ++c) {
+                    const int i = lane + 32 * c;
+                    vx[u][c] = (jb + u < j1 && i < dv) ? to_f32(vr[i]) : 0.f;
+                }
+            }
+            if (STEP && pos_v >= jb && pos_v < jb + INFLIGHT) {
+                // the step's own value row: from shared memory (its cache row may not be written yet)
+#pragma unroll
+                for (int u = 0; u < INFLIGHT; ++u)
+#pragma unroll
+                    for (int c = 0; c < PER_LANE; ++c) {
+                        const int i = lane + 32 * c;
+                        if (jb + u == pos_v && i < dv) vx[u][c] = to_f32(vn[i]);
+                    }
+            }
+#pragma unroll
+            for (int u = 0; u < INFLIGHT; ++u) {
+                const float p = jb + u < j1 ? sc[jb + u - j0] : 0.f;
+#pragma unroll
+                for (int c = 0; c < PER_LANE; ++c) acc[c] = fmaf(p, vx[u][c], acc[c]);
+            }
+        }
+        rows = WARPS;
+#pragma unroll
+        for (int c = 0; c < PER_LANE; ++c) {
+            const int i = lane + 32 * c;
+            if (i < dv) pof[warp * dv + i] = acc[c];
+        }
     }
     __syncthreads();
     float* o = part_o + ((size_t)bh * splits + split) * dv;
     for (int i = tid; i < dv; i += THREADS) {
         float x = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) x += po[w][i];
+        for (int w = 0; w < rows; ++w) x += pof[w * dv + i];
         o[i] = x;
     }
     if (tid == 0) {
         part_ml[((size_t)bh * splits + split) * 2] = mx;
         part_ml[((size_t)bh * splits + split) * 2 + 1] = l;
+    }
+    if (STEP) {
+        // the row's last block to finish combines its partials (and leaves the counter at zero)
+        const int active = (t_len + CHUNK - 1) / CHUNK;
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) last = atomicAdd(step.done + bh, 1u) == (unsigned)active - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        combine_row<T>(part_o, part_ml, step.out, bh, active, splits, dv);
+        if (tid == 0) step.done[bh] = 0;
     }
 }
 
@@ -166,18 +371,7 @@ __device__ void attention_partial_impl(const T* __restrict__ q, const T* __restr
 template <typename T>
 __device__ void attention_combine_impl(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                                        T* __restrict__ out, int splits, int dv) {
-    const int bh = blockIdx.x;
-    const float* ml = part_ml + (size_t)bh * splits * 2;
-    float m = -INFINITY;
-    for (int s = 0; s < splits; ++s) m = fmaxf(m, ml[2 * s]);
-    float l = 0.f;
-    for (int s = 0; s < splits; ++s) l += ml[2 * s] == -INFINITY ? 0.f : __expf(ml[2 * s] - m) * ml[2 * s + 1];
-    for (int i = threadIdx.x; i < dv; i += blockDim.x) {
-        float x = 0.f;
-        for (int s = 0; s < splits; ++s)
-            if (ml[2 * s] != -INFINITY) x += __expf(ml[2 * s] - m) * part_o[((size_t)bh * splits + s) * dv + i];
-        out[(size_t)bh * dv + i] = from_f32<T>(x / l);
-    }
+    combine_row<T>(part_o, part_ml, out, blockIdx.x, splits, splits, dv);
 }
 
 // A decode step's keys (or values) into the cache at the position read on the device (the
@@ -189,44 +383,6 @@ __device__ void kv_write_impl(T* __restrict__ cache, const T* __restrict__ src, 
     const int r = blockIdx.x, b = r / heads, hd = r % heads;
     T* row = cache + b * sb + hd * sh + (long long)*pos * st;
     for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = src[(size_t)r * d + i];
-}
-
-// A replayed decode step's RoPE and cache write in one launch, per batch row b: block
-// b * (h + kvh) + i, i < h, rotates query head i into q_out; block b * (h + kvh) + h + j rotates
-// key head j into the key cache and copies value head j into the value cache, both at the
-// position read on the device. q: (B, h, 1, d), k, v: (B, kvh, 1, d) contiguous; cos, sin:
-// (B, d/2), row b's position; caches (B, kvh, T, d) with element strides (sb, sh, st, 1).
-// The products and sums round as candle's rope kernels do (in T).
-template <typename T>
-__device__ void rope_kv_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                             const T* __restrict__ cos, const T* __restrict__ sin, const unsigned* __restrict__ pos,
-                             T* __restrict__ q_out, T* __restrict__ kc, T* __restrict__ vc, int h, int kvh, int d,
-                             long long ksb, long long ksh, long long kst, long long vsb, long long vsh,
-                             long long vst, int traditional) {
-    const int b = blockIdx.x / (h + kvh), head = blockIdx.x % (h + kvh);
-    const int half = d / 2;
-    const T* src;
-    T* dst;
-    if (head < h) {
-        src = q + ((size_t)b * h + head) * d;
-        dst = q_out + ((size_t)b * h + head) * d;
-    } else {
-        const int j = head - h;
-        const long long p = *pos;
-        src = k + ((size_t)b * kvh + j) * d;
-        dst = kc + b * ksb + j * ksh + p * kst;
-        T* vdst = vc + b * vsb + j * vsh + p * vst;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) vdst[i] = v[((size_t)b * kvh + j) * d + i];
-    }
-    cos += (size_t)b * half;
-    sin += (size_t)b * half;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const T c = cos[i], s = sin[i];
-        const int i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
-        const T a = src[i1], b2 = src[i2];
-        dst[i1] = a * c - b2 * s;
-        dst[i2] = a * s + b2 * c;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,23 +586,30 @@ PREFILL(__nv_bfloat16, bf16, 128)
         const T* q, const T* k, const T* v, float* part_o, float* part_ml, const unsigned* starts,              \
         const unsigned* pos, int h, int kvh, int t_len, int d, int dv, long long ksb, long long ksh,            \
         long long kst, long long vsb, long long vsh, long long vst, float scale, float softcap, int vec) {      \
-        pdl_enter(); attention_partial_impl<T>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh, kst,   \
-                                  vsb, vsh, vst, scale, softcap, vec);                                          \
+        pdl_enter();                                                                                            \
+        attention_partial_impl<T, false>(q, const_cast<T*>(k), const_cast<T*>(v), part_o, part_ml, starts, pos, \
+                                         h, kvh, t_len, d, dv, ksb, ksh, kst, vsb, vsh, vst, scale, softcap,    \
+                                         vec, Step<T>{});                                                       \
     }                                                                                                           \
-    extern "C" __global__ void wick_rope_kv_##TN(const T* q, const T* k, const T* v, const T* cos, const T* sin, \
-                                                 const unsigned* pos, T* q_out, T* kc, T* vc, int h, int kvh,   \
-                                                 int d, long long ksb, long long ksh, long long kst,            \
-                                                 long long vsb, long long vsh, long long vst, int traditional) { \
-        pdl_enter(); rope_kv_impl<T>(q, k, v, cos, sin, pos, q_out, kc, vc, h, kvh, d, ksb, ksh, kst, vsb, vsh, vst,         \
-                        traditional);                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS) wick_attention_step_##TN(                            \
+        const T* q, T* k, T* v, float* part_o, float* part_ml, const unsigned* starts, const unsigned* pos,     \
+        int h, int kvh, int t_len, int d, int dv, long long ksb, long long ksh, long long kst, long long vsb,   \
+        long long vsh, long long vst, float scale, float softcap, int vec, const T* k_new, const T* v_new,      \
+        const T* cos, const T* sin, T* out, unsigned* done, int traditional) {                                  \
+        pdl_launch_dependents();                                                                                \
+        attention_partial_impl<T, true>(q, k, v, part_o, part_ml, starts, pos, h, kvh, t_len, d, dv, ksb, ksh,  \
+                                        kst, vsb, vsh, vst, scale, softcap, vec,                                \
+                                        Step<T>{k_new, v_new, cos, sin, out, done, traditional});               \
     }                                                                                                           \
     extern "C" __global__ void wick_kv_write_##TN(T* cache, const T* src, const unsigned* pos, int heads,      \
                                                   int d, long long sb, long long sh, long long st) {            \
-        pdl_enter(); kv_write_impl<T>(cache, src, pos, heads, d, sb, sh, st);                                                \
+        pdl_enter();                                                                                            \
+        kv_write_impl<T>(cache, src, pos, heads, d, sb, sh, st);                                                \
     }                                                                                                           \
     extern "C" __global__ void wick_attention_combine_##TN(const float* part_o, const float* part_ml, T* out,   \
                                                            int splits, int dv) {                                \
-        pdl_enter(); attention_combine_impl<T>(part_o, part_ml, out, splits, dv);                                            \
+        pdl_enter();                                                                                            \
+        attention_combine_impl<T>(part_o, part_ml, out, splits, dv);                                            \
     }
 ATTN(float, f32)
 ATTN(__half, f16)

@@ -47,7 +47,8 @@ WICK_MMA_TYPE(__nv_bfloat16, __nv_bfloat162, __floats2bfloat162_rn, "bf16")
 // when launched without it). Every wick kernel calls pdl_launch_dependents() first, so that
 // the next kernel's blocks may be scheduled while it runs, and pdl_wait() before it reads
 // anything an earlier kernel wrote or writes anything: the wait returns once the kernel ahead
-// has finished and its writes are visible. Before the wait a kernel reads only weights.
+// has finished and its writes are visible. Before the wait a kernel reads only weights (and
+// the fused decode step's attention the cache rows of earlier steps: see attention.cu).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -73,6 +73,7 @@ impl Inputs {
             pos: DevicePos {
                 pos: Tensor::zeros(1, DType::U32, device)?,
                 starts: Tensor::zeros(rows, DType::U32, device)?,
+                done: Tensor::zeros(super::STEP_COUNTERS, DType::U32, device)?,
             },
             tables: tables.collect::<Result<Vec<_>>>()?,
             output: match greedy {

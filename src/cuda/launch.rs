@@ -10,7 +10,10 @@
 //! next layer's weights stream while the previous kernel drains, and every launch's ramp hides
 //! behind the kernel ahead. The rule the kernels keep (`pdl_wait` in src/cuda/common.cuh):
 //! before the wait only weights (packed codes, scales, biases, norm weights) are read, which no
-//! kernel of an inference step writes.
+//! kernel of an inference step writes. One exception: a replayed decode step's attention
+//! (`wick_attention_step_*`) also reads the cache rows of earlier positions and the step's
+//! position copies before its wait; earlier steps wrote those, and a step begins behind its
+//! copies (full dependencies), so nothing still running writes them.
 //!
 //! In a captured decode step (a CUDA graph, [`StepGraph`]) a programmatic launch becomes a
 //! programmatic edge only where the node before it is a kernel, but most of wick's kernels

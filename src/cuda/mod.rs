@@ -8,7 +8,9 @@ mod launch;
 pub use launch::{programmatic_launches, KernelArg, Launch, StepGraph, REBUILT};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 use std::collections::HashMap;
@@ -136,8 +138,12 @@ pub fn decode_attention(
     };
     let starts = on_device.map(|(_, s)| s).or(uploaded.as_ref());
     let pos = on_device.map(|(p, _)| p);
-    let out =
-        by_dtype!(q.0.dtype(), "decode attention", dev, attention_typed(&dev, q, k, v, scale, softcap, starts, pos));
+    let out = by_dtype!(
+        q.0.dtype(),
+        "decode attention",
+        dev,
+        attention_typed(&dev, q, k, v, scale, softcap, starts, pos, None)
+    );
     let (b, h, _, _) = q.1.shape().dims4()?;
     let dv = v.1.shape().dims4()?.3;
     Ok((out, Shape::from((b, h, 1, dv))))
@@ -161,6 +167,7 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     softcap: Option<f32>,
     starts: Option<&CudaSlice<u32>>,
     pos: Option<&CudaSlice<u32>>,
+    step: Option<StepArgs<'_, T>>,
 ) -> Result<CudaSlice<T>> {
     let (b, h, _, d) = ql.shape().dims4()?;
     let (_, kvh, t, _) = kl.shape().dims4()?;
@@ -179,8 +186,8 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
         candle_core::bail!("decode attention: {} row starts for {b} rows", s.len());
     }
     let tn = dtype_suffix(T::DTYPE, "decode attention")?;
-    let partial = function(dev, Module::Attention, &format!("wick_attention_partial_{tn}"))?;
-    let combine = function(dev, Module::Attention, &format!("wick_attention_combine_{tn}"))?;
+    let kind = if step.is_some() { "step" } else { "partial" };
+    let partial = function(dev, Module::Attention, &format!("wick_attention_{kind}_{tn}"))?;
     let null = 0u64;
     let (h_i, kvh_i, t_i, d_i, dv_i, splits_i) = (h as i32, kvh as i32, t as i32, d as i32, dv as i32, splits as i32);
     let (ks_, vs_) = (outer_strides(kl), outer_strides(vl));
@@ -198,15 +205,25 @@ fn attention_typed<T: CudaDType + DeviceRepr + WithDType>(
     };
     lb.arg(&h_i).arg(&kvh_i).arg(&t_i).arg(&d_i).arg(&dv_i);
     lb.arg(&ks_[0]).arg(&ks_[1]).arg(&ks_[2]).arg(&vs_[0]).arg(&vs_[1]).arg(&vs_[2]);
-    // 16-byte loads of key rows: the head size and every stride in whole 16-byte units
-    let vec = ((d * T::DTYPE.size_in_bytes()).is_multiple_of(16) && rows_on_16_bytes(kl, T::DTYPE)) as i32;
+    // 16-byte loads of key rows (bit 0) and value rows (bit 1): the head size and every stride
+    // in whole 16-byte units
+    let rows16 =
+        |n: usize, l: &Layout| (n * T::DTYPE.size_in_bytes()).is_multiple_of(16) && rows_on_16_bytes(l, T::DTYPE);
+    let vec = rows16(d, kl) as i32 | ((rows16(dv, vl) as i32) << 1);
     lb.arg(&scale).arg(&cap).arg(&vec);
+    if let Some(st) = &step {
+        lb.arg(&st.k_new).arg(&st.v_new).arg(&st.cos).arg(&st.sin).arg(&out).arg(st.done).arg(&st.traditional);
+    }
     let cfg = LaunchConfig {
         grid_dim: ((b * h) as u32, splits as u32, 1),
         block_dim: (ATTN_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     unsafe { lb.launch(cfg) }.w()?;
+    if step.is_some() {
+        return Ok(out); // the last block of each row combined it
+    }
+    let combine = function(dev, Module::Attention, &format!("wick_attention_combine_{tn}"))?;
     let mut lb = Launch::new(&stream, &combine);
     lb.arg(&part_o).arg(&part_ml).arg(&out).arg(&splits_i).arg(&dv_i);
     let cfg = LaunchConfig { grid_dim: ((b * h) as u32, 1, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -253,17 +270,42 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
     Ok(())
 }
 
-/// A replayed decode step's RoPE of q and k and its cache write in one kernel: the op's inputs
-/// are q (B, H, 1, D), k and v (B, KV, 1, D), the tables (B, D/2) (row b's position); it returns
-/// the rotated q and writes the rotated k and v into the cache buffers (B rows) at the device
-/// position (see [`decode_attention`]).
-pub struct RopeKvWrite {
+/// Counters a replayed decode step's attention keeps on the device, one per (batch row, query
+/// head): [`DecodeStep::done`] holds this many (zeros; each launch leaves them at zero).
+pub const STEP_COUNTERS: usize = 16384;
+
+/// Launches of [`DecodeStep`]'s kernel in this process (tests check that it ran).
+pub static STEP_ATTENTION_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A replayed decode step's attention in one launch (`wick_attention_step_*`): RoPE of the
+/// query and the key, the key and value written into the cache at the device position, the
+/// split-keys pass and its combine (the last block of each row to finish). The op's inputs are
+/// q (B, H, 1, D), k and v (B, KV, 1, D), before RoPE; the tables (B, D/2) hold row b's
+/// position; the output is (B, H, 1, D). Same arithmetic as RoPE, [`kv_write`] and
+/// [`decode_attention`] one after the other, so a replay decodes what the eager step does.
+pub struct DecodeStep {
     pub cos: candle_core::Tensor,
     pub sin: candle_core::Tensor,
     pub traditional: bool,
+    /// the position, the rows' first keys (u32, see [`decode_attention`]) and the counters
+    /// (u32, [`STEP_COUNTERS`] zeros)
     pub pos: candle_core::Tensor,
+    pub starts: candle_core::Tensor,
+    pub done: candle_core::Tensor,
     pub keys: candle_core::Tensor,
     pub values: candle_core::Tensor,
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+/// What [`DecodeStep`]'s kernel takes besides the decode-attention pass's arguments.
+struct StepArgs<'a, T> {
+    k_new: CudaView<'a, T>,
+    v_new: CudaView<'a, T>,
+    cos: CudaView<'a, T>,
+    sin: CudaView<'a, T>,
+    done: &'a CudaSlice<u32>,
+    traditional: i32,
 }
 
 /// The first three element strides of a 4-d (B, heads, T, D) cache layout, as the kernels take
@@ -341,81 +383,71 @@ macro_rules! cuda_only_op3 {
 }
 
 cuda_only_op3!(
-    RopeKvWrite,
-    "rope-kv-write",
-    "the fused RoPE and cache write runs on CUDA only",
+    DecodeStep,
+    "decode-step-attention",
+    "the fused decode step's attention runs on CUDA only",
     |op, (qs, ql), k, v| {
         let dev = qs.device().clone();
-        let out = by_dtype!(qs.dtype(), "rope + cache write", dev, rope_kv_typed(&dev, op, (qs, ql), k, v));
+        let out = by_dtype!(qs.dtype(), "decode step attention", dev, step_typed(&dev, op, (qs, ql), k, v));
         Ok((out, ql.shape().clone()))
     }
 );
 
-fn rope_kv_typed<T: CudaDType + DeviceRepr + WithDType>(
+fn step_typed<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
-    op: &RopeKvWrite,
+    op: &DecodeStep,
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
 ) -> Result<CudaSlice<T>> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (b, h, l, d) = ql.shape().dims4()?;
     let (_, kvh, _, _) = kl.shape().dims4()?;
-    let (cos_s, cos_l) = op.cos.storage_and_layout();
-    let (sin_s, sin_l) = op.sin.storage_and_layout();
+    let ((cos_s, cos_l), (sin_s, sin_l)) = (op.cos.storage_and_layout(), op.sin.storage_and_layout());
     let (pos_s, _) = op.pos.storage_and_layout();
-    let (kc_s, kc_l) = op.keys.storage_and_layout();
-    let (vc_s, vc_l) = op.values.storage_and_layout();
-    let (cos_s, sin_s) = (cuda_of(&cos_s, "rope + cache write: cos")?, cuda_of(&sin_s, "rope + cache write: sin")?);
-    let pos_s = cuda_of(&pos_s, "rope + cache write: the position")?;
+    let ((starts_s, starts_l), (done_s, done_l)) = (op.starts.storage_and_layout(), op.done.storage_and_layout());
+    let ((kc_s, kc_l), (vc_s, vc_l)) = (op.keys.storage_and_layout(), op.values.storage_and_layout());
+    let (cos_s, sin_s) = (cuda_of(&cos_s, "decode step: cos")?, cuda_of(&sin_s, "decode step: sin")?);
+    let pos = cuda_of(&pos_s, "decode step: the position")?.as_cuda_slice::<u32>()?;
+    let starts = cuda_of(&starts_s, "decode step: the row starts")?.as_cuda_slice::<u32>()?;
+    let done = cuda_of(&done_s, "decode step: the counters")?.as_cuda_slice::<u32>()?;
     let (kc_s, vc_s) = (cuda_of(&kc_s, "the key cache")?, cuda_of(&vc_s, "the value cache")?);
-    let half = cos_l.shape().elem_count() / b.max(1);
+    let half = d / 2;
+    let cache = kc_l.shape().dims4()?;
     if l != 1
         || d % 2 != 0
-        || half != d / 2
         || cos_l.shape().elem_count() != b * half
+        || sin_l.shape().elem_count() != b * half
         || kl.shape().dims4()? != (b, kvh, 1, d)
         || vl.shape().dims4()? != (b, kvh, 1, d)
-        || kc_l.shape().dims4()?.0 != b
-        || vc_l.shape().dims4()?.0 != b
-        || kc_l.shape().dims4()?.3 != d
-        || vc_l.shape().dims4()?.3 != d
+        || (cache.0, cache.1, cache.3) != (b, kvh, d)
+        || vc_l.shape().dims4()? != cache
         || kc_l.stride()[3] != 1
         || vc_l.stride()[3] != 1
+        || starts_l.shape().elem_count() != b
+        || done_l.shape().elem_count() < b * h
+        || done_l.start_offset() != 0
     {
         candle_core::bail!(
-            "rope + cache write: shapes q {:?}, k {:?}, cache {:?} do not fit",
+            "decode step attention: shapes q {:?}, k {:?}, cache {:?}, {} counters do not fit",
             ql.shape(),
             kl.shape(),
-            kc_l.shape()
+            kc_l.shape(),
+            done_l.shape().elem_count()
         );
     }
-    let slice = |s, l, what: &str| contiguous_view::<T>(s, l, &format!("rope + cache write: {what}"));
-    let (q, k, v) = (slice(qs, ql, "q")?, slice(ks, kl, "k")?, slice(vs, vl, "v")?);
-    let (cos, sin) = (slice(cos_s, cos_l, "cos")?, slice(sin_s, sin_l, "sin")?);
-    let pos = pos_s.as_cuda_slice::<u32>()?;
-    let stream = dev.cuda_stream();
-    let esz = std::mem::size_of::<T>() as u64;
-    // the caches are written in place through their device addresses (the op's output is q)
-    let (kc_ptr, _k_sync) = kc_s.as_cuda_slice::<T>()?.device_ptr(&stream);
-    let (vc_ptr, _v_sync) = vc_s.as_cuda_slice::<T>()?.device_ptr(&stream);
-    let kc_ptr = kc_ptr + kc_l.start_offset() as u64 * esz;
-    let vc_ptr = vc_ptr + vc_l.start_offset() as u64 * esz;
-    let out = unsafe { dev.alloc::<T>(b * h * d)? };
-    let f =
-        function(dev, Module::Attention, &format!("wick_rope_kv_{}", dtype_suffix(T::DTYPE, "rope + cache write")?))?;
-    let (h_i, kvh_i, d_i, trad) = (h as i32, kvh as i32, d as i32, op.traditional as i32);
-    let [ksb, ksh, kst] = outer_strides(kc_l);
-    let [vsb, vsh, vst] = outer_strides(vc_l);
-    let mut lb = Launch::new(&stream, &f);
-    lb.arg(&q).arg(&k).arg(&v).arg(&cos).arg(&sin).arg(pos).arg(&out).arg(&kc_ptr).arg(&vc_ptr);
-    lb.arg(&h_i).arg(&kvh_i).arg(&d_i).arg(&ksb).arg(&ksh).arg(&kst).arg(&vsb).arg(&vsh).arg(&vst).arg(&trad);
-    let cfg = LaunchConfig {
-        grid_dim: ((b * (h + kvh)) as u32, 1, 1),
-        block_dim: ((d / 2).min(1024) as u32, 1, 1),
-        shared_mem_bytes: 0,
+    let slice = |s, l, what: &str| contiguous_view::<T>(s, l, &format!("decode step: {what}"));
+    let step = StepArgs {
+        k_new: slice(ks, kl, "k")?,
+        v_new: slice(vs, vl, "v")?,
+        cos: slice(cos_s, cos_l, "cos")?,
+        sin: slice(sin_s, sin_l, "sin")?,
+        done,
+        traditional: op.traditional as i32,
     };
-    unsafe { lb.launch(cfg) }.w()?;
+    // the kernel writes the step's key and value into the caches in place
+    let (k, v) = ((kc_s, kc_l), (vc_s, vc_l));
+    let out = attention_typed(dev, (qs, ql), k, v, op.scale, op.softcap, Some(starts), Some(pos), Some(step))?;
+    STEP_ATTENTION_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(out)
 }
 

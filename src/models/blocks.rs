@@ -140,16 +140,16 @@ impl Attention {
         let k = heads(k, self.n_kv_heads, &self.k_norm)?;
         let v = heads(v, self.n_kv_heads, &None)?;
         let mask = cache.mask(l);
-        let (q, k, v) = match crate::nn::rope_and_cache_write(&q, &k, &v, rope, &mask, cache)? {
-            Some(qkv) => qkv,
+        let fused = crate::nn::decode_step_attention(&q, &k, &v, rope, &mask, cache, self.scale, self.softcap)?;
+        let out = match fused {
+            Some(out) => out,
             None => {
                 let q = rope.apply(&q.contiguous()?)?;
                 let k = rope.apply(&k.contiguous()?)?;
                 let (k, v) = cache.update_and_fetch(&k, &v)?;
-                (q, k, v)
+                scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.softcap)?
             }
         };
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.softcap)?;
         let out = out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
