@@ -663,12 +663,9 @@ pub fn decode_step_attention(
         if rope.dims == d
             && k.dim(3)? == d
             && v.dim(3)? == d
-            && d <= crate::cuda::ATTN_MAX_HEAD_DIM
-            && h % k.dim(1)? == 0
             && b * h <= crate::cuda::STEP_COUNTERS
             && rope.cos.dtype() == q.dtype()
-            && keys.dtype() == q.dtype()
-            && values.dtype() == q.dtype()
+            && own_decode_attention(q, &keys, &values)?
         {
             let op = crate::cuda::DecodeStep {
                 cos: rope.cos.clone(),
@@ -838,7 +835,8 @@ impl Module for Linear {
 }
 
 /// Whether [`DecodeAttention`] runs this decode step: always on the CPU; on CUDA within the
-/// kernel's limits (head size at most 256, whole query heads per KV head).
+/// kernel's limits (head size at most 256, whole query heads per KV head, one dtype). The fused
+/// step of a CUDA graph ([`decode_step_attention`]) shares them.
 fn own_decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     if q.device().is_cpu() {
         return Ok(true);

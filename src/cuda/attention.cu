@@ -193,19 +193,22 @@ __device__ void attention_partial_impl(const T* __restrict__ q, T* k, T* v, floa
         }
         pdl_wait();
         const int i1 = step.traditional ? 2 * tid : tid, i2 = step.traditional ? 2 * tid + 1 : tid + half;
+        // elements i1 and i2 of src rotated by (c, s) into o1, o2
+        auto rotate = [&](const T* src, T& o1, T& o2) {
+            const T a = src[i1], a2 = src[i2];
+            o1 = a * c - a2 * s;
+            o2 = a * s + a2 * c;
+        };
         if (tid < half) {
-            const T* qr = q + (size_t)bh * d;
-            const T a = qr[i1], a2 = qr[i2];
-            qs[i1] = to_f32(T(a * c - a2 * s)) * scale;
-            qs[i2] = to_f32(T(a * s + a2 * c)) * scale;
+            T r1, r2;
+            rotate(q + (size_t)bh * d, r1, r2);
+            qs[i1] = to_f32(r1) * scale;
+            qs[i2] = to_f32(r2) * scale;
         }
         if (here) {
             const bool writer = head % n_rep == 0;
             if (tid < half) {
-                const T* kr2 = step.k_new + ((size_t)b * kvh + kv) * d;
-                const T a = kr2[i1], a2 = kr2[i2];
-                kn[i1] = a * c - a2 * s;
-                kn[i2] = a * s + a2 * c;
+                rotate(step.k_new + ((size_t)b * kvh + kv) * d, kn[i1], kn[i2]);
                 if (writer) {
                     T* row = k + b * ksb + kv * ksh + (long long)pos_v * kst;
                     row[i1] = kn[i1];
@@ -225,9 +228,7 @@ __device__ void attention_partial_impl(const T* __restrict__ q, T* k, T* v, floa
         // the step's own key row: from shared memory (the cache row may not be written yet)
         const bool fresh = STEP && j == pos_v;
         const uint4* kn4 = reinterpret_cast<const uint4*>(kn);
-        if (fresh && !(vec & 1)) {
-            for (int i = 0; i < d; ++i) s = fmaf(qs[i], to_f32(kn[i]), s);
-        } else if (vec & 1) {
+        if (vec & 1) {
             if (fresh) {
 #pragma unroll
                 for (int u = 0; u < U; ++u) if (u < d / PER) kw[u] = kn4[u];
@@ -247,7 +248,8 @@ __device__ void attention_partial_impl(const T* __restrict__ q, T* k, T* v, floa
                 }
             }
         } else {
-            for (int i = 0; i < d; ++i) s = fmaf(qs[i], to_f32(kr[i]), s);
+            const T* row = fresh ? kn : kr;
+            for (int i = 0; i < d; ++i) s = fmaf(qs[i], to_f32(row[i]), s);
         }
         if (softcap > 0.f) s = softcap * tanhf(s / softcap);
         if (j < start) s = -INFINITY;
