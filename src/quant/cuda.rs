@@ -125,10 +125,9 @@ const QM1_SEGMENT: usize = 128;
 /// on, else 8, else 16.
 const QM1_WARPS: usize = 3000;
 /// The same for the fused gate/up kernel, whose segments carry two weights: 4 warps per tile
-/// (two segments in flight each) from 512 tiles on. Measured on an H100 with programmatic
-/// launches, the layers' matmuls and norms in one graph: the Llama-1B shape's gate/up (512
-/// tiles) 4 warps 0.436 ms per 16-layer step against 8 warps 0.484; the 8B's (896 tiles) 2.176
-/// against 2.196 ms per 32 layers.
+/// from 512 tiles on. Measured on an H100 with programmatic launches, each shape's gate/up
+/// alone in one graph of its layers: the Llama-1B shape's (512 tiles) 0.126 ms per 16 layers at
+/// 4 warps against 0.159 at 8; the 8B's (896 tiles) 0.845 against 1.071 ms per 32 layers.
 const QM1_SWIGLU_WARPS: usize = 2048;
 
 /// Whether one input row takes the tensor-core one-row kernel (`wick_qm1*`).

@@ -655,30 +655,25 @@ QMT_G(f16, f16, 8)
 // (OR-ed into the mantissa, nothing subtracted): the accumulator takes s·(x·(M+q)) + (b − M·s)·Σx.
 // Against the scalar kernel (three instructions per code) this spends under one, so the warps
 // need fewer cycles between their loads; the launcher picks KW so that a layer runs about 3,000
-// warps (see cuda.rs), U segments per warp in flight (2 for KW = 4, else 1).
+// warps (see cuda.rs), one segment per warp in flight.
 // ---------------------------------------------------------------------------------------------
 
-// The B pairs of the segment's eight mmas from the input of slot t (lanes g == t; zeros
-// elsewhere): mma 2·wi + h takes codes (p, p+4) and (p+1, p+5), p = 2h, of word wi, so the
-// input pairs are permuted the same way (PRMT).
-template <typename T>
-__device__ __forceinline__ void qm1_xfrag(const T* __restrict__ x, int seg, int g, int t, uint32_t (&b)[8][2]) {
-    uint4 v[4];
-    const uint4* p = reinterpret_cast<const uint4*>(x) + (seg * 16 + 4 * t);
-#pragma unroll
-    for (int wi = 0; wi < 4; ++wi) v[wi] = g == t ? __ldg(p + wi) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int wi = 0; wi < 4; ++wi) {
-        b[2 * wi][0] = __byte_perm(v[wi].x, v[wi].z, 0x5410);
-        b[2 * wi][1] = __byte_perm(v[wi].x, v[wi].z, 0x7632);
-        b[2 * wi + 1][0] = __byte_perm(v[wi].y, v[wi].w, 0x5410);
-        b[2 * wi + 1][1] = __byte_perm(v[wi].y, v[wi].w, 0x7632);
-    }
+// (a & m) | c in one LOP3: the compiler folds at most one immediate into a LOP3, so a code
+// fragment written as (a & MASK) | MAGIC with both constants costs two; with m and c in
+// registers it is one.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t m, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(c));
+    return d;
 }
 
 // The tile's sums for NW weights of the same shape (rows row0 .. row0+16): on return thread i
-// < 16 of the block holds row row0 + i of weight v in acc[v][0].
-template <typename T, int GS, int KW, int U, int NW>
+// < 16 of the block holds row row0 + i of weight v in acc[v][0]. The loop is written for a short
+// instruction stream (the kernel is bound by each warp's latency between its loads, and every
+// instruction of a segment lengthens it): row, scale and input pointers are set once, each
+// code fragment is one LOP3 (plus a shift for three of a word's four), and a warp keeps one
+// segment in flight, which measured faster than two (fewer registers, more warps per SM).
+template <typename T, int GS, int KW, int NW>
 __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T* const (&sc)[NW],
                                          const T* const (&bi)[NW], const T* __restrict__ x, int n, int k, int row0,
                                          float (&acc)[NW][2]) {
@@ -686,35 +681,48 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
     const int segs = k / 128, groups = k / GS;
     const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
-    const size_t wrow = (size_t)k / 8;
     constexpr int C = GS == 32 ? 2 : 1;  // groups per lane and segment (lanes t = 0, 1)
+    constexpr int GPS = 128 / GS;        // groups per segment
+    // per weight: the lane's 16 bytes of rows ra and rb (uint4 seg·4 + t) and its first group's
+    // scale and bias in each row (group seg·GPS + c of the row from there)
+    const uint4* pa[NW];
+    const uint4* pb[NW];
+    const T* qa[NW];
+    const T* qb[NW];
+    const T* ca[NW];
+    const T* cb[NW];
+    const int g0 = t < 2 ? 2 * t * 32 / GS : 0;
 #pragma unroll
-    for (int v = 0; v < NW; ++v) acc[v][0] = acc[v][1] = 0.f;
+    for (int v = 0; v < NW; ++v) {
+        pa[v] = reinterpret_cast<const uint4*>(w[v] + (size_t)ra * (k / 8)) + t;
+        pb[v] = reinterpret_cast<const uint4*>(w[v] + (size_t)rb * (k / 8)) + t;
+        qa[v] = sc[v] + (size_t)ra * groups + g0;
+        qb[v] = sc[v] + (size_t)rb * groups + g0;
+        ca[v] = bi[v] + (size_t)ra * groups + g0;
+        cb[v] = bi[v] + (size_t)rb * groups + g0;
+        acc[v][0] = acc[v][1] = 0.f;
+    }
+    const uint4* px = reinterpret_cast<const uint4*>(x) + 4 * t;  // slot t's 32 inputs of a segment
+    uint32_t mask = 0x000F000Fu, magic = Q::MAGIC;
+    asm volatile("" : "+r"(mask), "+r"(magic));  // kept in registers (see and_or)
     pdl_launch_dependents();
-    bool waited = false;  // the first segments' weights load before the wait (common.cuh)
-    for (int s0 = warp; s0 < segs; s0 += KW * U) {
-        uint32_t wa[U][NW][4], wb[U][NW][4];
-        float sa[U][NW][C], sb[U][NW][C], ba[U][NW][C], bb[U][NW][C];
+    bool waited = false;  // the first segment's weights load before the wait (common.cuh)
+    for (int seg = warp; seg < segs; seg += KW) {
+        uint4 wa[NW], wb[NW];
+        float sa[NW][C], sb[NW][C], ba[NW][C], bb[NW][C];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int seg = s0 + u * KW;
+        for (int v = 0; v < NW; ++v) {
+            wa[v] = __ldg(pa[v] + seg * 4);
+            wb[v] = __ldg(pb[v] + seg * 4);
 #pragma unroll
-            for (int v = 0; v < NW; ++v) {
-#pragma unroll
-                for (int c = 0; c < C; ++c) sa[u][v][c] = sb[u][v][c] = ba[u][v][c] = bb[u][v][c] = 0.f;
-                if (seg < segs) {
-                    load_words<4>(w[v] + ra * wrow + seg * 16 + 4 * t, wa[u][v]);
-                    load_words<4>(w[v] + rb * wrow + seg * 16 + 4 * t, wb[u][v]);
-                    if (t < 2) {
-#pragma unroll
-                        for (int c = 0; c < C; ++c) {
-                            const int gi = (seg * 4 + 2 * t + c) * 32 / GS;
-                            sa[u][v][c] = to_f32(sc[v][(size_t)ra * groups + gi]);
-                            sb[u][v][c] = to_f32(sc[v][(size_t)rb * groups + gi]);
-                            ba[u][v][c] = to_f32(bi[v][(size_t)ra * groups + gi]);
-                            bb[u][v][c] = to_f32(bi[v][(size_t)rb * groups + gi]);
-                        }
-                    }
+            for (int c = 0; c < C; ++c) {
+                sa[v][c] = sb[v][c] = ba[v][c] = bb[v][c] = 0.f;
+                if (t < 2) {
+                    const int gi = seg * GPS + c;
+                    sa[v][c] = to_f32(qa[v][gi]);
+                    sb[v][c] = to_f32(qb[v][gi]);
+                    ba[v][c] = to_f32(ca[v][gi]);
+                    bb[v][c] = to_f32(cb[v][gi]);
                 }
             }
         }
@@ -722,39 +730,48 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
             pdl_wait();
             waited = true;
         }
+        // the B pairs of the segment's eight mmas from the input of slot t (lanes g == t; zeros
+        // elsewhere): mma 2·wi + h takes codes (p, p+4) and (p+1, p+5), p = 2h, of word wi, so
+        // the input pairs are permuted the same way (PRMT)
+        uint32_t xb[8][2];
+        {
+            uint4 xv[4];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int seg = s0 + u * KW;
-            if (seg >= segs) break;
-            uint32_t xb[8][2];
-            qm1_xfrag<T>(x, seg, g, t, xb);
-            float sx[4] = {0.f, 0.f, 0.f, 0.f};
-            const uint32_t ones[4] = {Q::ONES, Q::ONES, Q::ONES, Q::ONES};
+            for (int wi = 0; wi < 4; ++wi) xv[wi] = g == t ? __ldg(px + seg * 16 + wi) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) Q::mma(sx, ones, xb[i][0], xb[i][1]);
+            for (int wi = 0; wi < 4; ++wi) {
+                xb[2 * wi][0] = __byte_perm(xv[wi].x, xv[wi].z, 0x5410);
+                xb[2 * wi][1] = __byte_perm(xv[wi].x, xv[wi].z, 0x7632);
+                xb[2 * wi + 1][0] = __byte_perm(xv[wi].y, xv[wi].w, 0x5410);
+                xb[2 * wi + 1][1] = __byte_perm(xv[wi].y, xv[wi].w, 0x7632);
+            }
+        }
+        float sx[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint32_t ones[4] = {Q::ONES, Q::ONES, Q::ONES, Q::ONES};
 #pragma unroll
-            for (int v = 0; v < NW; ++v) {
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int i = 0; i < 8; ++i) Q::mma(sx, ones, xb[i][0], xb[i][1]);
 #pragma unroll
-                for (int wi = 0; wi < 4; ++wi) {
-                    const uint32_t a = wa[u][v][wi], b = wb[u][v][wi];
+        for (int v = 0; v < NW; ++v) {
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            const uint32_t A[4] = {wa[v].x, wa[v].y, wa[v].z, wa[v].w};
+            const uint32_t B[4] = {wb[v].x, wb[v].y, wb[v].z, wb[v].w};
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uint32_t frag[4] = {((a >> (8 * h)) & 0x000F000Fu) | Q::MAGIC,
-                                                  ((b >> (8 * h)) & 0x000F000Fu) | Q::MAGIC,
-                                                  ((a >> (8 * h + 4)) & 0x000F000Fu) | Q::MAGIC,
-                                                  ((b >> (8 * h + 4)) & 0x000F000Fu) | Q::MAGIC};
-                        Q::mma(d, frag, xb[2 * wi + h][0], xb[2 * wi + h][1]);
-                    }
+            for (int wi = 0; wi < 4; ++wi) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t frag[4] = {and_or(A[wi] >> (8 * h), mask, magic), and_or(B[wi] >> (8 * h), mask, magic),
+                                              and_or(A[wi] >> (8 * h + 4), mask, magic),
+                                              and_or(B[wi] >> (8 * h + 4), mask, magic)};
+                    Q::mma(d, frag, xb[2 * wi + h][0], xb[2 * wi + h][1]);
                 }
-                // columns 2t and 2t+1 (t < 2): chunks seg·4 + 2t (+1), rows g (d0, d1), g+8 (d2, d3)
-                constexpr float M = Q::MAGIC_VALUE;
+            }
+            // columns 2t and 2t+1 (t < 2): chunks seg·4 + 2t (+1), rows g (d0, d1), g+8 (d2, d3)
+            constexpr float M = Q::MAGIC_VALUE;
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int ci = C == 2 ? c : 0;
-                    acc[v][0] = fmaf(sa[u][v][ci], d[c], fmaf(ba[u][v][ci] - M * sa[u][v][ci], sx[c], acc[v][0]));
-                    acc[v][1] = fmaf(sb[u][v][ci], d[2 + c], fmaf(bb[u][v][ci] - M * sb[u][v][ci], sx[2 + c], acc[v][1]));
-                }
+            for (int c = 0; c < 2; ++c) {
+                const int ci = C == 2 ? c : 0;
+                acc[v][0] = fmaf(sa[v][ci], d[c], fmaf(ba[v][ci] - M * sa[v][ci], sx[c], acc[v][0]));
+                acc[v][1] = fmaf(sb[v][ci], d[2 + c], fmaf(bb[v][ci] - M * sb[v][ci], sx[2 + c], acc[v][1]));
             }
         }
     }
@@ -781,27 +798,27 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
     }
 }
 
-template <typename T, int GS, int KW, int U>
+template <typename T, int GS, int KW>
 __device__ __forceinline__ void qm1_one(const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k, int row0) {
     float acc[1][2];
     const uint32_t* const ws[1] = {w};
     const T* const ss[1] = {s};
     const T* const bs[1] = {b};
-    qm1_tile<T, GS, KW, U, 1>(ws, ss, bs, x, n, k, row0, acc);
+    qm1_tile<T, GS, KW, 1>(ws, ss, bs, x, n, k, row0, acc);
     const int r = row0 + threadIdx.x;
     if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(acc[0][0]);
 }
 
 // q, k and v: the first ceil(n0/16) tiles are W0's, then W1's, W2's.
-template <typename T, int GS, int KW, int U>
+template <typename T, int GS, int KW>
 __device__ __forceinline__ void qm13_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
                                           T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* x, int k) {
     const ThreeTiles<T> o(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2);
-    qm1_one<T, GS, KW, U>(o.w, o.s, o.b, x, o.y, o.n, k, o.tile * 16);
+    qm1_one<T, GS, KW>(o.w, o.s, o.b, x, o.y, o.n, k, o.tile * 16);
 }
 
-template <typename T, int GS, int KW, int U>
+template <typename T, int GS, int KW>
 __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw,
                                                 const T* usc, const T* ub, const T* x, T* y, int n, int k) {
     const int row0 = blockIdx.x * 16;
@@ -809,29 +826,29 @@ __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc
     const uint32_t* const ws[2] = {gw, uw};
     const T* const ss[2] = {gsc, usc};
     const T* const bs[2] = {gb, ub};
-    qm1_tile<T, GS, KW, U, 2>(ws, ss, bs, x, n, k, row0, acc);
+    qm1_tile<T, GS, KW, 2>(ws, ss, bs, x, n, k, row0, acc);
     const int r = row0 + threadIdx.x;
     if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(silu_mul(acc[0][0], acc[1][0]));
 }
 
-#define QM1(T, TN, GS, KW, U)                                                                               \
+#define QM1(T, TN, GS, KW)                                                                               \
     extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_##TN##_g##GS##_w##KW(                    \
         const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k) {                        \
-        qm1_one<T, GS, KW, U>(w, s, b, x, y, n, k, blockIdx.x * 16);                                        \
+        qm1_one<T, GS, KW>(w, s, b, x, y, n, k, blockIdx.x * 16);                                        \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm13_##TN##_g##GS##_w##KW(                   \
         const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,         \
         const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,          \
         const T* x, int k) {                                                                                \
-        qm13_impl<T, GS, KW, U>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, k);          \
+        qm13_impl<T, GS, KW>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, x, k);          \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_swiglu_##TN##_g##GS##_w##KW(             \
         const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,       \
         const T* x, T* y, int n, int k) {                                                                   \
-        qm1_swiglu_impl<T, GS, KW, U>(gw, gsc, gb, uw, usc, ub, x, y, n, k);                                \
+        qm1_swiglu_impl<T, GS, KW>(gw, gsc, gb, uw, usc, ub, x, y, n, k);                                \
     }
-// KW warps per tile, U segments in flight per warp (the launcher's table: cuda.rs `qm1_launch`)
-#define QM1_W(T, TN, GS) QM1(T, TN, GS, 4, 2) QM1(T, TN, GS, 8, 1) QM1(T, TN, GS, 16, 1)
+// KW warps per tile (the launcher's choice: cuda.rs `qm1_launch`)
+#define QM1_W(T, TN, GS) QM1(T, TN, GS, 4) QM1(T, TN, GS, 8) QM1(T, TN, GS, 16)
 #define QM1_G(T, TN) QM1_W(T, TN, 32) QM1_W(T, TN, 64) QM1_W(T, TN, 128)
 #ifndef WICK_QMT_LAB
 QM1_G(bf16, bf16)
