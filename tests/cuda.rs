@@ -2,6 +2,7 @@
 //! docs/cuda.md). Without a CUDA device each test prints why it is skipped and passes.
 //! - the quantized-matmul kernels against dequantize-then-matmul (cuBLAS, f32) over random
 //!   shapes, every bits × group size, f32/f16/bf16 activations, decode and prefill row counts;
+//!   one-row matmuls chained by programmatic launches equal the same launches synchronized;
 //! - decode and prefill attention (flash attention on the tensor cores) against the CPU's f32;
 //! - the fused SwiGLU within half an ulp of the exact product;
 //! - the fused residual add + RMSNorm bit-exact with candle's two kernels;
@@ -132,6 +133,51 @@ fn cuda_one_row_kernels_match_dequantize_then_matmul() {
         }
     }
     eprintln!("{cases} one-row cases");
+}
+
+/// One-row matmuls back to back, each reading the one before's output, as a decode step chains
+/// them. Launched programmatically (Hopper), a kernel's blocks start while the one ahead still
+/// runs, and may load weights then but must not read their input before the wait: the chain
+/// must give the same bits as the same launches with the device synchronized after each.
+#[test]
+fn cuda_chained_one_row_matmuls_wait_for_their_input() {
+    let Some(dev) = cuda() else { return };
+    let p = QuantParams::new(4, 64, "test").unwrap();
+    let k = 4096;
+    let scale = 1.0 / (k as f64).sqrt();
+    let ws: Vec<_> = (0..6)
+        .map(|_| {
+            let w = (Tensor::randn(0f32, 1.0, (k, k), &Device::Cpu).unwrap() * scale).unwrap();
+            to_dev(&quantized(&w, p, DType::BF16), &dev)
+        })
+        .collect();
+    let x = Tensor::randn(0f32, 1.0, (1, 1, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let run = |sync: bool| -> Vec<Tensor> {
+        let mut outs = vec![x.clone()];
+        for w in &ws {
+            let y = w.matmul(outs.last().unwrap()).unwrap();
+            if sync {
+                dev.synchronize().unwrap();
+            }
+            outs.push(y);
+        }
+        outs
+    };
+    let want = run(true);
+    for round in 0..5 {
+        let got = run(false);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate().skip(1) {
+            let diff = (g.to_dtype(DType::F32).unwrap() - w.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "round {round}, matmul {i}: the chained launch read another input");
+        }
+    }
 }
 
 #[test]

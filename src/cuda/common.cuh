@@ -59,6 +59,23 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// 16 bytes of data an earlier kernel wrote (activations), loaded in order after pdl_wait(): the
+// compiler may move an __ldg (ld.global.nc, "read-only for the whole kernel") above the wait's
+// asm, which in a dependent launch reads the bytes before the kernel ahead has written them.
+// A volatile asm stays after the wait's.
+__device__ __forceinline__ uint4 load_after_wait(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// 16 bytes of weights for the loads a kernel issues before pdl_wait(): an ordinary (coherent)
+// load keeps its place before the wait, where ptxas moves an __ldg (ld.global.nc) below it,
+// losing the overlap with the kernel ahead.
+__device__ __forceinline__ uint4 load_weights(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
 // Both at a kernel's start, for kernels with nothing to read before the wait.
 __device__ __forceinline__ void pdl_enter() {
     pdl_launch_dependents();

@@ -48,7 +48,7 @@ __device__ __forceinline__ void load_x32(const T* __restrict__ p, float (&x)[32]
     constexpr int PER = 16 / sizeof(T);
 #pragma unroll
     for (int i = 0; i < 32 / PER; ++i) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        const uint4 v = load_after_wait(reinterpret_cast<const uint4*>(p) + i);
         const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
         for (int j = 0; j < PER; ++j) x[i * PER + j] = to_f32(e[j]);
@@ -463,7 +463,7 @@ __device__ __forceinline__ void qmt_tile(const uint32_t* const (&w)[NW], const T
                     const uint4* p = reinterpret_cast<const uint4*>(x + (size_t)row * k + (size_t)gi * GS + t * CPL);
 #pragma unroll
                     for (int q = 0; q < CPL / 8; ++q) {
-                        const uint4 v = __ldg(p + q);
+                        const uint4 v = load_after_wait(p + q);
                         xw[j][4 * q] = v.x; xw[j][4 * q + 1] = v.y; xw[j][4 * q + 2] = v.z; xw[j][4 * q + 3] = v.w;
                     }
                 } else {
@@ -712,8 +712,8 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
         float sa[NW][C], sb[NW][C], ba[NW][C], bb[NW][C];
 #pragma unroll
         for (int v = 0; v < NW; ++v) {
-            wa[v] = __ldg(pa[v] + seg * 4);
-            wb[v] = __ldg(pb[v] + seg * 4);
+            wa[v] = load_weights(pa[v] + seg * 4);
+            wb[v] = load_weights(pb[v] + seg * 4);
 #pragma unroll
             for (int c = 0; c < C; ++c) {
                 sa[v][c] = sb[v][c] = ba[v][c] = bb[v][c] = 0.f;
@@ -737,7 +737,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
         {
             uint4 xv[4];
 #pragma unroll
-            for (int wi = 0; wi < 4; ++wi) xv[wi] = g == t ? __ldg(px + seg * 16 + wi) : make_uint4(0, 0, 0, 0);
+            for (int wi = 0; wi < 4; ++wi) xv[wi] = g == t ? load_after_wait(px + seg * 16 + wi) : make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int wi = 0; wi < 4; ++wi) {
                 xb[2 * wi][0] = __byte_perm(xv[wi].x, xv[wi].z, 0x5410);
