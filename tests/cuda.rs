@@ -23,7 +23,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::gpu::{self, dense_reference, quantized, rel_err, to_dev};
+use common::gpu::{self, dense_reference, max_abs_diff, quantized, rel_err, to_dev};
 use rand::{Rng, SeedableRng};
 use wick::quant::QuantParams;
 
@@ -167,15 +167,7 @@ fn cuda_chained_one_row_matmuls_wait_for_their_input() {
     for round in 0..5 {
         let got = run(false);
         for (i, (g, w)) in got.iter().zip(&want).enumerate().skip(1) {
-            let diff = (g.to_dtype(DType::F32).unwrap() - w.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "round {round}, matmul {i}: the chained launch read another input");
+            assert_eq!(max_abs_diff(g, w), 0.0, "round {round}, matmul {i}: the chained launch read another input");
         }
     }
 }
@@ -331,15 +323,7 @@ fn cuda_add_rms_norm_equals_the_separate_add_and_norm_bit_for_bit() {
             let h = (&x + &r).unwrap();
             let n = candle_nn::ops::rms_norm(&h, &w, 1e-5).unwrap();
             for (got, want, what) in [(both.get(1).unwrap(), h, "x + r"), (both.get(0).unwrap(), n, "the norm")] {
-                let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert_eq!(diff, 0.0, "{what}, {dtype:?}, {rows} x {d}");
+                assert_eq!(max_abs_diff(&got, &want), 0.0, "{what}, {dtype:?}, {rows} x {d}");
             }
         }
     }

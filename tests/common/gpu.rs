@@ -46,6 +46,18 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     (num / den.max(1e-30)).sqrt() as f32
 }
 
+/// max |a − b| in f32 (0 exactly when both hold the same values)
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The reference for a quantized weight: the CPU's dequantization (f32 arithmetic) on `dev`,
 /// for the device's f32 matmul.
 pub fn dense_reference(qw: &QuantizedWeight, dev: &Device) -> Tensor {
