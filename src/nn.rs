@@ -346,6 +346,127 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// The norm of `x` plus the residual branch `pending` (none, a tensor, or a projection not
+    /// yet run: see [`Pending`]): `(h, norm(h))`. With a projection and `next` (the weights
+    /// of the matmuls that take the norm) the norm is deferred where the CUDA decode kernels
+    /// apply: one launch runs the projection, adds the residual and leaves the norm's scale to
+    /// the next fused matmul ([`Normed::Deferred`]).
+    pub fn forward_pending(&self, x: &Tensor, pending: Option<&Pending>, next: &[&Linear]) -> Result<(Tensor, Normed)> {
+        if let (Some(Pending::Projection(a, Linear::Quantized { weight, bias: None })), Some(next)) =
+            (pending, quantized_weights(next))
+        {
+            if self.shift == 0.0 && deferred_norms_enabled() {
+                if let Some(carrier) = crate::quant::matmul::deferred_norm(a, weight, x, &self.weight, &next)? {
+                    DEFERRED_NORMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let d = DeferredNorm::new(carrier, x.shape(), self.clone())?;
+                    return Ok((d.h.clone(), Normed::Deferred(d)));
+                }
+            }
+        }
+        let (h, n) = self.forward_residual(x, Pending::resolve(pending)?.as_ref())?;
+        Ok((h, Normed::Plain(n)))
+    }
+}
+
+/// A layer's last residual branch, left for the next norm to add (see
+/// [`crate::models::blocks::Layer::forward_deferred`]): computed, or the projection that will
+/// compute it (so that the norm may run it: [`RmsNorm::forward_pending`]).
+#[derive(Clone)]
+pub enum Pending<'a> {
+    Branch(Tensor),
+    /// `input · Wᵀ` of this input and layer
+    Projection(Tensor, &'a Linear),
+}
+
+impl Pending<'_> {
+    /// The branch as a tensor (the projection run).
+    pub fn resolve(p: Option<&Self>) -> Result<Option<Tensor>> {
+        p.map(|p| match p {
+            Pending::Branch(t) => Ok(t.clone()),
+            Pending::Projection(x, l) => l.forward(x),
+        })
+        .transpose()
+    }
+
+    /// Positions `start .. start + len` along `dim` (of the branch, or the projection's input).
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
+        Ok(match self {
+            Pending::Branch(t) => Pending::Branch(t.narrow(dim, start, len)?),
+            Pending::Projection(x, l) => Pending::Projection(x.narrow(dim, start, len)?, l),
+        })
+    }
+}
+
+/// A norm's output as the next matmuls take it.
+pub enum Normed {
+    Plain(Tensor),
+    /// CUDA decode: the residual sum and the carrier from which the next fused matmul finishes
+    /// the norm ([`crate::quant::matmul::deferred_norm`])
+    Deferred(DeferredNorm),
+}
+
+/// See [`Normed::Deferred`].
+pub struct DeferredNorm {
+    carrier: Tensor,
+    /// the residual sum the norm is of (the norm's input, shaped as the layer's hidden states)
+    h: Tensor,
+    norm: RmsNorm,
+}
+
+impl DeferredNorm {
+    fn new(carrier: Tensor, shape: &candle_core::Shape, norm: RmsNorm) -> Result<Self> {
+        let d = shape.dims().last().copied().unwrap_or(0);
+        let h = carrier.narrow(0, d, d)?.reshape(shape)?;
+        Ok(Self { carrier, h, norm })
+    }
+}
+
+impl Normed {
+    /// The normalized tensor (a deferred norm computed from its input as [`RmsNorm::forward`]).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Normed::Plain(t) => Ok(t.clone()),
+            Normed::Deferred(d) => d.norm.forward(&d.h),
+        }
+    }
+
+    pub fn dims3(&self) -> Result<(usize, usize, usize)> {
+        Ok(match self {
+            Normed::Plain(t) => t.dims3()?,
+            Normed::Deferred(d) => d.h.dims3()?,
+        })
+    }
+}
+
+/// Decode steps counted that deferred a norm into the next matmul ([`RmsNorm::forward_pending`]).
+pub static DEFERRED_NORMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DEFERRED_NORMS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the deferred norm off (`false`) or back on; also off with `WICK_DEFERRED_NORM=0`.
+pub fn set_deferred_norms(on: bool) {
+    DEFERRED_NORMS_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn deferred_norms_enabled() -> bool {
+    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !DEFERRED_NORMS_OFF.load(std::sync::atomic::Ordering::Relaxed)
+        && !*ENV_OFF.get_or_init(|| std::env::var("WICK_DEFERRED_NORM").is_ok_and(|v| v == "0"))
+}
+
+/// The quantized weights of bias-free quantized layers, or `None` (also for no layers).
+fn quantized_weights<'a>(ls: &[&'a Linear]) -> Option<Vec<&'a QuantizedWeight>> {
+    if ls.is_empty() {
+        return None;
+    }
+    ls.iter()
+        .map(|l| match l {
+            Linear::Quantized { weight, bias: None } => Some(weight),
+            _ => None,
+        })
+        .collect()
+}
+
 /// LayerNorm with a learned scale and bias.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -795,25 +916,33 @@ fn build_causal_mask(n_rep: usize, l: usize, t: usize, spec: &MaskSpec, device: 
 
 /// `(x Qᵀ, x Kᵀ, x Vᵀ)` with one fused kernel where the backend has one (CUDA decode with
 /// bias-free quantized projections); `None`: run them one by one.
-pub fn fused_qkv(x: &Tensor, q: &Linear, k: &Linear, v: &Linear) -> Result<Option<[Tensor; 3]>> {
-    match (q, k, v) {
-        (
-            Linear::Quantized { weight: qw, bias: None },
-            Linear::Quantized { weight: kw, bias: None },
-            Linear::Quantized { weight: vw, bias: None },
-        ) => crate::quant::matmul::fused_qkv(x, qw, kw, vw),
-        _ => Ok(None),
+/// A deferred norm's input ([`Normed::Deferred`]) always takes it: [`RmsNorm::forward_pending`]
+/// deferred it for these weights.
+pub fn fused_qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<Option<[Tensor; 3]>> {
+    let Some([qw, kw, vw]) = quantized_weights(&[q, k, v]).map(|w| [w[0], w[1], w[2]]) else { return Ok(None) };
+    match x {
+        Normed::Plain(x) => crate::quant::matmul::fused_qkv(x, qw, kw, vw),
+        Normed::Deferred(d) => {
+            let lead = &d.h.dims()[..d.h.rank() - 1];
+            let flat = crate::quant::matmul::fused_qkv_deferred(&d.carrier, d.norm.eps, qw, kw, vw)?;
+            let [a, b, c] = flat.map(|t| t.reshape([lead, &[t.elem_count()]].concat()));
+            Ok(Some([a?, b?, c?]))
+        }
     }
 }
 
 /// `silu(x Gᵀ) · (x Uᵀ)` with one fused kernel where the backend has one; `None`: run the
 /// projections and the activation separately.
-pub fn fused_swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Option<Tensor>> {
-    match (gate, up) {
-        (Linear::Quantized { weight: g, bias: None }, Linear::Quantized { weight: u, bias: None }) => {
-            crate::quant::matmul::fused_swiglu(x, g, u)
+/// A deferred norm's input takes it as [`fused_qkv`]'s.
+pub fn fused_swiglu(x: &Normed, gate: &Linear, up: &Linear) -> Result<Option<Tensor>> {
+    let Some([g, u]) = quantized_weights(&[gate, up]).map(|w| [w[0], w[1]]) else { return Ok(None) };
+    match x {
+        Normed::Plain(x) => crate::quant::matmul::fused_swiglu(x, g, u),
+        Normed::Deferred(d) => {
+            let y = crate::quant::matmul::fused_swiglu_deferred(&d.carrier, d.norm.eps, g, u)?;
+            let lead = &d.h.dims()[..d.h.rank() - 1];
+            Ok(Some(y.reshape([lead, &[g.out_dim]].concat())?))
         }
-        _ => Ok(None),
     }
 }
 

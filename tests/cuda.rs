@@ -5,7 +5,10 @@
 //!   one-row matmuls chained by programmatic launches equal the same launches synchronized;
 //! - decode and prefill attention (flash attention on the tensor cores) against the CPU's f32;
 //! - the fused SwiGLU within half an ulp of the exact product;
-//! - the fused residual add + RMSNorm bit-exact with candle's two kernels;
+//! - the fused residual add + RMSNorm bit-exact with candle's two kernels; the decode step's
+//!   deferred norm (o / down add the residual, q/k/v and gate/up apply the norm's scale) against
+//!   the matmul, the add and the exact norm, and in a random 4-bit Llama's decode steps (eager
+//!   and replayed from a graph) against the separate norms;
 //! - the dequantize kernel bit-exact with the CPU's (which is bit-exact with `mx.dequantize`);
 //! - the default model's greedy tokens on CUDA (f32) equal mlx_lm's goldens, which the CPU
 //!   matches too, and so do its 4-bit conversion's;
@@ -169,6 +172,135 @@ fn cuda_chained_one_row_matmuls_wait_for_their_input() {
         for (i, (g, w)) in got.iter().zip(&want).enumerate().skip(1) {
             assert_eq!(max_abs_diff(g, w), 0.0, "round {round}, matmul {i}: the chained launch read another input");
         }
+    }
+}
+
+/// The decode step's deferred RMSNorm (an o or down projection adds the residual and leaves
+/// the norm's scale to the next fused matmul) against the matmul, the add and candle's norm:
+/// the residual sum bit for bit, and q/k/v and gate/up, against the exact f32 products of the
+/// exact norm, at most twice as far off as the same kernels fed the rounded norm (plus 1e-4).
+#[test]
+fn cuda_deferred_norm_matches_the_matmul_then_the_norm() {
+    let Some(dev) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2411);
+    let mut cases = 0;
+    for gs in [32, 64, 128] {
+        let p = QuantParams::new(4, gs, "test").unwrap();
+        // norm dimensions from 1 tile row of partial sums to the largest (8,192: 512 sums)
+        for d in [128 * rng.random_range(1..=8), 128 * rng.random_range(9..=40), 4096, 8192] {
+            let k = 128 * rng.random_range(1..=24);
+            for dtype in [DType::F16, DType::BF16] {
+                let mk = |n: usize, k: usize, s: f64| {
+                    let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap() * s).unwrap();
+                    quantized(&w, p, dtype)
+                };
+                let rand = |shape: &[usize], lo: f32, hi: f32, rng: &mut rand::rngs::StdRng| {
+                    let n: usize = shape.iter().product();
+                    let v: Vec<f32> = (0..n).map(|_| lo + (hi - lo) * rng.random::<f32>()).collect();
+                    Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap()
+                };
+                let w = to_dev(&mk(d, k, 1.0 / (k as f64).sqrt()), &dev);
+                let x = rand(&[1, 1, k], -1.0, 1.0, &mut rng);
+                let r = rand(&[1, 1, d], -2.0, 2.0, &mut rng);
+                let nw = rand(&[d], 0.5, 1.5, &mut rng);
+                let (nq, nkv) = (2 * rng.random_range(8..=600), 2 * rng.random_range(1..=128));
+                // std 1/√d: outputs of order 1 (f16's range holds gate · up)
+                let sd = 1.0 / (d as f64).sqrt();
+                let (qq, qk, qv, qg, qu) =
+                    (mk(nq, d, sd), mk(nkv, d, sd), mk(nkv, d, sd), mk(nq, d, sd), mk(nq, d, sd));
+                let [wq, wk, wv, wg, wu] = [&qq, &qk, &qv, &qg, &qu].map(|q| to_dev(q, &dev));
+                let h = (w.matmul(&x).unwrap() + &r).unwrap();
+                let n = candle_nn::ops::rms_norm(&h, &nw, 1e-5).unwrap();
+                // the exact norm of h (f32), and each weight's exact product with it
+                let h32 = h.to_dtype(DType::F32).unwrap().reshape((1, d)).unwrap();
+                let nw32 = nw.to_dtype(DType::F32).unwrap();
+                let inv =
+                    (h32.sqr().unwrap().mean_keepdim(1).unwrap() + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+                let n32 = h32.broadcast_mul(&inv).unwrap().broadcast_mul(&nw32).unwrap();
+                let exact = |q: &wick::quant::QuantizedWeight| {
+                    n32.matmul(&dense_reference(q, &dev).t().unwrap()).unwrap().flatten_all().unwrap()
+                };
+                let what = format!("gs {gs} {dtype:?} d {d} k {k}");
+                let check = |got: &Tensor, rounded: &Tensor, want: &Tensor, name: &str| {
+                    let (got, rounded) = (got.flatten_all().unwrap(), rounded.flatten_all().unwrap());
+                    let (e, bound) = (rel_err(&got, want), 2.0 * rel_err(&rounded, want) + 1e-4);
+                    assert!(e < bound, "{name}, {what}: relative error {e:e} ≥ {bound:e}");
+                };
+
+                let carrier = wick::quant::matmul::deferred_norm(&x, &w, &r, &nw, &[&wq, &wk, &wv])
+                    .unwrap()
+                    .expect("the deferred norm applies");
+                assert_eq!(carrier.dims(), &[3 * d]);
+                let hd = carrier.narrow(0, d, d).unwrap();
+                assert_eq!(max_abs_diff(&hd, &h.flatten_all().unwrap()), 0.0, "x Wᵀ + r, {what}");
+                let got = wick::quant::matmul::fused_qkv_deferred(&carrier, 1e-5, &wq, &wk, &wv).unwrap();
+                let rounded = wick::quant::matmul::fused_qkv(&n, &wq, &wk, &wv).unwrap().unwrap();
+                for (((g, r), q), name) in got.iter().zip(&rounded).zip([&qq, &qk, &qv]).zip(["q", "k", "v"]) {
+                    check(g, r, &exact(q), name);
+                }
+
+                let carrier = wick::quant::matmul::deferred_norm(&x, &w, &r, &nw, &[&wg, &wu]).unwrap().unwrap();
+                let got = wick::quant::matmul::fused_swiglu_deferred(&carrier, 1e-5, &wg, &wu).unwrap();
+                let rounded = wick::quant::matmul::fused_swiglu(&n, &wg, &wu).unwrap().unwrap();
+                let want = (candle_nn::ops::silu(&exact(&qg)).unwrap() * exact(&qu)).unwrap();
+                check(&got, &rounded, &want, "gate/up");
+                cases += 4;
+            }
+        }
+    }
+    // where the kernels do not apply (several rows, f32), the norm is not deferred
+    let p = QuantParams::new(4, 64, "test").unwrap();
+    let w = to_dev(&quantized(&Tensor::randn(0f32, 1.0, (256, 256), &Device::Cpu).unwrap(), p, DType::BF16), &dev);
+    let x2 = Tensor::randn(0f32, 1.0, (1, 2, 256), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let r2 = x2.clone();
+    let nw = Tensor::ones(256, DType::BF16, &dev).unwrap();
+    assert!(wick::quant::matmul::deferred_norm(&x2, &w, &r2, &nw, &[&w, &w]).unwrap().is_none(), "two rows");
+    eprintln!("{cases} deferred-norm cases");
+}
+
+/// A random 4-bit Llama whose hidden size the one-row kernels take (256): its decode steps
+/// defer the norms (2 per layer but the first layer's input norm), give the logits of the
+/// same steps without deferring within the rounding of the norm's output, and a CUDA graph's
+/// replays give the eager deferred steps' logits bit for bit.
+#[test]
+fn cuda_decode_with_deferred_norms_equals_the_separate_norms() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use wick::nn::{set_deferred_norms, DEFERRED_NORMS};
+    let Some(dev) = cuda() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = gpu::random_llama_4bit(tmp.path(), 256, 512, 3);
+    let m = wick::models::load_model(&model, Some(DType::BF16), &dev).unwrap();
+    let lm = m.model.as_ref();
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 256).collect();
+    let steps: Vec<u32> = (0..24).map(|i| (i * 101 + 17) % 256).collect();
+    // the prompt, then one token per step; the logits of every step
+    let run = |last_only: bool| -> Vec<Tensor> {
+        let mut cache = lm.make_cache(None);
+        let x = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        lm.forward(&x, &mut cache, true).unwrap();
+        steps
+            .iter()
+            .map(|&t| {
+                let x = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
+                lm.forward(&x, &mut cache, last_only).unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap()
+            })
+            .collect()
+    };
+    set_deferred_norms(false);
+    let before = DEFERRED_NORMS.load(Relaxed);
+    let separate = run(false);
+    assert_eq!(DEFERRED_NORMS.load(Relaxed), before, "deferred while off");
+    set_deferred_norms(true);
+    let deferred = run(false);
+    assert_eq!(DEFERRED_NORMS.load(Relaxed) - before, steps.len() * (2 * 3 - 1), "norms deferred per step");
+    for (i, (a, b)) in deferred.iter().zip(&separate).enumerate() {
+        let e = rel_err(a, b);
+        assert!(e < 2e-2, "step {i}: deferred-norm logits off by {e:e} (relative) from the separate norms'");
+    }
+    wick::cuda::graph::set_enabled(true);
+    let graphed = run(true);
+    for (i, (a, b)) in graphed.iter().zip(&deferred).enumerate() {
+        assert_eq!(max_abs_diff(a, b), 0.0, "step {i}: graph replay differs from the eager deferred step");
     }
 }
 

@@ -16,6 +16,11 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// a + b in the activation type (candle's `badd`: f16 / bf16 rounded once).
+__device__ __forceinline__ float add_t(float a, float b) { return a + b; }
+__device__ __forceinline__ __half add_t(__half a, __half b) { return __hadd(a, b); }
+__device__ __forceinline__ __nv_bfloat16 add_t(__nv_bfloat16 a, __nv_bfloat16 b) { return __hadd(a, b); }
+
 // silu(g) · u, the gated MLP's activation, in f32 (the fused gate/up kernels and SwiGLU).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
 
@@ -67,6 +72,19 @@ __device__ __forceinline__ uint4 load_after_wait(const void* p) {
     uint4 v;
     asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
+}
+// One element of type T (2 or 4 bytes) an earlier kernel wrote, after pdl_wait() as above.
+template <typename T>
+__device__ __forceinline__ T elem_after_wait(const T* p) {
+    if constexpr (sizeof(T) == 2) {
+        uint16_t v;
+        asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+        return *reinterpret_cast<const T*>(&v);
+    } else {
+        uint32_t v;
+        asm volatile("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p));
+        return *reinterpret_cast<const T*>(&v);
+    }
 }
 // 16 bytes of weights for the loads a kernel issues before pdl_wait(): an ordinary (coherent)
 // load keeps its place before the wait, where ptxas moves an __ldg (ld.global.nc) below it,

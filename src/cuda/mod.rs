@@ -324,7 +324,7 @@ fn rows_on_16_bytes(l: &Layout, dtype: DType) -> bool {
 }
 
 /// The elements of a contiguous tensor as a view of its storage; `what` names it in the error.
-fn contiguous_view<'a, T: CudaDType>(
+pub(crate) fn contiguous_view<'a, T: CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
     what: &str,
@@ -352,35 +352,36 @@ macro_rules! cuda_only_op3 {
             fn cpu_fwd(
                 &self,
                 _: &candle_core::CpuStorage,
-                _: &Layout,
+                _: &candle_core::Layout,
                 _: &candle_core::CpuStorage,
-                _: &Layout,
+                _: &candle_core::Layout,
                 _: &candle_core::CpuStorage,
-                _: &Layout,
-            ) -> Result<(candle_core::CpuStorage, Shape)> {
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
                 candle_core::bail!($cpu_msg)
             }
 
             fn cuda_fwd(
                 &self,
-                a: &CudaStorage,
-                al: &Layout,
-                b: &CudaStorage,
-                bl: &Layout,
-                c: &CudaStorage,
-                cl: &Layout,
-            ) -> Result<(CudaStorage, Shape)> {
+                a: &candle_core::CudaStorage,
+                al: &candle_core::Layout,
+                b: &candle_core::CudaStorage,
+                bl: &candle_core::Layout,
+                c: &candle_core::CudaStorage,
+                cl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
                 let f: fn(
                     &$ty,
-                    (&CudaStorage, &Layout),
-                    (&CudaStorage, &Layout),
-                    (&CudaStorage, &Layout),
-                ) -> Result<(CudaStorage, Shape)> = $fwd;
+                    (&candle_core::CudaStorage, &candle_core::Layout),
+                    (&candle_core::CudaStorage, &candle_core::Layout),
+                    (&candle_core::CudaStorage, &candle_core::Layout),
+                ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> = $fwd;
                 f(self, (a, al), (b, bl), (c, cl))
             }
         }
     };
 }
+pub(crate) use cuda_only_op3;
 
 cuda_only_op3!(
     DecodeStep,

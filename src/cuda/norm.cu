@@ -11,10 +11,6 @@
 #include "common.cuh"
 
 
-__device__ __forceinline__ float add_t(float a, float b) { return a + b; }
-__device__ __forceinline__ __half add_t(__half a, __half b) { return __hadd(a, b); }
-__device__ __forceinline__ __nv_bfloat16 add_t(__nv_bfloat16 a, __nv_bfloat16 b) { return __hadd(a, b); }
-
 // One block per row of d columns: n (rows x d) and h (rows x d) from x, r (rows x d) and w (d);
 // at most MAX_PER columns per thread.
 template <typename T, int MAX_PER>

@@ -6,7 +6,9 @@
 
 use super::LanguageModel;
 use crate::cache::KvCache;
-use crate::nn::{scaled_dot_product_attention, Embedding, LayerNorm, Linear, Loader, RmsNorm, Rope, RopeTables};
+use crate::nn::{
+    scaled_dot_product_attention, Embedding, LayerNorm, Linear, Loader, Normed, Pending, RmsNorm, Rope, RopeTables,
+};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -116,14 +118,22 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        self.o_proj.forward(&self.forward_normed(&Normed::Plain(x.clone()), rope, cache)?)
+    }
+
+    /// The attention before its output projection ([`Self::o_proj`]), of a norm's output.
+    pub fn forward_normed(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (q, k, v) = match &self.qkv {
             QkvProj::Separate(q, k, v) => match crate::nn::fused_qkv(x, q, k, v)? {
                 Some([q, k, v]) => (q, k, v),
-                None => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+                None => {
+                    let x = x.tensor()?;
+                    (q.forward(&x)?, k.forward(&x)?, v.forward(&x)?)
+                }
             },
             QkvProj::Fused(qkv) => {
-                let t = qkv.forward(x)?;
+                let t = qkv.forward(&x.tensor()?)?;
                 let (nq, nk) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
                 (t.narrow(D::Minus1, 0, nq)?, t.narrow(D::Minus1, nq, nk)?, t.narrow(D::Minus1, nq + nk, nk)?)
             }
@@ -150,8 +160,20 @@ impl Attention {
                 scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.softcap)?
             }
         };
-        let out = out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        Ok(out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
+    }
+
+    pub fn o_proj(&self) -> &Linear {
+        &self.o_proj
+    }
+
+    /// The layers that take the input norm (for [`RmsNorm::forward_pending`]): separate q, k
+    /// and v (a fused qkv_proj never takes a deferred norm).
+    pub fn input_layers(&self) -> Vec<&Linear> {
+        match &self.qkv {
+            QkvProj::Separate(q, k, v) => vec![q, k, v],
+            QkvProj::Fused(_) => vec![],
+        }
     }
 }
 
@@ -201,24 +223,44 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&self.forward_hidden(&Normed::Plain(x.clone()))?)
+    }
+
+    /// The activation before the down projection ([`Self::down_proj`]), of a norm's output.
+    pub fn forward_hidden(&self, x: &Normed) -> Result<Tensor> {
         let (gate, up) = match &self.gate_up {
             GateUp::Separate(g, u) => {
-                if let (Act::Silu, Some(h)) = (self.act, crate::nn::fused_swiglu(x, g, u)?) {
-                    return self.down_proj.forward(&h);
+                if let Act::Silu = self.act {
+                    if let Some(h) = crate::nn::fused_swiglu(x, g, u)? {
+                        return Ok(h);
+                    }
                 }
-                (g.forward(x)?, u.forward(x)?)
+                let x = x.tensor()?;
+                (g.forward(&x)?, u.forward(&x)?)
             }
             GateUp::Fused(gu) => {
-                let t = gu.forward(x)?;
+                let t = gu.forward(&x.tensor()?)?;
                 (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?)
             }
-            GateUp::Plain(fc1) => return self.down_proj.forward(&self.act(&fc1.forward(x)?)?),
+            GateUp::Plain(fc1) => return self.act(&fc1.forward(&x.tensor()?)?),
         };
-        let h = match self.act {
+        Ok(match self.act {
             Act::Silu => crate::nn::swiglu(&gate, &up)?,
             Act::GeluApprox => (self.act(&gate)? * up)?,
-        };
-        self.down_proj.forward(&h)
+        })
+    }
+
+    pub fn down_proj(&self) -> &Linear {
+        &self.down_proj
+    }
+
+    /// The layers that take the norm before the MLP (for [`RmsNorm::forward_pending`]):
+    /// separate gate and up with SiLU, the fused SwiGLU's.
+    pub fn input_layers(&self) -> Vec<&Linear> {
+        match (&self.gate_up, self.act) {
+            (GateUp::Separate(g, u), Act::Silu) => vec![g, u],
+            _ => vec![],
+        }
     }
 }
 
@@ -227,23 +269,24 @@ pub trait Layer: Send + Sync {
     fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor>;
 
     /// The layer on `x + pending` (`pending`: the previous layer's last residual branch, not
-    /// yet added), returning its output as `h` and its own last branch left unadded, so that
-    /// the next norm can take the add with it (one CUDA kernel instead of two: see
-    /// [`RmsNorm::forward_residual`]). The output is `h + branch`, or `h` without one.
-    fn forward_deferred(
-        &self,
+    /// yet added, or its projection not yet run), returning its output as `h` and its own last
+    /// branch left so, so that the next norm can take the add with it (one CUDA kernel instead
+    /// of two: see [`RmsNorm::forward_residual`]), or the projection too (decode on CUDA:
+    /// [`RmsNorm::forward_pending`]). The output is `h + branch`, or `h` without one.
+    fn forward_deferred<'a>(
+        &'a self,
         x: &Tensor,
-        pending: Option<&Tensor>,
+        pending: Option<&Pending<'a>>,
         rope: &RopeTables,
         cache: &mut KvCache,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<Pending<'a>>)> {
         Ok((self.forward(&plus(x, pending)?, rope, cache)?, None))
     }
 }
 
 /// `x + p`, or `x` without `p` (a residual branch left for later, see [`Layer::forward_deferred`]).
-fn plus(x: &Tensor, p: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match p {
+pub(crate) fn plus(x: &Tensor, p: Option<&Pending>) -> Result<Tensor> {
+    Ok(match Pending::resolve(p)? {
         Some(p) => (x + p)?,
         None => x.clone(),
     })
@@ -285,23 +328,33 @@ impl Layer for Block {
         plus(&h, branch.as_ref())
     }
 
-    fn forward_deferred(
-        &self,
+    /// The output projections (o, down) are left to the norms after them, which may run them
+    /// fused with the residual add (see [`RmsNorm::forward_pending`]).
+    fn forward_deferred<'a>(
+        &'a self,
         x: &Tensor,
-        pending: Option<&Tensor>,
+        pending: Option<&Pending<'a>>,
         rope: &RopeTables,
         cache: &mut KvCache,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let (x, n1) = self.input_layernorm.forward_residual(x, pending)?;
-        let r = self.self_attn.forward(&n1, rope, cache)?;
+    ) -> Result<(Tensor, Option<Pending<'a>>)> {
+        let (x, n1) = self.input_layernorm.forward_pending(x, pending, &self.self_attn.input_layers())?;
+        let a = self.self_attn.forward_normed(&n1, rope, cache)?;
+        let o_proj = self.self_attn.o_proj();
         let (h, n2) = match &self.sandwich {
-            None => self.post_attention_layernorm.forward_residual(&x, Some(&r))?,
-            Some((pre, _)) => pre.forward_residual(&x, Some(&self.post_attention_layernorm.forward(&r)?))?,
+            None => {
+                let attn = Pending::Projection(a, o_proj);
+                self.post_attention_layernorm.forward_pending(&x, Some(&attn), &self.mlp.input_layers())?
+            }
+            Some((pre, _)) => {
+                let r = self.post_attention_layernorm.forward(&o_proj.forward(&a)?)?;
+                let (h, n) = pre.forward_residual(&x, Some(&r))?;
+                (h, Normed::Plain(n))
+            }
         };
-        let m = self.mlp.forward(&n2)?;
+        let m = self.mlp.forward_hidden(&n2)?;
         let branch = match &self.sandwich {
-            None => m,
-            Some((_, post)) => post.forward(&m)?,
+            None => Pending::Projection(m, self.mlp.down_proj()),
+            Some((_, post)) => Pending::Branch(post.forward(&self.mlp.down_proj().forward(&m)?)?),
         };
         Ok((h, Some(branch)))
     }
@@ -460,9 +513,9 @@ impl Norm {
     }
 
     /// The norm of `x + r`, or of `x` without `r` (the add fused into an RMSNorm where it can be).
-    pub fn forward_residual(&self, x: &Tensor, r: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_residual(&self, x: &Tensor, r: Option<&Pending>) -> Result<Tensor> {
         match self {
-            Norm::Rms(n) => Ok(n.forward_residual(x, r)?.1),
+            Norm::Rms(n) => Ok(n.forward_residual(x, Pending::resolve(r)?.as_ref())?.1),
             Norm::Layer(n) => n.forward(&plus(x, r)?),
         }
     }
@@ -524,7 +577,7 @@ impl DecoderModel {
         };
         let checkpoint = crate::lora::checkpoint::active(&h, offset);
         // each layer's last residual branch, added by the next norm (Layer::forward_deferred)
-        let mut pending: Option<Tensor> = None;
+        let mut pending: Option<Pending> = None;
         for (((layer, c), r), w) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope).zip(&self.windows) {
             if checkpoint && w.is_none() && h.track_op() {
                 // training with --grad-checkpoint: the layer's activations are recomputed in

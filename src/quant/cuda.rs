@@ -13,7 +13,7 @@
 use super::affine::QuantParams;
 use crate::cuda::Launch;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 
@@ -257,10 +257,7 @@ pub fn has_fused(p: QuantParams) -> bool {
 
 /// The input rows as a view; the caller passes a tensor whose storage starts at offset 0
 /// (`matmul::kernel_input`), so that the kernels' 16-byte loads are aligned.
-fn x_view<'a, T: CudaDType + DeviceRepr + WithDType>(
-    x: &'a CudaStorage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+fn x_view<'a, T: CudaDType + DeviceRepr + WithDType>(x: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((0, end)) => Ok(x.as_cuda_slice::<T>()?.slice(0..end)),
         _ => candle_core::bail!("quantized matmul on CUDA needs a contiguous input starting at offset 0"),
@@ -273,6 +270,7 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     l: &Layout,
     ws: [&WeightParts; 3],
     m: usize,
+    deferred: Option<f32>,
 ) -> Result<CudaSlice<T>> {
     let tn = dtype_name(T::DTYPE)?;
     let xs = x_view::<T>(x, l)?;
@@ -290,14 +288,21 @@ fn qmv3_typed<T: CudaDType + DeviceRepr + WithDType>(
     };
     let tiles: usize = ws.iter().map(|w| w.n.div_ceil(QMT_TILE)).sum();
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, ws[0].p, m, k, tiles, QM1_WARPS) {
-        let f = function(dev, &format!("wick_qm13_{name}"))?;
         let ys = outputs(0, m);
+        let carrier = deferred.map(|eps| deferred_input(&xs, k, eps)).transpose()?;
+        let f = function(dev, &format!("wick_qm13{}_{name}", if deferred.is_some() { "n" } else { "" }))?;
         let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]);
-        b.arg(&xs).arg(&k_i);
+        match &carrier {
+            Some((u, sq, nsq, eps)) => b.arg(u).arg(sq).arg(nsq).arg(&k_i).arg(eps),
+            None => b.arg(&xs).arg(&k_i),
+        };
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
+    }
+    if deferred.is_some() {
+        candle_core::bail!("deferred norm: no one-row kernel for this q/k/v (checked by deferred_norm_fits)");
     }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, ws[0].p, m, tiles) {
         let f = function(dev, &format!("wick_qmt3_{name}"))?;
@@ -333,8 +338,17 @@ pub fn qmv3(x: &CudaStorage, l: &Layout, ws: [&WeightParts; 3]) -> Result<(CudaS
     let dev = x.device().clone();
     let m = l.shape().elem_count() / ws[0].k.max(1);
     let total: usize = ws.iter().map(|w| w.n).sum();
-    let st = crate::cuda::by_dtype!(x.dtype(), "fused matmul", dev, qmv3_typed(&dev, x, l, ws, m));
+    let st = crate::cuda::by_dtype!(x.dtype(), "fused matmul", dev, qmv3_typed(&dev, x, l, ws, m, None));
     Ok((st, Shape::from(m * total)))
+}
+
+/// [`qmv3`] of one row in the deferred-norm form ([`qm1_res`]'s output `d`), scaled by the
+/// norm's rsqrt(mean of squares + `eps`).
+pub fn qmv3_deferred(d: &CudaStorage, l: &Layout, ws: [&WeightParts; 3], eps: f32) -> Result<(CudaStorage, Shape)> {
+    let dev = d.device().clone();
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    let st = crate::cuda::by_dtype!(d.dtype(), "fused matmul", dev, qmv3_typed(&dev, d, l, ws, 1, Some(eps)));
+    Ok((st, Shape::from(total)))
 }
 
 fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
@@ -344,6 +358,7 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     g: &WeightParts,
     u: &WeightParts,
     m: usize,
+    deferred: Option<f32>,
 ) -> Result<CudaSlice<T>> {
     let tn = dtype_name(T::DTYPE)?;
     let xs = x_view::<T>(x, l)?;
@@ -352,12 +367,19 @@ fn swiglu_typed<T: CudaDType + DeviceRepr + WithDType>(
     let parts = [g.slices::<T>()?, u.slices::<T>()?];
     let stream = dev.cuda_stream();
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, g.p, m, g.k, n.div_ceil(QMT_TILE), QM1_SWIGLU_WARPS) {
-        let f = function(dev, &format!("wick_qm1_swiglu_{name}"))?;
+        let carrier = deferred.map(|eps| deferred_input(&xs, g.k, eps)).transpose()?;
+        let f = function(dev, &format!("wick_qm1_swiglu{}_{name}", if deferred.is_some() { "n" } else { "" }))?;
         let mut b = Launch::new(&stream, &f);
         push_parts(&mut b, &parts);
-        b.arg(&xs).arg(&out).arg(&n_i).arg(&k_i);
+        match &carrier {
+            Some((u, sq, nsq, eps)) => b.arg(u).arg(sq).arg(nsq).arg(&out).arg(&n_i).arg(&k_i).arg(eps),
+            None => b.arg(&xs).arg(&out).arg(&n_i).arg(&k_i),
+        };
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
+    }
+    if deferred.is_some() {
+        candle_core::bail!("deferred norm: no one-row kernel for this gate/up (checked by deferred_norm_fits)");
     }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, g.p, m, n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_swiglu_{name}"))?;
@@ -388,8 +410,93 @@ pub fn qmv_swiglu(x: &CudaStorage, l: &Layout, g: &WeightParts, u: &WeightParts)
     let dev = x.device().clone();
     let dims = l.shape().dims();
     let m = l.shape().elem_count() / g.k.max(1);
-    let st = crate::cuda::by_dtype!(x.dtype(), "fused matmul", dev, swiglu_typed(&dev, x, l, g, u, m));
+    let st = crate::cuda::by_dtype!(x.dtype(), "fused matmul", dev, swiglu_typed(&dev, x, l, g, u, m, None));
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("at least one dim") = g.n;
     Ok((st, Shape::from(out_dims)))
+}
+
+/// [`qmv_swiglu`] of one row in the deferred-norm form ([`qm1_res`]'s output `d`), both
+/// products scaled by the norm's rsqrt(mean of squares + `eps`) before the activation.
+pub fn qmv_swiglu_deferred(
+    d: &CudaStorage,
+    l: &Layout,
+    g: &WeightParts,
+    u: &WeightParts,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = d.device().clone();
+    let st = crate::cuda::by_dtype!(d.dtype(), "fused matmul", dev, swiglu_typed(&dev, d, l, g, u, 1, Some(eps)));
+    Ok((st, Shape::from(g.n)))
+}
+
+/// The largest norm dimension of the deferred norm (affine.cu `SQ_MAX` tiles of 16 rows).
+const DEFERRED_NORM_MAX_DIM: usize = 8192;
+
+/// Whether the deferred norm applies to a decode row (one row) of `dtype`: the producer's
+/// weight `w` (o or down: its output is the norm's dimension) and the consumers' weights `next`
+/// (q/k/v or gate/up, taking that dimension in) all run the one-row kernel, and the dimension
+/// fits the partial sums.
+pub fn deferred_norm_fits(dtype: DType, w: QuantParams, k: usize, d: usize, next: QuantParams) -> bool {
+    qm1_applies(dtype, w, 1, k) && qm1_applies(dtype, next, 1, d) && d <= DEFERRED_NORM_MAX_DIM
+}
+
+/// A deferred-norm carrier of d values ([`qm1_res`]) as the consumer kernels take it: u (the
+/// first d), the partial sums (from 2d on, f32 bit patterns), their count, and `eps`.
+type Carrier<'a, T> = (CudaView<'a, T>, CudaView<'a, T>, i32, f32);
+
+fn deferred_input<'a, T: DeviceRepr>(xs: &CudaView<'a, T>, d: usize, eps: f32) -> Result<Carrier<'a, T>> {
+    if xs.len() != 3 * d {
+        candle_core::bail!("deferred norm: a carrier of {} values for a dimension of {d} (3 x {d} expected)", xs.len());
+    }
+    Ok((xs.slice(0..d), xs.slice(2 * d..3 * d), d.div_ceil(QMT_TILE) as i32, eps))
+}
+
+fn res_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    (x, xl): (&CudaStorage, &Layout),
+    w: &WeightParts,
+    (r, rl): (&CudaStorage, &Layout),
+    (nw, nl): (&CudaStorage, &Layout),
+) -> Result<CudaSlice<T>> {
+    let d = w.n;
+    let Some((name, cfg)) = qm1_launch(T::DTYPE, w.p, 1, w.k, d.div_ceil(QMT_TILE), QM1_WARPS) else {
+        candle_core::bail!("deferred norm: no one-row kernel for this weight (checked by deferred_norm_fits)")
+    };
+    if rl.shape().elem_count() != d || nl.shape().elem_count() != d || d > DEFERRED_NORM_MAX_DIM {
+        candle_core::bail!(
+            "deferred norm: the residual {:?} and the norm's weight {:?} must have the {d} values of the output",
+            rl.shape(),
+            nl.shape()
+        );
+    }
+    let xs = x_view::<T>(x, xl)?;
+    let view = |s, l, what: &str| crate::cuda::contiguous_view::<T>(s, l, &format!("deferred norm: {what}"));
+    let (r, nw) = (view(r, rl, "the residual")?, view(nw, nl, "the norm's weight")?);
+    let (parts, (n_i, k_i)) = (w.slices::<T>()?, (d as i32, w.k as i32));
+    let out = unsafe { dev.alloc::<T>(3 * d)? };
+    let (u, h, sq) = (out.slice(0..d), out.slice(d..2 * d), out.slice(2 * d..));
+    let f = function(dev, &format!("wick_qm1_res_{name}"))?;
+    let stream = dev.cuda_stream();
+    let mut b = Launch::new(&stream, &f);
+    push_parts(&mut b, std::slice::from_ref(&parts));
+    b.arg(&xs).arg(&r).arg(&nw).arg(&h).arg(&u).arg(&sq).arg(&n_i).arg(&k_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// The first half of the deferred RMSNorm (affine.cu `qm1_res_impl`): one row `x` times `w`
+/// (o or down), plus the residual `r`, as the next matmul takes it: a flat carrier of 3·d
+/// values, u = h·(the norm's weight `nw`) (the first d), h = x·Wᵀ + r (the next d), then the
+/// partial sums of h² per 16 rows (f32 bit patterns). [`qmv3_deferred`] and
+/// [`qmv_swiglu_deferred`] finish the norm.
+pub fn qm1_res(
+    x: (&CudaStorage, &Layout),
+    w: &WeightParts,
+    r: (&CudaStorage, &Layout),
+    nw: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let st = crate::cuda::by_dtype!(x.0.dtype(), "deferred norm", dev, res_typed(&dev, x, w, r, nw));
+    Ok((st, Shape::from(3 * w.n)))
 }

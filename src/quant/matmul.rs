@@ -212,7 +212,8 @@ fn with_parts<S: GpuStorage, R>(
 #[cfg(feature = "cuda")]
 fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
     let x = x.to_dtype(dtype)?;
-    Ok(if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.copy()? })
+    // (`copy` would keep the layout, offset included: a narrowed row needs its own storage)
+    Ok(if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.force_contiguous()? })
 }
 
 /// `mx.dequantize` as an op on (packed, scales, biases) for the GPU backends; the CPU path is
@@ -329,7 +330,9 @@ mod fused {
     use super::*;
     use crate::quant::cuda;
 
-    struct Qmv3(pub [QuantizedWeight; 3]);
+    /// q/k/v of one input; `deferred`: the input is a deferred-norm carrier and this the
+    /// norm's eps (see [`deferred_norm`]).
+    struct Qmv3(pub [QuantizedWeight; 3], pub Option<f32>);
 
     impl CustomOp1 for Qmv3 {
         fn name(&self) -> &'static str {
@@ -344,11 +347,19 @@ mod fused {
             l: &Layout,
         ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
             let [a, b, c] = &self.0;
-            with_parts(a, |pa| with_parts(b, |pb| with_parts(c, |pc| cuda::qmv3(s, l, [pa, pb, pc]))))
+            with_parts(a, |pa| {
+                with_parts(b, |pb| {
+                    with_parts(c, |pc| match self.1 {
+                        Some(eps) => cuda::qmv3_deferred(s, l, [pa, pb, pc], eps),
+                        None => cuda::qmv3(s, l, [pa, pb, pc]),
+                    })
+                })
+            })
         }
     }
 
-    struct QmvSwiGlu(pub QuantizedWeight, pub QuantizedWeight);
+    /// gate/up of one input; `deferred` as [`Qmv3`]'s.
+    struct QmvSwiGlu(pub QuantizedWeight, pub QuantizedWeight, pub Option<f32>);
 
     impl CustomOp1 for QmvSwiGlu {
         fn name(&self) -> &'static str {
@@ -362,9 +373,25 @@ mod fused {
             s: &candle_core::CudaStorage,
             l: &Layout,
         ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            with_parts(&self.0, |g| with_parts(&self.1, |u| cuda::qmv_swiglu(s, l, g, u)))
+            with_parts(&self.0, |g| {
+                with_parts(&self.1, |u| match self.2 {
+                    Some(eps) => cuda::qmv_swiglu_deferred(s, l, g, u, eps),
+                    None => cuda::qmv_swiglu(s, l, g, u),
+                })
+            })
         }
     }
+
+    /// One row times `W` plus the residual, as a deferred-norm carrier ([`cuda::qm1_res`]):
+    /// inputs x, the residual and the norm's weight.
+    struct QmvRes(pub QuantizedWeight);
+
+    crate::cuda::cuda_only_op3!(
+        QmvRes,
+        "affine-quantized-matmul-residual-norm",
+        "affine-quantized-matmul-residual-norm runs on CUDA only",
+        |op, x, r, nw| with_parts(&op.0, |w| cuda::qm1_res(x, w, r, nw))
+    );
 
     /// The input of a fused decode kernel when one applies: `x` on CUDA with at most 8 rows,
     /// and weights of one family (same input size, bits, group size and scale dtype) with bits
@@ -394,7 +421,7 @@ mod fused {
             return Ok(None);
         }
         let Some(xin) = fused_input(x, &[q, k, v])? else { return Ok(None) };
-        let flat = xin.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()]))?;
+        let flat = xin.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()], None))?;
         let lead = &x.dims()[..x.rank() - 1];
         let m: usize = lead.iter().product();
         let mut at = 0;
@@ -412,13 +439,72 @@ mod fused {
             return Ok(None);
         }
         let Some(xin) = fused_input(x, &[gate, up])? else { return Ok(None) };
-        let y = xin.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone()))?;
+        let y = xin.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone(), None))?;
         Ok(Some(y.to_dtype(x.dtype())?))
+    }
+
+    /// The first half of the decode step's deferred RMSNorm on CUDA: `x Wᵀ + r` (`x` one row,
+    /// `w` the o or down projection, `r` the residual) and what the next matmul needs to
+    /// finish `rms_norm(x Wᵀ + r) · norm_weight` itself (see affine.cu `qm1_res_impl`): a flat
+    /// carrier of 3·d values, u = h · norm_weight, then h, then the partial sums of h².
+    /// `next`: the weights that will take the carrier ([`fused_qkv_deferred`]: three;
+    /// [`fused_swiglu_deferred`]: two). `None` where the kernels do not apply (then run the
+    /// matmul and the norm as before).
+    pub fn deferred_norm(
+        x: &Tensor,
+        w: &QuantizedWeight,
+        r: &Tensor,
+        norm_weight: &Tensor,
+        next: &[&QuantizedWeight],
+    ) -> Result<Option<Tensor>> {
+        let (dtype, d) = (w.scales.dtype(), w.out_dim);
+        let Some(n0) = next.first() else { return Ok(None) };
+        let inference = ![x, r, norm_weight].iter().any(|t| t.track_op());
+        let fits = x.device().is_cuda()
+            && inference
+            && x.elem_count() == w.in_dim
+            && r.elem_count() == d
+            && norm_weight.dims() == [d]
+            && [x.dtype(), r.dtype(), norm_weight.dtype()].iter().all(|&t| t == dtype)
+            && next.iter().all(|n| n.in_dim == d && n.params == n0.params && n.scales.dtype() == dtype)
+            // q/k/v: the one-row kernel pairs rows within each projection
+            && (next.len() != 3 || next.iter().all(|n| n.out_dim % 2 == 0))
+            && (next.len() != 2 || next[0].out_dim == next[1].out_dim)
+            && cuda::deferred_norm_fits(dtype, w.params, w.in_dim, d, n0.params);
+        if !fits {
+            return Ok(None);
+        }
+        let (x, r, nw) = (kernel_input(x, dtype)?, r.contiguous()?, norm_weight.contiguous()?);
+        Ok(Some(x.apply_op3_no_bwd(&r, &nw, &QmvRes(w.clone()))?))
+    }
+
+    /// q/k/v of a deferred-norm carrier ([`deferred_norm`], whose `next` they were), the norm's
+    /// `eps` applied: three flat outputs.
+    pub fn fused_qkv_deferred(
+        carrier: &Tensor,
+        eps: f32,
+        q: &QuantizedWeight,
+        k: &QuantizedWeight,
+        v: &QuantizedWeight,
+    ) -> Result<[Tensor; 3]> {
+        let flat = carrier.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()], Some(eps)))?;
+        let (a, b) = (q.out_dim, k.out_dim);
+        Ok([flat.narrow(0, 0, a)?, flat.narrow(0, a, b)?, flat.narrow(0, a + b, v.out_dim)?])
+    }
+
+    /// `silu(n Gᵀ) · (n Uᵀ)` of a deferred-norm carrier (n its norm), flat.
+    pub fn fused_swiglu_deferred(
+        carrier: &Tensor,
+        eps: f32,
+        gate: &QuantizedWeight,
+        up: &QuantizedWeight,
+    ) -> Result<Tensor> {
+        Ok(carrier.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone(), Some(eps)))?)
     }
 }
 
 #[cfg(feature = "cuda")]
-pub use fused::{fused_qkv, fused_swiglu};
+pub use fused::{deferred_norm, fused_qkv, fused_qkv_deferred, fused_swiglu, fused_swiglu_deferred};
 
 /// Without CUDA there is no fused decode kernel: the separate matmuls run.
 #[cfg(not(feature = "cuda"))]
@@ -435,4 +521,39 @@ pub fn fused_qkv(
 #[cfg(not(feature = "cuda"))]
 pub fn fused_swiglu(_x: &Tensor, _gate: &QuantizedWeight, _up: &QuantizedWeight) -> Result<Option<Tensor>> {
     Ok(None)
+}
+
+/// Without CUDA the norm is never deferred: the matmul and the norm run as they are.
+#[cfg(not(feature = "cuda"))]
+pub fn deferred_norm(
+    _x: &Tensor,
+    _w: &QuantizedWeight,
+    _r: &Tensor,
+    _norm_weight: &Tensor,
+    _next: &[&QuantizedWeight],
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+/// Without CUDA no deferred-norm carrier exists ([`deferred_norm`] gives none).
+#[cfg(not(feature = "cuda"))]
+pub fn fused_qkv_deferred(
+    _carrier: &Tensor,
+    _eps: f32,
+    _q: &QuantizedWeight,
+    _k: &QuantizedWeight,
+    _v: &QuantizedWeight,
+) -> Result<[Tensor; 3]> {
+    anyhow::bail!("deferred norms run on CUDA only")
+}
+
+/// Without CUDA no deferred-norm carrier exists ([`deferred_norm`] gives none).
+#[cfg(not(feature = "cuda"))]
+pub fn fused_swiglu_deferred(
+    _carrier: &Tensor,
+    _eps: f32,
+    _gate: &QuantizedWeight,
+    _up: &QuantizedWeight,
+) -> Result<Tensor> {
+    anyhow::bail!("deferred norms run on CUDA only")
 }

@@ -207,6 +207,11 @@ pub fn greedy_tokens_equal_mlx_lm_goldens_in_f32(dev: &Device) {
 
 /// The default model converted to 4 bits, group size 64 (as mlx_lm's `q4g64` goldens), in `dir`.
 pub fn default_model_4bit(dir: &std::path::Path) -> std::path::PathBuf {
+    convert_4bit_g64(&default_model(), dir)
+}
+
+/// The model folder `src` converted to 4 bits, group size 64, in `dir`/q4.
+fn convert_4bit_g64(src: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
     let out = dir.join("q4");
     let opts = ConvertOptions {
         dtype: None,
@@ -217,7 +222,7 @@ pub fn default_model_4bit(dir: &std::path::Path) -> std::path::PathBuf {
         }),
         ..Default::default()
     };
-    convert(&default_model(), &out, &opts).unwrap();
+    convert(src, &out, &opts).unwrap();
     out
 }
 
@@ -229,4 +234,58 @@ pub fn greedy_4bit_tokens_match_mlx_lm(dev: &Device) {
     let want: Vec<Vec<u32>> =
         json("smollm2_quantized.json")["q4g64"]["greedy_f32"].as_array().unwrap().iter().map(ids).collect();
     check_greedy(m.model.as_ref(), &want, &format!("4-bit greedy tokens on {dev:?} differ from mlx_lm's"));
+}
+
+/// A random Llama (`hidden` wide, `ffn` in the MLP, `layers` deep; heads of 64, two query heads
+/// per KV head, a vocabulary of 256) converted to 4 bits, group size 64, in `dir`. Its weights
+/// are drawn with std 1/√(fan-in), so the activations keep their scale through the layers.
+pub fn random_llama_4bit(dir: &std::path::Path, hidden: usize, ffn: usize, layers: usize) -> std::path::PathBuf {
+    let (heads, head_dim, vocab) = (hidden / 64, 64, 256);
+    let dense = dir.join("dense");
+    std::fs::create_dir_all(&dense).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": ffn,
+        "num_attention_heads": heads, "num_key_value_heads": heads / 2, "rms_norm_eps": 1e-5,
+        "vocab_size": vocab, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16"
+    });
+    std::fs::write(dense.join("config.json"), config.to_string()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(256);
+    let mut tensors = std::collections::HashMap::new();
+    let mut put = |name: String, shape: &[usize], f: &mut dyn FnMut() -> f32| {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| f()).collect();
+        tensors.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap());
+    };
+    let mut matrix = |name: String, out: usize, inp: usize, rng: &mut rand::rngs::StdRng| {
+        let s = (3.0 / inp as f32).sqrt();
+        put(name, &[out, inp], &mut || s * (2.0 * rng.random::<f32>() - 1.0));
+    };
+    let kv = heads / 2 * head_dim;
+    matrix("model.embed_tokens.weight".into(), vocab, hidden, &mut rng);
+    matrix("lm_head.weight".into(), vocab, hidden, &mut rng);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (n, o, inp) in [
+            ("self_attn.q_proj", heads * head_dim, hidden),
+            ("self_attn.k_proj", kv, hidden),
+            ("self_attn.v_proj", kv, hidden),
+            ("self_attn.o_proj", hidden, heads * head_dim),
+            ("mlp.gate_proj", ffn, hidden),
+            ("mlp.up_proj", ffn, hidden),
+            ("mlp.down_proj", hidden, ffn),
+        ] {
+            matrix(format!("{p}.{n}.weight"), o, inp, &mut rng);
+        }
+    }
+    let mut norm = |name: String, rng: &mut rand::rngs::StdRng| {
+        let v: Vec<f32> = (0..hidden).map(|_| 0.5 + rng.random::<f32>()).collect();
+        tensors.insert(name, Tensor::from_vec(v, hidden, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap());
+    };
+    for i in 0..layers {
+        norm(format!("model.layers.{i}.input_layernorm.weight"), &mut rng);
+        norm(format!("model.layers.{i}.post_attention_layernorm.weight"), &mut rng);
+    }
+    norm("model.norm.weight".into(), &mut rng);
+    candle_core::safetensors::save(&tensors, dense.join("model.safetensors")).unwrap();
+    convert_4bit_g64(&dense, dir)
 }

@@ -658,6 +658,42 @@ QMT_G(f16, f16, 8)
 // warps (see cuda.rs), one segment per warp in flight.
 // ---------------------------------------------------------------------------------------------
 
+// The deferred norm's partial sums of squares (see `qm1_res_impl`): at most this many, a
+// multiple of 4, copied by warp 0 into shared memory while the block's matmul runs.
+constexpr int SQ_MAX = 512;
+// Warp 0 starts the copy of n parts into shared memory (16 bytes per lane and copy: cp.async,
+// no registers held and nothing waits for it until `sum_squares_parts`).
+__device__ __forceinline__ void copy_squares_parts(float* dst, const float* p, int n) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int j = 0; j < SQ_MAX / 128; ++j) {
+        const int i = 4 * (lane + 32 * j);
+        if (i < n) {
+            const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst + i));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(p + i) : "memory");
+        }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+// Their sum, in a fixed order (lane's parts 4i .. 4i+3 of each 128, then the warp's
+// butterfly), on every lane of warp 0.
+__device__ __forceinline__ float sum_squares_parts(const float* src, int n) {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    const int lane = threadIdx.x % 32;
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < SQ_MAX / 128; ++j) {
+        const int i = 4 * (lane + 32 * j);
+        if (i < n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s += src[i + e];
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, 32);
+    return s;
+}
+
 // (a & m) | c in one LOP3: the compiler folds at most one immediate into a LOP3, so a code
 // fragment written as (a & MASK) | MAGIC with both constants costs two; with m and c in
 // registers it is one.
@@ -673,10 +709,14 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t m, uint32_t c) {
 // instruction of a segment lengthens it): row, scale and input pointers are set once, each
 // code fragment is one LOP3 (plus a shift for three of a word's four), and a warp keeps one
 // segment in flight, which measured faster than two (fewer registers, more warps per SM).
-template <typename T, int GS, int KW, int NW>
+//
+// With SQ (the deferred norm, see `qm1_res_impl`), warp 0 also sums the `nsq` partial sums of
+// squares at `sq` (copied after the wait, added after the loop) into `*sq_total`.
+template <typename T, int GS, int KW, int NW, bool SQ = false>
 __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T* const (&sc)[NW],
                                          const T* const (&bi)[NW], const T* __restrict__ x, int n, int k, int row0,
-                                         float (&acc)[NW][2]) {
+                                         float (&acc)[NW][2], const float* sq = nullptr, int nsq = 0,
+                                         float* sq_total = nullptr) {
     using Q = QmtType<T>;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
     const int segs = k / 128, groups = k / GS;
@@ -707,6 +747,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
     asm volatile("" : "+r"(mask), "+r"(magic));  // kept in registers (see and_or)
     pdl_launch_dependents();
     bool waited = false;  // the first segment's weights load before the wait (common.cuh)
+    __shared__ __align__(16) float sq_parts[SQ ? SQ_MAX : 4];
     for (int seg = warp; seg < segs; seg += KW) {
         uint4 wa[NW], wb[NW];
         float sa[NW][C], sb[NW][C], ba[NW][C], bb[NW][C];
@@ -729,6 +770,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
         if (!waited) {
             pdl_wait();
             waited = true;
+            if (SQ && warp == 0) copy_squares_parts(sq_parts, sq, nsq);
         }
         // the B pairs of the segment's eight mmas from the input of slot t (lanes g == t; zeros
         // elsewhere): mma 2·wi + h takes codes (p, p+4) and (p+1, p+5), p = 2h, of word wi, so
@@ -776,6 +818,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
         }
     }
     if (!waited) pdl_wait();  // a warp without segments still waits before the block writes
+    if (SQ && warp == 0) *sq_total = sum_squares_parts(sq_parts, nsq);
     // lanes t = 0, 1 hold rows g and g+8 (t >= 2 zeros): the four lanes of a row, then the warps
     __shared__ float red[KW][NW][16];
 #pragma unroll
@@ -831,6 +874,75 @@ __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc
     if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(silu_mul(acc[0][0], acc[1][0]));
 }
 
+// The deferred RMSNorm of the decode step (one row of d = n values): the o and down
+// projections finish the residual add, h = y + r (in T, as candle's add), and hand the next
+// matmul u = T(h · w) (the norm's weight w) and per tile the sum of h² over its 16 rows (f32,
+// `sq[tile]`); the next matmul (q/k/v, gate/up: `qm13n`, `qm1_swiglun`) takes u as its input
+// and scales its sums by rsqrt(Σ sq / d + eps): W·(s·(h ⊙ w)) = s·(W·(h ⊙ w)). This saves the
+// add + RMSNorm launch between them (its wait for the whole matmul and the next one's for it);
+// against n = T(s·h·w) then W·n it differs by the rounding of u (and the order of the sum).
+template <typename T, int GS, int KW>
+__device__ __forceinline__ void qm1_res_impl(const uint32_t* w, const T* s, const T* b, const T* x, const T* r,
+                                             const T* nw, T* h, T* u, float* sq, int n, int k) {
+    float acc[1][2];
+    const uint32_t* const ws[1] = {w};
+    const T* const ss[1] = {s};
+    const T* const bs[1] = {b};
+    const int row0 = blockIdx.x * 16;
+    qm1_tile<T, GS, KW, 1>(ws, ss, bs, x, n, k, row0, acc);
+    if (threadIdx.x < 16) {
+        const int row = row0 + threadIdx.x;
+        float v = 0.f;
+        if (row < n) {
+            const T hv = add_t(from_f32<T>(acc[0][0]), elem_after_wait(r + row));
+            h[row] = hv;
+            v = to_f32(hv);
+            u[row] = from_f32<T>(v * to_f32(nw[row]));
+        }
+        float q = v * v;
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) q += __shfl_xor_sync(0x0000ffffu, q, o, 16);
+        if (threadIdx.x == 0) sq[blockIdx.x] = q;
+    }
+}
+
+// rsqrt(mean of squares + eps) of a deferred norm over d values (see `qm1_res_impl`)
+__device__ __forceinline__ float deferred_scale(float total, int d, float eps) { return rsqrtf(total / d + eps); }
+
+template <typename T, int GS, int KW>
+__device__ __forceinline__ void qm13n_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
+                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
+                                           T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* u, const float* sq,
+                                           int nsq, int k, float eps) {
+    const ThreeTiles<T> o(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2);
+    float acc[1][2];
+    const uint32_t* const ws[1] = {o.w};
+    const T* const ss[1] = {o.s};
+    const T* const bs[1] = {o.b};
+    float total;
+    qm1_tile<T, GS, KW, 1, true>(ws, ss, bs, u, o.n, k, o.tile * 16, acc, sq, nsq, &total);
+    const int r = o.tile * 16 + threadIdx.x;
+    if (threadIdx.x < 16 && r < o.n) o.y[r] = from_f32<T>(deferred_scale(total, k, eps) * acc[0][0]);
+}
+
+template <typename T, int GS, int KW>
+__device__ __forceinline__ void qm1_swiglun_impl(const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw,
+                                                 const T* usc, const T* ub, const T* u, const float* sq, int nsq,
+                                                 T* y, int n, int k, float eps) {
+    const int row0 = blockIdx.x * 16;
+    float acc[2][2];
+    const uint32_t* const ws[2] = {gw, uw};
+    const T* const ss[2] = {gsc, usc};
+    const T* const bs[2] = {gb, ub};
+    float total;
+    qm1_tile<T, GS, KW, 2, true>(ws, ss, bs, u, n, k, row0, acc, sq, nsq, &total);
+    const int r = row0 + threadIdx.x;
+    if (threadIdx.x < 16 && r < n) {
+        const float sc = deferred_scale(total, k, eps);
+        y[r] = from_f32<T>(silu_mul(sc * acc[0][0], sc * acc[1][0]));
+    }
+}
+
 #define QM1(T, TN, GS, KW)                                                                               \
     extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_##TN##_g##GS##_w##KW(                    \
         const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k) {                        \
@@ -846,6 +958,22 @@ __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc
         const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,       \
         const T* x, T* y, int n, int k) {                                                                   \
         qm1_swiglu_impl<T, GS, KW>(gw, gsc, gb, uw, usc, ub, x, y, n, k);                                \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_res_##TN##_g##GS##_w##KW(                \
+        const uint32_t* w, const T* s, const T* b, const T* x, const T* r, const T* nw, T* h, T* u,          \
+        float* sq, int n, int k) {                                                                          \
+        qm1_res_impl<T, GS, KW>(w, s, b, x, r, nw, h, u, sq, n, k);                                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm13n_##TN##_g##GS##_w##KW(                  \
+        const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,         \
+        const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,          \
+        const T* u, const float* sq, int nsq, int k, float eps) {                                           \
+        qm13n_impl<T, GS, KW>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, u, sq, nsq, k, eps); \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_swiglun_##TN##_g##GS##_w##KW(            \
+        const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,       \
+        const T* u, const float* sq, int nsq, T* y, int n, int k, float eps) {                              \
+        qm1_swiglun_impl<T, GS, KW>(gw, gsc, gb, uw, usc, ub, u, sq, nsq, y, n, k, eps);                    \
     }
 // KW warps per tile (the launcher's choice: cuda.rs `qm1_launch`)
 #define QM1_W(T, TN, GS) QM1(T, TN, GS, 4) QM1(T, TN, GS, 8) QM1(T, TN, GS, 16)
