@@ -439,7 +439,8 @@ impl Normed {
     }
 }
 
-/// Decode steps counted that deferred a norm into the next matmul ([`RmsNorm::forward_pending`]).
+/// Norms deferred into the next matmul so far ([`RmsNorm::forward_pending`]; a replayed CUDA graph
+/// defers without counting).
 pub static DEFERRED_NORMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static DEFERRED_NORMS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
