@@ -344,9 +344,7 @@ impl RmsNorm {
         let n = self.forward(&h)?;
         Ok((h, n))
     }
-}
 
-impl RmsNorm {
     /// The norm of `x` plus the residual branch `pending` (none, a tensor, or a projection not
     /// yet run: see [`Pending`]): `(h, norm(h))`. With a projection and `next` (the weights
     /// of the matmuls that take the norm) the norm is deferred where the CUDA decode kernels

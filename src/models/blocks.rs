@@ -285,7 +285,7 @@ pub trait Layer: Send + Sync {
 }
 
 /// `x + p`, or `x` without `p` (a residual branch left for later, see [`Layer::forward_deferred`]).
-pub(crate) fn plus(x: &Tensor, p: Option<&Pending>) -> Result<Tensor> {
+fn plus(x: &Tensor, p: Option<&Pending>) -> Result<Tensor> {
     Ok(match Pending::resolve(p)? {
         Some(p) => (x + p)?,
         None => x.clone(),

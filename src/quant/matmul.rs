@@ -393,14 +393,27 @@ mod fused {
         |op, x, r, nw| with_parts(&op.0, |w| cuda::qm1_res(x, w, r, nw))
     );
 
-    /// The input of a fused decode kernel when one applies: `x` on CUDA with at most 8 rows,
-    /// and weights of one family (same input size, bits, group size and scale dtype) with bits
-    /// the fused kernels are built for. `None`: use the separate matmuls.
-    fn fused_input(x: &Tensor, ws: &[&QuantizedWeight]) -> Result<Option<Tensor>> {
+    /// Whether weights taking one input are of one family (same input size, bits, group size
+    /// and scale dtype) and fit a fused kernel's shapes: three (q/k/v) of even output sizes, as
+    /// the kernels pair rows within each projection, or two (gate/up) of the same output size.
+    fn fused_weights(ws: &[&QuantizedWeight]) -> bool {
         let w0 = ws[0];
         let same =
             ws.iter().all(|w| w.in_dim == w0.in_dim && w.params == w0.params && w.scales.dtype() == w0.scales.dtype());
-        if !x.device().is_cuda() || !same || !cuda::has_fused(w0.params) {
+        let shapes = match ws {
+            [_, _, _] => ws.iter().all(|w| w.out_dim % 2 == 0),
+            [g, u] => g.out_dim == u.out_dim,
+            _ => false,
+        };
+        same && shapes
+    }
+
+    /// The input of a fused decode kernel when one applies: `x` on CUDA with at most 8 rows,
+    /// and weights that [`fused_weights`] takes with bits the fused kernels are built for.
+    /// `None`: use the separate matmuls.
+    fn fused_input(x: &Tensor, ws: &[&QuantizedWeight]) -> Result<Option<Tensor>> {
+        let w0 = ws[0];
+        if !x.device().is_cuda() || !fused_weights(ws) || !cuda::has_fused(w0.params) {
             return Ok(None);
         }
         if x.elem_count() / w0.in_dim.max(1) > cuda::DECODE_PATH_ROWS {
@@ -416,10 +429,6 @@ mod fused {
         k: &QuantizedWeight,
         v: &QuantizedWeight,
     ) -> Result<Option<[Tensor; 3]>> {
-        // the kernel pairs rows within each projection
-        if [q, k, v].iter().any(|w| w.out_dim % 2 != 0) {
-            return Ok(None);
-        }
         let Some(xin) = fused_input(x, &[q, k, v])? else { return Ok(None) };
         let flat = xin.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()], None))?;
         let lead = &x.dims()[..x.rank() - 1];
@@ -435,9 +444,6 @@ mod fused {
 
     /// `silu(x Gᵀ) · (x Uᵀ)` in one launch on CUDA for decode; `None` where no fused kernel applies.
     pub fn fused_swiglu(x: &Tensor, gate: &QuantizedWeight, up: &QuantizedWeight) -> Result<Option<Tensor>> {
-        if gate.out_dim != up.out_dim {
-            return Ok(None);
-        }
         let Some(xin) = fused_input(x, &[gate, up])? else { return Ok(None) };
         let y = xin.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone(), None))?;
         Ok(Some(y.to_dtype(x.dtype())?))
@@ -466,10 +472,9 @@ mod fused {
             && r.elem_count() == d
             && norm_weight.dims() == [d]
             && [x.dtype(), r.dtype(), norm_weight.dtype()].iter().all(|&t| t == dtype)
-            && next.iter().all(|n| n.in_dim == d && n.params == n0.params && n.scales.dtype() == dtype)
-            // q/k/v: the one-row kernel pairs rows within each projection
-            && (next.len() != 3 || next.iter().all(|n| n.out_dim % 2 == 0))
-            && (next.len() != 2 || next[0].out_dim == next[1].out_dim)
+            && fused_weights(next)
+            && n0.in_dim == d
+            && n0.scales.dtype() == dtype
             && cuda::deferred_norm_fits(dtype, w.params, w.in_dim, d, n0.params);
         if !fits {
             return Ok(None);

@@ -694,6 +694,14 @@ __device__ __forceinline__ float sum_squares_parts(const float* src, int n) {
     return s;
 }
 
+// A consumer's view of the deferred norm (see `qm1_res_impl`): the `n` partial sums of squares
+// at `p` and the norm's eps.
+struct SqIn {
+    const float* p;
+    int n;
+    float eps;
+};
+
 // (a & m) | c in one LOP3: the compiler folds at most one immediate into a LOP3, so a code
 // fragment written as (a & MASK) | MAGIC with both constants costs two; with m and c in
 // registers it is one.
@@ -710,13 +718,13 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t m, uint32_t c) {
 // code fragment is one LOP3 (plus a shift for three of a word's four), and a warp keeps one
 // segment in flight, which measured faster than two (fewer registers, more warps per SM).
 //
-// With SQ (the deferred norm, see `qm1_res_impl`), warp 0 also sums the `nsq` partial sums of
-// squares at `sq` (copied after the wait, added after the loop) into `*sq_total`.
+// With SQ the input is a deferred norm's u (see `qm1_res_impl`): warp 0 also sums its partial
+// sums of squares `sq` (copied after the wait, added after the loop) and the sums returned are
+// scaled by the norm's rsqrt(mean + eps).
 template <typename T, int GS, int KW, int NW, bool SQ = false>
 __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T* const (&sc)[NW],
                                          const T* const (&bi)[NW], const T* __restrict__ x, int n, int k, int row0,
-                                         float (&acc)[NW][2], const float* sq = nullptr, int nsq = 0,
-                                         float* sq_total = nullptr) {
+                                         float (&acc)[NW][2], SqIn sq = {}) {
     using Q = QmtType<T>;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
     const int segs = k / 128, groups = k / GS;
@@ -770,7 +778,7 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
         if (!waited) {
             pdl_wait();
             waited = true;
-            if (SQ && warp == 0) copy_squares_parts(sq_parts, sq, nsq);
+            if (SQ && warp == 0) copy_squares_parts(sq_parts, sq.p, sq.n);
         }
         // the B pairs of the segment's eight mmas from the input of slot t (lanes g == t; zeros
         // elsewhere): mma 2·wi + h takes codes (p, p+4) and (p+1, p+5), p = 2h, of word wi, so
@@ -818,7 +826,8 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
         }
     }
     if (!waited) pdl_wait();  // a warp without segments still waits before the block writes
-    if (SQ && warp == 0) *sq_total = sum_squares_parts(sq_parts, nsq);
+    float total = 0.f;
+    if (SQ && warp == 0) total = sum_squares_parts(sq_parts, sq.n);
     // lanes t = 0, 1 hold rows g and g+8 (t >= 2 zeros): the four lanes of a row, then the warps
     __shared__ float red[KW][NW][16];
 #pragma unroll
@@ -836,40 +845,51 @@ __device__ __forceinline__ void qm1_tile(const uint32_t* const (&w)[NW], const T
             float s = 0.f;
 #pragma unroll
             for (int q = 0; q < KW; ++q) s += red[q][v][threadIdx.x];
-            acc[v][0] = s;
+            acc[v][0] = SQ ? rsqrtf(total / k + sq.eps) * s : s;
         }
     }
 }
 
-template <typename T, int GS, int KW>
-__device__ __forceinline__ void qm1_one(const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k, int row0) {
+// One weight's tile: thread i < 16 of the block returns row row0 + i's sum (see `qm1_tile`).
+template <typename T, int GS, int KW, bool SQ = false>
+__device__ __forceinline__ float qm1_tile_one(const uint32_t* w, const T* s, const T* b, const T* x, int n, int k,
+                                              int row0, SqIn sq = {}) {
     float acc[1][2];
     const uint32_t* const ws[1] = {w};
     const T* const ss[1] = {s};
     const T* const bs[1] = {b};
-    qm1_tile<T, GS, KW, 1>(ws, ss, bs, x, n, k, row0, acc);
+    qm1_tile<T, GS, KW, 1, SQ>(ws, ss, bs, x, n, k, row0, acc, sq);
+    return acc[0][0];
+}
+
+template <typename T, int GS, int KW, bool SQ = false>
+__device__ __forceinline__ void qm1_one(const uint32_t* w, const T* s, const T* b, const T* x, T* y, int n, int k,
+                                        int row0, SqIn sq = {}) {
+    const float v = qm1_tile_one<T, GS, KW, SQ>(w, s, b, x, n, k, row0, sq);
     const int r = row0 + threadIdx.x;
-    if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(acc[0][0]);
+    if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(v);
 }
 
 // q, k and v: the first ceil(n0/16) tiles are W0's, then W1's, W2's.
-template <typename T, int GS, int KW>
+template <typename T, int GS, int KW, bool SQ = false>
 __device__ __forceinline__ void qm13_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
-                                          T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* x, int k) {
+                                          T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* x, int k,
+                                          SqIn sq = {}) {
     const ThreeTiles<T> o(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2);
-    qm1_one<T, GS, KW>(o.w, o.s, o.b, x, o.y, o.n, k, o.tile * 16);
+    qm1_one<T, GS, KW, SQ>(o.w, o.s, o.b, x, o.y, o.n, k, o.tile * 16, sq);
 }
 
-template <typename T, int GS, int KW>
+template <typename T, int GS, int KW, bool SQ = false>
 __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw,
-                                                const T* usc, const T* ub, const T* x, T* y, int n, int k) {
+                                                const T* usc, const T* ub, const T* x, T* y, int n, int k,
+                                                SqIn sq = {}) {
     const int row0 = blockIdx.x * 16;
     float acc[2][2];
     const uint32_t* const ws[2] = {gw, uw};
     const T* const ss[2] = {gsc, usc};
     const T* const bs[2] = {gb, ub};
-    qm1_tile<T, GS, KW, 2>(ws, ss, bs, x, n, k, row0, acc);
+    qm1_tile<T, GS, KW, 2, SQ>(ws, ss, bs, x, n, k, row0, acc, sq);
     const int r = row0 + threadIdx.x;
     if (threadIdx.x < 16 && r < n) y[r] = from_f32<T>(silu_mul(acc[0][0], acc[1][0]));
 }
@@ -877,24 +897,21 @@ __device__ __forceinline__ void qm1_swiglu_impl(const uint32_t* gw, const T* gsc
 // The deferred RMSNorm of the decode step (one row of d = n values): the o and down
 // projections finish the residual add, h = y + r (in T, as candle's add), and hand the next
 // matmul u = T(h · w) (the norm's weight w) and per tile the sum of h² over its 16 rows (f32,
-// `sq[tile]`); the next matmul (q/k/v, gate/up: `qm13n`, `qm1_swiglun`) takes u as its input
-// and scales its sums by rsqrt(Σ sq / d + eps): W·(s·(h ⊙ w)) = s·(W·(h ⊙ w)). This saves the
-// add + RMSNorm launch between them (its wait for the whole matmul and the next one's for it);
-// against n = T(s·h·w) then W·n it differs by the rounding of u (and the order of the sum).
+// `sq[tile]`); the next matmul (q/k/v, gate/up: `wick_qm13n`, `wick_qm1_swiglun`, `qm1_tile`
+// with SQ) takes u as its input and scales its sums by rsqrt(Σ sq / d + eps): W·(s·(h ⊙ w)) =
+// s·(W·(h ⊙ w)). This saves the add + RMSNorm launch between them (its wait for the whole
+// matmul and the next one's for it); against n = T(s·h·w) then W·n it differs by the rounding
+// of u (and the order of the sum).
 template <typename T, int GS, int KW>
 __device__ __forceinline__ void qm1_res_impl(const uint32_t* w, const T* s, const T* b, const T* x, const T* r,
                                              const T* nw, T* h, T* u, float* sq, int n, int k) {
-    float acc[1][2];
-    const uint32_t* const ws[1] = {w};
-    const T* const ss[1] = {s};
-    const T* const bs[1] = {b};
     const int row0 = blockIdx.x * 16;
-    qm1_tile<T, GS, KW, 1>(ws, ss, bs, x, n, k, row0, acc);
+    const float y = qm1_tile_one<T, GS, KW>(w, s, b, x, n, k, row0);
     if (threadIdx.x < 16) {
         const int row = row0 + threadIdx.x;
         float v = 0.f;
         if (row < n) {
-            const T hv = add_t(from_f32<T>(acc[0][0]), elem_after_wait(r + row));
+            const T hv = add_t(from_f32<T>(y), elem_after_wait(r + row));
             h[row] = hv;
             v = to_f32(hv);
             u[row] = from_f32<T>(v * to_f32(nw[row]));
@@ -903,43 +920,6 @@ __device__ __forceinline__ void qm1_res_impl(const uint32_t* w, const T* s, cons
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) q += __shfl_xor_sync(0x0000ffffu, q, o, 16);
         if (threadIdx.x == 0) sq[blockIdx.x] = q;
-    }
-}
-
-// rsqrt(mean of squares + eps) of a deferred norm over d values (see `qm1_res_impl`)
-__device__ __forceinline__ float deferred_scale(float total, int d, float eps) { return rsqrtf(total / d + eps); }
-
-template <typename T, int GS, int KW>
-__device__ __forceinline__ void qm13n_impl(const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1,
-                                           const T* s1, const T* b1, const uint32_t* w2, const T* s2, const T* b2,
-                                           T* y0, T* y1, T* y2, int n0, int n1, int n2, const T* u, const float* sq,
-                                           int nsq, int k, float eps) {
-    const ThreeTiles<T> o(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2);
-    float acc[1][2];
-    const uint32_t* const ws[1] = {o.w};
-    const T* const ss[1] = {o.s};
-    const T* const bs[1] = {o.b};
-    float total;
-    qm1_tile<T, GS, KW, 1, true>(ws, ss, bs, u, o.n, k, o.tile * 16, acc, sq, nsq, &total);
-    const int r = o.tile * 16 + threadIdx.x;
-    if (threadIdx.x < 16 && r < o.n) o.y[r] = from_f32<T>(deferred_scale(total, k, eps) * acc[0][0]);
-}
-
-template <typename T, int GS, int KW>
-__device__ __forceinline__ void qm1_swiglun_impl(const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw,
-                                                 const T* usc, const T* ub, const T* u, const float* sq, int nsq,
-                                                 T* y, int n, int k, float eps) {
-    const int row0 = blockIdx.x * 16;
-    float acc[2][2];
-    const uint32_t* const ws[2] = {gw, uw};
-    const T* const ss[2] = {gsc, usc};
-    const T* const bs[2] = {gb, ub};
-    float total;
-    qm1_tile<T, GS, KW, 2, true>(ws, ss, bs, u, n, k, row0, acc, sq, nsq, &total);
-    const int r = row0 + threadIdx.x;
-    if (threadIdx.x < 16 && r < n) {
-        const float sc = deferred_scale(total, k, eps);
-        y[r] = from_f32<T>(silu_mul(sc * acc[0][0], sc * acc[1][0]));
     }
 }
 
@@ -968,12 +948,12 @@ __device__ __forceinline__ void qm1_swiglun_impl(const uint32_t* gw, const T* gs
         const uint32_t* w0, const T* s0, const T* b0, const uint32_t* w1, const T* s1, const T* b1,         \
         const uint32_t* w2, const T* s2, const T* b2, T* y0, T* y1, T* y2, int n0, int n1, int n2,          \
         const T* u, const float* sq, int nsq, int k, float eps) {                                           \
-        qm13n_impl<T, GS, KW>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, u, sq, nsq, k, eps); \
+        qm13_impl<T, GS, KW, true>(w0, s0, b0, w1, s1, b1, w2, s2, b2, y0, y1, y2, n0, n1, n2, u, k, {sq, nsq, eps}); \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(KW * 32) wick_qm1_swiglun_##TN##_g##GS##_w##KW(            \
         const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,       \
         const T* u, const float* sq, int nsq, T* y, int n, int k, float eps) {                              \
-        qm1_swiglun_impl<T, GS, KW>(gw, gsc, gb, uw, usc, ub, u, sq, nsq, y, n, k, eps);                    \
+        qm1_swiglu_impl<T, GS, KW, true>(gw, gsc, gb, uw, usc, ub, u, y, n, k, {sq, nsq, eps});            \
     }
 // KW warps per tile (the launcher's choice: cuda.rs `qm1_launch`)
 #define QM1_W(T, TN, GS) QM1(T, TN, GS, 4) QM1(T, TN, GS, 8) QM1(T, TN, GS, 16)
