@@ -43,12 +43,22 @@ pub fn select_device(name: Option<&str>) -> Result<Device> {
 /// alive until the kernels using it have run; cudarc's per-tensor event tracking (for
 /// multi-stream use) only adds host work to every op, so it is turned off for the tensors this
 /// device makes. `WICK_CUDA_EVENT_TRACKING=1` keeps it (for comparisons).
+///
+/// Buffers come from the device's default memory pool (stream-ordered allocation), which by
+/// default hands its free memory back to the driver at every synchronization (each token read,
+/// each generation's end): the next prompt then maps its temporaries anew. The pool keeps what
+/// it has instead, as mlx's and PyTorch's caching allocators do (`WICK_CUDA_POOL_RELEASE=1`
+/// restores the release, for comparisons).
 fn single_stream(d: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = &d {
         if std::env::var_os("WICK_CUDA_EVENT_TRACKING").is_none_or(|v| v != "1") {
             // SAFETY: one stream per device (above).
             unsafe { c.disable_event_tracking() };
+        }
+        if std::env::var_os("WICK_CUDA_POOL_RELEASE").is_none_or(|v| v != "1") {
+            // best effort: without it the pool only releases and maps memory more often
+            let _ = crate::cuda::keep_pool_memory(c);
         }
     }
     d

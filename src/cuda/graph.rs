@@ -11,8 +11,11 @@
 //! frees them with stream-ordered allocation, so they become the graph's own memory). The
 //! logits land in a buffer made before the capture.
 //!
-//! A capture first runs the step eagerly (filling candle's upload cache),
-//! except when the model's last capture had the same batch size on the same thread.
+//! The first step on new cache buffers (a new sequence, or the cache grown) runs eagerly, on
+//! the device inputs as a graph would, which fills candle's upload cache; the second step on
+//! the same buffers is captured. So a step that may be the only one (a prompt's last token,
+//! whose time is the time to the first token) does not wait for a capture (~2 ms for a
+//! Llama-1B step: recording ~1 ms, instantiation ~1.2 ms).
 //!
 //! A greedy step (temperature 0) ends with the argmax of the logits (src/cuda/sample.cu): the
 //! token becomes the next replay's input on the device and reaches the host through mapped
@@ -35,16 +38,32 @@ use std::sync::{Arc, Mutex};
 /// Graph replays and captures in this process (tests check that the graph path ran).
 pub static REPLAYS: AtomicUsize = AtomicUsize::new(0);
 pub static CAPTURES: AtomicUsize = AtomicUsize::new(0);
+/// Steps run eagerly on the graph's path (the first on new cache buffers).
+pub static EAGER: AtomicUsize = AtomicUsize::new(0);
 
 struct Captured {
     graph: StepGraph,
-    /// the identities of the cache buffers the graph writes and reads (never reused, so a
+    on: Bound,
+}
+
+/// The step's inputs and the cache buffers and thread they are for.
+struct Bound {
+    /// the identities of the cache buffers the step writes and reads (never reused, so a
     /// match means the same buffers are still alive)
     buffers: Vec<(TensorId, TensorId)>,
-    /// the capturing thread: candle's cache of uploaded shape parameters, which the graph
-    /// reads, is per thread
+    /// the step's thread: candle's cache of uploaded shape parameters, which a graph reads,
+    /// is per thread
     thread: std::thread::ThreadId,
     inputs: Inputs,
+}
+
+impl Bound {
+    /// Whether a step on `buffers` from this thread (greedy or not) is the one these are for.
+    fn fits(&self, buffers: &[(TensorId, TensorId)], greedy: bool) -> bool {
+        self.buffers == buffers
+            && self.thread == std::thread::current().id()
+            && matches!(self.inputs.output, Output::Greedy(_)) == greedy
+    }
 }
 
 /// The buffers a captured step reads its inputs from and writes its output to.
@@ -129,12 +148,11 @@ unsafe impl Send for Captured {}
 #[derive(Default)]
 struct State {
     captured: Option<Captured>,
+    /// the last step on buffers without a graph: run eagerly on its inputs, which the next
+    /// step on the same buffers is captured on
+    primed: Option<Bound>,
     /// a capture failed: this model's steps run eagerly
     disabled: bool,
-    /// the batch rows and thread of this model's last capture: a step of the same shape on the
-    /// same thread finds candle's uploads cached already and is captured without an eager run
-    /// first (a new sequence, or the cache growing)
-    warm: Option<(usize, std::thread::ThreadId)>,
     /// greedy steps' tokens for the host, kept across captures of the same batch size
     ring: Option<Arc<HostRing>>,
 }
@@ -234,14 +252,43 @@ impl DecodeGraph {
             }
         }
         let thread = std::thread::current().id();
-        let same = |c: &Captured| {
-            c.buffers == buffers && c.thread == thread && matches!(c.inputs.output, Output::Greedy(_)) == greedy
-        };
-        if !state.captured.as_ref().is_some_and(same) {
-            // A greedy step's input may be the last graph's output, still being computed.
-            // The last graph may still run, too: CUDA frees a graph in flight once it has
-            // finished, and its buffers go back in stream order.
-            let previous = state.captured.take().map(|c| c.inputs.token.clone());
+        let replay = state.captured.as_ref().is_some_and(|c| c.on.fits(&buffers, greedy));
+        if replay {
+            state.primed = None;
+            let c = state.captured.as_ref().expect("checked above");
+            c.on.inputs.write(tokens, offset, &starts, shape.ropes)?;
+        } else if let Some(p) = state.primed.take_if(|p| p.fits(&buffers, greedy)) {
+            // the second step on these buffers: captured on the first one's inputs (candle's
+            // uploads are cached already)
+            p.inputs.write(tokens, offset, &starts, shape.ropes)?;
+            let previous = state.captured.take().map(|c| c.graph);
+            match capture(device, cache, &p.inputs, &run, previous) {
+                Ok(graph) => {
+                    CAPTURES.fetch_add(1, Ordering::Relaxed);
+                    // the graph replaced (or updated) may still run: CUDA frees a graph in
+                    // flight once it has finished, and its buffers go back in stream order
+                    state.captured = Some(Captured { graph, on: p });
+                }
+                Err(e) => {
+                    state.disabled = true;
+                    if std::env::var_os("WICK_CUDA_GRAPH_DEBUG").is_some() {
+                        eprintln!("wick: CUDA graph capture failed, decoding without graphs: {e:#}");
+                    }
+                    // the step (not run) runs eagerly; a greedy one on the token read back
+                    return Ok(None);
+                }
+            }
+        } else {
+            // The first step on these buffers (a new sequence, or the cache grown) runs eagerly
+            // as a graph would (inputs on the device, uploads cached), so that the host does
+            // not spend a capture on a step that may be the only one (a prompt's last token,
+            // then the time to its first token). A greedy step's input may be the last step's
+            // output, still being computed.
+            let previous = state
+                .primed
+                .take()
+                .map(|p| p.inputs.token)
+                .or_else(|| state.captured.as_ref().map(|c| c.on.inputs.token.clone()));
             let tokens = match (tokens, &previous) {
                 (Some(t), _) => t,
                 (None, Some(t)) if t.dim(0)? == rows => t,
@@ -258,28 +305,9 @@ impl DecodeGraph {
             if ring.is_some() {
                 state.ring = ring;
             }
-            // without the eager run when warm; a capture that misses an upload then takes it
-            let warm = state.warm == Some((rows, thread));
-            let graph = match capture(device, cache, &inputs, &run, warm) {
-                Err(_) if warm => capture(device, cache, &inputs, &run, false),
-                r => r,
-            };
-            match graph {
-                Ok(graph) => {
-                    CAPTURES.fetch_add(1, Ordering::Relaxed);
-                    state.captured = Some(Captured { graph, buffers, thread, inputs });
-                    state.warm = Some((rows, thread));
-                }
-                Err(e) => {
-                    state.disabled = true;
-                    if std::env::var_os("WICK_CUDA_GRAPH_DEBUG").is_some() {
-                        eprintln!("wick: CUDA graph capture failed, decoding without graphs: {e:#}");
-                    }
-                    return Ok(None);
-                }
-            }
-        } else if let Some(c) = &state.captured {
-            c.inputs.write(tokens, offset, &starts, shape.ropes)?;
+            let out = eager_step(device, cache, &inputs, &run, offset)?;
+            state.primed = Some(Bound { buffers, thread, inputs });
+            return Ok(Some(out));
         }
         let c = state.captured.as_ref().expect("captured above");
         c.graph.launch().map_err(|e| anyhow::anyhow!("replaying the decode step's CUDA graph: {e:?}"))?;
@@ -287,52 +315,87 @@ impl DecodeGraph {
         for cache in cache.iter_mut() {
             cache.advance();
         }
-        Ok(Some(match &c.inputs.output {
-            Output::Greedy(ring) => {
-                let done = device.as_cuda_device()?.cuda_stream().record_event(None);
-                let done = done.map_err(|e| anyhow::anyhow!("recording a greedy decode step: {e:?}"))?;
-                Replayed::Tokens(GreedyTokens { done, ring: ring.clone(), pos: offset })
-            }
-            // a copy: the next replay overwrites the graph's buffer
-            Output::Logits(buf) => Replayed::Logits(buf.copy()?),
-        }))
+        Ok(Some(finished(device, &c.on.inputs, offset)?))
     }
 }
 
+/// What a step on `inputs` that wrote position `offset` leaves (once queued).
+fn finished(device: &Device, inputs: &Inputs, offset: usize) -> Result<Replayed> {
+    Ok(match &inputs.output {
+        Output::Greedy(ring) => {
+            let done = device.as_cuda_device()?.cuda_stream().record_event(None);
+            let done = done.map_err(|e| anyhow::anyhow!("recording a greedy decode step: {e:?}"))?;
+            Replayed::Tokens(GreedyTokens { done, ring: ring.clone(), pos: offset })
+        }
+        // a copy: the next replay overwrites the graph's buffer
+        Output::Logits(buf) => Replayed::Logits(buf.copy()?),
+    })
+}
+
+/// One decode step on `inputs` (holding its values), run eagerly as a captured one would run
+/// (the position on the device, candle's uploads cached for a capture of the next step).
+fn eager_step(
+    device: &Device,
+    cache: &mut [KvCache],
+    inputs: &Inputs,
+    run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
+    offset: usize,
+) -> Result<Replayed> {
+    let _uploads = device.as_cuda_device()?.enable_cuda_graph_htod_cache();
+    at_device_pos(cache, &inputs.pos, |cache| inputs.run(cache, run, true))?;
+    for c in cache.iter_mut() {
+        c.advance();
+    }
+    EAGER.fetch_add(1, Ordering::Relaxed);
+    finished(device, inputs, offset)
+}
+
+/// `f` on caches that write at the device position `pos` (and attention that reads it there).
+fn at_device_pos<R>(cache: &mut [KvCache], pos: &DevicePos, f: impl FnOnce(&mut [KvCache]) -> Result<R>) -> Result<R> {
+    for c in cache.iter_mut() {
+        c.set_graph_pos(Some(pos.clone()));
+    }
+    let r = f(cache);
+    for c in cache.iter_mut() {
+        c.set_graph_pos(None);
+    }
+    r
+}
+
 /// Captures one decode step on `inputs` (already holding this step's values) against the
-/// caches' current buffers; unless `warm`, after running it eagerly once (which fills candle's
-/// upload cache and any lazy setup; the replay then recomputes the step).
+/// caches' current buffers, after an eager step on them (see [`eager_step`]) filled candle's
+/// upload cache: the capture only reuses those uploads (and fails on anything new).
+/// `previous`: the model's last graph, updated to the new capture where it fits.
 fn capture(
     device: &Device,
     cache: &mut [KvCache],
     inputs: &Inputs,
     run: &impl Fn(&Tensor, &mut [KvCache], &[RopeTables]) -> Result<Tensor>,
-    warm: bool,
+    previous: Option<StepGraph>,
 ) -> Result<StepGraph> {
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
     // candle uploads some kernels' shape and stride parameters from the host; a captured copy
-    // would read host memory gone by the replay. Its upload cache keeps them on the device:
-    // the eager run fills it, the capture then only reuses them (and fails on anything new).
-    // The cache outlives the capture (it is per thread), so a warm capture skips the eager run.
+    // would read host memory gone by the replay. Its upload cache (per thread) keeps them on
+    // the device.
     let _uploads = cuda.enable_cuda_graph_htod_cache();
-    for c in cache.iter_mut() {
-        c.set_graph_pos(Some(inputs.pos.clone()));
-    }
-    let eager = if warm { Ok(()) } else { inputs.run(cache, run, false) };
-    let ran = eager.and_then(|()| {
+    let debug = std::env::var_os("WICK_CUDA_GRAPH_DEBUG").is_some();
+    let start = std::time::Instant::now();
+    let ran = at_device_pos(cache, &inputs.pos, |cache| {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let ran = inputs.run(cache, run, true);
-        let graph = StepGraph::end_capture(&stream, std::env::var_os("WICK_CUDA_GRAPH_DEBUG").is_some());
+        let recorded = start.elapsed();
+        let graph = StepGraph::end_capture(&stream, debug, previous);
+        if debug {
+            let (r, t) = (recorded.as_micros(), (start.elapsed() - recorded).as_micros());
+            eprintln!("wick: decode step capture: recording {r} µs, rebuild + instantiate or update {t} µs");
+        }
         ran?;
         let graph = graph.map_err(|e| anyhow::anyhow!("instantiating the decode step's CUDA graph: {e:?}"))?;
         graph.ok_or_else(|| anyhow::anyhow!("the decode step's capture produced no graph"))
     });
-    for c in cache.iter_mut() {
-        c.set_graph_pos(None);
-    }
     // errors recorded while a failed capture was invalid (frees of its allocations) must not
     // surface in later eager work
     if ran.is_err() {

@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// Captures rebuilt for programmatic launches in this process (tests check that it ran).
 pub static REBUILT: AtomicUsize = AtomicUsize::new(0);
+/// Captures that updated the previous capture's instance instead of instantiating one.
+pub static UPDATED: AtomicUsize = AtomicUsize::new(0);
 
 /// The handles of wick's own kernels (all wait before they read an earlier kernel's output):
 /// only they may follow a programmatic edge.
@@ -174,24 +176,37 @@ unsafe impl Sync for StepGraph {}
 impl StepGraph {
     /// Ends the stream's capture and instantiates what it captured (None: nothing was). When
     /// programmatic launches are on, the rebuilt graph is instantiated if the capture can be
-    /// rebuilt, else the capture as it is; `debug` reports which.
-    pub fn end_capture(stream: &Arc<CudaStream>, debug: bool) -> Result<Option<Self>, DriverError> {
+    /// rebuilt, else the capture as it is; `debug` reports which. `previous`: the same step's
+    /// last graph (captured on other buffers), whose instance takes the new graph's parameters
+    /// where the two have the same shape, a cheaper update than an instantiation (launches of
+    /// it already queued run as they were).
+    pub fn end_capture(
+        stream: &Arc<CudaStream>,
+        debug: bool,
+        previous: Option<StepGraph>,
+    ) -> Result<Option<Self>, DriverError> {
         stream.context().bind_to_thread()?;
         let mut graph = std::ptr::null_mut();
         unsafe { sys::cuStreamEndCapture(stream.cu_stream(), &mut graph) }.result()?;
         if graph.is_null() {
             return Ok(None);
         }
+        let mut previous = previous;
         if enabled(stream) {
+            let start = std::time::Instant::now();
             match unsafe { rebuild(graph, stream) } {
-                Ok(Ok((copy, arena, report))) => match unsafe { instantiate(copy) } {
-                    Ok(exec) => {
+                Ok(Ok((copy, arena, report))) => match unsafe { Self::instance(copy, arena, stream, &mut previous) } {
+                    Ok(step) => {
                         if debug {
-                            eprintln!("wick: decode step graph rebuilt: {report}");
+                            let updated = UPDATED.load(Ordering::Relaxed);
+                            eprintln!(
+                                "wick: decode step graph rebuilt: {report}; {} µs ({updated} updates so far)",
+                                start.elapsed().as_micros()
+                            );
                         }
                         unsafe { sys::cuGraphDestroy(graph) };
                         REBUILT.fetch_add(1, Ordering::Relaxed);
-                        return Ok(Some(Self { graph: copy, exec, stream: stream.clone(), _arena: arena }));
+                        return Ok(Some(step));
                     }
                     Err(e) => {
                         if debug {
@@ -199,7 +214,6 @@ impl StepGraph {
                                 "wick: the rebuilt decode step graph did not instantiate ({e:?}); kept as captured"
                             );
                         }
-                        unsafe { sys::cuGraphDestroy(copy) };
                     }
                 },
                 Ok(Err(why)) if debug => eprintln!("wick: decode step graph kept as captured: {why}"),
@@ -207,10 +221,33 @@ impl StepGraph {
                 _ => {}
             }
         }
-        match unsafe { instantiate(graph) } {
-            Ok(exec) => Ok(Some(Self { graph, exec, stream: stream.clone(), _arena: None })),
+        unsafe { Self::instance(graph, None, stream, &mut previous) }.map(Some)
+    }
+
+    /// `graph` (owned: destroyed on failure) with its arena, instantiated, or updating the
+    /// instance of `previous` (taken) where the driver accepts its parameters.
+    unsafe fn instance(
+        graph: sys::CUgraph,
+        arena: Option<CudaSlice<u8>>,
+        stream: &Arc<CudaStream>,
+        previous: &mut Option<StepGraph>,
+    ) -> Result<Self, DriverError> {
+        if let Some(mut p) = previous.take() {
+            let mut info: sys::CUgraphExecUpdateResultInfo = std::mem::zeroed();
+            if sys::cuGraphExecUpdate_v2(p.exec, graph, &mut info).result().is_ok() {
+                UPDATED.fetch_add(1, Ordering::Relaxed);
+                // the old graph goes; its arena is freed in stream order, after the launches
+                // queued that use it
+                sys::cuGraphDestroy(std::mem::replace(&mut p.graph, graph));
+                p._arena = arena;
+                return Ok(p);
+            }
+            // refused (another shape): the previous instance goes
+        }
+        match instantiate(graph) {
+            Ok(exec) => Ok(Self { graph, exec, stream: stream.clone(), _arena: arena }),
             Err(e) => {
-                unsafe { sys::cuGraphDestroy(graph) };
+                sys::cuGraphDestroy(graph);
                 Err(e)
             }
         }

@@ -5,7 +5,7 @@
 pub mod graph;
 mod launch;
 
-pub use launch::{programmatic_launches, KernelArg, Launch, StepGraph, REBUILT};
+pub use launch::{programmatic_launches, KernelArg, Launch, StepGraph, REBUILT, UPDATED};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -48,6 +48,28 @@ struct Loaded {
 }
 
 static LOADED: Mutex<Vec<Loaded>> = Mutex::new(Vec::new());
+
+/// Lets `dev`'s default memory pool (where stream-ordered allocations come from) keep its free
+/// memory across synchronizations instead of handing it back to the driver at each.
+pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    let mut pool = std::ptr::null_mut();
+    let mut keep = u64::MAX;
+    // SAFETY: `pool` is written by the driver; the attribute takes a u64 (cuuint64_t).
+    let r = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().and_then(|()| {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+            .result()
+        })
+    };
+    r.w()
+}
 
 /// Kernel `name` of `module` on `dev`'s context, loading the module on first use.
 pub fn function(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
