@@ -419,6 +419,11 @@ impl DeferredNorm {
         let h = carrier.narrow(0, d, d)?.reshape(shape)?;
         Ok(Self { carrier, h, norm })
     }
+
+    /// The norm input's leading dimensions (all but the features).
+    fn lead(&self) -> &[usize] {
+        &self.h.dims()[..self.h.rank() - 1]
+    }
 }
 
 impl Normed {
@@ -943,10 +948,7 @@ pub fn fused_qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<Optio
     match x {
         Normed::Plain(x) => crate::quant::matmul::fused_qkv(x, qw, kw, vw),
         Normed::Deferred(d) => {
-            let lead = &d.h.dims()[..d.h.rank() - 1];
-            let flat = crate::quant::matmul::fused_qkv_deferred(&d.carrier, d.norm.eps, qw, kw, vw)?;
-            let [a, b, c] = flat.map(|t| t.reshape([lead, &[t.elem_count()]].concat()));
-            Ok(Some([a?, b?, c?]))
+            Ok(Some(crate::quant::matmul::fused_qkv_deferred(&d.carrier, d.norm.eps, d.lead(), qw, kw, vw)?))
         }
     }
 }
@@ -959,9 +961,7 @@ pub fn fused_swiglu(x: &Normed, gate: &Linear, up: &Linear) -> Result<Option<Ten
     match x {
         Normed::Plain(x) => crate::quant::matmul::fused_swiglu(x, g, u),
         Normed::Deferred(d) => {
-            let y = crate::quant::matmul::fused_swiglu_deferred(&d.carrier, d.norm.eps, g, u)?;
-            let lead = &d.h.dims()[..d.h.rank() - 1];
-            Ok(Some(y.reshape([lead, &[g.out_dim]].concat())?))
+            Ok(Some(crate::quant::matmul::fused_swiglu_deferred(&d.carrier, d.norm.eps, d.lead(), g, u)?))
         }
     }
 }

@@ -237,14 +237,14 @@ fn cuda_deferred_norm_matches_the_matmul_then_the_norm() {
                 assert_eq!(carrier.dims(), &[3 * d]);
                 let hd = carrier.narrow(0, d, d).unwrap();
                 assert_eq!(max_abs_diff(&hd, &h.flatten_all().unwrap()), 0.0, "x Wᵀ + r, {what}");
-                let got = wick::quant::matmul::fused_qkv_deferred(&carrier, 1e-5, &wq, &wk, &wv).unwrap();
+                let got = wick::quant::matmul::fused_qkv_deferred(&carrier, 1e-5, &[1, 1], &wq, &wk, &wv).unwrap();
                 let rounded = wick::quant::matmul::fused_qkv(&n, &wq, &wk, &wv).unwrap().unwrap();
                 for (((g, r), q), name) in got.iter().zip(&rounded).zip([&qq, &qk, &qv]).zip(["q", "k", "v"]) {
                     check(g, r, &exact(q), name);
                 }
 
                 let carrier = wick::quant::matmul::deferred_norm(&x, &w, &r, &nw, &[&wg, &wu]).unwrap().unwrap();
-                let got = wick::quant::matmul::fused_swiglu_deferred(&carrier, 1e-5, &wg, &wu).unwrap();
+                let got = wick::quant::matmul::fused_swiglu_deferred(&carrier, 1e-5, &[1, 1], &wg, &wu).unwrap();
                 let rounded = wick::quant::matmul::fused_swiglu(&n, &wg, &wu).unwrap().unwrap();
                 let want = (candle_nn::ops::silu(&exact(&qg)).unwrap() * exact(&qu)).unwrap();
                 check(&got, &rounded, &want, "gate/up");

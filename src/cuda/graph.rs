@@ -251,7 +251,6 @@ impl DecodeGraph {
                 _ => return Ok(None),
             }
         }
-        let thread = std::thread::current().id();
         let replay = state.captured.as_ref().is_some_and(|c| c.on.fits(&buffers, greedy));
         if replay {
             state.primed = None;
@@ -306,7 +305,7 @@ impl DecodeGraph {
                 state.ring = ring;
             }
             let out = eager_step(device, cache, &inputs, &run, offset)?;
-            state.primed = Some(Bound { buffers, thread, inputs });
+            state.primed = Some(Bound { buffers, thread: std::thread::current().id(), inputs });
             return Ok(Some(out));
         }
         let c = state.captured.as_ref().expect("captured above");

@@ -183,7 +183,7 @@ impl StepGraph {
     pub fn end_capture(
         stream: &Arc<CudaStream>,
         debug: bool,
-        previous: Option<StepGraph>,
+        mut previous: Option<StepGraph>,
     ) -> Result<Option<Self>, DriverError> {
         stream.context().bind_to_thread()?;
         let mut graph = std::ptr::null_mut();
@@ -191,7 +191,6 @@ impl StepGraph {
         if graph.is_null() {
             return Ok(None);
         }
-        let mut previous = previous;
         if enabled(stream) {
             let start = std::time::Instant::now();
             match unsafe { rebuild(graph, stream) } {

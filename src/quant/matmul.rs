@@ -431,15 +431,21 @@ mod fused {
     ) -> Result<Option<[Tensor; 3]>> {
         let Some(xin) = fused_input(x, &[q, k, v])? else { return Ok(None) };
         let flat = xin.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()], None))?;
-        let lead = &x.dims()[..x.rank() - 1];
+        Ok(Some(split_qkv(&flat, &x.dims()[..x.rank() - 1], [q, k, v], x.dtype())?))
+    }
+
+    /// A q/k/v kernel's flat output (all rows' q, then k, then v) as q, k and v, each shaped
+    /// `lead` (the input's leading dimensions) × its outputs, in `dtype`.
+    fn split_qkv(flat: &Tensor, lead: &[usize], qkv: [&QuantizedWeight; 3], dtype: DType) -> Result<[Tensor; 3]> {
         let m: usize = lead.iter().product();
         let mut at = 0;
         let mut part = |n: usize| -> Result<Tensor> {
-            let t = flat.narrow(0, at, m * n)?.reshape([lead, &[n]].concat())?.to_dtype(x.dtype())?;
+            let t = flat.narrow(0, at, m * n)?.reshape([lead, &[n]].concat())?.to_dtype(dtype)?;
             at += m * n;
             Ok(t)
         };
-        Ok(Some([part(q.out_dim)?, part(k.out_dim)?, part(v.out_dim)?]))
+        let [q, k, v] = qkv;
+        Ok([part(q.out_dim)?, part(k.out_dim)?, part(v.out_dim)?])
     }
 
     /// `silu(x Gᵀ) · (x Uᵀ)` in one launch on CUDA for decode; `None` where no fused kernel applies.
@@ -484,27 +490,29 @@ mod fused {
     }
 
     /// q/k/v of a deferred-norm carrier ([`deferred_norm`], whose `next` they were), the norm's
-    /// `eps` applied: three flat outputs.
+    /// `eps` applied, each shaped `lead` (the norm input's leading dimensions) × its outputs.
     pub fn fused_qkv_deferred(
         carrier: &Tensor,
         eps: f32,
+        lead: &[usize],
         q: &QuantizedWeight,
         k: &QuantizedWeight,
         v: &QuantizedWeight,
     ) -> Result<[Tensor; 3]> {
         let flat = carrier.apply_op1_no_bwd(&Qmv3([q.clone(), k.clone(), v.clone()], Some(eps)))?;
-        let (a, b) = (q.out_dim, k.out_dim);
-        Ok([flat.narrow(0, 0, a)?, flat.narrow(0, a, b)?, flat.narrow(0, a + b, v.out_dim)?])
+        split_qkv(&flat, lead, [q, k, v], carrier.dtype())
     }
 
-    /// `silu(n Gᵀ) · (n Uᵀ)` of a deferred-norm carrier (n its norm), flat.
+    /// `silu(n Gᵀ) · (n Uᵀ)` of a deferred-norm carrier (n its norm), shaped `lead` × outputs.
     pub fn fused_swiglu_deferred(
         carrier: &Tensor,
         eps: f32,
+        lead: &[usize],
         gate: &QuantizedWeight,
         up: &QuantizedWeight,
     ) -> Result<Tensor> {
-        Ok(carrier.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone(), Some(eps)))?)
+        let y = carrier.apply_op1_no_bwd(&QmvSwiGlu(gate.clone(), up.clone(), Some(eps)))?;
+        Ok(y.reshape([lead, &[gate.out_dim]].concat())?)
     }
 }
 
@@ -545,6 +553,7 @@ pub fn deferred_norm(
 pub fn fused_qkv_deferred(
     _carrier: &Tensor,
     _eps: f32,
+    _lead: &[usize],
     _q: &QuantizedWeight,
     _k: &QuantizedWeight,
     _v: &QuantizedWeight,
@@ -557,6 +566,7 @@ pub fn fused_qkv_deferred(
 pub fn fused_swiglu_deferred(
     _carrier: &Tensor,
     _eps: f32,
+    _lead: &[usize],
     _gate: &QuantizedWeight,
     _up: &QuantizedWeight,
 ) -> Result<Tensor> {
