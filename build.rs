@@ -1,5 +1,6 @@
-//! With the `cuda` feature, compiles wick's CUDA kernels (src/quant/cuda/affine.cu: the quantized
-//! matmul; src/cuda/attention.cu: decode attention; src/cuda/norm.cu: residual add + RMSNorm; src/cuda/sample.cu: greedy decoding's argmax) with nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90, the H100/H200) plus PTX for
+//! With the `cuda` feature, compiles wick's CUDA kernels (one source per op under src/ops/: the
+//! quantized matmul, attention, residual add + RMSNorm, SwiGLU, greedy decoding's argmax) with
+//! nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90, the H100/H200) plus PTX for
 //! compute_80, which the driver JIT-compiles on any other GPU of compute capability 8.0 or newer.
 //! Without the feature nothing is built and no CUDA toolchain is needed.
 
@@ -8,17 +9,18 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    const SOURCES: [(&str, &str); 4] = [
-        ("src/quant/cuda/affine.cu", "affine"),
-        ("src/cuda/attention.cu", "attention"),
-        ("src/cuda/norm.cu", "norm"),
-        ("src/cuda/sample.cu", "sample"),
+    const SOURCES: [(&str, &str); 5] = [
+        ("src/ops/qmatmul/affine.cu", "affine"),
+        ("src/ops/attention/attention.cu", "attention"),
+        ("src/ops/norm/norm.cu", "norm"),
+        ("src/ops/swiglu/swiglu.cu", "swiglu"),
+        ("src/ops/argmax/argmax.cu", "argmax"),
     ];
     for (src, _) in SOURCES {
         println!("cargo:rerun-if-changed={src}");
     }
-    println!("cargo:rerun-if-changed=src/cuda/common.cuh");
-    println!("cargo:rerun-if-changed=src/quant/affine_chunk.h");
+    println!("cargo:rerun-if-changed=src/backend/cuda/common.cuh");
+    println!("cargo:rerun-if-changed=src/ops/qmatmul/affine_chunk.h");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

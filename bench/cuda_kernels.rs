@@ -13,7 +13,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
-use wick::quant::{QuantParams, QuantizedWeight};
+use wick::ops::qmatmul::QuantizedWeight;
+use wick::quant::QuantParams;
 
 fn weight(n: usize, k: usize, p: QuantParams, dev: &Device) -> Result<QuantizedWeight> {
     let g = k / p.group_size;
@@ -25,11 +26,11 @@ fn weight(n: usize, k: usize, p: QuantParams, dev: &Device) -> Result<QuantizedW
 
 /// Decode-step anatomy on a real model: mean host issue time and mean full step time.
 fn decode_step(dev: &Device, model_dir: &str) -> Result<()> {
-    let m = wick::models::load_model(std::path::Path::new(model_dir), None, dev)?;
+    let m = wick::engine::load_model(std::path::Path::new(model_dir), None, dev)?;
     let model = m.model.as_ref();
     let mut cache = model.make_cache(None);
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919) % model.vocab_size() as u32).collect();
-    wick::generate::prefill(model, &prompt, &mut cache, 2048)?;
+    wick::engine::generate::prefill(model, &prompt, &mut cache, 2048)?;
     let (mut issue, mut total) = (0f64, 0f64);
     let steps = 64;
     let mut tok = 1u32;
@@ -39,7 +40,7 @@ fn decode_step(dev: &Device, model_dir: &str) -> Result<()> {
         let logits = model.forward(&input, &mut cache, true)?;
         let t1 = Instant::now();
         let l: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        tok = wick::sample::argmax(&l);
+        tok = wick::engine::sample::argmax(&l);
         if i >= 8 {
             issue += (t1 - t0).as_secs_f64();
             total += t0.elapsed().as_secs_f64();
@@ -56,7 +57,7 @@ fn decode_step(dev: &Device, model_dir: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let dev = wick::device::select_device(Some("cuda"))?;
+    let dev = wick::backend::device::select_device(Some("cuda"))?;
     if let Some(model) = std::env::args().nth(1) {
         return decode_step(&dev, &model);
     }
@@ -88,7 +89,7 @@ fn main() -> Result<()> {
             dev.synchronize()?;
             let s = t.elapsed().as_secs_f64() / iters as f64;
             let bytes = bytes_w + 2.0 * (m * (k + n)) as f64;
-            let kernel = wick::quant::cuda::kernel_name(DType::BF16, p, m, n, k);
+            let kernel = wick::ops::qmatmul::cuda::kernel_name(DType::BF16, p, m, n, k);
             println!(
                 "| {name} ({n} × {k}) | {m} | {kernel} | {:.1} | {:.0} | {:.1} |",
                 s * 1e6,

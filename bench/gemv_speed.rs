@@ -4,8 +4,8 @@
 //! `f16`) times one of them.
 
 use std::time::Instant;
-use wick::kernels::{gemv, DenseRows, WeightRows};
-use wick::quant::cpu::AffineRows;
+use wick::backend::cpu::{gemv, DenseRows, WeightRows};
+use wick::ops::qmatmul::cpu::AffineRows;
 use wick::quant::QuantParams;
 
 /// Times 30 layers' matrix-vector products: from memory (each layer its own weights) and from

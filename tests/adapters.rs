@@ -9,7 +9,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use wick::convert::{convert, ConvertOptions};
-use wick::models::{load_model, load_model_with};
+use wick::engine::{load_model, load_model_with};
 
 const CASES: [&str; 4] = ["tiny_llama3_lora", "tiny_llama3_q4_dora", "tiny_qwen2_dora", "tiny_qwen2_q4_lora"];
 
@@ -77,7 +77,7 @@ fn fuse_writes_what_mlx_lm_fuse_writes() {
                 let layer = k.strip_suffix(".weight").unwrap();
                 let deq = |t: &std::collections::HashMap<String, Tensor>| {
                     let p = wick::quant::QuantParams::new(4, 32, "test").unwrap();
-                    let d = wick::quant::dequantize_tensor(
+                    let d = wick::ops::qmatmul::dequantize_tensor(
                         &t[k],
                         &t[&format!("{layer}.scales")],
                         &t[&format!("{layer}.biases")],

@@ -63,7 +63,7 @@ fn cuda_fused_decode_kernels_match_the_separate_matmuls() {
                 for m in (1..=8usize).chain([9, 16, 21, 32]) {
                     let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap().to_dtype(dtype).unwrap();
                     let got =
-                        wick::quant::matmul::fused_qkv(&x, &wq, &wk, &wv).unwrap().expect("a fused kernel applies");
+                        wick::ops::qmatmul::fused_qkv(&x, &wq, &wk, &wv).unwrap().expect("a fused kernel applies");
                     for (g, w) in got.iter().zip([&wq, &wk, &wv]) {
                         let want = w.matmul(&x).unwrap();
                         assert_eq!(g.dims(), want.dims());
@@ -73,7 +73,7 @@ fn cuda_fused_decode_kernels_match_the_separate_matmuls() {
                             "qkv bits {bits} gs {gs} {dtype:?} m {m}: {e:e}"
                         );
                     }
-                    let got = wick::quant::matmul::fused_swiglu(&x, &wq, &wu).unwrap().expect("a fused kernel applies");
+                    let got = wick::ops::qmatmul::fused_swiglu(&x, &wq, &wu).unwrap().expect("a fused kernel applies");
                     let g32 = wq.matmul(&x).unwrap().to_dtype(DType::F32).unwrap();
                     let u32_ = wu.matmul(&x).unwrap().to_dtype(DType::F32).unwrap();
                     let want = (candle_nn::ops::silu(&g32).unwrap() * u32_).unwrap();
@@ -114,8 +114,9 @@ fn cuda_one_row_kernels_match_dequantize_then_matmul() {
                 let (qa, qb, qc) = (mk(n), mk(2 * rng.random_range(1..=64)), mk(2 * rng.random_range(1..=64)));
                 let x = Tensor::randn(0f32, 1.0, (1, 1, k), &dev).unwrap().to_dtype(dtype).unwrap();
                 let x32 = x.to_dtype(DType::F32).unwrap().reshape((1, k)).unwrap();
-                let exact =
-                    |w: &wick::quant::QuantizedWeight| x32.matmul(&dense_reference(w, &dev).t().unwrap()).unwrap();
+                let exact = |w: &wick::ops::qmatmul::QuantizedWeight| {
+                    x32.matmul(&dense_reference(w, &dev).t().unwrap()).unwrap()
+                };
                 let check = |got: &Tensor, want: &Tensor, what: &str| {
                     let bound = 2.0 * rel_err(&want.to_dtype(dtype).unwrap(), want) + 1e-4;
                     let e = rel_err(got, want);
@@ -124,13 +125,13 @@ fn cuda_one_row_kernels_match_dequantize_then_matmul() {
                 let [wa, wb, wc] = [&qa, &qb, &qc].map(|w| to_dev(w, &dev));
                 let wants = [&qa, &qb, &qc].map(exact);
                 check(&wa.matmul(&x).unwrap(), &wants[0], "matmul");
-                let qkv = wick::quant::matmul::fused_qkv(&x, &wa, &wb, &wc).unwrap().expect("a fused kernel applies");
+                let qkv = wick::ops::qmatmul::fused_qkv(&x, &wa, &wb, &wc).unwrap().expect("a fused kernel applies");
                 for ((got, want), name) in qkv.iter().zip(&wants).zip(["q", "k", "v"]) {
                     check(got, want, name);
                 }
                 let qu = mk(n);
                 let wu = to_dev(&qu, &dev);
-                let got = wick::quant::matmul::fused_swiglu(&x, &wa, &wu).unwrap().expect("a fused kernel applies");
+                let got = wick::ops::qmatmul::fused_swiglu(&x, &wa, &wu).unwrap().expect("a fused kernel applies");
                 let want = (candle_nn::ops::silu(&wants[0]).unwrap() * exact(&qu)).unwrap();
                 check(&got, &want, "swiglu");
                 cases += 5;
@@ -221,7 +222,7 @@ fn cuda_deferred_norm_matches_the_matmul_then_the_norm() {
                 let inv =
                     (h32.sqr().unwrap().mean_keepdim(1).unwrap() + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
                 let n32 = h32.broadcast_mul(&inv).unwrap().broadcast_mul(&nw32).unwrap();
-                let exact = |q: &wick::quant::QuantizedWeight| {
+                let exact = |q: &wick::ops::qmatmul::QuantizedWeight| {
                     n32.matmul(&dense_reference(q, &dev).t().unwrap()).unwrap().flatten_all().unwrap()
                 };
                 let what = format!("gs {gs} {dtype:?} d {d} k {k}");
@@ -231,21 +232,21 @@ fn cuda_deferred_norm_matches_the_matmul_then_the_norm() {
                     assert!(e < bound, "{name}, {what}: relative error {e:e} ≥ {bound:e}");
                 };
 
-                let carrier = wick::quant::matmul::deferred_norm(&x, &w, &r, &nw, &[&wq, &wk, &wv])
+                let carrier = wick::ops::qmatmul::deferred_norm(&x, &w, &r, &nw, &[&wq, &wk, &wv])
                     .unwrap()
                     .expect("the deferred norm applies");
                 assert_eq!(carrier.dims(), &[3 * d]);
                 let hd = carrier.narrow(0, d, d).unwrap();
                 assert_eq!(max_abs_diff(&hd, &h.flatten_all().unwrap()), 0.0, "x Wᵀ + r, {what}");
-                let got = wick::quant::matmul::fused_qkv_deferred(&carrier, 1e-5, &[1, 1], &wq, &wk, &wv).unwrap();
-                let rounded = wick::quant::matmul::fused_qkv(&n, &wq, &wk, &wv).unwrap().unwrap();
+                let got = wick::ops::qmatmul::fused_qkv_deferred(&carrier, 1e-5, &[1, 1], &wq, &wk, &wv).unwrap();
+                let rounded = wick::ops::qmatmul::fused_qkv(&n, &wq, &wk, &wv).unwrap().unwrap();
                 for (((g, r), q), name) in got.iter().zip(&rounded).zip([&qq, &qk, &qv]).zip(["q", "k", "v"]) {
                     check(g, r, &exact(q), name);
                 }
 
-                let carrier = wick::quant::matmul::deferred_norm(&x, &w, &r, &nw, &[&wg, &wu]).unwrap().unwrap();
-                let got = wick::quant::matmul::fused_swiglu_deferred(&carrier, 1e-5, &[1, 1], &wg, &wu).unwrap();
-                let rounded = wick::quant::matmul::fused_swiglu(&n, &wg, &wu).unwrap().unwrap();
+                let carrier = wick::ops::qmatmul::deferred_norm(&x, &w, &r, &nw, &[&wg, &wu]).unwrap().unwrap();
+                let got = wick::ops::qmatmul::fused_swiglu_deferred(&carrier, 1e-5, &[1, 1], &wg, &wu).unwrap();
+                let rounded = wick::ops::qmatmul::fused_swiglu(&n, &wg, &wu).unwrap().unwrap();
                 let want = (candle_nn::ops::silu(&exact(&qg)).unwrap() * exact(&qu)).unwrap();
                 check(&got, &rounded, &want, "gate/up");
                 cases += 4;
@@ -258,7 +259,7 @@ fn cuda_deferred_norm_matches_the_matmul_then_the_norm() {
     let x2 = Tensor::randn(0f32, 1.0, (1, 2, 256), &dev).unwrap().to_dtype(DType::BF16).unwrap();
     let r2 = x2.clone();
     let nw = Tensor::ones(256, DType::BF16, &dev).unwrap();
-    assert!(wick::quant::matmul::deferred_norm(&x2, &w, &r2, &nw, &[&w, &w]).unwrap().is_none(), "two rows");
+    assert!(wick::ops::qmatmul::deferred_norm(&x2, &w, &r2, &nw, &[&w, &w]).unwrap().is_none(), "two rows");
     eprintln!("{cases} deferred-norm cases");
 }
 
@@ -273,7 +274,7 @@ fn cuda_decode_with_deferred_norms_equals_the_separate_norms() {
     let Some(dev) = cuda() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = gpu::random_llama_4bit(tmp.path(), 256, 512, 3);
-    let m = wick::models::load_model(&model, Some(DType::BF16), &dev).unwrap();
+    let m = wick::engine::load_model(&model, Some(DType::BF16), &dev).unwrap();
     let lm = m.model.as_ref();
     let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 256).collect();
     let steps: Vec<u32> = (0..24).map(|i| (i * 101 + 17) % 256).collect();
@@ -301,7 +302,7 @@ fn cuda_decode_with_deferred_norms_equals_the_separate_norms() {
         let e = rel_err(a, b);
         assert!(e < 2e-2, "step {i}: deferred-norm logits off by {e:e} (relative) from the separate norms'");
     }
-    wick::cuda::graph::set_enabled(true);
+    wick::engine::cuda_graph::set_enabled(true);
     let graphed = run(true);
     for (i, (a, b)) in graphed.iter().zip(&deferred).enumerate() {
         assert_eq!(max_abs_diff(a, b), 0.0, "step {i}: graph replay differs from the eager deferred step");
@@ -312,7 +313,7 @@ fn cuda_decode_with_deferred_norms_equals_the_separate_norms() {
 fn cuda_decode_attention_matches_the_cpu() {
     let Some(dev) = cuda() else { return };
     use std::sync::Arc;
-    use wick::cache::MaskSpec;
+    use wick::ops::attention::MaskSpec;
     // (batch, heads, kv heads, cache capacity, keys used, head size, softcap, left padding)
     type Case = (usize, usize, usize, usize, usize, usize, Option<f64>, Option<Vec<usize>>);
     let cases: [Case; 7] = [
@@ -336,8 +337,15 @@ fn cuda_decode_attention_matches_the_cpu() {
             let run = |dev: &Device| {
                 let (q, kc, vc) = (q.to_device(dev).unwrap(), kc.to_device(dev).unwrap(), vc.to_device(dev).unwrap());
                 let (k, v) = (kc.narrow(2, 0, t).unwrap(), vc.narrow(2, 0, t).unwrap());
-                wick::nn::scaled_dot_product_attention(&q, &k, &v, (d as f64).powf(-0.5), spec.clone(), softcap)
-                    .unwrap()
+                wick::ops::attention::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    (d as f64).powf(-0.5),
+                    spec.clone(),
+                    softcap,
+                )
+                .unwrap()
             };
             let want = run(&Device::Cpu);
             let got = run(&dev);
@@ -377,8 +385,8 @@ fn cuda_rope_tables_kept_on_the_device_equal_the_host_tables() {
 fn cuda_prefill_attention_matches_the_cpu_in_f32() {
     let Some(dev) = cuda() else { return };
     use std::sync::Arc;
-    use wick::cache::MaskSpec;
-    use wick::cuda::PrefillAttention;
+    use wick::ops::attention::cuda::PrefillAttention;
+    use wick::ops::attention::MaskSpec;
     // (batch, heads, kv heads, queries, offset: keys cached before them, head size, softcap,
     // window, left padding)
     type Case = (usize, usize, usize, usize, usize, usize, Option<f64>, Option<usize>, Option<Vec<usize>>);
@@ -411,7 +419,8 @@ fn cuda_prefill_attention_matches_the_cpu_in_f32() {
             let f32_ = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
             let (k32, v32) = (f32_(&kc).narrow(2, 0, t).unwrap(), f32_(&vc).narrow(2, 0, t).unwrap());
             let want =
-                wick::nn::scaled_dot_product_attention(&f32_(&q), &k32, &v32, scale, spec.clone(), softcap).unwrap();
+                wick::ops::attention::scaled_dot_product_attention(&f32_(&q), &k32, &v32, scale, spec.clone(), softcap)
+                    .unwrap();
             // keys and values as views of a larger cache, as KvCache hands them out
             let (q, kc, vc) = (q.to_device(&dev).unwrap(), kc.to_device(&dev).unwrap(), vc.to_device(&dev).unwrap());
             let (k, v) = (kc.narrow(2, 0, t).unwrap(), vc.narrow(2, 0, t).unwrap());
@@ -432,7 +441,8 @@ fn cuda_prefill_attention_matches_the_cpu_in_f32() {
             let what = format!("b {b} h {h}/{kvh} l {l} offset {offset} d {d} softcap {softcap:?} window {window:?} pads {pads:?} {dtype:?}");
             assert!(e < tol, "{what}: relative error {e:e}");
             // scaled_dot_product_attention takes the kernel for these inputs
-            let via = wick::nn::scaled_dot_product_attention(&q, &k, &v, scale, spec.clone(), softcap).unwrap();
+            let via =
+                wick::ops::attention::scaled_dot_product_attention(&q, &k, &v, scale, spec.clone(), softcap).unwrap();
             assert_eq!(gpu::flat(&via), gpu::flat(&got), "{what}: scaled_dot_product_attention did not use the kernel");
         }
     }
@@ -450,8 +460,8 @@ fn cuda_swiglu_rounds_the_f32_result_once() {
             let u = Tensor::randn(0f32, 1.0, &shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let (g32, u32_) = (gpu::flat(&g), gpu::flat(&u));
             let (gd, ud) = (g.to_device(&dev).unwrap(), u.to_device(&dev).unwrap());
-            assert!(wick::cuda::SwiGlu::fits(&gd, &ud), "{shape:?} does not reach the kernel");
-            let got = gpu::flat(&wick::nn::swiglu(&gd, &ud).unwrap());
+            assert!(wick::ops::swiglu::cuda::SwiGlu::fits(&gd, &ud), "{shape:?} does not reach the kernel");
+            let got = gpu::flat(&wick::ops::swiglu::swiglu(&gd, &ud).unwrap());
             for (i, ((&x, &y), &z)) in g32.iter().zip(&u32_).zip(&got).enumerate() {
                 let want = x as f64 / (1.0 + (-x as f64).exp()) * y as f64;
                 let bound = want.abs() * half_ulp as f64 * 1.01 + 1e-6;
@@ -479,7 +489,7 @@ fn cuda_add_rms_norm_equals_the_separate_add_and_norm_bit_for_bit() {
             };
             let (x, r, w) =
                 (rand(&[1, rows, d], 3.0, &mut rng), rand(&[1, rows, d], 1.0, &mut rng), rand(&[d], 1.5, &mut rng));
-            let both = x.apply_op3_no_bwd(&r, &w, &wick::cuda::AddRmsNorm { eps: 1e-5 }).unwrap();
+            let both = x.apply_op3_no_bwd(&r, &w, &wick::ops::norm::cuda::AddRmsNorm { eps: 1e-5 }).unwrap();
             assert_eq!(both.dims(), &[2, 1, rows, d]);
             let h = (&x + &r).unwrap();
             let n = candle_nn::ops::rms_norm(&h, &w, 1e-5).unwrap();
@@ -511,8 +521,9 @@ fn cuda_4bit_greedy_tokens_match_mlx_lm() {
 #[test]
 fn cuda_graph_decode_equals_eager_decode() {
     use std::sync::atomic::Ordering::Relaxed;
-    use wick::cuda::graph::{set_enabled, CAPTURES, EAGER, REPLAYS};
-    use wick::cuda::{REBUILT, STEP_ATTENTION_LAUNCHES, UPDATED};
+    use wick::backend::cuda::{REBUILT, UPDATED};
+    use wick::engine::cuda_graph::{set_enabled, CAPTURES, EAGER, REPLAYS};
+    use wick::ops::attention::cuda::STEP_ATTENTION_LAUNCHES;
     let Some(dev) = cuda() else { return };
     let prompt = gpu::golden_prompts()[1].clone();
     // 38 prompt positions + 300 steps: the cache grows past 256 positions during the decode
@@ -524,7 +535,7 @@ fn cuda_graph_decode_equals_eager_decode() {
     for (model, dtype) in
         [(common::default_model(), DType::F32), (common::default_model(), DType::BF16), (q4, DType::BF16)]
     {
-        let m = wick::models::load_model(&model, Some(dtype), &dev).unwrap();
+        let m = wick::engine::load_model(&model, Some(dtype), &dev).unwrap();
         let quantized = model != common::default_model();
         let dtype = format!("{dtype:?}{}", if quantized { ", 4-bit" } else { "" });
         set_enabled(false);
@@ -547,7 +558,7 @@ fn cuda_graph_decode_equals_eager_decode() {
         // a quantized model's step is rebuilt wherever programmatic launches are on (Hopper)
         // and the second capture (the cache grown) updates the first one's instance: the
         // tokens after it come from the updated graph
-        if quantized && wick::cuda::programmatic_launches(&dev).unwrap() {
+        if quantized && wick::backend::cuda::programmatic_launches(&dev).unwrap() {
             assert_eq!(rebuilt, captures, "{dtype}: captures kept as they were");
             assert_eq!(UPDATED.load(Relaxed) - u0, captures - 1, "{dtype}: a capture instantiated anew");
         }
@@ -559,21 +570,50 @@ fn cuda_graph_decode_equals_eager_decode() {
     }
 }
 
+/// Every architecture that offers a graph step (tests/tiny_models.rs lists them) decodes the
+/// same from CUDA graphs as eagerly: mlx_lm's tiny models, f32, their caches past 256 positions.
+/// Sliding-window models rotate their caches, which a graph does not capture: they decode
+/// eagerly (no replays) and must still give the same tokens.
+#[test]
+fn cuda_graph_decode_equals_eager_for_every_architecture() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use wick::engine::cuda_graph::{set_enabled, REPLAYS};
+    let Some(dev) = cuda() else { return };
+    let replayed = ["tiny_llama3", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_phi", "tiny_phi3", "tiny_gemma2"];
+    let rotating = ["tiny_mistral_swa", "tiny_gemma3"];
+    for name in replayed.iter().chain(&rotating) {
+        let m = wick::engine::load_model(&common::golden(name), Some(DType::F32), &dev).unwrap();
+        assert!(m.model.graph_step().is_some(), "{name}: no graph step");
+        let prompt: Vec<u32> = (1..20).map(|i| (i * 7) % m.model.vocab_size() as u32).collect();
+        set_enabled(false);
+        let eager = common::greedy(m.model.as_ref(), &prompt, 300);
+        set_enabled(true);
+        let r0 = REPLAYS.load(Relaxed);
+        let graphed = common::greedy(m.model.as_ref(), &prompt, 300);
+        let replays = REPLAYS.load(Relaxed) - r0;
+        if replayed.contains(name) {
+            assert!(replays >= 290, "{name}: {replays} of 300 steps replayed from a graph");
+        }
+        assert_eq!(graphed, eager, "{name}: graph replay differs from the eager decode");
+    }
+}
+
 #[test]
 fn cuda_graph_batch_decode_equals_eager_batch_decode() {
     use std::collections::BTreeSet;
     use std::sync::atomic::Ordering::Relaxed;
-    use wick::cuda::graph::{set_enabled, CAPTURES, EAGER, REPLAYS};
+    use wick::engine::cuda_graph::{set_enabled, CAPTURES, EAGER, REPLAYS};
     let Some(dev) = cuda() else { return };
     // the eight golden prompts, 4 to 41 tokens: a left-padded batch
     let prompts = gpu::golden_prompts();
     let tok = wick::tokenizer::Tokenizer::load(&common::default_model()).unwrap();
-    let opts = wick::generate::GenerateOptions { max_tokens: 120, ..Default::default() };
+    let opts = wick::engine::generate::GenerateOptions { max_tokens: 120, ..Default::default() };
     for dtype in [DType::F32, DType::BF16] {
-        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        let m = wick::engine::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
         let model = m.model.as_ref();
-        let run =
-            |eos: &BTreeSet<u32>| wick::batch::batch_generate(model, &prompts, &opts, eos, |_| {}).unwrap().tokens;
+        let run = |eos: &BTreeSet<u32>| {
+            wick::engine::batch::batch_generate(model, &prompts, &opts, eos, |_| {}).unwrap().tokens
+        };
         for eos in [BTreeSet::new(), tok.eos_token_ids.clone()] {
             set_enabled(false);
             let r0 = REPLAYS.load(Relaxed);
@@ -601,7 +641,8 @@ fn cuda_graph_batch_decode_equals_eager_batch_decode() {
 
 #[test]
 fn cuda_greedy_argmax_picks_as_the_host() {
-    use wick::cuda::{argmax_rows, HostRing};
+    use wick::backend::cuda::HostRing;
+    use wick::ops::argmax::cuda::argmax_rows;
     let Some(dev) = cuda() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     // vocab sizes with and without 16-byte rows; ties (the first index wins), NaN (never
@@ -641,7 +682,7 @@ fn cuda_greedy_argmax_picks_as_the_host() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let logits = f32_logits.to_dtype(dtype).unwrap();
             let host: Vec<Vec<f32>> = logits.to_dtype(DType::F32).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
-            let want: Vec<u32> = host.iter().map(|r| wick::sample::argmax(r)).collect();
+            let want: Vec<u32> = host.iter().map(|r| wick::engine::sample::argmax(r)).collect();
             for first in [0, 1] {
                 let (logits, want, m) = (logits.narrow(0, first, n - first).unwrap(), &want[first..], n - first);
                 let what = format!("vocab {vocab} {dtype:?} rows {first}..");
@@ -662,14 +703,14 @@ fn cuda_greedy_argmax_picks_as_the_host() {
 fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
     use std::collections::BTreeSet;
     use std::sync::atomic::Ordering::Relaxed;
-    use wick::cuda::graph::{CAPTURES, EAGER, REPLAYS};
-    use wick::generate::{generate_with_cache, GenerateOptions};
+    use wick::engine::cuda_graph::{CAPTURES, EAGER, REPLAYS};
+    use wick::engine::generate::{generate_with_cache, GenerateOptions};
     let Some(dev) = cuda() else { return };
     let prompt = gpu::golden_prompts()[2].clone();
     // past 256 positions: the graph is captured again on the way, with the token on the device
     let n = 300;
     for dtype in [DType::F32, DType::BF16] {
-        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        let m = wick::engine::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
         let model = m.model.as_ref();
         // the host's argmax of each replayed step's logits
         let host = common::greedy(model, &prompt, n);
@@ -694,7 +735,7 @@ fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
             let ids = if eos { BTreeSet::from([host[stop_at]]) } else { BTreeSet::new() };
             let opts = GenerateOptions { max_tokens: n, ..Default::default() };
             let mut cache = model.make_cache(None);
-            let mut sampler = wick::sample::Sampler::new(Default::default()).unwrap();
+            let mut sampler = wick::engine::sample::Sampler::new(Default::default()).unwrap();
             let mut got = vec![];
             let stats = generate_with_cache(model, &prompt, &mut cache, &mut sampler, &opts, &ids, feed_last, |t| {
                 got.push(t);
@@ -713,8 +754,8 @@ fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
             );
             // and decoding on from that cache: feeding the next token gives the one after
             let (feed, want) = if feed_last { (host[cut + 1], host[cut + 2]) } else { (host[cut], host[cut + 1]) };
-            let logits = wick::generate::prefill(model, &[feed], &mut cache, 2048).unwrap();
-            assert_eq!(wick::sample::argmax(&logits), want, "{case}: decoding on from the cache");
+            let logits = wick::engine::generate::prefill(model, &[feed], &mut cache, 2048).unwrap();
+            assert_eq!(wick::engine::sample::argmax(&logits), want, "{case}: decoding on from the cache");
         }
     }
 }
@@ -729,7 +770,7 @@ fn cuda_server_greedy_batches_pick_on_the_device_as_the_host_does() {
     // starts, so both runs batch them alike), each with its own length; asking for
     // log-probabilities sends the scheduler through the logits and the host's argmax
     let serve = |dtype: DType, logprobs: Option<usize>| -> Vec<Vec<u32>> {
-        let m = wick::models::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
+        let m = wick::engine::load_model(&common::default_model(), Some(dtype), &dev).unwrap();
         let cfg = SchedulerConfig {
             max_batch: 8,
             max_queue: 8,

@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use wick::generate::{prefill, step_logits};
-use wick::models::load_model;
-use wick::sample::argmax;
+use wick::engine::generate::{prefill, step_logits};
+use wick::engine::load_model;
+use wick::engine::sample::argmax;
 use wick::tokenizer::Tokenizer;
 
 fn goldens() -> serde_json::Value {
@@ -107,8 +107,8 @@ fn gguf_import_matches_gguf_package_dequantization() {
         serde_json::from_str(&std::fs::read_to_string(golden("gguf_import_f16.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("imported");
-    wick::gguf::import(&default_gguf(), &out, DType::F16, false).unwrap();
-    let w = wick::load::Weights::open(&out).unwrap();
+    wick::convert::gguf::import(&default_gguf(), &out, DType::F16, false).unwrap();
+    let w = wick::io::Weights::open(&out).unwrap();
     let want = want.as_object().unwrap();
     assert_eq!(w.names().count(), want.len(), "tensor count");
     for (name, info) in want {
@@ -196,11 +196,11 @@ fn chat_session_keeps_the_cache_across_turns_like_mlx_lm() {
     let g = chat_goldens();
     let m = load_model(&default_model(), Some(DType::F32), &Device::Cpu).unwrap();
     let tok = Tokenizer::load(&default_model()).unwrap();
-    let opts = wick::generate::GenerateOptions {
+    let opts = wick::engine::generate::GenerateOptions {
         max_tokens: g["max_tokens"].as_u64().unwrap() as usize,
         ..Default::default()
     };
-    let mut chat = wick::chat::ChatSession::new(m.model.as_ref(), &tok, opts, None).unwrap();
+    let mut chat = wick::engine::chat::ChatSession::new(m.model.as_ref(), &tok, opts, None).unwrap();
     for t in g["turns"].as_array().unwrap() {
         let q = t["query"].as_str().unwrap();
         if q == "r" {

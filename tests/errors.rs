@@ -181,7 +181,7 @@ fn quantized_tiny_model_loads_and_runs() {
     let t = tempfile::tempdir().unwrap();
     let q = t.path().join("q");
     quantized_copy(&q);
-    let m = wick::models::load_model(&q, None, &candle_core::Device::Cpu).unwrap();
+    let m = wick::engine::load_model(&q, None, &candle_core::Device::Cpu).unwrap();
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 127]], &candle_core::Device::Cpu).unwrap();
     let mut cache = m.model.make_cache(None);
     let logits = m.model.forward(&ids, &mut cache, false).unwrap();

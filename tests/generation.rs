@@ -7,10 +7,11 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use std::collections::BTreeSet;
-use wick::generate::{generate, generate_with_cache, prefill, GenerateOptions, KvQuant};
-use wick::models::{load_model, LanguageModel};
+use wick::engine::generate::{generate, generate_with_cache, prefill, GenerateOptions, KvQuant};
+use wick::engine::load_model;
+use wick::engine::sample::Sampler;
+use wick::models::LanguageModel;
 use wick::quant::QuantParams;
-use wick::sample::Sampler;
 
 fn json(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(golden(name)).unwrap()).unwrap()
@@ -114,7 +115,7 @@ fn prompt_cache_written_by_mlx_lm_continues_like_mlx_lm() {
     let g = &json("smollm2_generation.json")["prompt_cache"];
     let file = golden(g["file"].as_str().unwrap());
     let m = model();
-    let loaded = wick::prompt_cache::load(&file, DType::F32, &Device::Cpu).unwrap();
+    let loaded = wick::engine::prompt_cache::load(&file, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(loaded.metadata["model"], g["model"].as_str().unwrap());
     let mut cache = loaded.cache;
     assert_eq!(cache[0].offset(), ids(&g["cached_ids"]).len());
@@ -148,7 +149,7 @@ fn prompt_cache_written_by_mlx_lm_continues_like_mlx_lm() {
         .output()
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let mine = wick::prompt_cache::load(&ours, DType::F32, &Device::Cpu).unwrap();
+    let mine = wick::engine::prompt_cache::load(&ours, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(mine.cache[0].offset(), ids(&g["cached_ids"]).len());
     assert_eq!(mine.metadata["model"], g["model"].as_str().unwrap());
     let out = wick()
@@ -188,11 +189,12 @@ fn saved_prompt_cache_continues_like_the_full_prompt() {
         }
         let split = prompt.len() - 5;
         let mut cache = opts.new_cache(m.as_ref()).unwrap();
-        wick::generate::prefill_quantized(m.as_ref(), &prompt[..split], &mut cache, 2048, quant.as_ref()).unwrap();
+        wick::engine::generate::prefill_quantized(m.as_ref(), &prompt[..split], &mut cache, 2048, quant.as_ref())
+            .unwrap();
         let path = dir.path().join(format!("{kind}.safetensors"));
         let meta = [("model".to_string(), "x".to_string())].into();
-        wick::prompt_cache::save(&path, &cache, &meta).unwrap();
-        let loaded = wick::prompt_cache::load(&path, DType::F32, &Device::Cpu).unwrap();
+        wick::engine::prompt_cache::save(&path, &cache, &meta).unwrap();
+        let loaded = wick::engine::prompt_cache::load(&path, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(loaded.metadata, meta);
         let mut cache = loaded.cache;
         assert_eq!(
@@ -221,14 +223,15 @@ fn batch_of_mixed_length_prompts_gives_each_rows_greedy_output() {
     let tok = wick::tokenizer::Tokenizer::load(&default_model()).unwrap();
     let opts = GenerateOptions { max_tokens: n, ..Default::default() };
     let mut active = vec![];
-    let out = wick::batch::batch_generate(m.as_ref(), &prompts, &opts, &tok.eos_token_ids, |a| active.push(a)).unwrap();
+    let out = wick::engine::batch::batch_generate(m.as_ref(), &prompts, &opts, &tok.eos_token_ids, |a| active.push(a))
+        .unwrap();
     for (i, (got, (_, want))) in out.tokens.iter().zip(&cases).enumerate() {
         let want: Vec<u32> = want.iter().copied().take_while(|t| !tok.eos_token_ids.contains(t)).collect();
         assert_eq!(got, &want, "row {i}");
     }
     assert!(active.windows(2).all(|w| w[0] >= w[1]));
     // no eos: every row runs to the end
-    let out = wick::batch::batch_generate(m.as_ref(), &prompts, &opts, &BTreeSet::new(), |_| {}).unwrap();
+    let out = wick::engine::batch::batch_generate(m.as_ref(), &prompts, &opts, &BTreeSet::new(), |_| {}).unwrap();
     for (i, (got, (_, want))) in out.tokens.iter().zip(&cases).enumerate() {
         assert_eq!(got, want, "row {i} without eos");
     }
@@ -253,7 +256,7 @@ fn speculative_decoding_with_a_4bit_draft_equals_greedy() {
     for (k, (prompt, want)) in [2usize, 4].into_iter().zip(prompts().into_iter().step_by(3)) {
         let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
         let mut got = vec![];
-        let s = wick::speculative::speculative_generate(
+        let s = wick::engine::speculative::speculative_generate(
             m.as_ref(),
             draft.as_ref(),
             &prompt,
@@ -293,12 +296,12 @@ fn perplexity_matches_mlx_lm_within_half_a_percent() {
     let g = &json("smollm2_generation.json")["perplexity"];
     let m = load_model(&default_model(), Some(DType::F32), &Device::Cpu).unwrap();
     let tok = wick::tokenizer::Tokenizer::load(&default_model()).unwrap();
-    let records = wick::perplexity::load_records(&root().join(g["file"].as_str().unwrap()), &tok).unwrap();
+    let records = wick::engine::perplexity::load_records(&root().join(g["file"].as_str().unwrap()), &tok).unwrap();
     assert_eq!(records[0].len(), g["tokens"].as_u64().unwrap() as usize);
     let seq = g["sequence_length"].as_u64().unwrap() as usize;
-    let rows = wick::perplexity::make_rows(&records, seq, None, 123).unwrap();
+    let rows = wick::engine::perplexity::make_rows(&records, seq, None, 123).unwrap();
     assert_eq!(rows.len(), g["rows"].as_u64().unwrap() as usize);
-    let p = wick::perplexity::eval_ppl(m.model.as_ref(), &rows, 2, |_, _| {}).unwrap();
+    let p = wick::engine::perplexity::eval_ppl(m.model.as_ref(), &rows, 2, |_, _| {}).unwrap();
     let want = g["ppl"].as_f64().unwrap();
     let rel = (p.ppl - want).abs() / want;
     assert!(rel < 0.005, "perplexity {} vs mlx_lm {want} ({:.3}%)", p.ppl, rel * 100.0);
@@ -313,7 +316,7 @@ fn prefill_then_step_is_unchanged_by_the_new_paths() {
     let (prompt, want) = prompts().swap_remove(0);
     let mut cache = m.make_cache(None);
     let logits = prefill(m.as_ref(), &prompt, &mut cache, 7).unwrap();
-    assert_eq!(wick::sample::argmax(&logits), want[0]);
+    assert_eq!(wick::engine::sample::argmax(&logits), want[0]);
 }
 
 #[test]

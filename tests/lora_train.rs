@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use wick::lora::{train, FineTuneType};
+use wick::lora::train;
+use wick::nn::lora::FineTuneType;
 
 #[test]
 fn loss_and_adapter_gradients_match_mlx_lm() {
@@ -41,11 +42,11 @@ fn fifty_steps_follow_mlx_lm_loss_curve() {
     ] {
         assert!(adapters.join(f).is_file(), "{f} missing");
     }
-    let ac = wick::lora::AdapterConfig::read(&adapters).unwrap();
+    let ac = wick::nn::lora::AdapterConfig::read(&adapters).unwrap();
     assert_eq!((ac.num_layers, ac.lora.rank), (2, 8));
     // the trained adapters load for generation and change the model
-    let a = wick::models::load_model_with(&q4, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
-    let b = wick::models::load_model_with(&q4, Some(DType::F32), &Device::Cpu, None).unwrap();
+    let a = wick::engine::load_model_with(&q4, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
+    let b = wick::engine::load_model_with(&q4, Some(DType::F32), &Device::Cpu, None).unwrap();
     let x = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
     let la: Vec<f32> =
         a.model.forward(&x, &mut a.model.make_cache(None), true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -221,11 +222,11 @@ fn full_fine_tuning_trains_the_last_blocks_and_loads_in_mlx_lm() {
     assert_eq!(names.len(), 9, "{names:?}");
     assert!(names.iter().all(|n| n.starts_with("model.layers.1.")), "{names:?}");
     assert!(names.contains(&&"model.layers.1.input_layernorm.weight".to_string()));
-    let ac = wick::lora::AdapterConfig::read(&adapters).unwrap();
+    let ac = wick::nn::lora::AdapterConfig::read(&adapters).unwrap();
     assert_eq!((ac.fine_tune_type, ac.num_layers), (FineTuneType::Full, 1));
 
-    let a = wick::models::load_model_with(&dense, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
-    let b = wick::models::load_model_with(&dense, Some(DType::F32), &Device::Cpu, None).unwrap();
+    let a = wick::engine::load_model_with(&dense, Some(DType::F32), &Device::Cpu, Some(&adapters)).unwrap();
+    let b = wick::engine::load_model_with(&dense, Some(DType::F32), &Device::Cpu, None).unwrap();
     let prompt = [504u32, 2365, 282, 253, 5150];
     let want = greedy(a.model.as_ref(), &prompt, 12);
     assert_ne!(want, greedy(b.model.as_ref(), &prompt, 12), "the trained weights should change the greedy tokens");

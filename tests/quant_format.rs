@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use wick::quant::{dequantize_tensor, quantize_tensor, QuantParams};
+use wick::ops::qmatmul::dequantize_tensor;
+use wick::quant::{quantize_tensor, QuantParams};
 
 fn bytes(t: &Tensor) -> Vec<u8> {
     let t = t.flatten_all().unwrap();

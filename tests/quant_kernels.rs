@@ -3,7 +3,8 @@
 //! every bits × group size, f32/f16/bf16 scales; and the gradient with respect to the input.
 
 use candle_core::{DType, Device, Tensor, Var};
-use wick::quant::{quantize_tensor, QuantParams, QuantizedWeight};
+use wick::ops::qmatmul::QuantizedWeight;
+use wick::quant::{quantize_tensor, QuantParams};
 
 fn weight(n: usize, k: usize, p: QuantParams, dtype: DType) -> QuantizedWeight {
     let dev = Device::Cpu;
@@ -153,13 +154,13 @@ fn batch_rows_equal_single_rows_bit_for_bit() {
     // the multi-input kernels exist on AVX-512 builds; elsewhere only the 8-row decode path
     let avx512 = cfg!(all(target_arch = "x86_64", target_feature = "avx512f"));
     for m in [2usize, 5, 16, 23, 64] {
-        if !avx512 && m > wick::kernels::GEMV_MAX_ROWS {
+        if !avx512 && m > wick::backend::cpu::GEMV_MAX_ROWS {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         for bits in [3, 4, 8] {
             // widths without a multi-input kernel take the decode path up to 8 rows only
-            if bits == 3 && m > wick::kernels::GEMV_MAX_ROWS {
+            if bits == 3 && m > wick::backend::cpu::GEMV_MAX_ROWS {
                 continue;
             }
             for gs in [32, 64] {
@@ -169,7 +170,7 @@ fn batch_rows_equal_single_rows_bit_for_bit() {
             }
         }
         let wd = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(DType::F16).unwrap();
-        let (batch, single) = rows(&x, &|x| wick::nn::dense_matmul(x, &wd).unwrap());
+        let (batch, single) = rows(&x, &|x| wick::ops::dense_matmul::dense_matmul(x, &wd).unwrap());
         assert_eq!(batch, single, "dense f16 m={m}");
     }
 }

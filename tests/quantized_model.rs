@@ -17,7 +17,7 @@ fn options(args: &serde_json::Value) -> ConvertOptions {
     let bits = args.get("q_bits").and_then(|v| v.as_u64()).unwrap_or(4) as usize;
     let gs = args.get("q_group_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize;
     ConvertOptions {
-        dtype: args.get("dtype").and_then(|v| v.as_str()).map(|d| wick::device::parse_dtype(d).unwrap()),
+        dtype: args.get("dtype").and_then(|v| v.as_str()).map(|d| wick::backend::device::parse_dtype(d).unwrap()),
         quantize: Some(QuantizeOptions {
             params: QuantParams::new(bits, gs, "test").unwrap(),
             mode: "affine".into(),
@@ -57,7 +57,7 @@ fn convert_q_output_is_byte_identical_to_mlx_lm() {
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["quantization"], want["quantization"], "{name}: quantization block");
         assert_eq!(cfg["quantization_config"], want["quantization_config"], "{name}: quantization_config block");
-        let w = wick::load::Weights::open(&out).unwrap();
+        let w = wick::io::Weights::open(&out).unwrap();
         let tensors = want["tensors"].as_object().unwrap();
         assert_eq!(w.names().count(), tensors.len(), "{name}: tensor count");
         let mut bad = vec![];
@@ -82,7 +82,7 @@ fn greedy_tokens_on_4_and_8_bit_match_mlx_lm() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["q4g64", "q8g64"] {
         let out = convert_like_mlx(name, tmp.path());
-        let m = wick::models::load_model(&out, Some(DType::F32), &Device::Cpu).unwrap();
+        let m = wick::engine::load_model(&out, Some(DType::F32), &Device::Cpu).unwrap();
         let model = m.model.as_ref();
         for (i, c) in prompts["cases"].as_array().unwrap().iter().enumerate() {
             let ids: Vec<u32> =
@@ -90,12 +90,12 @@ fn greedy_tokens_on_4_and_8_bit_match_mlx_lm() {
             let want: Vec<u32> =
                 g[name]["greedy_f32"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             let mut cache = model.make_cache(None);
-            let mut l = wick::generate::prefill(model, &ids, &mut cache, 2048).unwrap();
+            let mut l = wick::engine::generate::prefill(model, &ids, &mut cache, 2048).unwrap();
             let mut got = vec![];
             for _ in 0..want.len() {
-                let t = wick::sample::argmax(&l);
+                let t = wick::engine::sample::argmax(&l);
                 got.push(t);
-                l = wick::generate::step_logits(model, &[t], &mut cache).unwrap();
+                l = wick::engine::generate::step_logits(model, &[t], &mut cache).unwrap();
             }
             assert_eq!(got, want, "{name} case {i}: greedy tokens differ from mlx_lm");
         }

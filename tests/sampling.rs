@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use wick::sample::{
+use wick::engine::sample::{
     apply_min_p, apply_top_k, apply_top_p, apply_xtc, log_softmax, LogitsProcessors, Sampler, SamplerConfig,
 };
 

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use wick::models::load_model;
+use wick::engine::load_model;
 
 fn check(name: &str) {
     check_folder(name, &golden(name), 1e-4);
@@ -178,5 +178,28 @@ fn convert_q_of_every_architecture_is_byte_identical_to_mlx_lm() {
             cfg(golden(&name).join("q4/config.json"))["quantization"],
             "{name}: quantization block"
         );
+    }
+}
+
+/// Which architectures' decode steps a CUDA graph may capture (`LanguageModel::graph_step`):
+/// every one whose layers do all their work on the device. mixtral's router reads its choices
+/// on the host, so its model decodes eagerly. (tests/cuda.rs replays each graphable one.)
+#[test]
+fn every_architecture_but_mixtral_offers_a_graph_step() {
+    let table = [
+        ("tiny_llama3", true),
+        ("tiny_mistral", true),
+        ("tiny_mistral_swa", true),
+        ("tiny_qwen2", true),
+        ("tiny_qwen3", true),
+        ("tiny_phi", true),
+        ("tiny_phi3", true),
+        ("tiny_gemma2", true),
+        ("tiny_gemma3", true),
+        ("tiny_mixtral", false),
+    ];
+    for (name, graphable) in table {
+        let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();
+        assert_eq!(m.model.graph_step().is_some(), graphable, "{name} ({})", m.model_type);
     }
 }

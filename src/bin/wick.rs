@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    wick::device::init_threads();
+    wick::backend::device::init_threads();
     let cli = wick::cli::Cli::parse();
     // Run on a worker of rayon's pool, so the thread doing the serial work between parallel
     // kernels is one of the pool's threads: with as many threads as cores, idle workers never

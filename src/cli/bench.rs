@@ -1,8 +1,8 @@
 //! `wick bench`: mlx_lm benchmark's flags and report lines.
 
 use super::ModelOpts;
-use crate::batch::batch_generate;
-use crate::generate::{generate, GenerateOptions};
+use crate::engine::batch::batch_generate;
+use crate::engine::generate::{generate, GenerateOptions};
 use anyhow::{bail, Result};
 use clap::Args;
 use rand::{Rng, SeedableRng};

@@ -3,7 +3,7 @@
 
 use super::generate::read_prompt;
 use super::{KvFlags, ModelOpts};
-use crate::generate::{prefill_quantized, GenerateOptions};
+use crate::engine::generate::{prefill_quantized, GenerateOptions};
 use crate::tokenizer::Message;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -49,20 +49,20 @@ pub fn run(a: CachePromptArgs) -> Result<i32> {
     } else {
         tok.encode(&prompt, true)?
     };
-    crate::generate::check_context(model, ids.len())?;
-    crate::generate::check_vocab(model, &ids)?;
+    crate::engine::generate::check_context(model, ids.len())?;
+    crate::engine::generate::check_vocab(model, &ids)?;
     let opts = GenerateOptions { max_kv_size: a.max_kv_size, kv_quant: a.kv.quant()?, ..Default::default() };
     let mut cache = opts.new_cache(model)?;
     let tic = Instant::now();
     prefill_quantized(model, &ids, &mut cache, a.prefill_step_size, opts.kv_quant.as_ref())?;
     let secs = tic.elapsed().as_secs_f64();
     println!("Processed {:6} tokens ({:6.2} tok/s)", ids.len(), ids.len() as f64 / secs.max(1e-9));
-    println!("Peak memory: {:.3} GB", crate::memory::peak_memory_gb());
+    println!("Peak memory: {:.3} GB", crate::backend::memory::peak_memory_gb());
     println!("Saving...");
     std::io::stdout().flush()?;
     let model_name = match &a.model.model {
         Some(m) => m.clone(),
-        None => crate::load::default_model_dir()?.display().to_string(),
+        None => crate::hub::default_model_dir()?.display().to_string(),
     };
     let mut tokenizer_config = serde_json::json!({ "trust_remote_code": false });
     if let Some(e) = &a.eos_token {
@@ -72,6 +72,6 @@ pub fn run(a: CachePromptArgs) -> Result<i32> {
         ("model".to_string(), model_name),
         ("tokenizer_config".to_string(), tokenizer_config.to_string()),
     ]);
-    crate::prompt_cache::save(&a.prompt_cache_file, &cache, &metadata)?;
+    crate::engine::prompt_cache::save(&a.prompt_cache_file, &cache, &metadata)?;
     Ok(0)
 }

@@ -2,8 +2,8 @@
 //! KV cache is kept between turns. Reads turns line by line when stdin is not a terminal.
 
 use super::{ModelOpts, SamplerFlags};
-use crate::chat::ChatSession;
-use crate::generate::GenerateOptions;
+use crate::engine::chat::ChatSession;
+use crate::engine::generate::GenerateOptions;
 use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, IsTerminal, Write};

@@ -36,7 +36,7 @@ impl QuantFlags {
         let dtype = self
             .dtype
             .as_deref()
-            .map(crate::device::parse_dtype)
+            .map(crate::backend::device::parse_dtype)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
         if self.q_mode != "affine" {
@@ -88,20 +88,20 @@ pub struct ConvertArgs {
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if let Some(g) = &a.gguf {
         let dtype = match &a.flags.dtype {
-            Some(d) => crate::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+            Some(d) => crate::backend::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
             None => candle_core::DType::F16,
         };
         if a.quantize || a.dequantize {
             bail!("--gguf imports to float; quantize the imported folder with `wick quantize` afterwards");
         }
-        let out = crate::gguf::import(g, &a.mlx_path, dtype, a.flags.force)?;
+        let out = crate::convert::gguf::import(g, &a.mlx_path, dtype, a.flags.force)?;
         println!("[INFO] Imported {} to {}", g.display(), out.display());
         return Ok(0);
     }
     let Some(src) = &a.hf_path else {
         bail!("nothing to convert: pass --hf-path FOLDER or --gguf FILE");
     };
-    let src = crate::load::resolve_model(Some(src), a.revision.as_deref())?;
+    let src = crate::hub::resolve_model(Some(src), a.revision.as_deref())?;
     let opts = a.flags.options(a.quantize, a.dequantize)?;
     let out = convert(&src, &a.mlx_path, &opts)?;
     println!("[INFO] Saved to {}", out.display());
@@ -124,7 +124,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn run_quantize(a: QuantizeArgs) -> Result<i32> {
-    let src = crate::load::resolve_model(a.model.as_deref(), a.revision.as_deref())?;
+    let src = crate::hub::resolve_model(a.model.as_deref(), a.revision.as_deref())?;
     let opts = a.flags.options(true, false)?;
     let out = convert(&src, &a.mlx_path, &opts)?;
     println!("[INFO] Saved to {}", out.display());

@@ -44,7 +44,7 @@ pub fn run(a: FuseArgs) -> Result<i32> {
     if a.upload_repo.is_some() {
         bail!("--upload-repo: wick does not upload to the Hugging Face hub; upload --save-path with `huggingface-cli upload`");
     }
-    let src = crate::load::ModelSource::resolve(a.model.as_deref(), a.revision.as_deref(), None)?;
+    let src = crate::hub::ModelSource::resolve(a.model.as_deref(), a.revision.as_deref(), None)?;
     eprintln!("Loading pretrained model from {}", src.dir.display());
     let opts = ConvertOptions {
         dequantize: a.dequantize,

@@ -1,7 +1,7 @@
 //! `wick generate`: mlx_lm.generate's flags and output.
 
 use super::{parse_bool, KvFlags, ModelOpts, SamplerFlags};
-use crate::generate::{generate, GenerateOptions};
+use crate::engine::generate::{generate, GenerateOptions};
 use crate::tokenizer::{Message, Tokenizer};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -53,7 +53,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub draft_model: Option<String>,
     /// Number of tokens to draft when using speculative decoding
-    #[arg(long, default_value_t = crate::speculative::DEFAULT_NUM_DRAFT_TOKENS)]
+    #[arg(long, default_value_t = crate::engine::speculative::DEFAULT_NUM_DRAFT_TOKENS)]
     pub num_draft_tokens: usize,
 }
 
@@ -121,7 +121,7 @@ fn same_model(a: &str, b: &str) -> bool {
 pub fn run(mut a: GenerateArgs) -> Result<i32> {
     // a prompt cache names its model, as mlx_lm's: it is the default, and another one is refused
     let cache_meta = match &a.prompt_cache_file {
-        Some(f) => Some(crate::prompt_cache::metadata(f)?),
+        Some(f) => Some(crate::engine::prompt_cache::metadata(f)?),
         None => None,
     };
     if let (Some(meta), Some(f)) = (&cache_meta, &a.prompt_cache_file) {
@@ -185,7 +185,7 @@ pub fn run(mut a: GenerateArgs) -> Result<i32> {
         if draft_tok.vocab_size() != tok.vocab_size() {
             anyhow::bail!("--draft-model {draft}: its tokenizer does not match the model's tokenizer");
         }
-        let s = crate::speculative::speculative_generate(
+        let s = crate::engine::speculative::speculative_generate(
             model,
             draft_model.model.as_ref(),
             &ids,
@@ -197,9 +197,9 @@ pub fn run(mut a: GenerateArgs) -> Result<i32> {
         acceptance = Some((s.accepted, s.drafted, s.acceptance_rate()));
         s.generation
     } else if let Some(f) = &a.prompt_cache_file {
-        let file = crate::prompt_cache::load(f, model.dtype(), model.device())?;
+        let file = crate::engine::prompt_cache::load(f, model.dtype(), model.device())?;
         let mut cache = file.cache;
-        crate::prompt_cache::check_fits(f, &cache, &model.make_cache(None))?;
+        crate::engine::prompt_cache::check_fits(f, &cache, &model.make_cache(None))?;
         if let (Some(q), Some(crate::cache::CacheKind::Quantized { bits, group_size })) =
             (&opts.kv_quant, cache.first().map(|c| c.kind()))
         {
@@ -216,9 +216,18 @@ pub fn run(mut a: GenerateArgs) -> Result<i32> {
                 );
             }
         }
-        crate::generate::check_context(model, cache[0].offset() + ids.len())?;
-        let mut sampler = crate::sample::Sampler::new(opts.sampler.clone())?;
-        crate::generate::generate_with_cache(model, &ids, &mut cache, &mut sampler, &opts, &eos, false, on_token)?
+        crate::engine::generate::check_context(model, cache[0].offset() + ids.len())?;
+        let mut sampler = crate::engine::sample::Sampler::new(opts.sampler.clone())?;
+        crate::engine::generate::generate_with_cache(
+            model,
+            &ids,
+            &mut cache,
+            &mut sampler,
+            &opts,
+            &eos,
+            false,
+            on_token,
+        )?
     } else {
         generate(model, &ids, &opts, &eos, on_token)?
     };

@@ -189,9 +189,9 @@ pub fn run(a: LoraArgs) -> Result<i32> {
         bail!("--report-to: wick does not report to external services; the loss curve is written to --adapter-path/loss.svg");
     }
     let cfg = TrainConfig::from_map(merged(&a)?, "training options")?;
-    let device = crate::device::select_device(a.device.as_deref())?;
-    let src = crate::load::ModelSource::resolve(cfg.model.as_deref(), a.revision.as_deref(), None)?;
-    crate::device::init_threads();
+    let device = crate::backend::device::select_device(a.device.as_deref())?;
+    let src = crate::hub::ModelSource::resolve(cfg.model.as_deref(), a.revision.as_deref(), None)?;
+    crate::backend::device::init_threads();
     train::run(&cfg, &src.dir, &device, &mut |s| eprintln!("{s}"))?;
     Ok(0)
 }

@@ -75,15 +75,15 @@ pub struct ModelOpts {
 impl ModelOpts {
     /// Resolves the folder, device and dtype, and loads the model and tokenizer.
     pub fn load(&self) -> anyhow::Result<(crate::models::LoadedModel, crate::tokenizer::Tokenizer)> {
-        let device = crate::device::select_device(self.device.as_deref())?;
+        let device = crate::backend::device::select_device(self.device.as_deref())?;
         let dtype = self
             .dtype
             .as_deref()
-            .map(crate::device::parse_dtype)
+            .map(crate::backend::device::parse_dtype)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-        let src = crate::load::ModelSource::resolve(self.model.as_deref(), self.revision.as_deref(), dtype)?;
-        let model = crate::models::load_model_with(&src.dir, dtype, &device, self.adapter_path.as_deref())?;
+        let src = crate::hub::ModelSource::resolve(self.model.as_deref(), self.revision.as_deref(), dtype)?;
+        let model = crate::engine::load_model_with(&src.dir, dtype, &device, self.adapter_path.as_deref())?;
         let tok = crate::tokenizer::Tokenizer::load(&src.dir)?;
         Ok((model, tok))
     }
@@ -121,10 +121,10 @@ impl SamplerFlags {
         &self,
         seed: Option<u64>,
         tok: &crate::tokenizer::Tokenizer,
-    ) -> anyhow::Result<crate::sample::SamplerConfig> {
+    ) -> anyhow::Result<crate::engine::sample::SamplerConfig> {
         let mut special = tok.encode("\n", false)?;
         special.extend(tok.eos_token_ids.iter().copied());
-        Ok(crate::sample::SamplerConfig {
+        Ok(crate::engine::sample::SamplerConfig {
             temp: self.temp,
             top_p: self.top_p,
             min_p: self.min_p,
@@ -148,13 +148,13 @@ pub struct KvFlags {
     #[arg(long, default_value_t = 64)]
     pub kv_group_size: usize,
     /// When --kv-bits is set, start quantizing the KV cache from this step onwards
-    #[arg(long, default_value_t = crate::generate::DEFAULT_QUANTIZED_KV_START)]
+    #[arg(long, default_value_t = crate::engine::generate::DEFAULT_QUANTIZED_KV_START)]
     pub quantized_kv_start: usize,
 }
 
 impl KvFlags {
-    pub fn quant(&self) -> anyhow::Result<Option<crate::generate::KvQuant>> {
-        crate::generate::KvQuant::from_flags(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+    pub fn quant(&self) -> anyhow::Result<Option<crate::engine::generate::KvQuant>> {
+        crate::engine::generate::KvQuant::from_flags(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
     }
 }
 

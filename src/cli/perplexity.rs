@@ -1,7 +1,7 @@
 //! `wick perplexity`: mlx_lm.perplexity's flags and report, on a local text or jsonl file.
 
 use super::ModelOpts;
-use crate::perplexity::{eval_ppl, load_records, make_rows};
+use crate::engine::perplexity::{eval_ppl, load_records, make_rows};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -58,7 +58,7 @@ pub fn run(a: PerplexityArgs) -> Result<i32> {
     println!("Model: {}", a.model.model.as_deref().unwrap_or("default"));
     println!("Perplexity: {:.3} ± {:.3}", p.ppl, p.standard_error);
     println!("Evaluation time: {secs:.2} seconds");
-    println!("Peak memory: {:.2} GB", crate::memory::peak_memory_gb());
+    println!("Peak memory: {:.2} GB", crate::backend::memory::peak_memory_gb());
     println!("Tokens per second: {:.0}", p.tokens as f64 / secs.max(1e-9));
     println!("\nDataset statistics:");
     println!("  Total samples: {}", rows.len());

@@ -56,7 +56,7 @@ pub fn run(a: ServerArgs) -> Result<i32> {
     let (loaded, tok) = a.model.load()?;
     let model_id = match &a.model.model {
         Some(m) => m.clone(),
-        None => crate::load::default_model_dir()?
+        None => crate::hub::default_model_dir()?
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "default_model".into()),

@@ -8,12 +8,14 @@
 //! - [`scan`]: reading and deleting cache entries, for `wick manage`.
 
 mod download;
+mod resolve;
 pub mod scan;
 
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 pub use download::resolve_repo;
+pub use resolve::{default_model_dir, resolve_model, ModelSource, DEFAULT_MODEL_DIR};
 
 /// The files mlx_lm fetches for a model (its `DEFAULT_ALLOW_PATTERNS`), matched like fnmatch.
 pub const MODEL_FILE_PATTERNS: &[&str] = &[

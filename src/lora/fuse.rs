@@ -3,8 +3,8 @@
 //! re-quantized with the layer's own bits and group size unless the output is dequantized.
 //! Full fine-tuning adapters simply replace the tensors they hold.
 
-use super::{Adapters, FineTuneType};
-use crate::load::Weights;
+use crate::io::Weights;
+use crate::nn::lora::{Adapters, FineTuneType};
 use crate::nn::{Linear, Loader};
 use crate::quant::QuantSpec;
 use anyhow::{bail, Context, Result};
@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 /// change (checking that the model has them).
 pub fn prepare(weights: &mut Weights, adapters: &Adapters) -> Result<BTreeSet<String>> {
     if adapters.config.fine_tune_type == FineTuneType::Full {
-        weights.add_file(&adapters.dir.join(super::ADAPTER_WEIGHTS))?;
+        weights.add_file(&adapters.dir.join(crate::nn::lora::ADAPTER_WEIGHTS))?;
         return Ok(BTreeSet::new());
     }
     let mut layers = BTreeSet::new();

@@ -40,8 +40,8 @@ pub fn loss(model: &dyn LanguageModel, batch: &Tensor, lengths: &[(usize, usize)
 
 use super::data::{self, Dataset, Features, NumpyRandom};
 use super::optim::{self, Optimizer, Schedule};
-use super::{AdapterConfig, Adapters, FineTuneType, LoraParameters, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
-use crate::output::write_file_atomic;
+use crate::io::output::write_file_atomic;
+use crate::nn::lora::{AdapterConfig, Adapters, FineTuneType, LoraParameters, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -280,8 +280,8 @@ pub fn save_adapters(vars: &[(String, candle_core::Var)], path: &Path) -> Result
 
 /// Sums of parameters as mlx_lm counts them (a quantized weight as its unpacked size).
 fn total_parameters(dir: &Path) -> Result<usize> {
-    let w = crate::load::Weights::open(dir)?;
-    let cfg = crate::load::ConfigFile::read(dir)?;
+    let w = crate::io::Weights::open(dir)?;
+    let cfg = crate::io::ConfigFile::read(dir)?;
     let bits = crate::quant::QuantSpec::from_config(&cfg.value, "config.json")?.map(|q| q.default.bits);
     let mut n = 0;
     for name in w.names() {
@@ -315,7 +315,7 @@ pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn F
     };
     let name = cfg.optimizer.to_ascii_lowercase();
     let mut opt = Optimizer::new(&name, cfg.optimizer_config.get(&name), schedule)?;
-    let config = crate::load::ConfigFile::read(model_dir)?;
+    let config = crate::io::ConfigFile::read(model_dir)?;
     let total_layers = config
         .value
         .get("num_hidden_layers")
@@ -330,7 +330,7 @@ pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn F
     let adapters =
         Adapters::for_training(&cfg.adapter_path, cfg.adapter_config(), total_layers, resume.as_deref(), cfg.seed)?;
     log("Loading pretrained model");
-    let loaded = crate::models::load_model_adapted(model_dir, None, device, Some(&adapters))?;
+    let loaded = crate::engine::load_model_adapted(model_dir, None, device, Some(&adapters))?;
     let model = loaded.model.as_ref();
     let vars = adapters.trainable();
     let trainable: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
@@ -361,9 +361,9 @@ pub fn run(cfg: &TrainConfig, model_dir: &Path, device: &Device, log: &mut dyn F
         write_file_atomic(&cfg.adapter_path.join(ADAPTER_CONFIG), |tmp| Ok(std::fs::write(tmp, &text)?))?;
         log("Training");
         let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-        super::checkpoint::enable(if cfg.grad_checkpoint { &plain } else { &[] });
+        crate::models::checkpoint::enable(if cfg.grad_checkpoint { &plain } else { &[] });
         let trained = train_loop(model, &vars, &mut opt, &train_set, &valid_set, cfg, &mut rng, &mut out, log);
-        super::checkpoint::enable(&[]);
+        crate::models::checkpoint::enable(&[]);
         trained?;
         save_adapters(&vars, &train_adapter_file)?;
         log(&format!("Saved final weights to {}.", train_adapter_file.display()));
@@ -401,7 +401,7 @@ fn train_loop(
     let (mut losses, mut n_tokens, mut steps, mut trained_tokens) = (0f64, 0usize, 0usize, 0usize);
     let mut train_time = 0f64;
     let mut accum: Option<Vec<Option<Tensor>>> = None;
-    super::set_training(true);
+    crate::nn::lora::set_training(true);
     let result = (|| -> Result<()> {
         for it in 1..=cfg.iters {
             let batch = batches.next(rng).expect("looping");
@@ -413,9 +413,9 @@ fn train_loop(
             }
             if it == 1 || it % cfg.steps_per_eval == 0 || it == cfg.iters {
                 let tic = std::time::Instant::now();
-                super::set_training(false);
+                crate::nn::lora::set_training(false);
                 let val = evaluate(model, valid_set, cfg, cfg.val_batches, rng, "valid.jsonl")?;
-                super::set_training(true);
+                crate::nn::lora::set_training(true);
                 let secs = tic.elapsed().as_secs_f64();
                 logln(&format!("Iter {it}: Val loss {val:.3}, Val took {secs:.3}s"));
                 out.val_losses.push((it, val));
@@ -462,7 +462,7 @@ fn train_loop(
                     iterations_per_second: cfg.steps_per_report as f64 / train_time,
                     tokens_per_second: n_tokens as f64 / train_time,
                     trained_tokens,
-                    peak_memory_gb: crate::memory::peak_memory_gb(),
+                    peak_memory_gb: crate::backend::memory::peak_memory_gb(),
                 };
                 logln(&format!(
                     "Iter {it}: Train loss {:.3}, Learning Rate {}, It/sec {:.3}, Tokens/sec {:.3}, Trained Tokens {}, Peak mem {:.3} GB",
@@ -486,7 +486,7 @@ fn train_loop(
         }
         Ok(())
     })();
-    super::set_training(false);
+    crate::nn::lora::set_training(false);
     bar.finish_and_clear();
     result
 }
@@ -555,7 +555,7 @@ pub fn gradients(vars: &[(String, candle_core::Var)], loss: &Tensor) -> Result<V
         .into_iter()
         .zip(vars)
         .map(|(g, (_, v))| {
-            Ok(match (g, super::checkpoint::take_grads(v)) {
+            Ok(match (g, crate::models::checkpoint::take_grads(v)) {
                 (Some(a), Some(b)) => Some((a + b)?),
                 (a, b) => a.or(b),
             })

@@ -6,9 +6,8 @@
 
 use super::LanguageModel;
 use crate::cache::KvCache;
-use crate::nn::{
-    scaled_dot_product_attention, Embedding, LayerNorm, Linear, Loader, Normed, Pending, RmsNorm, Rope, RopeTables,
-};
+use crate::nn::{Embedding, LayerNorm, Linear, Loader, Normed, Pending, RmsNorm, Rope, RopeTables};
+use crate::ops::attention::scaled_dot_product_attention;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -150,7 +149,16 @@ impl Attention {
         let k = heads(k, self.n_kv_heads, &self.k_norm)?;
         let v = heads(v, self.n_kv_heads, &None)?;
         let mask = cache.mask(l);
-        let fused = crate::nn::decode_step_attention(&q, &k, &v, rope, &mask, cache, self.scale, self.softcap)?;
+        let fused = crate::ops::attention::decode_step_attention(
+            &q,
+            &k,
+            &v,
+            rope,
+            &mask,
+            cache.buffers(),
+            self.scale,
+            self.softcap,
+        )?;
         let out = match fused {
             Some(out) => out,
             None => {
@@ -245,7 +253,7 @@ impl Mlp {
             GateUp::Plain(fc1) => return self.act(&fc1.forward(&x.tensor()?)?),
         };
         Ok(match self.act {
-            Act::Silu => crate::nn::swiglu(&gate, &up)?,
+            Act::Silu => crate::ops::swiglu::swiglu(&gate, &up)?,
             Act::GeluApprox => (self.act(&gate)? * up)?,
         })
     }
@@ -267,6 +275,13 @@ impl Mlp {
 /// One decoder layer as a model runs it: hidden states in, hidden states out.
 pub trait Layer: Send + Sync {
     fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// Whether the layer's decode step does all its work on the device, so that a CUDA graph
+    /// may capture it and replay it at every position. A layer that reads values back to the
+    /// host (a router's choices, say) says `false`, and its model decodes eagerly.
+    fn graphable(&self) -> bool {
+        true
+    }
 
     /// The layer on `x + pending` (`pending`: the previous layer's last residual branch, not
     /// yet added, or its projection not yet run), returning its output as `h` and its own last
@@ -451,10 +466,7 @@ impl BaseArgs {
                     as std::sync::Arc<dyn Layer>)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut model = self.build_with(ld, spec, layers)?;
-        // Block's decode step does nothing on the host: a CUDA graph can replay it
-        model.graphable = true;
-        Ok(model)
+        self.build_with(ld, spec, layers)
     }
 
     /// A model around `layers` (an architecture's own layer type).
@@ -479,6 +491,7 @@ impl BaseArgs {
         };
         Ok(DecoderModel {
             embed_tokens,
+            graphable: layers.iter().all(|l| l.graphable()),
             layers,
             windows: spec.windows,
             norm: final_norm,
@@ -491,9 +504,6 @@ impl BaseArgs {
             max_context: spec.max_context,
             dtype: ld.act_dtype,
             device: ld.device.clone(),
-            graphable: false,
-            #[cfg(feature = "cuda")]
-            graph: Default::default(),
         })
     }
 }
@@ -539,8 +549,6 @@ pub struct DecoderModel {
     device: Device,
     /// whether the layers' decode step may be captured into a CUDA graph
     graphable: bool,
-    #[cfg(feature = "cuda")]
-    graph: crate::cuda::graph::DecodeGraph,
 }
 
 impl DecoderModel {
@@ -575,14 +583,14 @@ impl DecoderModel {
                 })
                 .collect::<Result<Vec<_>>>()?,
         };
-        let checkpoint = crate::lora::checkpoint::active(&h, offset);
+        let checkpoint = crate::models::checkpoint::active(&h, offset);
         // each layer's last residual branch, added by the next norm (Layer::forward_deferred)
         let mut pending: Option<Pending> = None;
         for (((layer, c), r), w) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope).zip(&self.windows) {
             if checkpoint && w.is_none() && h.track_op() {
                 // training with --grad-checkpoint: the layer's activations are recomputed in
                 // the backward pass instead of kept
-                h = crate::lora::checkpoint::run(layer.clone(), &plus(&h, pending.take().as_ref())?, &tables[*r])?;
+                h = crate::models::checkpoint::run(layer.clone(), &plus(&h, pending.take().as_ref())?, &tables[*r])?;
             } else {
                 (h, pending) = layer.forward_deferred(&h, pending.as_ref(), &tables[*r], c)?;
             }
@@ -607,52 +615,24 @@ impl DecoderModel {
     }
 }
 
-impl DecoderModel {
-    /// One decode step of `rows` rows through the CUDA graph ([`crate::cuda::graph::DecodeGraph::step`]).
-    #[cfg(feature = "cuda")]
-    fn graph_step(
-        &self,
-        tokens: Option<&Tensor>,
-        rows: usize,
-        cache: &mut [KvCache],
-        greedy: bool,
-    ) -> Result<Option<crate::cuda::graph::Replayed>> {
-        let shape = crate::cuda::graph::StepShape { ropes: &self.ropes, dtype: self.dtype, vocab: self.vocab_size };
-        // a greedy step's argmax reads the head's output in the model's dtype (no f32 copy)
-        let run = |t: &Tensor, c: &mut [KvCache], tables: &[RopeTables]| {
-            self.forward_logits(t, c, true, Some(tables), greedy)
-        };
-        self.graph.step(&self.device, tokens, rows, cache, shape, run, greedy)
+impl super::GraphStep for DecoderModel {
+    fn ropes(&self) -> &[Rope] {
+        &self.ropes
+    }
+
+    /// A greedy step's argmax (`raw`) reads the head's output in the model's dtype (no f32 copy).
+    fn step(&self, tokens: &Tensor, cache: &mut [KvCache], tables: &[RopeTables], raw: bool) -> Result<Tensor> {
+        self.forward_logits(tokens, cache, true, Some(tables), raw)
     }
 }
 
 impl LanguageModel for DecoderModel {
     fn forward(&self, tokens: &Tensor, cache: &mut [KvCache], last_only: bool) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if self.graphable && last_only {
-            if let Some(crate::cuda::graph::Replayed::Logits(logits)) =
-                self.graph_step(Some(tokens), tokens.dim(0)?, cache, false)?
-            {
-                return Ok(logits);
-            }
-        }
         self.forward_logits(tokens, cache, last_only, None, false)
     }
 
-    fn greedy_step(
-        &self,
-        tokens: Option<&Tensor>,
-        rows: usize,
-        cache: &mut [KvCache],
-    ) -> Result<Option<Box<dyn super::PendingTokens>>> {
-        #[cfg(feature = "cuda")]
-        if self.graphable {
-            if let Some(crate::cuda::graph::Replayed::Tokens(picked)) = self.graph_step(tokens, rows, cache, true)? {
-                return Ok(Some(Box::new(picked)));
-            }
-        }
-        let _ = (tokens, rows, cache);
-        Ok(None)
+    fn graph_step(&self) -> Option<&dyn super::GraphStep> {
+        self.graphable.then_some(self as &dyn super::GraphStep)
     }
 
     fn make_cache(&self, max_kv_size: Option<usize>) -> Vec<KvCache> {

@@ -4,7 +4,7 @@
 //! every layer attends to the whole context.
 
 use super::blocks::{Act, BaseArgs, DecoderModel, ModelSpec, RopeArgs};
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::Loader;
 use anyhow::Result;
 use serde::Deserialize;

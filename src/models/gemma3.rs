@@ -4,7 +4,7 @@
 //! rotating cache; RoPE at `rope_local_base_freq`). Reads like mlx_lm's `models/gemma3_text.py`.
 
 use super::blocks::{Act, BaseArgs, DecoderModel, ModelSpec, RopeArgs};
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::Loader;
 use anyhow::Result;
 use serde::Deserialize;

@@ -4,7 +4,7 @@
 //! ignores a `sliding_window` that no `layer_types` entry uses.
 
 use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::Loader;
 use anyhow::Result;
 use serde::Deserialize;

@@ -6,7 +6,7 @@
 
 use super::blocks::{Attention, BaseArgs, DecoderModel, Layer, Mlp, ModelSpec, NormSpec, RopeArgs};
 use crate::cache::KvCache;
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::{Linear, Loader, RmsNorm, RopeTables};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -107,6 +107,11 @@ struct MixtralLayer {
 }
 
 impl Layer for MixtralLayer {
+    /// The router's choices are read on the host to group the rows per expert.
+    fn graphable(&self) -> bool {
+        false
+    }
+
     fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?)?;
         Ok((&h + self.moe.forward(&self.post_attention_layernorm.forward(&h)?)?)?)

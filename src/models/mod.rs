@@ -1,6 +1,7 @@
 //! Architectures, one file each (like mlx_lm's `models/`), discovered by config.json's `model_type`.
 
 pub mod blocks;
+pub mod checkpoint;
 pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
@@ -11,8 +12,8 @@ pub mod qwen2;
 pub mod qwen3;
 
 use crate::cache::KvCache;
-use crate::load::{ConfigFile, Weights};
-use crate::lora::FineTuneType;
+use crate::io::{ConfigFile, Weights};
+use crate::nn::lora::FineTuneType;
 use crate::nn::Loader;
 use crate::quant::QuantSpec;
 use anyhow::{bail, Result};
@@ -35,7 +36,7 @@ pub trait LanguageModel: Send {
     fn device(&self) -> &Device;
     /// A greedy decode step of `rows` sequences that does not wait for the device: feeds
     /// `tokens` (rows, 1), or with `None` the tokens the previous greedy step picked on the
-    /// device, and returns the argmax of the step's logits (as [`crate::sample::argmax`]
+    /// device, and returns the argmax of the step's logits (as [`crate::engine::sample::argmax`]
     /// picks) to wait for. So the host can queue the next step before reading this one's
     /// tokens. `None`: no such path for this model or step (nothing ran); use `forward`.
     fn greedy_step(
@@ -46,6 +47,29 @@ pub trait LanguageModel: Send {
     ) -> Result<Option<Box<dyn PendingTokens>>> {
         Ok(None)
     }
+    /// The decode step a CUDA graph may capture and replay (`crate::engine::cuda_graph` does),
+    /// or `None` when the model's step does work on the host that a replay would skip.
+    fn graph_step(&self) -> Option<&dyn GraphStep> {
+        None
+    }
+}
+
+/// A model's decode step as a CUDA graph captures it: every input that changes from step to
+/// step is a tensor on the device (the tokens, the RoPE tables of each row's position, the
+/// cache position the caches hold), so that one captured step can be replayed at every position.
+pub trait GraphStep: Send + Sync {
+    /// The RoPEs the layers use, in the order `step` takes their tables.
+    fn ropes(&self) -> &[crate::nn::Rope];
+    /// The last position's logits for `tokens` (rows, 1), the layers' RoPE tables given (one
+    /// per [`Self::ropes`]). With `raw` the logits may stay in the model's dtype where that is
+    /// exact for an argmax; otherwise f32.
+    fn step(
+        &self,
+        tokens: &Tensor,
+        cache: &mut [KvCache],
+        tables: &[crate::nn::RopeTables],
+        raw: bool,
+    ) -> Result<Tensor>;
 }
 
 /// Tokens a model picks on its device ([`LanguageModel::greedy_step`]).
@@ -106,31 +130,16 @@ pub struct LoadedModel {
     pub model_type: String,
 }
 
-/// Loads the model of `dir` in `dtype` (or the dtype its weights are stored in) on `device`.
-pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<LoadedModel> {
-    load_model_with(dir, dtype, device, None)
-}
-
-/// [`load_model`] with the LoRA / DoRA / full fine-tuning adapters of the folder `adapter_path`
-/// (mlx_lm's `--adapter-path`).
-pub fn load_model_with(
-    dir: &Path,
-    dtype: Option<DType>,
-    device: &Device,
-    adapter_path: Option<&Path>,
-) -> Result<LoadedModel> {
-    let adapters = adapter_path.map(crate::lora::Adapters::open).transpose()?;
-    load_model_adapted(dir, dtype, device, adapters.as_ref())
-}
-
-/// [`load_model`] with `adapters` (read from a folder, or trainable ones for `wick lora`).
+/// Loads the model of `dir` in `dtype` (or the dtype its weights are stored in) on `device`, with
+/// `adapters` (read from a folder, or trainable ones for `wick lora`). This is the model alone:
+/// `crate::engine::load_model` and its siblings also give it the engine's CUDA graphs.
 pub fn load_model_adapted(
     dir: &Path,
     dtype: Option<DType>,
     device: &Device,
-    adapters: Option<&crate::lora::Adapters>,
+    adapters: Option<&crate::nn::lora::Adapters>,
 ) -> Result<LoadedModel> {
-    crate::device::init_threads();
+    crate::backend::device::init_threads();
     if !dir.is_dir() {
         bail!("model folder {} does not exist", dir.display());
     }
@@ -158,7 +167,7 @@ pub fn load_model_adapted(
             $arch::sanitize(&args, &mut weights)?;
             if let Some(a) = adapters.filter(|a| a.config.fine_tune_type == FineTuneType::Full && !a.is_training()) {
                 // full fine-tuning: the trained tensors replace the model's own
-                weights.add_file(&a.dir.join(crate::lora::ADAPTER_WEIGHTS))?;
+                weights.add_file(&a.dir.join(crate::nn::lora::ADAPTER_WEIGHTS))?;
             }
             if let Some(q) = &quant {
                 let known = |p: &str| weights.contains(&format!("{p}.weight"));

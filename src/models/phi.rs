@@ -5,7 +5,7 @@
 
 use super::blocks::{Act, Attention, AttentionSpec, BaseArgs, DecoderModel, Layer, Mlp, MlpSpec, ModelSpec, NormSpec};
 use crate::cache::KvCache;
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::{LayerNorm, Loader, Rope, RopeTables};
 use anyhow::Result;
 use candle_core::Tensor;

@@ -3,7 +3,7 @@
 //! `original_max_position_embeddings`. Reads like mlx_lm's `models/phi3.py`.
 
 use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::{Loader, Rope};
 use anyhow::{Context, Result};
 use serde::Deserialize;

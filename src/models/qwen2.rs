@@ -2,7 +2,7 @@
 //! rope_theta 1e6 by default. Reads like mlx_lm's `models/qwen2.py`.
 
 use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::Loader;
 use anyhow::Result;
 use serde::Deserialize;

@@ -2,7 +2,7 @@
 //! of the queries and keys before RoPE. Reads like mlx_lm's `models/qwen3.py`.
 
 use super::blocks::{BaseArgs, DecoderModel, ModelSpec};
-use crate::load::Weights;
+use crate::io::Weights;
 use crate::nn::{Loader, Rope};
 use anyhow::{Context, Result};
 use serde::Deserialize;

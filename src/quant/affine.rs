@@ -197,35 +197,46 @@ pub fn quantize_tensor(
 }
 
 /// (leading dims, last dim) of a shape with at least two dimensions.
-fn split_last(dims: &[usize]) -> Result<(Vec<usize>, usize)> {
+pub(crate) fn split_last(dims: &[usize]) -> Result<(Vec<usize>, usize)> {
     match dims {
         [lead @ .., last] if !lead.is_empty() => Ok((lead.to_vec(), *last)),
         _ => anyhow::bail!("expected a matrix (or a stack of matrices), got shape {dims:?}"),
     }
 }
 
-/// Tensor-level dequantization as `mx.dequantize`: the result has the scales' dtype.
-pub fn dequantize_tensor(
-    packed: &candle_core::Tensor,
-    scales: &candle_core::Tensor,
-    biases: &candle_core::Tensor,
-    p: QuantParams,
-) -> Result<candle_core::Tensor> {
-    use candle_core::{DType, Tensor};
-    let (lead, width) = split_last(packed.dims())?;
-    #[cfg(any(feature = "cuda", feature = "metal"))]
-    if packed.device().is_cuda() || packed.device().is_metal() {
-        let op = super::matmul::Dequantize { p };
-        return Ok(packed.contiguous()?.apply_op3_no_bwd(&scales.contiguous()?, &biases.contiguous()?, &op)?);
+/// Unpacks one packed row of `k` codes into f32 values.
+#[inline]
+pub fn unpack_row_f32(words: &[u32], bits: usize, out: &mut [f32]) {
+    match bits {
+        4 => {
+            for (w, o) in words.iter().zip(out.chunks_exact_mut(8)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((w >> (4 * j)) & 0xf) as f32;
+                }
+            }
+        }
+        8 => {
+            for (w, o) in words.iter().zip(out.chunks_exact_mut(4)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((w >> (8 * j)) & 0xff) as f32;
+                }
+            }
+        }
+        2 => {
+            for (w, o) in words.iter().zip(out.chunks_exact_mut(16)) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = ((w >> (2 * j)) & 0x3) as f32;
+                }
+            }
+        }
+        _ => {
+            let mut codes = vec![0u8; out.len()];
+            unpack(words, bits, &mut codes);
+            for (o, c) in out.iter_mut().zip(codes) {
+                *o = c as f32;
+            }
+        }
     }
-    let rows = lead.iter().product();
-    let cols = width * 32 / p.bits;
-    let dtype = scales.dtype();
-    let pk: Vec<u32> = packed.flatten_all()?.to_vec1()?;
-    let s: Vec<f32> = scales.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let b: Vec<f32> = biases.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let out = dequantize_rounded(&pk, &s, &b, rows, cols, p, rounding(dtype));
-    Ok(Tensor::from_vec(out, [lead.as_slice(), &[cols]].concat(), packed.device())?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

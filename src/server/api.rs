@@ -1,7 +1,7 @@
 //! The OpenAI request fields wick reads, checked one by one: a wrong type or value is a 400 that
 //! names the field; unknown fields are ignored; `null` counts as absent.
 
-use crate::sample::{LogitsProcessors, SamplerConfig};
+use crate::engine::sample::{LogitsProcessors, SamplerConfig};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};

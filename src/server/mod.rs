@@ -284,7 +284,7 @@ fn prepare(app: &App, bytes: &[u8], kind: Kind) -> ApiResult<Prepared> {
         gen.max_tokens = gen.max_tokens.min(ctx - prompt.len());
     }
     // the sampler's own checks, so that a bad combination is a 400 here, not a failure later
-    crate::sample::Sampler::new(gen.sampler.clone())
+    crate::engine::sample::Sampler::new(gen.sampler.clone())
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     Ok(Prepared { prompt, gen, model, tools: tools && app.tools.is_some() })
 }

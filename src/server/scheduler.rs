@@ -8,8 +8,8 @@
 
 use super::prefix_cache::PrefixCache;
 use crate::cache::KvCache;
+use crate::engine::sample::{log_softmax, LogitsProcessors, Sampler, SamplerConfig};
 use crate::models::LanguageModel;
-use crate::sample::{log_softmax, LogitsProcessors, Sampler, SamplerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;

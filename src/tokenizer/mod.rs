@@ -63,7 +63,7 @@ impl Tokenizer {
                 eos_token_ids.insert(id);
             }
         }
-        eos_token_ids.extend(crate::load::generation_eos_ids(dir)?);
+        eos_token_ids.extend(crate::io::generation_eos_ids(dir)?);
         let jinja = dir.join("chat_template.jinja");
         let template_src = if jinja.is_file() {
             Some(std::fs::read_to_string(&jinja)?)

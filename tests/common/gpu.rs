@@ -5,11 +5,12 @@ use super::{default_model, generated, golden, greedy};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use wick::convert::{convert, ConvertOptions, QuantizeOptions};
-use wick::quant::{quantize_tensor, QuantParams, QuantizedWeight};
+use wick::ops::qmatmul::QuantizedWeight;
+use wick::quant::{quantize_tensor, QuantParams};
 
 /// The device `name` (`cuda`, `metal`), or `None` after printing why the test is skipped.
 pub fn device(name: &str) -> Option<Device> {
-    match wick::device::select_device(Some(name)) {
+    match wick::backend::device::select_device(Some(name)) {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("skipped: no {name} device ({e})");
@@ -159,8 +160,8 @@ pub fn dequantize_is_bit_exact_with_the_cpu(dev: &Device) {
             let w = Tensor::randn(0f32, 1.0, (37, 3 * 128), &Device::Cpu).unwrap();
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let (packed, scales, biases) = quantize_tensor(&w.to_dtype(dtype).unwrap(), p).unwrap();
-                let cpu = wick::quant::dequantize_tensor(&packed, &scales, &biases, p).unwrap();
-                let gpu = wick::quant::dequantize_tensor(
+                let cpu = wick::ops::qmatmul::dequantize_tensor(&packed, &scales, &biases, p).unwrap();
+                let gpu = wick::ops::qmatmul::dequantize_tensor(
                     &packed.to_device(dev).unwrap(),
                     &scales.to_device(dev).unwrap(),
                     &biases.to_device(dev).unwrap(),
@@ -199,7 +200,7 @@ fn check_greedy(model: &dyn wick::models::LanguageModel, want: &[Vec<u32>], what
 
 /// The default model's greedy tokens on `dev` in f32 equal mlx_lm's goldens (as the CPU's do).
 pub fn greedy_tokens_equal_mlx_lm_goldens_in_f32(dev: &Device) {
-    let m = wick::models::load_model(&default_model(), Some(DType::F32), dev).unwrap();
+    let m = wick::engine::load_model(&default_model(), Some(DType::F32), dev).unwrap();
     let want: Vec<Vec<u32>> =
         json("smollm2_greedy.json")["cases"].as_array().unwrap().iter().map(|c| ids(&c["greedy_f32"])).collect();
     check_greedy(m.model.as_ref(), &want, &format!("greedy tokens on {dev:?} differ from mlx_lm's (and the CPU's)"));
@@ -230,7 +231,7 @@ fn convert_4bit_g64(src: &std::path::Path, dir: &std::path::Path) -> std::path::
 pub fn greedy_4bit_tokens_match_mlx_lm(dev: &Device) {
     let tmp = tempfile::tempdir().unwrap();
     let out = default_model_4bit(tmp.path());
-    let m = wick::models::load_model(&out, Some(DType::F32), dev).unwrap();
+    let m = wick::engine::load_model(&out, Some(DType::F32), dev).unwrap();
     let want: Vec<Vec<u32>> =
         json("smollm2_quantized.json")["q4g64"]["greedy_f32"].as_array().unwrap().iter().map(ids).collect();
     check_greedy(m.model.as_ref(), &want, &format!("4-bit greedy tokens on {dev:?} differ from mlx_lm's"));

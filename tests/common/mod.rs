@@ -56,23 +56,23 @@ pub fn wick() -> std::process::Command {
 /// `n` greedy tokens after `prompt` (whole-prompt prefill, then one token per step).
 pub fn greedy(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut cache = model.make_cache(None);
-    let mut l = wick::generate::prefill(model, prompt, &mut cache, 2048).unwrap();
+    let mut l = wick::engine::generate::prefill(model, prompt, &mut cache, 2048).unwrap();
     let mut out = vec![];
     for _ in 0..n {
-        let t = wick::sample::argmax(&l);
+        let t = wick::engine::sample::argmax(&l);
         out.push(t);
-        l = wick::generate::step_logits(model, &[t], &mut cache).unwrap();
+        l = wick::engine::generate::step_logits(model, &[t], &mut cache).unwrap();
     }
     out
 }
 
-/// `n` tokens of [`wick::generate::generate`] at temperature 0, no eos (on CUDA: each picked on
+/// `n` tokens of [`wick::engine::generate::generate`] at temperature 0, no eos (on CUDA: each picked on
 /// the device, the next step queued before it is read).
 pub fn generated(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let opts = wick::generate::GenerateOptions { max_tokens: n, ..Default::default() };
+    let opts = wick::engine::generate::GenerateOptions { max_tokens: n, ..Default::default() };
     let mut out = vec![];
     let no_eos = std::collections::BTreeSet::new();
-    wick::generate::generate(model, prompt, &opts, &no_eos, |t| {
+    wick::engine::generate::generate(model, prompt, &opts, &no_eos, |t| {
         out.push(t);
         Ok(true)
     })
@@ -85,7 +85,8 @@ pub fn generated(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usi
 /// `nn.value_and_grad(default_loss)`) to 1e-4 relative, with and without gradient checkpointing.
 pub fn lora_gradients_match_mlx_lm(dev: &candle_core::Device) {
     use candle_core::{DType, Tensor};
-    use wick::lora::{train, AdapterConfig, Adapters, FineTuneType, LoraParameters};
+    use wick::lora::train;
+    use wick::nn::lora::{AdapterConfig, Adapters, FineTuneType, LoraParameters};
     let root = golden("lora_grads");
     let mut cases: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
     cases.sort();
@@ -102,7 +103,7 @@ pub fn lora_gradients_match_mlx_lm(dev: &candle_core::Device) {
         let init = dir.join("adapters.safetensors");
         let adapters = Adapters::for_training(&dir, config, 2, Some(&init), 0).unwrap();
         let base = golden(c["base"].as_str().unwrap());
-        let m = wick::models::load_model_adapted(&base, Some(DType::F32), dev, Some(&adapters)).unwrap();
+        let m = wick::engine::load_model_adapted(&base, Some(DType::F32), dev, Some(&adapters)).unwrap();
         let rows: Vec<Vec<u32>> = c["batch"]
             .as_array()
             .unwrap()
@@ -127,10 +128,10 @@ pub fn lora_gradients_match_mlx_lm(dev: &candle_core::Device) {
         // plain backward, then with every layer checkpointed (recomputed in the backward pass)
         let plain: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         for checkpointed in [false, true] {
-            wick::lora::checkpoint::enable(if checkpointed { &plain } else { &[] });
+            wick::models::checkpoint::enable(if checkpointed { &plain } else { &[] });
             let (loss, _) = train::loss(m.model.as_ref(), &batch, &lengths).unwrap();
             let grads = train::gradients(&vars, &loss).unwrap();
-            wick::lora::checkpoint::enable(&[]);
+            wick::models::checkpoint::enable(&[]);
             for ((name, _), g) in vars.iter().zip(grads) {
                 let g = g.unwrap_or_else(|| panic!("{name}: no gradient (checkpointed: {checkpointed})"));
                 let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();

@@ -1,0 +1,17 @@
+//! Shared layers every architecture is built from: [`Linear`] (dense, quantized or adapted),
+//! [`Embedding`] (dense or quantized, also the tied lm head), [`RmsNorm`] / [`LayerNorm`],
+//! [`Rope`], the [`Loader`] they read their tensors through, and the LoRA / DoRA adapter layer.
+
+mod embedding;
+mod linear;
+mod loader;
+pub mod lora;
+mod norm;
+mod rope;
+
+pub use crate::ops::rope::RopeTables;
+pub use embedding::Embedding;
+pub use linear::{fused_qkv, fused_swiglu, Linear};
+pub use loader::Loader;
+pub use norm::{set_deferred_norms, DeferredNorm, LayerNorm, Normed, Pending, RmsNorm, DEFERRED_NORMS};
+pub use rope::Rope;

@@ -1,0 +1,212 @@
+//! Norms: [`RmsNorm`] (optionally `1 + w`), [`LayerNorm`], and the residual branch a layer leaves
+//! for the norm after it ([`Pending`], [`Normed`]).
+
+use super::linear::{quantized_weights, Linear};
+use super::Loader;
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+/// RMSNorm with a learned scale, computed in f32 internally.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    pub(super) eps: f32,
+    /// Added to the weight in each pass (a trained gemma weight); 0 otherwise.
+    shift: f64,
+}
+
+impl RmsNorm {
+    pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Self::load_shifted(ld, name, dim, eps, 0.0)
+    }
+
+    /// Scale by `shift + weight` (gemma stores the weight as an offset from 1).
+    /// A trained weight (full fine-tuning) keeps its shift apart and adds it in each pass, as
+    /// the optimizer updates the weight in place.
+    pub fn load_shifted(ld: &Loader, name: &str, dim: usize, eps: f64, shift: f64) -> Result<Self> {
+        let weight = ld.tensor(&format!("{name}.weight"), &[dim])?;
+        if weight.is_variable() || shift == 0.0 {
+            return Ok(Self { weight, eps: eps as f32, shift });
+        }
+        Ok(Self { weight: (weight + shift)?, eps: eps as f32, shift: 0.0 })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            // training: candle's fused kernel has no backward; the same formula in tensor ops
+            let x32 = x.to_dtype(DType::F32)?;
+            let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+            let w = (self.weight.to_dtype(DType::F32)? + self.shift)?;
+            return Ok(x32.broadcast_mul(&inv)?.broadcast_mul(&w)?.to_dtype(x.dtype())?);
+        }
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+
+    /// The residual add before the norm: `(x + r, norm(x + r))`, in one CUDA kernel where it
+    /// applies (inference, same dtypes, contiguous; the same values as the two ops); without
+    /// `r`, `(x, norm(x))`.
+    pub fn forward_residual(&self, x: &Tensor, r: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let Some(r) = r else { return Ok((x.clone(), self.forward(x)?)) };
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && !(x.track_op() || r.track_op() || self.weight.track_op())
+            && self.shift == 0.0
+            && x.dtype() == r.dtype()
+            && x.dtype() == self.weight.dtype()
+            && x.shape() == r.shape()
+            && x.dim(D::Minus1)? <= crate::ops::norm::cuda::ADD_RMS_NORM_MAX_DIM
+        {
+            let both = x.contiguous()?.apply_op3_no_bwd(
+                &r.contiguous()?,
+                &self.weight.contiguous()?,
+                &crate::ops::norm::cuda::AddRmsNorm { eps: self.eps },
+            )?;
+            return Ok((both.get(1)?, both.get(0)?));
+        }
+        let h = (x + r)?;
+        let n = self.forward(&h)?;
+        Ok((h, n))
+    }
+
+    /// The norm of `x` plus the residual branch `pending` (none, a tensor, or a projection not
+    /// yet run: see [`Pending`]): `(h, norm(h))`. With a projection and `next` (the weights
+    /// of the matmuls that take the norm) the norm is deferred where the CUDA decode kernels
+    /// apply: one launch runs the projection, adds the residual and leaves the norm's scale to
+    /// the next fused matmul ([`Normed::Deferred`]).
+    pub fn forward_pending(&self, x: &Tensor, pending: Option<&Pending>, next: &[&Linear]) -> Result<(Tensor, Normed)> {
+        if let (Some(Pending::Projection(a, Linear::Quantized { weight, bias: None })), Some(next)) =
+            (pending, quantized_weights(next))
+        {
+            if self.shift == 0.0 && deferred_norms_enabled() {
+                if let Some(carrier) = crate::ops::qmatmul::deferred_norm(a, weight, x, &self.weight, &next)? {
+                    DEFERRED_NORMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let d = DeferredNorm::new(carrier, x.shape(), self.clone())?;
+                    return Ok((d.h.clone(), Normed::Deferred(d)));
+                }
+            }
+        }
+        let (h, n) = self.forward_residual(x, Pending::resolve(pending)?.as_ref())?;
+        Ok((h, Normed::Plain(n)))
+    }
+}
+
+/// A layer's last residual branch, left for the next norm to add (see
+/// the models' `Layer::forward_deferred`): computed, or the projection that will
+/// compute it (so that the norm may run it: [`RmsNorm::forward_pending`]).
+#[derive(Clone)]
+pub enum Pending<'a> {
+    Branch(Tensor),
+    /// `input · Wᵀ` of this input and layer
+    Projection(Tensor, &'a Linear),
+}
+
+impl Pending<'_> {
+    /// The branch as a tensor (the projection run).
+    pub fn resolve(p: Option<&Self>) -> Result<Option<Tensor>> {
+        p.map(|p| match p {
+            Pending::Branch(t) => Ok(t.clone()),
+            Pending::Projection(x, l) => l.forward(x),
+        })
+        .transpose()
+    }
+
+    /// Positions `start .. start + len` along `dim` (of the branch, or the projection's input).
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
+        Ok(match self {
+            Pending::Branch(t) => Pending::Branch(t.narrow(dim, start, len)?),
+            Pending::Projection(x, l) => Pending::Projection(x.narrow(dim, start, len)?, l),
+        })
+    }
+}
+
+/// A norm's output as the next matmuls take it.
+pub enum Normed {
+    Plain(Tensor),
+    /// CUDA decode: the residual sum and the carrier from which the next fused matmul finishes
+    /// the norm ([`crate::ops::qmatmul::deferred_norm`])
+    Deferred(DeferredNorm),
+}
+
+/// See [`Normed::Deferred`].
+pub struct DeferredNorm {
+    pub(super) carrier: Tensor,
+    /// the residual sum the norm is of (the norm's input, shaped as the layer's hidden states)
+    h: Tensor,
+    pub(super) norm: RmsNorm,
+}
+
+impl DeferredNorm {
+    fn new(carrier: Tensor, shape: &candle_core::Shape, norm: RmsNorm) -> Result<Self> {
+        let d = shape.dims().last().copied().unwrap_or(0);
+        let h = carrier.narrow(0, d, d)?.reshape(shape)?;
+        Ok(Self { carrier, h, norm })
+    }
+
+    /// The norm input's leading dimensions (all but the features).
+    pub(super) fn lead(&self) -> &[usize] {
+        &self.h.dims()[..self.h.rank() - 1]
+    }
+}
+
+impl Normed {
+    /// The normalized tensor (a deferred norm computed from its input as [`RmsNorm::forward`]).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Normed::Plain(t) => Ok(t.clone()),
+            Normed::Deferred(d) => d.norm.forward(&d.h),
+        }
+    }
+
+    pub fn dims3(&self) -> Result<(usize, usize, usize)> {
+        Ok(match self {
+            Normed::Plain(t) => t.dims3()?,
+            Normed::Deferred(d) => d.h.dims3()?,
+        })
+    }
+}
+
+/// Norms deferred into the next matmul so far ([`RmsNorm::forward_pending`]; a replayed CUDA graph
+/// defers without counting).
+pub static DEFERRED_NORMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DEFERRED_NORMS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the deferred norm off (`false`) or back on; also off with `WICK_DEFERRED_NORM=0`.
+pub fn set_deferred_norms(on: bool) {
+    DEFERRED_NORMS_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn deferred_norms_enabled() -> bool {
+    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !DEFERRED_NORMS_OFF.load(std::sync::atomic::Ordering::Relaxed)
+        && !*ENV_OFF.get_or_init(|| std::env::var("WICK_DEFERRED_NORM").is_ok_and(|v| v == "0"))
+}
+
+/// LayerNorm with a learned scale and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: ld.tensor(&format!("{name}.weight"), &[dim])?,
+            bias: ld.tensor(&format!("{name}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+            // training: the fused kernel has no backward
+            let x32 = x.to_dtype(DType::F32)?;
+            let c = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+            let inv = (c.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+            let y = c.broadcast_mul(&inv)?.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+            return Ok(y.broadcast_add(&self.bias.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
+        }
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+    }
+}
