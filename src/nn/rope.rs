@@ -249,3 +249,16 @@ impl Rope {
         (cos, sin)
     }
 }
+
+impl RopeTables {
+    /// Writes each row's position into tables made by [`Rope::position_tables`] (host to device
+    /// copies outside any kernel, so a captured graph reads them at replay); `seq`: the
+    /// sequence length of the step, as [`Rope::batch_tables`] takes it (offset + 1).
+    #[cfg(feature = "cuda")]
+    pub fn write_positions(&self, rope: &Rope, positions: &[usize], seq: usize) -> Result<()> {
+        let (cos, sin) = rope.host_tables(positions, seq);
+        crate::backend::cuda::upload_f32(&self.cos, &cos)?;
+        crate::backend::cuda::upload_f32(&self.sin, &sin)?;
+        Ok(())
+    }
+}

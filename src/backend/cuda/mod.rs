@@ -138,7 +138,7 @@ pub(crate) fn contiguous_view<'a, T: CudaDType>(
 }
 
 /// The CUDA storage inside a storage guard of a tensor an op reads besides its inputs.
-fn cuda_of<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+pub(crate) fn cuda_of<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
     use crate::backend::GpuStorage;
     CudaStorage::of(s).ok_or_else(|| candle_core::Error::Msg(format!("{what} is not on the CUDA device")))
 }
@@ -240,9 +240,9 @@ pub struct HostRing {
     /// owns the memory; `host_ptr` and `device_ptr` are its two addresses
     _host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
     host_ptr: *const u32,
-    device_ptr: u64,
-    rows: usize,
-    slots: usize,
+    pub(crate) device_ptr: u64,
+    pub(crate) rows: usize,
+    pub(crate) slots: usize,
 }
 
 // The memory is only written by kernels and read after their completion.

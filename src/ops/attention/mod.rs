@@ -102,14 +102,14 @@ pub fn decode_step_attention(
     softcap: Option<f64>,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    if let (Some(pos), Some((keys, values))) = (&mask.pos, buffers) {
+    if let (Some(pos), Some((keys, values))) = (&mask.pos, &buffers) {
         let (b, h, _, d) = q.dims4()?;
         if rope.dims == d
             && k.dim(3)? == d
             && v.dim(3)? == d
             && b * h <= cuda::STEP_COUNTERS
             && rope.cos.dtype() == q.dtype()
-            && own_decode_attention(q, &keys, &values)?
+            && own_decode_attention(q, keys, values)?
         {
             let op = cuda::DecodeStep {
                 cos: rope.cos.clone(),
@@ -118,8 +118,8 @@ pub fn decode_step_attention(
                 pos: pos.pos.clone(),
                 starts: pos.starts.clone(),
                 done: pos.done.clone(),
-                keys,
-                values,
+                keys: keys.clone(),
+                values: values.clone(),
                 scale: scale as f32,
                 softcap: softcap.map(|c| c as f32),
             };

@@ -119,7 +119,7 @@ impl CustomOp1 for QMatMul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         self.check_gpu_input(l, s.dtype(), "CUDA")?;
-        with_parts(&self.w, |parts| super::cuda::qmv(s, l, parts))
+        with_parts(&self.w, |parts| cuda::qmv(s, l, parts))
     }
 
     #[cfg(feature = "metal")]
@@ -129,7 +129,7 @@ impl CustomOp1 for QMatMul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
         self.check_gpu_input(l, s.dtype(), "Metal")?;
-        with_parts(&self.w, |parts| super::metal::qmm(s, l, parts))
+        with_parts(&self.w, |parts| metal::qmm(s, l, parts))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -157,7 +157,7 @@ pub struct WeightParts<'a, S> {
     pub biases_layout: &'a Layout,
     pub n: usize,
     pub k: usize,
-    pub p: super::QuantParams,
+    pub p: QuantParams,
 }
 
 /// The storage guards of one weight on a GPU device, held while a kernel is launched.
@@ -202,7 +202,7 @@ fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
 /// `affine::dequantize_tensor`'s own loop.
 #[cfg(any(feature = "cuda", feature = "metal"))]
 pub(crate) struct Dequantize {
-    pub p: super::QuantParams,
+    pub p: QuantParams,
 }
 
 #[cfg(any(feature = "cuda", feature = "metal"))]
@@ -260,7 +260,7 @@ impl candle_core::CustomOp3 for Dequantize {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let parts = self.parts((packed, pl), (scales, sl), (biases, bl));
-        let out = super::cuda::dequantize(packed.device(), &parts, scales.dtype())?;
+        let out = cuda::dequantize(packed.device(), &parts, scales.dtype())?;
         Ok((out, self.out_shape(pl)))
     }
 
@@ -275,7 +275,7 @@ impl candle_core::CustomOp3 for Dequantize {
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
         let parts = self.parts((packed, pl), (scales, sl), (biases, bl));
-        let out = super::metal::dequantize(packed.device(), &parts, scales.dtype())?;
+        let out = metal::dequantize(packed.device(), &parts, scales.dtype())?;
         Ok((out, self.out_shape(pl)))
     }
 }
@@ -290,7 +290,7 @@ pub fn quantized_matmul(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
     if x.device().is_cuda() {
         let xin = kernel_input(x, w.scales.dtype())?;
         let m = xin.elem_count() / w.in_dim.max(1);
-        let y = if m <= super::cuda::DECODE_PATH_ROWS {
+        let y = if m <= cuda::DECODE_PATH_ROWS {
             xin.apply_op1(QMatMul { w: w.clone() })?
         } else {
             crate::ops::dense_matmul::dense_matmul(&xin, &w.dequantize()?)?
