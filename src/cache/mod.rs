@@ -237,8 +237,8 @@ impl KvCache {
             let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
                 bail!("a captured decode step needs a filled cache");
             };
-            write_at_device_pos(&keys, &k, &pos.pos)?;
-            write_at_device_pos(&values, &v, &pos.pos)?;
+            write_at_device_pos(keys, k, &pos.pos)?;
+            write_at_device_pos(values, v, &pos.pos)?;
             return Ok((keys.clone(), values.clone()));
         }
         let (b, h, l, dk) = k.dims4()?;
