@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/cuda-toolchain.sh
 T=target-cuda
 cargo build --release --features cuda --target-dir $T --bin wick --example cuda_kernels
-tests=$(cargo test --release --features cuda --target-dir $T --test cuda --no-run --message-format=json \
+tests=$(cargo test --release --features cuda,testing --target-dir $T --test cuda --no-run --message-format=json \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="cuda"][-1])')
 stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
 cp $T/release/wick "$stage/wick"; cp $T/release/examples/cuda_kernels "$stage/cuda_kernels"; cp "$tests" "$stage/cuda-tests"

@@ -13,4 +13,4 @@ export LD_LIBRARY_PATH=$(python3 -c 'import glob,site; print(":".join(g for sp i
 root=$(cat $W/build-root)
 if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root"; fi
 WICK=$W/wick models/fetch-default.sh || exit 1
-$W/cuda-tests --test-threads=1 --nocapture ${1:-}
+$W/cuda-tests --nocapture ${1:-}

@@ -23,7 +23,7 @@
 //!   server's greedy batches picked on the device equal those picked from the logits;
 //! - training: LoRA / DoRA / full fine-tuning gradients on CUDA equal mlx_lm's (with and
 //!   without gradient checkpointing).
-#![cfg(feature = "cuda")]
+#![cfg(all(feature = "cuda", feature = "testing"))]
 
 mod common;
 
@@ -269,8 +269,8 @@ fn cuda_deferred_norm_matches_the_matmul_then_the_norm() {
 /// replays give the eager deferred steps' logits bit for bit.
 #[test]
 fn cuda_decode_with_deferred_norms_equals_the_separate_norms() {
-    use std::sync::atomic::Ordering::Relaxed;
-    use wick::nn::{set_deferred_norms, DEFERRED_NORMS};
+    use wick::backend::stats::{read, Counter};
+    use wick::nn::set_deferred_norms;
     let Some(dev) = cuda() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = gpu::random_llama_4bit(tmp.path(), 256, 512, 3);
@@ -292,12 +292,12 @@ fn cuda_decode_with_deferred_norms_equals_the_separate_norms() {
             .collect()
     };
     set_deferred_norms(false);
-    let before = DEFERRED_NORMS.load(Relaxed);
+    let before = read(Counter::DeferredNorms);
     let separate = run(false);
-    assert_eq!(DEFERRED_NORMS.load(Relaxed), before, "deferred while off");
+    assert_eq!(read(Counter::DeferredNorms), before, "deferred while off");
     set_deferred_norms(true);
     let deferred = run(false);
-    assert_eq!(DEFERRED_NORMS.load(Relaxed) - before, steps.len() * (2 * 3 - 1), "norms deferred per step");
+    assert_eq!(read(Counter::DeferredNorms) - before, steps.len() * (2 * 3 - 1), "norms deferred per step");
     for (i, (a, b)) in deferred.iter().zip(&separate).enumerate() {
         let e = rel_err(a, b);
         assert!(e < 2e-2, "step {i}: deferred-norm logits off by {e:e} (relative) from the separate norms'");
@@ -520,10 +520,8 @@ fn cuda_4bit_greedy_tokens_match_mlx_lm() {
 
 #[test]
 fn cuda_graph_decode_equals_eager_decode() {
-    use std::sync::atomic::Ordering::Relaxed;
-    use wick::backend::cuda::{REBUILT, UPDATED};
-    use wick::engine::cuda_graph::{set_enabled, CAPTURES, EAGER, REPLAYS};
-    use wick::ops::attention::cuda::STEP_ATTENTION_LAUNCHES;
+    use wick::backend::stats::{read, Counter};
+    use wick::engine::cuda_graph::set_enabled;
     let Some(dev) = cuda() else { return };
     let prompt = gpu::golden_prompts()[1].clone();
     // 38 prompt positions + 300 steps: the cache grows past 256 positions during the decode
@@ -539,18 +537,22 @@ fn cuda_graph_decode_equals_eager_decode() {
         let quantized = model != common::default_model();
         let dtype = format!("{dtype:?}{}", if quantized { ", 4-bit" } else { "" });
         set_enabled(false);
-        let r0 = REPLAYS.load(Relaxed);
+        let r0 = read(Counter::GraphReplays);
         let eager = common::greedy(m.model.as_ref(), &prompt, n);
-        assert_eq!(REPLAYS.load(Relaxed), r0, "graphs were off");
+        assert_eq!(read(Counter::GraphReplays), r0, "graphs were off");
         set_enabled(true);
-        let (c0, r0, b0, u0) =
-            (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed), REBUILT.load(Relaxed), UPDATED.load(Relaxed));
-        let (s0, e0) = (STEP_ATTENTION_LAUNCHES.load(Relaxed), EAGER.load(Relaxed));
+        let (c0, r0, b0, u0) = (
+            read(Counter::GraphCaptures),
+            read(Counter::GraphReplays),
+            read(Counter::GraphsRebuilt),
+            read(Counter::GraphsUpdated),
+        );
+        let (s0, e0) = (read(Counter::StepAttention), read(Counter::GraphEagerSteps));
         let graphed = common::greedy(m.model.as_ref(), &prompt, n);
         // the captured steps attend through the fused kernel (RoPE, cache write, attention)
-        assert!(STEP_ATTENTION_LAUNCHES.load(Relaxed) > s0, "{dtype}: the fused step attention did not run");
-        let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
-        let (rebuilt, eager_steps) = (REBUILT.load(Relaxed) - b0, EAGER.load(Relaxed) - e0);
+        assert!(read(Counter::StepAttention) > s0, "{dtype}: the fused step attention did not run");
+        let (captures, replays) = (read(Counter::GraphCaptures) - c0, read(Counter::GraphReplays) - r0);
+        let (rebuilt, eager_steps) = (read(Counter::GraphsRebuilt) - b0, read(Counter::GraphEagerSteps) - e0);
         println!(
             "{dtype}: {eager_steps} steps on the graph's path before a capture, {captures} captures \
              ({rebuilt} rebuilt for programmatic launches), {replays} replays"
@@ -560,7 +562,7 @@ fn cuda_graph_decode_equals_eager_decode() {
         // tokens after it come from the updated graph
         if quantized && wick::backend::cuda::programmatic_launches(&dev).unwrap() {
             assert_eq!(rebuilt, captures, "{dtype}: captures kept as they were");
-            assert_eq!(UPDATED.load(Relaxed) - u0, captures - 1, "{dtype}: a capture instantiated anew");
+            assert_eq!(read(Counter::GraphsUpdated) - u0, captures - 1, "{dtype}: a capture instantiated anew");
         }
         // the prompt's last token and every decode step; per cache size (256, 512) one step
         // run eagerly on the graph's path, then a capture on the next
@@ -576,8 +578,8 @@ fn cuda_graph_decode_equals_eager_decode() {
 /// eagerly (no replays) and must still give the same tokens.
 #[test]
 fn cuda_graph_decode_equals_eager_for_every_architecture() {
-    use std::sync::atomic::Ordering::Relaxed;
-    use wick::engine::cuda_graph::{set_enabled, REPLAYS};
+    use wick::backend::stats::{read, Counter};
+    use wick::engine::cuda_graph::set_enabled;
     let Some(dev) = cuda() else { return };
     let replayed = ["tiny_llama3", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_phi", "tiny_phi3", "tiny_gemma2"];
     let rotating = ["tiny_mistral_swa", "tiny_gemma3"];
@@ -588,9 +590,9 @@ fn cuda_graph_decode_equals_eager_for_every_architecture() {
         set_enabled(false);
         let eager = common::greedy(m.model.as_ref(), &prompt, 300);
         set_enabled(true);
-        let r0 = REPLAYS.load(Relaxed);
+        let r0 = read(Counter::GraphReplays);
         let graphed = common::greedy(m.model.as_ref(), &prompt, 300);
-        let replays = REPLAYS.load(Relaxed) - r0;
+        let replays = read(Counter::GraphReplays) - r0;
         if replayed.contains(name) {
             assert!(replays >= 290, "{name}: {replays} of 300 steps replayed from a graph");
         }
@@ -601,8 +603,8 @@ fn cuda_graph_decode_equals_eager_for_every_architecture() {
 #[test]
 fn cuda_graph_batch_decode_equals_eager_batch_decode() {
     use std::collections::BTreeSet;
-    use std::sync::atomic::Ordering::Relaxed;
-    use wick::engine::cuda_graph::{set_enabled, CAPTURES, EAGER, REPLAYS};
+    use wick::backend::stats::{read, Counter};
+    use wick::engine::cuda_graph::set_enabled;
     let Some(dev) = cuda() else { return };
     // the eight golden prompts, 4 to 41 tokens: a left-padded batch
     let prompts = gpu::golden_prompts();
@@ -616,14 +618,15 @@ fn cuda_graph_batch_decode_equals_eager_batch_decode() {
         };
         for eos in [BTreeSet::new(), tok.eos_token_ids.clone()] {
             set_enabled(false);
-            let r0 = REPLAYS.load(Relaxed);
+            let r0 = read(Counter::GraphReplays);
             let eager = run(&eos);
-            assert_eq!(REPLAYS.load(Relaxed), r0, "graphs were off");
+            assert_eq!(read(Counter::GraphReplays), r0, "graphs were off");
             set_enabled(true);
-            let (c0, r0, e0) = (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed), EAGER.load(Relaxed));
+            let (c0, r0, e0) =
+                (read(Counter::GraphCaptures), read(Counter::GraphReplays), read(Counter::GraphEagerSteps));
             let graphed = run(&eos);
-            let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
-            let replays = replays + EAGER.load(Relaxed) - e0;
+            let (captures, replays) = (read(Counter::GraphCaptures) - c0, read(Counter::GraphReplays) - r0);
+            let replays = replays + read(Counter::GraphEagerSteps) - e0;
             let steps = graphed.iter().map(Vec::len).max().unwrap();
             println!("{dtype:?}, {} eos ids: {captures} captures, {replays} replays, {steps} steps", eos.len());
             // every step takes the graph's path: the prompts' last tokens, then one per token
@@ -702,8 +705,7 @@ fn cuda_greedy_argmax_picks_as_the_host() {
 #[test]
 fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
     use std::collections::BTreeSet;
-    use std::sync::atomic::Ordering::Relaxed;
-    use wick::engine::cuda_graph::{CAPTURES, EAGER, REPLAYS};
+    use wick::backend::stats::{read, Counter};
     use wick::engine::generate::{generate_with_cache, GenerateOptions};
     let Some(dev) = cuda() else { return };
     let prompt = gpu::golden_prompts()[2].clone();
@@ -714,10 +716,10 @@ fn cuda_greedy_generation_on_the_device_equals_the_host_loop() {
         let model = m.model.as_ref();
         // the host's argmax of each replayed step's logits
         let host = common::greedy(model, &prompt, n);
-        let (c0, r0, e0) = (CAPTURES.load(Relaxed), REPLAYS.load(Relaxed), EAGER.load(Relaxed));
+        let (c0, r0, e0) = (read(Counter::GraphCaptures), read(Counter::GraphReplays), read(Counter::GraphEagerSteps));
         let device = common::generated(model, &prompt, n);
-        let (captures, replays) = (CAPTURES.load(Relaxed) - c0, REPLAYS.load(Relaxed) - r0);
-        let eager_steps = EAGER.load(Relaxed) - e0;
+        let (captures, replays) = (read(Counter::GraphCaptures) - c0, read(Counter::GraphReplays) - r0);
+        let eager_steps = read(Counter::GraphEagerSteps) - e0;
         println!("{dtype:?}: {captures} captures, {replays} replays");
         assert_eq!(device, host, "{dtype:?}: greedy tokens picked on the device differ from the host's");
         // the prompt's last token, then every token but the last; per cache size one step run

@@ -8,6 +8,7 @@ pub mod device;
 pub mod memory;
 #[cfg(feature = "metal")]
 pub mod metal;
+pub mod stats;
 
 /// A GPU backend's storage, as found inside a candle `Storage`.
 #[cfg(any(feature = "cuda", feature = "metal"))]

@@ -26,6 +26,7 @@
 //! host) turns graphs off for the model and the step runs eagerly.
 
 use crate::backend::cuda::{upload_f32, HostRing, StepGraph};
+use crate::backend::stats::{self, Counter};
 use crate::cache::KvCache;
 use crate::models::{GraphStep, LanguageModel, PendingTokens};
 use crate::nn::{Rope, RopeTables};
@@ -35,14 +36,8 @@ use crate::ops::attention::DevicePos;
 use anyhow::Result;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent};
 use candle_core::{DType, Device, Tensor, TensorId};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
-
-/// Graph replays and captures in this process (tests check that the graph path ran).
-pub static REPLAYS: AtomicUsize = AtomicUsize::new(0);
-pub static CAPTURES: AtomicUsize = AtomicUsize::new(0);
-/// Steps run eagerly on the graph's path (the first on new cache buffers).
-pub static EAGER: AtomicUsize = AtomicUsize::new(0);
 
 struct Captured {
     graph: StepGraph,
@@ -194,23 +189,26 @@ pub struct StepShape<'a> {
     pub vocab: usize,
 }
 
-/// 0: not read yet, 1: on, 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-
+/// Whether decode steps go through graphs: `WICK_CUDA_GRAPH=0` turns them off (with the
+/// `testing` feature, [`set_enabled`] overrides that on the calling thread).
 fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("WICK_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true);
-            set_enabled(on);
-            on
-        }
-        s => s == 1,
+    #[cfg(feature = "testing")]
+    if let Some(on) = ON_THIS_THREAD.get() {
+        return on;
     }
+    static ENV: OnceLock<bool> = OnceLock::new();
+    *ENV.get_or_init(|| std::env::var("WICK_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true))
 }
 
-/// Turns decode-step graphs on or off for the whole process (`WICK_CUDA_GRAPH=0` starts off).
+#[cfg(feature = "testing")]
+thread_local! {
+    static ON_THIS_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Turns decode-step graphs on or off for the steps this thread runs.
+#[cfg(feature = "testing")]
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    ON_THIS_THREAD.set(Some(on));
 }
 
 impl DecodeGraph {
@@ -264,7 +262,7 @@ impl DecodeGraph {
             let previous = state.captured.take().map(|c| c.graph);
             match capture(device, cache, &p.inputs, &run, previous) {
                 Ok(graph) => {
-                    CAPTURES.fetch_add(1, Ordering::Relaxed);
+                    stats::count(Counter::GraphCaptures);
                     // the graph replaced (or updated) may still run: CUDA frees a graph in
                     // flight once it has finished, and its buffers go back in stream order
                     state.captured = Some(Captured { graph, on: p });
@@ -311,7 +309,7 @@ impl DecodeGraph {
         }
         let c = state.captured.as_ref().expect("captured above");
         c.graph.launch().map_err(|e| anyhow::anyhow!("replaying the decode step's CUDA graph: {e:?}"))?;
-        REPLAYS.fetch_add(1, Ordering::Relaxed);
+        stats::count(Counter::GraphReplays);
         for cache in cache.iter_mut() {
             cache.advance();
         }
@@ -346,7 +344,7 @@ fn eager_step(
     for c in cache.iter_mut() {
         c.advance();
     }
-    EAGER.fetch_add(1, Ordering::Relaxed);
+    stats::count(Counter::GraphEagerSteps);
     finished(device, inputs, offset)
 }
 

@@ -4,8 +4,8 @@
 //! gradient. The adapter tensors' gradients found in that inner pass are collected here and
 //! added to the outer pass's ([`take_grads`]), as mlx's `mx.checkpoint` does for mlx_lm.
 
+use super::decoder::Layer;
 use crate::cache::KvCache;
-use crate::models::blocks::Layer;
 use crate::nn::RopeTables;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
@@ -69,7 +69,7 @@ impl Checkpoint {
             candle_core::bail!("checkpoint: the input must be contiguous from offset 0");
         }
         let x = Tensor::from_storage(input, l.shape().clone(), candle_core::op::BackpropOp::none(), false);
-        let y = self.layer.forward(&x, &self.rope, &mut KvCache::new()).map_err(wrap)?.copy()?;
+        let y = self.layer.forward_tensor(&x, &self.rope, &mut KvCache::new()).map_err(wrap)?.copy()?;
         let shape = y.shape().clone();
         let (st, yl) = y.storage_and_layout();
         let out = match &*st {
@@ -129,7 +129,7 @@ impl CustomOp1 for Checkpoint {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let x = Var::from_tensor(&arg.detach())?;
-        let y = self.layer.forward(x.as_tensor(), &self.rope, &mut KvCache::new()).map_err(wrap)?;
+        let y = self.layer.forward_tensor(x.as_tensor(), &self.rope, &mut KvCache::new()).map_err(wrap)?;
         let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
         STATE.with_borrow_mut(|s| -> candle_core::Result<()> {
             for id in s.vars.clone() {

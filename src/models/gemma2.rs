@@ -3,11 +3,16 @@
 //! soft-capped, queries scaled by `query_pre_attn_scalar`. Like mlx_lm's `models/gemma2.py`,
 //! every layer attends to the whole context.
 
-use super::blocks::{Act, BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use super::attention::{qkv, Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual, RopeArgs};
+use super::mlp::FeedForward;
+use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::Loader;
+use crate::nn::{Linear, Loader, Normed, Pending, RmsNorm, RopeTables};
 use anyhow::Result;
+use candle_core::Tensor;
 use serde::Deserialize;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelArgs {
@@ -32,17 +37,124 @@ pub fn sanitize(_args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
+/// Gemma's norms store their scale as an offset from 1.
+pub fn norm(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+    RmsNorm::load_shifted(ld, name, dim, eps, 1.0)
+}
+
+/// Gemma 2's attention: llama's projections without biases, scores scaled by
+/// `query_pre_attn_scalar^-0.5` and soft-capped.
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: Heads,
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
+        self.heads.attend(qkv, None, rope, cache)
+    }
+
+    fn o_proj(&self) -> &Linear {
+        &self.o_proj
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![&self.q_proj, &self.k_proj, &self.v_proj]
+    }
+}
+
+/// Gemma's MLP: `down(gelu(gate(x)) · up(x))`, GELU in its tanh approximation.
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize) -> Result<Self> {
+        let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{p}.{n}"), i, o, false);
+        Ok(Self {
+            gate_proj: lin("gate_proj", dim, hidden)?,
+            up_proj: lin("up_proj", dim, hidden)?,
+            down_proj: lin("down_proj", hidden, dim)?,
+        })
+    }
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Normed) -> Result<Tensor> {
+        let x = x.tensor()?;
+        Ok((self.gate_proj.forward(&x)?.gelu()? * self.up_proj.forward(&x)?)?)
+    }
+
+    fn down_proj(&self) -> &Linear {
+        &self.down_proj
+    }
+}
+
+/// Gemma's decoder layer, with a norm on each side of attention and of the MLP:
+/// `h = x + post_attention_layernorm(attn(input_layernorm(x)))`,
+/// `out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
+pub struct SandwichBlock<A> {
+    self_attn: A,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+}
+
+impl<A: SelfAttention + 'static> SandwichBlock<A> {
+    /// The layer of prefix `p` around `self_attn` and `{p}.mlp`.
+    pub fn load(ld: &Loader, p: &str, a: &BaseArgs, self_attn: A) -> Result<Arc<dyn Layer>> {
+        let n = |name: &str| norm(ld, &format!("{p}.{name}"), a.hidden_size, a.rms_norm_eps);
+        Ok(Arc::new(Self {
+            self_attn,
+            mlp: Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size)?,
+            input_layernorm: n("input_layernorm")?,
+            post_attention_layernorm: n("post_attention_layernorm")?,
+            pre_feedforward_layernorm: n("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: n("post_feedforward_layernorm")?,
+        }))
+    }
+}
+
+impl<A: SelfAttention> Layer for SandwichBlock<A> {
+    fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
+        let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
+        let a = self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?;
+        let h = Residual::plus(x, Pending::Branch(self.post_attention_layernorm.forward(&a)?));
+        let (h, n) = h.norm(&self.pre_feedforward_layernorm, &[])?;
+        let m = self.mlp.down_proj().forward(&self.mlp.forward(&n)?)?;
+        Ok(Residual::plus(h, Pending::Branch(self.post_feedforward_layernorm.forward(&m)?)))
+    }
+}
+
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
     let rope_args = RopeArgs { rope_traditional: args.rope_traditional, rope_scaling: None };
     let rope = rope_args.rope(args.head_dim, args.rope_theta, None)?;
-    let mut attn = a.attention(args.num_key_value_heads, args.head_dim);
-    attn.scale = Some(args.query_pre_attn_scalar.powf(-0.5));
-    attn.softcap = Some(args.attn_logit_softcapping);
-    let mlp = super::blocks::MlpSpec { act: Act::GeluApprox, sandwich: true, ..a.mlp() };
+    let heads = Heads {
+        scale: args.query_pre_attn_scalar.powf(-0.5),
+        softcap: Some(args.attn_logit_softcapping),
+        ..Heads::new(a.num_attention_heads, args.num_key_value_heads, args.head_dim)
+    };
+    let layers = (0..a.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let pa = format!("{p}.self_attn");
+            let [q_proj, k_proj, v_proj] = heads.load_qkv(ld, &pa, a.hidden_size, false)?;
+            let o_proj = heads.load_out(ld, &pa, "o_proj", a.hidden_size, false)?;
+            SandwichBlock::load(ld, &p, a, Attention { q_proj, k_proj, v_proj, o_proj, heads })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, true, None);
     spec.norm_shift = 1.0;
     spec.embed_scale = Some((a.hidden_size as f64).sqrt());
     spec.final_softcap = Some(args.final_logit_softcapping);
-    a.build(ld, &attn, &mlp, spec)
+    a.decoder(ld, spec, layers)
 }

@@ -3,10 +3,14 @@
 //! `rope_theta` with `rope_scaling`), the others to a window of `sliding_window` positions (a
 //! rotating cache; RoPE at `rope_local_base_freq`). Reads like mlx_lm's `models/gemma3_text.py`.
 
-use super::blocks::{Act, BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use super::attention::{qkv, Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use super::gemma2::{norm, SandwichBlock};
+use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::Loader;
+use crate::nn::{Linear, Loader, Normed, RmsNorm, RopeTables};
 use anyhow::Result;
+use candle_core::Tensor;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +40,33 @@ pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
+/// Gemma 3's attention: gemma 2's without soft-capping, with an RMSNorm over each head of the
+/// queries and keys before RoPE.
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: Heads,
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
+        self.heads.attend(qkv, Some((&self.q_norm, &self.k_norm)), rope, cache)
+    }
+
+    fn o_proj(&self) -> &Linear {
+        &self.o_proj
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![&self.q_proj, &self.k_proj, &self.v_proj]
+    }
+}
+
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
     let hd = args.head_dim;
@@ -46,10 +77,28 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         Some(ctx),
     )?;
     let local = RopeArgs::default().rope(hd, args.rope_local_base_freq, None)?;
-    let mut attn = a.attention(args.num_key_value_heads, hd);
-    attn.scale = Some(args.query_pre_attn_scalar.powf(-0.5));
-    attn.qk_norm = true;
-    let mlp = super::blocks::MlpSpec { act: Act::GeluApprox, sandwich: true, ..a.mlp() };
+    let heads = Heads {
+        scale: args.query_pre_attn_scalar.powf(-0.5),
+        ..Heads::new(a.num_attention_heads, args.num_key_value_heads, hd)
+    };
+    let layers = (0..a.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let pa = format!("{p}.self_attn");
+            let [q_proj, k_proj, v_proj] = heads.load_qkv(ld, &pa, a.hidden_size, false)?;
+            let qk_norm = |n: &str| norm(ld, &format!("{pa}.{n}"), hd, a.rms_norm_eps);
+            let attn = Attention {
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj: heads.load_out(ld, &pa, "o_proj", a.hidden_size, false)?,
+                q_norm: qk_norm("q_norm")?,
+                k_norm: qk_norm("k_norm")?,
+                heads,
+            };
+            SandwichBlock::load(ld, &p, a, attn)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let tied = !ld.weights.contains("lm_head.weight");
     let mut spec = ModelSpec::plain(a.num_hidden_layers, global, tied, Some(ctx));
     spec.ropes.push(local);
@@ -58,7 +107,6 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     spec.layer_rope = (0..a.num_hidden_layers).map(|i| if is_global(i) { 0 } else { 1 }).collect();
     spec.windows = (0..a.num_hidden_layers).map(|i| (!is_global(i)).then_some(args.sliding_window)).collect();
     spec.norm_shift = 1.0;
-    // mlx_lm rounds sqrt(hidden_size) to bfloat16 before scaling the embeddings
     spec.embed_scale = Some(half::bf16::from_f64((a.hidden_size as f64).sqrt()).to_f64());
-    a.build(ld, &attn, &mlp, spec)
+    a.decoder(ld, spec, layers)
 }

@@ -3,10 +3,14 @@
 //! cache of `sliding_window` positions). Reads like mlx_lm's `models/llama.py`, which also
 //! ignores a `sliding_window` that no `layer_types` entry uses.
 
-use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use super::attention::{qkv, Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
+use super::mlp::Mlp;
+use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::Loader;
+use crate::nn::{Linear, Loader, Normed, RopeTables};
 use anyhow::Result;
+use candle_core::Tensor;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,14 +74,61 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
+/// llama's attention: separate q/k/v projections (biased with `attention_bias`, as the output
+/// projection), RoPE, grouped-query attention over the cache.
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: Heads,
+}
+
+impl Attention {
+    /// `{p}.{q,k,v,o}_proj` of `heads` over `hidden` features; `qkv_bias` on q, k and v,
+    /// `o_bias` on the output.
+    pub fn load(ld: &Loader, p: &str, hidden: usize, heads: Heads, qkv_bias: bool, o_bias: bool) -> Result<Self> {
+        let [q_proj, k_proj, v_proj] = heads.load_qkv(ld, p, hidden, qkv_bias)?;
+        let o_proj = heads.load_out(ld, p, "o_proj", hidden, o_bias)?;
+        Ok(Self::new([q_proj, k_proj, v_proj], o_proj, heads))
+    }
+
+    /// From its projections (phi names the output one `dense`).
+    pub fn new([q_proj, k_proj, v_proj]: [Linear; 3], o_proj: Linear, heads: Heads) -> Self {
+        Self { q_proj, k_proj, v_proj, o_proj, heads }
+    }
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
+        self.heads.attend(qkv, None, rope, cache)
+    }
+
+    fn o_proj(&self) -> &Linear {
+        &self.o_proj
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![&self.q_proj, &self.k_proj, &self.v_proj]
+    }
+}
+
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
     let (hd, ctx) = (args.head_dim(), args.max_position_embeddings);
     let rope = args.rope.rope(hd, args.rope_theta, ctx)?;
-    let mut attn = a.attention(args.n_kv_heads(), hd);
-    (attn.qkv_bias, attn.o_bias) = (args.attention_bias, args.attention_bias);
-    let mlp = super::blocks::MlpSpec { bias: args.mlp_bias, ..a.mlp() };
+    let heads = Heads::new(a.num_attention_heads, args.n_kv_heads(), hd);
+    let layers = (0..a.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let bias = args.attention_bias;
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, bias, bias)?;
+            let mlp = Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, args.mlp_bias)?;
+            PreNormBlock::load(ld, &p, a.hidden_size, a.rms_norm_eps, attn, mlp)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx);
     spec.windows = (0..a.num_hidden_layers).map(|i| args.window(i)).collect::<Result<Vec<_>>>()?;
-    a.build(ld, &attn, &mlp, spec)
+    a.decoder(ld, spec, layers)
 }

@@ -4,10 +4,13 @@
 //! stacked (`switch_mlp.{gate,up,down}_proj`, first axis = expert, dense or quantized) or per
 //! expert as Hugging Face writes them (`experts.{e}.w1/w2/w3`).
 
-use super::blocks::{Attention, BaseArgs, DecoderModel, Layer, Mlp, ModelSpec, NormSpec, RopeArgs};
+use super::attention::{Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual, RopeArgs};
+use super::llama::Attention;
+use super::mlp::{FeedForward, Mlp};
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Linear, Loader, RmsNorm, RopeTables};
+use crate::nn::{Linear, Loader, Pending, RmsNorm, RopeTables};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
@@ -92,13 +95,15 @@ impl SparseMoe {
             let n = rows[e].len();
             let idx = Tensor::from_vec(rows[e].clone(), n, x.device())?;
             let w = Tensor::from_vec(weights[e].clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
-            let y = mlp.forward(&flat.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
+            let y = mlp.forward_tensor(&flat.index_select(&idx, 0)?)?.broadcast_mul(&w)?;
             out = out.index_add(&idx, &y, 0)?;
         }
         Ok(out.reshape((b, l, d))?)
     }
 }
 
+/// llama's layer with the sparse MoE in place of the MLP:
+/// `h = x + attn(input_layernorm(x))`, `out = h + moe(post_attention_layernorm(h))`.
 struct MixtralLayer {
     self_attn: Attention,
     moe: SparseMoe,
@@ -107,41 +112,41 @@ struct MixtralLayer {
 }
 
 impl Layer for MixtralLayer {
+    fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
+        let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
+        let h = Residual::plus_projection(x, self.self_attn.forward(&n, rope, cache)?, self.self_attn.o_proj());
+        let (h, n) = h.norm(&self.post_attention_layernorm, &[])?;
+        Ok(Residual::plus(h, Pending::Branch(self.moe.forward(&n.tensor()?)?)))
+    }
+
     /// The router's choices are read on the host to group the rows per expert.
     fn graphable(&self) -> bool {
         false
-    }
-
-    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache)?)?;
-        Ok((&h + self.moe.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    let head_dim = a.hidden_size / a.num_attention_heads;
-    let attn = a.attention(args.num_key_value_heads.unwrap_or(a.num_attention_heads), head_dim);
-    let mlp = a.mlp();
-    let norm = NormSpec { eps: a.rms_norm_eps, shift: 0.0 };
+    let (dim, eps) = (a.hidden_size, a.rms_norm_eps);
+    let head_dim = dim / a.num_attention_heads;
+    let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads.unwrap_or(a.num_attention_heads), head_dim);
     let layers = (0..a.num_hidden_layers)
         .map(|l| {
             let p = format!("model.layers.{l}");
             let experts = (0..args.num_local_experts)
-                .map(|e| Mlp::load(ld, &expert(l, e), a.hidden_size, &mlp))
+                .map(|e| Mlp::load(ld, &expert(l, e), dim, a.intermediate_size, false))
                 .collect::<Result<Vec<_>>>()?;
-            let gate =
-                Linear::load(ld, &format!("{p}.block_sparse_moe.gate"), a.hidden_size, args.num_local_experts, false)?;
+            let gate = Linear::load(ld, &format!("{p}.block_sparse_moe.gate"), dim, args.num_local_experts, false)?;
             let layer = MixtralLayer {
-                self_attn: Attention::load(&attn, norm, ld, &format!("{p}.self_attn"))?,
+                self_attn: Attention::load(ld, &format!("{p}.self_attn"), dim, heads, false, false)?,
                 moe: SparseMoe { gate, experts, top_k: args.num_experts_per_tok },
-                input_layernorm: norm.load(ld, &format!("{p}.input_layernorm"), a.hidden_size)?,
-                post_attention_layernorm: norm.load(ld, &format!("{p}.post_attention_layernorm"), a.hidden_size)?,
+                input_layernorm: RmsNorm::load(ld, &format!("{p}.input_layernorm"), dim, eps)?,
+                post_attention_layernorm: RmsNorm::load(ld, &format!("{p}.post_attention_layernorm"), dim, eps)?,
             };
             Ok(std::sync::Arc::new(layer) as std::sync::Arc<dyn Layer>)
         })
         .collect::<Result<Vec<_>>>()?;
     let rope = args.rope.rope(head_dim, args.rope_theta, None)?;
     let spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, None);
-    a.build_with(ld, spec, layers)
+    a.decoder(ld, spec, layers)
 }

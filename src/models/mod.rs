@@ -1,11 +1,13 @@
 //! Architectures, one file each (like mlx_lm's `models/`), discovered by config.json's `model_type`.
 
-pub mod blocks;
+pub mod attention;
 pub mod checkpoint;
+pub mod decoder;
 pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
 pub mod mixtral;
+pub mod mlp;
 pub mod phi;
 pub mod phi3;
 pub mod qwen2;

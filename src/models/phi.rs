@@ -3,10 +3,13 @@
 //! every projection (the output one is `dense`), an ungated GELU MLP (`fc1`, `fc2`), a final
 //! LayerNorm and a biased head. Reads like mlx_lm's `models/phi.py`.
 
-use super::blocks::{Act, Attention, AttentionSpec, BaseArgs, DecoderModel, Layer, Mlp, MlpSpec, ModelSpec, NormSpec};
+use super::attention::{Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual};
+use super::llama::Attention;
+use super::mlp::FeedForward;
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{LayerNorm, Loader, Rope, RopeTables};
+use crate::nn::{LayerNorm, Linear, Loader, Normed, Rope, RopeTables};
 use anyhow::Result;
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -47,6 +50,24 @@ pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
+/// Phi-2's MLP: `fc2(gelu(fc1(x)))`, ungated, GELU in its tanh approximation.
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Normed) -> Result<Tensor> {
+        Ok(self.fc1.forward(&x.tensor()?)?.gelu()?)
+    }
+
+    fn down_proj(&self) -> &Linear {
+        &self.fc2
+    }
+}
+
+/// Phi-2's decoder layer: attention and the MLP in parallel on one norm,
+/// `out = x + attn(n) + mlp(n)` with `n = input_layernorm(x)`.
 struct PhiLayer {
     input_layernorm: LayerNorm,
     self_attn: Attention,
@@ -54,10 +75,12 @@ struct PhiLayer {
 }
 
 impl Layer for PhiLayer {
-    fn forward(&self, x: &Tensor, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&h, rope, cache)?;
-        Ok(((attn + self.mlp.forward(&h)?)? + x)?)
+    fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
+        let x = x.sum()?;
+        let n = Normed::Plain(self.input_layernorm.forward(&x)?);
+        let attn = self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?;
+        let mlp = self.mlp.fc2.forward(&self.mlp.forward(&n)?)?;
+        Ok(Residual::new(((attn + mlp)? + x)?))
     }
 }
 
@@ -70,27 +93,24 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         rms_norm_eps: args.layer_norm_eps,
         vocab_size: args.vocab_size,
     };
-    let head_dim = args.hidden_size / args.num_attention_heads;
-    let attn = AttentionSpec {
-        qkv_bias: true,
-        o_bias: true,
-        o_name: "dense",
-        ..base.attention(args.num_key_value_heads.unwrap_or(args.num_attention_heads), head_dim)
-    };
-    let mlp = MlpSpec { bias: true, gated: false, act: Act::GeluApprox, ..base.mlp() };
-    let no_norm = NormSpec { eps: args.layer_norm_eps, shift: 0.0 };
+    let (dim, hidden) = (args.hidden_size, args.intermediate_size);
+    let head_dim = dim / args.num_attention_heads;
+    let heads =
+        Heads::new(args.num_attention_heads, args.num_key_value_heads.unwrap_or(args.num_attention_heads), head_dim);
     let layers = (0..args.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
+            let (pa, pm) = (format!("{p}.self_attn"), format!("{p}.mlp"));
+            let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{pm}.{n}"), i, o, true);
             let layer = PhiLayer {
-                input_layernorm: LayerNorm::load(
-                    ld,
-                    &format!("{p}.input_layernorm"),
-                    args.hidden_size,
-                    args.layer_norm_eps,
-                )?,
-                self_attn: Attention::load(&attn, no_norm, ld, &format!("{p}.self_attn"))?,
-                mlp: Mlp::load(ld, &format!("{p}.mlp"), args.hidden_size, &mlp)?,
+                input_layernorm: LayerNorm::load(ld, &format!("{p}.input_layernorm"), dim, args.layer_norm_eps)?,
+                // llama's attention with biases everywhere, the output projection named `dense`
+                self_attn: Attention::new(
+                    heads.load_qkv(ld, &pa, dim, true)?,
+                    heads.load_out(ld, &pa, "dense", dim, true)?,
+                    heads,
+                ),
+                mlp: Mlp { fc1: lin("fc1", dim, hidden)?, fc2: lin("fc2", hidden, dim)? },
             };
             Ok(std::sync::Arc::new(layer) as std::sync::Arc<dyn Layer>)
         })
@@ -101,5 +121,5 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let mut spec = ModelSpec::plain(args.num_hidden_layers, rope, false, ctx);
     spec.final_layernorm = true;
     spec.lm_head_bias = true;
-    base.build_with(ld, spec, layers)
+    base.decoder(ld, spec, layers)
 }

@@ -2,10 +2,14 @@
 //! `partial_rotary_factor` of each head, "su"/"longrope" scaling from the top-level
 //! `original_max_position_embeddings`. Reads like mlx_lm's `models/phi3.py`.
 
-use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use super::attention::{Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
+use super::mlp::FeedForward;
+use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Loader, Rope};
+use crate::nn::{Linear, Loader, Normed, Rope, RopeTables};
 use anyhow::{Context, Result};
+use candle_core::{Tensor, D};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,13 +51,69 @@ fn rope(args: &ModelArgs, dims: usize) -> Result<Rope> {
     }
 }
 
+/// Phi-3's attention: one `qkv_proj` for the queries, keys and values, RoPE over
+/// `partial_rotary_factor` of each head.
+struct Attention {
+    qkv_proj: Linear,
+    o_proj: Linear,
+    heads: Heads,
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let qkv = self.heads.split_qkv(&self.qkv_proj.forward(&x.tensor()?)?)?;
+        self.heads.attend(qkv, None, rope, cache)
+    }
+
+    fn o_proj(&self) -> &Linear {
+        &self.o_proj
+    }
+}
+
+/// Phi-3's MLP: one `gate_up_proj` whose halves are the gate and the up projection,
+/// `down(silu(gate) · up)`.
+struct Mlp {
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    hidden: usize,
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Normed) -> Result<Tensor> {
+        let t = self.gate_up_proj.forward(&x.tensor()?)?;
+        let (gate, up) = (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?);
+        crate::ops::swiglu::swiglu(&gate, &up)
+    }
+
+    fn down_proj(&self) -> &Linear {
+        &self.down_proj
+    }
+}
+
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    let head_dim = a.hidden_size / a.num_attention_heads;
+    let (dim, hidden) = (a.hidden_size, a.intermediate_size);
+    let head_dim = dim / a.num_attention_heads;
     let rope = rope(args, (head_dim as f64 * args.partial_rotary_factor) as usize)?;
-    let mut attn = a.attention(args.num_key_value_heads.unwrap_or(a.num_attention_heads), head_dim);
-    attn.fused_qkv = true;
-    let mlp = super::blocks::MlpSpec { fused: true, ..a.mlp() };
+    let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads.unwrap_or(a.num_attention_heads), head_dim);
+    let layers = (0..a.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let (pa, pm) = (format!("{p}.self_attn"), format!("{p}.mlp"));
+            let qkv_out = (heads.n_heads + 2 * heads.n_kv_heads) * head_dim;
+            let attn = Attention {
+                qkv_proj: Linear::load(ld, &format!("{pa}.qkv_proj"), dim, qkv_out, false)?,
+                o_proj: heads.load_out(ld, &pa, "o_proj", dim, false)?,
+                heads,
+            };
+            let mlp = Mlp {
+                gate_up_proj: Linear::load(ld, &format!("{pm}.gate_up_proj"), dim, 2 * hidden, false)?,
+                down_proj: Linear::load(ld, &format!("{pm}.down_proj"), hidden, dim, false)?,
+                hidden,
+            };
+            PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let ctx = Some(args.max_position_embeddings);
-    a.build(ld, &attn, &mlp, ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx))
+    a.decoder(ld, ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx), layers)
 }

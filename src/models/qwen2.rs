@@ -1,7 +1,10 @@
 //! Qwen2 / Qwen2.5: llama's layers with biases on q, k and v (not on the output projection),
 //! rope_theta 1e6 by default. Reads like mlx_lm's `models/qwen2.py`.
 
-use super::blocks::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
+use super::attention::Heads;
+use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
+use super::llama::Attention;
+use super::mlp::Mlp;
 use crate::io::Weights;
 use crate::nn::Loader;
 use anyhow::Result;
@@ -32,7 +35,15 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let head_dim = a.hidden_size / a.num_attention_heads;
     let ctx = args.max_position_embeddings;
     let rope = args.rope.rope(head_dim, args.rope_theta, Some(ctx))?;
-    let mut attn = a.attention(args.num_key_value_heads, head_dim);
-    attn.qkv_bias = true;
-    a.build(ld, &attn, &a.mlp(), ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)))
+    let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads, head_dim);
+    let layers = (0..a.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            // llama's attention with biases on q, k and v (not on the output projection)
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, true, false)?;
+            let mlp = Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, false)?;
+            PreNormBlock::load(ld, &p, a.hidden_size, a.rms_norm_eps, attn, mlp)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    a.decoder(ld, ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, Some(ctx)), layers)
 }

@@ -79,7 +79,7 @@ impl RmsNorm {
         {
             if self.shift == 0.0 && deferred_norms_enabled() {
                 if let Some(carrier) = crate::ops::qmatmul::deferred_norm(a, weight, x, &self.weight, &next)? {
-                    DEFERRED_NORMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::backend::stats::count(crate::backend::stats::Counter::DeferredNorms);
                     let d = DeferredNorm::new(carrier, x.shape(), self.clone())?;
                     return Ok((d.h.clone(), Normed::Deferred(d)));
                 }
@@ -91,7 +91,7 @@ impl RmsNorm {
 }
 
 /// A layer's last residual branch, left for the next norm to add (see
-/// the models' `Layer::forward_deferred`): computed, or the projection that will
+/// the models' residual stream, `Residual`): computed, or the projection that will
 /// compute it (so that the norm may run it: [`RmsNorm::forward_pending`]).
 #[derive(Clone)]
 pub enum Pending<'a> {
@@ -165,20 +165,26 @@ impl Normed {
     }
 }
 
-/// Norms deferred into the next matmul so far ([`RmsNorm::forward_pending`]; a replayed CUDA graph
-/// defers without counting).
-pub static DEFERRED_NORMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static DEFERRED_NORMS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Turns the deferred norm off (`false`) or back on; also off with `WICK_DEFERRED_NORM=0`.
-pub fn set_deferred_norms(on: bool) {
-    DEFERRED_NORMS_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
+/// Whether norms may be deferred: `WICK_DEFERRED_NORM=0` turns it off (with the `testing`
+/// feature, [`set_deferred_norms`] overrides that on the calling thread).
+fn deferred_norms_enabled() -> bool {
+    #[cfg(feature = "testing")]
+    if let Some(on) = DEFER_ON_THIS_THREAD.get() {
+        return on;
+    }
+    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*ENV_OFF.get_or_init(|| std::env::var("WICK_DEFERRED_NORM").is_ok_and(|v| v == "0"))
 }
 
-fn deferred_norms_enabled() -> bool {
-    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !DEFERRED_NORMS_OFF.load(std::sync::atomic::Ordering::Relaxed)
-        && !*ENV_OFF.get_or_init(|| std::env::var("WICK_DEFERRED_NORM").is_ok_and(|v| v == "0"))
+#[cfg(feature = "testing")]
+thread_local! {
+    static DEFER_ON_THIS_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Turns the deferred norm off (`false`) or back on for the norms this thread runs.
+#[cfg(feature = "testing")]
+pub fn set_deferred_norms(on: bool) {
+    DEFER_ON_THIS_THREAD.set(Some(on));
 }
 
 /// LayerNorm with a learned scale and bias.

@@ -29,13 +29,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DriverError, LaunchConfig, SyncOnDrop,
 };
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-
-/// Captures rebuilt for programmatic launches in this process (tests check that it ran).
-pub static REBUILT: AtomicUsize = AtomicUsize::new(0);
-/// Captures that updated the previous capture's instance instead of instantiating one.
-pub static UPDATED: AtomicUsize = AtomicUsize::new(0);
 
 /// The handles of wick's own kernels (all wait before they read an earlier kernel's output):
 /// only they may follow a programmatic edge.
@@ -197,14 +191,10 @@ impl StepGraph {
                 Ok(Ok((copy, arena, report))) => match unsafe { Self::instance(copy, arena, stream, &mut previous) } {
                     Ok(step) => {
                         if debug {
-                            let updated = UPDATED.load(Ordering::Relaxed);
-                            eprintln!(
-                                "wick: decode step graph rebuilt: {report}; {} µs ({updated} updates so far)",
-                                start.elapsed().as_micros()
-                            );
+                            eprintln!("wick: decode step graph rebuilt: {report}; {} µs", start.elapsed().as_micros());
                         }
                         unsafe { sys::cuGraphDestroy(graph) };
-                        REBUILT.fetch_add(1, Ordering::Relaxed);
+                        crate::backend::stats::count(crate::backend::stats::Counter::GraphsRebuilt);
                         return Ok(Some(step));
                     }
                     Err(e) => {
@@ -234,7 +224,7 @@ impl StepGraph {
         if let Some(mut p) = previous.take() {
             let mut info: sys::CUgraphExecUpdateResultInfo = std::mem::zeroed();
             if sys::cuGraphExecUpdate_v2(p.exec, graph, &mut info).result().is_ok() {
-                UPDATED.fetch_add(1, Ordering::Relaxed);
+                crate::backend::stats::count(crate::backend::stats::Counter::GraphsUpdated);
                 // the old graph goes; its arena is freed in stream order, after the launches
                 // queued that use it
                 sys::cuGraphDestroy(std::mem::replace(&mut p.graph, graph));

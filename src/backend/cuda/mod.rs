@@ -5,14 +5,12 @@
 
 mod launch;
 
-pub use launch::{programmatic_launches, KernelArg, Launch, StepGraph, REBUILT, UPDATED};
+pub use launch::{programmatic_launches, KernelArg, Launch, StepGraph};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Shape, WithDType};
+use candle_core::{DType, Layout, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

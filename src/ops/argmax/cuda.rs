@@ -1,10 +1,10 @@
 //! Greedy decoding's argmax on CUDA (argmax.cu).
 
-use crate::backend::cuda::{by_dtype, contiguous_view, cuda_of, cuda_only_op3, dtype_suffix, function, HostRing, Launch, Module};
+use crate::backend::cuda::{cuda_of, dtype_suffix, function, HostRing, Launch, Module};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Shape, WithDType};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+use candle_core::{DType, Result, WithDType};
 
 /// Greedy decoding's pick (argmax.cu): the argmax of each row of `logits` (rows, ..,
 /// vocab; f32, f16 or bf16, compared as their exact f32 values), contiguous, written to `token`

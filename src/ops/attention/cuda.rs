@@ -181,9 +181,6 @@ fn kv_write_typed<T: CudaDType + DeviceRepr + WithDType>(
 /// head): [`DecodeStep::done`] holds this many (zeros; each launch leaves them at zero).
 pub const STEP_COUNTERS: usize = 16384;
 
-/// Launches of [`DecodeStep`]'s kernel in this process (tests check that it ran).
-pub static STEP_ATTENTION_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 /// A replayed decode step's attention in one launch (`wick_attention_step_*`): RoPE of the
 /// query and the key, the key and value written into the cache at the device position, the
 /// split-keys pass and its combine (the last block of each row to finish). The op's inputs are
@@ -295,7 +292,7 @@ fn step_typed<T: CudaDType + DeviceRepr + WithDType>(
     // the kernel writes the step's key and value into the caches in place
     let (k, v) = ((kc_s, kc_l), (vc_s, vc_l));
     let out = attention_typed(dev, (qs, ql), k, v, op.scale, op.softcap, Some(starts), Some(pos), Some(step))?;
-    STEP_ATTENTION_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::backend::stats::count(crate::backend::stats::Counter::StepAttention);
     Ok(out)
 }
 

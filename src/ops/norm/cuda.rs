@@ -1,10 +1,10 @@
 //! The residual add + RMSNorm kernel on CUDA (norm.cu).
 
-use crate::backend::cuda::{by_dtype, contiguous_view, cuda_of, cuda_only_op3, dtype_suffix, function, Launch, Module};
+use crate::backend::cuda::{by_dtype, contiguous_view, cuda_only_op3, dtype_suffix, function, Launch, Module};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Shape, WithDType};
+use candle_core::{Layout, Result, Shape, WithDType};
 
 /// The residual add and the RMSNorm after it in one launch (norm.cu): inputs x and r
 /// (the same shape, last dimension d) and the norm's weight (d); the output stacks

@@ -10,8 +10,8 @@
 //! - more rows (prefill): the weight is dequantized by `wick_dequant_*` into a dense temporary
 //!   and multiplied with cuBLAS on the tensor cores (see docs/cuda.md for why and what it costs).
 
-use crate::quant::QuantParams;
 use crate::backend::cuda::Launch;
+use crate::quant::QuantParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};

@@ -8,8 +8,8 @@
 //!
 //! Type-checked for aarch64-apple-darwin; never run here (docs/metal.md).
 
-use crate::quant::QuantParams;
 use crate::backend::metal::{dtype_suffix, pipeline, Source};
+use crate::quant::QuantParams;
 
 /// affine.metal with affine_chunk.h (the arithmetic shared with the CUDA kernels) in front.
 const AFFINE: Source = Source {

@@ -1,8 +1,8 @@
 //! The SwiGLU kernel on CUDA (swiglu.cu).
 
-use crate::backend::cuda::{by_dtype, contiguous_view, cuda_of, cuda_only_op3, dtype_suffix, function, Launch, Module};
+use crate::backend::cuda::{by_dtype, contiguous_view, dtype_suffix, function, Launch, Module};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, WithDType};
 

@@ -1,0 +1,110 @@
+//! What attention layers share, so that each architecture's attention states only its own
+//! parts (which projections, biases, per-head norms, score scale and soft-capping): the
+//! [`SelfAttention`] interface a decoder layer runs, the q/k/v projections of one input (one
+//! fused kernel on CUDA where it applies), and [`Heads`]: the heads' shapes, RoPE, the KV
+//! cache and causal attention over it.
+
+use crate::cache::KvCache;
+use crate::nn::{Linear, Loader, Normed, RmsNorm, RopeTables};
+use crate::ops::attention::{decode_step_attention, scaled_dot_product_attention};
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+/// An attention layer as a decoder layer runs it.
+pub trait SelfAttention: Send + Sync {
+    /// The attention of the norm's output `x` (B, L, hidden), before the output projection
+    /// (B, L, heads·head_dim): the layer adds `o_proj` of it to the residual stream.
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// The output projection.
+    fn o_proj(&self) -> &Linear;
+
+    /// The linear layers that take the norm before attention (separate q, k and v: a deferred
+    /// norm can be finished inside their fused kernel); none by default.
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![]
+    }
+}
+
+/// `(x Qᵀ, x Kᵀ, x Vᵀ)` of separate projections: one fused kernel where the backend has one
+/// (CUDA decode of bias-free quantized projections), else one by one.
+pub fn qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<[Tensor; 3]> {
+    if let Some(out) = crate::nn::fused_qkv(x, q, k, v)? {
+        return Ok(out);
+    }
+    let x = x.tensor()?;
+    Ok([q.forward(&x)?, k.forward(&x)?, v.forward(&x)?])
+}
+
+/// The heads of an attention layer and how their scores are taken: `n_heads` query heads over
+/// `n_kv_heads` key/value heads (grouped-query attention) of `head_dim`, scores scaled by
+/// `scale` and optionally soft-capped, `c · tanh(s / c)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+}
+
+impl Heads {
+    /// Scores scaled by `head_dim^-0.5`, not capped.
+    pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self { n_heads, n_kv_heads, head_dim, scale: (head_dim as f64).powf(-0.5), softcap: None }
+    }
+
+    /// `{p}.q_proj`, `{p}.k_proj`, `{p}.v_proj` from `hidden` features, with or without biases.
+    pub fn load_qkv(&self, ld: &Loader, p: &str, hidden: usize, bias: bool) -> Result<[Linear; 3]> {
+        let lin = |n: &str, heads: usize| Linear::load(ld, &format!("{p}.{n}"), hidden, heads * self.head_dim, bias);
+        Ok([lin("q_proj", self.n_heads)?, lin("k_proj", self.n_kv_heads)?, lin("v_proj", self.n_kv_heads)?])
+    }
+
+    /// The output projection `{p}.{name}` back to `hidden` features.
+    pub fn load_out(&self, ld: &Loader, p: &str, name: &str, hidden: usize, bias: bool) -> Result<Linear> {
+        Linear::load(ld, &format!("{p}.{name}"), self.n_heads * self.head_dim, hidden, bias)
+    }
+
+    /// Splits one fused `qkv_proj` output (…, (heads + 2·kv_heads)·head_dim) into q, k and v.
+    pub fn split_qkv(&self, t: &Tensor) -> Result<[Tensor; 3]> {
+        let (nq, nk) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        Ok([t.narrow(D::Minus1, 0, nq)?, t.narrow(D::Minus1, nq, nk)?, t.narrow(D::Minus1, nq + nk, nk)?])
+    }
+
+    /// Causal attention of the projected `q`, `k`, `v` (B, L, heads·head_dim each): split into
+    /// heads (q and k each normalized per head first where a norm is given), RoPE on q and k,
+    /// k and v appended to `cache`, q attending over the cache; returns (B, L, heads·head_dim).
+    /// A decode step captured into a CUDA graph does RoPE, the cache write and attention in one
+    /// kernel where it fits.
+    pub fn attend(
+        &self,
+        [q, k, v]: [Tensor; 3],
+        qk_norms: Option<(&RmsNorm, &RmsNorm)>,
+        rope: &RopeTables,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, l, _) = q.dims3()?;
+        let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, l, n, self.head_dim))?;
+            let t = match norm {
+                Some(nm) => nm.forward(&t)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?)
+        };
+        let q = heads(q, self.n_heads, qk_norms.map(|n| n.0))?;
+        let k = heads(k, self.n_kv_heads, qk_norms.map(|n| n.1))?;
+        let v = heads(v, self.n_kv_heads, None)?;
+        let mask = cache.mask(l);
+        let out = match decode_step_attention(&q, &k, &v, rope, &mask, cache.buffers(), self.scale, self.softcap)? {
+            Some(out) => out,
+            None => {
+                let q = rope.apply(&q.contiguous()?)?;
+                let k = rope.apply(&k.contiguous()?)?;
+                let (k, v) = cache.update_and_fetch(&k, &v)?;
+                scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.softcap)?
+            }
+        };
+        Ok(out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
+    }
+}

@@ -1,0 +1,70 @@
+//! What MLPs share: the [`FeedForward`] interface a decoder layer runs, and llama's SwiGLU MLP
+//! ([`Mlp`], `down(silu(gate(x)) · up(x))`), which most architectures use as it is.
+
+use crate::nn::{Linear, Loader, Normed};
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// An MLP as a decoder layer runs it.
+pub trait FeedForward: Send + Sync {
+    /// The MLP of the norm's output `x` before its down projection: the layer adds
+    /// `down_proj` of it to the residual stream.
+    fn forward(&self, x: &Normed) -> Result<Tensor>;
+
+    /// The down projection.
+    fn down_proj(&self) -> &Linear;
+
+    /// The linear layers that take the norm before the MLP (separate gate and up: a deferred
+    /// norm can be finished inside their fused kernel); none by default.
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![]
+    }
+
+    /// The whole MLP on hidden states (the down projection applied).
+    fn forward_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj().forward(&self.forward(&Normed::Plain(x.clone()))?)
+    }
+}
+
+/// `silu(x Gᵀ) · (x Uᵀ)`: one fused kernel where the backend has one (CUDA decode of bias-free
+/// quantized projections), else the two projections and candle's SwiGLU (one kernel on CUDA).
+pub fn swiglu(x: &Normed, gate: &Linear, up: &Linear) -> Result<Tensor> {
+    if let Some(h) = crate::nn::fused_swiglu(x, gate, up)? {
+        return Ok(h);
+    }
+    let x = x.tensor()?;
+    crate::ops::swiglu::swiglu(&gate.forward(&x)?, &up.forward(&x)?)
+}
+
+/// llama's MLP: `down(silu(gate(x)) · up(x))` (`gate_proj`, `up_proj`, `down_proj`).
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// `{p}.gate_proj`, `{p}.up_proj` (dim → hidden) and `{p}.down_proj` (hidden → dim).
+    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize, bias: bool) -> Result<Self> {
+        let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{p}.{n}"), i, o, bias);
+        Ok(Self {
+            gate_proj: lin("gate_proj", dim, hidden)?,
+            up_proj: lin("up_proj", dim, hidden)?,
+            down_proj: lin("down_proj", hidden, dim)?,
+        })
+    }
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Normed) -> Result<Tensor> {
+        swiglu(x, &self.gate_proj, &self.up_proj)
+    }
+
+    fn down_proj(&self) -> &Linear {
+        &self.down_proj
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![&self.gate_proj, &self.up_proj]
+    }
+}
