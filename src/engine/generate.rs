@@ -282,7 +282,7 @@ pub fn generate_with_cache(
         // the step feeding the coming token, queued before it is read, when it will be needed
         // (another token to draw, or this one to feed)
         let ahead = match next {
-            Next::Pending(_) if n + 1 < opts.max_tokens || feed_last => model.greedy_step(None, 1, cache)?,
+            Next::Branch(_) if n + 1 < opts.max_tokens || feed_last => model.greedy_step(None, 1, cache)?,
             _ => None,
         };
         let token = next.token()?;
@@ -307,7 +307,7 @@ pub fn generate_with_cache(
             feeder.seen.push(token);
         }
         next = match ahead {
-            Some(p) => Next::Pending(p),
+            Some(p) => Next::Branch(p),
             None => feeder.feed(token, cache)?,
         };
     }
@@ -317,7 +317,7 @@ pub fn generate_with_cache(
 /// Where the next token comes from: drawn on the host, or picked by a greedy step on the device.
 enum Next {
     Ready(u32),
-    Pending(Box<dyn PendingTokens>),
+    Branch(Box<dyn PendingTokens>),
 }
 
 impl Next {
@@ -325,7 +325,7 @@ impl Next {
     fn token(self) -> Result<u32> {
         match self {
             Next::Ready(t) => Ok(t),
-            Next::Pending(p) => Ok(p.wait()?[0]),
+            Next::Branch(p) => Ok(p.wait()?[0]),
         }
     }
 }
@@ -366,7 +366,7 @@ impl Feeder<'_> {
     /// Feeds `token` and says where the next one comes from.
     fn feed(&mut self, token: u32, cache: &mut [KvCache]) -> Result<Next> {
         Ok(match self.step(token, cache)? {
-            Fed::Picked(p) => Next::Pending(p),
+            Fed::Picked(p) => Next::Branch(p),
             Fed::Logits(mut logits) => {
                 self.processors.apply(&self.seen, &mut logits);
                 Next::Ready(self.sampler.sample(&logits)?)

@@ -8,7 +8,7 @@ use super::attention::SelfAttention;
 use super::mlp::FeedForward;
 use super::LanguageModel;
 use crate::cache::KvCache;
-use crate::nn::{Embedding, LayerNorm, Linear, Loader, Pending, RmsNorm, Rope, RopeTables};
+use crate::nn::{Branch, Embedding, LayerNorm, Linear, Loader, RmsNorm, Rope, RopeTables};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -37,11 +37,11 @@ pub trait Layer: Send + Sync {
 /// residual branch of the layer before (`h + branch` is the stream's value). The next norm
 /// takes the add, and a branch that is an output projection not yet run, with it: on CUDA the
 /// residual add runs inside the norm's kernel, and a decode row's projection + add + norm inside
-/// the matmuls around it ([`RmsNorm::forward_pending`]); elsewhere the same values come from the
+/// the matmuls around it ([`RmsNorm::forward_branch`]); elsewhere the same values come from the
 /// separate ops.
 pub struct Residual<'a> {
     pub h: Tensor,
-    pub branch: Option<Pending<'a>>,
+    pub branch: Option<Branch<'a>>,
 }
 
 impl<'a> Residual<'a> {
@@ -51,18 +51,18 @@ impl<'a> Residual<'a> {
     }
 
     /// `h + branch`, the add left to the next norm.
-    pub fn plus(h: Tensor, branch: Pending<'a>) -> Self {
+    pub fn plus(h: Tensor, branch: Branch<'a>) -> Self {
         Self { h, branch: Some(branch) }
     }
 
     /// `h + out · Wᵀ` of an output projection `W` not yet run.
     pub fn plus_projection(h: Tensor, out: Tensor, w: &'a Linear) -> Self {
-        Self::plus(h, Pending::Projection(out, w))
+        Self::plus(h, Branch::Projection(out, w))
     }
 
     /// The stream's value, `h + branch`.
     pub fn sum(&self) -> Result<Tensor> {
-        Ok(match Pending::resolve(self.branch.as_ref())? {
+        Ok(match Branch::resolve(self.branch.as_ref())? {
             Some(b) => (&self.h + b)?,
             None => self.h.clone(),
         })
@@ -71,7 +71,7 @@ impl<'a> Residual<'a> {
     /// `(s, norm(s))` of the stream's value `s`; `next`: the linear layers that take the
     /// norm's output (where all of them can take a deferred norm, it is deferred into them).
     pub fn norm(&self, norm: &RmsNorm, next: &[&Linear]) -> Result<(Tensor, crate::nn::Normed)> {
-        norm.forward_pending(&self.h, self.branch.as_ref(), next)
+        norm.forward_branch(&self.h, self.branch.as_ref(), next)
     }
 
     /// Positions `start .. start + len` along `dim`.
@@ -233,7 +233,7 @@ impl Norm {
     /// The norm of the residual stream's sum (the add fused into an RMSNorm where it can be).
     pub fn forward_residual(&self, x: &Residual) -> Result<Tensor> {
         match self {
-            Norm::Rms(n) => Ok(n.forward_residual(&x.h, Pending::resolve(x.branch.as_ref())?.as_ref())?.1),
+            Norm::Rms(n) => Ok(n.forward_residual(&x.h, Branch::resolve(x.branch.as_ref())?.as_ref())?.1),
             Norm::Layer(n) => n.forward(&x.sum()?),
         }
     }

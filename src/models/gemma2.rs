@@ -8,7 +8,7 @@ use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual, RopeArg
 use super::mlp::FeedForward;
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Linear, Loader, Normed, Pending, RmsNorm, RopeTables};
+use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, RopeTables};
 use anyhow::Result;
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -127,10 +127,10 @@ impl<A: SelfAttention> Layer for SandwichBlock<A> {
     fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
         let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
         let a = self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?;
-        let h = Residual::plus(x, Pending::Branch(self.post_attention_layernorm.forward(&a)?));
+        let h = Residual::plus(x, Branch::Tensor(self.post_attention_layernorm.forward(&a)?));
         let (h, n) = h.norm(&self.pre_feedforward_layernorm, &[])?;
         let m = self.mlp.down_proj().forward(&self.mlp.forward(&n)?)?;
-        Ok(Residual::plus(h, Pending::Branch(self.post_feedforward_layernorm.forward(&m)?)))
+        Ok(Residual::plus(h, Branch::Tensor(self.post_feedforward_layernorm.forward(&m)?)))
     }
 }
 

@@ -10,7 +10,7 @@ use super::llama::Attention;
 use super::mlp::{FeedForward, Mlp};
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Linear, Loader, Pending, RmsNorm, RopeTables};
+use crate::nn::{Branch, Linear, Loader, RmsNorm, RopeTables};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
@@ -116,7 +116,7 @@ impl Layer for MixtralLayer {
         let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
         let h = Residual::plus_projection(x, self.self_attn.forward(&n, rope, cache)?, self.self_attn.o_proj());
         let (h, n) = h.norm(&self.post_attention_layernorm, &[])?;
-        Ok(Residual::plus(h, Pending::Branch(self.moe.forward(&n.tensor()?)?)))
+        Ok(Residual::plus(h, Branch::Tensor(self.moe.forward(&n.tensor()?)?)))
     }
 
     /// The router's choices are read on the host to group the rows per expert.

@@ -86,7 +86,7 @@ impl Linear {
 
 /// `(x Qᵀ, x Kᵀ, x Vᵀ)` with one fused kernel where the backend has one (CUDA decode with
 /// bias-free quantized projections); `None`: run them one by one.
-/// A deferred norm's input ([`Normed::Deferred`]) always takes it: [`RmsNorm::forward_pending`]
+/// A deferred norm's input ([`Normed::Deferred`]) always takes it: [`RmsNorm::forward_branch`]
 /// deferred it for these weights.
 pub fn fused_qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<Option<[Tensor; 3]>> {
     let Some([qw, kw, vw]) = quantized_weights(&[q, k, v]).map(|w| [w[0], w[1], w[2]]) else { return Ok(None) };

@@ -15,5 +15,5 @@ pub use linear::{fused_qkv, fused_swiglu, Linear};
 pub use loader::Loader;
 #[cfg(feature = "testing")]
 pub use norm::set_deferred_norms;
-pub use norm::{DeferredNorm, LayerNorm, Normed, Pending, RmsNorm};
+pub use norm::{Branch, DeferredNorm, LayerNorm, Normed, RmsNorm};
 pub use rope::Rope;

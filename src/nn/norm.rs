@@ -1,5 +1,5 @@
 //! Norms: [`RmsNorm`] (optionally `1 + w`), [`LayerNorm`], and the residual branch a layer leaves
-//! for the norm after it ([`Pending`], [`Normed`]).
+//! for the norm after it ([`Branch`], [`Normed`]).
 
 use super::linear::{quantized_weights, Linear};
 use super::Loader;
@@ -47,21 +47,10 @@ impl RmsNorm {
     /// `r`, `(x, norm(x))`.
     pub fn forward_residual(&self, x: &Tensor, r: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let Some(r) = r else { return Ok((x.clone(), self.forward(x)?)) };
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda()
-            && !(x.track_op() || r.track_op() || self.weight.track_op())
-            && self.shift == 0.0
-            && x.dtype() == r.dtype()
-            && x.dtype() == self.weight.dtype()
-            && x.shape() == r.shape()
-            && x.dim(D::Minus1)? <= crate::ops::norm::cuda::ADD_RMS_NORM_MAX_DIM
-        {
-            let both = x.contiguous()?.apply_op3_no_bwd(
-                &r.contiguous()?,
-                &self.weight.contiguous()?,
-                &crate::ops::norm::cuda::AddRmsNorm { eps: self.eps },
-            )?;
-            return Ok((both.get(1)?, both.get(0)?));
+        if !(x.track_op() || r.track_op() || self.weight.track_op()) && self.shift == 0.0 {
+            if let Some(both) = crate::ops::norm::fused_add_rms_norm(x, r, &self.weight, self.eps)? {
+                return Ok(both);
+            }
         }
         let h = (x + r)?;
         let n = self.forward(&h)?;
@@ -69,12 +58,12 @@ impl RmsNorm {
     }
 
     /// The norm of `x` plus the residual branch `pending` (none, a tensor, or a projection not
-    /// yet run: see [`Pending`]): `(h, norm(h))`. With a projection and `next` (the weights
+    /// yet run: see [`Branch`]): `(h, norm(h))`. With a projection and `next` (the weights
     /// of the matmuls that take the norm) the norm is deferred where the CUDA decode kernels
     /// apply: one launch runs the projection, adds the residual and leaves the norm's scale to
     /// the next fused matmul ([`Normed::Deferred`]).
-    pub fn forward_pending(&self, x: &Tensor, pending: Option<&Pending>, next: &[&Linear]) -> Result<(Tensor, Normed)> {
-        if let (Some(Pending::Projection(a, Linear::Quantized { weight, bias: None })), Some(next)) =
+    pub fn forward_branch(&self, x: &Tensor, pending: Option<&Branch>, next: &[&Linear]) -> Result<(Tensor, Normed)> {
+        if let (Some(Branch::Projection(a, Linear::Quantized { weight, bias: None })), Some(next)) =
             (pending, quantized_weights(next))
         {
             if self.shift == 0.0 && deferred_norms_enabled() {
@@ -85,27 +74,28 @@ impl RmsNorm {
                 }
             }
         }
-        let (h, n) = self.forward_residual(x, Pending::resolve(pending)?.as_ref())?;
+        let (h, n) = self.forward_residual(x, Branch::resolve(pending)?.as_ref())?;
         Ok((h, Normed::Plain(n)))
     }
 }
 
 /// A layer's last residual branch, left for the next norm to add (see
 /// the models' residual stream, `Residual`): computed, or the projection that will
-/// compute it (so that the norm may run it: [`RmsNorm::forward_pending`]).
+/// compute it (so that the norm may run it: [`RmsNorm::forward_branch`]).
 #[derive(Clone)]
-pub enum Pending<'a> {
-    Branch(Tensor),
+pub enum Branch<'a> {
+    /// computed
+    Tensor(Tensor),
     /// `input · Wᵀ` of this input and layer
     Projection(Tensor, &'a Linear),
 }
 
-impl Pending<'_> {
+impl Branch<'_> {
     /// The branch as a tensor (the projection run).
     pub fn resolve(p: Option<&Self>) -> Result<Option<Tensor>> {
         p.map(|p| match p {
-            Pending::Branch(t) => Ok(t.clone()),
-            Pending::Projection(x, l) => l.forward(x),
+            Branch::Tensor(t) => Ok(t.clone()),
+            Branch::Projection(x, l) => l.forward(x),
         })
         .transpose()
     }
@@ -113,8 +103,8 @@ impl Pending<'_> {
     /// Positions `start .. start + len` along `dim` (of the branch, or the projection's input).
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
         Ok(match self {
-            Pending::Branch(t) => Pending::Branch(t.narrow(dim, start, len)?),
-            Pending::Projection(x, l) => Pending::Projection(x.narrow(dim, start, len)?, l),
+            Branch::Tensor(t) => Branch::Tensor(t.narrow(dim, start, len)?),
+            Branch::Projection(x, l) => Branch::Projection(x.narrow(dim, start, len)?, l),
         })
     }
 }

@@ -146,7 +146,7 @@ impl Scheduler {
 }
 
 /// A request whose prompt is being computed.
-struct Pending {
+struct Joining {
     q: Queued,
     cache: Vec<KvCache>,
     /// prompt tokens in `cache`
@@ -173,7 +173,7 @@ pub struct Worker {
     alive: Arc<AtomicBool>,
     batchable: bool,
     prefix: PrefixCache,
-    pending: Vec<Pending>,
+    pending: Vec<Joining>,
     /// the batch's slots: slot `i` is row `i` of every layer's cache; `None`, a request that
     /// left (the slot runs a throwaway step until a joining request takes it over, or the batch
     /// is compacted)
@@ -359,7 +359,7 @@ impl Worker {
             }
         };
         let (cache, done) = found.unwrap_or_else(|| (self.model.make_cache(None), 0));
-        self.pending.push(Pending { q, cache, done, cached: done });
+        self.pending.push(Joining { q, cache, done, cached: done });
     }
 
     /// One round: prompt chunks of the pending requests, oldest first, up to `prefill_step_size`
@@ -394,7 +394,7 @@ impl Worker {
         }
         let device = self.model.device().clone();
         lap(&mut self.profile, &device, &mut mark, 0);
-        let joining: Vec<Pending> = self.pending.drain(..ready).collect();
+        let joining: Vec<Joining> = self.pending.drain(..ready).collect();
         self.join(joining)?;
         lap(&mut self.profile, &device, &mut mark, 1);
         if !self.rows.is_empty() {
@@ -411,9 +411,9 @@ impl Worker {
     /// into the slot of a request that left when its positions fit before the batch's offset
     /// (copied into that row in place: the batch's buffers stay, so a captured CUDA graph of the
     /// step keeps being replayed), the others as new rows (the caches merged in one copy).
-    fn join(&mut self, joining: Vec<Pending>) -> Result<()> {
+    fn join(&mut self, joining: Vec<Joining>) -> Result<()> {
         let mut caches = vec![];
-        for Pending { q, cache, done, cached } in joining {
+        for Joining { q, cache, done, cached } in joining {
             if !send(&q.job, Event::Started { cached }) {
                 continue;
             }
