@@ -3,9 +3,10 @@
 //! soft-capped, queries scaled by `query_pre_attn_scalar`. Like mlx_lm's `models/gemma2.py`,
 //! every layer attends to the whole context.
 
-use super::attention::{qkv, Heads, SelfAttention};
+use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual, RopeArgs};
-use super::mlp::FeedForward;
+use super::llama::Attention;
+use super::mlp::{FeedForward, Mlp};
 use crate::cache::KvCache;
 use crate::io::Weights;
 use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, RopeTables};
@@ -42,57 +43,18 @@ pub fn norm(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
     RmsNorm::load_shifted(ld, name, dim, eps, 1.0)
 }
 
-/// Gemma 2's attention: llama's projections without biases, scores scaled by
-/// `query_pre_attn_scalar^-0.5` and soft-capped.
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    heads: Heads,
-}
+/// Gemma's MLP: llama's projections with GELU (its tanh approximation) in place of SiLU,
+/// `down(gelu(gate(x)) · up(x))`.
+pub struct GeluMlp(Mlp);
 
-impl SelfAttention for Attention {
-    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
-        self.heads.attend(qkv, None, rope, cache)
-    }
-
-    fn o_proj(&self) -> &Linear {
-        &self.o_proj
-    }
-
-    fn input_layers(&self) -> Vec<&Linear> {
-        vec![&self.q_proj, &self.k_proj, &self.v_proj]
-    }
-}
-
-/// Gemma's MLP: `down(gelu(gate(x)) · up(x))`, GELU in its tanh approximation.
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize) -> Result<Self> {
-        let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{p}.{n}"), i, o, false);
-        Ok(Self {
-            gate_proj: lin("gate_proj", dim, hidden)?,
-            up_proj: lin("up_proj", dim, hidden)?,
-            down_proj: lin("down_proj", hidden, dim)?,
-        })
-    }
-}
-
-impl FeedForward for Mlp {
+impl FeedForward for GeluMlp {
     fn forward(&self, x: &Normed) -> Result<Tensor> {
         let x = x.tensor()?;
-        Ok((self.gate_proj.forward(&x)?.gelu()? * self.up_proj.forward(&x)?)?)
+        Ok((self.0.gate_proj.forward(&x)?.gelu()? * self.0.up_proj.forward(&x)?)?)
     }
 
     fn down_proj(&self) -> &Linear {
-        &self.down_proj
+        &self.0.down_proj
     }
 }
 
@@ -101,7 +63,7 @@ impl FeedForward for Mlp {
 /// `out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
 pub struct SandwichBlock<A> {
     self_attn: A,
-    mlp: Mlp,
+    mlp: GeluMlp,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
     pre_feedforward_layernorm: RmsNorm,
@@ -114,7 +76,7 @@ impl<A: SelfAttention + 'static> SandwichBlock<A> {
         let n = |name: &str| norm(ld, &format!("{p}.{name}"), a.hidden_size, a.rms_norm_eps);
         Ok(Arc::new(Self {
             self_attn,
-            mlp: Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size)?,
+            mlp: GeluMlp(Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, false)?),
             input_layernorm: n("input_layernorm")?,
             post_attention_layernorm: n("post_attention_layernorm")?,
             pre_feedforward_layernorm: n("pre_feedforward_layernorm")?,
@@ -146,10 +108,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let layers = (0..a.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
-            let pa = format!("{p}.self_attn");
-            let [q_proj, k_proj, v_proj] = heads.load_qkv(ld, &pa, a.hidden_size, false)?;
-            let o_proj = heads.load_out(ld, &pa, "o_proj", a.hidden_size, false)?;
-            SandwichBlock::load(ld, &p, a, Attention { q_proj, k_proj, v_proj, o_proj, heads })
+            // llama's attention, its scores scaled and soft-capped as `heads` says
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, false, false)?;
+            SandwichBlock::load(ld, &p, a, attn)
         })
         .collect::<Result<Vec<_>>>()?;
     let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, true, None);

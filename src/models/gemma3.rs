@@ -3,14 +3,13 @@
 //! `rope_theta` with `rope_scaling`), the others to a window of `sliding_window` positions (a
 //! rotating cache; RoPE at `rope_local_base_freq`). Reads like mlx_lm's `models/gemma3_text.py`.
 
-use super::attention::{qkv, Heads, SelfAttention};
+use super::attention::Heads;
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
 use super::gemma2::{norm, SandwichBlock};
-use crate::cache::KvCache;
+use super::qwen3::Attention;
 use crate::io::Weights;
-use crate::nn::{Linear, Loader, Normed, RmsNorm, RopeTables};
+use crate::nn::Loader;
 use anyhow::Result;
-use candle_core::Tensor;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,33 +39,6 @@ pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// Gemma 3's attention: gemma 2's without soft-capping, with an RMSNorm over each head of the
-/// queries and keys before RoPE.
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    heads: Heads,
-}
-
-impl SelfAttention for Attention {
-    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
-        self.heads.attend(qkv, Some((&self.q_norm, &self.k_norm)), rope, cache)
-    }
-
-    fn o_proj(&self) -> &Linear {
-        &self.o_proj
-    }
-
-    fn input_layers(&self) -> Vec<&Linear> {
-        vec![&self.q_proj, &self.k_proj, &self.v_proj]
-    }
-}
-
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
     let hd = args.head_dim;
@@ -84,18 +56,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let layers = (0..a.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
-            let pa = format!("{p}.self_attn");
-            let [q_proj, k_proj, v_proj] = heads.load_qkv(ld, &pa, a.hidden_size, false)?;
-            let qk_norm = |n: &str| norm(ld, &format!("{pa}.{n}"), hd, a.rms_norm_eps);
-            let attn = Attention {
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj: heads.load_out(ld, &pa, "o_proj", a.hidden_size, false)?,
-                q_norm: qk_norm("q_norm")?,
-                k_norm: qk_norm("k_norm")?,
-                heads,
-            };
+            // qwen3's attention (per-head q/k norms), with gemma's norms and score scale
+            let qk_norm = |n: &str| norm(ld, n, hd, a.rms_norm_eps);
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, qk_norm)?;
             SandwichBlock::load(ld, &p, a, attn)
         })
         .collect::<Result<Vec<_>>>()?;

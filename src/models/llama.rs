@@ -99,10 +99,20 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// The queries, keys and values of `x` (B, L, heads·head_dim each).
+    pub fn project(&self, x: &Normed) -> Result<[Tensor; 3]> {
+        qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)
+    }
+
+    pub fn heads(&self) -> &Heads {
+        &self.heads
+    }
+}
+
 impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
-        self.heads.attend(qkv, None, rope, cache)
+        self.heads.attend(self.project(x)?, None, rope, cache)
     }
 
     fn o_proj(&self) -> &Linear {

@@ -38,9 +38,9 @@ pub fn swiglu(x: &Normed, gate: &Linear, up: &Linear) -> Result<Tensor> {
 
 /// llama's MLP: `down(silu(gate(x)) · up(x))` (`gate_proj`, `up_proj`, `down_proj`).
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
 impl Mlp {

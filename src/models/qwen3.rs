@@ -1,8 +1,9 @@
 //! Qwen3: llama's layers without biases, an explicit `head_dim`, and an RMSNorm over each head
 //! of the queries and keys before RoPE. Reads like mlx_lm's `models/qwen3.py`.
 
-use super::attention::{qkv, Heads, SelfAttention};
+use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
+use super::llama;
 use super::mlp::Mlp;
 use crate::cache::KvCache;
 use crate::io::Weights;
@@ -33,46 +34,44 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// Qwen3's attention: bias-free q/k/v projections, then an RMSNorm over each head of the
-/// queries (`q_norm`) and of the keys (`k_norm`) before RoPE.
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+/// Qwen3's attention: llama's, bias-free, with an RMSNorm over each head of the queries
+/// (`q_norm`) and of the keys (`k_norm`) before RoPE.
+pub struct Attention {
+    llama: llama::Attention,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
-    heads: Heads,
 }
 
 impl Attention {
-    fn load(ld: &Loader, p: &str, hidden: usize, heads: Heads, eps: f64) -> Result<Self> {
-        let [q_proj, k_proj, v_proj] = heads.load_qkv(ld, p, hidden, false)?;
-        let norm = |n: &str| RmsNorm::load(ld, &format!("{p}.{n}"), heads.head_dim, eps);
+    /// `{p}.{q,k,v,o}_proj` and `{p}.{q,k}_norm` (loaded by `norm`: gemma 3 stores its norms
+    /// as offsets from 1).
+    pub fn load(
+        ld: &Loader,
+        p: &str,
+        hidden: usize,
+        heads: Heads,
+        norm: impl Fn(&str) -> Result<RmsNorm>,
+    ) -> Result<Self> {
         Ok(Self {
-            q_proj,
-            k_proj,
-            v_proj,
-            o_proj: heads.load_out(ld, p, "o_proj", hidden, false)?,
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
-            heads,
+            llama: llama::Attention::load(ld, p, hidden, heads, false, false)?,
+            q_norm: norm(&format!("{p}.q_norm"))?,
+            k_norm: norm(&format!("{p}.k_norm"))?,
         })
     }
 }
 
 impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let qkv = qkv(x, &self.q_proj, &self.k_proj, &self.v_proj)?;
-        self.heads.attend(qkv, Some((&self.q_norm, &self.k_norm)), rope, cache)
+        let qkv = self.llama.project(x)?;
+        self.llama.heads().attend(qkv, Some((&self.q_norm, &self.k_norm)), rope, cache)
     }
 
     fn o_proj(&self) -> &Linear {
-        &self.o_proj
+        self.llama.o_proj()
     }
 
     fn input_layers(&self) -> Vec<&Linear> {
-        vec![&self.q_proj, &self.k_proj, &self.v_proj]
+        self.llama.input_layers()
     }
 }
 
@@ -90,7 +89,8 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let layers = (0..a.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
-            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, a.rms_norm_eps)?;
+            let norm = |n: &str| RmsNorm::load(ld, n, args.head_dim, a.rms_norm_eps);
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, norm)?;
             let mlp = Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, false)?;
             PreNormBlock::load(ld, &p, a.hidden_size, a.rms_norm_eps, attn, mlp)
         })
