@@ -2,7 +2,7 @@
 
 use crate::backend::cuda::{cuda_of, dtype_suffix, function, HostRing, Launch, Module};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
 use candle_core::{DType, Result, WithDType};
 
