@@ -633,12 +633,10 @@ __device__ __forceinline__ void qmt_swiglu_impl(const uint32_t* gw, const T* gsc
 #define QMT_N(T, TN, GS, KW) QMT(T, TN, GS, 1, KW) QMT(T, TN, GS, 2, KW) QMT(T, TN, GS, 3, KW) QMT(T, TN, GS, 4, KW)
 #define QMT_G(T, TN, KW) QMT_N(T, TN, 32, KW) QMT_N(T, TN, 64, KW) QMT_N(T, TN, 128, KW)
 // KW (warps per block sharing a tile's k): 4 for layers with many tiles, 8 for few (see cuda.rs)
-#ifndef WICK_QMT_LAB
 QMT_G(bf16, bf16, 4)
 QMT_G(bf16, bf16, 8)
 QMT_G(f16, f16, 4)
 QMT_G(f16, f16, 8)
-#endif
 
 // ---------------------------------------------------------------------------------------------
 // One input row (the decode step at batch 1), 4-bit codes, f16 / bf16: `wick_qm1*`, the codes
@@ -958,7 +956,5 @@ __device__ __forceinline__ void qm1_res_impl(const uint32_t* w, const T* s, cons
 // KW warps per tile (the launcher's choice: cuda.rs `qm1_launch`)
 #define QM1_W(T, TN, GS) QM1(T, TN, GS, 4) QM1(T, TN, GS, 8) QM1(T, TN, GS, 16)
 #define QM1_G(T, TN) QM1_W(T, TN, 32) QM1_W(T, TN, 64) QM1_W(T, TN, 128)
-#ifndef WICK_QMT_LAB
 QM1_G(bf16, bf16)
 QM1_G(f16, f16)
-#endif
