@@ -216,20 +216,13 @@ impl BaseArgs {
     }
 }
 
-/// RMSNorm or LayerNorm.
-pub enum Norm {
+/// The final norm: RMSNorm, or LayerNorm (phi).
+enum Norm {
     Rms(RmsNorm),
     Layer(LayerNorm),
 }
 
 impl Norm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Norm::Rms(n) => n.forward(x),
-            Norm::Layer(n) => n.forward(x),
-        }
-    }
-
     /// The norm of the residual stream's sum (the add fused into an RMSNorm where it can be).
     pub fn forward_residual(&self, x: &Residual) -> Result<Tensor> {
         match self {
