@@ -96,7 +96,9 @@ impl Heads {
         let k = heads(k, self.n_kv_heads, qk_norms.map(|n| n.1))?;
         let v = heads(v, self.n_kv_heads, None)?;
         let mask = cache.mask(l);
-        let out = match decode_step_attention(&q, &k, &v, rope, &mask, cache.buffers(), self.scale, self.softcap)? {
+        // only a step being captured into a CUDA graph (`mask.pos`) attends over the buffers
+        let buffers = mask.pos.as_ref().and_then(|_| cache.buffers());
+        let out = match decode_step_attention(&q, &k, &v, rope, &mask, buffers, self.scale, self.softcap)? {
             Some(out) => out,
             None => {
                 let q = rope.apply(&q.contiguous()?)?;
