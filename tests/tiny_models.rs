@@ -203,3 +203,28 @@ fn every_architecture_but_mixtral_offers_a_graph_step() {
         assert_eq!(m.model.graph_step().is_some(), graphable, "{name} ({})", m.model_type);
     }
 }
+
+/// A model with sliding-window layers (rotating caches, which cannot be left-padded into one
+/// batch): batch generation runs the prompts one after another through the same engine, and
+/// each row is what the prompt gives alone.
+#[test]
+fn batch_generation_of_a_sliding_window_model_gives_each_prompt_its_own_output() {
+    use std::collections::BTreeSet;
+    use wick::engine::generate::{generate, GenerateOptions};
+    let m = load_model(&golden("tiny_gemma3"), Some(DType::F32), &Device::Cpu).unwrap();
+    let model = m.model.as_ref();
+    let prompts: Vec<Vec<u32>> = vec![(1..40).collect(), (7..12).collect(), (3..30).rev().collect()];
+    let opts = GenerateOptions { max_tokens: 12, prefill_step_size: 16, ..Default::default() };
+    let no_eos = BTreeSet::new();
+    let out = wick::engine::batch::batch_generate(model, &prompts, &opts, &no_eos, |_| {}).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut alone = vec![];
+        generate(model, p, &opts, &no_eos, |t| {
+            alone.push(t);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(out.tokens[i], alone, "row {i}");
+        assert_eq!(out.tokens[i].len(), 12);
+    }
+}
