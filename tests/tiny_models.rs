@@ -11,6 +11,27 @@ use wick::engine::load_model;
 fn check(name: &str) {
     check_folder(name, &golden(name), 1e-4);
     check_folder(name, &golden(name).join("q4"), 1e-3);
+    check_greedy(&golden(name));
+    check_greedy(&golden(name).join("q4"));
+}
+
+/// mlx_lm's 32 greedy tokens after the first 8 golden ids (`greedy.json`), token for token.
+fn check_greedy(dir: &std::path::Path) {
+    use wick::engine::generate::{generate, GenerateOptions};
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
+    let ids =
+        |k: &str| -> Vec<u32> { gold[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let (prompt, want) = (ids("prompt"), ids("tokens"));
+    let m = load_model(dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
+    let mut got = vec![];
+    generate(m.model.as_ref(), &prompt, &opts, &Default::default(), |t| {
+        got.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(got, want, "{}: greedy tokens differ from mlx_lm's", dir.display());
 }
 
 fn check_folder(name: &str, dir: &std::path::Path, tol: f32) {
@@ -106,6 +127,21 @@ fn tiny_mixtral_routed_experts_match_mlx_lm() {
 /// The same mixtral with its experts stored one by one, as Hugging Face checkpoints name them
 /// (`experts.{e}.w1` gate, `w2` down, `w3` up): sanitize must find them.
 #[test]
+fn tiny_qwen3_moe_sparse_and_dense_layers_match_mlx_lm() {
+    check("tiny_qwen3_moe");
+}
+
+#[test]
+fn tiny_qwen2_moe_shared_expert_matches_mlx_lm() {
+    check("tiny_qwen2_moe");
+}
+
+#[test]
+fn tiny_olmoe_projection_qk_norms_match_mlx_lm() {
+    check("tiny_olmoe");
+}
+
+#[test]
 fn tiny_mixtral_per_expert_hf_layout_loads_the_same() {
     let src = golden("tiny_mixtral");
     let tmp = tempfile::tempdir().unwrap();
@@ -182,10 +218,10 @@ fn convert_q_of_every_architecture_is_byte_identical_to_mlx_lm() {
 }
 
 /// Which architectures' decode steps a CUDA graph may capture (`LanguageModel::graph_step`):
-/// every one whose layers do all their work on the device. mixtral's router reads its choices
-/// on the host, so its model decodes eagerly. (tests/cuda.rs replays each graphable one.)
+/// every one whose layers do all their work on the device. The MoE routers read their choices
+/// on the host, so those models decode eagerly. (tests/cuda.rs replays each graphable one.)
 #[test]
-fn every_architecture_but_mixtral_offers_a_graph_step() {
+fn every_dense_architecture_offers_a_graph_step() {
     let table = [
         ("tiny_llama3", true),
         ("tiny_mistral", true),
@@ -197,6 +233,9 @@ fn every_architecture_but_mixtral_offers_a_graph_step() {
         ("tiny_gemma2", true),
         ("tiny_gemma3", true),
         ("tiny_mixtral", false),
+        ("tiny_qwen3_moe", false),
+        ("tiny_qwen2_moe", false),
+        ("tiny_olmoe", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();
@@ -227,4 +266,55 @@ fn batch_generation_of_a_sliding_window_model_gives_each_prompt_its_own_output()
         assert_eq!(out.tokens[i], alone, "row {i}");
         assert_eq!(out.tokens[i].len(), 12);
     }
+}
+
+/// The engine around a mixture-of-experts model (qwen3_moe): batch generation, a saved and
+/// reloaded prompt cache, and speculative decoding with the 4-bit model as the draft each give
+/// mlx_lm's greedy tokens.
+#[test]
+fn moe_model_through_batch_prompt_cache_and_speculative_decoding_gives_mlx_lms_tokens() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use wick::engine::generate::{generate_with_cache, GenerateOptions};
+    use wick::engine::sample::Sampler;
+    let dir = golden("tiny_qwen3_moe");
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
+    let ids =
+        |k: &str| -> Vec<u32> { gold[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let (prompt, want) = (ids("prompt"), ids("tokens"));
+    let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let model = m.model.as_ref();
+    let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
+    let no_eos = BTreeSet::new();
+
+    // the golden prompt in a left-padded batch with longer and shorter ones
+    let prompts = vec![(1..30).collect::<Vec<u32>>(), prompt.clone(), vec![5, 9, 2]];
+    let out = wick::engine::batch::batch_generate(model, &prompts, &opts, &no_eos, |_| {}).unwrap();
+    assert_eq!(out.tokens[1], want, "batch row of the golden prompt");
+
+    // a prompt cache of the first 5 tokens, saved, loaded and continued
+    let mut cache = model.make_cache(None);
+    wick::engine::generate::prefill(model, &prompt[..5], &mut cache, 512).unwrap();
+    let file = tempfile::tempdir().unwrap();
+    let path = file.path().join("cache.safetensors");
+    wick::engine::prompt_cache::save(&path, &cache, &BTreeMap::new()).unwrap();
+    let mut cache = wick::engine::prompt_cache::load(&path, DType::F32, &Device::Cpu).unwrap().cache;
+    let mut sampler = Sampler::new(Default::default()).unwrap();
+    let mut got = vec![];
+    generate_with_cache(model, &prompt[5..], &mut cache, &mut sampler, &opts, &no_eos, true, |t| {
+        got.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(got, want, "continued from a saved prompt cache");
+
+    // speculative decoding, drafting with the 4-bit model
+    let draft = load_model(&dir.join("q4"), Some(DType::F32), &Device::Cpu).unwrap();
+    let mut got = vec![];
+    wick::engine::speculative::speculative_generate(model, draft.model.as_ref(), &prompt, &opts, 3, &no_eos, |t, _| {
+        got.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(got, want, "speculative decoding");
 }

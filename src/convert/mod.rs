@@ -109,10 +109,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
     }
     let mut weights = Weights::open(src)?;
     let model_type = cfg.model_type()?.to_string();
-    if model_type == "llama" || model_type == "mistral" {
-        let args: crate::models::llama::ModelArgs = cfg.parse()?;
-        crate::models::llama::sanitize(&args, &mut weights)?;
-    }
+    crate::models::sanitize_weights(&cfg, &mut weights)?;
     let adapters = opts.adapter.as_deref().map(crate::nn::lora::Adapters::open).transpose()?;
     let fused = match &adapters {
         Some(a) => crate::lora::fuse::prepare(&mut weights, a)?,
@@ -206,15 +203,27 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         };
         if let (Some(q), true) = (&opts.quantize, is_layer) {
             let in_dim = t.dim(candle_core::D::Minus1)?;
-            let p = match &q.recipe {
-                Some(r) => mixed_params(path, r, q.params.group_size, num_layers, layer_location)?,
-                None => q.params,
+            // a recipe replaces the architecture's own predicate, as in mlx_lm
+            let own = crate::models::quant_predicate(&model_type, path).filter(|_| q.recipe.is_none());
+            let p = match (&q.recipe, own) {
+                (Some(r), _) => mixed_params(path, r, q.params.group_size, num_layers, layer_location)?,
+                (None, Some(p)) => p,
+                (None, None) => q.params,
             };
-            if in_dim % p.group_size == 0 {
+            // mlx_lm checks the input size against the uniform group size only
+            if in_dim % q.params.group_size == 0 {
+                if in_dim % p.group_size != 0 {
+                    bail!(
+                        "layer `{path}`: its {in_dim} inputs cannot be quantized in groups of {} (the architecture's setting for it)",
+                        p.group_size
+                    );
+                }
                 let (pk, s, b) = affine::quantize_tensor(&t, p)?;
                 if q.recipe.is_some() {
                     qblock
                         .insert(path.to_string(), json!({"group_size": p.group_size, "bits": p.bits, "mode": q.mode}));
+                } else if own.is_some() {
+                    qblock.insert(path.to_string(), json!({"group_size": p.group_size, "bits": p.bits}));
                 }
                 tensors.push((format!("{path}.weight"), pk));
                 tensors.push((format!("{path}.scales"), s));

@@ -8,6 +8,17 @@ use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+/// Where a tensor's data is.
+#[derive(Debug, Clone)]
+enum Source {
+    /// tensor `name` of shard `shard`, or its slice `slice` along the first axis (a stacked
+    /// tensor seen as one tensor per slice)
+    File { shard: usize, name: String, slice: Option<usize> },
+    /// equal-shaped tensors stacked along a new first axis (per-expert weights seen as one
+    /// stacked tensor)
+    Stack(Vec<Source>),
+}
+
 struct Shard {
     path: PathBuf,
     mmap: Mmap,
@@ -20,9 +31,8 @@ struct Shard {
 /// All tensors of a model folder, by (sanitized) name, read lazily from the mapped files.
 pub struct Weights {
     shards: Vec<Shard>,
-    /// sanitized name → (shard index, name in the file, which slice along the first axis when
-    /// the name stands for one slice of a stacked tensor)
-    index: BTreeMap<String, (usize, String, Option<usize>)>,
+    /// sanitized name → where its data is
+    index: BTreeMap<String, Source>,
     pub dir: PathBuf,
 }
 
@@ -60,7 +70,7 @@ impl Weights {
             )
         })?;
         for name in st.names() {
-            self.index.insert(name.to_string(), (i, name.to_string(), None));
+            self.index.insert(name.to_string(), Source::File { shard: i, name: name.to_string(), slice: None });
         }
         drop(st);
         let (header_len, meta) = SafeTensors::read_metadata(&mmap)?;
@@ -83,11 +93,34 @@ impl Weights {
     /// number of slices.
     pub fn split_first_axis(&mut self, name: &str, slice_name: impl Fn(usize) -> String) -> Result<usize> {
         let n = *self.shape(name)?.first().with_context(|| format!("tensor `{name}` has no dimensions to split"))?;
-        let (shard, orig, _) = self.index[name].clone();
+        let Some(Source::File { shard, name: orig, slice: None }) = self.index.get(name).cloned() else {
+            bail!("tensor `{name}` is not a whole tensor of a file: it cannot be split");
+        };
         for e in 0..n {
-            self.index.insert(slice_name(e), (shard, orig.clone(), Some(e)));
+            self.index.insert(slice_name(e), Source::File { shard, name: orig.clone(), slice: Some(e) });
         }
         Ok(n)
+    }
+
+    /// Stacks the tensors `parts` (equal shapes and dtypes, each then gone under its own name)
+    /// along a new first axis as the tensor `name` (mlx_lm's `mx.stack` of per-expert weights
+    /// in a `sanitize`). Nothing is read until the tensor is.
+    pub fn stack(&mut self, name: &str, parts: &[String]) -> Result<()> {
+        let Some(first) = parts.first() else { bail!("stacking `{name}`: no tensors to stack") };
+        let (shape, dtype) = (self.shape(first)?, self.dtype(first)?);
+        for p in parts {
+            if self.shape(p)? != shape || self.dtype(p)? != dtype {
+                bail!(
+                    "stacking `{name}` in {}: `{p}` has shape {:?} ({:?}), but `{first}` has {shape:?} ({dtype:?})",
+                    self.dir.display(),
+                    self.shape(p)?,
+                    self.dtype(p)?
+                );
+            }
+        }
+        let sources = parts.iter().map(|p| self.index.remove(p).expect("checked above")).collect();
+        self.index.insert(name.to_string(), Source::Stack(sources));
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -98,9 +131,26 @@ impl Weights {
         self.index.keys().map(|s| s.as_str())
     }
 
-    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
-        let Some((i, orig, slice)) = self.index.get(name) else {
-            bail!("tensor `{name}` is missing from the weights in {}", self.dir.display());
+    fn source(&self, name: &str) -> Result<&Source> {
+        self.index
+            .get(name)
+            .with_context(|| format!("tensor `{name}` is missing from the weights in {}", self.dir.display()))
+    }
+
+    /// The file a tensor is read from (its first part's, for a stacked one).
+    fn location(&self, mut src: &Source) -> &Path {
+        while let Source::Stack(parts) = src {
+            src = &parts[0];
+        }
+        match src {
+            Source::File { shard, .. } => &self.shards[*shard].path,
+            Source::Stack(_) => &self.dir,
+        }
+    }
+
+    fn view(&self, src: &Source) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
+        let Source::File { shard: i, name: orig, slice } = src else {
+            bail!("a stacked tensor has no single view");
         };
         let shard = &self.shards[*i];
         let info = shard.meta.info(orig).with_context(|| format!("tensor `{orig}` in {}", shard.path.display()))?;
@@ -119,34 +169,67 @@ impl Weights {
 
     /// Stored shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        Ok(self.view(name)?.0.shape().to_vec())
+        self.source_shape(self.source(name)?)
+    }
+
+    fn source_shape(&self, src: &Source) -> Result<Vec<usize>> {
+        Ok(match src {
+            Source::Stack(parts) => {
+                let mut shape = vec![parts.len()];
+                shape.extend(self.source_shape(&parts[0])?);
+                shape
+            }
+            file => self.view(file)?.0.shape().to_vec(),
+        })
     }
 
     /// Stored dtype of a tensor.
     pub fn dtype(&self, name: &str) -> Result<DType> {
-        let (v, p) = self.view(name)?;
+        let mut src = self.source(name)?;
+        while let Source::Stack(parts) = src {
+            src = &parts[0];
+        }
+        let (v, p) = self.view(src)?;
         st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))
     }
 
     /// A tensor as stored (dtype unchanged), on `device`.
     pub fn raw(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let (v, p) = self.view(name)?;
-        let dtype = st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))?;
-        // straight from the mapped file into the device's memory (for Metal: one copy into
-        // unified memory, no host staging copy)
-        Tensor::from_raw_buffer(v.data(), dtype, v.shape(), device)
-            .with_context(|| format!("tensor `{name}` in {}", p.display()))
+        let src = self.source(name)?;
+        let dtype = self.dtype(name)?;
+        let shape = self.source_shape(src)?;
+        let ctx = || format!("tensor `{name}` in {}", self.location(src).display());
+        match src {
+            // straight from the mapped file into the device's memory (for Metal: one copy into
+            // unified memory, no host staging copy)
+            Source::File { .. } => Tensor::from_raw_buffer(self.view(src)?.0.data(), dtype, &shape, device),
+            // the parts' bytes one after another: the stacked tensor's layout
+            Source::Stack(parts) => {
+                let mut bytes = Vec::new();
+                self.append_bytes(parts, &mut bytes)?;
+                Tensor::from_raw_buffer(&bytes, dtype, &shape, device)
+            }
+        }
+        .with_context(ctx)
+    }
+
+    fn append_bytes(&self, parts: &[Source], out: &mut Vec<u8>) -> Result<()> {
+        for p in parts {
+            match p {
+                Source::Stack(inner) => self.append_bytes(inner, out)?,
+                file => out.extend_from_slice(self.view(file)?.0.data()),
+            }
+        }
+        Ok(())
     }
 
     /// A float tensor with a checked shape, cast to `dtype`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let (v, p) = self.view(name)?;
-        if v.shape() != shape {
+        let stored = self.shape(name)?;
+        if stored != shape {
             bail!(
-                "tensor `{name}` in {} has shape {:?}, expected {:?} from config.json",
-                p.display(),
-                v.shape(),
-                shape
+                "tensor `{name}` in {} has shape {stored:?}, expected {shape:?} from config.json",
+                self.location(self.source(name)?).display()
             );
         }
         let t = self.raw(name, device)?;

@@ -113,7 +113,11 @@ impl<A: SelfAttention, M: FeedForward> Layer for PreNormBlock<A, M> {
         let h = Residual::plus_projection(x, self.self_attn.forward(&n, rope, cache)?, self.self_attn.o_proj());
         // h + mlp(post_attention_layernorm(h))
         let (h, n) = h.norm(&self.post_attention_layernorm, &self.mlp.input_layers())?;
-        Ok(Residual::plus_projection(h, self.mlp.forward(&n)?, self.mlp.down_proj()))
+        Ok(Residual::plus(h, self.mlp.branch(&n)?))
+    }
+
+    fn graphable(&self) -> bool {
+        self.mlp.graphable()
     }
 }
 

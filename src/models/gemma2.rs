@@ -6,7 +6,7 @@
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual, RopeArgs};
 use super::llama::Attention;
-use super::mlp::{FeedForward, Mlp};
+use super::mlp::{DenseMlp, Mlp};
 use crate::cache::KvCache;
 use crate::io::Weights;
 use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, RopeTables};
@@ -47,7 +47,7 @@ pub fn norm(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
 /// `down(gelu(gate(x)) · up(x))`.
 pub struct GeluMlp(Mlp);
 
-impl FeedForward for GeluMlp {
+impl DenseMlp for GeluMlp {
     fn forward(&self, x: &Normed) -> Result<Tensor> {
         let x = x.tensor()?;
         Ok((self.0.gate_proj.forward(&x)?.gelu()? * self.0.up_proj.forward(&x)?)?)

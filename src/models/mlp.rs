@@ -1,12 +1,41 @@
-//! What MLPs share: the [`FeedForward`] interface a decoder layer runs, and llama's SwiGLU MLP
-//! ([`Mlp`], `down(silu(gate(x)) · up(x))`), which most architectures use as it is.
+//! What MLPs share: the [`FeedForward`] interface a decoder layer runs (dense MLPs through
+//! [`DenseMlp`], mixtures of experts in `switch.rs`), and llama's SwiGLU MLP ([`Mlp`],
+//! `down(silu(gate(x)) · up(x))`), which most architectures use as it is.
 
-use crate::nn::{Linear, Loader, Normed};
+use crate::nn::{Branch, Linear, Loader, Normed};
 use anyhow::Result;
 use candle_core::Tensor;
 
-/// An MLP as a decoder layer runs it.
+/// The feed-forward part of a decoder layer as the layer runs it.
 pub trait FeedForward: Send + Sync {
+    /// Its output on the norm's output `x`, as the residual branch the layer adds.
+    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>>;
+
+    /// The linear layers that take the norm before it (a deferred norm can be finished inside
+    /// their fused kernel); none by default.
+    fn input_layers(&self) -> Vec<&Linear> {
+        vec![]
+    }
+
+    /// Whether its decode step runs on the device alone (see `Layer::graphable`).
+    fn graphable(&self) -> bool {
+        true
+    }
+}
+
+impl<T: DenseMlp> FeedForward for T {
+    /// The down projection is left to the next norm, which runs it with the residual add.
+    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
+        Ok(Branch::Projection(self.forward(x)?, self.down_proj()))
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        DenseMlp::input_layers(self)
+    }
+}
+
+/// A dense MLP ending in a down projection.
+pub trait DenseMlp: Send + Sync {
     /// The MLP of the norm's output `x` before its down projection: the layer adds
     /// `down_proj` of it to the residual stream.
     fn forward(&self, x: &Normed) -> Result<Tensor>;
@@ -55,7 +84,7 @@ impl Mlp {
     }
 }
 
-impl FeedForward for Mlp {
+impl DenseMlp for Mlp {
     fn forward(&self, x: &Normed) -> Result<Tensor> {
         swiglu(x, &self.gate_proj, &self.up_proj)
     }
@@ -66,5 +95,20 @@ impl FeedForward for Mlp {
 
     fn input_layers(&self) -> Vec<&Linear> {
         vec![&self.gate_proj, &self.up_proj]
+    }
+}
+
+/// A layer's feed-forward part chosen at load time (dense in some layers, experts in others).
+impl FeedForward for Box<dyn FeedForward> {
+    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
+        (**self).branch(x)
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        (**self).input_layers()
+    }
+
+    fn graphable(&self) -> bool {
+        (**self).graphable()
     }
 }

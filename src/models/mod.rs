@@ -8,10 +8,14 @@ pub mod gemma3;
 pub mod llama;
 pub mod mixtral;
 pub mod mlp;
+pub mod olmoe;
 pub mod phi;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_moe;
+pub mod switch;
 
 use crate::cache::KvCache;
 use crate::io::{ConfigFile, Weights};
@@ -122,8 +126,56 @@ pub fn layer_caches(windows: &[Option<usize>], max_kv_size: Option<usize>) -> Ve
 }
 
 /// `model_type`s wick runs, and the file that implements each (mlx_lm's remapping included).
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma2", "gemma3_text", "mixtral"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",
+    "olmoe",
+];
+
+/// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
+/// before quantizing: per-expert weights stacked, unused tensors dropped); other model types are
+/// left as they are.
+pub fn sanitize_weights(config: &ConfigFile, weights: &mut Weights) -> Result<()> {
+    macro_rules! run {
+        ($arch:ident) => {{
+            let args: $arch::ModelArgs = config.parse()?;
+            $arch::sanitize(&args, weights)
+        }};
+    }
+    match config.model_type()? {
+        "llama" | "mistral" => run!(llama),
+        "qwen2" => run!(qwen2),
+        "qwen3" => run!(qwen3),
+        "phi" => run!(phi),
+        "phi3" => run!(phi3),
+        "gemma2" => run!(gemma2),
+        "gemma3_text" => run!(gemma3),
+        "mixtral" => run!(mixtral),
+        "qwen2_moe" => run!(qwen2_moe),
+        "olmoe" => run!(olmoe),
+        "qwen3_moe" => run!(qwen3_moe),
+        _ => Ok(()),
+    }
+}
+
+/// The architecture's own quantization of the layer at `path` where it differs from the
+/// uniform one (mlx_lm's `Model.quant_predicate`: routers kept at 8 bits, group 64).
+pub fn quant_predicate(model_type: &str, path: &str) -> Option<crate::quant::QuantParams> {
+    let eight_bit = crate::quant::QuantParams { bits: 8, group_size: 64 };
+    match model_type {
+        "qwen3_moe" => path.ends_with("mlp.gate").then_some(eight_bit),
+        _ => None,
+    }
+}
 
 /// A loaded model with its config.
 pub struct LoadedModel {
@@ -193,6 +245,9 @@ pub fn load_model_adapted(
         "gemma2" => build!(gemma2),
         "gemma3_text" => build!(gemma3),
         "mixtral" => build!(mixtral),
+        "qwen2_moe" => build!(qwen2_moe),
+        "olmoe" => build!(olmoe),
+        "qwen3_moe" => build!(qwen3_moe),
         _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
     };
     Ok(LoadedModel { model, config, model_type })

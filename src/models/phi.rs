@@ -6,7 +6,7 @@
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual};
 use super::llama::Attention;
-use super::mlp::FeedForward;
+use super::mlp::DenseMlp;
 use crate::cache::KvCache;
 use crate::io::Weights;
 use crate::nn::{LayerNorm, Linear, Loader, Normed, Rope, RopeTables};
@@ -56,7 +56,7 @@ struct Mlp {
     fc2: Linear,
 }
 
-impl FeedForward for Mlp {
+impl DenseMlp for Mlp {
     fn forward(&self, x: &Normed) -> Result<Tensor> {
         Ok(self.fc1.forward(&x.tensor()?)?.gelu()?)
     }

@@ -4,7 +4,7 @@
 
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
-use super::mlp::FeedForward;
+use super::mlp::DenseMlp;
 use crate::cache::KvCache;
 use crate::io::Weights;
 use crate::nn::{Linear, Loader, Normed, Rope, RopeTables};
@@ -78,7 +78,7 @@ struct Mlp {
     hidden: usize,
 }
 
-impl FeedForward for Mlp {
+impl DenseMlp for Mlp {
     fn forward(&self, x: &Normed) -> Result<Tensor> {
         let t = self.gate_up_proj.forward(&x.tensor()?)?;
         let (gate, up) = (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?);

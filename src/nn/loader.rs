@@ -95,6 +95,30 @@ impl Loader<'_> {
         in_dim: usize,
         params: QuantParams,
     ) -> Result<QuantizedWeight> {
+        self.quantized_stack(prefix, &[], out_dim, in_dim, params)
+    }
+
+    /// [`Loader::quantized`] for a stack of `experts` matrices (each part with a leading expert
+    /// axis, mlx_lm's `QuantizedSwitchLinear`); `out_dim` and `in_dim` are one expert's.
+    pub fn quantized_experts(
+        &self,
+        prefix: &str,
+        experts: usize,
+        out_dim: usize,
+        in_dim: usize,
+        params: QuantParams,
+    ) -> Result<QuantizedWeight> {
+        self.quantized_stack(prefix, &[experts], out_dim, in_dim, params)
+    }
+
+    fn quantized_stack(
+        &self,
+        prefix: &str,
+        lead: &[usize],
+        out_dim: usize,
+        in_dim: usize,
+        params: QuantParams,
+    ) -> Result<QuantizedWeight> {
         let (w, ld) = (self.weights, self);
         let wname = format!("{prefix}.weight");
         if !w.contains(&format!("{prefix}.scales")) {
@@ -111,14 +135,14 @@ impl Loader<'_> {
         if !in_dim.is_multiple_of(params.group_size) {
             bail!("layer `{prefix}`: input dimension {in_dim} is not divisible by group_size {}", params.group_size);
         }
-        let expect_w = [out_dim, params.packed_width(in_dim)];
+        let expect_w = [lead, &[out_dim, params.packed_width(in_dim)]].concat();
         if wshape != expect_w {
             bail!(
                 "layer `{prefix}`: packed weight has shape {wshape:?}, but {}-bit values of a {out_dim}×{in_dim} matrix pack to {expect_w:?} (does `bits` in config.json match the file?)",
                 params.bits
             );
         }
-        let gshape = [out_dim, in_dim / params.group_size];
+        let gshape = [lead, &[out_dim, in_dim / params.group_size]].concat();
         for part in ["scales", "biases"] {
             let s = w.shape(&format!("{prefix}.{part}"))?;
             if s != gshape {

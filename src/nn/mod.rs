@@ -8,6 +8,7 @@ mod loader;
 pub mod lora;
 mod norm;
 mod rope;
+mod switch;
 
 pub use crate::ops::rope::RopeTables;
 pub use embedding::Embedding;
@@ -17,3 +18,4 @@ pub use loader::Loader;
 pub use norm::set_deferred_norms;
 pub use norm::{Branch, DeferredNorm, LayerNorm, Normed, RmsNorm};
 pub use rope::Rope;
+pub use switch::SwitchLinear;

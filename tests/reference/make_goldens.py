@@ -9,6 +9,7 @@ Writes tests/golden/*. Nothing here reads wick's outputs except the default mode
 `wick convert --gguf` imported; that import is itself checked against the `gguf` package below.
 """
 import argparse
+import re
 import hashlib
 import json
 import os
@@ -201,7 +202,46 @@ TINY_CONFIGS = {
                         vocab_size=128, rope_theta=1000000.0, rope_local_base_freq=10000.0,
                         query_pre_attn_scalar=16.0, sliding_window=8, sliding_window_pattern=2,
                         max_position_embeddings=256, rope_scaling=dict(rope_type="linear", factor=4.0)),
+    # Mixtures of experts: >= 8 experts, top-k >= 2, >= 2 MoE layers, each family's special parts
+    # 8 experts top-2 + norm_topk_prob; decoder_sparse_step=2 and mlp_only_layers=[3]: MoE at 1,5, dense 0,2,3,4
+    "tiny_qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=6, intermediate_size=96,
+        moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=True,
+        rms_norm_eps=1e-6, vocab_size=128, rope_theta=1000000.0, max_position_embeddings=256,
+        tie_word_embeddings=False),
+    # shared expert with sigmoid gate, q/k/v bias, no top-k renorm
+    "tiny_qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-6, vocab_size=128,
+        rope_theta=1000000.0, tie_word_embeddings=False),
+    # q/k RMSNorm over the whole projection, top-k renorm on
+    "tiny_olmoe": dict(model_type="olmoe", hidden_size=64, num_hidden_layers=2, intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        rms_norm_eps=1e-5, vocab_size=128, rope_theta=10000.0, max_position_embeddings=256,
+        tie_word_embeddings=False),
 }
+
+# Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
+# at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
+# the others use 7.
+TINY_SEEDS = dict(tiny_qwen2_moe=9)
+
+NORM_WEIGHT = re.compile(r"norm(_\d+)?\.weight$")
+
+
+def randomize(params):
+    """Non-trivial norms, biases and the MoE parameters mlx_lm initializes to constants, so every
+    weight matters: norm weights ~ 1 + 0.2 N, biases ~ 0.2 N."""
+    for k in params:
+        if NORM_WEIGHT.search(k) or k.endswith(".bias"):
+            params[k] = mx.random.normal(params[k].shape) * 0.2 + (1.0 if "norm" in k else 0.0)
+        elif k.endswith(("e_score_correction_bias", ".sinks")):
+            params[k] = mx.random.normal(params[k].shape) * 0.2
+        elif k.endswith(("router.scale", "per_expert_scale", "layer_scalar")):
+            params[k] = mx.random.normal(params[k].shape) * 0.2 + 1.0
+        elif k.endswith("mlp.gate.weight") and params[k].ndim == 2 and not mx.any(params[k]).item():
+            params[k] = mx.random.normal(params[k].shape) * 0.125  # glm4_moe's router starts at zeros
+    return params
 
 
 def tiny_logits(model, ids):
@@ -219,6 +259,16 @@ def tiny_logits(model, ids):
     return {"full": full, "cached": np.concatenate(steps, axis=0)}
 
 
+def tiny_greedy(model, ids):
+    """32 greedy tokens after the first 8 golden ids, by mlx_lm's generate_step (f32)."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(ids[:TINY_GREEDY_PROMPT]), model, max_tokens=TINY_GREEDY_TOKENS)
+    return {"prompt": ids[:TINY_GREEDY_PROMPT], "tokens": [int(t) for t, _ in steps]}
+
+
+TINY_GREEDY_PROMPT = 8
+TINY_GREEDY_TOKENS = 32
 TINY_CHUNKS = [(0, 24), (24, 40), (40, 56)]
 TINY_LEN = 72
 TINY_Q = dict(group_size=32, bits=4)
@@ -232,14 +282,10 @@ def tiny_models():
     from mlx.utils import tree_flatten
 
     for name, cfg in TINY_CONFIGS.items():
-        mx.random.seed(7)
+        mx.random.seed(TINY_SEEDS.get(name, 7))
         model_class, args_class = _get_classes(cfg)
         model = model_class(args_class.from_dict(cfg))
-        # Non-trivial norms and biases so every weight matters.
-        params = dict(tree_flatten(model.parameters()))
-        for k in params:
-            if k.endswith("norm.weight") or k.endswith(".bias"):
-                params[k] = mx.random.normal(params[k].shape) * 0.2 + (1.0 if "norm" in k else 0.0)
+        params = randomize(dict(tree_flatten(model.parameters())))
         model.load_weights(list(params.items()))
         # Store weights in float16 (small); compute in float32 on both sides.
         params = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
@@ -252,6 +298,7 @@ def tiny_models():
         ids = rng.integers(0, cfg["vocab_size"], size=TINY_LEN).tolist()
         save_f32(os.path.join(d, "logits.safetensors"), tiny_logits(model, ids))
         json.dump({"ids": ids, "chunks": TINY_CHUNKS}, open(os.path.join(d, "inputs.json"), "w"))
+        json.dump(tiny_greedy(model, ids), open(os.path.join(d, "greedy.json"), "w"))
 
         # 4-bit: quantized by mlx_lm from the float16 weights, run in f32 (scales cast up)
         model.load_weights(list(params.items()))
@@ -263,6 +310,7 @@ def tiny_models():
         json.dump(qcfg, open(os.path.join(qd, "config.json"), "w"), indent=1)
         to_f32(model)
         save_f32(os.path.join(qd, "logits.safetensors"), tiny_logits(model, ids))
+        json.dump(tiny_greedy(model, ids), open(os.path.join(qd, "greedy.json"), "w"))
         print(f"{name}: {sum(v.size for v in params.values())} params")
 
 

@@ -1,0 +1,142 @@
+//! OLMoE: llama-style attention with an RMSNorm over the whole query and key projections (not
+//! per head) before RoPE, and in every layer a sparse MoE block: a softmax router, the `k` best
+//! experts mixed by their router probabilities (renormalized with `norm_topk_prob`). Reads like
+//! mlx_lm's `models/olmoe.py`.
+
+use super::attention::{Heads, SelfAttention};
+use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
+use super::llama;
+use super::mlp::FeedForward;
+use super::switch::{combine, softmax, stack_experts, top_k, Activation, SwitchGlu};
+use crate::cache::KvCache;
+use crate::io::Weights;
+use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, RopeTables};
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelArgs {
+    #[serde(flatten)]
+    pub base: BaseArgs,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "super::num::<10000>")]
+    pub rope_theta: f64,
+    #[serde(flatten)]
+    pub rope: RopeArgs,
+    #[serde(default = "super::yes")]
+    pub tie_word_embeddings: bool,
+}
+
+/// Stacks Hugging Face's per-expert weights into `mlp.switch_mlp`.
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
+    super::drop_unused(weights, args.tie_word_embeddings);
+    let p = |l: usize| format!("model.layers.{l}.mlp");
+    stack_experts(
+        weights,
+        args.base.num_hidden_layers,
+        args.num_experts,
+        &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")],
+        |l, e, n| format!("{}.experts.{e}.{n}", p(l)),
+        |l, n| format!("{}.switch_mlp.{n}", p(l)),
+    )
+}
+
+/// llama's attention with `q_norm` / `k_norm` over the whole query / key projection.
+struct Attention {
+    llama: llama::Attention,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        let [q, k, v] = self.llama.project(x)?;
+        let (q, k) = (self.q_norm.forward(&q)?, self.k_norm.forward(&k)?);
+        self.llama.heads().attend([q, k, v], None, rope, cache)
+    }
+
+    fn o_proj(&self) -> &Linear {
+        self.llama.o_proj()
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        self.llama.input_layers()
+    }
+}
+
+struct SparseMoeBlock {
+    gate: Linear,
+    switch_mlp: SwitchGlu,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+impl FeedForward for SparseMoeBlock {
+    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
+        let x = x.tensor()?;
+        let gates = softmax(&self.gate.forward(&x)?)?;
+        let (inds, mut scores) = top_k(&gates, self.top_k)?;
+        if self.norm_topk_prob {
+            scores = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
+        }
+        Ok(Branch::Tensor(combine(&self.switch_mlp.forward(&x, &inds)?, &scores)?))
+    }
+
+    /// The router's choices are read on the host to group the rows per expert.
+    fn graphable(&self) -> bool {
+        false
+    }
+}
+
+pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
+    let a = &args.base;
+    let dim = a.hidden_size;
+    let hd = args.head_dim.unwrap_or(dim / a.num_attention_heads);
+    let n_kv = args.num_key_value_heads.unwrap_or(a.num_attention_heads);
+    let rope = args.rope.rope(hd, args.rope_theta, args.max_position_embeddings)?;
+    let heads = Heads::new(a.num_attention_heads, n_kv, hd);
+    let layers = (0..a.num_hidden_layers)
+        .map(|l| {
+            let p = format!("model.layers.{l}");
+            let bias = args.attention_bias;
+            let norm = |n: &str, width: usize| RmsNorm::load(ld, &format!("{p}.self_attn.{n}"), width, a.rms_norm_eps);
+            let attn = Attention {
+                llama: llama::Attention::load(ld, &format!("{p}.self_attn"), dim, heads, bias, bias)?,
+                q_norm: norm("q_norm", a.num_attention_heads * hd)?,
+                k_norm: norm("k_norm", n_kv * hd)?,
+            };
+            let (m, e) = (format!("{p}.mlp"), args.num_experts);
+            let mlp = SparseMoeBlock {
+                gate: Linear::load(ld, &format!("{m}.gate"), dim, e, false)?,
+                switch_mlp: SwitchGlu::load(
+                    ld,
+                    &format!("{m}.switch_mlp"),
+                    e,
+                    dim,
+                    a.intermediate_size,
+                    args.mlp_bias,
+                    Activation::Swiglu,
+                )?,
+                top_k: args.num_experts_per_tok,
+                norm_topk_prob: args.norm_topk_prob,
+            };
+            PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, args.max_position_embeddings);
+    a.decoder(ld, spec, layers)
+}

@@ -1,0 +1,109 @@
+//! Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (biases on q, k and v) and
+//! in every layer a sparse MoE block: a softmax router, the `k` best experts mixed by their
+//! router probabilities (not renormalized), plus a shared expert, a dense SwiGLU MLP whose
+//! output is scaled by `sigmoid(shared_expert_gate(x))`. Reads like mlx_lm's
+//! `models/qwen2_moe.py`, which ignores `rope_scaling` and always has an `lm_head`.
+
+use super::attention::Heads;
+use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
+use super::llama::Attention;
+use super::mlp::{DenseMlp, FeedForward, Mlp};
+use super::switch::{combine, softmax, stack_experts, top_k, Activation, SwitchGlu};
+use crate::io::Weights;
+use crate::nn::{Branch, Linear, Loader, Normed, Rope};
+use anyhow::Result;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelArgs {
+    #[serde(flatten)]
+    pub base: BaseArgs,
+    pub num_experts_per_tok: usize,
+    pub num_experts: usize,
+    pub moe_intermediate_size: usize,
+    pub shared_expert_intermediate_size: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "super::num::<1000000>")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_traditional: bool,
+}
+
+/// Stacks Hugging Face's per-expert weights into `mlp.switch_mlp`.
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
+    super::drop_unused(weights, false);
+    let p = |l: usize| format!("model.layers.{l}.mlp");
+    stack_experts(
+        weights,
+        args.base.num_hidden_layers,
+        args.num_experts,
+        &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")],
+        |l, e, n| format!("{}.experts.{e}.{n}", p(l)),
+        |l, n| format!("{}.switch_mlp.{n}", p(l)),
+    )
+}
+
+/// The routed experts and the gated shared expert.
+struct SparseMoeBlock {
+    gate: Linear,
+    switch_mlp: SwitchGlu,
+    shared_expert: Mlp,
+    shared_expert_gate: Linear,
+    top_k: usize,
+}
+
+impl FeedForward for SparseMoeBlock {
+    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
+        let x = x.tensor()?;
+        let gates = softmax(&self.gate.forward(&x)?)?;
+        let (inds, scores) = top_k(&gates, self.top_k)?;
+        let y = combine(&self.switch_mlp.forward(&x, &inds)?, &scores)?;
+        let shared = self.shared_expert.forward_tensor(&x)?;
+        let g = candle_nn::ops::sigmoid(&self.shared_expert_gate.forward(&x)?)?;
+        Ok(Branch::Tensor((y + shared.broadcast_mul(&g)?)?))
+    }
+
+    /// The router's choices are read on the host to group the rows per expert.
+    fn graphable(&self) -> bool {
+        false
+    }
+}
+
+pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
+    let a = &args.base;
+    let dim = a.hidden_size;
+    let hd = dim / a.num_attention_heads;
+    let rope = Rope::from_config(hd, args.rope_theta, args.rope_traditional, None, None)?;
+    let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads.unwrap_or(a.num_attention_heads), hd);
+    let layers = (0..a.num_hidden_layers)
+        .map(|l| {
+            let p = format!("model.layers.{l}");
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), dim, heads, true, false)?;
+            let (m, e) = (format!("{p}.mlp"), args.num_experts);
+            let mlp = SparseMoeBlock {
+                gate: Linear::load(ld, &format!("{m}.gate"), dim, e, false)?,
+                switch_mlp: SwitchGlu::load(
+                    ld,
+                    &format!("{m}.switch_mlp"),
+                    e,
+                    dim,
+                    args.moe_intermediate_size,
+                    false,
+                    Activation::Swiglu,
+                )?,
+                shared_expert: Mlp::load(
+                    ld,
+                    &format!("{m}.shared_expert"),
+                    dim,
+                    args.shared_expert_intermediate_size,
+                    false,
+                )?,
+                shared_expert_gate: Linear::load(ld, &format!("{m}.shared_expert_gate"), dim, 1, false)?,
+                top_k: args.num_experts_per_tok,
+            };
+            PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    a.decoder(ld, ModelSpec::plain(a.num_hidden_layers, rope, false, None), layers)
+}

@@ -1,0 +1,132 @@
+//! What mixture-of-experts layers share (mlx_lm's `switch_layers.py`): [`SwitchGlu`], the
+//! experts' gated MLPs over stacked weights, run for each token's chosen experts; the routers'
+//! arithmetic ([`softmax`], [`top_k`], [`combine`]); and [`stack_experts`], the `sanitize` step
+//! that stacks per-expert weights (the Hugging Face layout) into mlx's `switch_mlp` tensors.
+
+use crate::io::Weights;
+use crate::nn::{Loader, SwitchLinear};
+use crate::ops::gather_mm::Routing;
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+/// The gate activation of an expert's MLP, `act(gate, up)`.
+#[derive(Debug, Clone, Copy)]
+pub enum Activation {
+    /// `silu(gate) · up`
+    Swiglu,
+    /// gpt-oss's clamped SwiGLU: `(clip(up, ±limit) + 1) · g · σ(alpha · g)`, `g = min(gate, limit)`
+    SwigluOai { alpha: f64, limit: f64 },
+    /// `gelu_approx(gate) · up` (gemma)
+    GeluGlu,
+}
+
+impl Activation {
+    pub fn apply(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Swiglu => crate::ops::swiglu::swiglu(gate, up)?,
+            Self::SwigluOai { alpha, limit } => {
+                let g = gate.clamp(f64::NEG_INFINITY, limit)?;
+                let u = (up.clamp(-limit, limit)? + 1.0)?;
+                let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha)?)?)?;
+                (u * glu)?
+            }
+            Self::GeluGlu => (gate.gelu()? * up)?,
+        })
+    }
+}
+
+/// The experts' MLPs (`{p}.gate_proj`, `{p}.up_proj`, `{p}.down_proj`, each stacked over the
+/// experts): `down(act(gate(x), up(x)))` with each token's chosen experts.
+pub struct SwitchGlu {
+    pub gate_proj: SwitchLinear,
+    pub up_proj: SwitchLinear,
+    pub down_proj: SwitchLinear,
+    pub activation: Activation,
+}
+
+impl SwitchGlu {
+    pub fn load(
+        ld: &Loader,
+        p: &str,
+        experts: usize,
+        dim: usize,
+        hidden: usize,
+        bias: bool,
+        activation: Activation,
+    ) -> Result<Self> {
+        let lin = |n: &str, i: usize, o: usize| SwitchLinear::load(ld, &format!("{p}.{n}"), experts, i, o, bias);
+        Ok(Self {
+            gate_proj: lin("gate_proj", dim, hidden)?,
+            up_proj: lin("up_proj", dim, hidden)?,
+            down_proj: lin("down_proj", hidden, dim)?,
+            activation,
+        })
+    }
+
+    /// For `x` (…, dim) and the chosen experts `inds` (…, k): each chosen expert's output
+    /// (…, k, dim), not yet weighted. The rows are grouped by expert, so each chosen expert's
+    /// weights are read once.
+    pub fn forward(&self, x: &Tensor, inds: &Tensor) -> Result<Tensor> {
+        let dim = x.dim(D::Minus1)?;
+        let k = inds.dim(D::Minus1)?;
+        let routing = Routing::new(inds, self.gate_proj.experts())?;
+        let xs = routing.sort(&x.reshape(((), dim))?, k)?;
+        let h =
+            self.activation.apply(&self.gate_proj.forward(&xs, &routing)?, &self.up_proj.forward(&xs, &routing)?)?;
+        let y = routing.unsort(&self.down_proj.forward(&h, &routing)?)?;
+        let mut shape = inds.dims().to_vec();
+        shape.push(dim);
+        Ok(y.reshape(shape)?)
+    }
+}
+
+/// Softmax over the last axis, computed in f32 (mlx's `precise=True`), in `x`'s dtype.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
+}
+
+/// The `k` largest entries along the last axis: (their indices as u32, their values).
+pub fn top_k(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let scores = scores.contiguous()?;
+    let inds = scores.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
+    let vals = scores.gather(&inds, D::Minus1)?;
+    Ok((inds, vals))
+}
+
+/// `(y · w[…, None]).sum(-2)`: the chosen experts' outputs `y` (…, k, dim) mixed by their
+/// weights `w` (…, k), in `y`'s dtype.
+pub fn combine(y: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(y.broadcast_mul(&w.to_dtype(y.dtype())?.unsqueeze(D::Minus1)?)?.sum(D::Minus2)?)
+}
+
+/// Stacks per-expert tensors into mlx's layout, as mlx_lm's `sanitize`s do: for each layer `l`
+/// whose expert 0 is stored per expert (`expert(l, 0, from)` with `.weight`), each projection
+/// `(from, to)` and each part present (`weight`, `scales`, `biases`, `bias`), the tensors
+/// `expert(l, e, from).part` for every expert `e` become `stacked(l, to).part`.
+pub fn stack_experts(
+    weights: &mut Weights,
+    layers: usize,
+    experts: usize,
+    projections: &[(&str, &str)],
+    expert: impl Fn(usize, usize, &str) -> String,
+    stacked: impl Fn(usize, &str) -> String,
+) -> Result<()> {
+    for l in 0..layers {
+        for (from, to) in projections {
+            for part in ["weight", "scales", "biases", "bias"] {
+                if !weights.contains(&format!("{}.{part}", expert(l, 0, from))) {
+                    continue;
+                }
+                let parts: Vec<String> = (0..experts).map(|e| format!("{}.{part}", expert(l, e, from))).collect();
+                if let Some(missing) = parts.iter().find(|p| !weights.contains(p)) {
+                    anyhow::bail!(
+                        "{}: `{missing}` is missing: config.json says the model has {experts} experts",
+                        weights.dir.display()
+                    );
+                }
+                weights.stack(&format!("{}.{part}", stacked(l, to)), &parts)?;
+            }
+        }
+    }
+    Ok(())
+}
