@@ -38,7 +38,7 @@ impl ModelArgs {
         !self.mlp_only_layers.contains(&l)
             && self.num_experts > 0
             && self.decoder_sparse_step > 0
-            && (l + 1) % self.decoder_sparse_step == 0
+            && (l + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
