@@ -142,6 +142,11 @@ fn tiny_olmoe_projection_qk_norms_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_gpt_oss_sinks_sliding_layers_clamped_experts_match_mlx_lm() {
+    check("tiny_gpt_oss");
+}
+
+#[test]
 fn tiny_mixtral_per_expert_hf_layout_loads_the_same() {
     let src = golden("tiny_mixtral");
     let tmp = tempfile::tempdir().unwrap();
@@ -236,6 +241,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_qwen3_moe", false),
         ("tiny_qwen2_moe", false),
         ("tiny_olmoe", false),
+        ("tiny_gpt_oss", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

@@ -57,7 +57,8 @@ fn quantizable_layers(weights: &Weights) -> Result<Vec<String>> {
         if let Some(path) = name.strip_suffix(".weight") {
             // matrices, and stacked expert matrices (mlx_lm's SwitchLinear)
             let rank = weights.shape(name)?.len();
-            let quantizable = rank == 2 || (rank == 3 && path.contains("switch_mlp"));
+            let experts = path.contains("switch_mlp") || path.contains(".experts.");
+            let quantizable = rank == 2 || (rank == 3 && experts);
             if quantizable && weights.dtype(name)?.is_float() && !path.contains("norm") {
                 out.push(path.to_string());
             }

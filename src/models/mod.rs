@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod decoder;
 pub mod gemma2;
 pub mod gemma3;
+pub mod gpt_oss;
 pub mod llama;
 pub mod mixtral;
 pub mod mlp;
@@ -125,7 +126,66 @@ pub fn layer_caches(windows: &[Option<usize>], max_kv_size: Option<usize>) -> Ve
         .collect()
 }
 
-/// `model_type`s wick runs, and the file that implements each (mlx_lm's remapping included).
+/// Runs `$body` with `$arch` naming the architecture file of `model_type` (mlx_lm's remapping
+/// included: mistral is llama), or `$other` for a model type wick does not run. The one list of
+/// architectures; [`SUPPORTED_MODEL_TYPES`] names the same.
+macro_rules! by_model_type {
+    ($model_type:expr, $arch:ident => $body:expr, _ => $other:expr) => {
+        match $model_type {
+            "llama" | "mistral" => {
+                use self::llama as $arch;
+                $body
+            }
+            "qwen2" => {
+                use self::qwen2 as $arch;
+                $body
+            }
+            "qwen3" => {
+                use self::qwen3 as $arch;
+                $body
+            }
+            "phi" => {
+                use self::phi as $arch;
+                $body
+            }
+            "phi3" => {
+                use self::phi3 as $arch;
+                $body
+            }
+            "gemma2" => {
+                use self::gemma2 as $arch;
+                $body
+            }
+            "gemma3_text" => {
+                use self::gemma3 as $arch;
+                $body
+            }
+            "mixtral" => {
+                use self::mixtral as $arch;
+                $body
+            }
+            "qwen3_moe" => {
+                use self::qwen3_moe as $arch;
+                $body
+            }
+            "qwen2_moe" => {
+                use self::qwen2_moe as $arch;
+                $body
+            }
+            "olmoe" => {
+                use self::olmoe as $arch;
+                $body
+            }
+            "gpt_oss" => {
+                use self::gpt_oss as $arch;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+
+/// `model_type`s wick runs (the keys of `by_model_type!`).
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama",
     "mistral",
@@ -139,32 +199,17 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3_moe",
     "qwen2_moe",
     "olmoe",
+    "gpt_oss",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
 /// before quantizing: per-expert weights stacked, unused tensors dropped); other model types are
 /// left as they are.
 pub fn sanitize_weights(config: &ConfigFile, weights: &mut Weights) -> Result<()> {
-    macro_rules! run {
-        ($arch:ident) => {{
-            let args: $arch::ModelArgs = config.parse()?;
-            $arch::sanitize(&args, weights)
-        }};
-    }
-    match config.model_type()? {
-        "llama" | "mistral" => run!(llama),
-        "qwen2" => run!(qwen2),
-        "qwen3" => run!(qwen3),
-        "phi" => run!(phi),
-        "phi3" => run!(phi3),
-        "gemma2" => run!(gemma2),
-        "gemma3_text" => run!(gemma3),
-        "mixtral" => run!(mixtral),
-        "qwen2_moe" => run!(qwen2_moe),
-        "olmoe" => run!(olmoe),
-        "qwen3_moe" => run!(qwen3_moe),
-        _ => Ok(()),
-    }
+    by_model_type!(config.model_type()?, arch => {
+        let args: arch::ModelArgs = config.parse()?;
+        arch::sanitize(&args, weights)
+    }, _ => Ok(()))
 }
 
 /// The architecture's own quantization of the layer at `path` where it differs from the
@@ -173,6 +218,7 @@ pub fn quant_predicate(model_type: &str, path: &str) -> Option<crate::quant::Qua
     let eight_bit = crate::quant::QuantParams { bits: 8, group_size: 64 };
     match model_type {
         "qwen3_moe" => path.ends_with("mlp.gate").then_some(eight_bit),
+        "gpt_oss" => gpt_oss::quant_predicate(path).then_some(eight_bit),
         _ => None,
     }
 }
@@ -236,19 +282,22 @@ pub fn load_model_adapted(
             m
         }};
     }
-    let model = match model_type.as_str() {
-        "llama" | "mistral" => build!(llama),
-        "qwen2" => build!(qwen2),
-        "qwen3" => build!(qwen3),
-        "phi" => build!(phi),
-        "phi3" => build!(phi3),
-        "gemma2" => build!(gemma2),
-        "gemma3_text" => build!(gemma3),
-        "mixtral" => build!(mixtral),
-        "qwen2_moe" => build!(qwen2_moe),
-        "olmoe" => build!(olmoe),
-        "qwen3_moe" => build!(qwen3_moe),
-        _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
-    };
+    let model = by_model_type!(model_type.as_str(), arch => build!(arch), _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"));
     Ok(LoadedModel { model, config, model_type })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_model_type_has_an_architecture_file() {
+        for t in SUPPORTED_MODEL_TYPES {
+            let known = by_model_type!(*t, arch => {
+                let _ = arch::sanitize;
+                true
+            }, _ => false);
+            assert!(known, "{t}");
+        }
+    }
 }

@@ -219,6 +219,13 @@ TINY_CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
         rms_norm_eps=1e-5, vocab_size=128, rope_theta=10000.0, max_position_embeddings=256,
         tie_word_embeddings=False),
+    # sinks, alternating sliding(8)/full layers, yarn, biased router, clamped swiglu, expert biases
+    "tiny_gpt_oss": dict(model_type="gpt_oss", hidden_size=64, num_hidden_layers=4, intermediate_size=32,
+        head_dim=16, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=8, rms_norm_eps=1e-5, vocab_size=128, rope_theta=150000,
+        rope_scaling=dict(rope_type="yarn", factor=8.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                          original_max_position_embeddings=32),
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are

@@ -171,6 +171,36 @@ pub fn scaled_dot_product_attention(
         // the kernel writes (B, L, H, D): the callers' transpose back is then free
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)?);
     }
+    matmul_attention(q, k, v, scale, &mask, softcap, None)
+}
+
+/// Causal attention as [`scaled_dot_product_attention`] with a learned sink logit per query
+/// head (`sinks`, H): each head's softmax also counts `exp(sink)` in its denominator, so a
+/// query may attend to nothing (gpt-oss; mlx's `scaled_dot_product_attention(…, sinks)`).
+pub fn attention_with_sinks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: MaskSpec,
+    sinks: &Tensor,
+) -> Result<Tensor> {
+    if mask.pos.is_some() {
+        anyhow::bail!("attention with sinks has no CUDA-graph decode kernel");
+    }
+    matmul_attention(q, k, v, scale, &mask, None, Some(sinks))
+}
+
+/// Attention through matmul, mask and softmax (in f32), optionally soft-capped and with sinks.
+fn matmul_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &MaskSpec,
+    softcap: Option<f64>,
+    sinks: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let t = k.dim(2)?;
@@ -182,16 +212,26 @@ pub fn scaled_dot_product_attention(
         None => scores,
     };
     let scores = if l > 1 || mask.left_padding.is_some() {
-        let mask = causal_mask(n_rep, l, t, &mask, q.device())?;
+        let mask = causal_mask(n_rep, l, t, mask, q.device())?;
         scores.broadcast_add(&mask)?
     } else {
         scores
+    };
+    // the sinks as one more key column: head `kv·n_rep + r`'s logit on rows `r·L .. (r+1)·L`
+    let scores = match sinks {
+        Some(s) => {
+            let col = s.to_dtype(DType::F32)?.reshape((1, kv, n_rep, 1, 1))?;
+            let col = col.broadcast_as((b, kv, n_rep, l, 1))?.reshape((b, kv, n_rep * l, 1))?;
+            Tensor::cat(&[&scores.broadcast_as((b, kv, n_rep * l, t))?, &col], D::Minus1)?
+        }
+        None => scores,
     };
     let probs = if scores.track_op() {
         candle_nn::ops::softmax(&scores, D::Minus1)? // differentiable (training)
     } else {
         candle_nn::ops::softmax_last_dim(&scores)?
     };
+    let probs = if sinks.is_some() { probs.narrow(D::Minus1, 0, t)?.contiguous()? } else { probs };
     let probs = probs.to_dtype(v.dtype())?;
     let out = probs.matmul(&v.contiguous()?)?;
     Ok(out.reshape((b, h, l, v.dim(3)?))?)
