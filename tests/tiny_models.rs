@@ -147,6 +147,11 @@ fn tiny_gpt_oss_sinks_sliding_layers_clamped_experts_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_glm4_moe_grouped_sigmoid_routing_shared_experts_partial_rope_match_mlx_lm() {
+    check("tiny_glm4_moe");
+}
+
+#[test]
 fn tiny_mixtral_per_expert_hf_layout_loads_the_same() {
     let src = golden("tiny_mixtral");
     let tmp = tempfile::tempdir().unwrap();
@@ -242,6 +247,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_qwen2_moe", false),
         ("tiny_olmoe", false),
         ("tiny_gpt_oss", false),
+        ("tiny_glm4_moe", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

@@ -7,6 +7,7 @@ pub mod gguf;
 
 use crate::io::output::{copy_tokenizer_files, AtomicFolder};
 use crate::io::{ConfigFile, Weights};
+use crate::models::LayerQuant;
 use crate::quant::{affine, QuantParams, QuantSpec};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -205,14 +206,18 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         if let (Some(q), true) = (&opts.quantize, is_layer) {
             let in_dim = t.dim(candle_core::D::Minus1)?;
             // a recipe replaces the architecture's own predicate, as in mlx_lm
-            let own = crate::models::quant_predicate(&model_type, path).filter(|_| q.recipe.is_none());
+            let own = match crate::models::layer_quant(&model_type, path) {
+                LayerQuant::Params(p) if q.recipe.is_none() => Some(p),
+                _ => None,
+            };
             let p = match (&q.recipe, own) {
                 (Some(r), _) => mixed_params(path, r, q.params.group_size, num_layers, layer_location)?,
                 (None, Some(p)) => p,
                 (None, None) => q.params,
             };
+            let float = crate::models::layer_quant(&model_type, path) == LayerQuant::Float;
             // mlx_lm checks the input size against the uniform group size only
-            if in_dim % q.params.group_size == 0 {
+            if in_dim % q.params.group_size == 0 && !float {
                 if in_dim % p.group_size != 0 {
                     bail!(
                         "layer `{path}`: its {in_dim} inputs cannot be quantized in groups of {} (the architecture's setting for it)",

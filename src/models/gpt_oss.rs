@@ -190,8 +190,3 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     spec.windows = windows;
     base.decoder(ld, spec, layers)
 }
-
-/// mlx_lm's `quant_predicate`: the router at 8 bits, group 64.
-pub fn quant_predicate(path: &str) -> bool {
-    path.ends_with("router")
-}

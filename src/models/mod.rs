@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod decoder;
 pub mod gemma2;
 pub mod gemma3;
+pub mod glm4_moe;
 pub mod gpt_oss;
 pub mod llama;
 pub mod mixtral;
@@ -180,6 +181,10 @@ macro_rules! by_model_type {
                 use self::gpt_oss as $arch;
                 $body
             }
+            "glm4_moe" => {
+                use self::glm4_moe as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -200,6 +205,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen2_moe",
     "olmoe",
     "gpt_oss",
+    "glm4_moe",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
@@ -212,14 +218,26 @@ pub fn sanitize_weights(config: &ConfigFile, weights: &mut Weights) -> Result<()
     }, _ => Ok(()))
 }
 
-/// The architecture's own quantization of the layer at `path` where it differs from the
-/// uniform one (mlx_lm's `Model.quant_predicate`: routers kept at 8 bits, group 64).
-pub fn quant_predicate(model_type: &str, path: &str) -> Option<crate::quant::QuantParams> {
-    let eight_bit = crate::quant::QuantParams { bits: 8, group_size: 64 };
+/// How an architecture quantizes one of its layers where that differs from the uniform
+/// setting (mlx_lm's `Model.quant_predicate`, and modules without `to_quantized`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerQuant {
+    /// the uniform bits and group size
+    Uniform,
+    /// never quantized (glm4_moe's router is no `nn.Linear`)
+    Float,
+    /// these bits and group size (routers at 8 bits, group 64)
+    Params(crate::quant::QuantParams),
+}
+
+/// [`LayerQuant`] of the layer at `path` in a `model_type` model.
+pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
+    let eight_bit = LayerQuant::Params(crate::quant::QuantParams { bits: 8, group_size: 64 });
     match model_type {
-        "qwen3_moe" => path.ends_with("mlp.gate").then_some(eight_bit),
-        "gpt_oss" => gpt_oss::quant_predicate(path).then_some(eight_bit),
-        _ => None,
+        "qwen3_moe" if path.ends_with("mlp.gate") => eight_bit,
+        "gpt_oss" if path.ends_with("router") => eight_bit,
+        "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
+        _ => LayerQuant::Uniform,
     }
 }
 

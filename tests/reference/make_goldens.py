@@ -226,6 +226,14 @@ TINY_CONFIGS = {
         rope_scaling=dict(rope_type="yarn", factor=8.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
                           original_max_position_embeddings=32),
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    # sigmoid router + correction bias + group-limited top-k + scaling factor, shared expert, first layer dense,
+    # partial rotary (half), q/k norm, qkv bias
+    "tiny_glm4_moe": dict(model_type="glm4_moe", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+        moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, partial_rotary_factor=0.5,
+        use_qk_norm=True, attention_bias=True, rms_norm_eps=1e-5, vocab_size=128, rope_theta=1000000.0,
+        rope_scaling=None, max_position_embeddings=256, tie_word_embeddings=False),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
