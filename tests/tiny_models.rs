@@ -152,31 +152,108 @@ fn tiny_glm4_moe_grouped_sigmoid_routing_shared_experts_partial_rope_match_mlx_l
 }
 
 #[test]
-fn tiny_mixtral_per_expert_hf_layout_loads_the_same() {
-    let src = golden("tiny_mixtral");
+fn tiny_granitemoe_multipliers_match_mlx_lm() {
+    check("tiny_granitemoe");
+}
+
+/// A copy of golden model `name` with its stacked expert tensors (`.switch_mlp.` and the like)
+/// written back in a Hugging Face layout by `hf`, which gets the module prefix before the
+/// stacked layer, the projection (`gate_proj.weight`, …) and the tensor.
+fn hf_layout(
+    name: &str,
+    stacked: &str,
+    hf: impl Fn(&str, &str, Tensor, &mut std::collections::HashMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let src = golden(name);
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["config.json", "logits.safetensors"] {
+    for f in ["config.json", "logits.safetensors", "greedy.json"] {
         std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
     }
     let mut out = std::collections::HashMap::new();
     for (k, v) in candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap() {
-        let Some((head, tail)) = k.split_once(".switch_mlp.") else {
-            out.insert(k, v);
-            continue;
-        };
+        match k.split_once(stacked) {
+            Some((head, tail)) => hf(head, tail, v, &mut out),
+            None => {
+                out.insert(k, v);
+            }
+        }
+    }
+    candle_core::safetensors::save(&out, tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+/// One tensor per expert, `{head}.experts.{e}.{proj}.weight`.
+fn per_expert(head: &str, proj: &str, v: &Tensor, out: &mut std::collections::HashMap<String, Tensor>) {
+    for e in 0..v.dim(0).unwrap() {
+        out.insert(format!("{head}.experts.{e}.{proj}.weight"), v.get(e).unwrap());
+    }
+}
+
+#[test]
+fn tiny_mixtral_per_expert_hf_layout_loads_the_same() {
+    let dir = hf_layout("tiny_mixtral", ".switch_mlp.", |head, tail, v, out| {
         let hf = match tail {
             "gate_proj.weight" => "w1",
             "down_proj.weight" => "w2",
             "up_proj.weight" => "w3",
             other => panic!("unexpected {other}"),
         };
-        for e in 0..v.dim(0).unwrap() {
-            out.insert(format!("{head}.experts.{e}.{hf}.weight"), v.get(e).unwrap());
+        per_expert(head, hf, &v, out);
+    });
+    check_folder("tiny_mixtral", dir.path(), 1e-4);
+}
+
+/// Qwen3-MoE's per-expert Hugging Face weights load as mlx's stacked ones, and `wick convert -q`
+/// of them writes what mlx_lm wrote from the stacked ones.
+#[test]
+fn tiny_qwen3_moe_per_expert_hf_layout_loads_and_converts_the_same() {
+    let dir = hf_layout("tiny_qwen3_moe", ".switch_mlp.", |head, tail, v, out| {
+        per_expert(head, tail.strip_suffix(".weight").unwrap(), &v, out);
+    });
+    check_folder("tiny_qwen3_moe", dir.path(), 1e-4);
+    let out = dir.path().join("q4");
+    let st = wick()
+        .args(["convert", "--hf-path", dir.path().to_str().unwrap(), "--mlx-path", out.to_str().unwrap()])
+        .args(["-q", "--q-bits", "4", "--q-group-size", "32"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let read = |p: std::path::PathBuf| {
+        let t = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> = t
+            .into_iter()
+            .map(|(k, t)| {
+                let bytes = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                (k, bytes.iter().flat_map(|x| x.to_le_bytes()).collect())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(read(out.join("model.safetensors")) == read(golden("tiny_qwen3_moe").join("q4/model.safetensors")));
+}
+
+/// Granite MoE's fused Hugging Face expert tensors (`input_linear`: gate rows then up rows;
+/// `output_linear`) load as mlx's stacked ones.
+#[test]
+fn tiny_granitemoe_fused_hf_layout_loads_the_same() {
+    // the half seen first waits for the other
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, (String, Tensor)>::new());
+    let dir = hf_layout("tiny_granitemoe", ".switch_mlp.", |head, tail, v, out| match tail {
+        "gate_proj.weight" | "up_proj.weight" => {
+            let Some((other, w)) = seen.lock().unwrap().remove(head) else {
+                seen.lock().unwrap().insert(head.to_string(), (tail.to_string(), v));
+                return;
+            };
+            let (g, u) = if other == "gate_proj.weight" { (w, v) } else { (v, w) };
+            out.insert(format!("{head}.input_linear.weight"), Tensor::cat(&[g, u], 1).unwrap());
         }
-    }
-    assert!(out.keys().any(|k| k.ends_with("experts.3.w3.weight")));
-    candle_core::safetensors::save(&out, tmp.path().join("model.safetensors")).unwrap();
-    check_folder("tiny_mixtral", tmp.path(), 1e-4);
+        "down_proj.weight" => {
+            out.insert(format!("{head}.output_linear.weight"), v);
+        }
+        other => panic!("unexpected {other}"),
+    });
+    check_folder("tiny_granitemoe", dir.path(), 1e-4);
 }
 
 /// `wick convert -q` of each tiny model writes the same tensors, byte for byte, as mlx_lm's
@@ -248,6 +325,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_olmoe", false),
         ("tiny_gpt_oss", false),
         ("tiny_glm4_moe", false),
+        ("tiny_granitemoe", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

@@ -17,6 +17,9 @@ enum Source {
     /// equal-shaped tensors stacked along a new first axis (per-expert weights seen as one
     /// stacked tensor)
     Stack(Vec<Source>),
+    /// positions `start .. start + len` along `axis` of a tensor (a fused tensor seen as its
+    /// parts; read whole, then cut)
+    Part { of: Box<Source>, axis: usize, start: usize, len: usize },
 }
 
 struct Shard {
@@ -131,6 +134,38 @@ impl Weights {
         self.index.keys().map(|s| s.as_str())
     }
 
+    /// Splits the tensor `name` along `axis` into `names.len()` equal parts named `names`, in
+    /// order (mlx_lm's `mx.split` of a fused tensor in a `sanitize`).
+    pub fn split_axis(&mut self, name: &str, axis: usize, names: &[String]) -> Result<()> {
+        let shape = self.shape(name)?;
+        let Some(&size) = shape.get(axis) else {
+            bail!("tensor `{name}` in {} has no axis {axis} to split (shape {shape:?})", self.dir.display());
+        };
+        if names.is_empty() || size % names.len() != 0 {
+            bail!(
+                "tensor `{name}` in {}: axis {axis} of {size} cannot be split into {} equal parts",
+                self.dir.display(),
+                names.len()
+            );
+        }
+        let src = self.index.remove(name).expect("shape read above");
+        let len = size / names.len();
+        for (i, n) in names.iter().enumerate() {
+            self.index.insert(n.clone(), Source::Part { of: Box::new(src.clone()), axis, start: i * len, len });
+        }
+        Ok(())
+    }
+
+    /// Renames the tensor `from` to `to`.
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<()> {
+        let src = self
+            .index
+            .remove(from)
+            .with_context(|| format!("tensor `{from}` is missing from the weights in {}", self.dir.display()))?;
+        self.index.insert(to.to_string(), src);
+        Ok(())
+    }
+
     fn source(&self, name: &str) -> Result<&Source> {
         self.index
             .get(name)
@@ -138,13 +173,11 @@ impl Weights {
     }
 
     /// The file a tensor is read from (its first part's, for a stacked one).
-    fn location(&self, mut src: &Source) -> &Path {
-        while let Source::Stack(parts) = src {
-            src = &parts[0];
-        }
+    fn location(&self, src: &Source) -> &Path {
         match src {
             Source::File { shard, .. } => &self.shards[*shard].path,
-            Source::Stack(_) => &self.dir,
+            Source::Stack(parts) => self.location(&parts[0]),
+            Source::Part { of, .. } => self.location(of),
         }
     }
 
@@ -179,6 +212,11 @@ impl Weights {
                 shape.extend(self.source_shape(&parts[0])?);
                 shape
             }
+            Source::Part { of, axis, len, .. } => {
+                let mut shape = self.source_shape(of)?;
+                shape[*axis] = *len;
+                shape
+            }
             file => self.view(file)?.0.shape().to_vec(),
         })
     }
@@ -186,8 +224,12 @@ impl Weights {
     /// Stored dtype of a tensor.
     pub fn dtype(&self, name: &str) -> Result<DType> {
         let mut src = self.source(name)?;
-        while let Source::Stack(parts) = src {
-            src = &parts[0];
+        loop {
+            match src {
+                Source::Stack(parts) => src = &parts[0],
+                Source::Part { of, .. } => src = of,
+                Source::File { .. } => break,
+            }
         }
         let (v, p) = self.view(src)?;
         st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))
@@ -199,24 +241,39 @@ impl Weights {
         let dtype = self.dtype(name)?;
         let shape = self.source_shape(src)?;
         let ctx = || format!("tensor `{name}` in {}", self.location(src).display());
-        match src {
+        self.read(src, dtype, &shape, device).with_context(ctx)
+    }
+
+    fn read(&self, src: &Source, dtype: DType, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(match src {
             // straight from the mapped file into the device's memory (for Metal: one copy into
             // unified memory, no host staging copy)
-            Source::File { .. } => Tensor::from_raw_buffer(self.view(src)?.0.data(), dtype, &shape, device),
+            Source::File { .. } => Tensor::from_raw_buffer(self.view(src)?.0.data(), dtype, shape, device)?,
             // the parts' bytes one after another: the stacked tensor's layout
-            Source::Stack(parts) => {
+            Source::Stack(parts) if parts.iter().all(|p| !matches!(p, Source::Part { .. })) => {
                 let mut bytes = Vec::new();
                 self.append_bytes(parts, &mut bytes)?;
-                Tensor::from_raw_buffer(&bytes, dtype, &shape, device)
+                Tensor::from_raw_buffer(&bytes, dtype, shape, device)?
             }
-        }
-        .with_context(ctx)
+            Source::Stack(parts) => {
+                let parts = parts
+                    .iter()
+                    .map(|p| self.read(p, dtype, &self.source_shape(p)?, &Device::Cpu))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::stack(&parts, 0)?.to_device(device)?
+            }
+            Source::Part { of, axis, start, len } => {
+                let whole = self.read(of, dtype, &self.source_shape(of)?, &Device::Cpu)?;
+                whole.narrow(*axis, *start, *len)?.contiguous()?.to_device(device)?
+            }
+        })
     }
 
     fn append_bytes(&self, parts: &[Source], out: &mut Vec<u8>) -> Result<()> {
         for p in parts {
             match p {
                 Source::Stack(inner) => self.append_bytes(inner, out)?,
+                Source::Part { .. } => bail!("a stack of split tensors is read part by part"),
                 file => out.extend_from_slice(self.view(file)?.0.data()),
             }
         }

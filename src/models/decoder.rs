@@ -163,6 +163,9 @@ pub struct ModelSpec {
     pub embed_scale: Option<f64>,
     /// `c · tanh(logits / c)` (gemma2)
     pub final_softcap: Option<f64>,
+    /// the logits are multiplied by this (granite: `1 / logits_scaling`); it must be positive
+    /// (a greedy step's argmax reads the unscaled logits)
+    pub logits_scale: Option<f64>,
     /// (phi) the final norm is the LayerNorm `model.final_layernorm`, not the RMSNorm `model.norm`
     pub final_layernorm: bool,
     pub lm_head_bias: bool,
@@ -180,6 +183,7 @@ impl ModelSpec {
             windows: vec![None; n_layers],
             embed_scale: None,
             final_softcap: None,
+            logits_scale: None,
             final_layernorm: false,
             lm_head_bias: false,
         }
@@ -212,6 +216,7 @@ impl BaseArgs {
             layer_rope: spec.layer_rope,
             embed_scale: spec.embed_scale,
             final_softcap: spec.final_softcap,
+            logits_scale: spec.logits_scale,
             vocab_size: self.vocab_size,
             max_context: spec.max_context,
             dtype: ld.act_dtype,
@@ -248,6 +253,7 @@ pub struct DecoderModel {
     layer_rope: Vec<usize>,
     embed_scale: Option<f64>,
     final_softcap: Option<f64>,
+    logits_scale: Option<f64>,
     vocab_size: usize,
     max_context: Option<usize>,
     dtype: DType,
@@ -310,6 +316,10 @@ impl DecoderModel {
         if raw && self.final_softcap.is_none() {
             return Ok(logits);
         }
+        let logits = match self.logits_scale {
+            Some(s) => (logits * s)?,
+            None => logits,
+        };
         let logits = logits.to_dtype(DType::F32)?;
         Ok(match self.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,

@@ -7,6 +7,7 @@ pub mod gemma2;
 pub mod gemma3;
 pub mod glm4_moe;
 pub mod gpt_oss;
+pub mod granitemoe;
 pub mod llama;
 pub mod mixtral;
 pub mod mlp;
@@ -185,6 +186,10 @@ macro_rules! by_model_type {
                 use self::glm4_moe as $arch;
                 $body
             }
+            "granitemoe" => {
+                use self::granitemoe as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -206,6 +211,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "olmoe",
     "gpt_oss",
     "glm4_moe",
+    "granitemoe",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
@@ -237,6 +243,7 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
         "qwen3_moe" if path.ends_with("mlp.gate") => eight_bit,
         "gpt_oss" if path.ends_with("router") => eight_bit,
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
+        "granitemoe" if granitemoe::eight_bit(path) => eight_bit,
         _ => LayerQuant::Uniform,
     }
 }

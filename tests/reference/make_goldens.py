@@ -234,6 +234,12 @@ TINY_CONFIGS = {
         routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, partial_rotary_factor=0.5,
         use_qk_norm=True, attention_bias=True, rms_norm_eps=1e-5, vocab_size=128, rope_theta=1000000.0,
         rope_scaling=None, max_position_embeddings=256, tie_word_embeddings=False),
+    # multipliers (embedding, residual, attention scale, logits), fused input_linear, router 8-bit
+    "tiny_granitemoe": dict(model_type="granitemoe", hidden_size=64, num_hidden_layers=2, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        logits_scaling=4.0, attention_multiplier=0.05, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_bias=False, rms_norm_eps=1e-6, vocab_size=128, rope_theta=10000.0,
+        max_position_embeddings=256, tie_word_embeddings=True),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are

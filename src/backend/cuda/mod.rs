@@ -66,6 +66,16 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                 (&mut keep as *mut u64).cast(),
             )
+            .result()?;
+            // a block freed on another stream is never reused by making this stream wait for
+            // that one: such a wait inside a CUDA graph capture would invalidate the capture
+            // (several devices, or test threads, each with its own stream share the pool)
+            let mut no: i32 = 0;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                (&mut no as *mut i32).cast(),
+            )
             .result()
         })
     };
