@@ -152,6 +152,11 @@ fn tiny_glm4_moe_grouped_sigmoid_routing_shared_experts_partial_rope_match_mlx_l
 }
 
 #[test]
+fn tiny_ernie4_5_moe_dense_and_moe_layers_shared_experts_match_mlx_lm() {
+    check("tiny_ernie4_5_moe");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -326,6 +331,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_gpt_oss", false),
         ("tiny_glm4_moe", false),
         ("tiny_granitemoe", false),
+        ("tiny_ernie4_5_moe", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

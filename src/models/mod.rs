@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod decoder;
+pub mod ernie4_5_moe;
 pub mod gemma2;
 pub mod gemma3;
 pub mod glm4_moe;
@@ -190,6 +191,10 @@ macro_rules! by_model_type {
                 use self::granitemoe as $arch;
                 $body
             }
+            "ernie4_5_moe" => {
+                use self::ernie4_5_moe as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -212,6 +217,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "gpt_oss",
     "glm4_moe",
     "granitemoe",
+    "ernie4_5_moe",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does

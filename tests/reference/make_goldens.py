@@ -240,12 +240,18 @@ TINY_CONFIGS = {
         logits_scaling=4.0, attention_multiplier=0.05, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_bias=False, rms_norm_eps=1e-6, vocab_size=128, rope_theta=10000.0,
         max_position_embeddings=256, tie_word_embeddings=True),
+    # layer 0 dense, 1..3 MoE (softmax in f32, renorm), shared expert, traditional rope, tied head
+    "tiny_ernie4_5_moe": dict(model_type="ernie4_5_moe", hidden_size=64, num_hidden_layers=4,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128,
+        rope_theta=500000.0, max_position_embeddings=256, use_bias=False, tie_word_embeddings=True,
+        moe_num_experts=8, moe_k=2, moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=1,
+        moe_intermediate_size=32, moe_num_shared_experts=1, moe_gate_act="softmax"),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
 # the others use 7.
-TINY_SEEDS = dict(tiny_qwen2_moe=9)
+TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9)
 
 NORM_WEIGHT = re.compile(r"norm(_\d+)?\.weight$")
 
