@@ -157,6 +157,11 @@ fn tiny_ernie4_5_moe_dense_and_moe_layers_shared_experts_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_phimoe_sparsemixer_layernorms_longrope_match_mlx_lm() {
+    check("tiny_phimoe");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -332,6 +337,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_glm4_moe", false),
         ("tiny_granitemoe", false),
         ("tiny_ernie4_5_moe", false),
+        ("tiny_phimoe", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

@@ -166,8 +166,9 @@ pub struct ModelSpec {
     /// the logits are multiplied by this (granite: `1 / logits_scaling`); it must be positive
     /// (a greedy step's argmax reads the unscaled logits)
     pub logits_scale: Option<f64>,
-    /// (phi) the final norm is the LayerNorm `model.final_layernorm`, not the RMSNorm `model.norm`
-    pub final_layernorm: bool,
+    /// the final norm is the LayerNorm of this name (phi: `model.final_layernorm`), not the
+    /// RMSNorm `model.norm`
+    pub final_layernorm: Option<&'static str>,
     pub lm_head_bias: bool,
 }
 
@@ -184,7 +185,7 @@ impl ModelSpec {
             embed_scale: None,
             final_softcap: None,
             logits_scale: None,
-            final_layernorm: false,
+            final_layernorm: None,
             lm_head_bias: false,
         }
     }
@@ -194,8 +195,8 @@ impl BaseArgs {
     /// The model body around `layers` (`model.embed_tokens`, the final norm, the head), as
     /// `spec` describes it.
     pub fn decoder(&self, ld: &Loader, spec: ModelSpec, layers: Vec<Arc<dyn Layer>>) -> Result<DecoderModel> {
-        let final_norm = if spec.final_layernorm {
-            Norm::Layer(LayerNorm::load(ld, "model.final_layernorm", self.hidden_size, self.rms_norm_eps)?)
+        let final_norm = if let Some(name) = spec.final_layernorm {
+            Norm::Layer(LayerNorm::load(ld, name, self.hidden_size, self.rms_norm_eps)?)
         } else {
             Norm::Rms(RmsNorm::load_shifted(ld, "model.norm", self.hidden_size, self.rms_norm_eps, spec.norm_shift)?)
         };

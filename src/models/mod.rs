@@ -15,6 +15,7 @@ pub mod mlp;
 pub mod olmoe;
 pub mod phi;
 pub mod phi3;
+pub mod phimoe;
 pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
@@ -195,6 +196,10 @@ macro_rules! by_model_type {
                 use self::ernie4_5_moe as $arch;
                 $body
             }
+            "phimoe" => {
+                use self::phimoe as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -218,6 +223,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "glm4_moe",
     "granitemoe",
     "ernie4_5_moe",
+    "phimoe",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does

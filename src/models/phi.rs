@@ -119,7 +119,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         Rope::from_config((args.partial_rotary_factor * head_dim as f64) as usize, args.rope_theta, false, None, None)?;
     let ctx = Some(args.max_position_embeddings);
     let mut spec = ModelSpec::plain(args.num_hidden_layers, rope, false, ctx);
-    spec.final_layernorm = true;
+    spec.final_layernorm = Some("model.final_layernorm");
     spec.lm_head_bias = true;
     base.decoder(ld, spec, layers)
 }

@@ -246,12 +246,20 @@ TINY_CONFIGS = {
         rope_theta=500000.0, max_position_embeddings=256, use_bias=False, tie_word_embeddings=True,
         moe_num_experts=8, moe_k=2, moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=1,
         moe_intermediate_size=32, moe_num_shared_experts=1, moe_gate_act="softmax"),
+    # sparsemixer routing (jitter 0.2 so the band is not a single expert), LayerNorm, biases, longrope
+    "tiny_phimoe": dict(model_type="phimoe", hidden_size=64, num_hidden_layers=2, intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        router_jitter_noise=0.2, rms_norm_eps=1e-5, vocab_size=128, rope_theta=10000.0,
+        max_position_embeddings=256, original_max_position_embeddings=32,
+        rope_scaling=dict(type="longrope", short_factor=[1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0],
+                          long_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
+                          short_mscale=1.1, long_mscale=1.2)),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
 # the others use 7.
-TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9)
+TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9, tiny_phimoe=8)
 
 NORM_WEIGHT = re.compile(r"norm(_\d+)?\.weight$")
 
