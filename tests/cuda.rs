@@ -333,7 +333,13 @@ fn cuda_decode_attention_matches_the_cpu() {
             // keys and values as views of a larger cache, as KvCache hands them out
             let kc = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (b, kvh, cap, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let spec = MaskSpec { offset: t - 1, window: None, left_padding: pads.clone().map(Arc::from), pos: None };
+            let spec = MaskSpec {
+                offset: t - 1,
+                window: None,
+                chunk: None,
+                left_padding: pads.clone().map(Arc::from),
+                pos: None,
+            };
             let run = |dev: &Device| {
                 let (q, kc, vc) = (q.to_device(dev).unwrap(), kc.to_device(dev).unwrap(), vc.to_device(dev).unwrap());
                 let (k, v) = (kc.narrow(2, 0, t).unwrap(), vc.narrow(2, 0, t).unwrap());
@@ -408,7 +414,7 @@ fn cuda_prefill_attention_matches_the_cpu_in_f32() {
     for (b, h, kvh, l, offset, d, softcap, window, pads) in cases {
         let t = offset + l;
         let cap = t + rng.random_range(1..40);
-        let spec = MaskSpec { offset, window, left_padding: pads.clone().map(Arc::from), pos: None };
+        let spec = MaskSpec { offset, window, chunk: None, left_padding: pads.clone().map(Arc::from), pos: None };
         let scale = (d as f64).powf(-0.5);
         for dtype in [DType::F16, DType::BF16] {
             let rand = |shape: (usize, usize, usize, usize)| {

@@ -162,6 +162,11 @@ fn tiny_phimoe_sparsemixer_layernorms_longrope_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_llama4_chunked_nope_layers_top1_experts_match_mlx_lm() {
+    check("tiny_llama4");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -338,6 +343,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_granitemoe", false),
         ("tiny_ernie4_5_moe", false),
         ("tiny_phimoe", false),
+        ("tiny_llama4", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

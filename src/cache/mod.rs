@@ -159,10 +159,14 @@ impl KvCache {
     pub fn mask(&self, l: usize) -> MaskSpec {
         let left_padding = self.left_padding.clone();
         match &self.store {
-            Store::Rotating(r) if l > 1 => {
-                MaskSpec { offset: self.offset.min(r.max_size - 1), window: Some(r.max_size), left_padding, pos: None }
-            }
-            _ => MaskSpec { offset: self.offset, window: None, left_padding, pos: self.graph_pos.clone() },
+            Store::Rotating(r) if l > 1 => MaskSpec {
+                offset: self.offset.min(r.max_size - 1),
+                window: Some(r.max_size),
+                chunk: None,
+                left_padding,
+                pos: None,
+            },
+            _ => MaskSpec { offset: self.offset, window: None, chunk: None, left_padding, pos: self.graph_pos.clone() },
         }
     }
 

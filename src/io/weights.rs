@@ -17,9 +17,17 @@ enum Source {
     /// equal-shaped tensors stacked along a new first axis (per-expert weights seen as one
     /// stacked tensor)
     Stack(Vec<Source>),
-    /// positions `start .. start + len` along `axis` of a tensor (a fused tensor seen as its
-    /// parts; read whole, then cut)
-    Part { of: Box<Source>, axis: usize, start: usize, len: usize },
+    /// a tensor changed by `op` (read whole, then changed)
+    Derived { of: Box<Source>, op: Derive },
+}
+
+/// How a [`Source::Derived`] tensor comes from its source.
+#[derive(Debug, Clone, Copy)]
+enum Derive {
+    /// positions `start .. start + len` along `axis` (a fused tensor seen as its parts)
+    Narrow { axis: usize, start: usize, len: usize },
+    /// axes `a` and `b` swapped
+    Transpose { a: usize, b: usize },
 }
 
 struct Shard {
@@ -151,8 +159,20 @@ impl Weights {
         let src = self.index.remove(name).expect("shape read above");
         let len = size / names.len();
         for (i, n) in names.iter().enumerate() {
-            self.index.insert(n.clone(), Source::Part { of: Box::new(src.clone()), axis, start: i * len, len });
+            let op = Derive::Narrow { axis, start: i * len, len };
+            self.index.insert(n.clone(), Source::Derived { of: Box::new(src.clone()), op });
         }
+        Ok(())
+    }
+
+    /// Swaps axes `a` and `b` of the tensor `name` (mlx's `swapaxes` in a `sanitize`).
+    pub fn transpose(&mut self, name: &str, a: usize, b: usize) -> Result<()> {
+        let rank = self.shape(name)?.len();
+        if a.max(b) >= rank {
+            bail!("tensor `{name}` in {} has {rank} axes: cannot swap axes {a} and {b}", self.dir.display());
+        }
+        let src = self.index.remove(name).expect("shape read above");
+        self.index.insert(name.to_string(), Source::Derived { of: Box::new(src), op: Derive::Transpose { a, b } });
         Ok(())
     }
 
@@ -177,7 +197,7 @@ impl Weights {
         match src {
             Source::File { shard, .. } => &self.shards[*shard].path,
             Source::Stack(parts) => self.location(&parts[0]),
-            Source::Part { of, .. } => self.location(of),
+            Source::Derived { of, .. } => self.location(of),
         }
     }
 
@@ -212,9 +232,12 @@ impl Weights {
                 shape.extend(self.source_shape(&parts[0])?);
                 shape
             }
-            Source::Part { of, axis, len, .. } => {
+            Source::Derived { of, op } => {
                 let mut shape = self.source_shape(of)?;
-                shape[*axis] = *len;
+                match *op {
+                    Derive::Narrow { axis, len, .. } => shape[axis] = len,
+                    Derive::Transpose { a, b } => shape.swap(a, b),
+                }
                 shape
             }
             file => self.view(file)?.0.shape().to_vec(),
@@ -227,7 +250,7 @@ impl Weights {
         loop {
             match src {
                 Source::Stack(parts) => src = &parts[0],
-                Source::Part { of, .. } => src = of,
+                Source::Derived { of, .. } => src = of,
                 Source::File { .. } => break,
             }
         }
@@ -250,7 +273,7 @@ impl Weights {
             // unified memory, no host staging copy)
             Source::File { .. } => Tensor::from_raw_buffer(self.view(src)?.0.data(), dtype, shape, device)?,
             // the parts' bytes one after another: the stacked tensor's layout
-            Source::Stack(parts) if parts.iter().all(|p| !matches!(p, Source::Part { .. })) => {
+            Source::Stack(parts) if parts.iter().all(|p| matches!(p, Source::File { .. } | Source::Stack(_))) => {
                 let mut bytes = Vec::new();
                 self.append_bytes(parts, &mut bytes)?;
                 Tensor::from_raw_buffer(&bytes, dtype, shape, device)?
@@ -262,9 +285,13 @@ impl Weights {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&parts, 0)?.to_device(device)?
             }
-            Source::Part { of, axis, start, len } => {
+            Source::Derived { of, op } => {
                 let whole = self.read(of, dtype, &self.source_shape(of)?, &Device::Cpu)?;
-                whole.narrow(*axis, *start, *len)?.contiguous()?.to_device(device)?
+                let t = match *op {
+                    Derive::Narrow { axis, start, len } => whole.narrow(axis, start, len)?,
+                    Derive::Transpose { a, b } => whole.transpose(a, b)?,
+                };
+                t.contiguous()?.to_device(device)?
             }
         })
     }
@@ -273,7 +300,7 @@ impl Weights {
         for p in parts {
             match p {
                 Source::Stack(inner) => self.append_bytes(inner, out)?,
-                Source::Part { .. } => bail!("a stack of split tensors is read part by part"),
+                Source::Derived { .. } => bail!("a stack of derived tensors is read part by part"),
                 file => out.extend_from_slice(self.view(file)?.0.data()),
             }
         }

@@ -170,6 +170,8 @@ pub struct ModelSpec {
     /// RMSNorm `model.norm`
     pub final_layernorm: Option<&'static str>,
     pub lm_head_bias: bool,
+    /// before every tensor name of the body (llama 4's text model: `language_model.`)
+    pub prefix: &'static str,
 }
 
 impl ModelSpec {
@@ -187,6 +189,7 @@ impl ModelSpec {
             logits_scale: None,
             final_layernorm: None,
             lm_head_bias: false,
+            prefix: "",
         }
     }
 }
@@ -195,16 +198,18 @@ impl BaseArgs {
     /// The model body around `layers` (`model.embed_tokens`, the final norm, the head), as
     /// `spec` describes it.
     pub fn decoder(&self, ld: &Loader, spec: ModelSpec, layers: Vec<Arc<dyn Layer>>) -> Result<DecoderModel> {
-        let final_norm = if let Some(name) = spec.final_layernorm {
-            Norm::Layer(LayerNorm::load(ld, name, self.hidden_size, self.rms_norm_eps)?)
+        let name = |n: &str| format!("{}{n}", spec.prefix);
+        let final_norm = if let Some(n) = spec.final_layernorm {
+            Norm::Layer(LayerNorm::load(ld, &name(n), self.hidden_size, self.rms_norm_eps)?)
         } else {
-            Norm::Rms(RmsNorm::load_shifted(ld, "model.norm", self.hidden_size, self.rms_norm_eps, spec.norm_shift)?)
+            let (dim, eps) = (self.hidden_size, self.rms_norm_eps);
+            Norm::Rms(RmsNorm::load_shifted(ld, &name("model.norm"), dim, eps, spec.norm_shift)?)
         };
-        let embed_tokens = Embedding::load(ld, "model.embed_tokens", self.vocab_size, self.hidden_size)?;
+        let embed_tokens = Embedding::load(ld, &name("model.embed_tokens"), self.vocab_size, self.hidden_size)?;
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ld, "lm_head", self.hidden_size, self.vocab_size, spec.lm_head_bias)?)
+            Some(Linear::load(ld, &name("lm_head"), self.hidden_size, self.vocab_size, spec.lm_head_bias)?)
         };
         Ok(DecoderModel {
             embed_tokens,

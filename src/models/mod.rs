@@ -10,6 +10,7 @@ pub mod glm4_moe;
 pub mod gpt_oss;
 pub mod granitemoe;
 pub mod llama;
+pub mod llama4;
 pub mod mixtral;
 pub mod mlp;
 pub mod olmoe;
@@ -200,6 +201,10 @@ macro_rules! by_model_type {
                 use self::phimoe as $arch;
                 $body
             }
+            "llama4" => {
+                use self::llama4 as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -224,6 +229,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "granitemoe",
     "ernie4_5_moe",
     "phimoe",
+    "llama4",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does

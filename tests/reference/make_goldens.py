@@ -254,12 +254,22 @@ TINY_CONFIGS = {
         rope_scaling=dict(type="longrope", short_factor=[1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0],
                           long_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
                           short_mscale=1.1, long_mscale=1.2)),
+    # chunked attention (8) on layers 0,1,2; NoPE + temperature tuning on layer 3; MoE (top-1, sigmoid,
+    # shared expert) on odd layers; llama3 rope (traditional); weightless q/k norm
+    "tiny_llama4": dict(model_type="llama4", text_config=dict(model_type="llama4_text", hidden_size=64,
+        num_hidden_layers=4, intermediate_size=32, intermediate_size_mlp=96, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, attention_chunk_size=8, attention_bias=False, use_qk_norm=True,
+        rms_norm_eps=1e-5, vocab_size=128, rope_theta=500000.0, max_position_embeddings=256,
+        attn_temperature_tuning=4, floor_scale=16, attn_scale=0.1,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32))),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
 # the others use 7.
-TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9, tiny_phimoe=8)
+TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9, tiny_phimoe=8, tiny_llama4=8)
 
 NORM_WEIGHT = re.compile(r"norm(_\d+)?\.weight$")
 
@@ -330,7 +340,8 @@ def tiny_models():
         json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
         model.load_weights([(k, v.astype(mx.float32)) for k, v in params.items()])
         rng = np.random.default_rng(3)
-        ids = rng.integers(0, cfg["vocab_size"], size=TINY_LEN).tolist()
+        vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+        ids = rng.integers(0, vocab, size=TINY_LEN).tolist()
         save_f32(os.path.join(d, "logits.safetensors"), tiny_logits(model, ids))
         json.dump({"ids": ids, "chunks": TINY_CHUNKS}, open(os.path.join(d, "inputs.json"), "w"))
         json.dump(tiny_greedy(model, ids), open(os.path.join(d, "greedy.json"), "w"))

@@ -13,12 +13,16 @@ use std::sync::Arc;
 
 /// Which keys the queries of one forward pass may see: query `i` sits at index `offset + i` of
 /// the keys attention is given and sees key `j` when `j <= offset + i` and,
-/// with a window, `j > offset + i - window`. In a left-padded batch, row `b` also never sees
-/// keys before `left_padding[b]` (a padding query sees only itself).
+/// with a window, `j > offset + i - window`, with a chunk size only keys of the query's chunk.
+/// In a left-padded batch, row `b` also never sees keys before `left_padding[b]` (a padding
+/// query sees only itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskSpec {
     pub offset: usize,
     pub window: Option<usize>,
+    /// chunked attention (llama 4): a query sees only the keys of its own chunk of this many
+    /// positions (positions counted from each row's first, after its padding)
+    pub chunk: Option<usize>,
     pub left_padding: Option<Arc<[usize]>>,
     /// a decode step captured into a CUDA graph: the keys seen end at this device position
     /// (the step's keys are the cache's whole buffer)
@@ -148,19 +152,24 @@ pub fn scaled_dot_product_attention(
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     if q.dim(2)? == 1 && !q.track_op() && k.stride()[3] == 1 && v.stride()[3] == 1 && own_decode_attention(q, k, v)? {
-        let op = DecodeAttention {
-            scale: scale as f32,
-            softcap: softcap.map(|c| c as f32),
-            starts: mask.left_padding,
-            pos: mask.pos,
+        let starts = match mask.chunk {
+            // the first key of each row's chunk (positions start after the row's padding)
+            Some(c) if mask.pos.is_none() => {
+                let pads: Vec<usize> =
+                    mask.left_padding.as_deref().map_or_else(|| vec![0; q.dim(0).unwrap_or(1)], |p| p.to_vec());
+                Some(pads.iter().map(|&p| p + (mask.offset.saturating_sub(p) / c) * c).collect())
+            }
+            Some(_) => anyhow::bail!("chunked attention has no CUDA-graph decode kernel"),
+            None => mask.left_padding,
         };
+        let op = DecodeAttention { scale: scale as f32, softcap: softcap.map(|c| c as f32), starts, pos: mask.pos };
         return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
     if mask.pos.is_some() {
         anyhow::bail!("a decode step captured into a CUDA graph needs wick's decode-attention kernel");
     }
     #[cfg(feature = "cuda")]
-    if q.dim(2)? > 1 && cuda::PrefillAttention::fits(q, k, v)? {
+    if q.dim(2)? > 1 && mask.chunk.is_none() && cuda::PrefillAttention::fits(q, k, v)? {
         let op = cuda::PrefillAttention {
             scale: scale as f32,
             softcap: softcap.map(|c| c as f32),
@@ -265,7 +274,8 @@ fn build_causal_mask(n_rep: usize, l: usize, t: usize, spec: &MaskSpec, device: 
             for i in 0..l {
                 let q = spec.offset + i;
                 for j in 0..t {
-                    let visible = j <= q && spec.window.is_none_or(|w| j + w > q) && (j >= pad || j == q);
+                    let same_chunk = spec.chunk.is_none_or(|c| j < pad || (j - pad) / c == q.saturating_sub(pad) / c);
+                    let visible = j <= q && spec.window.is_none_or(|w| j + w > q) && (j >= pad || j == q) && same_chunk;
                     m.push(if visible { 0.0 } else { f32::NEG_INFINITY });
                 }
             }
