@@ -331,3 +331,68 @@ fn convert_refuses_an_existing_output_without_force_and_bad_recipes() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
 }
+
+/// A copy of the tiny qwen3_moe golden (f32, or the 4-bit one from `q4/`) with the default
+/// model's tokenizer files.
+fn moe_copy(dst: &Path, sub: &str) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden("tiny_qwen3_moe").join(sub).join(f), dst.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(default_model().join(f), dst.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn moe_config_disagreeing_with_the_expert_tensors() {
+    for sub in ["", "q4"] {
+        let t = tempfile::tempdir().unwrap();
+        moe_copy(t.path(), sub);
+        let m = t.path().to_str().unwrap();
+        // fewer experts than the tensors stack
+        edit_config(t.path(), |c| {
+            c.insert("num_experts".into(), 4.into());
+        });
+        let err = fails(&["generate", "--model", m, "-m", "1"]);
+        assert!(err.contains("model.layers.1.mlp.") && err.contains("[8, ") && err.contains("[4, "), "{sub}: {err}");
+        // more experts per token than there are
+        edit_config(t.path(), |c| {
+            c.insert("num_experts".into(), 8.into());
+            c.insert("num_experts_per_tok".into(), 9.into());
+        });
+        let err = fails(&["generate", "--model", m, "-m", "1"]);
+        assert!(err.contains("num_experts_per_tok is 9") && err.contains("8 experts"), "{sub}: {err}");
+        // a layer list that makes a dense layer sparse
+        edit_config(t.path(), |c| {
+            c.insert("num_experts_per_tok".into(), 2.into());
+            c.insert("mlp_only_layers".into(), serde_json::json!([]));
+        });
+        let err = fails(&["generate", "--model", m, "-m", "1"]);
+        assert!(err.contains("model.layers.3.mlp.gate") && err.contains("missing"), "{sub}: {err}");
+    }
+}
+
+#[test]
+fn moe_missing_expert_tensor_in_the_per_expert_layout() {
+    let t = tempfile::tempdir().unwrap();
+    moe_copy(t.path(), "");
+    let path = t.path().join("model.safetensors");
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap() {
+        let Some((head, proj)) = k.split_once(".switch_mlp.") else {
+            out.insert(k, v);
+            continue;
+        };
+        for e in 0..v.dim(0).unwrap() {
+            // expert 5 of layer 1 has no up projection
+            if !(head == "model.layers.1.mlp" && e == 5 && proj.starts_with("up_proj")) {
+                out.insert(format!("{head}.experts.{e}.{proj}"), v.get(e).unwrap());
+            }
+        }
+    }
+    candle_core::safetensors::save(&out, &path).unwrap();
+    let err = fails(&["generate", "--model", t.path().to_str().unwrap(), "-m", "1"]);
+    assert!(err.contains("model.layers.1.mlp.experts.5.up_proj.weight") && err.contains("8 experts"), "{err}");
+    assert!(err.contains(t.path().to_str().unwrap()), "{err}");
+}

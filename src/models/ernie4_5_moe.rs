@@ -124,6 +124,7 @@ impl FeedForward for MoE {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
+    super::switch::check_top_k(args.moe_k, args.moe_num_experts, "moe_k")?;
     let dim = a.hidden_size;
     let hd = args.head_dim.unwrap_or(dim / a.num_attention_heads);
     let sigmoid = match args.moe_gate_act.as_deref() {

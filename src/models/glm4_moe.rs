@@ -146,6 +146,9 @@ impl FeedForward for MoE {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
+    if let Some(e) = args.n_routed_experts {
+        super::switch::check_top_k(args.num_experts_per_tok, e, "num_experts_per_tok")?;
+    }
     if args.topk_method.as_deref().is_some_and(|m| m != "noaux_tc") {
         bail!(
             "config.json: topk_method `{}` is not supported (only noaux_tc)",

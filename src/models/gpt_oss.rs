@@ -154,6 +154,7 @@ const SWIGLU: Activation = Activation::SwigluOai { alpha: 1.702, limit: 7.0 };
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let (dim, hd, e) = (args.hidden_size, args.head_dim, args.num_local_experts);
+    super::switch::check_top_k(args.num_experts_per_tok, e, "num_experts_per_tok")?;
     let heads = Heads::new(args.num_attention_heads, args.num_key_value_heads, hd);
     let rope = Rope::from_config(hd, args.rope_theta, false, args.rope_scaling.as_ref(), None)?;
     let windows = args.windows()?;

@@ -102,6 +102,7 @@ impl Layer for GraniteMoeLayer {
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
     let (dim, e) = (a.hidden_size, args.num_local_experts);
+    super::switch::check_top_k(args.num_experts_per_tok, e, "num_experts_per_tok")?;
     let hd = dim / a.num_attention_heads;
     let rope = args.rope.rope(hd, args.rope_theta, Some(args.max_position_embeddings))?;
     let heads =

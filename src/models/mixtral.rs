@@ -71,6 +71,7 @@ impl FeedForward for SparseMoe {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
+    super::switch::check_top_k(args.num_experts_per_tok, args.num_local_experts, "num_experts_per_tok")?;
     let (dim, eps) = (a.hidden_size, a.rms_norm_eps);
     let head_dim = dim / a.num_attention_heads;
     let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads.unwrap_or(a.num_attention_heads), head_dim);

@@ -104,6 +104,7 @@ impl FeedForward for SparseMoeBlock {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
+    super::switch::check_top_k(args.num_experts_per_tok, args.num_experts, "num_experts_per_tok")?;
     let dim = a.hidden_size;
     let hd = args.head_dim.unwrap_or(dim / a.num_attention_heads);
     let n_kv = args.num_key_value_heads.unwrap_or(a.num_attention_heads);

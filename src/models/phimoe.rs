@@ -144,6 +144,7 @@ impl Layer for PhiMoeLayer {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let (dim, e, eps) = (args.hidden_size, args.num_local_experts, args.rms_norm_eps);
+    super::switch::check_top_k(args.num_experts_per_tok, e, "num_experts_per_tok")?;
     let hd = dim / args.num_attention_heads;
     let rope = match &args.rope_scaling {
         None => Rope::from_config(hd, args.rope_theta, false, None, None)?,

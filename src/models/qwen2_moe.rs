@@ -72,6 +72,7 @@ impl FeedForward for SparseMoeBlock {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
+    super::switch::check_top_k(args.num_experts_per_tok, args.num_experts, "num_experts_per_tok")?;
     let dim = a.hidden_size;
     let hd = dim / a.num_attention_heads;
     let rope = Rope::from_config(hd, args.rope_theta, args.rope_traditional, None, None)?;

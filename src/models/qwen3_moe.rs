@@ -113,6 +113,7 @@ impl FeedForward for SparseMoeBlock {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
+    super::switch::check_top_k(args.num_experts_per_tok, args.num_experts, "num_experts_per_tok")?;
     let (dim, hd, ctx) = (a.hidden_size, args.head_dim, args.max_position_embeddings);
     let rope = Rope::from_config(hd, args.rope_theta, false, None, Some(ctx))?;
     let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads, hd);

@@ -130,3 +130,13 @@ pub fn stack_experts(
     }
     Ok(())
 }
+
+/// Fails unless `top_k` experts (config field `field`) can be chosen from `experts`.
+pub fn check_top_k(top_k: usize, experts: usize, field: &str) -> Result<()> {
+    if top_k == 0 || top_k > experts {
+        anyhow::bail!(
+            "config.json: {field} is {top_k}, but a token must choose 1 to {experts} experts (the model has {experts})"
+        );
+    }
+    Ok(())
+}
