@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Writes a random-weight Llama-shaped model, 4-bit affine (group 64), in mlx's format, so wick
-and mlx_lm can be timed at a size where memory bandwidth dominates. Weight values do not change
+"""Writes a random-weight Llama-shaped or mixture-of-experts (qwen3_moe, gpt_oss) model, 4-bit
+affine (group 64), in mlx's format, so wick and mlx_lm can be timed at a size where memory
+bandwidth dominates. Weight values do not change
 the speed. Needs only numpy (it runs on the GPU machine, which has no mlx unless carried): the
 packed codes are random u32 words, scales and biases random bf16 values of a realistic size, and
 the tokenizer is a word-level one over the whole vocabulary (benchmarks feed random ids).
 
-Usage: python3 bench/make_random_q4_model.py OUT llama1b|llama8b
+Usage: python3 bench/make_random_q4_model.py OUT SHAPE   (SHAPE: one of SHAPES below)
 """
 import json
 import os
@@ -18,6 +19,21 @@ SHAPES = {
                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # mixtures of experts (mlx's stacked switch_mlp layout)
+    "qwen3_30b_a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                          mlp_only_layers=[], norm_topk_prob=True, vocab_size=151936, tie_word_embeddings=False),
+    "gpt_oss_20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, sliding_window=128, vocab_size=201088,
+                        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                          original_max_position_embeddings=4096)),
+    # a small MoE for the CPU
+    "moe_small": dict(model_type="qwen3_moe", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[],
+                      norm_topk_prob=True, vocab_size=32000, tie_word_embeddings=False),
 }
 BITS, GROUP = 4, 64
 
@@ -31,20 +47,65 @@ def bf16(a):
 def tensors(c):
     """(name, dtype, shape, maker) for every tensor, in file order."""
     h, inter = c["hidden_size"], c["intermediate_size"]
-    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    hd = c.get("head_dim", h // c["num_attention_heads"])
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
     rng = np.random.default_rng(0)
+    # values do not change the speed: large tensors repeat one random block (fast to make)
+    block = rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)
 
-    def qlinear(prefix, out_f, in_f):
+    def words(shape):
+        n = int(np.prod(shape))
+        return np.resize(block, n).reshape(shape) if n > block.size else rng.integers(0, 2**32, shape, dtype=np.uint32)
+
+    def qlinear(prefix, out_f, in_f, experts=None):
         g = in_f // GROUP
+        lead = (experts,) if experts else ()
         return [
-            (prefix + ".weight", "U32", (out_f, in_f * BITS // 32),
-             lambda: rng.integers(0, 2**32, (out_f, in_f * BITS // 32), dtype=np.uint32)),
-            (prefix + ".scales", "BF16", (out_f, g), lambda: bf16(rng.uniform(0.002, 0.004, (out_f, g)))),
-            (prefix + ".biases", "BF16", (out_f, g), lambda: bf16(rng.uniform(-0.03, -0.02, (out_f, g)))),
+            (prefix + ".weight", "U32", lead + (out_f, in_f * BITS // 32), lambda: words(lead + (out_f, in_f * BITS // 32))),
+            (prefix + ".scales", "BF16", lead + (out_f, g), lambda: bf16(rng.uniform(0.002, 0.004, lead + (out_f, g)))),
+            (prefix + ".biases", "BF16", lead + (out_f, g), lambda: bf16(rng.uniform(-0.03, -0.02, lead + (out_f, g)))),
         ]
 
+    def vec(name, n, lo=1.0, hi=1.0):
+        return [(name, "BF16", (n,), lambda: bf16(rng.uniform(lo, hi, n)))]
+
     def ones(name):
-        return [(name, "BF16", (h,), lambda: bf16(np.ones(h)))]
+        return vec(name, h)
+
+    def attention(p, bias=False):
+        out = []
+        for name, (o, n) in {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}.items():
+            out += qlinear(f"{p}.self_attn.{name}", o, n)
+            if bias:
+                out += vec(f"{p}.self_attn.{name}.bias", o, -0.01, 0.01)
+        return out
+
+    def experts(p, e, inter_e, bias=False):
+        out = []
+        for name, (o, n) in {"gate_proj": (inter_e, h), "up_proj": (inter_e, h), "down_proj": (h, inter_e)}.items():
+            out += qlinear(f"{p}.{name}", o, n, e)
+            if bias:
+                out += [(f"{p}.{name}.bias", "BF16", (e, o), lambda o=o: bf16(rng.uniform(-0.01, 0.01, (e, o))))]
+        return out
+
+    mt = c.get("model_type", "llama")
+    if mt in ("qwen3_moe", "gpt_oss"):
+        out = qlinear("model.embed_tokens", c["vocab_size"], h) + ones("model.norm.weight")
+        out += qlinear("lm_head", c["vocab_size"], h)
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            out += ones(f"{p}.input_layernorm.weight") + ones(f"{p}.post_attention_layernorm.weight")
+            if mt == "qwen3_moe":
+                out += attention(p) + vec(f"{p}.self_attn.q_norm.weight", hd) + vec(f"{p}.self_attn.k_norm.weight", hd)
+                e = c["num_experts"]
+                out += qlinear(f"{p}.mlp.gate", e, h)
+                out += experts(f"{p}.mlp.switch_mlp", e, c["moe_intermediate_size"])
+            else:
+                out += attention(p, bias=True) + vec(f"{p}.self_attn.sinks", c["num_attention_heads"], -0.5, 0.5)
+                e = c["num_local_experts"]
+                out += qlinear(f"{p}.mlp.router", e, h) + vec(f"{p}.mlp.router.bias", e, -0.01, 0.01)
+                out += experts(f"{p}.mlp.experts", e, inter, bias=True)
+        return out
 
     out = qlinear("model.embed_tokens", c["vocab_size"], h) + ones("model.norm.weight")
     if not c["tie_word_embeddings"]:
@@ -82,7 +143,8 @@ def main(out, shape):
     os.makedirs(out, exist_ok=True)
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, rope_theta=500000.0,
                max_position_embeddings=131072, hidden_act="silu", torch_dtype="bfloat16",
-               quantization=dict(group_size=GROUP, bits=BITS, mode="affine"), **c)
+               quantization=dict(group_size=GROUP, bits=BITS, mode="affine"))
+    cfg.update(c)
     cfg["quantization_config"] = cfg["quantization"]
     write_safetensors(os.path.join(out, "model.safetensors"), tensors(c))
     vocab = {f"t{i}": i for i in range(c["vocab_size"])}
