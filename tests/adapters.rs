@@ -11,7 +11,14 @@ use common::*;
 use wick::convert::{convert, ConvertOptions};
 use wick::engine::{load_model, load_model_with};
 
-const CASES: [&str; 4] = ["tiny_llama3_lora", "tiny_llama3_q4_dora", "tiny_qwen2_dora", "tiny_qwen2_q4_lora"];
+const CASES: [&str; 6] = [
+    "tiny_llama3_lora",
+    "tiny_llama3_q4_dora",
+    "tiny_qwen2_dora",
+    "tiny_qwen2_q4_lora",
+    "tiny_qwen3_moe_lora",
+    "tiny_gpt_oss_q4_lora",
+];
 
 fn json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -75,8 +82,12 @@ fn fuse_writes_what_mlx_lm_fuse_writes() {
                 // bit, a group may round to the neighbouring code or pick the other extreme as
                 // its anchor, so compare the dequantized weights to within one code step
                 let layer = k.strip_suffix(".weight").unwrap();
+                // the layer's bits and group size: its entry in the quantization block, else 4 / 32
+                let q = &json(&base.join("config.json"))["quantization"];
+                let entry = q.get(layer).filter(|e| e.is_object()).unwrap_or(q);
+                let (bits, group) = (entry["bits"].as_u64().unwrap(), entry["group_size"].as_u64().unwrap());
                 let deq = |t: &std::collections::HashMap<String, Tensor>| {
-                    let p = wick::quant::QuantParams::new(4, 32, "test").unwrap();
+                    let p = wick::quant::QuantParams::new(bits as usize, group as usize, "test").unwrap();
                     let d = wick::ops::qmatmul::dequantize_tensor(
                         &t[k],
                         &t[&format!("{layer}.scales")],

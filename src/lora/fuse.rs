@@ -5,7 +5,7 @@
 
 use crate::io::Weights;
 use crate::nn::lora::{Adapters, FineTuneType};
-use crate::nn::{Linear, Loader};
+use crate::nn::{Linear, Loader, SwitchLinear};
 use crate::quant::QuantSpec;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -53,12 +53,21 @@ pub fn fuse_layer(
     dequantize: bool,
 ) -> Result<Vec<(String, Tensor)>> {
     let weight = format!("{prefix}.weight");
-    let in_dim = adapters.weights().shape(&format!("{prefix}.lora_a"))?[0];
-    let out_dim = weights.shape(&weight)?[0];
+    let a_shape = adapters.weights().shape(&format!("{prefix}.lora_a"))?;
     let quantized = weights.dtype(&weight)? == DType::U32;
     let store = if quantized { weights.dtype(&format!("{prefix}.scales"))? } else { weights.dtype(&weight)? };
     let ld =
         Loader { weights, dtype: store, act_dtype: DType::F32, device: Device::Cpu, quant, adapters: Some(adapters) };
+    if let [experts, _, in_dim] = a_shape[..] {
+        // stacked experts (mlx_lm's LoRASwitchLinear: lora_a is experts × rank × in)
+        let out_dim = weights.shape(&weight)?[1];
+        let layer = SwitchLinear::load(&ld, prefix, experts, in_dim, out_dim, false)
+            .with_context(|| format!("fusing layer `{prefix}`"))?;
+        let fused = layer.fuse(dequantize, store)?.context("the adapters hold no lora_a/lora_b pair")?;
+        return Ok(fused.into_iter().map(|(part, t)| (format!("{prefix}.{part}"), t)).collect());
+    }
+    let in_dim = a_shape[0];
+    let out_dim = weights.shape(&weight)?[0];
     let layer =
         Linear::load(&ld, prefix, in_dim, out_dim, false).with_context(|| format!("fusing layer `{prefix}`"))?;
     let Linear::Lora(l) = layer else {

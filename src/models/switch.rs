@@ -80,9 +80,16 @@ impl SwitchGlu {
     }
 }
 
-/// Softmax over the last axis, computed in f32 (mlx's `precise=True`), in `x`'s dtype.
+/// Softmax over the last axis, computed in f32 (mlx's `precise=True`), in `x`'s dtype;
+/// differentiable when `x` is (training through the router).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
+    let x32 = x.to_dtype(DType::F32)?;
+    let p = if x32.track_op() {
+        candle_nn::ops::softmax(&x32, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&x32)?
+    };
+    Ok(p.to_dtype(x.dtype())?)
 }
 
 /// The `k` largest entries along the last axis: (their indices as u32, their values).

@@ -396,6 +396,61 @@ impl Adapters {
         Ok(Linear::Lora(Box::new(l)))
     }
 
+    /// The adapter of the stacked experts' layer at `prefix` (`E` experts, `in_dim` → `out_dim`)
+    /// when there is one: mlx_lm's `LoRASwitchLinear`, `{prefix}.lora_a` (E × rank × in) and
+    /// `{prefix}.lora_b` (E × out × rank), or when training, new ones (A uniform in ±1/√in, B
+    /// zero). mlx_lm has no DoRA for expert layers; full fine-tuning leaves them to the loader.
+    pub fn switch_lora(
+        &self,
+        prefix: &str,
+        experts: usize,
+        in_dim: usize,
+        out_dim: usize,
+        device: &Device,
+    ) -> Result<Option<SwitchLora>> {
+        if self.config.fine_tune_type == FineTuneType::Full {
+            return Ok(None);
+        }
+        let r = self.config.lora.rank;
+        let (a_name, b_name) = (format!("{prefix}.lora_a"), format!("{prefix}.lora_b"));
+        let (a_shape, b_shape) = ([experts, r, in_dim], [experts, out_dim, r]);
+        let dora = self.config.fine_tune_type == FineTuneType::Dora;
+        let lora = |a, b| SwitchLora { a, b, scale: self.config.lora.scale, dropout: self.config.lora.dropout };
+        let Some(train) = &self.train else {
+            let Some(a) = self.take(&a_name, &a_shape, DType::F32, device)? else {
+                return Ok(None);
+            };
+            if dora {
+                bail!("layer `{prefix}`: mlx_lm has no DoRA for expert (switch) layers");
+            }
+            let b = self
+                .take(&b_name, &b_shape, DType::F32, device)?
+                .with_context(|| format!("adapters have `{a_name}` but no `{b_name}`"))?;
+            return Ok(Some(SwitchLora { dropout: 0.0, ..lora(a, b) }));
+        };
+        if !self.adapts(prefix, train.total_layers) {
+            return Ok(None);
+        }
+        if dora {
+            bail!("fine_tune_type dora: layer `{prefix}` is an expert (switch) layer, which mlx_lm cannot adapt with DoRA; use lora, or keys without the experts");
+        }
+        let a = match self.take(&a_name, &a_shape, DType::F32, device)? {
+            Some(a) => a,
+            None => {
+                use rand::Rng;
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let mut rng = train.rng.lock().unwrap();
+                let v: Vec<f32> = (0..experts * r * in_dim).map(|_| rng.random_range(-bound..bound)).collect();
+                Tensor::from_vec(v, a_shape.as_slice(), device)?
+            }
+        };
+        let b = match self.take(&b_name, &b_shape, DType::F32, device)? {
+            Some(b) => b,
+            None => Tensor::zeros(b_shape.as_slice(), DType::F32, device)?,
+        };
+        Ok(Some(lora(train.var(a_name, a)?, train.var(b_name, b)?)))
+    }
+
     /// Fails when a tensor of the adapter file was not taken by any layer, or (training) when
     /// no layer was adapted.
     pub fn finish(&self) -> Result<()> {
@@ -522,6 +577,27 @@ impl LoraLinear {
             }
             _ => Ok(Linear::Dense { weight: fused, bias }),
         }
+    }
+}
+
+/// The low-rank update of a stacked experts' layer (mlx_lm's `LoRASwitchLinear`): expert `e`'s
+/// output gains `scale · (x A[e]ᵀ) B[e]ᵀ`.
+#[derive(Debug, Clone)]
+pub struct SwitchLora {
+    /// (experts, rank, in), f32
+    pub a: Tensor,
+    /// (experts, out, rank), f32
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout on the update's input while training.
+    pub dropout: f64,
+}
+
+impl SwitchLora {
+    /// `scale · B[e] A[e]` (experts × out × in) in f32: the change to the stacked weights.
+    pub fn delta(&self) -> Result<Tensor> {
+        // mlx_lm's order: the scale on B first
+        Ok((self.b.to_dtype(DType::F32)? * self.scale)?.matmul(&self.a.to_dtype(DType::F32)?)?)
     }
 }
 

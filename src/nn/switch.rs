@@ -2,26 +2,43 @@
 //! `QuantizedSwitchLinear`): `{prefix}.weight` is `E × out × in` (or its affine-quantized
 //! parts with the same leading expert axis), `{prefix}.bias`, when there is one, `E × out`.
 
+use super::lora::SwitchLora;
 use super::Loader;
 use crate::ops::gather_mm::{ExpertWeights, Routing};
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct SwitchLinear {
     weight: ExpertWeights,
     bias: Option<Tensor>,
     experts: usize,
+    /// a LoRA adapter's update (mlx_lm's `LoRASwitchLinear`)
+    pub lora: Option<SwitchLora>,
 }
 
 impl SwitchLinear {
     pub fn load(ld: &Loader, prefix: &str, experts: usize, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = match ld.quant_params(prefix, in_dim)? {
-            Some(p) => ExpertWeights::Quantized(ld.quantized_experts(prefix, experts, out_dim, in_dim, p)?),
+            Some(p) => {
+                if let Some(a) = ld.adapters {
+                    a.check_trainable_quantized(prefix)?;
+                }
+                ExpertWeights::Quantized(ld.quantized_experts(prefix, experts, out_dim, in_dim, p)?)
+            }
             None => ExpertWeights::Dense(ld.matrix(&format!("{prefix}.weight"), &[experts, out_dim, in_dim])?),
         };
         let bias = if bias { Some(ld.tensor(&format!("{prefix}.bias"), &[experts, out_dim])?) } else { None };
-        Ok(Self { weight, bias, experts })
+        let lora = match ld.adapters {
+            Some(a) => a.switch_lora(prefix, experts, in_dim, out_dim, &ld.device)?,
+            None => None,
+        };
+        Ok(Self { weight, bias, experts, lora })
+    }
+
+    /// The stacked weights (dense or quantized) and the bias.
+    pub fn parts(&self) -> (&ExpertWeights, Option<&Tensor>) {
+        (&self.weight, self.bias.as_ref())
     }
 
     pub fn experts(&self) -> usize {
@@ -31,10 +48,46 @@ impl SwitchLinear {
     /// Each sorted row `x_j` (rows × in) of `routing` times its expert's weight (plus its
     /// expert's bias); rows stay in sorted order.
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let y = self.weight.gather_matmul(x, routing)?.to_dtype(x.dtype())?;
-        match &self.bias {
-            None => Ok(y),
-            Some(b) => Ok((y + routing.per_row(b)?)?),
+        let mut y = self.weight.gather_matmul(x, routing)?.to_dtype(x.dtype())?;
+        if let Some(b) = &self.bias {
+            y = (y + routing.per_row(b)?)?;
         }
+        if let Some(l) = &self.lora {
+            let xin = if l.dropout > 0.0 && super::lora::training() {
+                candle_nn::ops::dropout(x, l.dropout as f32)?
+            } else {
+                x.clone()
+            };
+            let a = ExpertWeights::Dense(l.a.to_dtype(x.dtype())?);
+            let b = ExpertWeights::Dense(l.b.to_dtype(x.dtype())?);
+            let z = b.gather_matmul(&a.gather_matmul(&xin, routing)?, routing)?;
+            y = (y + (z * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The layer's stacked weight with its adapter folded in, as mlx_lm's
+    /// `LoRASwitchLinear.fuse`: the weight in `store` (a quantized one dequantized in its scales'
+    /// dtype) plus the update cast to it, re-quantized with its bits and group size unless
+    /// `dequantize`; `None` without an adapter. The tensors (`weight`, and `scales` / `biases`).
+    pub fn fuse(&self, dequantize: bool, store: DType) -> Result<Option<Vec<(&'static str, Tensor)>>> {
+        let Some(l) = &self.lora else { return Ok(None) };
+        let w = match &self.weight {
+            ExpertWeights::Quantized(q) => crate::ops::qmatmul::QuantizedWeight {
+                scales: q.scales.to_dtype(store)?,
+                biases: q.biases.to_dtype(store)?,
+                ..q.clone()
+            }
+            .dequantize()?,
+            ExpertWeights::Dense(w) => w.to_dtype(store)?,
+        };
+        let fused = (w + l.delta()?.to_dtype(store)?)?;
+        Ok(Some(match &self.weight {
+            ExpertWeights::Quantized(q) if !dequantize => {
+                let (packed, scales, biases) = crate::quant::quantize_tensor(&fused, q.params)?;
+                vec![("weight", packed), ("scales", scales), ("biases", biases)]
+            }
+            _ => vec![("weight", fused)],
+        }))
     }
 }

@@ -90,7 +90,7 @@ pub fn lora_gradients_match_mlx_lm(dev: &candle_core::Device) {
     let root = golden("lora_grads");
     let mut cases: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
     cases.sort();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), 8);
     for dir in cases {
         let c: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
@@ -101,8 +101,11 @@ pub fn lora_gradients_match_mlx_lm(dev: &candle_core::Device) {
             raw: c.clone(),
         };
         let init = dir.join("adapters.safetensors");
-        let adapters = Adapters::for_training(&dir, config, 2, Some(&init), 0).unwrap();
         let base = golden(c["base"].as_str().unwrap());
+        let base_config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+        let layers = base_config["num_hidden_layers"].as_u64().unwrap() as usize;
+        let adapters = Adapters::for_training(&dir, config, layers, Some(&init), 0).unwrap();
         let m = wick::engine::load_model_adapted(&base, Some(DType::F32), dev, Some(&adapters)).unwrap();
         let rows: Vec<Vec<u32>> = c["batch"]
             .as_array()

@@ -669,6 +669,9 @@ ADAPTER_CASES = [
      dict(rank=4, scale=1.5, dropout=0.0, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])),
     ("tiny_qwen2_dora", "tiny_qwen2", "dora", 2, dict(rank=2, scale=3.0, dropout=0.0)),
     ("tiny_qwen2_q4_lora", "tiny_qwen2/q4", "lora", -1, dict(rank=4, scale=2.0, dropout=0.0)),
+    # mixtures of experts: the router and the stacked experts (LoRASwitchLinear) adapted too
+    ("tiny_qwen3_moe_lora", "tiny_qwen3_moe", "lora", 2, dict(rank=4, scale=2.0, dropout=0.0)),
+    ("tiny_gpt_oss_q4_lora", "tiny_gpt_oss/q4", "lora", -1, dict(rank=4, scale=2.0, dropout=0.0)),
 ]
 SMOLLM2_ADAPTER = ("smollm2_lora", "lora", 2, dict(rank=4, scale=20.0, dropout=0.0))
 
@@ -755,7 +758,7 @@ def adapters():
 # Gradient goldens: one batch through mlx_lm's default_loss, gradients w.r.t. the adapter
 # parameters (B perturbed so A's gradient is not zero), in f32.
 GRAD_CASES = [("tiny_llama3", "lora"), ("tiny_llama3/q4", "lora"), ("tiny_qwen2", "dora"), ("tiny_qwen2/q4", "dora"),
-              ("tiny_llama3", "full"), ("tiny_qwen2", "full")]
+              ("tiny_llama3", "full"), ("tiny_qwen2", "full"), ("tiny_qwen3_moe", "lora"), ("tiny_qwen3_moe", "full")]
 
 
 def lora_grads():
