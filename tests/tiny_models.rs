@@ -426,3 +426,68 @@ fn moe_model_through_batch_prompt_cache_and_speculative_decoding_gives_mlx_lms_t
     .unwrap();
     assert_eq!(got, want, "speculative decoding");
 }
+
+/// The server's model loop with a mixture-of-experts model (gpt_oss: sinks, sliding layers,
+/// so its requests run one after another; qwen3_moe, batched with a prefix cache): concurrent
+/// greedy requests of the golden prompt, each continuing a shared prefix, give mlx_lm's tokens.
+#[test]
+fn moe_models_through_the_server_scheduler_give_mlx_lms_tokens() {
+    use std::collections::BTreeSet;
+    use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
+    for name in ["tiny_qwen3_moe", "tiny_gpt_oss"] {
+        let dir = golden(name);
+        let gold: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
+        let ids =
+            |k: &str| -> Vec<u32> { gold[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+        let (prompt, want) = (ids("prompt"), ids("tokens"));
+        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let cfg = SchedulerConfig {
+            max_batch: 4,
+            max_queue: 8,
+            prefill_step_size: 5,
+            prompt_cache_size: 4,
+            eos_token_ids: BTreeSet::new(),
+        };
+        let (scheduler, worker) = Scheduler::new(m.model, cfg).unwrap();
+        let worker = std::thread::spawn(move || worker.run());
+        let run = |n: usize| {
+            let receivers: Vec<_> = (0..n)
+                .map(|i| {
+                    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+                    let job = Job {
+                        prompt: prompt.clone(),
+                        max_tokens: want.len() - i,
+                        sampler: Default::default(),
+                        processors: Default::default(),
+                        logprobs: None,
+                        events,
+                    };
+                    assert!(scheduler.submit(job).is_ok());
+                    rx
+                })
+                .collect();
+            for (i, mut rx) in receivers.into_iter().enumerate() {
+                let mut got = vec![];
+                while let Some(e) = rx.blocking_recv() {
+                    match e {
+                        Event::Token { id, finish, .. } => {
+                            got.push(id);
+                            if finish.is_some() {
+                                break;
+                            }
+                        }
+                        Event::Error(e) => panic!("{name}: {e}"),
+                        Event::Started { .. } => {}
+                    }
+                }
+                assert_eq!(got, want[..want.len() - i], "{name}: request {i}");
+            }
+        };
+        // twice: the second round starts from the prefixes the first left
+        run(3);
+        run(3);
+        drop(scheduler);
+        worker.join().unwrap();
+    }
+}
