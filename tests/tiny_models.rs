@@ -15,14 +15,19 @@ fn check(name: &str) {
     check_greedy(&golden(name).join("q4"));
 }
 
-/// mlx_lm's 32 greedy tokens after the first 8 golden ids (`greedy.json`), token for token.
-fn check_greedy(dir: &std::path::Path) {
-    use wick::engine::generate::{generate, GenerateOptions};
+/// A golden folder's `greedy.json`: the prompt and mlx_lm's greedy tokens after it.
+fn golden_greedy(dir: &std::path::Path) -> (Vec<u32>, Vec<u32>) {
     let gold: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
     let ids =
         |k: &str| -> Vec<u32> { gold[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
-    let (prompt, want) = (ids("prompt"), ids("tokens"));
+    (ids("prompt"), ids("tokens"))
+}
+
+/// mlx_lm's 32 greedy tokens after the first 8 golden ids (`greedy.json`), token for token.
+fn check_greedy(dir: &std::path::Path) {
+    use wick::engine::generate::{generate, GenerateOptions};
+    let (prompt, want) = golden_greedy(dir);
     let m = load_model(dir, Some(DType::F32), &Device::Cpu).unwrap();
     let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
     let mut got = vec![];
@@ -385,11 +390,7 @@ fn moe_model_through_batch_prompt_cache_and_speculative_decoding_gives_mlx_lms_t
     use wick::engine::generate::{generate_with_cache, GenerateOptions};
     use wick::engine::sample::Sampler;
     let dir = golden("tiny_qwen3_moe");
-    let gold: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
-    let ids =
-        |k: &str| -> Vec<u32> { gold[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
-    let (prompt, want) = (ids("prompt"), ids("tokens"));
+    let (prompt, want) = golden_greedy(&dir);
     let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
     let model = m.model.as_ref();
     let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
@@ -436,11 +437,7 @@ fn moe_models_through_the_server_scheduler_give_mlx_lms_tokens() {
     use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
     for name in ["tiny_qwen3_moe", "tiny_gpt_oss"] {
         let dir = golden(name);
-        let gold: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("greedy.json")).unwrap()).unwrap();
-        let ids =
-            |k: &str| -> Vec<u32> { gold[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
-        let (prompt, want) = (ids("prompt"), ids("tokens"));
+        let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
         let cfg = SchedulerConfig {
             max_batch: 4,

@@ -9,7 +9,7 @@ use super::attention::Heads;
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
 use super::llama::Attention;
 use super::mlp::{DenseMlp, FeedForward, Mlp};
-use super::switch::{combine, softmax, stack_experts, top_k, Activation, SwitchGlu};
+use super::switch::{combine, softmax, stack_mlp_experts, top_k, Activation, SwitchGlu};
 use crate::io::Weights;
 use crate::nn::{Branch, Linear, Loader, Normed, Rope};
 use anyhow::{bail, Result};
@@ -83,15 +83,7 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
         ["mtp_block.", "mtp_linear_proj.", "mtp_hidden_norm.", "mtp_emb_norm.", "e_score_correction_bias"];
     weights.sanitize(|k| (!DROPPED.iter().any(|d| k.contains(d))).then(|| k.to_string()));
     super::drop_unused(weights, args.tie_word_embeddings);
-    let p = |l: usize| format!("model.layers.{l}.mlp");
-    stack_experts(
-        weights,
-        args.base.num_hidden_layers,
-        args.moe_num_experts,
-        &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")],
-        |l, e, m| format!("{}.experts.{e}.{m}", p(l)),
-        |l, m| format!("{}.switch_mlp.{m}", p(l)),
-    )
+    stack_mlp_experts(weights, args.base.num_hidden_layers, args.moe_num_experts)
 }
 
 struct MoE {

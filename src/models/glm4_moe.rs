@@ -11,7 +11,7 @@ use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
 use super::mlp::{DenseMlp, FeedForward, Mlp};
-use super::switch::{combine, stack_experts, top_k, Activation, SwitchGlu};
+use super::switch::{combine, stack_mlp_experts, top_k, Activation, SwitchGlu};
 use crate::cache::KvCache;
 use crate::io::Weights;
 use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, Rope, RopeTables};
@@ -49,16 +49,7 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     let mtp = format!("model.layers.{n}.");
     weights.sanitize(|k| (!k.starts_with(&mtp)).then(|| k.to_string()));
     super::drop_unused(weights, false);
-    let p = |l: usize| format!("model.layers.{l}.mlp");
-    let projections = [("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")];
-    stack_experts(
-        weights,
-        n,
-        args.n_routed_experts.unwrap_or(0),
-        &projections,
-        |l, e, m| format!("{}.experts.{e}.{m}", p(l)),
-        |l, m| format!("{}.switch_mlp.{m}", p(l)),
-    )
+    stack_mlp_experts(weights, n, args.n_routed_experts.unwrap_or(0))
 }
 
 /// llama's attention (biased q/k/v, unbiased output) with optional per-head q/k norms.

@@ -6,13 +6,12 @@
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
 use super::llama;
-use super::mlp::FeedForward;
-use super::switch::{combine, softmax, stack_experts, top_k, Activation, SwitchGlu};
+use super::switch::{stack_mlp_experts, SoftmaxMoe};
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, RopeTables};
+use crate::nn::{Linear, Loader, Normed, RmsNorm, RopeTables};
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,15 +43,7 @@ pub struct ModelArgs {
 /// Stacks Hugging Face's per-expert weights into `mlp.switch_mlp`.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
-    let p = |l: usize| format!("model.layers.{l}.mlp");
-    stack_experts(
-        weights,
-        args.base.num_hidden_layers,
-        args.num_experts,
-        &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")],
-        |l, e, n| format!("{}.experts.{e}.{n}", p(l)),
-        |l, n| format!("{}.switch_mlp.{n}", p(l)),
-    )
+    stack_mlp_experts(weights, args.base.num_hidden_layers, args.num_experts)
 }
 
 /// llama's attention with `q_norm` / `k_norm` over the whole query / key projection.
@@ -78,33 +69,8 @@ impl SelfAttention for Attention {
     }
 }
 
-struct SparseMoeBlock {
-    gate: Linear,
-    switch_mlp: SwitchGlu,
-    top_k: usize,
-    norm_topk_prob: bool,
-}
-
-impl FeedForward for SparseMoeBlock {
-    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
-        let x = x.tensor()?;
-        let gates = softmax(&self.gate.forward(&x)?)?;
-        let (inds, mut scores) = top_k(&gates, self.top_k)?;
-        if self.norm_topk_prob {
-            scores = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
-        }
-        Ok(Branch::Tensor(combine(&self.switch_mlp.forward(&x, &inds)?, &scores)?))
-    }
-
-    /// The router's choices are read on the host to group the rows per expert.
-    fn graphable(&self) -> bool {
-        false
-    }
-}
-
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    super::switch::check_top_k(args.num_experts_per_tok, args.num_experts, "num_experts_per_tok")?;
     let dim = a.hidden_size;
     let hd = args.head_dim.unwrap_or(dim / a.num_attention_heads);
     let n_kv = args.num_key_value_heads.unwrap_or(a.num_attention_heads);
@@ -120,21 +86,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                 q_norm: norm("q_norm", a.num_attention_heads * hd)?,
                 k_norm: norm("k_norm", n_kv * hd)?,
             };
-            let (m, e) = (format!("{p}.mlp"), args.num_experts);
-            let mlp = SparseMoeBlock {
-                gate: Linear::load(ld, &format!("{m}.gate"), dim, e, false)?,
-                switch_mlp: SwitchGlu::load(
-                    ld,
-                    &format!("{m}.switch_mlp"),
-                    e,
-                    dim,
-                    a.intermediate_size,
-                    args.mlp_bias,
-                    Activation::Swiglu,
-                )?,
-                top_k: args.num_experts_per_tok,
-                norm_topk_prob: args.norm_topk_prob,
-            };
+            let (e, k) = (args.num_experts, args.num_experts_per_tok);
+            let (hidden, norm) = (a.intermediate_size, args.norm_topk_prob);
+            let mlp = SoftmaxMoe::load(ld, &format!("{p}.mlp"), dim, hidden, e, k, norm, args.mlp_bias)?;
             PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
         })
         .collect::<Result<Vec<_>>>()?;

@@ -8,7 +8,7 @@ use super::attention::Heads;
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
 use super::llama::Attention;
 use super::mlp::{DenseMlp, FeedForward, Mlp};
-use super::switch::{combine, softmax, stack_experts, top_k, Activation, SwitchGlu};
+use super::switch::{stack_mlp_experts, SoftmaxMoe};
 use crate::io::Weights;
 use crate::nn::{Branch, Linear, Loader, Normed, Rope};
 use anyhow::Result;
@@ -33,32 +33,20 @@ pub struct ModelArgs {
 /// Stacks Hugging Face's per-expert weights into `mlp.switch_mlp`.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, false);
-    let p = |l: usize| format!("model.layers.{l}.mlp");
-    stack_experts(
-        weights,
-        args.base.num_hidden_layers,
-        args.num_experts,
-        &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")],
-        |l, e, n| format!("{}.experts.{e}.{n}", p(l)),
-        |l, n| format!("{}.switch_mlp.{n}", p(l)),
-    )
+    stack_mlp_experts(weights, args.base.num_hidden_layers, args.num_experts)
 }
 
-/// The routed experts and the gated shared expert.
+/// The routed experts (probabilities not renormalized) and the gated shared expert.
 struct SparseMoeBlock {
-    gate: Linear,
-    switch_mlp: SwitchGlu,
+    routed: SoftmaxMoe,
     shared_expert: Mlp,
     shared_expert_gate: Linear,
-    top_k: usize,
 }
 
 impl FeedForward for SparseMoeBlock {
     fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
         let x = x.tensor()?;
-        let gates = softmax(&self.gate.forward(&x)?)?;
-        let (inds, scores) = top_k(&gates, self.top_k)?;
-        let y = combine(&self.switch_mlp.forward(&x, &inds)?, &scores)?;
+        let y = self.routed.forward(&x)?;
         let shared = self.shared_expert.forward_tensor(&x)?;
         let g = candle_nn::ops::sigmoid(&self.shared_expert_gate.forward(&x)?)?;
         Ok(Branch::Tensor((y + shared.broadcast_mul(&g)?)?))
@@ -72,7 +60,6 @@ impl FeedForward for SparseMoeBlock {
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    super::switch::check_top_k(args.num_experts_per_tok, args.num_experts, "num_experts_per_tok")?;
     let dim = a.hidden_size;
     let hd = dim / a.num_attention_heads;
     let rope = Rope::from_config(hd, args.rope_theta, args.rope_traditional, None, None)?;
@@ -81,27 +68,13 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         .map(|l| {
             let p = format!("model.layers.{l}");
             let attn = Attention::load(ld, &format!("{p}.self_attn"), dim, heads, true, false)?;
-            let (m, e) = (format!("{p}.mlp"), args.num_experts);
+            let m = format!("{p}.mlp");
+            let (e, k, hidden) = (args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size);
+            let shared = args.shared_expert_intermediate_size;
             let mlp = SparseMoeBlock {
-                gate: Linear::load(ld, &format!("{m}.gate"), dim, e, false)?,
-                switch_mlp: SwitchGlu::load(
-                    ld,
-                    &format!("{m}.switch_mlp"),
-                    e,
-                    dim,
-                    args.moe_intermediate_size,
-                    false,
-                    Activation::Swiglu,
-                )?,
-                shared_expert: Mlp::load(
-                    ld,
-                    &format!("{m}.shared_expert"),
-                    dim,
-                    args.shared_expert_intermediate_size,
-                    false,
-                )?,
+                routed: SoftmaxMoe::load(ld, &m, dim, hidden, e, k, false, false)?,
+                shared_expert: Mlp::load(ld, &format!("{m}.shared_expert"), dim, shared, false)?,
                 shared_expert_gate: Linear::load(ld, &format!("{m}.shared_expert_gate"), dim, 1, false)?,
-                top_k: args.num_experts_per_tok,
             };
             PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
         })

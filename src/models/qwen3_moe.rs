@@ -8,11 +8,10 @@ use super::attention::Heads;
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
 use super::mlp::{FeedForward, Mlp};
 use super::qwen3::Attention;
-use super::switch::{combine, softmax, stack_experts, top_k, Activation, SwitchGlu};
+use super::switch::{stack_mlp_experts, SoftmaxMoe};
 use crate::io::Weights;
-use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, Rope};
+use crate::nn::{Loader, RmsNorm, Rope};
 use anyhow::Result;
-use candle_core::D;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,74 +45,11 @@ impl ModelArgs {
 /// `mlp.switch_mlp`.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
-    let p = |l: usize| format!("model.layers.{l}.mlp");
-    let projections = [("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")];
-    stack_experts(
-        weights,
-        args.base.num_hidden_layers,
-        args.num_experts,
-        &projections,
-        |l, e, n| format!("{}.experts.{e}.{n}", p(l)),
-        |l, n| format!("{}.switch_mlp.{n}", p(l)),
-    )
-}
-
-/// The sparse MoE block: `softmax(gate(x))`, the `top_k` experts, their probabilities
-/// (renormalized with `norm_topk_prob`) mixing their outputs.
-pub struct SparseMoeBlock {
-    gate: Linear,
-    switch_mlp: SwitchGlu,
-    top_k: usize,
-    norm_topk_prob: bool,
-}
-
-impl SparseMoeBlock {
-    pub fn load(
-        ld: &Loader,
-        p: &str,
-        dim: usize,
-        hidden: usize,
-        experts: usize,
-        top_k: usize,
-        norm: bool,
-    ) -> Result<Self> {
-        Ok(Self {
-            gate: Linear::load(ld, &format!("{p}.gate"), dim, experts, false)?,
-            switch_mlp: SwitchGlu::load(
-                ld,
-                &format!("{p}.switch_mlp"),
-                experts,
-                dim,
-                hidden,
-                false,
-                Activation::Swiglu,
-            )?,
-            top_k,
-            norm_topk_prob: norm,
-        })
-    }
-}
-
-impl FeedForward for SparseMoeBlock {
-    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
-        let x = x.tensor()?;
-        let gates = softmax(&self.gate.forward(&x)?)?;
-        let (inds, mut scores) = top_k(&gates, self.top_k)?;
-        if self.norm_topk_prob {
-            scores = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
-        }
-        Ok(Branch::Tensor(combine(&self.switch_mlp.forward(&x, &inds)?, &scores)?))
-    }
-
-    /// The router's choices are read on the host to group the rows per expert.
-    fn graphable(&self) -> bool {
-        false
-    }
+    stack_mlp_experts(weights, args.base.num_hidden_layers, args.num_experts)
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    super::switch::check_top_k(args.num_experts_per_tok, args.num_experts, "num_experts_per_tok")?;
     let (dim, hd, ctx) = (a.hidden_size, args.head_dim, args.max_position_embeddings);
     let rope = Rope::from_config(hd, args.rope_theta, false, None, Some(ctx))?;
     let heads = Heads::new(a.num_attention_heads, args.num_key_value_heads, hd);
@@ -123,9 +59,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let norm = |n: &str| RmsNorm::load(ld, n, hd, a.rms_norm_eps);
             let attn = Attention::load(ld, &format!("{p}.self_attn"), dim, heads, norm)?;
             let mlp: Box<dyn FeedForward> = if args.is_sparse(l) {
-                let (e, k) = (args.num_experts, args.num_experts_per_tok);
-                let hidden = args.moe_intermediate_size;
-                Box::new(SparseMoeBlock::load(ld, &format!("{p}.mlp"), dim, hidden, e, k, args.norm_topk_prob)?)
+                let (e, k, hidden) = (args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size);
+                let norm = args.norm_topk_prob;
+                Box::new(SoftmaxMoe::load(ld, &format!("{p}.mlp"), dim, hidden, e, k, norm, false)?)
             } else {
                 Box::new(Mlp::load(ld, &format!("{p}.mlp"), dim, a.intermediate_size, false)?)
             };

@@ -3,8 +3,9 @@
 //! arithmetic ([`softmax`], [`top_k`], [`combine`]); and [`stack_experts`], the `sanitize` step
 //! that stacks per-expert weights (the Hugging Face layout) into mlx's `switch_mlp` tensors.
 
+use super::mlp::FeedForward;
 use crate::io::Weights;
-use crate::nn::{Loader, SwitchLinear};
+use crate::nn::{Branch, Linear, Loader, Normed, SwitchLinear};
 use crate::ops::gather_mm::Routing;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
@@ -146,4 +147,81 @@ pub fn check_top_k(top_k: usize, experts: usize, field: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The sparse MoE block most families share (mlx_lm's qwen3_moe / qwen2_moe / olmoe): a linear
+/// router (`gate`), a softmax over all experts, the `top_k` most probable run (`switch_mlp`)
+/// and mixed by their probabilities, renormalized to sum to 1 with `norm_topk_prob`.
+pub struct SoftmaxMoe {
+    pub gate: Linear,
+    pub switch_mlp: SwitchGlu,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl SoftmaxMoe {
+    /// `{p}.gate` and `{p}.switch_mlp` (SwiGLU experts `dim → hidden → dim`, with biases when
+    /// `bias`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ld: &Loader,
+        p: &str,
+        dim: usize,
+        hidden: usize,
+        experts: usize,
+        top_k: usize,
+        norm_topk_prob: bool,
+        bias: bool,
+    ) -> Result<Self> {
+        check_top_k(top_k, experts, "num_experts_per_tok")?;
+        Ok(Self {
+            gate: Linear::load(ld, &format!("{p}.gate"), dim, experts, false)?,
+            switch_mlp: SwitchGlu::load(
+                ld,
+                &format!("{p}.switch_mlp"),
+                experts,
+                dim,
+                hidden,
+                bias,
+                Activation::Swiglu,
+            )?,
+            top_k,
+            norm_topk_prob,
+        })
+    }
+
+    /// The mixed experts' output for `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gates = softmax(&self.gate.forward(x)?)?;
+        let (inds, mut scores) = top_k(&gates, self.top_k)?;
+        if self.norm_topk_prob {
+            scores = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
+        }
+        combine(&self.switch_mlp.forward(x, &inds)?, &scores)
+    }
+}
+
+impl FeedForward for SoftmaxMoe {
+    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
+        Ok(Branch::Tensor(self.forward(&x.tensor()?)?))
+    }
+
+    /// The router's choices are read on the host to group the rows per expert.
+    fn graphable(&self) -> bool {
+        false
+    }
+}
+
+/// [`stack_experts`] for the usual names: `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj`
+/// into `model.layers.{l}.mlp.switch_mlp.{gate,up,down}_proj`.
+pub fn stack_mlp_experts(weights: &mut Weights, layers: usize, experts: usize) -> Result<()> {
+    let p = |l: usize| format!("model.layers.{l}.mlp");
+    stack_experts(
+        weights,
+        layers,
+        experts,
+        &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")],
+        |l, e, n| format!("{}.experts.{e}.{n}", p(l)),
+        |l, n| format!("{}.switch_mlp.{n}", p(l)),
+    )
 }
