@@ -41,10 +41,10 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn n_kv_heads(&self) -> usize {
+    pub fn n_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.base.num_attention_heads)
     }
-    fn head_dim(&self) -> usize {
+    pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.base.hidden_size / self.base.num_attention_heads)
     }
     /// The sliding window of layer `i`, if it has one.

@@ -4,7 +4,7 @@
 //! mlx_lm's `models/olmoe.py`.
 
 use super::attention::{Heads, SelfAttention};
-use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
+use super::decoder::{DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
 use super::switch::{stack_mlp_experts, SoftmaxMoe};
 use crate::cache::KvCache;
@@ -14,36 +14,21 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Deserialize;
 
+/// llama's arguments (flattened: the same config keys and defaults) and the experts'.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelArgs {
     #[serde(flatten)]
-    pub base: BaseArgs,
+    pub llama: llama::ModelArgs,
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
     #[serde(default)]
     pub norm_topk_prob: bool,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    #[serde(default)]
-    pub max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    pub attention_bias: bool,
-    #[serde(default)]
-    pub mlp_bias: bool,
-    #[serde(default = "super::num::<10000>")]
-    pub rope_theta: f64,
-    #[serde(flatten)]
-    pub rope: RopeArgs,
-    #[serde(default = "super::yes")]
-    pub tie_word_embeddings: bool,
 }
 
 /// Stacks Hugging Face's per-expert weights into `mlp.switch_mlp`.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
-    super::drop_unused(weights, args.tie_word_embeddings);
-    stack_mlp_experts(weights, args.base.num_hidden_layers, args.num_experts)
+    super::drop_unused(weights, args.llama.tie_word_embeddings);
+    stack_mlp_experts(weights, args.llama.base.num_hidden_layers, args.num_experts)
 }
 
 /// llama's attention with `q_norm` / `k_norm` over the whole query / key projection.
@@ -70,16 +55,15 @@ impl SelfAttention for Attention {
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
-    let a = &args.base;
+    let (la, a) = (&args.llama, &args.llama.base);
     let dim = a.hidden_size;
-    let hd = args.head_dim.unwrap_or(dim / a.num_attention_heads);
-    let n_kv = args.num_key_value_heads.unwrap_or(a.num_attention_heads);
-    let rope = args.rope.rope(hd, args.rope_theta, args.max_position_embeddings)?;
+    let (hd, n_kv) = (la.head_dim(), la.n_kv_heads());
+    let rope = la.rope.rope(hd, la.rope_theta, la.max_position_embeddings)?;
     let heads = Heads::new(a.num_attention_heads, n_kv, hd);
     let layers = (0..a.num_hidden_layers)
         .map(|l| {
             let p = format!("model.layers.{l}");
-            let bias = args.attention_bias;
+            let bias = la.attention_bias;
             let norm = |n: &str, width: usize| RmsNorm::load(ld, &format!("{p}.self_attn.{n}"), width, a.rms_norm_eps);
             let attn = Attention {
                 llama: llama::Attention::load(ld, &format!("{p}.self_attn"), dim, heads, bias, bias)?,
@@ -88,10 +72,10 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             };
             let (e, k) = (args.num_experts, args.num_experts_per_tok);
             let (hidden, norm) = (a.intermediate_size, args.norm_topk_prob);
-            let mlp = SoftmaxMoe::load(ld, &format!("{p}.mlp"), dim, hidden, e, k, norm, args.mlp_bias)?;
+            let mlp = SoftmaxMoe::load(ld, &format!("{p}.mlp"), dim, hidden, e, k, norm, la.mlp_bias)?;
             PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
         })
         .collect::<Result<Vec<_>>>()?;
-    let spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, args.max_position_embeddings);
+    let spec = ModelSpec::plain(a.num_hidden_layers, rope, la.tie_word_embeddings, la.max_position_embeddings);
     a.decoder(ld, spec, layers)
 }
