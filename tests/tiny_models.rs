@@ -488,3 +488,32 @@ fn moe_models_through_the_server_scheduler_give_mlx_lms_tokens() {
         worker.join().unwrap();
     }
 }
+
+/// gpt-oss with its experts in mlx's mxfp4 mode (as the model ships; everything else float):
+/// logits and greedy tokens as mlx_lm's.
+#[test]
+fn tiny_gpt_oss_mxfp4_experts_match_mlx_lm() {
+    let dir = golden("tiny_gpt_oss").join("mxfp4");
+    check_folder("tiny_gpt_oss", &dir, 1e-3);
+    check_greedy(&dir);
+}
+
+/// `crate::quant::mxfp4::quantize` of the float16 expert weights writes what `mx.quantize(…,
+/// mode="mxfp4")` wrote, byte for byte.
+#[test]
+fn mxfp4_quantization_is_bit_exact_with_mlx() {
+    let f = candle_core::safetensors::load(golden("tiny_gpt_oss").join("model.safetensors"), &Device::Cpu).unwrap();
+    let q =
+        candle_core::safetensors::load(golden("tiny_gpt_oss").join("mxfp4/model.safetensors"), &Device::Cpu).unwrap();
+    let mut n = 0;
+    for (k, w) in &f {
+        let Some(layer) = k.strip_suffix(".weight").filter(|l| l.contains(".experts.")) else { continue };
+        let (packed, scales) = wick::quant::mxfp4::quantize_tensor(w).unwrap();
+        let want_p: Vec<u32> = q[k].flatten_all().unwrap().to_vec1().unwrap();
+        let want_s: Vec<u8> = q[&format!("{layer}.scales")].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(packed.flatten_all().unwrap().to_vec1::<u32>().unwrap(), want_p, "{k}");
+        assert_eq!(scales.flatten_all().unwrap().to_vec1::<u8>().unwrap(), want_s, "{layer}.scales");
+        n += 1;
+    }
+    assert_eq!(n, 12, "3 expert projections in each of 4 layers");
+}

@@ -109,6 +109,13 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
     if opts.quantize.is_some() && spec.is_some() {
         bail!("{} is already quantized; dequantize it first (-d) or convert the float original", src.display());
     }
+    if opts.dequantize && spec.as_ref().is_some_and(|s| s.mode != "affine") {
+        bail!(
+            "{}: -d/--dequantize reads affine quantization only; this model is quantized in mode `{}`",
+            cfg.path.display(),
+            spec.as_ref().map_or("", |s| s.mode.as_str())
+        );
+    }
     let mut weights = Weights::open(src)?;
     let model_type = cfg.model_type()?.to_string();
     crate::models::sanitize_weights(&cfg, &mut weights)?;

@@ -2,7 +2,7 @@
 
 use crate::io::Weights;
 use crate::nn::lora::Adapters;
-use crate::ops::qmatmul::QuantizedWeight;
+use crate::ops::qmatmul::{Mxfp4Weight, QuantizedWeight};
 use crate::quant::{QuantParams, QuantSpec};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -111,6 +111,38 @@ impl Loader<'_> {
         self.quantized_stack(prefix, &[experts], out_dim, in_dim, params)
     }
 
+    /// The two tensors of a stack of `experts` `mxfp4` matrices (`.weight` u32, `.scales` u8),
+    /// validated; `out_dim` and `in_dim` are one expert's.
+    pub fn mxfp4_experts(&self, prefix: &str, experts: usize, out_dim: usize, in_dim: usize) -> Result<Mxfp4Weight> {
+        let w = self.weights;
+        let group = crate::quant::mxfp4::GROUP;
+        if !in_dim.is_multiple_of(group) {
+            bail!("layer `{prefix}`: input dimension {in_dim} is not divisible by mxfp4's group of {group}");
+        }
+        for (part, dtype, last) in [("weight", DType::U32, in_dim / 8), ("scales", DType::U8, in_dim / group)] {
+            let name = format!("{prefix}.{part}");
+            let (shape, stored) = (w.shape(&name)?, w.dtype(&name)?);
+            let want = [experts, out_dim, last];
+            if shape != want || stored != dtype {
+                bail!(
+                    "layer `{prefix}`: mxfp4 `{name}` is {stored:?} {shape:?}, expected {dtype:?} {want:?} ({experts} experts of {out_dim}×{in_dim})"
+                );
+            }
+        }
+        Ok(Mxfp4Weight {
+            packed: w.raw(&format!("{prefix}.weight"), &self.device)?,
+            scales: w.raw(&format!("{prefix}.scales"), &self.device)?,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// Whether the layer at `prefix` is stored in mlx's `mxfp4` mode (u8 scales).
+    pub fn is_mxfp4(&self, prefix: &str) -> Result<bool> {
+        let scales = format!("{prefix}.scales");
+        Ok(self.weights.contains(&scales) && self.weights.dtype(&scales)? == DType::U8)
+    }
+
     fn quantized_stack(
         &self,
         prefix: &str,
@@ -127,6 +159,9 @@ impl Loader<'_> {
                 params.bits,
                 params.group_size
             );
+        }
+        if self.is_mxfp4(prefix)? {
+            bail!("layer `{prefix}` is quantized in mlx's mxfp4 mode, which wick reads for expert layers only so far");
         }
         let wshape = w.shape(&wname)?;
         if w.dtype(&wname)? != DType::U32 {

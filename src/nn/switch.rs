@@ -20,6 +20,12 @@ pub struct SwitchLinear {
 impl SwitchLinear {
     pub fn load(ld: &Loader, prefix: &str, experts: usize, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = match ld.quant_params(prefix, in_dim)? {
+            Some(_) if ld.is_mxfp4(prefix)? => {
+                if let Some(a) = ld.adapters {
+                    a.check_trainable_quantized(prefix)?;
+                }
+                ExpertWeights::Mxfp4(ld.mxfp4_experts(prefix, experts, out_dim, in_dim)?)
+            }
             Some(p) => {
                 if let Some(a) = ld.adapters {
                     a.check_trainable_quantized(prefix)?;
@@ -80,12 +86,17 @@ impl SwitchLinear {
             }
             .dequantize()?,
             ExpertWeights::Dense(w) => w.to_dtype(store)?,
+            ExpertWeights::Mxfp4(q) => q.dequantize(store)?,
         };
         let fused = (w + l.delta()?.to_dtype(store)?)?;
         Ok(Some(match &self.weight {
             ExpertWeights::Quantized(q) if !dequantize => {
                 let (packed, scales, biases) = crate::quant::quantize_tensor(&fused, q.params)?;
                 vec![("weight", packed), ("scales", scales), ("biases", biases)]
+            }
+            ExpertWeights::Mxfp4(_) if !dequantize => {
+                let (packed, scales) = crate::quant::mxfp4::quantize_tensor(&fused)?;
+                vec![("weight", packed), ("scales", scales)]
             }
             _ => vec![("weight", fused)],
         }))

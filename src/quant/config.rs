@@ -24,8 +24,8 @@ impl QuantSpec {
             Some(_) => bail!("{path}: `quantization` must be an object"),
         };
         let mode = block.get("mode").and_then(|m| m.as_str()).unwrap_or("affine").to_string();
-        if mode != "affine" {
-            bail!("{path}: quantization mode `{mode}` is not supported (supported: affine)");
+        if mode != "affine" && mode != "mxfp4" {
+            bail!("{path}: quantization mode `{mode}` is not supported (supported: affine, mxfp4)");
         }
         let default = params_of(block, &format!("{path}: quantization"))?;
         let mut layers = BTreeMap::new();

@@ -304,6 +304,30 @@ def tiny_logits(model, ids):
     return {"full": full, "cached": np.concatenate(steps, axis=0)}
 
 
+# Models whose experts are also written in mlx's mxfp4 mode (as gpt-oss ships): only the expert
+# (switch) layers quantized, everything else float, under `mxfp4/`.
+TINY_MXFP4 = ["tiny_gpt_oss"]
+
+
+def tiny_mxfp4(model_class, args_class, cfg, params, d, ids):
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.utils import quantize_model
+
+    model = model_class(args_class.from_dict(cfg))
+    model.load_weights(list(params.items()))
+    model, qcfg = quantize_model(model, cfg, None, None, mode="mxfp4",
+                                 quant_predicate=lambda p, m: isinstance(m, SwitchLinear))
+    md = os.path.join(d, "mxfp4")
+    os.makedirs(md, exist_ok=True)
+    mx.save_safetensors(os.path.join(md, "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    json.dump(qcfg, open(os.path.join(md, "config.json"), "w"), indent=1)
+    to_f32(model)
+    save_f32(os.path.join(md, "logits.safetensors"), tiny_logits(model, ids))
+    json.dump(tiny_greedy(model, ids), open(os.path.join(md, "greedy.json"), "w"))
+
+
 def tiny_greedy(model, ids):
     """32 greedy tokens after the first 8 golden ids, by mlx_lm's generate_step (f32)."""
     from mlx_lm.generate import generate_step
@@ -357,6 +381,8 @@ def tiny_models():
         to_f32(model)
         save_f32(os.path.join(qd, "logits.safetensors"), tiny_logits(model, ids))
         json.dump(tiny_greedy(model, ids), open(os.path.join(qd, "greedy.json"), "w"))
+        if name in TINY_MXFP4:
+            tiny_mxfp4(model_class, args_class, cfg, params, d, ids)
         print(f"{name}: {sum(v.size for v in params.values())} params")
 
 

@@ -9,7 +9,7 @@
 //! view into the stack, never a copy.
 
 use crate::ops::dense_matmul::dense_matmul;
-use crate::ops::qmatmul::QuantizedWeight;
+use crate::ops::qmatmul::{Mxfp4Weight, QuantizedWeight};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -95,6 +95,7 @@ impl Routing {
 pub enum ExpertWeights {
     Dense(Tensor),
     Quantized(QuantizedWeight),
+    Mxfp4(Mxfp4Weight),
 }
 
 impl ExpertWeights {
@@ -103,6 +104,7 @@ impl ExpertWeights {
         match self {
             Self::Dense(w) => routing.per_expert(x, |e, rows| dense_matmul(rows, &w.get(e)?)),
             Self::Quantized(w) => routing.per_expert(x, |e, rows| expert(w, e)?.matmul(rows)),
+            Self::Mxfp4(w) => routing.per_expert(x, |e, rows| mxfp4_expert(w, e)?.matmul(rows)),
         }
     }
 
@@ -111,8 +113,14 @@ impl ExpertWeights {
         match self {
             Self::Dense(w) => Ok(w.get(e)?),
             Self::Quantized(w) => expert(w, e)?.dequantize(),
+            Self::Mxfp4(w) => mxfp4_expert(w, e)?.dequantize(DType::F32),
         }
     }
+}
+
+/// Expert `e` of a stacked `mxfp4` weight: views of its packed rows and scales.
+pub fn mxfp4_expert(w: &Mxfp4Weight, e: usize) -> Result<Mxfp4Weight> {
+    Ok(Mxfp4Weight { packed: w.packed.get(e)?, scales: w.scales.get(e)?, ..w.clone() })
 }
 
 /// Expert `e` of a stacked quantized weight: views of its packed rows, scales and biases.

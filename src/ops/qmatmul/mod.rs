@@ -9,8 +9,10 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "metal")]
 pub mod metal;
+mod mxfp4;
 mod weight;
 
+pub use mxfp4::Mxfp4Weight;
 pub use weight::QuantizedWeight;
 
 #[cfg(any(feature = "cuda", feature = "metal"))]
