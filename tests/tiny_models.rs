@@ -517,3 +517,59 @@ fn mxfp4_quantization_is_bit_exact_with_mlx() {
     }
     assert_eq!(n, 12, "3 expert projections in each of 4 layers");
 }
+
+/// gpt-oss as OpenAI publishes it (experts as MXFP4 `*_blocks` bytes and `*_scales`, gate and
+/// up rows interleaved in `gate_up_proj`, `quantization_config.quant_method = mxfp4`) loads as
+/// mlx_lm's conversion of it: mlx_lm's mxfp4 golden, written back in that layout.
+#[test]
+fn tiny_gpt_oss_original_mxfp4_layout_loads_the_same() {
+    let src = golden("tiny_gpt_oss").join("mxfp4");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["logits.safetensors", "greedy.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let c = cfg.as_object_mut().unwrap();
+    c.remove("quantization");
+    c.insert("quantization_config".into(), serde_json::json!({"quant_method": "mxfp4"}));
+    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    // u32 words (…, w) as bytes (…, w/4, 16), little-endian
+    let blocks = |w: &Tensor| -> Tensor {
+        let mut dims = w.dims().to_vec();
+        let words = dims.pop().unwrap();
+        dims.extend([words / 4, 16]);
+        let bytes: Vec<u8> =
+            w.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
+        Tensor::from_vec(bytes, dims, &Device::Cpu).unwrap()
+    };
+    // gate and up interleaved along `axis`: gate row i at 2i, up row i at 2i + 1
+    let interleave = |g: &Tensor, u: &Tensor, axis: usize| -> Tensor {
+        let mut dims = g.dims().to_vec();
+        dims[axis] *= 2;
+        Tensor::stack(&[g, u], axis + 1).unwrap().reshape(dims).unwrap()
+    };
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in &t {
+        if !k.contains(".experts.") {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for l in 0..4 {
+        let p = format!("model.layers.{l}.mlp.experts");
+        let get = |n: &str| t[&format!("{p}.{n}")].clone();
+        out.insert(
+            format!("{p}.gate_up_proj_blocks"),
+            blocks(&interleave(&get("gate_proj.weight"), &get("up_proj.weight"), 1)),
+        );
+        out.insert(format!("{p}.gate_up_proj_scales"), interleave(&get("gate_proj.scales"), &get("up_proj.scales"), 1));
+        out.insert(format!("{p}.gate_up_proj_bias"), interleave(&get("gate_proj.bias"), &get("up_proj.bias"), 1));
+        out.insert(format!("{p}.down_proj_blocks"), blocks(&get("down_proj.weight")));
+        out.insert(format!("{p}.down_proj_scales"), get("down_proj.scales"));
+        out.insert(format!("{p}.down_proj_bias"), get("down_proj.bias"));
+    }
+    candle_core::safetensors::save(&out, tmp.path().join("model.safetensors")).unwrap();
+    check_folder("tiny_gpt_oss", tmp.path(), 1e-3);
+    check_greedy(tmp.path());
+}

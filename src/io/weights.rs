@@ -28,6 +28,11 @@ enum Derive {
     Narrow { axis: usize, start: usize, len: usize },
     /// axes `a` and `b` swapped
     Transpose { a: usize, b: usize },
+    /// positions `start, start + step, …` along `axis` (interleaved rows seen apart)
+    Every { axis: usize, start: usize, step: usize },
+    /// u8 bytes (…, g, 4·w) read as little-endian u32 words (…, g·w): mlx's `view(uint32)` and
+    /// `flatten(-2)` of packed blocks
+    BytesAsWords,
 }
 
 struct Shard {
@@ -165,6 +170,37 @@ impl Weights {
         Ok(())
     }
 
+    /// Splits the tensor `name` into `names.len()` interleaved parts along `axis`: part `i`
+    /// holds positions `i, i + n, i + 2n, …` (mlx's `v[..., i::n, :]` in a `sanitize`).
+    pub fn deinterleave(&mut self, name: &str, axis: usize, names: &[String]) -> Result<()> {
+        let shape = self.shape(name)?;
+        let n = names.len();
+        if shape.get(axis).is_none_or(|&s| n == 0 || s % n != 0) {
+            bail!(
+                "tensor `{name}` in {}: axis {axis} of shape {shape:?} cannot be split into {n} interleaved parts",
+                self.dir.display()
+            );
+        }
+        let src = self.index.remove(name).expect("shape read above");
+        for (i, part) in names.iter().enumerate() {
+            let op = Derive::Every { axis, start: i, step: n };
+            self.index.insert(part.clone(), Source::Derived { of: Box::new(src.clone()), op });
+        }
+        Ok(())
+    }
+
+    /// Reads the u8 tensor `name` (…, g, 4·w) as u32 words (…, g·w), little-endian (mlx's
+    /// `view(uint32).flatten(-2)` of packed blocks).
+    pub fn bytes_as_words(&mut self, name: &str) -> Result<()> {
+        let shape = self.shape(name)?;
+        if self.dtype(name)? != DType::U8 || shape.len() < 2 || shape[shape.len() - 1] % 4 != 0 {
+            bail!("tensor `{name}` in {} is not u8 blocks of whole u32 words (shape {shape:?})", self.dir.display());
+        }
+        let src = self.index.remove(name).expect("shape read above");
+        self.index.insert(name.to_string(), Source::Derived { of: Box::new(src), op: Derive::BytesAsWords });
+        Ok(())
+    }
+
     /// Swaps axes `a` and `b` of the tensor `name` (mlx's `swapaxes` in a `sanitize`).
     pub fn transpose(&mut self, name: &str, a: usize, b: usize) -> Result<()> {
         let rank = self.shape(name)?.len();
@@ -237,6 +273,11 @@ impl Weights {
                 match *op {
                     Derive::Narrow { axis, len, .. } => shape[axis] = len,
                     Derive::Transpose { a, b } => shape.swap(a, b),
+                    Derive::Every { axis, start, step } => shape[axis] = (shape[axis] - start).div_ceil(step),
+                    Derive::BytesAsWords => {
+                        let words = shape.pop().expect("checked") / 4;
+                        *shape.last_mut().expect("checked") *= words;
+                    }
                 }
                 shape
             }
@@ -246,16 +287,19 @@ impl Weights {
 
     /// Stored dtype of a tensor.
     pub fn dtype(&self, name: &str) -> Result<DType> {
-        let mut src = self.source(name)?;
-        loop {
-            match src {
-                Source::Stack(parts) => src = &parts[0],
-                Source::Derived { of, .. } => src = of,
-                Source::File { .. } => break,
+        self.source_dtype(self.source(name)?).with_context(|| format!("tensor `{name}`"))
+    }
+
+    fn source_dtype(&self, src: &Source) -> Result<DType> {
+        match src {
+            Source::Stack(parts) => self.source_dtype(&parts[0]),
+            Source::Derived { op: Derive::BytesAsWords, .. } => Ok(DType::U32),
+            Source::Derived { of, .. } => self.source_dtype(of),
+            file => {
+                let (v, p) = self.view(file)?;
+                st_dtype(v.dtype()).with_context(|| format!("in {}", p.display()))
             }
         }
-        let (v, p) = self.view(src)?;
-        st_dtype(v.dtype()).with_context(|| format!("tensor `{name}` in {}", p.display()))
     }
 
     /// A tensor as stored (dtype unchanged), on `device`.
@@ -286,10 +330,20 @@ impl Weights {
                 Tensor::stack(&parts, 0)?.to_device(device)?
             }
             Source::Derived { of, op } => {
-                let whole = self.read(of, dtype, &self.source_shape(of)?, &Device::Cpu)?;
+                let whole = self.read(of, self.source_dtype(of)?, &self.source_shape(of)?, &Device::Cpu)?;
                 let t = match *op {
                     Derive::Narrow { axis, start, len } => whole.narrow(axis, start, len)?,
                     Derive::Transpose { a, b } => whole.transpose(a, b)?,
+                    Derive::Every { axis, start, step } => {
+                        let idx: Vec<u32> = (start..whole.dim(axis)?).step_by(step).map(|i| i as u32).collect();
+                        whole.index_select(&Tensor::new(idx, &Device::Cpu)?, axis)?
+                    }
+                    Derive::BytesAsWords => {
+                        let bytes: Vec<u8> = whole.flatten_all()?.to_vec1()?;
+                        let words: Vec<u32> =
+                            bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                        Tensor::from_vec(words, shape, &Device::Cpu)?
+                    }
                 };
                 t.contiguous()?.to_device(device)?
             }

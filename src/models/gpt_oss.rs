@@ -82,16 +82,29 @@ impl ModelArgs {
     }
 }
 
-/// The mlx layout is loaded as it is; the original checkpoints' MXFP4 expert blocks need the
-/// `mxfp4` quantization mode (see `wick convert`).
-pub fn sanitize(_args: &ModelArgs, weights: &mut Weights) -> Result<()> {
-    if let Some(k) = weights.names().find(|k| k.ends_with("_blocks")) {
-        bail!(
-            "{}: `{k}` is an original gpt-oss MXFP4 expert block; convert the model with mlx_lm.convert first (MXFP4 checkpoints are not read directly yet)",
-            weights.dir.display()
-        );
-    }
+/// The mlx layout loads as it is. The original checkpoints' experts (MXFP4 `*_blocks` /
+/// `*_scales` bytes, gate and up rows interleaved in `gate_up_proj`, biases beside them) become
+/// mlx's `experts.{gate,up,down}_proj.{weight,scales,bias}`, as mlx_lm's `sanitize` does.
+pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, false);
+    for l in 0..args.num_hidden_layers {
+        let p = format!("model.layers.{l}.mlp.experts");
+        if !weights.contains(&format!("{p}.gate_up_proj_blocks")) {
+            continue;
+        }
+        let halves = |part: &str| [format!("{p}.gate_proj.{part}"), format!("{p}.up_proj.{part}")];
+        let blocks = format!("{p}.gate_up_proj_blocks");
+        weights.bytes_as_words(&blocks)?;
+        let rows = weights.shape(&blocks)?.len() - 2;
+        weights.deinterleave(&blocks, rows, &halves("weight"))?;
+        weights.deinterleave(&format!("{p}.gate_up_proj_scales"), rows, &halves("scales"))?;
+        weights.deinterleave(&format!("{p}.gate_up_proj_bias"), rows, &halves("bias"))?;
+        let down = format!("{p}.down_proj_blocks");
+        weights.bytes_as_words(&down)?;
+        weights.rename(&down, &format!("{p}.down_proj.weight"))?;
+        weights.rename(&format!("{p}.down_proj_scales"), &format!("{p}.down_proj.scales"))?;
+        weights.rename(&format!("{p}.down_proj_bias"), &format!("{p}.down_proj.bias"))?;
+    }
     Ok(())
 }
 

@@ -23,6 +23,11 @@ impl QuantSpec {
             Some(Value::Object(m)) => m,
             Some(_) => bail!("{path}: `quantization` must be an object"),
         };
+        // the original checkpoints' `quantization_config` (mlx_lm maps it to its own block)
+        if block.get("quant_method").and_then(|m| m.as_str()) == Some("mxfp4") && !block.contains_key("bits") {
+            let default = QuantParams::new(4, 32, path)?;
+            return Ok(Some(Self { default, mode: "mxfp4".into(), layers: BTreeMap::new() }));
+        }
         let mode = block.get("mode").and_then(|m| m.as_str()).unwrap_or("affine").to_string();
         if mode != "affine" && mode != "mxfp4" {
             bail!("{path}: quantization mode `{mode}` is not supported (supported: affine, mxfp4)");
