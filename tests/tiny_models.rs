@@ -573,3 +573,26 @@ fn tiny_gpt_oss_original_mxfp4_layout_loads_the_same() {
     check_folder("tiny_gpt_oss", tmp.path(), 1e-3);
     check_greedy(tmp.path());
 }
+
+/// Llama 4's Hugging Face expert tensors (`experts.gate_up_proj`, hidden × (gate | up) per
+/// expert, and `experts.down_proj`, intermediate × hidden) load as mlx's stacked ones.
+#[test]
+fn tiny_llama4_fused_hf_layout_loads_the_same() {
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, (String, Tensor)>::new());
+    let dir = hf_layout("tiny_llama4", ".experts.", |head, tail, v, out| match tail {
+        "gate_proj.weight" | "up_proj.weight" => {
+            let Some((other, w)) = seen.lock().unwrap().remove(head) else {
+                seen.lock().unwrap().insert(head.to_string(), (tail.to_string(), v));
+                return;
+            };
+            let (g, u) = if other == "gate_proj.weight" { (w, v) } else { (v, w) };
+            let fused = Tensor::cat(&[g.transpose(1, 2).unwrap(), u.transpose(1, 2).unwrap()], 2).unwrap();
+            out.insert(format!("{head}.experts.gate_up_proj"), fused.contiguous().unwrap());
+        }
+        "down_proj.weight" => {
+            out.insert(format!("{head}.experts.down_proj"), v.transpose(1, 2).unwrap().contiguous().unwrap());
+        }
+        other => panic!("unexpected {other}"),
+    });
+    check_folder("tiny_llama4", dir.path(), 1e-4);
+}
