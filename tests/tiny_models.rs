@@ -172,6 +172,11 @@ fn tiny_llama4_chunked_nope_layers_top1_experts_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_gemma4_moe_shared_kv_per_layer_inputs_experts_match_mlx_lm() {
+    check("tiny_gemma4_moe");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -349,6 +354,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_ernie4_5_moe", false),
         ("tiny_phimoe", false),
         ("tiny_llama4", false),
+        ("tiny_gemma4_moe", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

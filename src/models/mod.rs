@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod ernie4_5_moe;
 pub mod gemma2;
 pub mod gemma3;
+pub mod gemma4_text;
 pub mod glm4_moe;
 pub mod gpt_oss;
 pub mod granitemoe;
@@ -205,6 +206,10 @@ macro_rules! by_model_type {
                 use self::llama4 as $arch;
                 $body
             }
+            "gemma4_text" => {
+                use self::gemma4_text as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -230,6 +235,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "ernie4_5_moe",
     "phimoe",
     "llama4",
+    "gemma4_text",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
@@ -261,6 +267,7 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
         "qwen3_moe" if path.ends_with("mlp.gate") => eight_bit,
         "gpt_oss" if path.ends_with("router") => eight_bit,
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
+        "gemma4_text" if path.ends_with("router.proj") => eight_bit,
         "granitemoe" if granitemoe::eight_bit(path) => eight_bit,
         _ => LayerQuant::Uniform,
     }

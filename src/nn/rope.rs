@@ -102,6 +102,16 @@ impl Rope {
         match kind {
             "default" => Ok(Self::with_periods(dims, traditional, &p, 1.0, 1.0)),
             "linear" => Ok(Self::with_periods(dims, traditional, &p, 1.0 / need("factor")?, 1.0)),
+            // gemma 4's global layers: only the first `partial_rotary_factor` of the pairs
+            // rotate, their periods as over the whole head (times `factor`)
+            "proportional" => {
+                let rotated = (dims as f64 * get("partial_rotary_factor").unwrap_or(1.0)) as usize;
+                let factor = get("factor").unwrap_or(1.0) as f32;
+                for (i, p) in p.iter_mut().enumerate() {
+                    *p = if 2 * i < rotated { (factor * *p as f32) as f64 } else { f64::INFINITY };
+                }
+                Ok(Self::with_periods(dims, traditional, &p, 1.0, 1.0))
+            }
             "llama3" => {
                 let factor = need("factor")?;
                 let low = get("low_freq_factor").unwrap_or(1.0);

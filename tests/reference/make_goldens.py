@@ -264,12 +264,21 @@ TINY_CONFIGS = {
         attn_temperature_tuning=4, floor_scale=16, attn_scale=0.1,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=32))),
+    # every layer: dense GeGLU MLP + 8-expert MoE (top-2); sliding(8)/full (pattern 3), proportional rope on
+    # full layers, k_eq_v full layers, 2 KV-shared layers (double-wide MLP), per-layer inputs, softcap
+    "tiny_gemma4_moe": dict(model_type="gemma4_text", hidden_size=64, num_hidden_layers=6, intermediate_size=64,
+        num_attention_heads=4, head_dim=16, global_head_dim=32, num_key_value_heads=2,
+        num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, use_double_wide_mlp=True,
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+        sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=3.0, rms_norm_eps=1e-6,
+        vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
 # the others use 7.
-TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9, tiny_phimoe=8, tiny_llama4=8)
+TINY_SEEDS = dict(tiny_qwen2_moe=9, tiny_ernie4_5_moe=9, tiny_phimoe=8, tiny_llama4=8, tiny_gemma4_moe=27)
 
 NORM_WEIGHT = re.compile(r"norm(_\d+)?\.weight$")
 
