@@ -5,8 +5,8 @@
 //! it, and experts no row chose are not read at all.
 //!
 //! Every backend runs the grouping on the host (the expert ids are read back once per layer)
-//! and one matmul per chosen expert with the plain matmul ops; the weights of one expert are a
-//! view into the stack, never a copy.
+//! and one matmul per chosen expert with the plain matmul ops; on the CPU the weights of one
+//! expert are a view into the stack, on GPUs (no gathered kernel yet) a copy of that expert.
 
 use crate::ops::dense_matmul::dense_matmul;
 use crate::ops::qmatmul::{Mxfp4Weight, QuantizedWeight};
@@ -123,7 +123,12 @@ pub fn mxfp4_expert(w: &Mxfp4Weight, e: usize) -> Result<Mxfp4Weight> {
     Ok(Mxfp4Weight { packed: w.packed.get(e)?, scales: w.scales.get(e)?, ..w.clone() })
 }
 
-/// Expert `e` of a stacked quantized weight: views of its packed rows, scales and biases.
+/// Expert `e` of a stacked quantized weight: views of its packed rows, scales and biases on the
+/// CPU; on other devices copies (their kernels read a weight from the start of its buffer).
 pub fn expert(w: &QuantizedWeight, e: usize) -> Result<QuantizedWeight> {
-    Ok(QuantizedWeight { packed: w.packed.get(e)?, scales: w.scales.get(e)?, biases: w.biases.get(e)?, ..w.clone() })
+    let part = |t: &Tensor| -> Result<Tensor> {
+        let v = t.get(e)?;
+        Ok(if v.device().is_cpu() { v } else { v.force_contiguous()? })
+    };
+    Ok(QuantizedWeight { packed: part(&w.packed)?, scales: part(&w.scales)?, biases: part(&w.biases)?, ..w.clone() })
 }

@@ -40,17 +40,18 @@ fn dtype_name(d: DType) -> Result<&'static str> {
 }
 
 /// The contiguous CUDA slice of a weight part (stored contiguous from offset 0).
-/// A weight part as the kernels read it: a contiguous view (one expert of a stack starts past
-/// the storage's beginning).
-fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    crate::backend::cuda::contiguous_view::<T>(st, l, &format!("quantized matmul on CUDA: the weight's {what}"))
+fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<&'a CudaSlice<T>> {
+    if !(l.is_contiguous() && l.start_offset() == 0) {
+        candle_core::bail!("quantized matmul on CUDA: the weight's {what} must be a contiguous tensor");
+    }
+    st.as_cuda_slice::<T>()
 }
 
 /// The three parts of a quantized weight on one CUDA device.
 pub type WeightParts<'a> = super::WeightParts<'a, CudaStorage>;
 
 /// A weight's packed codes, scales and biases on the device.
-type Parts<'a, T> = (CudaView<'a, u32>, CudaView<'a, T>, CudaView<'a, T>);
+type Parts<'a, T> = (&'a CudaSlice<u32>, &'a CudaSlice<T>, &'a CudaSlice<T>);
 
 impl WeightParts<'_> {
     /// Packed codes, scales and biases as the kernels take them (scales in the activation dtype).
@@ -171,7 +172,7 @@ pub fn kernel_name(dtype: DType, p: QuantParams, m: usize, n: usize, k: usize) -
 /// The packed codes, scales and biases of each weight as the next kernel arguments.
 fn push_parts<'a, T>(b: &mut Launch<'a>, parts: &'a [Parts<'a, T>]) {
     for (w, s, bi) in parts {
-        b.arg(w).arg(s).arg(bi);
+        b.arg(*w).arg(*s).arg(*bi);
     }
 }
 
@@ -191,14 +192,14 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, w.p, m, w.k, w.n.div_ceil(QMT_TILE), QM1_WARPS) {
         let f = function(dev, &format!("wick_qm1_{name}"))?;
         let mut b = Launch::new(&stream, &f);
-        b.arg(&packed).arg(&scales).arg(&biases).arg(&x).arg(&out).arg(&n_i).arg(&k_i);
+        b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
     }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, w.p, m, w.n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_{name}"))?;
         let mut b = Launch::new(&stream, &f);
-        b.arg(&packed).arg(&scales).arg(&biases).arg(&x).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
+        b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
     }
@@ -209,7 +210,7 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
         let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
         let rows_i = rows as i32;
         let mut b = Launch::new(&stream, &f);
-        b.arg(&packed).arg(&scales).arg(&biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
+        b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(rows_launch(w.n, rows_per_warp(mm))) }.w()?;
     }
     Ok(out)
@@ -240,7 +241,7 @@ fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &We
     let (n_i, k_i, gs_i) = (w.n as i32, w.k as i32, w.p.group_size as i32);
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&stream, &f);
-    b.arg(&packed).arg(&scales).arg(&biases).arg(&out).arg(&n_i).arg(&k_i).arg(&gs_i);
+    b.arg(packed).arg(scales).arg(biases).arg(&out).arg(&n_i).arg(&k_i).arg(&gs_i);
     unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
