@@ -177,6 +177,11 @@ fn tiny_gemma4_moe_shared_kv_per_layer_inputs_experts_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_gemma4_dense_per_layer_inputs_shared_kv_match_mlx_lm() {
+    check("tiny_gemma4");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -331,7 +336,8 @@ fn convert_q_of_every_architecture_is_byte_identical_to_mlx_lm() {
 
 /// Which architectures' decode steps a CUDA graph may capture (`LanguageModel::graph_step`):
 /// every one whose layers do all their work on the device. The MoE routers read their choices
-/// on the host, so those models decode eagerly. (tests/cuda.rs replays each graphable one.)
+/// on the host, so those models decode eagerly; gemma 4's own model body (dense too) offers no
+/// graph step yet. (tests/cuda.rs replays each graphable one.)
 #[test]
 fn every_dense_architecture_offers_a_graph_step() {
     let table = [
@@ -355,6 +361,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_phimoe", false),
         ("tiny_llama4", false),
         ("tiny_gemma4_moe", false),
+        ("tiny_gemma4", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

@@ -273,6 +273,13 @@ TINY_CONFIGS = {
         enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
         sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=3.0, rms_norm_eps=1e-6,
         vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True),
+    # gemma 4 without experts (the dense E2B / E4B shape): per-layer inputs, KV-shared layers
+    # with double-wide MLPs, proportional RoPE on the global layers, tied head, soft-capped logits
+    "tiny_gemma4": dict(model_type="gemma4_text", hidden_size=64, num_hidden_layers=6, intermediate_size=64,
+        num_attention_heads=4, head_dim=16, global_head_dim=32, num_key_value_heads=2, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, use_double_wide_mlp=True,
+        sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=3.0, rms_norm_eps=1e-6,
+        vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
