@@ -182,6 +182,11 @@ fn tiny_gemma4_dense_per_layer_inputs_shared_kv_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_llama4_text_dense_nope_layer_qk_norm_match_mlx_lm() {
+    check("tiny_llama4_text");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -362,6 +367,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_llama4", false),
         ("tiny_gemma4_moe", false),
         ("tiny_gemma4", false),
+        ("tiny_llama4_text", true),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

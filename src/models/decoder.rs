@@ -172,6 +172,8 @@ pub struct ModelSpec {
     pub lm_head_bias: bool,
     /// before every tensor name of the body (llama 4's text model: `language_model.`)
     pub prefix: &'static str,
+    /// the untied head's name (llama4_text: `output`)
+    pub head: &'static str,
 }
 
 impl ModelSpec {
@@ -190,6 +192,7 @@ impl ModelSpec {
             final_layernorm: None,
             lm_head_bias: false,
             prefix: "",
+            head: "lm_head",
         }
     }
 }
@@ -209,7 +212,7 @@ impl BaseArgs {
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ld, &name("lm_head"), self.hidden_size, self.vocab_size, spec.lm_head_bias)?)
+            Some(Linear::load(ld, &name(spec.head), self.hidden_size, self.vocab_size, spec.lm_head_bias)?)
         };
         Ok(DecoderModel {
             embed_tokens,

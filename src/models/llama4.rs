@@ -91,14 +91,26 @@ fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x32.broadcast_div(&r)?.to_dtype(x.dtype())?)
 }
 
-struct Attention {
-    llama: llama::Attention,
-    /// RoPE and chunked attention, or (every fourth layer) NoPE and global attention
-    use_rope: bool,
-    use_qk_norm: bool,
-    chunk: usize,
+/// Where Llama 4's weightless q/k RMSNorm runs.
+#[derive(Debug, Clone, Copy)]
+pub enum QkNorm {
+    None,
+    /// before RoPE, with this epsilon (llama4_text)
+    BeforeRope(f64),
+    /// after RoPE, with this epsilon (llama4)
+    AfterRope(f64),
+}
+
+/// Llama 4's attention: llama's projections, RoPE unless the layer is NoPE, the weightless q/k
+/// norm, chunked attention in RoPE layers when `chunk` is set, and the NoPE layers' temperature
+/// tuning.
+pub struct Attention {
+    pub llama: llama::Attention,
+    pub use_rope: bool,
+    pub qk_norm: QkNorm,
+    pub chunk: Option<usize>,
     /// (attn_scale, floor_scale) of the NoPE layers' temperature tuning
-    temperature: Option<(f64, f64)>,
+    pub temperature: Option<(f64, f64)>,
 }
 
 impl SelfAttention for Attention {
@@ -109,13 +121,15 @@ impl SelfAttention for Attention {
         let split = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, l, n, h.head_dim))?.transpose(1, 2)?) };
         let (mut q, mut k, v) = (split(q, h.n_heads)?, split(k, h.n_kv_heads)?, split(v, h.n_kv_heads)?);
         let offset = cache.offset();
+        if let QkNorm::BeforeRope(eps) = self.qk_norm {
+            (q, k) = (rms_norm(&q, eps)?, rms_norm(&k, eps)?);
+        }
         if self.use_rope {
             q = rope.apply(&q.contiguous()?)?;
             k = rope.apply(&k.contiguous()?)?;
         }
-        if self.use_qk_norm {
-            q = rms_norm(&q, 1e-6)?;
-            k = rms_norm(&k, 1e-6)?;
+        if let QkNorm::AfterRope(eps) = self.qk_norm {
+            (q, k) = (rms_norm(&q, eps)?, rms_norm(&k, eps)?);
         }
         if let (false, Some((attn_scale, floor_scale))) = (self.use_rope, self.temperature) {
             let scales: Vec<f32> = (0..l)
@@ -126,7 +140,7 @@ impl SelfAttention for Attention {
         }
         let mut mask = cache.mask(l);
         if self.use_rope {
-            mask.chunk = Some(self.chunk);
+            mask.chunk = self.chunk;
         }
         let (k, v) = cache.update_and_fetch(&k.contiguous()?, &v.contiguous()?)?;
         let out = scaled_dot_product_attention(&q.contiguous()?, &k, &v, h.scale, mask, None)?;
@@ -188,8 +202,8 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let attn = Attention {
                 llama: llama::Attention::load(ld, &format!("{p}.self_attn"), dim, heads, bias, bias)?,
                 use_rope,
-                use_qk_norm: a.use_qk_norm && use_rope,
-                chunk: a.attention_chunk_size,
+                qk_norm: if a.use_qk_norm && use_rope { QkNorm::AfterRope(1e-6) } else { QkNorm::None },
+                chunk: Some(a.attention_chunk_size),
                 temperature: (a.attn_temperature_tuning != 0.0).then_some((a.attn_scale, a.floor_scale)),
             };
             let f = format!("{p}.feed_forward");

@@ -12,6 +12,7 @@ pub mod gpt_oss;
 pub mod granitemoe;
 pub mod llama;
 pub mod llama4;
+pub mod llama4_text;
 pub mod mixtral;
 pub mod mlp;
 pub mod olmoe;
@@ -210,6 +211,10 @@ macro_rules! by_model_type {
                 use self::gemma4_text as $arch;
                 $body
             }
+            "llama4_text" => {
+                use self::llama4_text as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -236,6 +241,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "phimoe",
     "llama4",
     "gemma4_text",
+    "llama4_text",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does

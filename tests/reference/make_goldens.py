@@ -280,6 +280,11 @@ TINY_CONFIGS = {
         hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, use_double_wide_mlp=True,
         sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=3.0, rms_norm_eps=1e-6,
         vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True),
+    # dense llama4 text variant: NoPE layer 3, weightless q/k norm, untied "output" head
+    "tiny_llama4_text": dict(model_type="llama4_text", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+        intermediate_size_mlp=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-5, vocab_size=128, rope_theta=500000.0, tie_word_embeddings=False,
+        no_rope_layers=[1, 1, 1, 0], use_qk_norm=True),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
