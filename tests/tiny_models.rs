@@ -187,6 +187,16 @@ fn tiny_llama4_text_dense_nope_layer_qk_norm_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_smollm3_nope_layers_match_mlx_lm() {
+    check("tiny_smollm3");
+}
+
+#[test]
+fn tiny_granite_dense_multipliers_match_mlx_lm() {
+    check("tiny_granite");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -368,6 +378,8 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_gemma4_moe", false),
         ("tiny_gemma4", false),
         ("tiny_llama4_text", true),
+        ("tiny_smollm3", true),
+        ("tiny_granite", true),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();

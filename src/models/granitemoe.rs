@@ -74,28 +74,29 @@ impl FeedForward for MoE {
     }
 }
 
-/// `h = x + attn(input_layernorm(x))·m`, `out = h + moe(post_attention_layernorm(h))·m`.
-struct GraniteMoeLayer {
-    self_attn: Attention,
-    moe: MoE,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
-    residual_multiplier: f64,
+/// Granite's layer, around its experts (granitemoe) or dense MLP (granite):
+/// `h = x + attn(input_layernorm(x))·m`, `out = h + ff(post_attention_layernorm(h))·m`.
+pub struct GraniteLayer<F> {
+    pub self_attn: Attention,
+    pub ff: F,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    pub residual_multiplier: f64,
 }
 
-impl Layer for GraniteMoeLayer {
+impl<F: FeedForward> Layer for GraniteLayer<F> {
     fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
         let m = self.residual_multiplier;
         let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
         let a = self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?;
         let h = Residual::plus(x, Branch::Tensor((a * m)?));
         let (h, n) = h.norm(&self.post_attention_layernorm, &[])?;
-        let Branch::Tensor(y) = self.moe.branch(&n)? else { unreachable!("the experts' branch is computed") };
+        let y = Branch::resolve(Some(&self.ff.branch(&n)?))?.expect("a branch");
         Ok(Residual::plus(h, Branch::Tensor((y * m)?)))
     }
 
     fn graphable(&self) -> bool {
-        false
+        self.ff.graphable()
     }
 }
 
@@ -113,9 +114,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let m = format!("{p}.block_sparse_moe");
             let bias = args.attention_bias;
             let norm = |n: &str| RmsNorm::load(ld, &format!("{p}.{n}"), dim, a.rms_norm_eps);
-            let layer = GraniteMoeLayer {
+            let layer = GraniteLayer {
                 self_attn: Attention::load(ld, &format!("{p}.self_attn"), dim, heads, bias, bias)?,
-                moe: MoE {
+                ff: MoE {
                     router: Linear::load(ld, &format!("{m}.router.layer"), dim, e, false)?,
                     switch_mlp: SwitchGlu::load(
                         ld,
@@ -142,8 +143,8 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     a.decoder(ld, spec, layers)
 }
 
-/// mlx_lm's `quant_predicate` (8 bits, group 64): the router, the attention's output
-/// projection, every `mlp.down_proj` (the experts' too) and the head.
+/// mlx_lm's `quant_predicate` of granite and granitemoe (8 bits, group 64): the router, the
+/// attention's output projection, every `mlp.down_proj` (the experts' too) and the head.
 pub fn eight_bit(path: &str) -> bool {
     ["block_sparse_moe.router.layer", "self_attn.o_proj", "mlp.down_proj"].iter().any(|s| path.ends_with(s))
         || path == "lm_head"

@@ -48,7 +48,7 @@ impl ModelArgs {
         self.head_dim.unwrap_or(self.base.hidden_size / self.base.num_attention_heads)
     }
     /// The sliding window of layer `i`, if it has one.
-    fn window(&self, i: usize) -> Result<Option<usize>> {
+    pub fn window(&self, i: usize) -> Result<Option<usize>> {
         let Some(types) = &self.layer_types else { return Ok(None) };
         match types.get(i).map(String::as_str) {
             Some("sliding_attention") => match self.sliding_window {

@@ -9,6 +9,7 @@ pub mod gemma3;
 pub mod gemma4_text;
 pub mod glm4_moe;
 pub mod gpt_oss;
+pub mod granite;
 pub mod granitemoe;
 pub mod llama;
 pub mod llama4;
@@ -23,6 +24,7 @@ pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod smollm3;
 pub mod switch;
 
 use crate::cache::KvCache;
@@ -215,6 +217,14 @@ macro_rules! by_model_type {
                 use self::llama4_text as $arch;
                 $body
             }
+            "smollm3" => {
+                use self::smollm3 as $arch;
+                $body
+            }
+            "granite" => {
+                use self::granite as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -242,6 +252,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama4",
     "gemma4_text",
     "llama4_text",
+    "smollm3",
+    "granite",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
@@ -274,7 +286,7 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
         "gpt_oss" if path.ends_with("router") => eight_bit,
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
         "gemma4_text" if path.ends_with("router.proj") => eight_bit,
-        "granitemoe" if granitemoe::eight_bit(path) => eight_bit,
+        "granitemoe" | "granite" if granitemoe::eight_bit(path) => eight_bit,
         _ => LayerQuant::Uniform,
     }
 }

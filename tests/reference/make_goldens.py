@@ -285,6 +285,16 @@ TINY_CONFIGS = {
         intermediate_size_mlp=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         rms_norm_eps=1e-5, vocab_size=128, rope_theta=500000.0, tie_word_embeddings=False,
         no_rope_layers=[1, 1, 1, 0], use_qk_norm=True),
+    # SmolLM3: llama with a NoPE layer every 3rd layer (no_rope_layer_interval), GQA, untied
+    "tiny_smollm3": dict(model_type="smollm3", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128, rope_theta=50000.0,
+        max_position_embeddings=256, tie_word_embeddings=False, no_rope_layer_interval=3),
+    # Granite (dense): embedding / attention / residual / logits multipliers, attention and MLP biases
+    "tiny_granite": dict(model_type="granite", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128, logits_scaling=4.0,
+        attention_multiplier=0.05, embedding_multiplier=12.0, residual_multiplier=0.22,
+        max_position_embeddings=256, attention_bias=True, mlp_bias=True, rope_theta=10000.0,
+        tie_word_embeddings=True),
 }
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
