@@ -286,7 +286,7 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
         "gpt_oss" if path.ends_with("router") => eight_bit,
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
         "gemma4_text" if path.ends_with("router.proj") => eight_bit,
-        "granitemoe" | "granite" if granitemoe::eight_bit(path) => eight_bit,
+        "granitemoe" | "granite" if granite::eight_bit(path) => eight_bit,
         _ => LayerQuant::Uniform,
     }
 }
