@@ -213,7 +213,8 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         if let (Some(q), true) = (&opts.quantize, is_layer) {
             let in_dim = t.dim(candle_core::D::Minus1)?;
             // a recipe replaces the architecture's own predicate, as in mlx_lm
-            let own = match crate::models::layer_quant(&model_type, path) {
+            let arch = crate::models::layer_quant(&model_type, path);
+            let own = match arch {
                 LayerQuant::Params(p) if q.recipe.is_none() => Some(p),
                 _ => None,
             };
@@ -222,9 +223,8 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
                 (None, Some(p)) => p,
                 (None, None) => q.params,
             };
-            let float = crate::models::layer_quant(&model_type, path) == LayerQuant::Float;
             // mlx_lm checks the input size against the uniform group size only
-            if in_dim % q.params.group_size == 0 && !float {
+            if in_dim % q.params.group_size == 0 && arch != LayerQuant::Float {
                 if in_dim % p.group_size != 0 {
                     bail!(
                         "layer `{path}`: its {in_dim} inputs cannot be quantized in groups of {} (the architecture's setting for it)",

@@ -150,41 +150,40 @@ impl Weights {
     /// Splits the tensor `name` along `axis` into `names.len()` equal parts named `names`, in
     /// order (mlx_lm's `mx.split` of a fused tensor in a `sanitize`).
     pub fn split_axis(&mut self, name: &str, axis: usize, names: &[String]) -> Result<()> {
-        let shape = self.shape(name)?;
-        let Some(&size) = shape.get(axis) else {
-            bail!("tensor `{name}` in {} has no axis {axis} to split (shape {shape:?})", self.dir.display());
-        };
-        if names.is_empty() || size % names.len() != 0 {
-            bail!(
-                "tensor `{name}` in {}: axis {axis} of {size} cannot be split into {} equal parts",
-                self.dir.display(),
-                names.len()
-            );
-        }
-        let src = self.index.remove(name).expect("shape read above");
-        let len = size / names.len();
-        for (i, n) in names.iter().enumerate() {
-            let op = Derive::Narrow { axis, start: i * len, len };
-            self.index.insert(n.clone(), Source::Derived { of: Box::new(src.clone()), op });
-        }
-        Ok(())
+        self.split_parts(name, axis, names, "equal", |i, n, size| Derive::Narrow {
+            axis,
+            start: i * size / n,
+            len: size / n,
+        })
     }
 
     /// Splits the tensor `name` into `names.len()` interleaved parts along `axis`: part `i`
     /// holds positions `i, i + n, i + 2n, …` (mlx's `v[..., i::n, :]` in a `sanitize`).
     pub fn deinterleave(&mut self, name: &str, axis: usize, names: &[String]) -> Result<()> {
+        self.split_parts(name, axis, names, "interleaved", |i, n, _| Derive::Every { axis, start: i, step: n })
+    }
+
+    /// `name` replaced by the parts `names`, part `i` of `n` derived by `op(i, n, axis size)`,
+    /// once the axis is known to divide into `n` (`kind` names the split in the error).
+    fn split_parts(
+        &mut self,
+        name: &str,
+        axis: usize,
+        names: &[String],
+        kind: &str,
+        op: impl Fn(usize, usize, usize) -> Derive,
+    ) -> Result<()> {
         let shape = self.shape(name)?;
         let n = names.len();
-        if shape.get(axis).is_none_or(|&s| n == 0 || s % n != 0) {
+        let Some(&size) = shape.get(axis).filter(|&&s| n > 0 && s % n == 0) else {
             bail!(
-                "tensor `{name}` in {}: axis {axis} of shape {shape:?} cannot be split into {n} interleaved parts",
+                "tensor `{name}` in {}: axis {axis} of shape {shape:?} cannot be split into {n} {kind} parts",
                 self.dir.display()
             );
-        }
+        };
         let src = self.index.remove(name).expect("shape read above");
         for (i, part) in names.iter().enumerate() {
-            let op = Derive::Every { axis, start: i, step: n };
-            self.index.insert(part.clone(), Source::Derived { of: Box::new(src.clone()), op });
+            self.index.insert(part.clone(), Source::Derived { of: Box::new(src.clone()), op: op(i, n, size) });
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use super::switch::{combine, softmax, top_k, Activation, SwitchGlu};
 use super::LanguageModel;
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Embedding, Linear, Loader, Normed, RmsNorm, Rope, RopeTables};
+use crate::nn::{rms_normalize, Embedding, Linear, Loader, Normed, RmsNorm, Rope, RopeTables};
 use crate::ops::attention::{scaled_dot_product_attention, MaskSpec};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -167,11 +167,6 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// `x / sqrt(mean(x²) + eps)` over the last axis (mlx's `rms_norm` without weight).
-fn rms(x: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(x, &Tensor::ones(x.dim(D::Minus1)?, x.dtype(), x.device())?, eps as f32)?)
-}
-
 struct Attention {
     q_proj: Linear,
     /// k and v projections (v `None`: the values are the keys' projection) and k's norm;
@@ -214,7 +209,7 @@ impl Attention {
                     None => k.clone(),
                 };
                 let k = rope.apply(&k_norm.forward(&k)?.transpose(1, 2)?.contiguous()?)?;
-                let v = rms(&v, self.eps)?.transpose(1, 2)?.contiguous()?;
+                let v = rms_normalize(&v, self.eps)?.transpose(1, 2)?.contiguous()?;
                 let mask = cache.mask(l);
                 let (keys, values) = cache.update_and_fetch(&k, &v)?;
                 SharedKv { keys, values, mask }

@@ -14,7 +14,7 @@ use super::mlp::{DenseMlp, FeedForward, Mlp};
 use super::switch::{top_k, Activation, SwitchGlu};
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Branch, Linear, Loader, Normed, Rope, RopeTables};
+use crate::nn::{rms_normalize, Branch, Linear, Loader, Normed, Rope, RopeTables};
 use crate::ops::attention::scaled_dot_product_attention;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -84,13 +84,6 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// `x / sqrt(mean(x²) + eps)` over the last axis (an RMSNorm without weight).
-fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let x32 = x.to_dtype(DType::F32)?;
-    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    Ok(x32.broadcast_div(&r)?.to_dtype(x.dtype())?)
-}
-
 /// Where Llama 4's weightless q/k RMSNorm runs.
 #[derive(Debug, Clone, Copy)]
 pub enum QkNorm {
@@ -122,14 +115,14 @@ impl SelfAttention for Attention {
         let (mut q, mut k, v) = (split(q, h.n_heads)?, split(k, h.n_kv_heads)?, split(v, h.n_kv_heads)?);
         let offset = cache.offset();
         if let QkNorm::BeforeRope(eps) = self.qk_norm {
-            (q, k) = (rms_norm(&q, eps)?, rms_norm(&k, eps)?);
+            (q, k) = (rms_normalize(&q, eps)?, rms_normalize(&k, eps)?);
         }
         if self.use_rope {
             q = rope.apply(&q.contiguous()?)?;
             k = rope.apply(&k.contiguous()?)?;
         }
         if let QkNorm::AfterRope(eps) = self.qk_norm {
-            (q, k) = (rms_norm(&q, eps)?, rms_norm(&k, eps)?);
+            (q, k) = (rms_normalize(&q, eps)?, rms_normalize(&k, eps)?);
         }
         if let (false, Some((attn_scale, floor_scale))) = (self.use_rope, self.temperature) {
             let scales: Vec<f32> = (0..l)

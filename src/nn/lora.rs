@@ -176,6 +176,15 @@ struct TrainInit {
 }
 
 impl TrainInit {
+    /// A new LoRA `A` of `shape`: uniform in ±1/√`in_dim` (mlx_lm's initialisation), f32.
+    fn uniform(&self, in_dim: usize, shape: &[usize], device: &Device) -> Result<Tensor> {
+        use rand::Rng;
+        let bound = 1.0 / (in_dim as f32).sqrt();
+        let mut rng = self.rng.lock().unwrap();
+        let v: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-bound..bound)).collect();
+        Ok(Tensor::from_vec(v, shape, device)?)
+    }
+
     /// `t` as a trainable tensor named `name` (registered for the optimizer and the file).
     fn var(&self, name: String, t: Tensor) -> Result<Tensor> {
         let v = candle_core::Var::from_tensor(&t)?;
@@ -362,13 +371,7 @@ impl Adapters {
         // trainable: from the resume file, else mlx_lm's initialisation; kept in f32
         let a = match self.take(&a_name, &[in_dim, r], DType::F32, device)? {
             Some(a) => a,
-            None => {
-                use rand::Rng;
-                let bound = 1.0 / (in_dim as f32).sqrt();
-                let mut rng = train.rng.lock().unwrap();
-                let v: Vec<f32> = (0..in_dim * r).map(|_| rng.random_range(-bound..bound)).collect();
-                Tensor::from_vec(v, (in_dim, r), device)?
-            }
+            None => train.uniform(in_dim, &[in_dim, r], device)?,
         };
         let b = match self.take(&b_name, &[r, out_dim], DType::F32, device)? {
             Some(b) => b,
@@ -436,13 +439,7 @@ impl Adapters {
         }
         let a = match self.take(&a_name, &a_shape, DType::F32, device)? {
             Some(a) => a,
-            None => {
-                use rand::Rng;
-                let bound = 1.0 / (in_dim as f32).sqrt();
-                let mut rng = train.rng.lock().unwrap();
-                let v: Vec<f32> = (0..experts * r * in_dim).map(|_| rng.random_range(-bound..bound)).collect();
-                Tensor::from_vec(v, a_shape.as_slice(), device)?
-            }
+            None => train.uniform(in_dim, &a_shape, device)?,
         };
         let b = match self.take(&b_name, &b_shape, DType::F32, device)? {
             Some(b) => b,
@@ -552,12 +549,7 @@ impl LoraLinear {
     /// group size unless `dequantize`.
     pub fn fuse(&self, dequantize: bool, store: DType) -> Result<Linear> {
         let w = match &self.base {
-            Linear::Quantized { weight, .. } => crate::ops::qmatmul::QuantizedWeight {
-                scales: weight.scales.to_dtype(store)?,
-                biases: weight.biases.to_dtype(store)?,
-                ..weight.clone()
-            }
-            .dequantize()?,
+            Linear::Quantized { weight, .. } => weight.dequantize_in(store)?,
             other => other.dense_weight(store)?,
         };
         let mut fused = (w + self.delta()?.to_dtype(store)?)?;

@@ -16,6 +16,6 @@ pub use linear::{fused_qkv, fused_swiglu, Linear};
 pub use loader::Loader;
 #[cfg(feature = "testing")]
 pub use norm::set_deferred_norms;
-pub use norm::{Branch, DeferredNorm, LayerNorm, Normed, RmsNorm};
+pub use norm::{rms_normalize, Branch, DeferredNorm, LayerNorm, Normed, RmsNorm};
 pub use rope::Rope;
 pub use switch::SwitchLinear;

@@ -6,6 +6,14 @@ use super::Loader;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
+/// `x / sqrt(mean(x²) + eps)` over the last axis, computed in f32: an RMSNorm without a weight
+/// (mlx's `rms_norm(x, None, eps)`; llama 4's q/k norm, gemma 4's v norm).
+pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    Ok(x32.broadcast_div(&r)?.to_dtype(x.dtype())?)
+}
+
 /// RMSNorm with a learned scale, computed in f32 internally.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {

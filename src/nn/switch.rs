@@ -19,19 +19,15 @@ pub struct SwitchLinear {
 
 impl SwitchLinear {
     pub fn load(ld: &Loader, prefix: &str, experts: usize, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = match ld.quant_params(prefix, in_dim)? {
+        let params = ld.quant_params(prefix, in_dim)?;
+        if let (Some(_), Some(a)) = (params, ld.adapters) {
+            a.check_trainable_quantized(prefix)?;
+        }
+        let weight = match params {
             Some(_) if ld.is_mxfp4(prefix)? => {
-                if let Some(a) = ld.adapters {
-                    a.check_trainable_quantized(prefix)?;
-                }
                 ExpertWeights::Mxfp4(ld.mxfp4_experts(prefix, experts, out_dim, in_dim)?)
             }
-            Some(p) => {
-                if let Some(a) = ld.adapters {
-                    a.check_trainable_quantized(prefix)?;
-                }
-                ExpertWeights::Quantized(ld.quantized_experts(prefix, experts, out_dim, in_dim, p)?)
-            }
+            Some(p) => ExpertWeights::Quantized(ld.quantized_experts(prefix, experts, out_dim, in_dim, p)?),
             None => ExpertWeights::Dense(ld.matrix(&format!("{prefix}.weight"), &[experts, out_dim, in_dim])?),
         };
         let bias = if bias { Some(ld.tensor(&format!("{prefix}.bias"), &[experts, out_dim])?) } else { None };
@@ -40,11 +36,6 @@ impl SwitchLinear {
             None => None,
         };
         Ok(Self { weight, bias, experts, lora })
-    }
-
-    /// The stacked weights (dense or quantized) and the bias.
-    pub fn parts(&self) -> (&ExpertWeights, Option<&Tensor>) {
-        (&self.weight, self.bias.as_ref())
     }
 
     pub fn experts(&self) -> usize {
@@ -79,12 +70,7 @@ impl SwitchLinear {
     pub fn fuse(&self, dequantize: bool, store: DType) -> Result<Option<Vec<(&'static str, Tensor)>>> {
         let Some(l) = &self.lora else { return Ok(None) };
         let w = match &self.weight {
-            ExpertWeights::Quantized(q) => crate::ops::qmatmul::QuantizedWeight {
-                scales: q.scales.to_dtype(store)?,
-                biases: q.biases.to_dtype(store)?,
-                ..q.clone()
-            }
-            .dequantize()?,
+            ExpertWeights::Quantized(q) => q.dequantize_in(store)?,
             ExpertWeights::Dense(w) => w.to_dtype(store)?,
             ExpertWeights::Mxfp4(q) => q.dequantize(store)?,
         };

@@ -54,11 +54,6 @@ impl Routing {
         Ok(Self { sorted: order, unsort: Tensor::new(unsort, &dev)?, runs, rows })
     }
 
-    /// The rows of the routing, in the order of its ids.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// The rows of `x` (rows × …) in expert order; row `j` of the result is row
     /// `sorted[j] / repeat` of `x` (each row of `x` stands for `repeat` consecutive routed rows:
     /// a token and its `k` chosen experts).
@@ -105,15 +100,6 @@ impl ExpertWeights {
             Self::Dense(w) => routing.per_expert(x, |e, rows| dense_matmul(rows, &w.get(e)?)),
             Self::Quantized(w) => routing.per_expert(x, |e, rows| expert(w, e)?.matmul(rows)),
             Self::Mxfp4(w) => routing.per_expert(x, |e, rows| mxfp4_expert(w, e)?.matmul(rows)),
-        }
-    }
-
-    /// Expert `e`'s matrix, dense (out × in) in the stored (dense) or scales' (quantized) dtype.
-    pub fn dense_expert(&self, e: usize) -> Result<Tensor> {
-        match self {
-            Self::Dense(w) => Ok(w.get(e)?),
-            Self::Quantized(w) => expert(w, e)?.dequantize(),
-            Self::Mxfp4(w) => mxfp4_expert(w, e)?.dequantize(DType::F32),
         }
     }
 }

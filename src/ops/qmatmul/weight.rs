@@ -23,6 +23,14 @@ impl QuantizedWeight {
         super::dequantize_tensor(&self.packed, &self.scales, &self.biases, self.params)
     }
 
+    /// The dense matrix with the scales and biases first cast to `dtype` (what mlx computes when
+    /// the weight's scales are stored in `dtype`).
+    pub fn dequantize_in(&self, dtype: DType) -> Result<Tensor> {
+        let scales = self.scales.to_dtype(dtype)?;
+        let biases = self.biases.to_dtype(dtype)?;
+        super::dequantize_tensor(&self.packed, &scales, &biases, self.params)
+    }
+
     /// `x Wᵀ` for `x` of shape (…, in).
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         super::quantized_matmul(x, self)
