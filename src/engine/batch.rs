@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 /// A request's id in its [`BatchGenerator`].
 pub type Uid = u64;
 
+/// A cache (one per layer) holding a prompt's first `n` tokens, and `n`.
+pub type Prefix = (Vec<KvCache>, usize);
+
 /// One sequence to generate.
 pub struct Request {
     pub prompt: Vec<u32>,
@@ -43,7 +46,7 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// a cache (one per layer) already holding the prompt's first `n` tokens, `n` < the
     /// prompt's length (a prefix cache's hit)
-    pub prefix: Option<(Vec<KvCache>, usize)>,
+    pub prefix: Option<Prefix>,
 }
 
 /// What a step tells about a request.
@@ -212,46 +215,35 @@ impl<'m> BatchGenerator<'m> {
         self.profile.as_mut()
     }
 
-    fn check(&self, req: &Request) -> Result<Spec> {
-        if req.prompt.is_empty() {
+    /// Checks `req` and makes it a [`Spec`] under a new uid; gives back its prefix cache.
+    fn accept(&mut self, req: Request) -> Result<(Spec, Option<Prefix>)> {
+        let Request { prompt, max_tokens, sampler, processors, logprobs, prefix } = req;
+        if prompt.is_empty() {
             bail!("the prompt is empty");
         }
-        check_context(self.model, req.prompt.len())?;
-        check_vocab(self.model, &req.prompt)?;
-        req.processors.validate(self.model.vocab_size())?;
-        if let Some((_, n)) = &req.prefix {
-            if *n >= req.prompt.len() {
-                bail!(
-                    "a prefix cache holds {n} of the prompt's {} tokens: at least one must be left",
-                    req.prompt.len()
-                );
+        check_context(self.model, prompt.len())?;
+        check_vocab(self.model, &prompt)?;
+        processors.validate(self.model.vocab_size())?;
+        if let Some((_, n)) = &prefix {
+            if *n >= prompt.len() {
+                bail!("a prefix cache holds {n} of the prompt's {} tokens: at least one must be left", prompt.len());
             }
         }
-        Ok(Spec {
-            uid: 0,
-            prompt: req.prompt.clone(),
-            max_tokens: req.max_tokens,
-            processors: req.processors.clone(),
-            logprobs: req.logprobs,
-            sampler: Sampler::new(req.sampler.clone())?,
-        })
-    }
-
-    fn uid(&mut self) -> Uid {
+        let sampler = Sampler::new(sampler)?;
         self.next_uid += 1;
-        self.next_uid
+        Ok((Spec { uid: self.next_uid, prompt, max_tokens, processors, logprobs, sampler }, prefix))
     }
 
     /// Queues a request: its prompt is computed in the coming steps, then it joins the batch.
     pub fn insert(&mut self, req: Request) -> Result<Uid> {
-        let mut spec = self.check(&req)?;
-        spec.uid = self.uid();
-        let (cache, done) = match req.prefix {
+        let (spec, prefix) = self.accept(req)?;
+        let uid = spec.uid;
+        let (cache, done) = match prefix {
             Some(p) => p,
             None => (self.model.make_cache(self.cfg.max_kv_size), 0),
         };
         self.pending.push(Joining { spec, cache, done, cached: done });
-        Ok(self.next_uid)
+        Ok(uid)
     }
 
     /// Computes the prompts of `reqs` now, left-padded into one batch, and adds them to the
@@ -261,9 +253,9 @@ impl<'m> BatchGenerator<'m> {
         if !self.paddable || !(self.rows.is_empty() || self.joinable) {
             return reqs.into_iter().map(|r| self.insert(r)).collect();
         }
-        let mut specs = reqs.iter().map(|r| self.check(r)).collect::<Result<Vec<_>>>()?;
-        for s in specs.iter_mut() {
-            s.uid = self.uid();
+        let mut specs = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            specs.push(self.accept(r)?.0);
         }
         let longest = specs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
         let mut cache = self.model.make_cache(self.cfg.max_kv_size);
