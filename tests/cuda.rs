@@ -587,8 +587,26 @@ fn cuda_graph_decode_equals_eager_for_every_architecture() {
     use wick::backend::stats::{read, Counter};
     use wick::engine::cuda_graph::set_enabled;
     let Some(dev) = cuda() else { return };
-    let replayed = ["tiny_llama3", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_phi", "tiny_phi3", "tiny_gemma2"];
-    let rotating = ["tiny_mistral_swa", "tiny_gemma3"];
+    let replayed = [
+        "tiny_llama3",
+        "tiny_mistral",
+        "tiny_qwen2",
+        "tiny_qwen3",
+        "tiny_phi",
+        "tiny_phi3",
+        "tiny_gemma2",
+        "tiny_smollm3",
+        "tiny_granite",
+        "tiny_seed_oss",
+        "tiny_helium",
+        "tiny_olmo2",
+        "tiny_glm4",
+        "tiny_starcoder2",
+        "tiny_apertus",
+        "tiny_hunyuan_v1_dense",
+        "tiny_mistral3_llama",
+    ];
+    let rotating = ["tiny_mistral_swa", "tiny_gemma3", "tiny_olmo3", "tiny_exaone4", "tiny_cohere2", "tiny_gemma3_vlm"];
     for name in replayed.iter().chain(&rotating) {
         let m = wick::engine::load_model(&common::golden(name), Some(DType::F32), &dev).unwrap();
         assert!(m.model.graph_step().is_some(), "{name}: no graph step");
@@ -843,19 +861,38 @@ fn cuda_lora_gradients_match_mlx_lm() {
     common::lora_gradients_match_mlx_lm(&dev);
 }
 
-/// Mixture-of-experts models on the GPU (the gathered matmul reading one expert of a stacked
-/// weight, quantized or not; gpt-oss's mxfp4 experts): last-position logits of the golden ids
-/// as mlx_lm's, in f32.
+/// Architectures on the GPU: mixtures of experts (the gathered matmul reading one expert of a
+/// stacked weight, quantized or not; gpt-oss's mxfp4 experts) and the dense families' own parts
+/// (NoPE layers, q/k norms after RoPE, post-norms, LayerNorms, xIELU, query scaling): the
+/// golden ids' logits as mlx_lm's, in f32.
 #[test]
-fn cuda_moe_models_match_mlx_lm() {
+fn cuda_tiny_models_match_mlx_lm() {
     let Some(dev) = cuda() else { return };
-    for (name, sub, tol) in [
+    let dense = [
+        "tiny_seed_oss",
+        "tiny_helium",
+        "tiny_internlm3",
+        "tiny_olmo2",
+        "tiny_olmo3",
+        "tiny_exaone4",
+        "tiny_glm4",
+        "tiny_cohere2",
+        "tiny_starcoder2",
+        "tiny_apertus",
+        "tiny_hunyuan_v1_dense",
+        "tiny_ministral3",
+        "tiny_mistral3",
+        "tiny_gemma3_vlm",
+    ];
+    let moe = [
         ("tiny_qwen3_moe", "", 1e-3),
         ("tiny_qwen3_moe", "q4", 2e-3),
         ("tiny_gpt_oss", "q4", 2e-3),
         ("tiny_gpt_oss", "mxfp4", 2e-3),
         ("tiny_glm4_moe", "q4", 2e-3),
-    ] {
+    ];
+    let cases = dense.iter().flat_map(|n| [(*n, "", 1e-3), (*n, "q4", 2e-3)]).chain(moe);
+    for (name, sub, tol) in cases {
         let dir = common::golden(name).join(sub);
         let inputs: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(common::golden(name).join("inputs.json")).unwrap()).unwrap();

@@ -197,6 +197,81 @@ fn tiny_granite_dense_multipliers_match_mlx_lm() {
 }
 
 #[test]
+fn tiny_seed_oss_output_bias_flag_match_mlx_lm() {
+    check("tiny_seed_oss");
+}
+
+#[test]
+fn tiny_helium_traditional_rope_qkv_bias_match_mlx_lm() {
+    check("tiny_helium");
+}
+
+#[test]
+fn tiny_internlm3_dynamic_rope_biases_match_mlx_lm() {
+    check("tiny_internlm3");
+}
+
+#[test]
+fn tiny_olmo2_post_norms_projection_qk_norms_match_mlx_lm() {
+    check("tiny_olmo2");
+}
+
+#[test]
+fn tiny_olmo3_sliding_layer_types_yarn_match_mlx_lm() {
+    check("tiny_olmo3");
+}
+
+#[test]
+fn tiny_exaone4_post_norms_nope_global_layers_match_mlx_lm() {
+    check("tiny_exaone4");
+}
+
+#[test]
+fn tiny_glm4_sandwich_norms_partial_traditional_rope_match_mlx_lm() {
+    check("tiny_glm4");
+}
+
+#[test]
+fn tiny_cohere2_parallel_layernorm_nope_global_layers_match_mlx_lm() {
+    check("tiny_cohere2");
+}
+
+#[test]
+fn tiny_starcoder2_layernorms_exact_gelu_match_mlx_lm() {
+    check("tiny_starcoder2");
+}
+
+#[test]
+fn tiny_apertus_xielu_mlp_qk_norms_match_mlx_lm() {
+    check("tiny_apertus");
+}
+
+#[test]
+fn tiny_hunyuan_v1_dense_qk_norms_after_alpha_rope_match_mlx_lm() {
+    check("tiny_hunyuan_v1_dense");
+}
+
+#[test]
+fn tiny_ministral3_yarn_query_scaling_match_mlx_lm() {
+    check("tiny_ministral3");
+}
+
+#[test]
+fn tiny_mistral3_wrapped_ministral3_match_mlx_lm() {
+    check("tiny_mistral3");
+}
+
+#[test]
+fn tiny_mistral3_llama_wrapped_mistral_match_mlx_lm() {
+    check("tiny_mistral3_llama");
+}
+
+#[test]
+fn tiny_gemma3_vlm_wrapper_defaults_match_mlx_lm() {
+    check("tiny_gemma3_vlm");
+}
+
+#[test]
 fn tiny_granitemoe_multipliers_match_mlx_lm() {
     check("tiny_granitemoe");
 }
@@ -352,7 +427,8 @@ fn convert_q_of_every_architecture_is_byte_identical_to_mlx_lm() {
 /// Which architectures' decode steps a CUDA graph may capture (`LanguageModel::graph_step`):
 /// every one whose layers do all their work on the device. The MoE routers read their choices
 /// on the host, so those models decode eagerly; gemma 4's own model body (dense too) offers no
-/// graph step yet. (tests/cuda.rs replays each graphable one.)
+/// graph step yet, nor does Ministral 3 (its query scale is computed from the position on the
+/// host). (tests/cuda.rs replays each graphable one.)
 #[test]
 fn every_dense_architecture_offers_a_graph_step() {
     let table = [
@@ -380,6 +456,21 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_llama4_text", true),
         ("tiny_smollm3", true),
         ("tiny_granite", true),
+        ("tiny_seed_oss", true),
+        ("tiny_helium", true),
+        ("tiny_internlm3", true),
+        ("tiny_olmo2", true),
+        ("tiny_olmo3", true),
+        ("tiny_exaone4", true),
+        ("tiny_glm4", true),
+        ("tiny_cohere2", true),
+        ("tiny_starcoder2", true),
+        ("tiny_apertus", true),
+        ("tiny_hunyuan_v1_dense", true),
+        ("tiny_ministral3", false),
+        ("tiny_mistral3", false),
+        ("tiny_mistral3_llama", true),
+        ("tiny_gemma3_vlm", true),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();
@@ -626,4 +717,21 @@ fn tiny_llama4_fused_hf_layout_loads_the_same() {
         other => panic!("unexpected {other}"),
     });
     check_folder("tiny_llama4", dir.path(), 1e-4);
+}
+
+/// A mistral3 checkpoint in the newer Hugging Face layout (`model.language_model.…`, a
+/// top-level `lm_head`, the vision tower and projector under `model.`) loads as the mlx layout
+/// does: mlx_lm's logits.
+#[test]
+fn tiny_mistral3_transformers_v5_layout_with_vision_tower_loads_the_same() {
+    let dir = hf_layout("tiny_mistral3", "language_model.", |_, tail, v, out| {
+        let name = match tail.strip_prefix("model.") {
+            Some(rest) => format!("model.language_model.{rest}"),
+            None => tail.to_string(),
+        };
+        out.insert("model.vision_tower.patch_conv.weight".into(), v.zeros_like().unwrap());
+        out.insert("model.multi_modal_projector.linear_1.weight".into(), v.zeros_like().unwrap());
+        out.insert(name, v);
+    });
+    check_folder("tiny_mistral3", dir.path(), 1e-4);
 }

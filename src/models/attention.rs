@@ -24,6 +24,11 @@ pub trait SelfAttention: Send + Sync {
     fn input_layers(&self) -> Vec<&Linear> {
         vec![]
     }
+
+    /// Whether its decode step runs on the device alone (see `Layer::graphable`).
+    fn graphable(&self) -> bool {
+        true
+    }
 }
 
 /// `(x Qᵀ, x Kᵀ, x Vᵀ)` of separate projections: one fused kernel where the backend has one
@@ -78,9 +83,25 @@ impl Heads {
     /// kernel where it fits.
     pub fn attend(
         &self,
-        [q, k, v]: [Tensor; 3],
+        qkv: [Tensor; 3],
         qk_norms: Option<(&RmsNorm, &RmsNorm)>,
         rope: &RopeTables,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let norms = match qk_norms {
+            Some((q, k)) => QkNorms::BeforeRope(q, k),
+            None => QkNorms::None,
+        };
+        self.attend_with(qkv, norms, Some(rope), cache)
+    }
+
+    /// [`Self::attend`] with the per-head norms where `norms` puts them and RoPE only where
+    /// `rope` is given (`None`: a NoPE layer).
+    pub fn attend_with(
+        &self,
+        [q, k, v]: [Tensor; 3],
+        norms: QkNorms,
+        rope: Option<&RopeTables>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let (b, l, _) = q.dims3()?;
@@ -92,21 +113,46 @@ impl Heads {
             };
             Ok(t.transpose(1, 2)?)
         };
-        let q = heads(q, self.n_heads, qk_norms.map(|n| n.0))?;
-        let k = heads(k, self.n_kv_heads, qk_norms.map(|n| n.1))?;
+        let before = match norms {
+            QkNorms::BeforeRope(q, k) => Some((q, k)),
+            _ => None,
+        };
+        let q = heads(q, self.n_heads, before.map(|n| n.0))?;
+        let k = heads(k, self.n_kv_heads, before.map(|n| n.1))?;
         let v = heads(v, self.n_kv_heads, None)?;
         let mask = cache.mask(l);
         // only a step being captured into a CUDA graph (`mask.pos`) attends over the buffers
         let buffers = mask.pos.as_ref().and_then(|_| cache.buffers());
-        let out = match decode_step_attention(&q, &k, &v, rope, &mask, buffers, self.scale, self.softcap)? {
+        let fused = match (rope, &norms) {
+            (Some(rope), QkNorms::None | QkNorms::BeforeRope(..)) => {
+                decode_step_attention(&q, &k, &v, rope, &mask, buffers, self.scale, self.softcap)?
+            }
+            _ => None,
+        };
+        let out = match fused {
             Some(out) => out,
             None => {
-                let q = rope.apply(&q.contiguous()?)?;
-                let k = rope.apply(&k.contiguous()?)?;
+                let (mut q, mut k) = (q.contiguous()?, k.contiguous()?);
+                if let Some(rope) = rope {
+                    (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
+                }
+                if let QkNorms::AfterRope(qn, kn) = norms {
+                    (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+                }
                 let (k, v) = cache.update_and_fetch(&k, &v)?;
                 scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.softcap)?
             }
         };
         Ok(out.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
     }
+}
+
+/// Where an attention layer's per-head q/k RMSNorms run.
+#[derive(Clone, Copy)]
+pub enum QkNorms<'a> {
+    None,
+    /// on each head before RoPE (qwen3, gemma 3)
+    BeforeRope(&'a RmsNorm, &'a RmsNorm),
+    /// on each head after RoPE (hunyuan)
+    AfterRope(&'a RmsNorm, &'a RmsNorm),
 }

@@ -117,7 +117,7 @@ impl<A: SelfAttention, M: FeedForward> Layer for PreNormBlock<A, M> {
     }
 
     fn graphable(&self) -> bool {
-        self.mlp.graphable()
+        self.self_attn.graphable() && self.mlp.graphable()
     }
 }
 
@@ -166,9 +166,9 @@ pub struct ModelSpec {
     /// the logits are multiplied by this (granite: `1 / logits_scaling`); it must be positive
     /// (a greedy step's argmax reads the unscaled logits)
     pub logits_scale: Option<f64>,
-    /// the final norm is the LayerNorm of this name (phi: `model.final_layernorm`), not the
-    /// RMSNorm `model.norm`
-    pub final_layernorm: Option<&'static str>,
+    /// the final norm is the LayerNorm of this name (phi: `model.final_layernorm`), with a
+    /// bias or not, instead of the RMSNorm `model.norm`
+    pub final_layernorm: Option<(&'static str, bool)>,
     pub lm_head_bias: bool,
     /// before every tensor name of the body (llama 4's text model: `language_model.`)
     pub prefix: &'static str,
@@ -202,8 +202,8 @@ impl BaseArgs {
     /// `spec` describes it.
     pub fn decoder(&self, ld: &Loader, spec: ModelSpec, layers: Vec<Arc<dyn Layer>>) -> Result<DecoderModel> {
         let name = |n: &str| format!("{}{n}", spec.prefix);
-        let final_norm = if let Some(n) = spec.final_layernorm {
-            Norm::Layer(LayerNorm::load(ld, &name(n), self.hidden_size, self.rms_norm_eps)?)
+        let final_norm = if let Some((n, bias)) = spec.final_layernorm {
+            Norm::Layer(LayerNorm::load_with(ld, &name(n), self.hidden_size, self.rms_norm_eps, bias)?)
         } else {
             let (dim, eps) = (self.hidden_size, self.rms_norm_eps);
             Norm::Rms(RmsNorm::load_shifted(ld, &name("model.norm"), dim, eps, spec.norm_shift)?)

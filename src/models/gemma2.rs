@@ -58,41 +58,43 @@ impl DenseMlp for GeluMlp {
     }
 }
 
-/// Gemma's decoder layer, with a norm on each side of attention and of the MLP:
+/// A decoder layer with a norm on each side of attention and of the MLP (Gemma, GLM-4):
 /// `h = x + post_attention_layernorm(attn(input_layernorm(x)))`,
 /// `out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
-pub struct SandwichBlock<A> {
+pub struct SandwichBlock<A, M> {
     self_attn: A,
-    mlp: GeluMlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: RmsNorm,
-    post_feedforward_layernorm: RmsNorm,
+    mlp: M,
+    /// input, post-attention, pre-feedforward and post-feedforward norms
+    norms: [RmsNorm; 4],
 }
 
-impl<A: SelfAttention + 'static> SandwichBlock<A> {
-    /// The layer of prefix `p` around `self_attn` and `{p}.mlp`.
-    pub fn load(ld: &Loader, p: &str, a: &BaseArgs, self_attn: A) -> Result<Arc<dyn Layer>> {
-        let n = |name: &str| norm(ld, &format!("{p}.{name}"), a.hidden_size, a.rms_norm_eps);
-        Ok(Arc::new(Self {
-            self_attn,
-            mlp: GeluMlp(Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, false)?),
-            input_layernorm: n("input_layernorm")?,
-            post_attention_layernorm: n("post_attention_layernorm")?,
-            pre_feedforward_layernorm: n("pre_feedforward_layernorm")?,
-            post_feedforward_layernorm: n("post_feedforward_layernorm")?,
-        }))
+impl<A: SelfAttention + 'static, M: DenseMlp + 'static> SandwichBlock<A, M> {
+    /// The layer around `self_attn` and `mlp` with its four norms in the order of the formula.
+    pub fn new(self_attn: A, mlp: M, norms: [RmsNorm; 4]) -> Arc<dyn Layer> {
+        Arc::new(Self { self_attn, mlp, norms })
     }
 }
 
-impl<A: SelfAttention> Layer for SandwichBlock<A> {
+impl<A: SelfAttention + 'static> SandwichBlock<A, GeluMlp> {
+    /// Gemma's layer of prefix `p` around `self_attn` and `{p}.mlp`.
+    pub fn load(ld: &Loader, p: &str, a: &BaseArgs, self_attn: A) -> Result<Arc<dyn Layer>> {
+        let n = |name: &str| norm(ld, &format!("{p}.{name}"), a.hidden_size, a.rms_norm_eps);
+        let mlp = GeluMlp(Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, false)?);
+        let names =
+            ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"];
+        Ok(Self::new(self_attn, mlp, [n(names[0])?, n(names[1])?, n(names[2])?, n(names[3])?]))
+    }
+}
+
+impl<A: SelfAttention, M: DenseMlp> Layer for SandwichBlock<A, M> {
     fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
-        let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
+        let [input, post_attn, pre_ff, post_ff] = &self.norms;
+        let (x, n) = x.norm(input, &self.self_attn.input_layers())?;
         let a = self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?;
-        let h = Residual::plus(x, Branch::Tensor(self.post_attention_layernorm.forward(&a)?));
-        let (h, n) = h.norm(&self.pre_feedforward_layernorm, &[])?;
+        let h = Residual::plus(x, Branch::Tensor(post_attn.forward(&a)?));
+        let (h, n) = h.norm(pre_ff, &[])?;
         let m = self.mlp.down_proj().forward(&self.mlp.forward(&n)?)?;
-        Ok(Residual::plus(h, Branch::Tensor(self.post_feedforward_layernorm.forward(&m)?)))
+        Ok(Residual::plus(h, Branch::Tensor(post_ff.forward(&m)?)))
     }
 }
 

@@ -1,75 +1,57 @@
-//! Gemma 3 text models (`gemma3_text`): gemma2's sandwich layers without soft-capping, plus
-//! per-head q/k norms; every `sliding_window_pattern`-th layer attends globally (RoPE at
-//! `rope_theta` with `rope_scaling`), the others to a window of `sliding_window` positions (a
-//! rotating cache; RoPE at `rope_local_base_freq`). Reads like mlx_lm's `models/gemma3_text.py`.
+//! Gemma 3's multimodal checkpoints (`gemma3`: Gemma 3 4B / 12B / 27B), text only: the
+//! `gemma3_text` model under `language_model.`, the vision tower and projector dropped. The
+//! top-level `vocab_size` (the multimodal embedding's rows) replaces the text config's, whose
+//! heads default to 8 and KV heads to 4. Reads like mlx_lm's `models/gemma3.py`.
 
-use super::attention::Heads;
-use super::decoder::{BaseArgs, DecoderModel, ModelSpec, RopeArgs};
-use super::gemma2::{norm, SandwichBlock};
-use super::qwen3::Attention;
+use super::decoder::DecoderModel;
+use super::gemma3_text;
 use crate::io::Weights;
 use crate::nn::Loader;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Deserialize;
 
+/// The text model's arguments, filled in as mlx_lm's wrapper fills them.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "Wrapper")]
 pub struct ModelArgs {
-    #[serde(flatten)]
-    pub base: BaseArgs,
-    pub num_key_value_heads: usize,
-    pub head_dim: usize,
-    #[serde(default = "super::num::<1000000>")]
-    pub rope_theta: f64,
-    #[serde(default = "super::num::<10000>")]
-    pub rope_local_base_freq: f64,
-    #[serde(default = "super::num::<256>")]
-    pub query_pre_attn_scalar: f64,
-    #[serde(default = "super::count::<512>")]
-    pub sliding_window: usize,
-    #[serde(default = "super::count::<6>")]
-    pub sliding_window_pattern: usize,
-    #[serde(default = "super::count::<32768>")]
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
+    pub text: gemma3_text::ModelArgs,
 }
 
-/// mlx_lm ties the head to the embedding when the weights have no `lm_head`.
-pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
+#[derive(Deserialize)]
+struct Wrapper {
+    text_config: serde_json::Map<String, serde_json::Value>,
+    #[serde(default = "super::count::<262208>")]
+    vocab_size: usize,
+}
+
+impl TryFrom<Wrapper> for ModelArgs {
+    type Error = serde_json::Error;
+
+    fn try_from(w: Wrapper) -> Result<Self, Self::Error> {
+        let mut t = w.text_config;
+        t.insert("vocab_size".into(), w.vocab_size.into());
+        t.entry("num_attention_heads").or_insert(8.into());
+        t.entry("num_key_value_heads").or_insert(4.into());
+        Ok(Self { text: serde_json::from_value(t.into())? })
+    }
+}
+
+const PREFIX: &str = "language_model.";
+
+/// Drops the vision tower and the projector; every other tensor must be the text model's,
+/// under `language_model.`.
+pub fn sanitize(_args: &ModelArgs, weights: &mut Weights) -> Result<()> {
+    let top = |k: &str| k.split('.').next().unwrap_or("").to_string();
+    weights.sanitize(|k| (!matches!(top(k).as_str(), "vision_tower" | "multi_modal_projector")).then(|| k.to_string()));
+    if let Some(k) = weights.names().find(|k| !k.starts_with(PREFIX)) {
+        bail!(
+            "tensor `{k}` in {}: a gemma3 checkpoint holds its text model under `{PREFIX}` (the layout Gemma 3 was published in)",
+            weights.dir.display()
+        );
+    }
     Ok(())
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
-    let a = &args.base;
-    let hd = args.head_dim;
-    let ctx = args.max_position_embeddings;
-    let global = RopeArgs { rope_traditional: false, rope_scaling: args.rope_scaling.clone() }.rope(
-        hd,
-        args.rope_theta,
-        Some(ctx),
-    )?;
-    let local = RopeArgs::default().rope(hd, args.rope_local_base_freq, None)?;
-    let heads = Heads {
-        scale: args.query_pre_attn_scalar.powf(-0.5),
-        ..Heads::new(a.num_attention_heads, args.num_key_value_heads, hd)
-    };
-    let layers = (0..a.num_hidden_layers)
-        .map(|i| {
-            let p = format!("model.layers.{i}");
-            // qwen3's attention (per-head q/k norms), with gemma's norms and score scale
-            let qk_norm = |n: &str| norm(ld, n, hd, a.rms_norm_eps);
-            let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, qk_norm)?;
-            SandwichBlock::load(ld, &p, a, attn)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let tied = !ld.weights.contains("lm_head.weight");
-    let mut spec = ModelSpec::plain(a.num_hidden_layers, global, tied, Some(ctx));
-    spec.ropes.push(local);
-    let pattern = args.sliding_window_pattern.max(1);
-    let is_global = |i: usize| i % pattern == pattern - 1;
-    spec.layer_rope = (0..a.num_hidden_layers).map(|i| if is_global(i) { 0 } else { 1 }).collect();
-    spec.windows = (0..a.num_hidden_layers).map(|i| (!is_global(i)).then_some(args.sliding_window)).collect();
-    spec.norm_shift = 1.0;
-    spec.embed_scale = Some(half::bf16::from_f64((a.hidden_size as f64).sqrt()).to_f64());
-    a.decoder(ld, spec, layers)
+    gemma3_text::load_with(&args.text, ld, PREFIX)
 }

@@ -3,7 +3,7 @@
 //! cache of `sliding_window` positions). Reads like mlx_lm's `models/llama.py`, which also
 //! ignores a `sliding_window` that no `layer_types` entry uses.
 
-use super::attention::{qkv, Heads, SelfAttention};
+use super::attention::{qkv, Heads, QkNorms, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
 use super::mlp::Mlp;
 use crate::cache::KvCache;
@@ -82,6 +82,8 @@ pub struct Attention {
     v_proj: Linear,
     o_proj: Linear,
     heads: Heads,
+    /// false in a NoPE layer
+    use_rope: bool,
 }
 
 impl Attention {
@@ -95,7 +97,12 @@ impl Attention {
 
     /// From its projections (phi names the output one `dense`).
     pub fn new([q_proj, k_proj, v_proj]: [Linear; 3], o_proj: Linear, heads: Heads) -> Self {
-        Self { q_proj, k_proj, v_proj, o_proj, heads }
+        Self { q_proj, k_proj, v_proj, o_proj, heads, use_rope: true }
+    }
+
+    /// The same attention with RoPE (`true`) or without it (a NoPE layer: SmolLM3, Cohere 2).
+    pub fn with_rope(self, use_rope: bool) -> Self {
+        Self { use_rope, ..self }
     }
 }
 
@@ -112,7 +119,8 @@ impl Attention {
 
 impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        self.heads.attend(self.project(x)?, None, rope, cache)
+        let rope = self.use_rope.then_some(rope);
+        self.heads.attend_with(self.project(x)?, QkNorms::None, rope, cache)
     }
 
     fn o_proj(&self) -> &Linear {
@@ -125,13 +133,18 @@ impl SelfAttention for Attention {
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
+    load_with(args, ld, "")
+}
+
+/// The model with every tensor name under `prefix` (mistral3's text model: `language_model.`).
+pub fn load_with(args: &ModelArgs, ld: &Loader, prefix: &'static str) -> Result<DecoderModel> {
     let a = &args.base;
     let (hd, ctx) = (args.head_dim(), args.max_position_embeddings);
     let rope = args.rope.rope(hd, args.rope_theta, ctx)?;
     let heads = Heads::new(a.num_attention_heads, args.n_kv_heads(), hd);
     let layers = (0..a.num_hidden_layers)
         .map(|i| {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}model.layers.{i}");
             let bias = args.attention_bias;
             let attn = Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, bias, bias)?;
             let mlp = Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, args.mlp_bias)?;
@@ -140,5 +153,6 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         .collect::<Result<Vec<_>>>()?;
     let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx);
     spec.windows = (0..a.num_hidden_layers).map(|i| args.window(i)).collect::<Result<Vec<_>>>()?;
+    spec.prefix = prefix;
     a.decoder(ld, spec, layers)
 }

@@ -4,7 +4,7 @@
 
 use crate::nn::{Branch, Linear, Loader, Normed};
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 
 /// The feed-forward part of a decoder layer as the layer runs it.
 pub trait FeedForward: Send + Sync {
@@ -95,6 +95,37 @@ impl DenseMlp for Mlp {
 
     fn input_layers(&self) -> Vec<&Linear> {
         vec![&self.gate_proj, &self.up_proj]
+    }
+}
+
+/// llama's MLP with the gate and up projections in one `gate_up_proj` (gate rows first), as
+/// Phi-3 and GLM-4 store it: `down(silu(gate) · up)`.
+pub struct FusedMlp {
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    hidden: usize,
+}
+
+impl FusedMlp {
+    /// `{p}.gate_up_proj` (dim → 2·hidden) and `{p}.down_proj` (hidden → dim), without biases.
+    pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            gate_up_proj: Linear::load(ld, &format!("{p}.gate_up_proj"), dim, 2 * hidden, false)?,
+            down_proj: Linear::load(ld, &format!("{p}.down_proj"), hidden, dim, false)?,
+            hidden,
+        })
+    }
+}
+
+impl DenseMlp for FusedMlp {
+    fn forward(&self, x: &Normed) -> Result<Tensor> {
+        let t = self.gate_up_proj.forward(&x.tensor()?)?;
+        let h = self.hidden;
+        crate::ops::swiglu::swiglu(&t.narrow(D::Minus1, 0, h)?, &t.narrow(D::Minus1, h, h)?)
+    }
+
+    fn down_proj(&self) -> &Linear {
+        &self.down_proj
     }
 }
 

@@ -1,21 +1,33 @@
 //! Architectures, one file each (like mlx_lm's `models/`), discovered by config.json's `model_type`.
 
+pub mod apertus;
 pub mod attention;
 pub mod checkpoint;
+pub mod cohere2;
 pub mod decoder;
 pub mod ernie4_5_moe;
+pub mod exaone4;
 pub mod gemma2;
 pub mod gemma3;
+pub mod gemma3_text;
 pub mod gemma4_text;
+pub mod glm4;
 pub mod glm4_moe;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
+pub mod helium;
+pub mod hunyuan_v1_dense;
+pub mod internlm3;
 pub mod llama;
 pub mod llama4;
 pub mod llama4_text;
+pub mod ministral3;
+pub mod mistral3;
 pub mod mixtral;
 pub mod mlp;
+pub mod olmo2;
+pub mod olmo3;
 pub mod olmoe;
 pub mod phi;
 pub mod phi3;
@@ -24,7 +36,9 @@ pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod seed_oss;
 pub mod smollm3;
+pub mod starcoder2;
 pub mod switch;
 
 use crate::cache::KvCache;
@@ -166,7 +180,7 @@ macro_rules! by_model_type {
                 $body
             }
             "gemma3_text" => {
-                use self::gemma3 as $arch;
+                use self::gemma3_text as $arch;
                 $body
             }
             "mixtral" => {
@@ -225,6 +239,62 @@ macro_rules! by_model_type {
                 use self::granite as $arch;
                 $body
             }
+            "seed_oss" => {
+                use self::seed_oss as $arch;
+                $body
+            }
+            "helium" => {
+                use self::helium as $arch;
+                $body
+            }
+            "internlm3" => {
+                use self::internlm3 as $arch;
+                $body
+            }
+            "olmo2" => {
+                use self::olmo2 as $arch;
+                $body
+            }
+            "olmo3" => {
+                use self::olmo3 as $arch;
+                $body
+            }
+            "exaone4" => {
+                use self::exaone4 as $arch;
+                $body
+            }
+            "glm4" => {
+                use self::glm4 as $arch;
+                $body
+            }
+            "cohere2" => {
+                use self::cohere2 as $arch;
+                $body
+            }
+            "starcoder2" => {
+                use self::starcoder2 as $arch;
+                $body
+            }
+            "apertus" => {
+                use self::apertus as $arch;
+                $body
+            }
+            "hunyuan_v1_dense" => {
+                use self::hunyuan_v1_dense as $arch;
+                $body
+            }
+            "gemma3" => {
+                use self::gemma3 as $arch;
+                $body
+            }
+            "ministral3" => {
+                use self::ministral3 as $arch;
+                $body
+            }
+            "mistral3" | "llava" => {
+                use self::mistral3 as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -254,6 +324,21 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama4_text",
     "smollm3",
     "granite",
+    "seed_oss",
+    "helium",
+    "internlm3",
+    "olmo2",
+    "olmo3",
+    "exaone4",
+    "glm4",
+    "cohere2",
+    "starcoder2",
+    "apertus",
+    "hunyuan_v1_dense",
+    "gemma3",
+    "ministral3",
+    "mistral3",
+    "llava",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does

@@ -3,15 +3,14 @@
 //! experts mixed by their router probabilities (renormalized with `norm_topk_prob`). Reads like
 //! mlx_lm's `models/olmoe.py`.
 
-use super::attention::{Heads, SelfAttention};
+use super::attention::Heads;
 use super::decoder::{DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
+use super::olmo2::Attention;
 use super::switch::{stack_mlp_experts, SoftmaxMoe};
-use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Linear, Loader, Normed, RmsNorm, RopeTables};
+use crate::nn::Loader;
 use anyhow::Result;
-use candle_core::Tensor;
 use serde::Deserialize;
 
 /// llama's arguments (flattened: the same config keys and defaults) and the experts'.
@@ -31,29 +30,6 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     stack_mlp_experts(weights, args.llama.base.num_hidden_layers, args.num_experts)
 }
 
-/// llama's attention with `q_norm` / `k_norm` over the whole query / key projection.
-struct Attention {
-    llama: llama::Attention,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-}
-
-impl SelfAttention for Attention {
-    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let [q, k, v] = self.llama.project(x)?;
-        let (q, k) = (self.q_norm.forward(&q)?, self.k_norm.forward(&k)?);
-        self.llama.heads().attend([q, k, v], None, rope, cache)
-    }
-
-    fn o_proj(&self) -> &Linear {
-        self.llama.o_proj()
-    }
-
-    fn input_layers(&self) -> Vec<&Linear> {
-        self.llama.input_layers()
-    }
-}
-
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let (la, a) = (&args.llama, &args.llama.base);
     let dim = a.hidden_size;
@@ -64,12 +40,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         .map(|l| {
             let p = format!("model.layers.{l}");
             let bias = la.attention_bias;
-            let norm = |n: &str, width: usize| RmsNorm::load(ld, &format!("{p}.self_attn.{n}"), width, a.rms_norm_eps);
-            let attn = Attention {
-                llama: llama::Attention::load(ld, &format!("{p}.self_attn"), dim, heads, bias, bias)?,
-                q_norm: norm("q_norm", a.num_attention_heads * hd)?,
-                k_norm: norm("k_norm", n_kv * hd)?,
-            };
+            let attn = Attention::load(ld, &format!("{p}.self_attn"), dim, heads, bias, a.rms_norm_eps)?;
             let (e, k) = (args.num_experts, args.num_experts_per_tok);
             let (hidden, norm) = (a.intermediate_size, args.norm_topk_prob);
             let mlp = SoftmaxMoe::load(ld, &format!("{p}.mlp"), dim, hidden, e, k, norm, la.mlp_bias)?;

@@ -66,20 +66,20 @@ impl DenseMlp for Mlp {
     }
 }
 
-/// Phi-2's decoder layer: attention and the MLP in parallel on one norm,
-/// `out = x + attn(n) + mlp(n)` with `n = input_layernorm(x)`.
-struct PhiLayer {
-    input_layernorm: LayerNorm,
-    self_attn: Attention,
-    mlp: Mlp,
+/// A decoder layer running attention and the MLP in parallel on one LayerNorm (Phi-2,
+/// Cohere): `out = x + attn(n) + mlp(n)` with `n = input_layernorm(x)`.
+pub struct ParallelBlock<A, M> {
+    pub input_layernorm: LayerNorm,
+    pub self_attn: A,
+    pub mlp: M,
 }
 
-impl Layer for PhiLayer {
+impl<A: SelfAttention, M: DenseMlp> Layer for ParallelBlock<A, M> {
     fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
         let x = x.sum()?;
         let n = Normed::Plain(self.input_layernorm.forward(&x)?);
         let attn = self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?;
-        let mlp = self.mlp.fc2.forward(&self.mlp.forward(&n)?)?;
+        let mlp = self.mlp.down_proj().forward(&self.mlp.forward(&n)?)?;
         Ok(Residual::new(((attn + mlp)? + x)?))
     }
 }
@@ -102,7 +102,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let p = format!("model.layers.{i}");
             let (pa, pm) = (format!("{p}.self_attn"), format!("{p}.mlp"));
             let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{pm}.{n}"), i, o, true);
-            let layer = PhiLayer {
+            let layer = ParallelBlock {
                 input_layernorm: LayerNorm::load(ld, &format!("{p}.input_layernorm"), dim, args.layer_norm_eps)?,
                 // llama's attention with biases everywhere, the output projection named `dense`
                 self_attn: Attention::new(
@@ -119,7 +119,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         Rope::from_config((args.partial_rotary_factor * head_dim as f64) as usize, args.rope_theta, false, None, None)?;
     let ctx = Some(args.max_position_embeddings);
     let mut spec = ModelSpec::plain(args.num_hidden_layers, rope, false, ctx);
-    spec.final_layernorm = Some("model.final_layernorm");
+    spec.final_layernorm = Some(("model.final_layernorm", true));
     spec.lm_head_bias = true;
     base.decoder(ld, spec, layers)
 }

@@ -4,12 +4,12 @@
 
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
-use super::mlp::DenseMlp;
+use super::mlp::FusedMlp;
 use crate::cache::KvCache;
 use crate::io::Weights;
 use crate::nn::{Linear, Loader, Normed, Rope, RopeTables};
 use anyhow::{Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,26 +70,6 @@ impl SelfAttention for Attention {
     }
 }
 
-/// Phi-3's MLP: one `gate_up_proj` whose halves are the gate and the up projection,
-/// `down(silu(gate) · up)`.
-struct Mlp {
-    gate_up_proj: Linear,
-    down_proj: Linear,
-    hidden: usize,
-}
-
-impl DenseMlp for Mlp {
-    fn forward(&self, x: &Normed) -> Result<Tensor> {
-        let t = self.gate_up_proj.forward(&x.tensor()?)?;
-        let (gate, up) = (t.narrow(D::Minus1, 0, self.hidden)?, t.narrow(D::Minus1, self.hidden, self.hidden)?);
-        crate::ops::swiglu::swiglu(&gate, &up)
-    }
-
-    fn down_proj(&self) -> &Linear {
-        &self.down_proj
-    }
-}
-
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
     let (dim, hidden) = (a.hidden_size, a.intermediate_size);
@@ -106,11 +86,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                 o_proj: heads.load_out(ld, &pa, "o_proj", dim, false)?,
                 heads,
             };
-            let mlp = Mlp {
-                gate_up_proj: Linear::load(ld, &format!("{pm}.gate_up_proj"), dim, 2 * hidden, false)?,
-                down_proj: Linear::load(ld, &format!("{pm}.down_proj"), hidden, dim, false)?,
-                hidden,
-            };
+            let mlp = FusedMlp::load(ld, &pm, dim, hidden)?;
             PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
         })
         .collect::<Result<Vec<_>>>()?;

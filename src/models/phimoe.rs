@@ -192,7 +192,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         vocab_size: args.vocab_size,
     };
     let mut spec = ModelSpec::plain(args.num_hidden_layers, rope, false, Some(args.max_position_embeddings));
-    spec.final_layernorm = Some("model.norm");
+    spec.final_layernorm = Some(("model.norm", true));
     spec.lm_head_bias = true;
     base.decoder(ld, spec, layers)
 }

@@ -1,7 +1,7 @@
 //! Qwen3: llama's layers without biases, an explicit `head_dim`, and an RMSNorm over each head
 //! of the queries and keys before RoPE. Reads like mlx_lm's `models/qwen3.py`.
 
-use super::attention::{Heads, SelfAttention};
+use super::attention::{Heads, QkNorms, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
 use super::mlp::Mlp;
@@ -40,6 +40,8 @@ pub struct Attention {
     llama: llama::Attention,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
+    /// false in a NoPE layer
+    use_rope: bool,
 }
 
 impl Attention {
@@ -56,14 +58,23 @@ impl Attention {
             llama: llama::Attention::load(ld, p, hidden, heads, false, false)?,
             q_norm: norm(&format!("{p}.q_norm"))?,
             k_norm: norm(&format!("{p}.k_norm"))?,
+            use_rope: true,
         })
+    }
+}
+
+impl Attention {
+    /// The same attention with RoPE (`true`) or without it (EXAONE 4's global layers).
+    pub fn with_rope(self, use_rope: bool) -> Self {
+        Self { use_rope, ..self }
     }
 }
 
 impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let qkv = self.llama.project(x)?;
-        self.llama.heads().attend(qkv, Some((&self.q_norm, &self.k_norm)), rope, cache)
+        let norms = QkNorms::BeforeRope(&self.q_norm, &self.k_norm);
+        self.llama.heads().attend_with(qkv, norms, self.use_rope.then_some(rope), cache)
     }
 
     fn o_proj(&self) -> &Linear {

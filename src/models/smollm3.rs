@@ -5,7 +5,6 @@
 use super::attention::Heads;
 use super::decoder::{DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
-use super::llama4::{Attention, QkNorm};
 use super::mlp::Mlp;
 use crate::io::Weights;
 use crate::nn::Loader;
@@ -49,13 +48,8 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         .map(|i| {
             let p = format!("model.layers.{i}");
             let bias = la.attention_bias;
-            let attn = Attention {
-                llama: llama::Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, bias, bias)?,
-                use_rope: rope_layers[i],
-                qk_norm: QkNorm::None,
-                chunk: None,
-                temperature: None,
-            };
+            let attn = llama::Attention::load(ld, &format!("{p}.self_attn"), a.hidden_size, heads, bias, bias)?
+                .with_rope(rope_layers[i]);
             let mlp = Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, la.mlp_bias)?;
             PreNormBlock::load(ld, &p, a.hidden_size, a.rms_norm_eps, attn, mlp)
         })

@@ -185,7 +185,7 @@ pub fn set_deferred_norms(on: bool) {
     DEFER_ON_THIS_THREAD.set(Some(on));
 }
 
-/// LayerNorm with a learned scale and bias.
+/// LayerNorm with a learned scale and bias (a bias of zeros where the model has none).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -194,12 +194,16 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// `{name}.weight` and `{name}.bias`.
     pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: ld.tensor(&format!("{name}.weight"), &[dim])?,
-            bias: ld.tensor(&format!("{name}.bias"), &[dim])?,
-            eps: eps as f32,
-        })
+        Self::load_with(ld, name, dim, eps, true)
+    }
+
+    /// `{name}.weight`, and `{name}.bias` where `bias` says the model has one (Cohere's have not).
+    pub fn load_with(ld: &Loader, name: &str, dim: usize, eps: f64, bias: bool) -> Result<Self> {
+        let weight = ld.tensor(&format!("{name}.weight"), &[dim])?;
+        let bias = if bias { ld.tensor(&format!("{name}.bias"), &[dim])? } else { weight.zeros_like()? };
+        Ok(Self { weight, bias, eps: eps as f32 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

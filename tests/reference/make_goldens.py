@@ -11,6 +11,7 @@ Writes tests/golden/*. Nothing here reads wick's outputs except the default mode
 import argparse
 import re
 import hashlib
+import copy
 import json
 import os
 import sys
@@ -295,7 +296,113 @@ TINY_CONFIGS = {
         attention_multiplier=0.05, embedding_multiplier=12.0, residual_multiplier=0.22,
         max_position_embeddings=256, attention_bias=True, mlp_bias=True, rope_theta=10000.0,
         tie_word_embeddings=True),
+    # Seed-OSS: llama with head_dim 32 != 64/4, q/k/v biases and the output projection's own bias
+    # flag, MLP biases, untied (mlx_lm's tied head breaks once quantized)
+    "tiny_seed_oss": dict(model_type="seed_oss", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, vocab_size=128,
+        max_position_embeddings=256, rope_theta=10000000.0, attention_bias=True, attention_out_bias=True,
+        mlp_bias=True, tie_word_embeddings=False),
+    # Helium: traditional RoPE, q/k/v biases without an output bias, MLP biases
+    "tiny_helium": dict(model_type="helium", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-8, vocab_size=128,
+        attention_bias=True, mlp_bias=True, max_position_embeddings=256, rope_theta=100000.0,
+        tie_word_embeddings=False),
+    # InternLM3: qkv_bias (o too) and bias (MLP), dynamic NTK RoPE outgrown within 72 tokens
+    "tiny_internlm3": dict(model_type="internlm3", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128, bias=True,
+        qkv_bias=True, rope_theta=50000.0, max_position_embeddings=32, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+    # OLMo 2: post-norms only, q/k norms over the whole projections, q/k/v/o biases
+    "tiny_olmo2": dict(model_type="olmo2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128,
+        max_position_embeddings=256, rope_theta=500000.0, attention_bias=True, tie_word_embeddings=False),
+    # OLMo 3: OLMo 2's layers, sliding(8)/full from layer_types (not the default pattern), yarn on
+    # the full layer only
+    "tiny_olmo3": dict(model_type="olmo3", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=128,
+        max_position_embeddings=256, rope_theta=500000.0, attention_bias=True, tie_word_embeddings=False,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32,
+                          beta_fast=32.0, beta_slow=1.0, attention_factor=1.2)),
+    # EXAONE 4: post-norms, per-head q/k norms, pattern "LLG" wrapping over 4 layers: sliding(8)
+    # llama3-scaled RoPE layers and a NoPE global layer
+    "tiny_exaone4": dict(model_type="exaone4", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, vocab_size=128,
+        max_position_embeddings=256, rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=8,
+        sliding_window_pattern="LLG",
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32)),
+    # GLM-4: sandwich norms under GLM's names, fused gate_up, partial (0.5) traditional RoPE
+    # (the default), q/k/v biases, head_dim 32 != 64/4
+    "tiny_glm4": dict(model_type="glm4", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5,
+        attention_bias=True, rms_norm_eps=1e-5, vocab_size=128, rope_theta=10000.0,
+        max_position_embeddings=256),
+    # Cohere 2: parallel attention + MLP on a bias-free LayerNorm, sliding(8) traditional-RoPE
+    # layers and NoPE global ones (pattern 2), tied head scaled by logit_scale
+    "tiny_cohere2": dict(model_type="cohere2", hidden_size=64, head_dim=16, num_hidden_layers=4,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0,
+        vocab_size=128, layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True, layer_norm_bias=False,
+        sliding_window=8, sliding_window_pattern=2, max_position_embeddings=256),
+    # StarCoder2: biased LayerNorms, biases everywhere, ungated exact-GELU MLP (c_fc, c_proj)
+    "tiny_starcoder2": dict(model_type="starcoder2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, norm_epsilon=1e-5, vocab_size=128, rope_theta=100000.0,
+        max_position_embeddings=256, tie_word_embeddings=False),
+    # Apertus: norms named attention_/feedforward_layernorm, per-head q/k norms, ungated xIELU MLP
+    # (its learned scalars randomized), MLP biases, llama3 RoPE
+    "tiny_apertus": dict(model_type="apertus", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128, mlp_bias=True,
+        attention_bias=False, post_norm=False, qk_norm=True, tie_word_embeddings=False,
+        max_position_embeddings=256, rope_theta=12000000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32)),
+    # Hunyuan dense: alpha-raised RoPE base, per-head q/k norms after RoPE, q/k/v/o biases,
+    # head_dim 32 != 64/4, tied head
+    "tiny_hunyuan_v1_dense": dict(model_type="hunyuan_v1_dense", hidden_size=64, num_hidden_layers=2,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+        vocab_size=128, rope_theta=10000.0, max_position_embeddings=256, attention_bias=True,
+        use_qk_norm=True, tie_word_embeddings=True,
+        rope_scaling=dict(alpha=1000.0, factor=1.0, type="dynamic", beta_fast=32, beta_slow=1, mscale=1.0,
+                          mscale_all_dim=1.0)),
+    # Ministral 3: llama with yarn RoPE from rope_parameters and Llama 4's position scaling of the
+    # queries (original_max_position_embeddings 16: the scale steps at 16, 32, 48, 64), sliding(8)
+    # layers from layer_types, head_dim 32 != 64/4, tied
+    "tiny_ministral3": dict(model_type="ministral3", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, vocab_size=128,
+        max_position_embeddings=256, tie_word_embeddings=True, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters=dict(type="yarn", rope_type="yarn", rope_theta=1000000.0, factor=16.0,
+            original_max_position_embeddings=16, max_position_embeddings=256, beta_fast=32.0, beta_slow=1.0,
+            mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1)),
+    # Mistral 3 (Ministral 3 layout): the ministral3 text model under language_model., untied by the
+    # wrapper's default, vision config ignored
+    "tiny_mistral3": dict(model_type="mistral3", image_token_index=10, spatial_merge_size=2,
+        vision_config=dict(model_type="pixtral", hidden_size=16),
+        text_config=dict(model_type="ministral3", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, vocab_size=128,
+            max_position_embeddings=256, sliding_window=8,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters=dict(type="yarn", rope_type="yarn", rope_theta=1000000.0, factor=16.0,
+                original_max_position_embeddings=16, max_position_embeddings=256, beta_fast=32.0,
+                beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
+    # Mistral 3 (Mistral Small 3.1 layout): a `mistral` text model, the llama path
+    "tiny_mistral3_llama": dict(model_type="mistral3", text_config=dict(model_type="mistral", hidden_size=64,
+        num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        rms_norm_eps=1e-5, vocab_size=128, rope_theta=1000000000.0, max_position_embeddings=256)),
+    # Gemma 3's multimodal wrapper: gemma3_text under language_model., heads 8 / kv 4 from the
+    # wrapper's defaults, the text vocab_size (100) replaced by the top-level one
+    "tiny_gemma3_vlm": dict(model_type="gemma3", vocab_size=128, mm_tokens_per_image=4,
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16),
+        text_config=dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+            head_dim=16, rms_norm_eps=1e-6, vocab_size=100, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+            query_pre_attn_scalar=16.0, sliding_window=8, sliding_window_pattern=2, max_position_embeddings=256,
+            rope_scaling=dict(rope_type="linear", factor=8.0))),
 }
+
+# Wrappers whose mlx_lm arguments fill defaults into the config they are given: their golden
+# config.json is the config as written above, so that wick's own defaults are what fills it.
+TINY_AS_WRITTEN = {"tiny_mistral3", "tiny_mistral3_llama", "tiny_gemma3_vlm"}
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
@@ -313,6 +420,8 @@ def randomize(params):
             params[k] = mx.random.normal(params[k].shape) * 0.2 + (1.0 if "norm" in k else 0.0)
         elif k.endswith(("e_score_correction_bias", ".sinks")):
             params[k] = mx.random.normal(params[k].shape) * 0.2
+        elif k.endswith(("act_fn.alpha_p", "act_fn.alpha_n", "act_fn.beta")):
+            params[k] = params[k] + mx.random.normal(params[k].shape) * 0.3  # apertus's xIELU scalars
         elif k.endswith(("router.scale", "per_expert_scale", "layer_scalar")):
             params[k] = mx.random.normal(params[k].shape) * 0.2 + 1.0
         elif k.endswith("mlp.gate.weight") and params[k].ndim == 2 and not mx.any(params[k]).item():
@@ -383,6 +492,7 @@ def tiny_models():
 
     for name, cfg in TINY_CONFIGS.items():
         mx.random.seed(TINY_SEEDS.get(name, 7))
+        written = copy.deepcopy(cfg) if name in TINY_AS_WRITTEN else cfg
         model_class, args_class = _get_classes(cfg)
         model = model_class(args_class.from_dict(cfg))
         params = randomize(dict(tree_flatten(model.parameters())))
@@ -392,7 +502,7 @@ def tiny_models():
         d = os.path.join(GOLDEN, name)
         os.makedirs(d, exist_ok=True)
         mx.save_safetensors(os.path.join(d, "model.safetensors"), params, metadata={"format": "mlx"})
-        json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
+        json.dump(written, open(os.path.join(d, "config.json"), "w"), indent=1)
         model.load_weights([(k, v.astype(mx.float32)) for k, v in params.items()])
         rng = np.random.default_rng(3)
         vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
