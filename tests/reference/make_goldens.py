@@ -2,7 +2,7 @@
 """Regenerates wick's golden files from mlx / mlx_lm (the oracle) on CPU.
 
 Usage (from the repository root, after `models/fetch-default.sh`):
-    pip install "mlx[cpu]" mlx-lm gguf numpy
+    pip install "mlx[cpu]" mlx-lm gguf numpy sentencepiece tokenizers
     python3 tests/reference/make_goldens.py [--only foundation|quant|gguf_tiny|...]
 
 Writes tests/golden/*. Nothing here reads wick's outputs except the default model folder that

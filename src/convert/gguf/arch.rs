@@ -16,6 +16,8 @@ pub struct Arch {
     pub model_type: &'static str,
     /// config.json's `architectures`
     pub class: &'static str,
+    /// config.json's `hidden_act` (informative: each model has its own activation)
+    pub act: &'static str,
     /// llama.cpp's converter permutes the rows of Q and K (weights and biases) for its rotary
     /// layout (`LlamaModel.permute`); the import undoes it
     pub unpermute_qk: bool,
@@ -89,6 +91,7 @@ const LLAMA: Arch = Arch {
     experts: Some(false),
     model_type: "llama",
     class: "LlamaForCausalLM",
+    act: "silu",
     unpermute_qk: true,
     norm_offset: 0.0,
     moe: "mlp",
@@ -203,6 +206,7 @@ pub const ARCHS: &[Arch] = &[
         experts: None,
         model_type: "gemma2",
         class: "Gemma2ForCausalLM",
+        act: "gelu_pytorch_tanh",
         unpermute_qk: false,
         norm_offset: 1.0,
         layer: GEMMA_NORMS,
@@ -219,6 +223,7 @@ pub const ARCHS: &[Arch] = &[
         experts: None,
         model_type: "gemma3_text",
         class: "Gemma3ForCausalLM",
+        act: "gelu_pytorch_tanh",
         unpermute_qk: false,
         norm_offset: 1.0,
         layer: GEMMA_NORMS,
@@ -281,8 +286,8 @@ impl Meta<'_> {
 }
 
 impl Arch {
-    /// The mlx_lm name of a GGUF tensor, `Ok(None)` for tensors that are configuration
-    /// (RoPE factors), an error for a tensor this architecture does not have.
+    /// The mlx_lm name of a GGUF tensor: `Some(None)` for tensors that are configuration (RoPE
+    /// factors), `None` for a tensor this architecture does not have.
     pub fn hf_name(&self, gguf: &str) -> Option<Option<String>> {
         match gguf {
             "token_embd.weight" => return Some(Some("model.embed_tokens.weight".into())),
@@ -331,7 +336,7 @@ impl Arch {
         }
         cfg.insert("vocab_size".into(), json!(embd[0]));
         cfg.insert("tie_word_embeddings".into(), json!(!m.shapes.contains_key("output.weight")));
-        cfg.insert("hidden_act".into(), json!("silu"));
+        cfg.insert("hidden_act".into(), json!(self.act));
         cfg.insert("torch_dtype".into(), json!(dtype));
         if let Some(s) = rope_scaling(m)? {
             cfg.insert("rope_scaling".into(), s);

@@ -128,7 +128,7 @@ impl GgufFile {
 pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let shape = w.dims().to_vec();
     let rows = shape[0];
-    if n_heads == 0 || rows % (2 * n_heads) != 0 {
+    if n_heads == 0 || !rows.is_multiple_of(2 * n_heads) {
         bail!("cannot undo the Q/K permutation: {rows} rows are not 2 × {n_heads} heads × a half");
     }
     let mut split = vec![n_heads, rows / n_heads / 2, 2];
