@@ -4,9 +4,9 @@
 
 use crate::convert::{convert, ConvertOptions, QuantizeOptions, QUANT_RECIPES};
 use crate::quant::QuantParams;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Quantization flags shared by `convert` and `quantize`.
 #[derive(Args, Debug, Clone)]
@@ -91,11 +91,23 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
             Some(d) => crate::backend::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
             None => candle_core::DType::F16,
         };
-        if a.quantize || a.dequantize {
-            bail!("--gguf imports to float; quantize the imported folder with `wick quantize` afterwards");
+        if a.dequantize {
+            bail!("--gguf imports to float already; -d/--dequantize applies to quantized mlx folders");
         }
-        let out = crate::convert::gguf::import(g, &a.mlx_path, dtype, a.flags.force)?;
-        println!("[INFO] Imported {} to {}", g.display(), out.display());
+        if !a.quantize {
+            a.flags.options(false, false)?; // refuses --q-bits & co. without -q
+            let out = crate::convert::gguf::import(g, &a.mlx_path, dtype, a.flags.force)?;
+            println!("[INFO] Imported {} to {}", g.display(), out.display());
+            return Ok(0);
+        }
+        // -q: import to float beside the output, then quantize as --hf-path does
+        let opts = a.flags.options(true, false)?;
+        let parent = a.mlx_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        let tmp = tempfile::Builder::new().prefix(".wick-gguf-").tempdir_in(parent)?;
+        let float = crate::convert::gguf::import(g, &tmp.path().join("float"), dtype, false)?;
+        let out = convert(&float, &a.mlx_path, &opts)?;
+        println!("[INFO] Imported {} and quantized it to {}", g.display(), out.display());
         return Ok(0);
     }
     let Some(src) = &a.hf_path else {

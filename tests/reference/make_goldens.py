@@ -2,13 +2,14 @@
 """Regenerates wick's golden files from mlx / mlx_lm (the oracle) on CPU.
 
 Usage (from the repository root, after `models/fetch-default.sh`):
-    pip install "mlx[cpu]" mlx-lm gguf numpy
-    python3 tests/reference/make_goldens.py [--only foundation|quant]
+    pip install "mlx[cpu]" mlx-lm gguf numpy sentencepiece tokenizers
+    python3 tests/reference/make_goldens.py [--only foundation|quant|gguf_tiny|...]
 
 Writes tests/golden/*. Nothing here reads wick's outputs except the default model folder that
 `wick convert --gguf` imported; that import is itself checked against the `gguf` package below.
 """
 import argparse
+import math
 import re
 import hashlib
 import copy
@@ -1097,10 +1098,520 @@ def lora_run_default():
     mx.set_default_device(mx.cpu)
 
 
+# --- gguf_tiny: GGUF files in llama.cpp's layout, written from the tiny golden models ---------
+#
+# Each tiny model is written the way llama.cpp's convert_hf_to_gguf.py writes its family
+# (re-implemented here from reading that converter, not from wick): tensor names through the
+# `gguf` package's own name map, Q/K rows permuted for the llama family, gemma norms stored +1,
+# phi3's fused projections kept fused, stacked experts, llama 3's rope_freqs and phi3's longrope
+# factors as tensors, 2-D weights in float16 and 1-D tensors in float32. What llama.cpp fixes
+# instead of reading from the file (gemma 3's every-sixth-layer global attention, SmolLM3's
+# every-fourth NoPE layer, OLMoE's unnormalized top-k, llama 3's original context of 8192 when
+# the config has no top-level `original_max_position_embeddings`) is what the file means; where
+# that differs from the tiny model's config, mlx_lm recomputes the greedy tokens with the
+# config the file stands for.
+
+GGUF_DIR = os.path.join(GOLDEN, "gguf")
+
+# source model -> (gguf arch, llama.cpp permutes Q/K, norm shift, vocabulary, pre-tokenizer)
+GGUF_TINY = {
+    "tiny_llama3": ("llama", True, 0.0, "bpe", "llama-bpe"),
+    "tiny_mistral": ("llama", True, 0.0, "spm", None),
+    "tiny_mixtral": ("llama", True, 0.0, "spm", None),
+    "tiny_smollm3": ("smollm3", True, 0.0, "bpe", "llama-bpe"),
+    "tiny_granite": ("granite", True, 0.0, "bpe", "refact"),
+    "tiny_qwen2": ("qwen2", False, 0.0, "bpe", "qwen2"),
+    "tiny_qwen3": ("qwen3", False, 0.0, "bpe", "qwen2"),
+    "tiny_qwen2_moe": ("qwen2moe", False, 0.0, "bpe", "qwen2"),
+    "tiny_qwen3_moe": ("qwen3moe", False, 0.0, "bpe", "qwen2"),
+    "tiny_phi3": ("phi3", False, 0.0, "spm", None),
+    "tiny_gemma2": ("gemma2", False, 1.0, "spm_gemma", None),
+    "tiny_gemma3": ("gemma3", False, 1.0, "spm_gemma", None),
+}
+
+BPE_CORPUS = ("The quick brown fox jumps over the lazy dog. I've seen 12 cats and 345 dogs; "
+              "they're here, we'll go. Hello world! def main():\n    return 42\n") * 4
+TOKENIZER_TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "I've 12345 apples, they're  here\n\n  and   there",
+    "héllo wörld — ünïcode 你好 🚀",
+    " leading space and trailing ",
+    "def f(x):\n\treturn x**2 # 3.14",
+]
+
+
+def _llama_permute(w, n_head):
+    """convert_hf_to_gguf's LlamaModel.permute: rows (heads, 2, half) -> (heads, half, 2)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _bpe_vocab(size, specials):
+    """A byte-level BPE trained by `tokenizers` on BPE_CORPUS (its alphabet only when small),
+    padded with llama.cpp's `[PAD{i}]` unused tokens to `size`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if size > 300 else []
+    tr = trainers.BpeTrainer(vocab_size=size, special_tokens=specials, initial_alphabet=alphabet,
+                             show_progress=False)
+    tok.train_from_iterator([BPE_CORPUS], tr)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [gguf_token_type("CONTROL") if t in specials else gguf_token_type("NORMAL") for t in tokens]
+    while len(tokens) < size:
+        tokens.append(f"[PAD{len(tokens)}]")
+        types.append(gguf_token_type("UNUSED"))
+    return tokens[:size], types[:size], merges
+
+
+def gguf_token_type(name):
+    import gguf
+    return int(getattr(gguf.TokenType, name))
+
+
+def _spm_synthetic(size, gemma):
+    """A SentencePiece (`llama`) vocabulary of exactly `size` tokens: specials, a few byte-fallback
+    tokens, letters and some merged pieces with descending scores."""
+    if gemma:
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    else:
+        specials = ["<unk>", "<s>", "</s>"]
+    tokens = list(specials)
+    types = [gguf_token_type("UNKNOWN") if t == "<unk>" else gguf_token_type("CONTROL") for t in tokens]
+    scores = [0.0] * len(tokens)
+    for b in range(16):
+        tokens.append(f"<0x{b:02X}>")
+        types.append(gguf_token_type("BYTE"))
+        scores.append(0.0)
+    pieces = ["▁t", "he", "▁the", "in", "er", "▁a", "on", "re", "at", "en", "▁s", "▁w", "or", "▁o", "it", "is"]
+    letters = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    for i, p in enumerate(pieces + letters):
+        tokens.append(p)
+        types.append(gguf_token_type("NORMAL"))
+        scores.append(-float(i))
+    while len(tokens) < size:
+        tokens.append(f"<unused{len(tokens)}>")
+        types.append(gguf_token_type("UNUSED"))
+        scores.append(-1000.0)
+    return tokens[:size], types[:size], scores[:size], specials
+
+
+def _write_bpe_vocab(w, tokens, types, merges, pre, bos, eos):
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+
+
+def _write_spm_vocab(w, tokens, types, scores, specials, gemma):
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(tokens.index("<unk>"))
+    w.add_bos_token_id(tokens.index("<bos>" if gemma else "<s>"))
+    w.add_eos_token_id(tokens.index("<eos>" if gemma else "</s>"))
+    if gemma:
+        w.add_add_space_prefix(False)
+
+
+def _effective_config(name, arch, cfg):
+    """The config a llama.cpp reader of the file runs (see the section's comment)."""
+    eff = dict(cfg)
+    if arch == "llama" and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        eff["rope_scaling"] = dict(cfg["rope_scaling"], original_max_position_embeddings=cfg.get(
+            "original_max_position_embeddings", 8192))
+    if arch == "smollm3":
+        eff["no_rope_layer_interval"] = 4
+    if arch == "gemma3":
+        eff["sliding_window_pattern"] = 6
+        eff["rope_local_base_freq"] = 10000.0
+        eff["query_pre_attn_scalar"] = cfg["head_dim"]
+    if arch == "gemma2":
+        eff["query_pre_attn_scalar"] = cfg["head_dim"]
+    if arch == "olmoe":
+        eff["norm_topk_prob"] = False
+    return eff
+
+
+def _write_tiny_gguf(name, path):
+    import gguf
+
+    arch, permute, shift, vocab_kind, pre = GGUF_TINY[name]
+    d = os.path.join(GOLDEN, name)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    params = {k: np.array(v.astype(mx.float32)) if v.dtype != mx.float16 else np.array(v)
+              for k, v in mx.load(os.path.join(d, "model.safetensors")).items()}
+    n_layer = cfg["num_hidden_layers"]
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    hidden = cfg["hidden_size"]
+    vocab = cfg["vocab_size"]
+    gguf_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(gguf_arch, n_layer)
+    w = gguf.GGUFWriter(path, arch)
+
+    # hyperparameters as TextModel.set_gguf_parameters and the family's converter write them
+    w.add_block_count(n_layer)
+    if "max_position_embeddings" in cfg:
+        w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if "rope_theta" in cfg:
+        w.add_rope_freq_base(cfg["rope_theta"])
+    if "head_dim" in cfg and arch not in ("granite", "granitemoe"):
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    for k in ("num_local_experts", "num_experts"):
+        if k in cfg:
+            w.add_expert_count(cfg[k])
+            break
+    if "num_experts_per_tok" in cfg:
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    rs = cfg.get("rope_scaling") or {}
+    rtype = rs.get("rope_type", rs.get("type"))
+    if rtype == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs["factor"])
+    elif rtype == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rs["factor"])
+        w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+    elif rtype == "longrope":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    if arch in ("llama", "smollm3", "granite", "granitemoe"):
+        w.add_vocab_size(vocab)
+        w.add_rope_dimension_count(cfg.get("head_dim", hidden // n_head))
+    if arch in ("qwen2moe", "qwen3moe"):
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if arch in ("granite", "granitemoe"):
+        w.add_attention_scale(cfg["attention_multiplier"])
+        w.add_embedding_scale(cfg["embedding_multiplier"])
+        w.add_residual_scale(cfg["residual_multiplier"])
+        w.add_logit_scale(cfg["logits_scaling"])
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+        w.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * hidden) // n_head)
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+        scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg["original_max_position_embeddings"]))
+                                        if scale > 1.0 else 1.0)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        w.add_sliding_window(cfg.get("sliding_window", 4096))  # Gemma2Config's default
+    if arch == "gemma3":
+        w.add_sliding_window(cfg["sliding_window"])
+
+    # vocabulary
+    if vocab_kind == "bpe":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tokens, types, merges = _bpe_vocab(vocab, specials)
+        _write_bpe_vocab(w, tokens, types, merges, pre, tokens.index("<|im_start|>"), tokens.index("<|im_end|>"))
+        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    else:
+        gemma = vocab_kind == "spm_gemma"
+        tokens, types, scores, specials = _spm_synthetic(vocab, gemma)
+        _write_spm_vocab(w, tokens, types, scores, specials, gemma)
+
+    # tensors
+    def add(gname, a):
+        a = np.ascontiguousarray(a)
+        w.add_tensor(gname, a.astype(np.float32) if a.ndim <= 1 else a.astype(np.float16))
+
+    exps = {"gate_proj": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up_proj": gguf.MODEL_TENSOR.FFN_UP_EXP,
+            "down_proj": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+    for k in sorted(params):
+        a = params[k].astype(np.float32)
+        if arch in ("gemma2",) and k == "lm_head.weight":
+            continue  # Gemma2Model skips lm_head
+        m = re.match(r"model\.layers\.(\d+)\..*switch_mlp\.(\w+)\.weight$", k)
+        if m:
+            add(gguf.TENSOR_NAMES[exps[m.group(2)]].format(bid=int(m.group(1))) + ".weight", a)
+            continue
+        if permute and re.search(r"q_proj\.(weight|bias)$", k):
+            a = _llama_permute(a, n_head)
+        if permute and re.search(r"k_proj\.(weight|bias)$", k):
+            a = _llama_permute(a, n_kv)
+        if shift and k.endswith("norm.weight"):
+            a = a + shift
+        gname = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$", k)
+        if gname is None and m:
+            # qwen3moe's dense layers (mlp_only_layers), which llama.cpp's name map lacks: its
+            # plain feed-forward names
+            ffn = {"gate": gguf.MODEL_TENSOR.FFN_GATE, "up": gguf.MODEL_TENSOR.FFN_UP, "down": gguf.MODEL_TENSOR.FFN_DOWN}
+            gname = gguf.TENSOR_NAMES[ffn[m.group(2)]].format(bid=int(m.group(1))) + ".weight"
+        assert gname is not None, f"{name}: no GGUF name for {k}"
+        add(gname, a)
+
+    # RoPE factors as tensors
+    if arch == "llama" and rtype == "llama3":
+        base = cfg.get("rope_theta", 10000.0)
+        dim = cfg.get("head_dim", hidden // n_head)
+        freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+        factor, lo, hi = rs.get("factor", 8.0), rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = cfg.get("original_max_position_embeddings", 8192)
+        out = []
+        for f in freqs:
+            wl = 2 * math.pi / f
+            if wl < old / hi:
+                out.append(1.0)
+            elif wl > old / lo:
+                out.append(factor)
+            else:
+                s = (old / wl - lo) / (hi - lo)
+                out.append(1 / ((1 - s) / factor + s))
+        w.add_tensor("rope_freqs.weight", np.array(out, dtype=np.float32))
+    if arch == "phi3" and rtype == "longrope":
+        w.add_tensor("rope_factors_long.weight", np.array(rs["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rs["short_factor"], dtype=np.float32))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return cfg, params
+
+
+def _greedy_with(cfg, params, ids):
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(cfg)
+    model = model_class(args_class.from_dict(cfg))
+    model.load_weights([(k, mx.array(v).astype(mx.float32)) for k, v in params.items()])
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    class Caches(list):
+        """mlx_lm's gemma3_text builds its (here unused) global mask from cache[pattern - 1],
+        past the end when every layer is a sliding one (pattern above the layer count)."""
+
+        def __getitem__(self, i):
+            return super().__getitem__(min(i, len(self) - 1) if isinstance(i, int) else i)
+
+    steps = generate_step(mx.array(ids[:TINY_GREEDY_PROMPT]), model, max_tokens=TINY_GREEDY_TOKENS,
+                          prompt_cache=Caches(make_prompt_cache(model)))
+    return {"prompt": ids[:TINY_GREEDY_PROMPT], "tokens": [int(t) for t, _ in steps]}
+
+
+def _tokenizer_goldens():
+    """Vocabulary-only GGUFs and the ids Python tokenizers give for TOKENIZER_TEXTS: byte-level BPE
+    under each family's pre-tokenizer (`tokenizers`, built as the family's tokenizer.json is),
+    and SentencePiece BPE models with byte fallback (the `sentencepiece` package itself)."""
+    import io
+    import gguf
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders, Regex
+
+    out = {}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens, types, merges = _bpe_vocab(400, specials)
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    split = lambda p: pre_tokenizers.Sequence([  # noqa: E731
+        pre_tokenizers.Split(Regex(p), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    families = {
+        "gpt-2": (None, gpt2),
+        "smollm": (None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])),
+        "llama-bpe": (None, split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")),
+        "qwen2": (normalizers.NFC(), split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")),
+    }
+    for pre, (norm, pt) in families.items():
+        fname = f"vocab_bpe_{pre}.gguf"
+        w = gguf.GGUFWriter(os.path.join(GGUF_DIR, fname), "llama")
+        _write_bpe_vocab(w, tokens, types, merges, pre, tokens.index("<|endoftext|>"), tokens.index("<|im_end|>"))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
+        if norm is not None:
+            tok.normalizer = norm
+        tok.pre_tokenizer = pt
+        tok.decoder = decoders.ByteLevel()
+        out[fname] = {"texts": TOKENIZER_TEXTS, "ids": [tok.encode(t).ids for t in TOKENIZER_TEXTS]}
+
+    for style in ("llama", "gemma"):
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(BPE_CORPUS.split("\n") * 3), model_writer=buf, model_type="bpe", vocab_size=330,
+            byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=(style == "llama"), split_digits=True,
+            unk_id=0 if style == "llama" else 3, bos_id=1 if style == "llama" else 2,
+            eos_id=2 if style == "llama" else 1, pad_id=-1 if style == "llama" else 0,
+            allow_whitespace_only_pieces=True, minloglevel=2)
+        sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+        toks, scores, ttypes = [], [], []
+        for i in range(sp.vocab_size()):  # as llama.cpp's _set_vocab_sentencepiece
+            toks.append(sp.id_to_piece(i))
+            scores.append(sp.get_score(i))
+            t = "NORMAL"
+            if sp.is_unknown(i):
+                t = "UNKNOWN"
+            elif sp.is_control(i):
+                t = "CONTROL"
+            elif sp.is_unused(i):
+                t = "UNUSED"
+            elif sp.is_byte(i):
+                t = "BYTE"
+            ttypes.append(gguf_token_type(t))
+        fname = f"vocab_spm_{style}.gguf"
+        w = gguf.GGUFWriter(os.path.join(GGUF_DIR, fname), "llama")
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(toks)
+        w.add_token_scores(scores)
+        w.add_token_types(ttypes)
+        w.add_unk_token_id(sp.unk_id())
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+        w.add_add_bos_token(False)
+        if style == "gemma":
+            w.add_add_space_prefix(False)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        out[fname] = {"texts": TOKENIZER_TEXTS, "ids": [sp.encode(t) for t in TOKENIZER_TEXTS]}
+    json.dump(out, open(os.path.join(GGUF_DIR, "tokenizers.json"), "w"), indent=1, ensure_ascii=False)
+
+
+# GGML types of quant_types.gguf's tensors: quantized by the gguf package where it can, random
+# blocks (with small f16 scales) for the k-quants it only dequantizes.
+QUANT_TYPES = {
+    "token_embd.weight": "Q4_1", "output.weight": "Q8_0", "output_norm.weight": "F32",
+    "blk.0.attn_norm.weight": "F32", "blk.0.ffn_norm.weight": "F32",
+    "blk.0.attn_q.weight": "Q2_K", "blk.0.attn_k.weight": "Q3_K", "blk.0.attn_v.weight": "Q4_K",
+    "blk.0.attn_output.weight": "Q4_0", "blk.0.ffn_gate.weight": "Q5_K", "blk.0.ffn_up.weight": "Q6_K",
+    "blk.0.ffn_down.weight": "Q5_0",
+    "blk.1.attn_norm.weight": "F32", "blk.1.ffn_norm.weight": "F32",
+    "blk.1.attn_q.weight": "Q4_K", "blk.1.attn_k.weight": "BF16", "blk.1.attn_v.weight": "Q5_1",
+    "blk.1.attn_output.weight": "Q8_0", "blk.1.ffn_gate.weight": "Q3_K", "blk.1.ffn_up.weight": "Q2_K",
+    "blk.1.ffn_down.weight": "F16",
+}
+# byte offsets of the f16 scale fields in each k-quant block (ggml-common.h)
+KQUANT_F16 = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+QUANT_SAMPLE_STRIDE = 61
+
+
+def _quant_types_gguf():
+    """A 2-layer llama (256 inputs where k-quant blocks of 256 must fit) whose tensors cover every GGML type
+    candle dequantizes in files; the `gguf` package's dequantization of each (Q/K unpermuted) is
+    what the import must give, sampled every QUANT_SAMPLE_STRIDE values."""
+    import gguf
+    from gguf.quants import quantize, dequantize
+
+    rng = np.random.default_rng(11)
+    hidden, n_head, n_kv, hd, ff, vocab = 256, 2, 1, 32, 64, 48
+    shapes = {"token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    for b in range(2):
+        shapes.update({f"blk.{b}.attn_norm.weight": (hidden,), f"blk.{b}.ffn_norm.weight": (hidden,),
+                       f"blk.{b}.attn_q.weight": (n_head * hd, hidden), f"blk.{b}.attn_k.weight": (n_kv * hd, hidden),
+                       f"blk.{b}.attn_v.weight": (n_kv * hd, hidden), f"blk.{b}.attn_output.weight": (hidden, n_head * hd),
+                       f"blk.{b}.ffn_gate.weight": (ff, hidden), f"blk.{b}.ffn_up.weight": (ff, hidden),
+                       f"blk.{b}.ffn_down.weight": (hidden, ff)})
+    path = os.path.join(GGUF_DIR, "quant_types.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    tokens, types, scores, specials = _spm_synthetic(vocab, False)
+    _write_spm_vocab(w, tokens, types, scores, specials, False)
+    for name, shape in shapes.items():
+        qt = gguf.GGMLQuantizationType[QUANT_TYPES[name]]
+        if qt.name in KQUANT_F16:
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            nb = shape[0] * shape[1] // block
+            raw = rng.integers(0, 256, size=(nb, size), dtype=np.uint8)
+            for off in KQUANT_F16[qt.name]:
+                raw[:, off:off + 2] = rng.uniform(0.001, 0.01, size=nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+            w.add_tensor(name, raw.reshape(shape[0], -1), raw_dtype=qt)
+        else:
+            a = (rng.standard_normal(shape) * 0.05 + (1.0 if "norm" in name else 0.0)).astype(np.float32)
+            if qt == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, a)
+            elif qt == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(name, a.astype(np.float16))
+            else:
+                w.add_tensor(name, quantize(a, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    hf = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm", "attn_norm": "input_layernorm",
+          "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        a = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(x) for x in reversed(t.shape)])
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{hf[parts[2]]}.weight"
+            if parts[2] == "attn_q":
+                a = a.reshape(n_head, a.shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+            if parts[2] == "attn_k":
+                a = a.reshape(n_kv, a.shape[0] // n_kv // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)
+        else:
+            name = f"{hf[parts[0]]}.weight"
+        flat = a.reshape(-1)
+        out[name] = {"ggml_type": t.tensor_type.name, "shape": list(a.shape),
+                     "max_abs": float(np.abs(flat).max()),
+                     "samples": [float(x) for x in flat[::QUANT_SAMPLE_STRIDE]]}
+    json.dump({"stride": QUANT_SAMPLE_STRIDE, "tensors": out}, open(os.path.join(GGUF_DIR, "quant_types.json"), "w"))
+
+
+def gguf_tiny():
+    """tests/golden/gguf/: one GGUF per imported architecture from the tiny models (with the
+    greedy tokens the file's model gives under mlx_lm), vocabulary-only GGUFs with Python
+    tokenizers' ids, and quant_types.gguf with the `gguf` package's dequantization."""
+    os.makedirs(GGUF_DIR, exist_ok=True)
+    for name, (arch, *_rest) in GGUF_TINY.items():
+        path = os.path.join(GGUF_DIR, f"{name}.gguf")
+        cfg, params = _write_tiny_gguf(name, path)
+        gold = json.load(open(os.path.join(GOLDEN, name, "greedy.json")))
+        eff = _effective_config(name, arch, cfg)
+        if eff != cfg:
+            inputs = json.load(open(os.path.join(GOLDEN, name, "inputs.json")))
+            gold = _greedy_with(eff, params, inputs["ids"])
+        else:
+            # the tiny model's own tokens, checked once more through mlx_lm
+            inputs = json.load(open(os.path.join(GOLDEN, name, "inputs.json")))
+            assert _greedy_with(cfg, params, inputs["ids"]) == gold, name
+        changed = {k: eff[k] for k in eff if eff.get(k) != cfg.get(k)}
+        json.dump({"gguf": f"{name}.gguf", "prompt": gold["prompt"], "tokens": gold["tokens"], "config_as_read": changed},
+                  open(os.path.join(GGUF_DIR, f"{name}.json"), "w"), indent=1)
+        print(f"gguf_tiny: {name} ({arch}) {os.path.getsize(path)} bytes{' ' + str(changed) if changed else ''}")
+    _tokenizer_goldens()
+    _quant_types_gguf()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
-                                         "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads", "lora_train", "lora_run_default"],
+                                         "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads", "lora_train", "lora_run_default", "gguf_tiny"],
                     default=None)
     a = ap.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
@@ -1109,7 +1620,7 @@ def main():
             "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling,
             "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity,
             "adapters": adapters, "lora_grads": lora_grads, "lora_train": lora_train,
-            "lora_run_default": lora_run_default}
+            "lora_run_default": lora_run_default, "gguf_tiny": gguf_tiny}
     for k, f in jobs.items():
         if a.only in (None, k):
             f()
