@@ -82,7 +82,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let rope = Rope::from_config(args.head_dim, args.rope_theta, true, None, None)?;
     let heads = Heads::new(args.num_attention_heads, args.num_key_value_heads, args.head_dim);
     let pattern = args.sliding_window_pattern.max(1);
-    let sliding = |i: usize| (i + 1) % pattern != 0;
+    let sliding = |i: usize| !(i + 1).is_multiple_of(pattern);
     let layers = (0..args.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");

@@ -70,7 +70,7 @@ pub struct SandwichBlock<A, M> {
 
 impl<A: SelfAttention + 'static, M: DenseMlp + 'static> SandwichBlock<A, M> {
     /// The layer around `self_attn` and `mlp` with its four norms in the order of the formula.
-    pub fn new(self_attn: A, mlp: M, norms: [RmsNorm; 4]) -> Arc<dyn Layer> {
+    pub fn layer(self_attn: A, mlp: M, norms: [RmsNorm; 4]) -> Arc<dyn Layer> {
         Arc::new(Self { self_attn, mlp, norms })
     }
 }
@@ -82,7 +82,7 @@ impl<A: SelfAttention + 'static> SandwichBlock<A, GeluMlp> {
         let mlp = GeluMlp(Mlp::load(ld, &format!("{p}.mlp"), a.hidden_size, a.intermediate_size, false)?);
         let names =
             ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"];
-        Ok(Self::new(self_attn, mlp, [n(names[0])?, n(names[1])?, n(names[2])?, n(names[3])?]))
+        Ok(Self::layer(self_attn, mlp, [n(names[0])?, n(names[1])?, n(names[2])?, n(names[3])?]))
     }
 }
 

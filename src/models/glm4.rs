@@ -58,7 +58,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                 n("post_attention_layernorm")?,
                 n("post_mlp_layernorm")?,
             ];
-            Ok(SandwichBlock::new(attn, mlp, norms))
+            Ok(SandwichBlock::layer(attn, mlp, norms))
         })
         .collect::<Result<Vec<_>>>()?;
     let ctx = Some(args.max_position_embeddings);
