@@ -5,12 +5,12 @@
 
 use super::attention::Heads;
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock, RopeArgs};
-use super::mlp::DenseMlp;
+use super::mlp::{Activation, UngatedMlp};
 use super::qwen3::Attention;
 use crate::io::Weights;
-use crate::nn::{Linear, Loader, Normed, RmsNorm};
+use crate::nn::{Loader, RmsNorm};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Device};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -31,61 +31,19 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// xIELU with its learned scalars: `ap·x² + β·x` for `x > 0`, else
-/// `(expm1(min(x, ε)) − x)·an + β·x`, where `ap = softplus(α_p)` and `an = β + softplus(α_n)`.
-struct XieLu {
-    ap: f64,
-    an: f64,
-    beta: f64,
-    eps: f64,
-}
-
-impl XieLu {
-    /// `{p}.alpha_p`, `{p}.alpha_n`, `{p}.beta`, `{p}.eps`: scalars (Hugging Face stores the
-    /// alphas with shape [1]).
-    fn load(ld: &Loader, p: &str) -> Result<Self> {
-        let scalar = |n: &str| -> Result<f64> {
-            let name = format!("{p}.{n}");
-            let shape = ld.weights.shape(&name)?;
-            if shape.iter().product::<usize>() != 1 || shape.len() > 1 {
-                bail!("tensor `{name}` has shape {shape:?}; expected a scalar");
-            }
-            let t = ld.weights.get(&name, &shape, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-            Ok(t.flatten_all()?.to_vec1::<f32>()?[0] as f64)
-        };
-        let softplus = |t: f64| t.exp().ln_1p();
-        let beta = scalar("beta")?;
-        Ok(Self {
-            ap: softplus(scalar("alpha_p")?),
-            an: beta + softplus(scalar("alpha_n")?),
-            beta,
-            eps: scalar("eps")?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let linear = (x * self.beta)?;
-        let pos = ((x.sqr()? * self.ap)? + &linear)?;
-        let neg = (((x.minimum(self.eps)?.exp()? - 1.0)? - x)? * self.an)?;
-        Ok(x.gt(0.0)?.where_cond(&pos, &(neg + linear)?)?)
-    }
-}
-
-/// Apertus's MLP: `down(xielu(up(x)))`.
-struct Mlp {
-    up_proj: Linear,
-    down_proj: Linear,
-    act_fn: XieLu,
-}
-
-impl DenseMlp for Mlp {
-    fn forward(&self, x: &Normed) -> Result<Tensor> {
-        self.act_fn.forward(&self.up_proj.forward(&x.tensor()?)?)
-    }
-
-    fn down_proj(&self) -> &Linear {
-        &self.down_proj
-    }
+/// Apertus's xIELU from `{p}.alpha_p`, `{p}.alpha_n`, `{p}.beta`, `{p}.eps`: scalars (Hugging
+/// Face stores the alphas with shape [1]).
+fn xielu(ld: &Loader, p: &str) -> Result<Activation> {
+    let scalar = |n: &str| -> Result<f64> {
+        let name = format!("{p}.{n}");
+        let shape = ld.weights.shape(&name)?;
+        if shape.iter().product::<usize>() != 1 || shape.len() > 1 {
+            bail!("tensor `{name}` has shape {shape:?}; expected a scalar");
+        }
+        let t = ld.weights.get(&name, &shape, DType::F32, &Device::Cpu)?;
+        Ok(t.flatten_all()?.to_vec1::<f32>()?[0] as f64)
+    };
+    Ok(Activation::xielu(scalar("alpha_p")?, scalar("alpha_n")?, scalar("beta")?, scalar("eps")?))
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
@@ -100,12 +58,9 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let p = format!("model.layers.{i}");
             let norm = |n: &str, d: usize| RmsNorm::load(ld, n, d, eps);
             let attn = Attention::load(ld, &format!("{p}.self_attn"), dim, heads, |n| norm(n, hd))?;
-            let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{p}.mlp.{n}"), i, o, args.mlp_bias);
-            let mlp = Mlp {
-                up_proj: lin("up_proj", dim, hidden)?,
-                down_proj: lin("down_proj", hidden, dim)?,
-                act_fn: XieLu::load(ld, &format!("{p}.mlp.act_fn"))?,
-            };
+            let act = xielu(ld, &format!("{p}.mlp.act_fn"))?;
+            let mlp =
+                UngatedMlp::load(ld, &format!("{p}.mlp"), ["up_proj", "down_proj"], dim, hidden, args.mlp_bias, act)?;
             let layer = PreNormBlock {
                 self_attn: attn,
                 mlp,

@@ -129,6 +129,75 @@ impl DenseMlp for FusedMlp {
     }
 }
 
+/// An ungated MLP, `down(act(up(x)))`: Phi-2 (`fc1`, `fc2`, GELU), StarCoder2 (`c_fc`,
+/// `c_proj`, exact GELU), Apertus (`up_proj`, `down_proj`, xIELU).
+pub struct UngatedMlp {
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+/// The activation of an [`UngatedMlp`].
+pub enum Activation {
+    /// GELU in its tanh approximation
+    Gelu,
+    /// GELU exactly, with erf
+    GeluErf,
+    /// xIELU with its learned scalars: `ap·x² + β·x` for `x > 0`, else
+    /// `(expm1(min(x, ε)) − x)·an + β·x`, where `ap = softplus(α_p)`, `an = β + softplus(α_n)`
+    XieLu { ap: f64, an: f64, beta: f64, eps: f64 },
+}
+
+impl Activation {
+    /// xIELU from its stored scalars `α_p`, `α_n`, `β`, `ε`.
+    pub fn xielu(alpha_p: f64, alpha_n: f64, beta: f64, eps: f64) -> Self {
+        let softplus = |t: f64| t.exp().ln_1p();
+        Self::XieLu { ap: softplus(alpha_p), an: beta + softplus(alpha_n), beta, eps }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu => x.gelu()?,
+            Self::GeluErf => x.gelu_erf()?,
+            &Self::XieLu { ap, an, beta, eps } => {
+                let linear = (x * beta)?;
+                let pos = ((x.sqr()? * ap)? + &linear)?;
+                let neg = ((((x.minimum(eps)?.exp()? - 1.0)? - x)? * an)? + linear)?;
+                x.gt(0.0)?.where_cond(&pos, &neg)?
+            }
+        })
+    }
+}
+
+impl UngatedMlp {
+    /// `{p}.{up}` (dim → hidden) and `{p}.{down}` (hidden → dim), with or without biases.
+    pub fn load(
+        ld: &Loader,
+        p: &str,
+        [up, down]: [&str; 2],
+        dim: usize,
+        hidden: usize,
+        bias: bool,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            up: Linear::load(ld, &format!("{p}.{up}"), dim, hidden, bias)?,
+            down: Linear::load(ld, &format!("{p}.{down}"), hidden, dim, bias)?,
+            act,
+        })
+    }
+}
+
+impl DenseMlp for UngatedMlp {
+    fn forward(&self, x: &Normed) -> Result<Tensor> {
+        self.act.forward(&self.up.forward(&x.tensor()?)?)
+    }
+
+    fn down_proj(&self) -> &Linear {
+        &self.down
+    }
+}
+
 /// A layer's feed-forward part chosen at load time (dense in some layers, experts in others).
 impl FeedForward for Box<dyn FeedForward> {
     fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {

@@ -6,12 +6,11 @@
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual};
 use super::llama::Attention;
-use super::mlp::DenseMlp;
+use super::mlp::{Activation, DenseMlp, UngatedMlp};
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{LayerNorm, Linear, Loader, Normed, Rope, RopeTables};
+use crate::nn::{LayerNorm, Loader, Normed, Rope, RopeTables};
 use anyhow::Result;
-use candle_core::Tensor;
 use serde::Deserialize;
 
 /// mlx_lm's defaults are Phi-2's sizes.
@@ -50,22 +49,6 @@ pub fn sanitize(_args: &ModelArgs, _weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// Phi-2's MLP: `fc2(gelu(fc1(x)))`, ungated, GELU in its tanh approximation.
-struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl DenseMlp for Mlp {
-    fn forward(&self, x: &Normed) -> Result<Tensor> {
-        Ok(self.fc1.forward(&x.tensor()?)?.gelu()?)
-    }
-
-    fn down_proj(&self) -> &Linear {
-        &self.fc2
-    }
-}
-
 /// A decoder layer running attention and the MLP in parallel on one LayerNorm (Phi-2,
 /// Cohere): `out = x + attn(n) + mlp(n)` with `n = input_layernorm(x)`.
 pub struct ParallelBlock<A, M> {
@@ -101,7 +84,6 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         .map(|i| {
             let p = format!("model.layers.{i}");
             let (pa, pm) = (format!("{p}.self_attn"), format!("{p}.mlp"));
-            let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{pm}.{n}"), i, o, true);
             let layer = ParallelBlock {
                 input_layernorm: LayerNorm::load(ld, &format!("{p}.input_layernorm"), dim, args.layer_norm_eps)?,
                 // llama's attention with biases everywhere, the output projection named `dense`
@@ -110,7 +92,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                     heads.load_out(ld, &pa, "dense", dim, true)?,
                     heads,
                 ),
-                mlp: Mlp { fc1: lin("fc1", dim, hidden)?, fc2: lin("fc2", hidden, dim)? },
+                mlp: UngatedMlp::load(ld, &pm, ["fc1", "fc2"], dim, hidden, true, Activation::Gelu)?,
             };
             Ok(std::sync::Arc::new(layer) as std::sync::Arc<dyn Layer>)
         })

@@ -6,12 +6,11 @@
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual};
 use super::llama;
-use super::mlp::DenseMlp;
+use super::mlp::{Activation, DenseMlp, UngatedMlp};
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{LayerNorm, Linear, Loader, Normed, Rope, RopeTables};
+use crate::nn::{LayerNorm, Loader, Normed, Rope, RopeTables};
 use anyhow::Result;
-use candle_core::Tensor;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -41,27 +40,11 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// StarCoder2's MLP: `c_proj(gelu(c_fc(x)))`, biased, GELU exact.
-struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
-}
-
-impl DenseMlp for Mlp {
-    fn forward(&self, x: &Normed) -> Result<Tensor> {
-        Ok(self.c_fc.forward(&x.tensor()?)?.gelu_erf()?)
-    }
-
-    fn down_proj(&self) -> &Linear {
-        &self.c_proj
-    }
-}
-
 /// llama's pre-norm layer with LayerNorms: `h = x + attn(input_layernorm(x))`,
 /// `out = h + mlp(post_attention_layernorm(h))`.
 struct LayerNormBlock {
     self_attn: llama::Attention,
-    mlp: Mlp,
+    mlp: UngatedMlp,
     input_layernorm: LayerNorm,
     post_attention_layernorm: LayerNorm,
 }
@@ -72,7 +55,7 @@ impl Layer for LayerNormBlock {
         let n = Normed::Plain(self.input_layernorm.forward(&x)?);
         let h = (&x + self.self_attn.o_proj().forward(&self.self_attn.forward(&n, rope, cache)?)?)?;
         let n = Normed::Plain(self.post_attention_layernorm.forward(&h)?);
-        Ok(Residual::plus_projection(h, self.mlp.forward(&n)?, &self.mlp.c_proj))
+        Ok(Residual::plus_projection(h, self.mlp.forward(&n)?, self.mlp.down_proj()))
     }
 }
 
@@ -92,11 +75,18 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let layers = (0..args.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
-            let lin = |n: &str, i: usize, o: usize| Linear::load(ld, &format!("{p}.mlp.{n}"), i, o, true);
             let norm = |n: &str| LayerNorm::load(ld, &format!("{p}.{n}"), dim, eps);
             let layer = LayerNormBlock {
                 self_attn: llama::Attention::load(ld, &format!("{p}.self_attn"), dim, heads, true, true)?,
-                mlp: Mlp { c_fc: lin("c_fc", dim, hidden)?, c_proj: lin("c_proj", hidden, dim)? },
+                mlp: UngatedMlp::load(
+                    ld,
+                    &format!("{p}.mlp"),
+                    ["c_fc", "c_proj"],
+                    dim,
+                    hidden,
+                    true,
+                    Activation::GeluErf,
+                )?,
                 input_layernorm: norm("input_layernorm")?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
             };
