@@ -911,3 +911,26 @@ fn cuda_tiny_models_match_mlx_lm() {
         assert!(step.iter().all(|v| v.is_finite()), "{name}/{sub}: decode step");
     }
 }
+
+/// A gemma GGUF imported without a dtype (bfloat16, as the gemma family must run) decodes on
+/// the GPU in that dtype, its logits those of the float32 model within bfloat16's rounding.
+#[test]
+fn cuda_imported_gemma_runs_in_its_default_dtype() {
+    let Some(dev) = cuda() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = common::golden("gguf").join("tiny_gemma3.gguf");
+    let out = wick::convert::gguf::import(&gguf, &tmp.path().join("m"), None, false).unwrap();
+    let m = wick::engine::load_model(&out, None, &dev).unwrap();
+    assert_eq!(m.model.dtype(), DType::BF16);
+    let f32_model = wick::engine::load_model(&out, Some(DType::F32), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 5 + 3) % m.model.vocab_size() as u32).collect();
+    let logits = |model: &dyn wick::models::LanguageModel, d: &Device| -> Vec<f32> {
+        let mut cache = model.make_cache(None);
+        let x = Tensor::new(ids.as_slice(), d).unwrap().unsqueeze(0).unwrap();
+        model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (got, want) = (logits(m.model.as_ref(), &dev), logits(f32_model.model.as_ref(), &Device::Cpu));
+    assert!(got.iter().all(|v| v.is_finite()), "bfloat16 logits overflow");
+    let d = common::max_abs_diff(&got, &want);
+    assert!(d < 0.25, "bfloat16 logits differ from float32's by {d}");
+}

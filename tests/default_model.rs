@@ -107,7 +107,7 @@ fn gguf_import_matches_gguf_package_dequantization() {
         serde_json::from_str(&std::fs::read_to_string(golden("gguf_import_f16.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("imported");
-    wick::convert::gguf::import(&default_gguf(), &out, DType::F16, false).unwrap();
+    wick::convert::gguf::import(&default_gguf(), &out, Some(DType::F16), false).unwrap();
     let w = wick::io::Weights::open(&out).unwrap();
     let want = want.as_object().unwrap();
     assert_eq!(w.names().count(), want.len(), "tensor count");

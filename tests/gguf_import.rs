@@ -29,7 +29,7 @@ fn check(name: &str) {
     let gold = read_json(&gguf_golden(&format!("{name}.json")));
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("imported");
-    wick::convert::gguf::import(&gguf_golden(gold["gguf"].as_str().unwrap()), &out, DType::F32, false)
+    wick::convert::gguf::import(&gguf_golden(gold["gguf"].as_str().unwrap()), &out, Some(DType::F32), false)
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let m = load_model(&out, Some(DType::F32), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let (prompt, want) = (ids(&gold["prompt"]), ids(&gold["tokens"]));
@@ -139,7 +139,7 @@ fn every_tensor_type_imports_as_the_gguf_package_dequantizes() {
     let stride = gold["stride"].as_u64().unwrap() as usize;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("imported");
-    wick::convert::gguf::import(&gguf_golden("quant_types.gguf"), &out, DType::F32, false).unwrap();
+    wick::convert::gguf::import(&gguf_golden("quant_types.gguf"), &out, Some(DType::F32), false).unwrap();
     let got = load_f32(&out.join("model.safetensors"));
     let want = gold["tensors"].as_object().unwrap();
     assert_eq!(got.len(), want.len(), "tensor count");
@@ -225,7 +225,7 @@ fn write_gguf(path: &Path, meta: &[(&str, &str)], tensors: &[(&str, &[u64], u32)
 
 fn import_error(path: &Path) -> String {
     let tmp = tempfile::tempdir().unwrap();
-    let err = wick::convert::gguf::import(path, &tmp.path().join("out"), DType::F16, false).unwrap_err();
+    let err = wick::convert::gguf::import(path, &tmp.path().join("out"), Some(DType::F16), false).unwrap_err();
     let msg = format!("{err:#}");
     assert!(!msg.contains('\n'), "one line expected: {msg}");
     msg
@@ -270,4 +270,21 @@ fn unknown_tokenizer_model_is_named() {
     write_gguf(&p, &[("general.architecture", "llama"), ("tokenizer.ggml.model", "bert")], &[]);
     let err = format!("{:#}", wick::convert::gguf::tokenizer_files(&p).unwrap_err());
     assert!(err.contains("`bert`") && err.contains("gpt2") && err.contains("llama"), "{err}");
+}
+
+/// Without a dtype the gemma family imports to bfloat16 (its activations overflow float16) and
+/// the others to float16: the config says so and the weights are stored so.
+#[test]
+fn default_dtype_is_bfloat16_for_gemma_and_float16_otherwise() {
+    for (file, want, name) in [
+        ("tiny_gemma3.gguf", DType::BF16, "bfloat16"),
+        ("tiny_gemma2.gguf", DType::BF16, "bfloat16"),
+        ("tiny_qwen3.gguf", DType::F16, "float16"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = wick::convert::gguf::import(&gguf_golden(file), &tmp.path().join("m"), None, false).unwrap();
+        assert_eq!(read_json(&out.join("config.json"))["torch_dtype"], name, "{file}");
+        let w = wick::io::Weights::open(&out).unwrap();
+        assert_eq!(w.dtype("model.embed_tokens.weight").unwrap(), want, "{file}");
+    }
 }

@@ -87,9 +87,10 @@ pub struct ConvertArgs {
 
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if let Some(g) = &a.gguf {
+        // without --dtype: the architecture's (bfloat16 for gemma, else float16)
         let dtype = match &a.flags.dtype {
-            Some(d) => crate::backend::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
-            None => candle_core::DType::F16,
+            Some(d) => Some(crate::backend::device::parse_dtype(d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?),
+            None => None,
         };
         if a.dequantize {
             bail!("--gguf imports to float already; -d/--dequantize applies to quantized mlx folders");

@@ -70,17 +70,13 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// Like [`resolve_model`], but a `.gguf` file is imported (dequantized to `dtype`, f16 by default).
+    /// Like [`resolve_model`], but a `.gguf` file is imported (dequantized to `dtype`, by default
+    /// the architecture's: bf16 for gemma, else f16).
     pub fn resolve(model: Option<&str>, revision: Option<&str>, dtype: Option<candle_core::DType>) -> Result<Self> {
         if let Some(m) = model.map(Path::new).filter(|p| p.is_file() && is_gguf(p)) {
             let tmp = tempfile::Builder::new().prefix("wick-gguf-").tempdir()?;
             eprintln!("[INFO] Importing {} (GGUF) for this run", m.display());
-            let dir = crate::convert::gguf::import(
-                m,
-                &tmp.path().join("model"),
-                dtype.unwrap_or(candle_core::DType::F16),
-                false,
-            )?;
+            let dir = crate::convert::gguf::import(m, &tmp.path().join("model"), dtype, false)?;
             return Ok(Self { dir, _tmp: Some(tmp) });
         }
         Ok(Self { dir: resolve_model(model, revision)?, _tmp: None })

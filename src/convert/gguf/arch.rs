@@ -5,6 +5,7 @@
 
 use super::GgufFile;
 use anyhow::{bail, Result};
+use candle_core::DType;
 use serde_json::{json, Map, Value};
 
 /// How one llama.cpp architecture is imported.
@@ -38,6 +39,10 @@ pub struct Arch {
     pub keys: &'static [(&'static str, &'static str, Kind)],
     /// what the architecture derives (llama.cpp's fixed values, tensors read as config)
     pub derive: fn(&Meta, &mut Map<String, Value>) -> Result<()>,
+    /// the weights' dtype unless `--dtype` says otherwise: Gemma's activations overflow
+    /// float16 within its first layers, so the gemma family imports to bfloat16 (as its Hugging
+    /// Face configs say)
+    pub dtype: DType,
 }
 
 #[derive(Clone, Copy)]
@@ -101,6 +106,7 @@ const LLAMA: Arch = Arch {
     expert_count: "num_experts",
     keys: &[],
     derive: llama,
+    dtype: DType::F16,
 };
 
 /// Every architecture the import knows, in the order the error message lists them.
@@ -216,6 +222,7 @@ pub const ARCHS: &[Arch] = &[
             ("attention.sliding_window", "sliding_window", Kind::Int),
         ],
         derive: gemma,
+        dtype: DType::BF16,
         ..LLAMA
     },
     Arch {
@@ -232,6 +239,7 @@ pub const ARCHS: &[Arch] = &[
             ("final_logit_softcapping", "final_logit_softcapping", Kind::Float),
         ],
         derive: gemma,
+        dtype: DType::BF16,
         ..LLAMA
     },
 ];

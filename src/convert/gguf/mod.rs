@@ -153,8 +153,9 @@ pub fn tokenizer_files(gguf: &Path) -> Result<(Value, Value)> {
     Ok((tj, tc))
 }
 
-/// Reads and converts everything; `dtype` is the float type of the weights.
-pub fn read(gguf: &Path, dtype: DType) -> Result<Imported> {
+/// Reads and converts everything; `dtype` is the float type of the weights (by default the
+/// architecture's: bfloat16 for the gemma family, float16 for the others).
+pub fn read(gguf: &Path, dtype: Option<DType>) -> Result<Imported> {
     let g = GgufFile::open(gguf)?;
     let arch_name = g.string("general.architecture")?;
     let infos = &g.content.tensor_infos;
@@ -166,6 +167,7 @@ pub fn read(gguf: &Path, dtype: DType) -> Result<Imported> {
             arch::supported()
         );
     };
+    let dtype = dtype.unwrap_or(arch.dtype);
     let shapes: BTreeMap<String, Vec<usize>> =
         infos.iter().map(|(n, i)| (n.clone(), i.shape.dims().to_vec())).collect();
     // every tensor must have a place before anything is read
@@ -270,8 +272,9 @@ pub fn read(gguf: &Path, dtype: DType) -> Result<Imported> {
     })
 }
 
-/// Imports `gguf` into an mlx-style folder at `out` with weights in `dtype`.
-pub fn import(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<PathBuf> {
+/// Imports `gguf` into an mlx-style folder at `out` with weights in `dtype` (by default the
+/// architecture's, see [`read`]).
+pub fn import(gguf: &Path, out: &Path, dtype: Option<DType>, force: bool) -> Result<PathBuf> {
     let folder = AtomicFolder::create(out, force, "--mlx-path")?;
     let m = read(gguf, dtype)?;
     candle_core::safetensors::save(&m.tensors, folder.path("model.safetensors"))?;
