@@ -115,12 +115,16 @@ impl Attention {
     pub fn heads(&self) -> &Heads {
         &self.heads
     }
+
+    /// `rope`, or none in a NoPE layer.
+    pub fn rope<'a>(&self, rope: &'a RopeTables) -> Option<&'a RopeTables> {
+        self.use_rope.then_some(rope)
+    }
 }
 
 impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
-        let rope = self.use_rope.then_some(rope);
-        self.heads.attend_with(self.project(x)?, QkNorms::None, rope, cache)
+        self.heads.attend_with(self.project(x)?, QkNorms::None, self.rope(rope), cache)
     }
 
     fn o_proj(&self) -> &Linear {

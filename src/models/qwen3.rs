@@ -40,8 +40,6 @@ pub struct Attention {
     llama: llama::Attention,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
-    /// false in a NoPE layer
-    use_rope: bool,
 }
 
 impl Attention {
@@ -58,15 +56,12 @@ impl Attention {
             llama: llama::Attention::load(ld, p, hidden, heads, false, false)?,
             q_norm: norm(&format!("{p}.q_norm"))?,
             k_norm: norm(&format!("{p}.k_norm"))?,
-            use_rope: true,
         })
     }
-}
 
-impl Attention {
     /// The same attention with RoPE (`true`) or without it (EXAONE 4's global layers).
     pub fn with_rope(self, use_rope: bool) -> Self {
-        Self { use_rope, ..self }
+        Self { llama: self.llama.with_rope(use_rope), ..self }
     }
 }
 
@@ -74,7 +69,7 @@ impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let qkv = self.llama.project(x)?;
         let norms = QkNorms::BeforeRope(&self.q_norm, &self.k_norm);
-        self.llama.heads().attend_with(qkv, norms, self.use_rope.then_some(rope), cache)
+        self.llama.heads().attend_with(qkv, norms, self.llama.rope(rope), cache)
     }
 
     fn o_proj(&self) -> &Linear {
