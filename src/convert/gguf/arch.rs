@@ -40,12 +40,15 @@ pub struct Arch {
     /// what the architecture derives (llama.cpp's fixed values, tensors read as config)
     pub derive: fn(&Meta, &mut Map<String, Value>) -> Result<()>,
     /// tensors the file keeps as metadata (Apertus's xIELU scalars), as mlx_lm tensors
-    pub extra: fn(&Meta) -> Result<Vec<(String, Tensor)>>,
+    pub extra: fn(&Meta) -> Result<Tensors>,
     /// the weights' dtype unless `--dtype` says otherwise: Gemma's activations overflow
     /// float16 within its first layers, so the gemma family imports to bfloat16 (as its Hugging
     /// Face configs say)
     pub dtype: DType,
 }
+
+/// mlx_lm tensors by name
+pub type Tensors = Vec<(String, Tensor)>;
 
 #[derive(Clone, Copy)]
 pub enum Kind {
@@ -87,10 +90,8 @@ const GEMMA_NORMS: &[(&str, &str)] = &[
 ];
 
 /// OLMo 2's and EXAONE 4's norms after each branch (and none before).
-const POST_NORMS: &[(&str, &str)] = &[
-    ("post_attention_norm", "post_attention_layernorm"),
-    ("post_ffw_norm", "post_feedforward_layernorm"),
-];
+const POST_NORMS: &[(&str, &str)] =
+    &[("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")];
 
 const GRANITE_KEYS: &[(&str, &str, Kind)] = &[
     ("attention.scale", "attention_multiplier", Kind::Float),
@@ -520,8 +521,7 @@ fn rope_scaling(m: &Meta) -> Result<Option<Value>> {
                 ("rope.scaling.yarn_beta_fast", "beta_fast"),
                 ("rope.scaling.yarn_beta_slow", "beta_slow"),
                 ("rope.scaling.attn_factor", "attention_factor"),
-            ]
-            {
+            ] {
                 if m.has(key) {
                     s.insert(field.into(), json!(m.float(key)?));
                 }
@@ -653,7 +653,7 @@ fn sliding_pattern(m: &Meta) -> Result<usize> {
     Ok(period)
 }
 
-fn no_extra(_: &Meta) -> Result<Vec<(String, Tensor)>> {
+fn no_extra(_: &Meta) -> Result<Tensors> {
     Ok(vec![])
 }
 
@@ -684,8 +684,7 @@ fn olmo2(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
     llama(m, cfg)?;
     if cfg.contains_key("sliding_window") {
         let flags = sliding_flags(m)?.unwrap_or_else(|| (0..m.layers).map(|i| (i + 1) % 4 != 0).collect());
-        let types: Vec<&str> =
-            flags.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+        let types: Vec<&str> = flags.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
         cfg.insert("model_type".into(), json!("olmo3"));
         cfg.insert("architectures".into(), json!(["Olmo3ForCausalLM"]));
         cfg.insert("layer_types".into(), json!(types));
@@ -751,7 +750,7 @@ fn apertus(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
 }
 
 /// Apertus's xIELU scalars, which llama.cpp keeps as per-layer arrays `xielu.*`.
-fn xielu(m: &Meta) -> Result<Vec<(String, Tensor)>> {
+fn xielu(m: &Meta) -> Result<Tensors> {
     let mut out = vec![];
     for p in ["alpha_n", "alpha_p", "beta", "eps"] {
         let key = format!("xielu.{p}");
