@@ -109,6 +109,51 @@ fn gemma3_norms_stored_plus_one_sliding_layers() {
 /// Byte-level BPE under each family's pre-tokenizer and SentencePiece vocabularies (byte
 /// fallback, with and without a leading space) encode as Python's tokenizers do, and decode back.
 #[test]
+fn olmo2_post_norms_whole_projection_qk_norms() {
+    check("tiny_olmo2");
+}
+
+#[test]
+fn olmo3_as_olmo2_with_sliding_layers_yarn() {
+    check("tiny_olmo3");
+}
+
+#[test]
+fn glm4_fused_gate_up_partial_rope_four_norms() {
+    check("tiny_glm4");
+}
+
+#[test]
+fn starcoder2_layernorm_biases_ungated_mlp() {
+    check("tiny_starcoder2");
+}
+
+#[test]
+fn cohere2_fixed_sliding_pattern_logit_scale_no_biases() {
+    check("tiny_cohere2");
+}
+
+#[test]
+fn exaone4_sliding_pattern_rope_freqs() {
+    check("tiny_exaone4");
+}
+
+#[test]
+fn seed_oss_post_attention_norm_output_bias() {
+    check("tiny_seed_oss");
+}
+
+#[test]
+fn hunyuan_dense_alpha_scaled_rope_base() {
+    check("tiny_hunyuan_v1_dense");
+}
+
+#[test]
+fn apertus_xielu_scalars_from_metadata() {
+    check("tiny_apertus");
+}
+
+#[test]
 fn vocabularies_tokenize_as_python_tokenizers() {
     let gold = read_json(&gguf_golden("tokenizers.json"));
     let gold = gold.as_object().unwrap();

@@ -1127,7 +1127,22 @@ GGUF_TINY = {
     "tiny_phi3": ("phi3", False, 0.0, "spm", None),
     "tiny_gemma2": ("gemma2", False, 1.0, "spm_gemma", None),
     "tiny_gemma3": ("gemma3", False, 1.0, "spm_gemma", None),
+    "tiny_olmo2": ("olmo2", False, 0.0, "bpe", "olmo"),
+    "tiny_olmo3": ("olmo2", False, 0.0, "bpe", "olmo"),
+    "tiny_glm4": ("glm4", False, 0.0, "bpe", "gpt-2"),
+    "tiny_starcoder2": ("starcoder2", False, 0.0, "bpe", "starcoder"),
+    "tiny_cohere2": ("cohere2", False, 0.0, "bpe", "gpt-2"),
+    "tiny_exaone4": ("exaone4", False, 0.0, "bpe", "gpt-2"),
+    "tiny_seed_oss": ("seed_oss", False, 0.0, "bpe", "gpt-2"),
+    "tiny_hunyuan_v1_dense": ("hunyuan-dense", False, 0.0, "bpe", "gpt-2"),
+    "tiny_apertus": ("apertus", False, 0.0, "bpe", "gpt-2"),
 }
+
+# Where the tiny model is not what llama.cpp's converter accepts: Cohere2Model refuses nonzero
+# biases (llama.cpp runs Command R7B without them) and reads `rotary_pct`, which the tiny config
+# lacks (1.0 here, the whole head as mlx_lm rotates it); HunYuanModel asserts the real models'
+# context lengths. The files are written as the converter writes them otherwise (biases left
+# out), and mlx_lm's tokens are those of the model the file describes.
 
 BPE_CORPUS = ("The quick brown fox jumps over the lazy dog. I've seen 12 cats and 345 dogs; "
               "they're here, we'll go. Hello world! def main():\n    return 42\n") * 4
@@ -1241,7 +1256,24 @@ def _effective_config(name, arch, cfg):
         eff["query_pre_attn_scalar"] = cfg["head_dim"]
     if arch == "olmoe":
         eff["norm_topk_prob"] = False
+    if arch in ("exaone4", "apertus") and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        eff["rope_scaling"] = dict(cfg["rope_scaling"], original_max_position_embeddings=cfg.get(
+            "original_max_position_embeddings", 8192))
+    if arch == "cohere2":
+        eff["attention_bias"] = False
+        eff["sliding_window_pattern"] = 4  # llama.cpp's fixed pattern
+    if arch == "hunyuan-dense" and (cfg.get("rope_scaling") or {}).get("type") == "dynamic":
+        eff.pop("rope_scaling")
+        eff["rope_theta"] = _hunyuan_base(cfg)
+        eff["max_position_embeddings"] = 256 * 1024
     return eff
+
+
+def _hunyuan_base(cfg):
+    """HunYuanModel's NTK-alpha RoPE base (its dynamic `rope_scaling` written as a plain base)."""
+    alpha = cfg["rope_scaling"].get("alpha", 50)
+    dim = cfg["head_dim"]
+    return cfg.get("rope_theta", 10000.0) * (alpha ** (dim / (dim - 2)))
 
 
 def _write_tiny_gguf(name, path):
@@ -1269,7 +1301,12 @@ def _write_tiny_gguf(name, path):
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if "rms_norm_eps" in cfg:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"):
+        if k in cfg:
+            w.add_layer_norm_eps(cfg[k])
+            break
     if "rope_theta" in cfg:
         w.add_rope_freq_base(cfg["rope_theta"])
     if "head_dim" in cfg and arch not in ("granite", "granitemoe"):
@@ -1292,7 +1329,7 @@ def _write_tiny_gguf(name, path):
         w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
     elif rtype == "longrope":
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-    if arch in ("llama", "smollm3", "granite", "granitemoe"):
+    if arch in ("llama", "smollm3", "granite", "granitemoe", "apertus"):
         w.add_vocab_size(vocab)
         w.add_rope_dimension_count(cfg.get("head_dim", hidden // n_head))
     if arch in ("qwen2moe", "qwen3moe"):
@@ -1317,6 +1354,47 @@ def _write_tiny_gguf(name, path):
         w.add_sliding_window(cfg.get("sliding_window", 4096))  # Gemma2Config's default
     if arch == "gemma3":
         w.add_sliding_window(cfg["sliding_window"])
+    if arch == "olmo2":  # Olmo2Model, which OLMo 3 converts through too
+        if rtype == "yarn":
+            w.add_rope_scaling_attn_factors(rs["attention_factor"])
+        if "sliding_window" in cfg:
+            w.add_sliding_window(cfg["sliding_window"])
+            if "layer_types" in cfg:
+                w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+            else:
+                w.add_sliding_window_pattern([(i + 1) % 4 != 0 for i in range(n_layer)])
+    if arch == "glm4":
+        w.add_rope_dimension_count(int(cfg.get("head_dim", hidden // n_head) * cfg.get("partial_rotary_factor", 0.5)))
+    if arch == "cohere2":
+        w.add_logit_scale(cfg["logit_scale"])
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_vocab_size(vocab)
+        w.add_rope_dimension_count(int(cfg.get("rotary_pct", 1.0) * (hidden // n_head)))
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    if arch == "exaone4":
+        w.add_vocab_size(vocab)
+        if cfg.get("sliding_window") is not None:
+            w.add_sliding_window(cfg["sliding_window"])
+            pat = cfg.get("sliding_window_pattern")
+            flags = []
+            if "layer_types" in cfg:
+                flags = [t == "sliding_attention" for t in cfg["layer_types"]]
+            elif isinstance(pat, str):
+                flags = [pat[i % len(pat)] == "L" for i in range(n_layer)]
+            elif isinstance(pat, int):
+                flags = [(i + 1) % pat != 0 for i in range(n_layer)]
+            if len(flags) == n_layer:
+                w.add_sliding_window_pattern(flags)
+    if arch == "hunyuan-dense" and rs.get("type") == "dynamic":
+        w.add_rope_freq_base(_hunyuan_base(cfg))  # overwrites TextModel's
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        w.add_rope_scaling_factor(1)
+        w.add_rope_scaling_orig_ctx_len(256 * 1024)
+        w.add_context_length(256 * 1024)
+    if arch == "apertus":  # LlamaModel's, then the xIELU parameters as per-layer arrays
+        for p, add_arr in (("alpha_n", w.add_xielu_alpha_n), ("alpha_p", w.add_xielu_alpha_p),
+                           ("beta", w.add_xielu_beta), ("eps", w.add_xielu_eps)):
+            add_arr([float(params[f"model.layers.{i}.mlp.act_fn.{p}"]) for i in range(n_layer)])
 
     # vocabulary
     if vocab_kind == "bpe":
@@ -1341,6 +1419,12 @@ def _write_tiny_gguf(name, path):
         a = params[k].astype(np.float32)
         if arch in ("gemma2",) and k == "lm_head.weight":
             continue  # Gemma2Model skips lm_head
+        if arch == "hunyuan-dense" and k == "lm_head.weight" and cfg.get("tie_word_embeddings", False):
+            continue
+        if arch == "cohere2" and k.endswith(".bias"):
+            continue  # Cohere2Model drops the (in its models zero) biases
+        if arch == "apertus" and ".act_fn." in k:
+            continue  # written as metadata above
         m = re.match(r"model\.layers\.(\d+)\..*switch_mlp\.(\w+)\.weight$", k)
         if m:
             add(gguf.TENSOR_NAMES[exps[m.group(2)]].format(bid=int(m.group(1))) + ".weight", a)
@@ -1362,11 +1446,12 @@ def _write_tiny_gguf(name, path):
         add(gname, a)
 
     # RoPE factors as tensors
-    if arch == "llama" and rtype == "llama3":
+    if arch in ("llama", "exaone4", "apertus") and rtype == "llama3":
         base = cfg.get("rope_theta", 10000.0)
         dim = cfg.get("head_dim", hidden // n_head)
         freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        factor, lo, hi = rs.get("factor", 8.0), rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        factor = rs.get("factor", 16.0 if arch == "exaone4" else 8.0)
+        lo, hi = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
         old = cfg.get("original_max_position_embeddings", 8192)
         out = []
         for f in freqs:
@@ -1387,6 +1472,8 @@ def _write_tiny_gguf(name, path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if arch == "cohere2":
+        params = {k: v for k, v in params.items() if not k.endswith(".bias")}
     return cfg, params
 
 

@@ -5,7 +5,7 @@
 
 use super::GgufFile;
 use anyhow::{bail, Result};
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 
 /// How one llama.cpp architecture is imported.
@@ -39,11 +39,16 @@ pub struct Arch {
     pub keys: &'static [(&'static str, &'static str, Kind)],
     /// what the architecture derives (llama.cpp's fixed values, tensors read as config)
     pub derive: fn(&Meta, &mut Map<String, Value>) -> Result<()>,
+    /// tensors the file keeps as metadata (Apertus's xIELU scalars), as mlx_lm tensors
+    pub extra: fn(&Meta) -> Result<Tensors>,
     /// the weights' dtype unless `--dtype` says otherwise: Gemma's activations overflow
     /// float16 within its first layers, so the gemma family imports to bfloat16 (as its Hugging
     /// Face configs say)
     pub dtype: DType,
 }
+
+/// mlx_lm tensors by name
+pub type Tensors = Vec<(String, Tensor)>;
 
 #[derive(Clone, Copy)]
 pub enum Kind {
@@ -84,6 +89,10 @@ const GEMMA_NORMS: &[(&str, &str)] = &[
     ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
+/// OLMo 2's and EXAONE 4's norms after each branch (and none before).
+const POST_NORMS: &[(&str, &str)] =
+    &[("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")];
+
 const GRANITE_KEYS: &[(&str, &str, Kind)] = &[
     ("attention.scale", "attention_multiplier", Kind::Float),
     ("embedding_scale", "embedding_multiplier", Kind::Float),
@@ -106,6 +115,7 @@ const LLAMA: Arch = Arch {
     expert_count: "num_experts",
     keys: &[],
     derive: llama,
+    extra: no_extra,
     dtype: DType::F16,
 };
 
@@ -242,6 +252,102 @@ pub const ARCHS: &[Arch] = &[
         dtype: DType::BF16,
         ..LLAMA
     },
+    Arch {
+        gguf: "olmo2",
+        experts: None,
+        model_type: "olmo2",
+        class: "Olmo2ForCausalLM",
+        unpermute_qk: false,
+        layer: POST_NORMS,
+        keys: &[("attention.sliding_window", "sliding_window", Kind::Int)],
+        derive: olmo2,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "glm4",
+        experts: None,
+        model_type: "glm4",
+        class: "Glm4ForCausalLM",
+        unpermute_qk: false,
+        // llama.cpp keeps GLM-4's fused gate/up projection under ffn_up
+        layer: &[
+            ("ffn_up", "mlp.gate_up_proj"),
+            ("post_attention_norm", "post_self_attn_layernorm"),
+            ("post_ffw_norm", "post_mlp_layernorm"),
+        ],
+        derive: glm4,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "starcoder2",
+        experts: None,
+        model_type: "starcoder2",
+        class: "Starcoder2ForCausalLM",
+        act: "gelu_pytorch_tanh",
+        unpermute_qk: false,
+        layer: &[("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")],
+        keys: &[("attention.layer_norm_epsilon", "norm_epsilon", Kind::Float)],
+        derive: none,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "cohere2",
+        experts: None,
+        model_type: "cohere2",
+        class: "Cohere2ForCausalLM",
+        unpermute_qk: false,
+        keys: &[
+            ("attention.layer_norm_epsilon", "layer_norm_eps", Kind::Float),
+            ("logit_scale", "logit_scale", Kind::Float),
+            ("attention.sliding_window", "sliding_window", Kind::Int),
+        ],
+        derive: cohere2,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "exaone4",
+        experts: None,
+        model_type: "exaone4",
+        class: "Exaone4ForCausalLM",
+        unpermute_qk: false,
+        layer: POST_NORMS,
+        keys: &[("attention.sliding_window", "sliding_window", Kind::Int)],
+        derive: exaone4,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "seed_oss",
+        experts: None,
+        model_type: "seed_oss",
+        class: "SeedOssForCausalLM",
+        unpermute_qk: false,
+        // llama.cpp names Seed-OSS's pre-feed-forward norm post_attention_norm
+        layer: &[("post_attention_norm", "post_attention_layernorm")],
+        derive: seed_oss,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "hunyuan-dense",
+        experts: None,
+        model_type: "hunyuan_v1_dense",
+        class: "HunYuanDenseV1ForCausalLM",
+        unpermute_qk: false,
+        layer: &[("attn_q_norm", "self_attn.query_layernorm"), ("attn_k_norm", "self_attn.key_layernorm")],
+        derive: hunyuan,
+        ..LLAMA
+    },
+    Arch {
+        gguf: "apertus",
+        experts: None,
+        model_type: "apertus",
+        class: "ApertusForCausalLM",
+        act: "xielu",
+        unpermute_qk: false,
+        layer: &[("attn_norm", "attention_layernorm"), ("ffn_norm", "feedforward_layernorm")],
+        derive: apertus,
+        extra: xielu,
+        ..LLAMA
+    },
 ];
 
 /// The architecture of a file (`experts`: it has stacked expert tensors).
@@ -300,6 +406,7 @@ impl Arch {
         match gguf {
             "token_embd.weight" => return Some(Some("model.embed_tokens.weight".into())),
             "output_norm.weight" => return Some(Some("model.norm.weight".into())),
+            "output_norm.bias" => return Some(Some("model.norm.bias".into())),
             "output.weight" => return Some(Some("lm_head.weight".into())),
             "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => return Some(None),
             _ => {}
@@ -335,7 +442,10 @@ impl Arch {
         cfg.insert("num_attention_heads".into(), json!(heads));
         cfg.insert("num_key_value_heads".into(), json!(kv_heads));
         cfg.insert("head_dim".into(), json!(head_dim));
-        cfg.insert("rms_norm_eps".into(), json!(m.float("attention.layer_norm_rms_epsilon")?));
+        // LayerNorm architectures (starcoder2, cohere2) have `attention.layer_norm_epsilon` instead
+        if m.has("attention.layer_norm_rms_epsilon") || !m.has("attention.layer_norm_epsilon") {
+            cfg.insert("rms_norm_eps".into(), json!(m.float("attention.layer_norm_rms_epsilon")?));
+        }
         if m.has("rope.freq_base") {
             cfg.insert("rope_theta".into(), json!(m.float("rope.freq_base")?));
         }
@@ -407,9 +517,11 @@ fn rope_scaling(m: &Meta) -> Result<Option<Value>> {
                 "original_max_position_embeddings".into(),
                 json!(m.usize("rope.scaling.original_context_length")?),
             );
-            for (key, field) in
-                [("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")]
-            {
+            for (key, field) in [
+                ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                ("rope.scaling.attn_factor", "attention_factor"),
+            ] {
                 if m.has(key) {
                     s.insert(field.into(), json!(m.float(key)?));
                 }
@@ -539,4 +651,116 @@ fn sliding_pattern(m: &Meta) -> Result<usize> {
         );
     }
     Ok(period)
+}
+
+fn no_extra(_: &Meta) -> Result<Tensors> {
+    Ok(vec![])
+}
+
+fn has_tensor(m: &Meta, name: &str) -> bool {
+    m.shapes.contains_key(name)
+}
+
+/// `attention.sliding_window_pattern` as one flag per layer (true: sliding), when the file has it
+/// as an array.
+fn sliding_flags(m: &Meta) -> Result<Option<Vec<bool>>> {
+    let key = m.key("attention.sliding_window_pattern");
+    let Some(v) = m.g.opt(&key) else { return Ok(None) };
+    let flags: Vec<bool> = v
+        .to_vec()
+        .map_err(|_| anyhow::anyhow!("{}: metadata key `{key}` is not an array of bools", m.g.path.display()))?
+        .iter()
+        .map(|b| b.to_bool().unwrap_or(false))
+        .collect();
+    if flags.len() != m.layers {
+        bail!("{}: metadata key `{key}` has {} entries for {} layers", m.g.path.display(), flags.len(), m.layers);
+    }
+    Ok(Some(flags))
+}
+
+/// OLMo 2 (llama's optional biases); llama.cpp writes OLMo 3 as `olmo2` with a sliding window
+/// and one flag per layer (every fourth layer global when the config had no `layer_types`).
+fn olmo2(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    llama(m, cfg)?;
+    if cfg.contains_key("sliding_window") {
+        let flags = sliding_flags(m)?.unwrap_or_else(|| (0..m.layers).map(|i| (i + 1) % 4 != 0).collect());
+        let types: Vec<&str> = flags.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+        cfg.insert("model_type".into(), json!("olmo3"));
+        cfg.insert("architectures".into(), json!(["Olmo3ForCausalLM"]));
+        cfg.insert("layer_types".into(), json!(types));
+    }
+    Ok(())
+}
+
+/// GLM-4: RoPE over `rope.dimension_count` of each head; optional Q/K/V biases.
+fn glm4(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    let head_dim = cfg["head_dim"].as_u64().unwrap_or(1) as f64;
+    let rot = if m.has("rope.dimension_count") { m.usize("rope.dimension_count")? as f64 } else { head_dim / 2.0 };
+    cfg.insert("partial_rotary_factor".into(), json!(rot / head_dim));
+    cfg.insert("attention_bias".into(), json!(has_tensor(m, "blk.0.attn_q.bias")));
+    Ok(())
+}
+
+/// Command R7B: llama.cpp's fixed pattern of three sliding layers and one global (without RoPE);
+/// its converter drops the biases; RoPE over whole heads as mlx_lm runs it.
+fn cohere2(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    let head_dim = cfg["head_dim"].as_u64().unwrap_or(0) as usize;
+    if m.has("rope.dimension_count") && m.usize("rope.dimension_count")? != head_dim {
+        bail!(
+            "{}: {} = {} is partial RoPE, which mlx_lm's cohere2 does not run (head_dim {head_dim})",
+            m.g.path.display(),
+            m.key("rope.dimension_count"),
+            m.usize("rope.dimension_count")?
+        );
+    }
+    cfg.insert("sliding_window_pattern".into(), json!(4));
+    cfg.insert("attention_bias".into(), json!(has_tensor(m, "blk.0.attn_q.bias")));
+    cfg.insert("layer_norm_bias".into(), json!(has_tensor(m, "blk.0.attn_norm.bias")));
+    Ok(())
+}
+
+/// EXAONE 4: the per-layer sliding flags as mlx_lm's `sliding_window_pattern` string (one `L`
+/// or `G` per layer); llama 3 RoPE factors as `rope_freqs`.
+fn exaone4(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    if let Some(flags) = sliding_flags(m)? {
+        let pattern: String = flags.iter().map(|&s| if s { 'L' } else { 'G' }).collect();
+        cfg.insert("sliding_window_pattern".into(), json!(pattern));
+    }
+    rope_freqs(m, cfg)
+}
+
+/// Seed-OSS: llama's optional biases, the output projection's on its own.
+fn seed_oss(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    cfg.insert("attention_out_bias".into(), json!(has_tensor(m, "blk.0.attn_output.bias")));
+    llama(m, cfg)
+}
+
+/// Hunyuan dense: llama.cpp writes the NTK-alpha scaling as the RoPE base it gives.
+fn hunyuan(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    cfg.insert("attention_bias".into(), json!(has_tensor(m, "blk.0.attn_q.bias")));
+    cfg.insert("use_qk_norm".into(), json!(has_tensor(m, "blk.0.attn_q_norm.weight")));
+    Ok(())
+}
+
+/// Apertus: llama's optional biases and `rope_freqs`; Q/K norms when the file has them.
+fn apertus(m: &Meta, cfg: &mut Map<String, Value>) -> Result<()> {
+    cfg.insert("qk_norm".into(), json!(has_tensor(m, "blk.0.attn_q_norm.weight")));
+    cfg.insert("post_norm".into(), json!(false));
+    llama(m, cfg)
+}
+
+/// Apertus's xIELU scalars, which llama.cpp keeps as per-layer arrays `xielu.*`.
+fn xielu(m: &Meta) -> Result<Tensors> {
+    let mut out = vec![];
+    for p in ["alpha_n", "alpha_p", "beta", "eps"] {
+        let key = format!("xielu.{p}");
+        let v = m.g.floats(&key)?;
+        if v.len() != m.layers {
+            bail!("{}: metadata key `{key}` has {} values for {} layers", m.g.path.display(), v.len(), m.layers);
+        }
+        for (i, x) in v.into_iter().enumerate() {
+            out.push((format!("model.layers.{i}.mlp.act_fn.{p}"), Tensor::new(x, &Device::Cpu)?));
+        }
+    }
+    Ok(out)
 }

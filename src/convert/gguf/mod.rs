@@ -235,6 +235,9 @@ pub fn read(gguf: &Path, dtype: Option<DType>) -> Result<Imported> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    for (name, t) in (arch.extra)(&meta)? {
+        tensors.insert(name, t.to_dtype(dtype)?);
+    }
     if !arch.ties && !tensors.contains_key("lm_head.weight") {
         let e = tensors.get("model.embed_tokens.weight").context("no embedding")?.clone();
         tensors.insert("lm_head.weight".into(), e);
