@@ -43,7 +43,8 @@ fn xielu(ld: &Loader, p: &str) -> Result<Activation> {
         let t = ld.weights.get(&name, &shape, DType::F32, &Device::Cpu)?;
         Ok(t.flatten_all()?.to_vec1::<f32>()?[0] as f64)
     };
-    Ok(Activation::xielu(scalar("alpha_p")?, scalar("alpha_n")?, scalar("beta")?, scalar("eps")?))
+    let (alpha_p, alpha_n, beta, eps) = (scalar("alpha_p")?, scalar("alpha_n")?, scalar("beta")?, scalar("eps")?);
+    Activation::xielu(alpha_p, alpha_n, beta, eps, ld.act_dtype, &ld.device)
 }
 
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {

@@ -4,7 +4,7 @@
 
 use crate::nn::{Branch, Linear, Loader, Normed};
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 /// The feed-forward part of a decoder layer as the layer runs it.
 pub trait FeedForward: Send + Sync {
@@ -144,26 +144,36 @@ pub enum Activation {
     /// GELU exactly, with erf
     GeluErf,
     /// xIELU with its learned scalars: `ap·x² + β·x` for `x > 0`, else
-    /// `(expm1(min(x, ε)) − x)·an + β·x`, where `ap = softplus(α_p)`, `an = β + softplus(α_n)`
-    XieLu { ap: f64, an: f64, beta: f64, eps: f64 },
+    /// `(expm1(min(x, ε)) − x)·an + β·x`, where `ap = softplus(α_p)`, `an = β + softplus(α_n)`;
+    /// `zero` and `eps` are 0 and ε on the model's device (a decode step captured into a CUDA
+    /// graph copies nothing from the host)
+    XieLu { ap: f64, an: f64, beta: f64, zero: Tensor, eps: Tensor },
 }
 
 impl Activation {
-    /// xIELU from its stored scalars `α_p`, `α_n`, `β`, `ε`.
-    pub fn xielu(alpha_p: f64, alpha_n: f64, beta: f64, eps: f64) -> Self {
+    /// xIELU from its stored scalars `α_p`, `α_n`, `β`, `ε`, for activations of `dtype` on
+    /// `device`.
+    pub fn xielu(alpha_p: f64, alpha_n: f64, beta: f64, eps: f64, dtype: DType, device: &Device) -> Result<Self> {
         let softplus = |t: f64| t.exp().ln_1p();
-        Self::XieLu { ap: softplus(alpha_p), an: beta + softplus(alpha_n), beta, eps }
+        let scalar = |v: f64| -> Result<Tensor> { Ok(Tensor::new(v as f32, device)?.to_dtype(dtype)?) };
+        Ok(Self::XieLu {
+            ap: softplus(alpha_p),
+            an: beta + softplus(alpha_n),
+            beta,
+            zero: scalar(0.0)?,
+            eps: scalar(eps)?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Gelu => x.gelu()?,
             Self::GeluErf => x.gelu_erf()?,
-            &Self::XieLu { ap, an, beta, eps } => {
-                let linear = (x * beta)?;
-                let pos = ((x.sqr()? * ap)? + &linear)?;
-                let neg = ((((x.minimum(eps)?.exp()? - 1.0)? - x)? * an)? + linear)?;
-                x.gt(0.0)?.where_cond(&pos, &neg)?
+            Self::XieLu { ap, an, beta, zero, eps } => {
+                let linear = (x * *beta)?;
+                let pos = ((x.sqr()? * *ap)? + &linear)?;
+                let neg = ((((x.broadcast_minimum(eps)?.exp()? - 1.0)? - x)? * *an)? + linear)?;
+                x.broadcast_gt(zero)?.where_cond(&pos, &neg)?
             }
         })
     }

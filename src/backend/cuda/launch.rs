@@ -328,9 +328,10 @@ unsafe fn rebuild(graph: sys::CUgraph, stream: &Arc<CudaStream>) -> Result<Resul
                 Node::Kernel { params: p, args, ours: is_ours(p.func), node }
             }
             sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => {
-                let mut p: sys::CUDA_MEMCPY3D = std::mem::zeroed();
-                sys::cuGraphMemcpyNodeGetParams(node, &mut p).result()?;
-                Node::Copy(p)
+                // its memory-type fields have no zero value: filled by the driver before it is read
+                let mut p = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::zeroed();
+                sys::cuGraphMemcpyNodeGetParams(node, p.as_mut_ptr()).result()?;
+                Node::Copy(p.assume_init())
             }
             sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => {
                 let mut p: sys::CUDA_MEMSET_NODE_PARAMS = std::mem::zeroed();
