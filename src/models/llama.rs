@@ -47,25 +47,41 @@ impl ModelArgs {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.base.hidden_size / self.base.num_attention_heads)
     }
-    /// The sliding window of layer `i`, if it has one.
-    pub fn window(&self, i: usize) -> Result<Option<usize>> {
-        let Some(types) = &self.layer_types else { return Ok(None) };
-        match types.get(i).map(String::as_str) {
-            Some("sliding_attention") => match self.sliding_window {
-                Some(w) if w > 0 => Ok(Some(w)),
-                _ => anyhow::bail!("config.json: layer {i} is `sliding_attention` but `sliding_window` is missing"),
-            },
-            Some("full_attention") => Ok(None),
-            Some(other) => {
+    /// The sliding window of each layer (`None`: full attention), as `layer_types` says.
+    pub fn windows(&self) -> Result<Vec<Option<usize>>> {
+        let n = self.base.num_hidden_layers;
+        let Some(types) = &self.layer_types else { return Ok(vec![None; n]) };
+        sliding_layers(types, n)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, sliding)| match (sliding, self.sliding_window) {
+                (false, _) => Ok(None),
+                (true, Some(w)) if w > 0 => Ok(Some(w)),
+                (true, _) => {
+                    anyhow::bail!("config.json: layer {i} is `sliding_attention` but `sliding_window` is missing")
+                }
+            })
+            .collect()
+    }
+}
+
+/// Whether each of the first `n` layers of `layer_types` is `sliding_attention` (or
+/// `full_attention`).
+pub fn sliding_layers(types: &[String], n: usize) -> Result<Vec<bool>> {
+    if types.len() < n {
+        anyhow::bail!("config.json: layer_types has {} entries for {n} layers", types.len());
+    }
+    types[..n]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => {
                 anyhow::bail!("config.json: layer_types[{i}] = `{other}`; expected full_attention or sliding_attention")
             }
-            None => anyhow::bail!(
-                "config.json: layer_types has {} entries for {} layers",
-                types.len(),
-                self.base.num_hidden_layers
-            ),
-        }
-    }
+        })
+        .collect()
 }
 
 /// Drops precomputed rotary frequencies and, with tied embeddings, a stray `lm_head`.
@@ -156,7 +172,7 @@ pub fn load_with(args: &ModelArgs, ld: &Loader, prefix: &'static str) -> Result<
         })
         .collect::<Result<Vec<_>>>()?;
     let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, args.tie_word_embeddings, ctx);
-    spec.windows = (0..a.num_hidden_layers).map(|i| args.window(i)).collect::<Result<Vec<_>>>()?;
+    spec.windows = args.windows()?;
     spec.prefix = prefix;
     a.decoder(ld, spec, layers)
 }

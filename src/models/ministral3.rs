@@ -97,7 +97,7 @@ pub fn load_with(args: &ModelArgs, ld: &Loader, prefix: &'static str) -> Result<
     let (beta, original) =
         (args.rope_parameter("llama_4_scaling_beta")?, args.rope_parameter("original_max_position_embeddings")?);
     let heads = Heads::new(a.num_attention_heads, la.n_kv_heads(), hd);
-    let windows = (0..a.num_hidden_layers).map(|i| la.window(i)).collect::<Result<Vec<_>>>()?;
+    let windows = la.windows()?;
     if la.layer_types.is_some() && windows.iter().all(Option::is_some) {
         bail!("config.json: layer_types has no `full_attention` layer");
     }

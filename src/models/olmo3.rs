@@ -9,7 +9,7 @@ use super::mlp::Mlp;
 use super::olmo2::{Attention, PostNormBlock};
 use crate::io::Weights;
 use crate::nn::Loader;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,21 +37,10 @@ impl ModelArgs {
     /// Whether each layer slides: `layer_types`, or three sliding layers then a full one.
     fn sliding(&self) -> Result<Vec<bool>> {
         let n = self.base.num_hidden_layers;
-        let Some(types) = &self.layer_types else { return Ok((0..n).map(|i| (i + 1) % 4 != 0).collect()) };
-        if types.len() != n {
-            bail!("config.json: layer_types has {} entries for {n} layers", types.len());
+        match &self.layer_types {
+            Some(types) => super::llama::sliding_layers(types, n),
+            None => Ok((0..n).map(|i| (i + 1) % 4 != 0).collect()),
         }
-        types
-            .iter()
-            .enumerate()
-            .map(|(i, t)| match t.as_str() {
-                "sliding_attention" => Ok(true),
-                "full_attention" => Ok(false),
-                other => {
-                    bail!("config.json: layer_types[{i}] = `{other}`; expected full_attention or sliding_attention")
-                }
-            })
-            .collect()
     }
 }
 

@@ -55,6 +55,6 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut spec = ModelSpec::plain(a.num_hidden_layers, rope, la.tie_word_embeddings, ctx);
-    spec.windows = (0..a.num_hidden_layers).map(|i| la.window(i)).collect::<Result<Vec<_>>>()?;
+    spec.windows = la.windows()?;
     a.decoder(ld, spec, layers)
 }
