@@ -141,6 +141,99 @@ fn cuda_one_row_kernels_match_dequantize_then_matmul() {
     eprintln!("{cases} one-row cases");
 }
 
+/// The gathered (mixture-of-experts) matmul with the expert ids on the device: routed row r is
+/// input row r / top_k times expert ids[r]'s weight. Stacks of random experts, every bits ×
+/// group size, f32 / f16 / bf16, one-row tensor-core and scalar kernels (k a multiple of 128 or
+/// not), a decode token and a batch, plain and fused with SiLU (gate / up), against each routed
+/// row's f32 product with the CPU's dequantization of its expert; and a dense stack against
+/// the same rows, and against the host-grouped path.
+#[test]
+fn cuda_gathered_matmul_matches_each_routed_rows_matmul() {
+    use wick::ops::gather_mm::ExpertWeights;
+    let Some(dev) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3312);
+    let mut cases = 0;
+    for bits in [2, 3, 4, 5, 6, 8] {
+        for gs in [32, 64, 128] {
+            let p = QuantParams::new(bits, gs, "test").unwrap();
+            let experts = rng.random_range(4..=16);
+            let k = if rng.random_bool(0.5) { 128 * rng.random_range(1..=8) } else { gs * rng.random_range(1..=12) };
+            let n = 2 * rng.random_range(8..=300);
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let stack = || quantized(&Tensor::randn(0f32, 1.0, (experts * n, k), &Device::Cpu).unwrap(), p, dtype);
+                // one quantization of E·n rows, split as E experts of n rows
+                let split = |q: &wick::ops::qmatmul::QuantizedWeight| wick::ops::qmatmul::QuantizedWeight {
+                    packed: q.packed.reshape((experts, n, ())).unwrap(),
+                    scales: q.scales.reshape((experts, n, ())).unwrap(),
+                    biases: q.biases.reshape((experts, n, ())).unwrap(),
+                    out_dim: n,
+                    ..q.clone()
+                };
+                let (qg, qu) = (stack(), stack());
+                let dense = |q: &wick::ops::qmatmul::QuantizedWeight| {
+                    dense_reference(q, &Device::Cpu).reshape((experts, n, k)).unwrap()
+                };
+                let (dg, du) = (dense(&qg), dense(&qu));
+                let (wg, wu) = (
+                    ExpertWeights::Quantized(split(&to_dev(&qg, &dev))),
+                    ExpertWeights::Quantized(split(&to_dev(&qu, &dev))),
+                );
+                for (tokens, top_k) in [(1, rng.random_range(1..=experts.min(8))), (rng.random_range(2..=8), 2)] {
+                    let rows = tokens * top_k;
+                    let ids: Vec<u32> = (0..rows).map(|_| rng.random_range(0..experts as u32)).collect();
+                    let x = Tensor::randn(0f32, 1.0, (tokens, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                    let x32 = x.to_dtype(DType::F32).unwrap();
+                    let want = |d: &Tensor| {
+                        let rows: Vec<Tensor> = ids
+                            .iter()
+                            .enumerate()
+                            .map(|(r, &e)| {
+                                let xr = x32.narrow(0, r / top_k, 1).unwrap();
+                                xr.matmul(&d.get(e as usize).unwrap().t().unwrap()).unwrap()
+                            })
+                            .collect();
+                        Tensor::cat(&rows, 0).unwrap()
+                    };
+                    let (ig, iu) = (want(&dg), want(&du));
+                    let idt = Tensor::new(ids.clone(), &dev).unwrap();
+                    let xd = x.to_device(&dev).unwrap();
+                    let tol = match dtype {
+                        DType::F32 => 1e-4,
+                        DType::F16 => 5e-3,
+                        _ => 1e-2,
+                    };
+                    let what = format!("bits {bits} gs {gs} {dtype:?} E {experts} n {n} k {k} rows {rows}");
+                    let got = wg.gather_rows(&xd, &idt, top_k).unwrap();
+                    assert_eq!(got.dims(), &[rows, n], "{what}");
+                    let e = rel_err(&got.to_device(&Device::Cpu).unwrap(), &ig);
+                    assert!(e < tol, "gathered {what}: {e:e}");
+                    if let Some(got) = ExpertWeights::gather_swiglu(&wg, &wu, &xd, &idt, top_k).unwrap() {
+                        let exact = (candle_nn::ops::silu(&ig).unwrap() * &iu).unwrap();
+                        let e = rel_err(&got.to_device(&Device::Cpu).unwrap(), &exact);
+                        assert!(e < tol, "gathered swiglu {what}: {e:e}");
+                        cases += 1;
+                    } else {
+                        assert!(![4, 8].contains(&bits), "{what}: no fused gate/up");
+                    }
+                    if bits == 4 && gs == 64 {
+                        let wd = ExpertWeights::Dense(dg.to_dtype(dtype).unwrap().to_device(&dev).unwrap());
+                        let got = wd.gather_rows(&xd, &idt, top_k).unwrap().to_device(&Device::Cpu).unwrap();
+                        let e = rel_err(&got, &ig);
+                        assert!(e < tol, "dense {what}: {e:e}");
+                        // the same stack on the CPU groups the rows on the host
+                        let wh = ExpertWeights::Dense(dg.to_dtype(dtype).unwrap());
+                        let got = wh.gather_rows(&x, &Tensor::new(ids.clone(), &Device::Cpu).unwrap(), top_k).unwrap();
+                        let e = rel_err(&got, &ig);
+                        assert!(e < tol, "dense on the host {what}: {e:e}");
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{cases} gathered cases");
+}
+
 /// One-row matmuls back to back, each reading the one before's output, as a decode step chains
 /// them. Launched programmatically (Hopper), a kernel's blocks start while the one ahead still
 /// runs, and may load weights then but must not read their input before the wait: the chain

@@ -201,6 +201,32 @@ fn tiny_seed_oss_output_bias_flag_match_mlx_lm() {
     check("tiny_seed_oss");
 }
 
+/// LFM2: gated short convolutions (their conv state in an ArraysCache) around attention layers,
+/// from `layer_types` (kernel 3, biases, auto-adjusted MLP) and from `full_attn_idxs` (kernel 4,
+/// no biases).
+#[test]
+fn tiny_lfm2_short_convolutions_match_mlx_lm() {
+    check("tiny_lfm2");
+    check("tiny_lfm2_idxs");
+}
+
+/// Qwen3-Next: Gated DeltaNet layers (conv and recurrent states in an ArraysCache) among gated
+/// attention layers with partial RoPE, MoE with a gated shared expert; held-out: another layer
+/// interval, head split, kernel, biases and a tied head.
+#[test]
+fn tiny_qwen3_next_gated_deltanet_matches_mlx_lm() {
+    check("tiny_qwen3_next");
+    check("tiny_qwen3_next_b");
+}
+
+/// Qwen3.5 and Qwen3.5-MoE (text of the multimodal checkpoints): separate Gated DeltaNet
+/// projections, RoPE from rope_parameters, experts in every layer of the MoE variant.
+#[test]
+fn tiny_qwen3_5_match_mlx_lm() {
+    check("tiny_qwen3_5");
+    check("tiny_qwen3_5_moe");
+}
+
 #[test]
 fn tiny_helium_traditional_rope_qkv_bias_match_mlx_lm() {
     check("tiny_helium");
@@ -471,6 +497,7 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_mistral3", false),
         ("tiny_mistral3_llama", true),
         ("tiny_gemma3_vlm", true),
+        ("tiny_lfm2", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();
@@ -508,9 +535,8 @@ fn batch_generation_of_a_sliding_window_model_gives_each_prompt_its_own_output()
 /// mlx_lm's greedy tokens.
 #[test]
 fn moe_model_through_batch_prompt_cache_and_speculative_decoding_gives_mlx_lms_tokens() {
-    use std::collections::{BTreeMap, BTreeSet};
-    use wick::engine::generate::{generate_with_cache, GenerateOptions};
-    use wick::engine::sample::Sampler;
+    use std::collections::BTreeSet;
+    use wick::engine::generate::GenerateOptions;
     let dir = golden("tiny_qwen3_moe");
     let (prompt, want) = golden_greedy(&dir);
     let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
@@ -524,19 +550,7 @@ fn moe_model_through_batch_prompt_cache_and_speculative_decoding_gives_mlx_lms_t
     assert_eq!(out.tokens[1], want, "batch row of the golden prompt");
 
     // a prompt cache of the first 5 tokens, saved, loaded and continued
-    let mut cache = model.make_cache(None);
-    wick::engine::generate::prefill(model, &prompt[..5], &mut cache, 512).unwrap();
-    let file = tempfile::tempdir().unwrap();
-    let path = file.path().join("cache.safetensors");
-    wick::engine::prompt_cache::save(&path, &cache, &BTreeMap::new()).unwrap();
-    let mut cache = wick::engine::prompt_cache::load(&path, DType::F32, &Device::Cpu).unwrap().cache;
-    let mut sampler = Sampler::new(Default::default()).unwrap();
-    let mut got = vec![];
-    generate_with_cache(model, &prompt[5..], &mut cache, &mut sampler, &opts, &no_eos, true, |t| {
-        got.push(t);
-        Ok(true)
-    })
-    .unwrap();
+    let (got, _) = continue_from_saved_cache(model, &prompt, 512, &opts);
     assert_eq!(got, want, "continued from a saved prompt cache");
 
     // speculative decoding, drafting with the 4-bit model
@@ -548,6 +562,78 @@ fn moe_model_through_batch_prompt_cache_and_speculative_decoding_gives_mlx_lms_t
     })
     .unwrap();
     assert_eq!(got, want, "speculative decoding");
+}
+
+/// The first 5 prompt tokens prefilled (`step` at a time) into a cache saved as a prompt cache
+/// file and loaded back, then the rest of the prompt and generation from it: the tokens, and
+/// the loaded layers' cache classes.
+fn continue_from_saved_cache(
+    model: &dyn wick::models::LanguageModel,
+    prompt: &[u32],
+    step: usize,
+    opts: &wick::engine::generate::GenerateOptions,
+) -> (Vec<u32>, Vec<&'static str>) {
+    use wick::engine::sample::Sampler;
+    let mut cache = model.make_cache(None);
+    wick::engine::generate::prefill(model, &prompt[..5], &mut cache, step).unwrap();
+    let file = tempfile::tempdir().unwrap();
+    let path = file.path().join("cache.safetensors");
+    wick::engine::prompt_cache::save(&path, &cache, &Default::default()).unwrap();
+    let loaded = wick::engine::prompt_cache::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let classes = loaded.cache.iter().map(|c| c.kind().class_name()).collect();
+    let mut cache = loaded.cache;
+    let mut sampler = Sampler::new(Default::default()).unwrap();
+    let mut got = vec![];
+    let no_eos = Default::default();
+    wick::engine::generate::generate_with_cache(
+        model,
+        &prompt[5..],
+        &mut cache,
+        &mut sampler,
+        opts,
+        &no_eos,
+        true,
+        |t| {
+            got.push(t);
+            Ok(true)
+        },
+    )
+    .unwrap();
+    (got, classes)
+}
+
+/// A recurrent hybrid (LFM2: conv states in ArraysCaches) through the engine: mlx_lm's greedy
+/// tokens with the prompt prefilled 7 tokens at a time, continued from a prompt cache saved and
+/// reloaded (mlx_lm's ArraysCache entries), and as a row of a left-padded batch (padding masked
+/// out of the convolution).
+#[test]
+fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_tokens() {
+    use std::collections::BTreeSet;
+    use wick::engine::generate::{generate, GenerateOptions};
+    for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next"] {
+        let dir = golden(name);
+        let (prompt, want) = golden_greedy(&dir);
+        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let model = m.model.as_ref();
+        let no_eos = BTreeSet::new();
+        let opts = GenerateOptions { max_tokens: want.len(), prefill_step_size: 7, ..Default::default() };
+        let mut got = vec![];
+        generate(model, &prompt, &opts, &no_eos, |t| {
+            got.push(t);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(got, want, "{name}: prefill in steps of 7");
+
+        let (got, classes) = continue_from_saved_cache(model, &prompt, 3, &opts);
+        assert!(classes.contains(&"ArraysCache") && classes.contains(&"KVCache"), "{name}: {classes:?}");
+        assert_eq!(got, want, "{name}: continued from a saved prompt cache");
+
+        let prompts = vec![(1..30).collect::<Vec<u32>>(), prompt.clone(), vec![5, 9, 2]];
+        let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
+        let out = wick::engine::batch::batch_generate(model, &prompts, &opts, &no_eos, |_| {}).unwrap();
+        assert_eq!(out.tokens[1], want, "{name}: batch row of the golden prompt");
+    }
 }
 
 /// The server's model loop with a mixture-of-experts model (gpt_oss: sinks, sliding layers,

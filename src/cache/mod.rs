@@ -6,18 +6,22 @@
 //! - [`Rotating`] (`rotating.rs`, `RotatingKVCache`; `--max-kv-size`, sliding-window layers):
 //!   keeps at most `max_size` positions, the first `keep` plus the most recent ones;
 //! - [`Quantized`] (`quantized.rs`, `QuantizedKVCache`; `--kv-bits`): affine-quantized keys and
-//!   values, dequantized for attention.
+//!   values, dequantized for attention;
+//! - [`Arrays`] (`arrays.rs`, `ArraysCache`): not keys and values but a recurrent layer's state
+//!   (convolution inputs, a recurrence's state), replaced whole at every call.
 //!
 //! What every store shares lives in [`KvCache`]: the positions seen, each batch row's left
 //! padding, and the device position a CUDA graph's captured step writes at. A batch's row
 //! operations (rows joining, leaving, given back: `rows.rs`) take standard caches. Prompt-cache
 //! files keep mlx_lm's format ([`CacheState`]).
 
+mod arrays;
 mod quantized;
 mod rotating;
 mod rows;
 mod standard;
 
+pub use arrays::Arrays;
 pub use quantized::Quantized;
 pub use rotating::Rotating;
 pub use standard::Standard;
@@ -40,6 +44,7 @@ enum Store {
     Standard(Standard),
     Rotating(Rotating),
     Quantized(Quantized),
+    Arrays(Arrays),
 }
 
 /// The cache of one attention layer: its store and what every store shares.
@@ -66,6 +71,7 @@ pub enum CacheKind {
     Standard,
     Rotating { max_size: usize, keep: usize },
     Quantized { bits: usize, group_size: usize },
+    Arrays { size: usize },
 }
 
 impl CacheKind {
@@ -74,6 +80,7 @@ impl CacheKind {
             Self::Standard => "KVCache",
             Self::Rotating { .. } => "RotatingKVCache",
             Self::Quantized { .. } => "QuantizedKVCache",
+            Self::Arrays { .. } => "ArraysCache",
         }
     }
 }
@@ -81,9 +88,32 @@ impl CacheKind {
 /// The stored state of one layer's cache, as mlx_lm's `cache.state` holds it (prompt cache files).
 #[derive(Debug, Clone)]
 pub enum CacheState {
-    Standard { keys: Tensor, values: Tensor, offset: usize },
-    Rotating { keys: Tensor, values: Tensor, offset: usize, keep: usize, max_size: usize, idx: usize },
-    Quantized { keys: [Tensor; 3], values: [Tensor; 3], offset: usize, group_size: usize, bits: usize },
+    Standard {
+        keys: Tensor,
+        values: Tensor,
+        offset: usize,
+    },
+    Rotating {
+        keys: Tensor,
+        values: Tensor,
+        offset: usize,
+        keep: usize,
+        max_size: usize,
+        idx: usize,
+    },
+    Quantized {
+        keys: [Tensor; 3],
+        values: [Tensor; 3],
+        offset: usize,
+        group_size: usize,
+        bits: usize,
+    },
+    /// a recurrent layer's arrays (mlx_lm's file has no offset for them: the attention layers'
+    /// is theirs)
+    Arrays {
+        arrays: Vec<Option<Tensor>>,
+        offset: usize,
+    },
 }
 
 /// `parts` concatenated along the sequence axis (2), as a contiguous tensor (decode steps write
@@ -115,6 +145,37 @@ impl KvCache {
         Self::with(Store::Rotating(Rotating::new(max_size, keep)), 0)
     }
 
+    /// The empty state of a recurrent layer with `size` arrays (mlx_lm's `ArraysCache(size)`).
+    pub fn arrays(size: usize) -> Self {
+        Self::with(Store::Arrays(Arrays::new(size)), 0)
+    }
+
+    /// A recurrent layer's array `i`, once set.
+    pub fn array(&self, i: usize) -> Option<&Tensor> {
+        match &self.store {
+            Store::Arrays(a) => a.get(i),
+            _ => None,
+        }
+    }
+
+    /// Sets a recurrent layer's array `i` (the state after its call).
+    pub fn set_array(&mut self, i: usize, t: Tensor) -> Result<()> {
+        match &mut self.store {
+            Store::Arrays(a) => a.set(i, t),
+            _ => bail!("a recurrent layer was given an attention layer's cache: the cache was made for another model"),
+        }
+    }
+
+    /// After a recurrent layer's call on `n` new positions: `n` more positions seen.
+    pub fn advance_by(&mut self, n: usize) {
+        self.offset += n;
+    }
+
+    /// Whether this is a recurrent layer's state ([`KvCache::arrays`]).
+    pub fn is_arrays(&self) -> bool {
+        matches!(self.store, Store::Arrays(_))
+    }
+
     /// Number of positions seen so far (the position of the next token).
     pub fn offset(&self) -> usize {
         self.offset
@@ -125,6 +186,7 @@ impl KvCache {
             Store::Standard(_) => CacheKind::Standard,
             Store::Rotating(r) => CacheKind::Rotating { max_size: r.max_size, keep: r.keep },
             Store::Quantized(q) => CacheKind::Quantized { bits: q.params.bits, group_size: q.params.group_size },
+            Store::Arrays(a) => CacheKind::Arrays { size: a.size() },
         }
     }
 
@@ -142,6 +204,7 @@ impl KvCache {
             Store::Standard(s) => s.buffers().is_none(),
             Store::Rotating(r) => r.buffers().is_none(),
             Store::Quantized(_) => false,
+            Store::Arrays(a) => a.is_empty(),
         }
     }
 
@@ -171,10 +234,11 @@ impl KvCache {
     }
 
     /// Whether [`KvCache::trim`] can drop the newest positions (mlx_lm's `is_trimmable`): always,
-    /// except for a rotating cache that has started overwriting.
+    /// except for a rotating cache that has started overwriting, and a recurrent state.
     pub fn is_trimmable(&self) -> bool {
         match &self.store {
             Store::Rotating(r) => self.offset < r.max_size,
+            Store::Arrays(_) => false,
             _ => true,
         }
     }
@@ -182,6 +246,9 @@ impl KvCache {
     /// Forgets the newest `n` positions (speculative decoding's rewind); returns how many were
     /// dropped.
     pub fn trim(&mut self, n: usize) -> usize {
+        if !self.is_trimmable() && matches!(self.store, Store::Arrays(_)) {
+            return 0;
+        }
         let n = n.min(self.offset);
         self.offset -= n;
         if let Store::Rotating(r) = &mut self.store {
@@ -195,7 +262,8 @@ impl KvCache {
     /// model call, once positions are stored).
     pub fn quantize(&mut self, params: QuantParams) -> Result<()> {
         let quantized = match &self.store {
-            Store::Quantized(_) => return Ok(()),
+            // a recurrent state stays as it is (mlx_lm quantizes KV caches only)
+            Store::Quantized(_) | Store::Arrays(_) => return Ok(()),
             Store::Rotating(_) => {
                 bail!("--kv-bits: a rotating cache (--max-kv-size or a sliding-window layer) cannot be quantized")
             }
@@ -218,6 +286,9 @@ impl KvCache {
             Store::Standard(s) => s.update(offset, k, v, None)?,
             Store::Rotating(r) if l == 1 => r.update_in_place(offset, k, v)?,
             Store::Rotating(r) => r.update_concat(offset, k, v)?,
+            Store::Arrays(_) => {
+                bail!("an attention layer was given a recurrent layer's cache: the cache was made for another model")
+            }
         };
         self.offset += l;
         Ok(out)
@@ -264,6 +335,7 @@ impl KvCache {
             Store::Standard(s) => s.buffers().map(|(k, _)| k.device().clone()),
             Store::Rotating(r) => r.buffers().map(|(k, _)| k.device().clone()),
             Store::Quantized(q) => Some(q.device().clone()),
+            Store::Arrays(a) => a.slots.iter().flatten().next().map(|t| t.device().clone()),
         };
         let Some(dev) = dev else { return Ok(()) };
         let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
@@ -271,6 +343,7 @@ impl KvCache {
             Store::Standard(s) => s.select_rows(&idx)?,
             Store::Rotating(r) => r.select_rows(&idx)?,
             Store::Quantized(q) => q.select_rows(&idx)?,
+            Store::Arrays(a) => a.select_rows(&idx)?,
         }
         if let Some(p) = &self.left_padding {
             self.left_padding = Some(rows.iter().map(|&r| p[r]).collect());
@@ -303,6 +376,7 @@ impl KvCache {
                 max_size: r.max_size,
                 idx,
             }),
+            Store::Arrays(a) => (!a.is_empty()).then(|| CacheState::Arrays { arrays: a.slots.clone(), offset }),
         })
     }
 
@@ -333,6 +407,8 @@ impl KvCache {
                 check(&keys[0], &values[0], offset, "QuantizedKVCache")?;
                 Self::with(Store::Quantized(Quantized::from_state(keys, values, offset, params, dtype)?), offset)
             }
+            // recurrent states keep their dtypes (a recurrence's state is f32 whatever the model's)
+            CacheState::Arrays { arrays, offset } => Self::with(Store::Arrays(Arrays { slots: arrays }), offset),
         })
     }
 
@@ -341,6 +417,7 @@ impl KvCache {
         // back to plain storage: the generation loop quantizes again from --quantized-kv-start
         *self = match &self.store {
             Store::Rotating(r) => Self::rotating(r.max_size, r.keep),
+            Store::Arrays(a) => Self::arrays(a.size()),
             _ => Self::new(),
         };
     }

@@ -44,7 +44,9 @@ impl KvCache {
                 self.offset
             );
         }
-        if n > 0 {
+        if let (Store::Arrays(mine), Store::Arrays(theirs)) = (&mut self.store, &other.store) {
+            mine.write_row(row, rows, theirs)?;
+        } else if n > 0 {
             let (Some((k, v)), Some((ok, ov))) = (standard_buffers(self), standard_buffers(other)) else {
                 bail!("taking over a batch row: a cache holds positions but no buffers");
             };
@@ -56,9 +58,10 @@ impl KvCache {
     }
 
     /// Whether the cache can join a batch ([`KvCache::merge`]) and give rows back
-    /// ([`KvCache::extract_row`]): plain storage, neither rotating nor quantized.
+    /// ([`KvCache::extract_row`]): plain storage (neither rotating nor quantized) or a
+    /// recurrent state.
     pub fn is_batchable(&self) -> bool {
-        self.standard().is_some()
+        matches!(self.store, Store::Standard(_) | Store::Arrays(_))
     }
 
     /// Rows in the cache (1 for an empty one).
@@ -67,6 +70,7 @@ impl KvCache {
             Store::Standard(s) => s.buffers().map(|(k, _)| k),
             Store::Rotating(r) => r.buffers().map(|(k, _)| k),
             Store::Quantized(_) => None,
+            Store::Arrays(a) => return Ok(a.rows().or(self.left_padding.as_ref().map(|p| p.len())).unwrap_or(1)),
         };
         Ok(match (keys, &self.left_padding) {
             (Some(k), _) => k.dim(0)?,
@@ -83,6 +87,9 @@ impl KvCache {
         }
         let pad = self.left_padding.as_ref().map_or(0, |p| p[row]);
         let n = self.offset - pad;
+        if let Store::Arrays(a) = &self.store {
+            return Ok(Self::with(Store::Arrays(a.extract_row(row)?), n));
+        }
         let Some((k, v)) = standard_buffers(self) else { return Ok(Self::new()) };
         let take = |t: &Tensor| -> Result<Option<Tensor>> {
             Ok(Some(t.narrow(0, row, 1)?.narrow(2, pad, n)?.force_contiguous()?))
@@ -108,6 +115,20 @@ impl KvCache {
                 Some(own) => padding.extend(own.iter().map(|x| x + add)),
                 None => padding.extend(std::iter::repeat_n(add, p.rows()?)),
             }
+        }
+        if parts.iter().all(|p| p.is_arrays()) {
+            let states = parts
+                .iter()
+                .map(|p| match &p.store {
+                    Store::Arrays(a) => Ok((a, p.rows()?)),
+                    _ => bail!("a recurrent state batched with an attention layer's cache"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let store = Store::Arrays(super::Arrays::merge(&states)?);
+            return Ok(Self { left_padding: Some(padding.into()), ..Self::with(store, total) });
+        }
+        if parts.iter().any(|p| p.is_arrays()) {
+            bail!("a recurrent state batched with an attention layer's cache");
         }
         let mut merged =
             Self { left_padding: Some(padding.into()), ..Self::with(Store::Standard(Standard::default()), total) };

@@ -23,13 +23,20 @@ pub fn save(path: &Path, cache: &[KvCache], metadata: &BTreeMap<String, String>)
     // the scalar list starts with "" so that it is never empty (as mlx_lm writes it)
     meta.insert("2.0".into(), String::new());
     let mut scalars = 0usize;
+    // an integer (a 0-d int32 array) or None (an empty float32 array), recorded in the scalar list
     let mut scalar =
-        |tensors: &mut Vec<(String, Tensor)>, meta: &mut HashMap<String, String>, name: String, v: usize| {
+        |tensors: &mut Vec<(String, Tensor)>, meta: &mut HashMap<String, String>, name: String, v: Option<usize>| {
             scalars += 1;
             meta.insert(format!("2.{scalars}.0"), name.clone());
-            meta.insert(format!("2.{scalars}.1"), "scalar".into());
-            let v = i32::try_from(v).map_err(|_| anyhow!("{name}: {v} does not fit an int32"))?;
-            tensors.push((name, Tensor::new(v, &Device::Cpu)?));
+            meta.insert(format!("2.{scalars}.1"), if v.is_some() { "scalar" } else { "none" }.into());
+            let t = match v {
+                Some(v) => {
+                    let v = i32::try_from(v).map_err(|_| anyhow!("{name}: {v} does not fit an int32"))?;
+                    Tensor::new(v, &Device::Cpu)?
+                }
+                None => Tensor::zeros(0, DType::F32, &Device::Cpu)?,
+            };
+            tensors.push((name, t));
             Ok::<_, anyhow::Error>(())
         };
     for (k, v) in metadata {
@@ -43,13 +50,13 @@ pub fn save(path: &Path, cache: &[KvCache], metadata: &BTreeMap<String, String>)
             CacheState::Standard { keys, values, offset } => {
                 tensors.push((format!("{i}.0"), host(&keys)?));
                 tensors.push((format!("{i}.1"), host(&values)?));
-                scalar(&mut tensors, &mut meta, format!("{i}.2"), offset)?;
+                scalar(&mut tensors, &mut meta, format!("{i}.2"), Some(offset))?;
             }
             CacheState::Rotating { keys, values, offset, keep, max_size, idx } => {
                 tensors.push((format!("{i}.0"), host(&keys)?));
                 tensors.push((format!("{i}.1"), host(&values)?));
                 for (f, v) in [(2, offset), (3, keep), (4, max_size), (5, idx)] {
-                    scalar(&mut tensors, &mut meta, format!("{i}.{f}"), v)?;
+                    scalar(&mut tensors, &mut meta, format!("{i}.{f}"), Some(v))?;
                 }
             }
             CacheState::Quantized { keys, values, offset, group_size, bits } => {
@@ -59,7 +66,19 @@ pub fn save(path: &Path, cache: &[KvCache], metadata: &BTreeMap<String, String>)
                     }
                 }
                 for (f, v) in [(2, offset), (3, group_size), (4, bits)] {
-                    scalar(&mut tensors, &mut meta, format!("{i}.{f}"), v)?;
+                    scalar(&mut tensors, &mut meta, format!("{i}.{f}"), Some(v))?;
+                }
+            }
+            // (arrays, left_padding, lengths): a saved cache is a single sequence's
+            CacheState::Arrays { arrays, .. } => {
+                for (j, a) in arrays.iter().enumerate() {
+                    match a {
+                        Some(t) => tensors.push((format!("{i}.0.{j}"), host(t)?)),
+                        None => scalar(&mut tensors, &mut meta, format!("{i}.0.{j}"), None)?,
+                    }
+                }
+                for f in [1, 2] {
+                    scalar(&mut tensors, &mut meta, format!("{i}.{f}"), None)?;
                 }
             }
         }
@@ -129,6 +148,14 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<PromptCacheFil
         }
     };
     let kv = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+    // the entries the scalar list marks None
+    let nones: std::collections::HashSet<&str> = meta
+        .iter()
+        .filter_map(|(k, v)| {
+            let n = k.strip_prefix("2.")?.strip_suffix(".1")?;
+            (v == "none").then(|| meta.get(&format!("2.{n}.0")).map(String::as_str)).flatten()
+        })
+        .collect();
     let mut cache = Vec::with_capacity(classes.len());
     for (i, class) in &classes {
         let state = match class.as_str() {
@@ -157,15 +184,36 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<PromptCacheFil
                     bits: int(format!("{i}.4"))?,
                 }
             }
+            "ArraysCache" => {
+                let mut arrays = vec![];
+                for j in 0.. {
+                    let name = format!("{i}.0.{j}");
+                    match tensors.get(&name) {
+                        _ if nones.contains(name.as_str()) => arrays.push(None),
+                        Some(t) => arrays.push(Some(kv(t.clone())?)),
+                        None => break,
+                    }
+                }
+                if !nones.contains(format!("{i}.1").as_str()) || !nones.contains(format!("{i}.2").as_str()) {
+                    bail!("{what}: layer {i} is an ArraysCache of a batch (left padding or lengths set); wick reads single sequences");
+                }
+                // the offset is the attention layers' (set below)
+                CacheState::Arrays { arrays, offset: 0 }
+            }
             other => bail!(
-                "{what}: layer {i} holds a {other}, which wick does not read (KVCache, RotatingKVCache, QuantizedKVCache)"
+                "{what}: layer {i} holds a {other}, which wick does not read (KVCache, RotatingKVCache, QuantizedKVCache, ArraysCache)"
             ),
         };
         cache.push(KvCache::from_state(state, dtype).with_context(|| format!("{what}: layer {i}"))?);
     }
-    let offsets: Vec<usize> = cache.iter().map(|c| c.offset()).collect();
+    let offsets: Vec<usize> = cache.iter().filter(|c| !c.is_arrays()).map(|c| c.offset()).collect();
     if offsets.iter().any(|&o| o != offsets[0]) {
         bail!("{what}: the layers hold different numbers of positions ({offsets:?})");
+    }
+    // a recurrent layer's state stands for as many positions as the attention layers hold
+    let offset = offsets.first().copied().unwrap_or(0);
+    for c in cache.iter_mut().filter(|c| c.is_arrays()) {
+        c.advance_by(offset);
     }
     Ok(PromptCacheFile { cache, metadata })
 }

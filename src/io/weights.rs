@@ -33,6 +33,8 @@ enum Derive {
     /// u8 bytes (…, g, 4·w) read as little-endian u32 words (…, g·w): mlx's `view(uint32)` and
     /// `flatten(-2)` of packed blocks
     BytesAsWords,
+    /// 1 added to every value, in the stored dtype (a zero-centred norm weight)
+    AddOne,
 }
 
 struct Shard {
@@ -211,6 +213,17 @@ impl Weights {
         Ok(())
     }
 
+    /// Adds 1 to every value of the float tensor `name`, in its stored dtype (mlx's `v + 1.0` of a
+    /// zero-centred norm weight in a `sanitize`).
+    pub fn add_one(&mut self, name: &str) -> Result<()> {
+        let src = self
+            .index
+            .remove(name)
+            .with_context(|| format!("tensor `{name}` is missing from the weights in {}", self.dir.display()))?;
+        self.index.insert(name.to_string(), Source::Derived { of: Box::new(src), op: Derive::AddOne });
+        Ok(())
+    }
+
     /// Renames the tensor `from` to `to`.
     pub fn rename(&mut self, from: &str, to: &str) -> Result<()> {
         let src = self
@@ -273,6 +286,7 @@ impl Weights {
                     Derive::Narrow { axis, len, .. } => shape[axis] = len,
                     Derive::Transpose { a, b } => shape.swap(a, b),
                     Derive::Every { axis, start, step } => shape[axis] = (shape[axis] - start).div_ceil(step),
+                    Derive::AddOne => {}
                     Derive::BytesAsWords => {
                         let words = shape.pop().expect("checked") / 4;
                         *shape.last_mut().expect("checked") *= words;
@@ -333,6 +347,7 @@ impl Weights {
                 let t = match *op {
                     Derive::Narrow { axis, start, len } => whole.narrow(axis, start, len)?,
                     Derive::Transpose { a, b } => whole.transpose(a, b)?,
+                    Derive::AddOne => (whole + 1.0)?,
                     Derive::Every { axis, start, step } => {
                         let idx: Vec<u32> = (start..whole.dim(axis)?).step_by(step).map(|i| i as u32).collect();
                         whole.index_select(&Tensor::new(idx, &Device::Cpu)?, axis)?

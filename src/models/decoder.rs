@@ -167,8 +167,12 @@ pub struct ModelSpec {
     /// (a greedy step's argmax reads the unscaled logits)
     pub logits_scale: Option<f64>,
     /// the final norm is the LayerNorm of this name (phi: `model.final_layernorm`), with a
-    /// bias or not, instead of the RMSNorm `model.norm`
+    /// bias or not, instead of the RMSNorm `final_norm`
     pub final_layernorm: Option<(&'static str, bool)>,
+    /// the final RMSNorm's name (`model.norm`; LFM2: `model.embedding_norm`)
+    pub final_norm: &'static str,
+    /// per layer, `Some(n)`: a recurrent layer whose cache holds `n` arrays (an `ArraysCache`)
+    pub recurrent: Vec<Option<usize>>,
     pub lm_head_bias: bool,
     /// before every tensor name of the body (llama 4's text model: `language_model.`)
     pub prefix: &'static str,
@@ -190,6 +194,8 @@ impl ModelSpec {
             final_softcap: None,
             logits_scale: None,
             final_layernorm: None,
+            final_norm: "model.norm",
+            recurrent: vec![None; n_layers],
             lm_head_bias: false,
             prefix: "",
             head: "lm_head",
@@ -206,7 +212,7 @@ impl BaseArgs {
             Norm::Layer(LayerNorm::load_with(ld, &name(n), self.hidden_size, self.rms_norm_eps, bias)?)
         } else {
             let (dim, eps) = (self.hidden_size, self.rms_norm_eps);
-            Norm::Rms(RmsNorm::load_shifted(ld, &name("model.norm"), dim, eps, spec.norm_shift)?)
+            Norm::Rms(RmsNorm::load_shifted(ld, &name(spec.final_norm), dim, eps, spec.norm_shift)?)
         };
         let embed_tokens = Embedding::load(ld, &name("model.embed_tokens"), self.vocab_size, self.hidden_size)?;
         let lm_head = if spec.tie_word_embeddings {
@@ -219,6 +225,7 @@ impl BaseArgs {
             graphable: layers.iter().all(|l| l.graphable()),
             layers,
             windows: spec.windows,
+            recurrent: spec.recurrent,
             norm: final_norm,
             lm_head,
             ropes: spec.ropes,
@@ -256,6 +263,7 @@ pub struct DecoderModel {
     embed_tokens: Embedding,
     layers: Vec<std::sync::Arc<dyn Layer>>,
     windows: Vec<Option<usize>>,
+    recurrent: Vec<Option<usize>>,
     norm: Norm,
     lm_head: Option<Linear>,
     ropes: Vec<Rope>,
@@ -306,7 +314,7 @@ impl DecoderModel {
         let checkpoint = super::checkpoint::active(&h, offset);
         let mut x = Residual::new(h);
         for (((layer, c), r), w) in self.layers.iter().zip(cache.iter_mut()).zip(&self.layer_rope).zip(&self.windows) {
-            x = if checkpoint && w.is_none() && x.h.track_op() {
+            x = if checkpoint && w.is_none() && !c.is_arrays() && x.h.track_op() {
                 // training with --grad-checkpoint: the layer's activations are recomputed in
                 // the backward pass instead of kept
                 Residual::new(super::checkpoint::run(layer.clone(), &x.sum()?, &tables[*r])?)
@@ -358,7 +366,8 @@ impl LanguageModel for DecoderModel {
     }
 
     fn make_cache(&self, max_kv_size: Option<usize>) -> Vec<KvCache> {
-        super::layer_caches(&self.windows, max_kv_size)
+        let caches = super::layer_caches(&self.windows, max_kv_size);
+        caches.into_iter().zip(&self.recurrent).map(|(c, r)| r.map_or(c, KvCache::arrays)).collect()
     }
 
     fn max_context(&self) -> Option<usize> {

@@ -108,7 +108,7 @@ impl FeedForward for MoE {
         Ok(Branch::Tensor(y))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// Not captured: the router's clamp uploads its bound from the host at every step.
     fn graphable(&self) -> bool {
         false
     }

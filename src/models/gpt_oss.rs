@@ -156,7 +156,8 @@ impl FeedForward for MlpBlock {
         Ok(Branch::Tensor(combine(&self.experts.forward(&x, &inds)?, &softmax(&logits)?)?))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// Not captured: the clamped SwiGLU uploads its limits from the host at every step (and `mxfp4`
+    /// experts, as published, route on the host).
     fn graphable(&self) -> bool {
         false
     }

@@ -54,9 +54,9 @@ impl FeedForward for MoE {
         Ok(Branch::Tensor(combine(&self.switch_mlp.forward(&x, &inds)?, &w)?))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// The router's choices stay on the device (see `SwitchGlu::graphable`).
     fn graphable(&self) -> bool {
-        false
+        self.switch_mlp.graphable()
     }
 }
 

@@ -147,6 +147,16 @@ impl SelfAttention for Attention {
     fn input_layers(&self) -> Vec<&Linear> {
         self.llama.input_layers()
     }
+
+    /// Not captured: a RoPE layer's chunks and a NoPE layer's temperature follow the position
+    /// on the host.
+    fn graphable(&self) -> bool {
+        if self.use_rope {
+            self.chunk.is_none()
+        } else {
+            self.temperature.is_none()
+        }
+    }
 }
 
 /// The top-1 expert, its input scaled by the router's sigmoid score, plus the shared expert.
@@ -165,9 +175,9 @@ impl FeedForward for MoE {
         Ok(Branch::Tensor((routed + self.shared_expert.forward_tensor(&x)?)?))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// The router's choices stay on the device (see `SwitchGlu::graphable`).
     fn graphable(&self) -> bool {
-        false
+        self.experts.graphable()
     }
 }
 

@@ -63,9 +63,9 @@ impl FeedForward for SparseMoe {
         Ok(Branch::Tensor(combine(&y, &softmax(&scores)?)?))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// The router's choices stay on the device (see `SwitchGlu::graphable`).
     fn graphable(&self) -> bool {
-        false
+        self.switch_mlp.graphable()
     }
 }
 

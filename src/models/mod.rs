@@ -19,6 +19,7 @@ pub mod granitemoe;
 pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod internlm3;
+pub mod lfm2;
 pub mod llama;
 pub mod llama4;
 pub mod llama4_text;
@@ -35,7 +36,9 @@ pub mod phimoe;
 pub mod qwen2;
 pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_5;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 pub mod seed_oss;
 pub mod smollm3;
 pub mod starcoder2;
@@ -191,6 +194,14 @@ macro_rules! by_model_type {
                 use self::qwen3_moe as $arch;
                 $body
             }
+            "qwen3_5" | "qwen3_5_moe" => {
+                use self::qwen3_5 as $arch;
+                $body
+            }
+            "qwen3_next" => {
+                use self::qwen3_next as $arch;
+                $body
+            }
             "qwen2_moe" => {
                 use self::qwen2_moe as $arch;
                 $body
@@ -245,6 +256,10 @@ macro_rules! by_model_type {
             }
             "helium" => {
                 use self::helium as $arch;
+                $body
+            }
+            "lfm2" => {
+                use self::lfm2 as $arch;
                 $body
             }
             "internlm3" => {
@@ -312,6 +327,9 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "gemma3_text",
     "mixtral",
     "qwen3_moe",
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_moe",
     "qwen2_moe",
     "olmoe",
     "gpt_oss",
@@ -326,6 +344,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "granite",
     "seed_oss",
     "helium",
+    "lfm2",
     "internlm3",
     "olmo2",
     "olmo3",
@@ -368,6 +387,11 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
     let eight_bit = LayerQuant::Params(crate::quant::QuantParams { bits: 8, group_size: 64 });
     match model_type {
         "qwen3_moe" if path.ends_with("mlp.gate") => eight_bit,
+        "qwen3_next" | "qwen3_5" | "qwen3_5_moe"
+            if path.ends_with("mlp.gate") || path.ends_with("shared_expert_gate") =>
+        {
+            eight_bit
+        }
         "gpt_oss" if path.ends_with("router") => eight_bit,
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
         "gemma4_text" if path.ends_with("router.proj") => eight_bit,

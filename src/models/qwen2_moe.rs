@@ -36,11 +36,33 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     stack_mlp_experts(weights, args.base.num_hidden_layers, args.num_experts)
 }
 
-/// The routed experts (probabilities not renormalized) and the gated shared expert.
-struct SparseMoeBlock {
+/// The routed experts and the gated shared expert (shared with Qwen3-Next).
+pub struct SparseMoeBlock {
     routed: SoftmaxMoe,
     shared_expert: Mlp,
     shared_expert_gate: Linear,
+}
+
+impl SparseMoeBlock {
+    /// `{m}.gate`, `{m}.switch_mlp` (`experts` of `hidden`, top `k`, renormalized with
+    /// `norm_topk_prob`), `{m}.shared_expert` (`shared` wide) and `{m}.shared_expert_gate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ld: &Loader,
+        m: &str,
+        dim: usize,
+        hidden: usize,
+        experts: usize,
+        k: usize,
+        shared: usize,
+        norm_topk_prob: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            routed: SoftmaxMoe::load(ld, m, dim, hidden, experts, k, norm_topk_prob, false)?,
+            shared_expert: Mlp::load(ld, &format!("{m}.shared_expert"), dim, shared, false)?,
+            shared_expert_gate: Linear::load(ld, &format!("{m}.shared_expert_gate"), dim, 1, false)?,
+        })
+    }
 }
 
 impl FeedForward for SparseMoeBlock {
@@ -52,9 +74,9 @@ impl FeedForward for SparseMoeBlock {
         Ok(Branch::Tensor((y + shared.broadcast_mul(&g)?)?))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// The router's choices stay on the device (see `SwitchGlu::graphable`).
     fn graphable(&self) -> bool {
-        false
+        self.routed.switch_mlp.graphable()
     }
 }
 
@@ -71,11 +93,7 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let m = format!("{p}.mlp");
             let (e, k, hidden) = (args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size);
             let shared = args.shared_expert_intermediate_size;
-            let mlp = SparseMoeBlock {
-                routed: SoftmaxMoe::load(ld, &m, dim, hidden, e, k, false, false)?,
-                shared_expert: Mlp::load(ld, &format!("{m}.shared_expert"), dim, shared, false)?,
-                shared_expert_gate: Linear::load(ld, &format!("{m}.shared_expert_gate"), dim, 1, false)?,
-            };
+            let mlp = SparseMoeBlock::load(ld, &m, dim, hidden, e, k, shared, false)?;
             PreNormBlock::load(ld, &p, dim, a.rms_norm_eps, attn, mlp)
         })
         .collect::<Result<Vec<_>>>()?;

@@ -59,6 +59,11 @@ impl Attention {
         })
     }
 
+    /// From llama's attention and the two norms (LFM2 names them `q_layernorm`, `k_layernorm`).
+    pub fn new(llama: llama::Attention, q_norm: RmsNorm, k_norm: RmsNorm) -> Self {
+        Self { llama, q_norm, k_norm }
+    }
+
     /// The same attention with RoPE (`true`) or without it (EXAONE 4's global layers).
     pub fn with_rope(self, use_rope: bool) -> Self {
         Self { llama: self.llama.with_rope(use_rope), ..self }

@@ -6,7 +6,7 @@
 use super::mlp::FeedForward;
 use crate::io::Weights;
 use crate::nn::{Branch, Linear, Loader, Normed, SwitchLinear};
-use crate::ops::gather_mm::Routing;
+use crate::ops::gather_mm::{Routing, DEVICE_ROUTED_ROWS};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -70,14 +70,39 @@ impl SwitchGlu {
     pub fn forward(&self, x: &Tensor, inds: &Tensor) -> Result<Tensor> {
         let dim = x.dim(D::Minus1)?;
         let k = inds.dim(D::Minus1)?;
+        let mut shape = inds.dims().to_vec();
+        shape.push(dim);
+        if inds.elem_count() <= DEVICE_ROUTED_ROWS && self.routes_on_device(x.device()) {
+            let xs = x.reshape(((), dim))?;
+            let fused = match self.activation {
+                Activation::Swiglu => SwitchLinear::gather_swiglu(&self.gate_proj, &self.up_proj, &xs, inds, k)?,
+                _ => None,
+            };
+            let h = match fused {
+                Some(h) => h,
+                None => self
+                    .activation
+                    .apply(&self.gate_proj.gather_rows(&xs, inds, k)?, &self.up_proj.gather_rows(&xs, inds, k)?)?,
+            };
+            return Ok(self.down_proj.gather_rows(&h, inds, 1)?.reshape(shape)?);
+        }
         let routing = Routing::new(inds, self.gate_proj.experts())?;
         let xs = routing.sort(&x.reshape(((), dim))?, k)?;
         let h =
             self.activation.apply(&self.gate_proj.forward(&xs, &routing)?, &self.up_proj.forward(&xs, &routing)?)?;
         let y = routing.unsort(&self.down_proj.forward(&h, &routing)?)?;
-        let mut shape = inds.dims().to_vec();
-        shape.push(dim);
         Ok(y.reshape(shape)?)
+    }
+
+    /// Whether a decode step keeps the router's choices on `device` (see
+    /// [`SwitchLinear::routes_on_device`]).
+    pub fn routes_on_device(&self, device: &candle_core::Device) -> bool {
+        [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.routes_on_device(device))
+    }
+
+    /// Whether a decode step on CUDA keeps the router's choices there (a graph may capture it).
+    pub fn graphable(&self) -> bool {
+        [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|l| l.routes_on_cuda())
     }
 }
 
@@ -206,9 +231,9 @@ impl FeedForward for SoftmaxMoe {
         Ok(Branch::Tensor(self.forward(&x.tensor()?)?))
     }
 
-    /// The router's choices are read on the host to group the rows per expert.
+    /// The router's choices stay on the device in a decode step (see [`SwitchGlu::graphable`]).
     fn graphable(&self) -> bool {
-        false
+        self.switch_mlp.graphable()
     }
 }
 

@@ -2,6 +2,7 @@
 //! [`Embedding`] (dense or quantized, also the tied lm head), [`RmsNorm`] / [`LayerNorm`],
 //! [`Rope`], the [`Loader`] they read their tensors through, and the LoRA / DoRA adapter layer.
 
+mod conv;
 mod embedding;
 mod linear;
 mod loader;
@@ -11,6 +12,7 @@ mod rope;
 mod switch;
 
 pub use crate::ops::rope::RopeTables;
+pub use conv::CausalConv1d;
 pub use embedding::Embedding;
 pub use linear::{fused_qkv, fused_swiglu, Linear};
 pub use loader::Loader;

@@ -63,6 +63,44 @@ impl SwitchLinear {
         Ok(y)
     }
 
+    /// Whether [`Self::gather_rows`] keeps the expert ids on `device` (no adapter, and a weight
+    /// form with a gathered kernel there).
+    pub fn routes_on_device(&self, device: &candle_core::Device) -> bool {
+        self.lora.is_none() && self.weight.routes_on_device(device)
+    }
+
+    /// [`Self::routes_on_device`] for a CUDA device.
+    pub fn routes_on_cuda(&self) -> bool {
+        self.lora.is_none() && self.weight.routes_on_cuda()
+    }
+
+    /// Routed row `r` (of `ids`, any shape) is row `r / xdiv` of `x` times expert `ids[r]`'s
+    /// weight, plus its bias; rows in the ids' order, the ids staying on the device where
+    /// [`Self::routes_on_device`].
+    pub fn gather_rows(&self, x: &Tensor, ids: &Tensor, xdiv: usize) -> Result<Tensor> {
+        if self.lora.is_some() {
+            let routing = Routing::new(ids, self.experts)?;
+            return routing.unsort(&self.forward(&routing.sort(x, xdiv)?, &routing)?);
+        }
+        let mut y = self.weight.gather_rows(x, ids, xdiv)?.to_dtype(x.dtype())?;
+        if let Some(b) = &self.bias {
+            let rows_bias = b.index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?.to_dtype(y.dtype())?;
+            y = (y + rows_bias)?;
+        }
+        Ok(y)
+    }
+
+    /// `silu(x·Gᵀ) · (x·Uᵀ)` of two layers without biases or adapters in one gathered launch,
+    /// where a kernel exists for them; None otherwise.
+    pub fn gather_swiglu(gate: &Self, up: &Self, x: &Tensor, ids: &Tensor, xdiv: usize) -> Result<Option<Tensor>> {
+        if gate.bias.is_some() || up.bias.is_some() || gate.lora.is_some() || up.lora.is_some() {
+            return Ok(None);
+        }
+        Ok(ExpertWeights::gather_swiglu(&gate.weight, &up.weight, x, ids, xdiv)?
+            .map(|y| y.to_dtype(x.dtype()))
+            .transpose()?)
+    }
+
     /// The layer's stacked weight with its adapter folded in, as mlx_lm's
     /// `LoRASwitchLinear.fuse`: the weight in `store` (a quantized one dequantized in its scales'
     /// dtype) plus the update cast to it, re-quantized with its bits and group size unless

@@ -4,6 +4,7 @@
 pub mod argmax;
 pub mod attention;
 pub mod dense_matmul;
+pub mod gated_delta;
 pub mod gather_mm;
 pub mod norm;
 pub mod qmatmul;

@@ -399,11 +399,66 @@ TINY_CONFIGS = {
             head_dim=16, rms_norm_eps=1e-6, vocab_size=100, rope_theta=1000000.0, rope_local_base_freq=10000.0,
             query_pre_attn_scalar=16.0, sliding_window=8, sliding_window_pattern=2, max_position_embeddings=256,
             rope_scaling=dict(rope_type="linear", factor=8.0))),
+    # LFM2: gated short convolutions (kernel 3, all biases) around one attention layer (per-head
+    # q/k norms, GQA) from layer_types; the MLP width auto-adjusted (2/3, x1.5, multiple of 16)
+    "tiny_lfm2": dict(model_type="lfm2", vocab_size=128, hidden_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, norm_eps=1e-5,
+        conv_bias=True, conv_L_cache=3, block_dim=64, block_ff_dim=128, block_multiple_of=16,
+        block_ffn_dim_multiplier=1.5, block_auto_adjust_ff_dim=True, rope_theta=1000000.0,
+        layer_types=["conv", "conv", "full_attention", "conv"]),
+    # LFM2 from full_attn_idxs: attention first and last, kernel 4 without biases, the MLP width
+    # as given, rope_theta from rope_parameters
+    "tiny_lfm2_idxs": dict(model_type="lfm2", vocab_size=128, hidden_size=64, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, norm_eps=1e-6,
+        conv_bias=False, conv_L_cache=4, block_dim=64, block_ff_dim=96, block_multiple_of=32,
+        block_ffn_dim_multiplier=None, block_auto_adjust_ff_dim=False,
+        rope_parameters=dict(rope_theta=10000.0), full_attn_idxs=[0, 4]),
+    # Qwen3-Next: three Gated DeltaNet layers (2 key heads shared by 4 value heads, Dk != Dv,
+    # kernel 4) then gated attention (GQA, q/k norms, RoPE over a quarter of each head); MoE with a
+    # renormalized top-2 and a gated shared expert, a dense MLP in layer 1 (mlp_only_layers)
+    "tiny_qwen3_next": dict(model_type="qwen3_next", hidden_size=64, num_hidden_layers=4,
+        full_attention_interval=4, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, partial_rotary_factor=0.25, rope_theta=10000.0, max_position_embeddings=256,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+        mlp_only_layers=[1], moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        norm_topk_prob=True, rms_norm_eps=1e-6, vocab_size=128, tie_word_embeddings=False,
+        attention_bias=False),
+    # Qwen3-Next, held out: an attention layer every 2nd, as many value as key heads, kernel 3,
+    # half-head RoPE, attention biases, MoE every 2nd layer without renormalization, tied head
+    "tiny_qwen3_next_b": dict(model_type="qwen3_next", hidden_size=64, num_hidden_layers=6,
+        full_attention_interval=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, partial_rotary_factor=0.5, rope_theta=100000.0, max_position_embeddings=256,
+        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=16,
+        linear_conv_kernel_dim=3, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2,
+        mlp_only_layers=[], moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        norm_topk_prob=False, rms_norm_eps=1e-5, vocab_size=128, tie_word_embeddings=True,
+        attention_bias=True),
+    # Qwen3.5 (text of the multimodal checkpoint): Qwen3-Next's layers with the Gated DeltaNet's
+    # projections apart, RoPE from rope_parameters (M-RoPE sections), dense MLPs
+    "tiny_qwen3_5": dict(model_type="qwen3_5", tie_word_embeddings=False, text_config=dict(
+        model_type="qwen3_5_text", hidden_size=64, num_hidden_layers=4, full_attention_interval=4,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        vocab_size=128, max_position_embeddings=256, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4, tie_word_embeddings=False,
+        attention_bias=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+        partial_rotary_factor=0.25, mrope_section=[1, 1, 0], mrope_interleaved=True))),
+    # Qwen3.5-MoE: experts (renormalized top-2, gated shared expert) in every layer, an attention
+    # layer every 2nd, tied head, theta and rotary share from rope_parameters
+    "tiny_qwen3_5_moe": dict(model_type="qwen3_5_moe", tie_word_embeddings=True, text_config=dict(
+        model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=4, full_attention_interval=2,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        vocab_size=128, max_position_embeddings=256, linear_num_value_heads=4, linear_num_key_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=3, tie_word_embeddings=True,
+        attention_bias=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, norm_topk_prob=True,
+        rope_parameters=dict(rope_type="default", rope_theta=50000.0, partial_rotary_factor=0.5,
+        mrope_section=[2, 1, 1], mrope_interleaved=True))),
 }
 
 # Wrappers whose mlx_lm arguments fill defaults into the config they are given: their golden
 # config.json is the config as written above, so that wick's own defaults are what fills it.
-TINY_AS_WRITTEN = {"tiny_mistral3", "tiny_mistral3_llama", "tiny_gemma3_vlm"}
+TINY_AS_WRITTEN = {"tiny_mistral3", "tiny_mistral3_llama", "tiny_gemma3_vlm", "tiny_qwen3_5", "tiny_qwen3_5_moe"}
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;
@@ -492,6 +547,8 @@ def tiny_models():
     from mlx.utils import tree_flatten
 
     for name, cfg in TINY_CONFIGS.items():
+        if ONLY_NAMES and name not in ONLY_NAMES:
+            continue
         mx.random.seed(TINY_SEEDS.get(name, 7))
         written = copy.deepcopy(cfg) if name in TINY_AS_WRITTEN else cfg
         model_class, args_class = _get_classes(cfg)
@@ -1695,12 +1752,18 @@ def gguf_tiny():
     _quant_types_gguf()
 
 
+ONLY_NAMES = set()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
                                          "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads", "lora_train", "lora_run_default", "gguf_tiny"],
                     default=None)
+    ap.add_argument("--names", nargs="*", default=None, help="with --only tiny: only these tiny models")
     a = ap.parse_args()
+    global ONLY_NAMES
+    ONLY_NAMES = set(a.names or [])
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,

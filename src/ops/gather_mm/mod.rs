@@ -4,14 +4,29 @@
 //! ([`Routing`]), so each chosen expert's weight is read once per call however many rows chose
 //! it, and experts no row chose are not read at all.
 //!
-//! Every backend runs the grouping on the host (the expert ids are read back once per layer)
-//! and one matmul per chosen expert with the plain matmul ops; on the CPU the weights of one
-//! expert are a view into the stack, on GPUs (no gathered kernel yet) a copy of that expert.
+//! Two forms:
+//! - grouped ([`Routing`], [`ExpertWeights::gather_matmul`]): the grouping runs on the host
+//!   (the expert ids are read back once per layer) and one matmul per chosen expert with the
+//!   plain matmul ops, each expert's weights a view into the stack. Prefill, and every backend
+//!   without a gathered kernel, take it.
+//! - on the device ([`ExpertWeights::gather_rows`]): routed row `r` reads expert `ids[r]`'s
+//!   weights itself, the ids never leave the device (CUDA: `wick_gqm1*` / `wick_gqmv*`, dense
+//!   weights: a gather of the chosen matrices and one batched matmul). Decode takes it
+//!   ([`DEVICE_ROUTED_ROWS`]), so a decode step with experts is captured as a CUDA graph.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::ops::dense_matmul::dense_matmul;
 use crate::ops::qmatmul::{Mxfp4Weight, QuantizedWeight};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
+
+/// Up to this many routed rows (tokens × chosen experts: a decode batch of 32 at top-8) the
+/// device form runs; beyond it (prefill) each expert's weights are worth reading once for all
+/// its rows. Below it a routed row re-reads an expert another row chose (at most rows / experts
+/// times, mostly from L2).
+pub const DEVICE_ROUTED_ROWS: usize = 256;
 
 /// Rows grouped by the expert they chose: the order that sorts them by expert (stable: equal
 /// experts keep their rows' order), the order that undoes it, and each expert's run of the
@@ -104,17 +119,153 @@ impl ExpertWeights {
     }
 }
 
+/// Whether the device form may run in models: only with `WICK_MOE_DEVICE_ROUTING=1` until its
+/// kernels have run on a GPU (`tests/cuda.rs`); otherwise every call groups its rows on the
+/// host and mixture-of-experts decode steps stay out of CUDA graphs. Read once per process.
+pub fn device_routing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("WICK_MOE_DEVICE_ROUTING").is_ok_and(|v| v == "1"))
+}
+
+impl ExpertWeights {
+    /// Whether [`Self::gather_rows`] runs on the device alone (no expert id read back) for an
+    /// input on `device`.
+    pub fn routes_on_device(&self, device: &candle_core::Device) -> bool {
+        if device.is_cuda() {
+            self.routes_on_cuda()
+        } else {
+            device_routing() && !device.is_cpu() && matches!(self, Self::Dense(_))
+        }
+    }
+
+    /// [`Self::routes_on_device`] for a CUDA device.
+    pub fn routes_on_cuda(&self) -> bool {
+        device_routing()
+            && match self {
+                Self::Dense(_) => true,
+                Self::Quantized(_) => cfg!(feature = "cuda"),
+                Self::Mxfp4(_) => false,
+            }
+    }
+
+    /// Routed row `r` of the result (rows × out) is row `r / xdiv` of `x` (rows / xdiv × in)
+    /// times expert `ids[r]`'s weight: `ids` (u32, any shape) on `x`'s device. Where
+    /// [`Self::routes_on_device`] says no, the rows are grouped on the host instead.
+    pub fn gather_rows(&self, x: &Tensor, ids: &Tensor, xdiv: usize) -> Result<Tensor> {
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
+        let rows = ids.dim(0)?;
+        if x.dim(0)? * xdiv != rows {
+            bail!("gathered matmul: {} input rows for {rows} routed rows ({xdiv} per input row)", x.dim(0)?);
+        }
+        match self {
+            #[cfg(feature = "cuda")]
+            Self::Quantized(w) if x.device().is_cuda() => gathered_qmm(x, &[w], &ids, xdiv),
+            Self::Dense(w) if !x.device().is_cpu() => {
+                let xin = x.dim(D::Minus1)?;
+                let xr = x.unsqueeze(1)?.broadcast_as((x.dim(0)?, xdiv, xin))?.reshape((rows, 1, xin))?;
+                let ws = w.index_select(&ids, 0)?.transpose(1, 2)?;
+                Ok(xr.matmul(&ws.to_dtype(x.dtype())?)?.squeeze(1)?)
+            }
+            _ => {
+                let routing = Routing::new(&ids, self.experts()?)?;
+                routing.unsort(&self.gather_matmul(&routing.sort(x, xdiv)?, &routing)?)
+            }
+        }
+    }
+
+    /// `silu(x·Gᵀ) · (x·Uᵀ)` of the gate and up stacks in one gathered launch where a kernel
+    /// exists for them (quantized, on CUDA); None otherwise.
+    pub fn gather_swiglu(gate: &Self, up: &Self, x: &Tensor, ids: &Tensor, xdiv: usize) -> Result<Option<Tensor>> {
+        match (gate, up) {
+            #[cfg(feature = "cuda")]
+            (Self::Quantized(g), Self::Quantized(u)) if x.device().is_cuda() && g.params == u.params => {
+                if !cuda::has_swiglu(g.scales.dtype(), g.params, g.in_dim) {
+                    return Ok(None);
+                }
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
+                Ok(Some(gathered_qmm(x, &[g, u], &ids, xdiv)?))
+            }
+            _ => {
+                let _ = (x, ids, xdiv);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The number of experts in the stack.
+    fn experts(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Dense(w) => w.dim(0)?,
+            Self::Quantized(w) => w.packed.dim(0)?,
+            Self::Mxfp4(w) => w.packed.dim(0)?,
+        })
+    }
+}
+
+/// The gathered quantized matmul op on (x, ids): one weight, or gate and up fused with SiLU.
+#[cfg(feature = "cuda")]
+struct GatherQmm {
+    ws: Vec<QuantizedWeight>,
+    xdiv: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for GatherQmm {
+    fn name(&self) -> &'static str {
+        "gathered-quantized-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("gathered-quantized-matmul runs on CUDA only (the CPU groups rows on the host)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        ids: &candle_core::CudaStorage,
+        il: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use crate::ops::qmatmul::with_parts;
+        let ids = cuda::Ids { ids, layout: il, xdiv: self.xdiv };
+        match self.ws.as_slice() {
+            [w] => with_parts(w, |p| cuda::gathered((x, xl), &[p], &ids)),
+            [g, u] => with_parts(g, |pg| with_parts(u, |pu| cuda::gathered((x, xl), &[pg, pu], &ids))),
+            _ => candle_core::bail!("gathered-quantized-matmul: one weight, or gate and up"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gathered_qmm(x: &Tensor, ws: &[&QuantizedWeight], ids: &Tensor, xdiv: usize) -> Result<Tensor> {
+    let w = ws[0];
+    if x.dim(D::Minus1)? != w.in_dim {
+        bail!("gathered matmul: input has {} features, the experts expect {}", x.dim(D::Minus1)?, w.in_dim);
+    }
+    let xin = crate::ops::qmatmul::kernel_input(x, w.scales.dtype())?;
+    let op = GatherQmm { ws: ws.iter().map(|w| (*w).clone()).collect(), xdiv };
+    Ok(xin.apply_op2_no_bwd(ids, &op)?.to_dtype(x.dtype())?)
+}
+
 /// Expert `e` of a stacked `mxfp4` weight: views of its packed rows and scales.
 pub fn mxfp4_expert(w: &Mxfp4Weight, e: usize) -> Result<Mxfp4Weight> {
     Ok(Mxfp4Weight { packed: w.packed.get(e)?, scales: w.scales.get(e)?, ..w.clone() })
 }
 
 /// Expert `e` of a stacked quantized weight: views of its packed rows, scales and biases on the
-/// CPU; on other devices copies (their kernels read a weight from the start of its buffer).
+/// CPU, and on CUDA where they start 16-byte aligned (the kernels' loads); copies elsewhere
+/// (Metal's kernels read a weight from the start of its buffer).
 pub fn expert(w: &QuantizedWeight, e: usize) -> Result<QuantizedWeight> {
     let part = |t: &Tensor| -> Result<Tensor> {
         let v = t.get(e)?;
-        Ok(if v.device().is_cpu() { v } else { v.force_contiguous()? })
+        let aligned = (v.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16);
+        Ok(if v.device().is_cpu() || (v.device().is_cuda() && aligned) { v } else { v.force_contiguous()? })
     };
     Ok(QuantizedWeight { packed: part(&w.packed)?, scales: part(&w.scales)?, biases: part(&w.biases)?, ..w.clone() })
 }

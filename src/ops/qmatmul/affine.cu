@@ -958,3 +958,83 @@ __device__ __forceinline__ void qm1_res_impl(const uint32_t* w, const T* s, cons
 #define QM1_G(T, TN) QM1_W(T, TN, 32) QM1_W(T, TN, 64) QM1_W(T, TN, 128)
 QM1_G(bf16, bf16)
 QM1_G(f16, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Gathered forms (mixture-of-experts layers, mlx's `gather_qmm`), launched by
+// src/ops/gather_mm/cuda.rs: the weights of E experts are stacked (expert e's packed codes at
+// w + e·ew words, its scales and biases at + e·es values), and routed row r = blockIdx.y
+// multiplies input row r / xdiv (a token's row serves its xdiv chosen experts, or xdiv = 1: one
+// input row per routed row) by expert ids[r]'s weight into output row r. The ids come from the
+// router's kernels on the device, so a block waits for the kernel ahead before it knows which
+// weights to read; nothing goes through the host, and a decode step with experts is captured
+// as a graph like a dense one. Each routed row reads its expert's weights (the decode case:
+// few rows, mostly distinct experts); prefill groups its rows by expert instead (gather_mm).
+// ---------------------------------------------------------------------------------------------
+
+struct Gather {
+    const uint32_t* ids;
+    long long ew, es;
+    int xdiv;
+};
+
+// The expert of this block's routed row, read after the wait (the router wrote it).
+__device__ __forceinline__ size_t gathered_expert(const uint32_t* ids) {
+    pdl_launch_dependents();
+    pdl_wait();
+    return elem_after_wait(ids + blockIdx.y);
+}
+// The routing arguments of every gathered kernel, and its routed row r and expert e.
+#define GATHER_ARGS const uint32_t *ids, long long ew, long long es, int xdiv
+#define GATHER_ROW                                             \
+    const Gather gt{ids, ew, es, xdiv};                        \
+    const size_t e = gathered_expert(ids), r = blockIdx.y
+
+#define GATHERED_QMV(T, TN, BITS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) wick_gqmv_##TN##_b##BITS(                              \
+        const uint32_t* w, const T* s, const T* b, GATHER_ARGS, const T* x, T* y, int n, int k, int gs) {       \
+        GATHER_ROW;                                                 \
+        qmv_impl<T, BITS, 1>(w + e * gt.ew, s + e * gt.es, b + e * gt.es, x + r / gt.xdiv * k, y + r * n, 1, \
+                             n, k, gs);                                                                       \
+    }
+#define GATHERED_QMV_SWIGLU(T, TN, BITS)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) wick_gqmv_swiglu_##TN##_b##BITS(                       \
+        const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,         \
+        GATHER_ARGS, const T* x, T* y, int n, int k, int gs) {                                                  \
+        GATHER_ROW;                                                 \
+        qmv_swiglu_impl<T, BITS, 1>(gw + e * gt.ew, gsc + e * gt.es, gb + e * gt.es, uw + e * gt.ew,         \
+                                    usc + e * gt.es, ub + e * gt.es, x + r / gt.xdiv * k, y + r * n, 1, n, k, \
+                                    gs);                                                                      \
+    }
+#define GATHERED_QMV_T(BITS) \
+    GATHERED_QMV(float, f32, BITS) GATHERED_QMV(f16, f16, BITS) GATHERED_QMV(bf16, bf16, BITS)
+#define GATHERED_QMV_SWIGLU_T(BITS) \
+    GATHERED_QMV_SWIGLU(float, f32, BITS) GATHERED_QMV_SWIGLU(f16, f16, BITS) GATHERED_QMV_SWIGLU(bf16, bf16, BITS)
+GATHERED_QMV_T(2)
+GATHERED_QMV_T(3)
+GATHERED_QMV_T(4)
+GATHERED_QMV_T(5)
+GATHERED_QMV_T(6)
+GATHERED_QMV_T(8)
+GATHERED_QMV_SWIGLU_T(4)
+GATHERED_QMV_SWIGLU_T(8)
+
+// The one-row tensor-core kernels (`wick_qm1*`) gathered: 4-bit codes, f16 / bf16, k a multiple
+// of 128; blockIdx.x is the tile of 16 output rows as there.
+#define GATHERED_QM1(T, TN, GS, KW)                                                                           \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_gqm1_##TN##_g##GS##_w##KW(                    \
+        const uint32_t* w, const T* s, const T* b, GATHER_ARGS, const T* x, T* y, int n, int k) {               \
+        GATHER_ROW;                                                 \
+        qm1_one<T, GS, KW>(w + e * gt.ew, s + e * gt.es, b + e * gt.es, x + r / gt.xdiv * k, y + r * n, n, k, \
+                           blockIdx.x * 16);                                                                  \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(KW * 32) wick_gqm1_swiglu_##TN##_g##GS##_w##KW(             \
+        const uint32_t* gw, const T* gsc, const T* gb, const uint32_t* uw, const T* usc, const T* ub,         \
+        GATHER_ARGS, const T* x, T* y, int n, int k) {                                                          \
+        GATHER_ROW;                                                 \
+        qm1_swiglu_impl<T, GS, KW>(gw + e * gt.ew, gsc + e * gt.es, gb + e * gt.es, uw + e * gt.ew,           \
+                                   usc + e * gt.es, ub + e * gt.es, x + r / gt.xdiv * k, y + r * n, n, k);    \
+    }
+#define GATHERED_QM1_W(T, TN, GS) GATHERED_QM1(T, TN, GS, 4) GATHERED_QM1(T, TN, GS, 8) GATHERED_QM1(T, TN, GS, 16)
+#define GATHERED_QM1_G(T, TN) GATHERED_QM1_W(T, TN, 32) GATHERED_QM1_W(T, TN, 64) GATHERED_QM1_W(T, TN, 128)
+GATHERED_QM1_G(bf16, bf16)
+GATHERED_QM1_G(f16, f16)

@@ -31,31 +31,36 @@ fn row_slices(m: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 const WARPS_PER_BLOCK: usize = 8;
 
-fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+pub(crate) fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     crate::backend::cuda::function(dev, crate::backend::cuda::Module::Affine, name)
 }
 
-fn dtype_name(d: DType) -> Result<&'static str> {
+pub(crate) fn dtype_name(d: DType) -> Result<&'static str> {
     crate::backend::cuda::dtype_suffix(d, "quantized matmul")
 }
 
-/// The contiguous CUDA slice of a weight part (stored contiguous from offset 0).
-fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<&'a CudaSlice<T>> {
-    if !(l.is_contiguous() && l.start_offset() == 0) {
-        candle_core::bail!("quantized matmul on CUDA: the weight's {what} must be a contiguous tensor");
+/// The contiguous CUDA view of a weight part: from offset 0 of its storage, or from a 16-byte
+/// aligned offset (one expert of a stack, `gather_mm::expert`), so that the kernels' 16-byte
+/// loads stay aligned.
+fn weight_slice<'a, T: CudaDType>(st: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let aligned = (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
+    match l.contiguous_offsets() {
+        Some((start, end)) if aligned => Ok(st.as_cuda_slice::<T>()?.slice(start..end)),
+        _ => candle_core::bail!(
+            "quantized matmul on CUDA: the weight's {what} must be contiguous from a 16-byte aligned offset"
+        ),
     }
-    st.as_cuda_slice::<T>()
 }
 
 /// The three parts of a quantized weight on one CUDA device.
 pub type WeightParts<'a> = super::WeightParts<'a, CudaStorage>;
 
 /// A weight's packed codes, scales and biases on the device.
-type Parts<'a, T> = (&'a CudaSlice<u32>, &'a CudaSlice<T>, &'a CudaSlice<T>);
+pub(crate) type Parts<'a, T> = (CudaView<'a, u32>, CudaView<'a, T>, CudaView<'a, T>);
 
 impl WeightParts<'_> {
     /// Packed codes, scales and biases as the kernels take them (scales in the activation dtype).
-    fn slices<T: CudaDType>(&self) -> Result<Parts<'_, T>> {
+    pub(crate) fn slices<T: CudaDType>(&self) -> Result<Parts<'_, T>> {
         Ok((
             weight_slice::<u32>(self.packed, self.packed_layout, "packed codes")?,
             weight_slice::<T>(self.scales, self.scales_layout, "scales")?,
@@ -65,7 +70,7 @@ impl WeightParts<'_> {
 }
 
 /// The launch of a decode kernel over `n` output rows, `rows_per_warp` of them per warp.
-fn rows_launch(n: usize, rows_per_warp: usize) -> LaunchConfig {
+pub(crate) fn rows_launch(n: usize, rows_per_warp: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(rows_per_warp * WARPS_PER_BLOCK) as u32, 1, 1),
         block_dim: ((WARPS_PER_BLOCK * 32) as u32, 1, 1),
@@ -83,7 +88,7 @@ fn rows_per_warp(mm: usize) -> usize {
 }
 
 /// Output rows of one `wick_qmt*` tile (one thread block).
-const QMT_TILE: usize = 16;
+pub(crate) const QMT_TILE: usize = 16;
 /// From this many tiles on, one input row also takes the tensor-core kernel.
 const QMT_ONE_ROW_TILES: usize = 2048;
 /// Below this many tiles, eight warps share a tile's k (else four): fewer tiles need more
@@ -123,12 +128,12 @@ const QM1_SEGMENT: usize = 128;
 /// The warps a one-row layer runs at least, when its tiles allow (measured on an H100: fewer
 /// leave the memory idle, more split k too finely): 4 warps per tile from this many tiles × 4
 /// on, else 8, else 16.
-const QM1_WARPS: usize = 3000;
+pub(crate) const QM1_WARPS: usize = 3000;
 /// The same for the fused gate/up kernel, whose segments carry two weights: 4 warps per tile
 /// from 512 tiles on. Measured on an H100 with programmatic launches, each shape's gate/up
 /// alone in one graph of its layers: the Llama-1B shape's (512 tiles) 0.126 ms per 16 layers at
 /// 4 warps against 0.159 at 8; the 8B's (896 tiles) 0.845 against 1.071 ms per 32 layers.
-const QM1_SWIGLU_WARPS: usize = 2048;
+pub(crate) const QM1_SWIGLU_WARPS: usize = 2048;
 
 /// Whether one input row takes the tensor-core one-row kernel (`wick_qm1*`).
 fn qm1_applies(dtype: DType, p: QuantParams, m: usize, k: usize) -> bool {
@@ -138,7 +143,7 @@ fn qm1_applies(dtype: DType, p: QuantParams, m: usize, k: usize) -> bool {
 /// The one-row kernel's launch over `tiles` tiles of 16 rows, or None where it does not apply:
 /// its name suffix (`{tn}_g{gs}_w{warps}`) and launch configuration.
 /// `min_warps`: [`QM1_WARPS`], or [`QM1_SWIGLU_WARPS`] for the fused gate/up kernel.
-fn qm1_launch(
+pub(crate) fn qm1_launch(
     dtype: DType,
     p: QuantParams,
     m: usize,
@@ -170,9 +175,9 @@ pub fn kernel_name(dtype: DType, p: QuantParams, m: usize, n: usize, k: usize) -
 }
 
 /// The packed codes, scales and biases of each weight as the next kernel arguments.
-fn push_parts<'a, T>(b: &mut Launch<'a>, parts: &'a [Parts<'a, T>]) {
+pub(crate) fn push_parts<'a, T>(b: &mut Launch<'a>, parts: &'a [Parts<'a, T>]) {
     for (w, s, bi) in parts {
-        b.arg(*w).arg(*s).arg(*bi);
+        b.arg(w).arg(s).arg(bi);
     }
 }
 
@@ -192,14 +197,14 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
     if let Some((name, cfg)) = qm1_launch(T::DTYPE, w.p, m, w.k, w.n.div_ceil(QMT_TILE), QM1_WARPS) {
         let f = function(dev, &format!("wick_qm1_{name}"))?;
         let mut b = Launch::new(&stream, &f);
-        b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&n_i).arg(&k_i);
+        b.arg(&packed).arg(&scales).arg(&biases).arg(&x).arg(&out).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
     }
     if let Some((name, cfg)) = qmt_launch(T::DTYPE, w.p, m, w.n.div_ceil(QMT_TILE)) {
         let f = function(dev, &format!("wick_qmt_{name}"))?;
         let mut b = Launch::new(&stream, &f);
-        b.arg(packed).arg(scales).arg(biases).arg(&x).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
+        b.arg(&packed).arg(&scales).arg(&biases).arg(&x).arg(&out).arg(&m_i).arg(&n_i).arg(&k_i);
         unsafe { b.launch(cfg) }.w()?;
         return Ok(out);
     }
@@ -210,7 +215,7 @@ fn qmv_typed<T: CudaDType + DeviceRepr + WithDType>(
         let ys = out.slice(r0 * w.n..(r0 + rows) * w.n);
         let rows_i = rows as i32;
         let mut b = Launch::new(&stream, &f);
-        b.arg(packed).arg(scales).arg(biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
+        b.arg(&packed).arg(&scales).arg(&biases).arg(&xs).arg(&ys).arg(&rows_i).arg(&n_i).arg(&k_i).arg(&gs_i);
         unsafe { b.launch(rows_launch(w.n, rows_per_warp(mm))) }.w()?;
     }
     Ok(out)
@@ -241,7 +246,7 @@ fn dequant_typed<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, w: &We
     let (n_i, k_i, gs_i) = (w.n as i32, w.k as i32, w.p.group_size as i32);
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&stream, &f);
-    b.arg(packed).arg(scales).arg(biases).arg(&out).arg(&n_i).arg(&k_i).arg(&gs_i);
+    b.arg(&packed).arg(&scales).arg(&biases).arg(&out).arg(&n_i).arg(&k_i).arg(&gs_i);
     unsafe { b.launch(cfg) }.w()?;
     Ok(out)
 }
@@ -258,7 +263,10 @@ pub fn has_fused(p: QuantParams) -> bool {
 
 /// The input rows as a view; the caller passes a tensor whose storage starts at offset 0
 /// (`matmul::kernel_input`), so that the kernels' 16-byte loads are aligned.
-fn x_view<'a, T: CudaDType + DeviceRepr + WithDType>(x: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(crate) fn x_view<'a, T: CudaDType + DeviceRepr + WithDType>(
+    x: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((0, end)) => Ok(x.as_cuda_slice::<T>()?.slice(0..end)),
         _ => candle_core::bail!("quantized matmul on CUDA needs a contiguous input starting at offset 0"),

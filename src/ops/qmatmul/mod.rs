@@ -164,7 +164,7 @@ pub struct WeightParts<'a, S> {
 
 /// The storage guards of one weight on a GPU device, held while a kernel is launched.
 #[cfg(any(feature = "cuda", feature = "metal"))]
-fn with_parts<S: GpuStorage, R>(
+pub(crate) fn with_parts<S: GpuStorage, R>(
     w: &QuantizedWeight,
     f: impl FnOnce(&WeightParts<S>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -194,7 +194,7 @@ fn with_parts<S: GpuStorage, R>(
 /// An input the CUDA kernels take: in the scales' dtype (the model's), contiguous from offset 0
 /// of its storage, so that their 16-byte loads are aligned.
 #[cfg(feature = "cuda")]
-fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
     let x = x.to_dtype(dtype)?;
     // (`copy` would keep the layout, offset included: a narrowed row needs its own storage)
     Ok(if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.force_contiguous()? })
