@@ -1,18 +1,16 @@
 //! The gathered matmuls of mixture-of-experts layers (mlx's `gather_mm` / `gather_qmm`): row `i`
 //! of the input is multiplied by the weight of expert `ids[i]`, one of a stack of `E` weights
-//! (`E × out × in`, dense or affine-quantized). Rows are grouped by expert first
-//! ([`Routing`]), so each chosen expert's weight is read once per call however many rows chose
-//! it, and experts no row chose are not read at all.
-//!
-//! Two forms:
-//! - grouped ([`Routing`], [`ExpertWeights::gather_matmul`]): the grouping runs on the host
-//!   (the expert ids are read back once per layer) and one matmul per chosen expert with the
-//!   plain matmul ops, each expert's weights a view into the stack. Prefill, and every backend
-//!   without a gathered kernel, take it.
+//! (`E × out × in`, dense, affine-quantized or mxfp4). Two forms:
+//! - grouped ([`Routing`], [`ExpertWeights::gather_matmul`]): the rows are grouped by expert
+//!   on the host (the expert ids are read back once per layer), then one matmul per chosen
+//!   expert with the plain matmul ops (its weights a view into the stack on the CPU, a copy on
+//!   GPUs), so each chosen expert is read once per call and unchosen ones not at all. Prefill,
+//!   and every backend without a gathered kernel, take it.
 //! - on the device ([`ExpertWeights::gather_rows`]): routed row `r` reads expert `ids[r]`'s
-//!   weights itself, the ids never leave the device (CUDA: `wick_gqm1*` / `wick_gqmv*`, dense
-//!   weights: a gather of the chosen matrices and one batched matmul). Decode takes it
-//!   ([`DEVICE_ROUTED_ROWS`]), so a decode step with experts is captured as a CUDA graph.
+//!   weights itself and the ids never leave the device (CUDA: `wick_gqm1*` / `wick_gqmv*`;
+//!   dense weights: a gather of the chosen matrices and one batched matmul). Decode may take it
+//!   ([`DEVICE_ROUTED_ROWS`], [`device_routing`]), so a decode step with experts is captured as
+//!   a CUDA graph.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -259,13 +257,12 @@ pub fn mxfp4_expert(w: &Mxfp4Weight, e: usize) -> Result<Mxfp4Weight> {
 }
 
 /// Expert `e` of a stacked quantized weight: views of its packed rows, scales and biases on the
-/// CPU, and on CUDA where they start 16-byte aligned (the kernels' loads); copies elsewhere
-/// (Metal's kernels read a weight from the start of its buffer).
+/// CPU; on other devices copies (the CUDA kernels take views from a 16-byte aligned offset, but
+/// until that has run on a GPU the copy stays).
 pub fn expert(w: &QuantizedWeight, e: usize) -> Result<QuantizedWeight> {
     let part = |t: &Tensor| -> Result<Tensor> {
         let v = t.get(e)?;
-        let aligned = (v.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16);
-        Ok(if v.device().is_cpu() || (v.device().is_cuda() && aligned) { v } else { v.force_contiguous()? })
+        Ok(if v.device().is_cpu() { v } else { v.force_contiguous()? })
     };
     Ok(QuantizedWeight { packed: part(&w.packed)?, scales: part(&w.scales)?, biases: part(&w.biases)?, ..w.clone() })
 }
