@@ -602,10 +602,11 @@ fn continue_from_saved_cache(
     (got, classes)
 }
 
-/// A recurrent hybrid (LFM2: conv states in ArraysCaches) through the engine: mlx_lm's greedy
-/// tokens with the prompt prefilled 7 tokens at a time, continued from a prompt cache saved and
-/// reloaded (mlx_lm's ArraysCache entries), and as a row of a left-padded batch (padding masked
-/// out of the convolution).
+/// Recurrent hybrids (LFM2's conv states, Qwen3-Next's conv and delta-rule states, in
+/// ArraysCaches) through the engine: mlx_lm's greedy tokens with the prompt prefilled 7 tokens at
+/// a time, continued from a prompt cache saved and reloaded (mlx_lm's ArraysCache entries), as
+/// a row of a left-padded batch (padding masked out of the recurrences), and by speculative
+/// decoding, whose rejected drafts roll the states back.
 #[test]
 fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_tokens() {
     use std::collections::BTreeSet;
@@ -633,7 +634,104 @@ fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_
         let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
         let out = wick::engine::batch::batch_generate(model, &prompts, &opts, &no_eos, |_| {}).unwrap();
         assert_eq!(out.tokens[1], want, "{name}: batch row of the golden prompt");
+
+        // speculative decoding: rejected drafts roll the recurrent states back (drafting with
+        // the 4-bit model, mostly accepted, and with another architecture, mostly rejected)
+        for draft_dir in [dir.join("q4"), golden(if name == "tiny_lfm2" { "tiny_qwen3_next" } else { "tiny_lfm2" })] {
+            let draft = load_model(&draft_dir, Some(DType::F32), &Device::Cpu).unwrap();
+            let mut got = vec![];
+            let stats = wick::engine::speculative::speculative_generate(
+                model,
+                draft.model.as_ref(),
+                &prompt,
+                &opts,
+                3,
+                &no_eos,
+                |t, _| {
+                    got.push(t);
+                    Ok(true)
+                },
+            )
+            .unwrap();
+            assert_eq!(got, want, "{name}: speculative decoding drafting with {}", draft_dir.display());
+            assert!(stats.drafted > stats.accepted || draft_dir.ends_with("q4"), "{name}: no draft rejected");
+        }
     }
+}
+
+/// A recurrent hybrid's next chat turn through the server's scheduler: the first request's whole
+/// sequence (prompt and reply) is kept, and the follow-up that continues it starts from that
+/// state (`cached` = its length) instead of computing it again, giving the tokens a fresh
+/// computation of the whole follow-up gives. A prompt that only shares part of an entry (whose
+/// recurrent state cannot be cut) computes everything.
+#[test]
+fn recurrent_hybrid_next_turn_reuses_the_previous_turns_state_in_the_server() {
+    use std::collections::BTreeSet;
+    use wick::engine::generate::{generate, GenerateOptions};
+    use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
+    let dir = golden("tiny_qwen3_next");
+    let (prompt, want) = golden_greedy(&dir);
+    let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let alone = |p: &[u32], n: usize| {
+        let mut out = vec![];
+        let opts = GenerateOptions { max_tokens: n, ..Default::default() };
+        generate(m.model.as_ref(), p, &opts, &BTreeSet::new(), |t| {
+            out.push(t);
+            Ok(true)
+        })
+        .unwrap();
+        out
+    };
+    let second: Vec<u32> = prompt.iter().chain(&want[..12]).chain(&[3, 14, 15]).copied().collect();
+    let second_want = alone(&second, 10);
+    let partial: Vec<u32> = prompt[..6].iter().chain(&[9, 9]).copied().collect();
+    let partial_want = alone(&partial, 5);
+    let cfg = SchedulerConfig {
+        max_batch: 2,
+        max_queue: 4,
+        prefill_step_size: 5,
+        prompt_cache_size: 4,
+        eos_token_ids: BTreeSet::new(),
+    };
+    let (scheduler, worker) = Scheduler::new(m.model, cfg).unwrap();
+    let worker = std::thread::spawn(move || worker.run());
+    let ask = |p: &[u32], n: usize| -> (usize, Vec<u32>) {
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = Job {
+            prompt: p.to_vec(),
+            max_tokens: n,
+            sampler: Default::default(),
+            processors: Default::default(),
+            logprobs: None,
+            events,
+        };
+        assert!(scheduler.submit(job).is_ok());
+        let (mut cached, mut got) = (usize::MAX, vec![]);
+        while let Some(e) = rx.blocking_recv() {
+            match e {
+                Event::Started { cached: c } => cached = c,
+                Event::Token { id, finish, .. } => {
+                    got.push(id);
+                    if finish.is_some() {
+                        break;
+                    }
+                }
+                Event::Error(e) => panic!("{e}"),
+            }
+        }
+        (cached, got)
+    };
+    let (cached, got) = ask(&prompt, 12);
+    assert_eq!((cached, got.as_slice()), (0, &want[..12]));
+    // the next turn: the first request's prompt and its 12 tokens, then new ones
+    let (cached, got) = ask(&second, 10);
+    assert_eq!(got, second_want, "the next turn from the kept state");
+    assert!(cached >= prompt.len() + 11, "the next turn computed {cached} cached positions again");
+    // a prompt sharing only the first 6 tokens: nothing reusable, all computed
+    let (cached, got) = ask(&partial, 5);
+    assert_eq!((cached, got), (0, partial_want));
+    drop(scheduler);
+    worker.join().unwrap();
 }
 
 /// The server's model loop with a mixture-of-experts model (gpt_oss: sinks, sliding layers,
@@ -643,7 +741,7 @@ fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_
 fn moe_models_through_the_server_scheduler_give_mlx_lms_tokens() {
     use std::collections::BTreeSet;
     use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
-    for name in ["tiny_qwen3_moe", "tiny_gpt_oss"] {
+    for name in ["tiny_qwen3_moe", "tiny_gpt_oss", "tiny_lfm2", "tiny_qwen3_next"] {
         let dir = golden(name);
         let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();

@@ -4,9 +4,10 @@
 //! followed by the main model's own token there. Both caches are then trimmed back to what was
 //! accepted. With the greedy sampler the output is exactly the main model's greedy output.
 
-use crate::cache::trim_all;
+use crate::cache::{trim_all, KvCache};
 use crate::engine::generate::{
     check_context, check_vocab, maybe_quantize, prefill_all_but_last, FinishReason, GenerateOptions, GenerationStats,
+    KvQuant,
 };
 use crate::engine::sample::Sampler;
 use crate::models::LanguageModel;
@@ -36,6 +37,51 @@ impl SpeculativeStats {
         } else {
             self.accepted as f64 / self.drafted as f64
         }
+    }
+}
+
+/// What rewinding a cache takes after a forward pass: KV caches are trimmed; the state of
+/// recurrent layers (`ArraysCache`) cannot be, so it is kept from before the pass, and the
+/// tokens that stay are run again from it.
+struct Rewind {
+    /// the caches before the pass, where some layer is recurrent (its arrays are replaced by a
+    /// pass, never written in place, so these clones keep the old state)
+    before: Option<Vec<KvCache>>,
+}
+
+impl Rewind {
+    fn new(cache: &[KvCache]) -> Self {
+        Self { before: cache.iter().any(KvCache::is_arrays).then(|| cache.to_vec()) }
+    }
+
+    /// Forgets the newest `n` of the tokens `fed` since [`Rewind::new`].
+    fn rewind(
+        &self,
+        model: &dyn LanguageModel,
+        cache: &mut [KvCache],
+        fed: &[u32],
+        n: usize,
+        quant: Option<&KvQuant>,
+    ) -> Result<()> {
+        match &self.before {
+            Some(before) if n > 0 => {
+                // back to before the pass, then the tokens that stay once more
+                trim_all(cache, fed.len());
+                for (c, b) in cache.iter_mut().zip(before) {
+                    if c.is_arrays() {
+                        *c = b.clone();
+                    }
+                }
+                let keep = &fed[..fed.len() - n];
+                if !keep.is_empty() {
+                    let ids = Tensor::new(keep, model.device())?.unsqueeze(0)?;
+                    model.forward(&ids, cache, true)?;
+                    maybe_quantize(quant, cache)?;
+                }
+            }
+            _ => trim_all(cache, n),
+        }
+        Ok(())
     }
 }
 
@@ -70,7 +116,7 @@ pub fn speculative_generate(
     opts.processors.validate(model.vocab_size())?;
     let mut cache = opts.new_cache(model)?;
     let mut draft_cache = opts.new_cache(draft)?;
-    if cache.iter().chain(&draft_cache).any(|c| !c.is_trimmable()) {
+    if cache.iter().chain(&draft_cache).any(|c| !c.is_trimmable() && !c.is_arrays()) {
         bail!("speculative decoding needs trimmable caches; this model uses rotating (sliding-window) caches");
     }
     let mut sampler = Sampler::new(opts.sampler.clone())?;
@@ -97,6 +143,8 @@ pub fn speculative_generate(
         // draft num_draft tokens, one at a time (pushed onto `seen` for the processors, then
         // taken off again)
         let base = seen.len();
+        let draft_before = Rewind::new(&draft_cache);
+        let mut fed = draft_y.clone();
         let mut input = draft_y.clone();
         for _ in 0..num_draft {
             let ids = Tensor::new(input.as_slice(), draft.device())?.unsqueeze(0)?;
@@ -105,13 +153,16 @@ pub fn speculative_generate(
             let t = pick(&mut draft_sampler, &mut logits, &seen)?;
             seen.push(t);
             input = vec![t];
+            fed.push(t);
         }
+        fed.pop(); // the last draft is not fed to the draft model yet
         let drafts = seen.split_off(base);
         drafted += num_draft;
         // verify: the main model over y and the drafts, one pass; its own pick at each
         // position, up to the first that differs from the draft
         let verify: Vec<u32> = y.iter().chain(&drafts).copied().collect();
         let ids = Tensor::new(verify.as_slice(), model.device())?.unsqueeze(0)?;
+        let before = Rewind::new(&cache);
         let all = model.forward(&ids, &mut cache, false)?;
         maybe_quantize(quant, &mut cache)?;
         let l = all.dim(1)?;
@@ -143,8 +194,8 @@ pub fn speculative_generate(
             }
         }
         // rewind both caches to the accepted tokens
-        trim_all(&mut cache, num_draft - n);
-        trim_all(&mut draft_cache, (num_draft - n).saturating_sub(1));
+        before.rewind(model, &mut cache, &verify, num_draft - n, quant)?;
+        draft_before.rewind(draft, &mut draft_cache, &fed, (num_draft - n).saturating_sub(1), quant)?;
         y = vec![tokens[n]];
         // all drafts accepted: the draft model has not seen the last one yet
         draft_y = if n == num_draft { vec![drafts[num_draft - 1], tokens[n]] } else { vec![tokens[n]] };

@@ -48,7 +48,8 @@ impl PrefixCache {
 
     /// A cache of its own holding the longest prefix of `prompt` found here, cut so that at
     /// least the last prompt token is left to compute (its logits start generation); `None`
-    /// when nothing is shared.
+    /// when nothing is shared. An entry with recurrent layers (whose state cannot be cut) serves
+    /// only prompts that continue its whole sequence: a chat's next turn.
     pub fn fetch(&mut self, prompt: &[u32]) -> Result<Option<(Vec<KvCache>, usize)>> {
         let limit = prompt.len().saturating_sub(1);
         let best = self
@@ -56,6 +57,10 @@ impl PrefixCache {
             .iter()
             .enumerate()
             .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
+            .filter(|&(i, n)| {
+                let e = &self.entries[i];
+                n == e.tokens.len() || !e.cache.iter().any(KvCache::is_arrays)
+            })
             .max_by_key(|&(i, n)| (n, i));
         let Some((i, n)) = best.filter(|&(_, n)| n > 0) else { return Ok(None) };
         let entry = self.entries.remove(i).expect("index from the scan");
