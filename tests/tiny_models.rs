@@ -227,6 +227,14 @@ fn tiny_qwen3_5_match_mlx_lm() {
     check("tiny_qwen3_5_moe");
 }
 
+/// Granite 4.0-H: Mamba-2 layers (conv and SSM states in an ArraysCache) among attention layers
+/// with granite's multipliers; experts plus a shared MLP, and (held out) a dense NoPE variant.
+#[test]
+fn tiny_granitemoehybrid_mamba2_matches_mlx_lm() {
+    check("tiny_granitemoehybrid");
+    check("tiny_granitemoehybrid_dense");
+}
+
 #[test]
 fn tiny_helium_traditional_rope_qkv_bias_match_mlx_lm() {
     check("tiny_helium");
@@ -611,7 +619,7 @@ fn continue_from_saved_cache(
 fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_tokens() {
     use std::collections::BTreeSet;
     use wick::engine::generate::{generate, GenerateOptions};
-    for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next"] {
+    for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next", "tiny_granitemoehybrid"] {
         let dir = golden(name);
         let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();

@@ -31,6 +31,25 @@ pub trait SelfAttention: Send + Sync {
     }
 }
 
+/// A layer's mixer chosen at load time (attention in some layers, a recurrent one in others).
+impl SelfAttention for Box<dyn SelfAttention> {
+    fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
+        (**self).forward(x, rope, cache)
+    }
+
+    fn o_proj(&self) -> &Linear {
+        (**self).o_proj()
+    }
+
+    fn input_layers(&self) -> Vec<&Linear> {
+        (**self).input_layers()
+    }
+
+    fn graphable(&self) -> bool {
+        (**self).graphable()
+    }
+}
+
 /// `(x Qᵀ, x Kᵀ, x Vᵀ)` of separate projections: one fused kernel where the backend has one
 /// (CUDA decode of bias-free quantized projections), else one by one.
 pub fn qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<[Tensor; 3]> {

@@ -40,17 +40,18 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     Ok(())
 }
 
-/// Granite's layer around its feed-forward part `ff` (a dense MLP, or granitemoe's experts):
+/// Granite's layer around its mixer (attention, or granitemoehybrid's Mamba2) and its
+/// feed-forward part `ff` (a dense MLP, or granitemoe's experts):
 /// `h = x + attn(input_layernorm(x))·m`, `out = h + ff(post_attention_layernorm(h))·m`.
-pub struct GraniteLayer<F> {
-    pub self_attn: Attention,
+pub struct GraniteLayer<F, A = Attention> {
+    pub self_attn: A,
     pub ff: F,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
     pub residual_multiplier: f64,
 }
 
-impl<F: FeedForward> Layer for GraniteLayer<F> {
+impl<F: FeedForward, A: SelfAttention> Layer for GraniteLayer<F, A> {
     fn forward<'a>(&'a self, x: Residual<'a>, rope: &RopeTables, cache: &mut KvCache) -> Result<Residual<'a>> {
         let m = self.residual_multiplier;
         let (x, n) = x.norm(&self.input_layernorm, &self.self_attn.input_layers())?;
@@ -62,7 +63,7 @@ impl<F: FeedForward> Layer for GraniteLayer<F> {
     }
 
     fn graphable(&self) -> bool {
-        self.ff.graphable()
+        self.self_attn.graphable() && self.ff.graphable()
     }
 }
 

@@ -40,10 +40,31 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
 }
 
 /// The experts: the router's `k` best logits, softmaxed in f32, weigh the chosen experts.
-struct MoE {
+pub struct MoE {
     router: Linear,
     switch_mlp: SwitchGlu,
     top_k: usize,
+}
+
+impl MoE {
+    /// `{m}.router.layer` and `{m}.switch_mlp` (`experts` SwiGLU experts `dim → hidden → dim`,
+    /// the `top_k` best chosen).
+    pub fn load(ld: &Loader, m: &str, dim: usize, hidden: usize, experts: usize, top_k: usize) -> Result<Self> {
+        super::switch::check_top_k(top_k, experts, "num_experts_per_tok")?;
+        Ok(Self {
+            router: Linear::load(ld, &format!("{m}.router.layer"), dim, experts, false)?,
+            switch_mlp: SwitchGlu::load(
+                ld,
+                &format!("{m}.switch_mlp"),
+                experts,
+                dim,
+                hidden,
+                false,
+                Activation::Swiglu,
+            )?,
+            top_k,
+        })
+    }
 }
 
 impl FeedForward for MoE {
@@ -64,11 +85,6 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let (dim, e, hidden) = (args.granite.base.hidden_size, args.num_local_experts, args.granite.base.intermediate_size);
     super::switch::check_top_k(args.num_experts_per_tok, e, "num_experts_per_tok")?;
     granite::load_with(&args.granite, ld, |p| {
-        let m = format!("{p}.block_sparse_moe");
-        Ok(MoE {
-            router: Linear::load(ld, &format!("{m}.router.layer"), dim, e, false)?,
-            switch_mlp: SwitchGlu::load(ld, &format!("{m}.switch_mlp"), e, dim, hidden, false, Activation::Swiglu)?,
-            top_k: args.num_experts_per_tok,
-        })
+        MoE::load(ld, &format!("{p}.block_sparse_moe"), dim, hidden, e, args.num_experts_per_tok)
     })
 }

@@ -109,9 +109,14 @@ pub struct FusedMlp {
 impl FusedMlp {
     /// `{p}.gate_up_proj` (dim → 2·hidden) and `{p}.down_proj` (hidden → dim), without biases.
     pub fn load(ld: &Loader, p: &str, dim: usize, hidden: usize) -> Result<Self> {
+        Self::load_named(ld, p, ["gate_up_proj", "down_proj"], dim, hidden)
+    }
+
+    /// The same under other names (Granite 4's `shared_mlp`: `input_linear`, `output_linear`).
+    pub fn load_named(ld: &Loader, p: &str, [gate_up, down]: [&str; 2], dim: usize, hidden: usize) -> Result<Self> {
         Ok(Self {
-            gate_up_proj: Linear::load(ld, &format!("{p}.gate_up_proj"), dim, 2 * hidden, false)?,
-            down_proj: Linear::load(ld, &format!("{p}.down_proj"), hidden, dim, false)?,
+            gate_up_proj: Linear::load(ld, &format!("{p}.{gate_up}"), dim, 2 * hidden, false)?,
+            down_proj: Linear::load(ld, &format!("{p}.{down}"), hidden, dim, false)?,
             hidden,
         })
     }

@@ -16,6 +16,7 @@ pub mod glm4_moe;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
+pub mod granitemoehybrid;
 pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod internlm3;
@@ -41,6 +42,7 @@ pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod seed_oss;
 pub mod smollm3;
+pub mod ssm;
 pub mod starcoder2;
 pub mod switch;
 
@@ -218,6 +220,10 @@ macro_rules! by_model_type {
                 use self::glm4_moe as $arch;
                 $body
             }
+            "granitemoehybrid" => {
+                use self::granitemoehybrid as $arch;
+                $body
+            }
             "granitemoe" => {
                 use self::granitemoe as $arch;
                 $body
@@ -335,6 +341,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "gpt_oss",
     "glm4_moe",
     "granitemoe",
+    "granitemoehybrid",
     "ernie4_5_moe",
     "phimoe",
     "llama4",
@@ -396,6 +403,7 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
         "gemma4_text" if path.ends_with("router.proj") => eight_bit,
         "granitemoe" | "granite" if granite::eight_bit(path) => eight_bit,
+        "granitemoehybrid" if path.ends_with("router.layer") => eight_bit,
         _ => LayerQuant::Uniform,
     }
 }

@@ -454,6 +454,26 @@ TINY_CONFIGS = {
         shared_expert_intermediate_size=32, norm_topk_prob=True,
         rope_parameters=dict(rope_type="default", rope_theta=50000.0, partial_rotary_factor=0.5,
         mrope_section=[2, 1, 1], mrope_interleaved=True))),
+    # Granite 4.0-H: three Mamba-2 layers (2 groups of 4 heads, conv bias, state 16) then RoPE
+    # attention, granite's multipliers, experts (top-2 of 4 by softmaxed logits) plus a shared
+    # MLP in every layer, tied head, mlx_lm's default step-size limits
+    "tiny_granitemoehybrid": dict(model_type="granitemoehybrid", vocab_size=128, hidden_size=64,
+        intermediate_size=32, num_hidden_layers=4, max_position_embeddings=256, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=False, embedding_multiplier=12.0, attention_multiplier=0.0078125,
+        logits_scaling=8.0, residual_multiplier=0.22, layer_types=["mamba", "mamba", "mamba", "attention"],
+        rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64,
+        mamba_n_heads=8, mamba_d_head=8, mamba_proj_bias=False, mamba_d_state=16, mamba_d_conv=4,
+        mamba_n_groups=2, mamba_conv_bias=True, position_embedding_type="rope", rope_theta=10000.0,
+        tie_word_embeddings=True),
+    # Granite 4.0-H dense, held out: attention first (NoPE) and in the middle, one group, projection
+    # biases, kernel 3, dense MLP with biases, untied, explicit step-size limits
+    "tiny_granitemoehybrid_dense": dict(model_type="granitemoehybrid", vocab_size=128, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=5, max_position_embeddings=256, num_attention_heads=4,
+        num_key_value_heads=4, attention_bias=True, embedding_multiplier=6.0, attention_multiplier=0.125,
+        logits_scaling=4.0, residual_multiplier=0.5, layer_types=["attention", "mamba", "attention", "mamba", "mamba"],
+        rms_norm_eps=1e-6, num_local_experts=0, num_experts_per_tok=0, mamba_n_heads=4, mamba_d_head=16,
+        mamba_proj_bias=True, mamba_d_state=8, mamba_d_conv=3, mamba_n_groups=1, mamba_conv_bias=False,
+        mlp_bias=True, position_embedding_type="nope", time_step_limit=[0.01, 10.0], tie_word_embeddings=False),
 }
 
 # Wrappers whose mlx_lm arguments fill defaults into the config they are given: their golden
