@@ -235,6 +235,15 @@ fn tiny_granitemoehybrid_mamba2_matches_mlx_lm() {
     check("tiny_granitemoehybrid_dense");
 }
 
+/// Nemotron-H: Mamba-2 (per-group gated norm), position-free attention, ReLU² MLP and expert
+/// blocks (grouped sigmoid router, latent space, shared expert), the cache list only the Mamba
+/// and attention blocks'; held out: block names, leading MLP blocks, biases.
+#[test]
+fn tiny_nemotron_h_blocks_match_mlx_lm() {
+    check("tiny_nemotron_h");
+    check("tiny_nemotron_h_b");
+}
+
 #[test]
 fn tiny_helium_traditional_rope_qkv_bias_match_mlx_lm() {
     check("tiny_helium");
@@ -619,7 +628,7 @@ fn continue_from_saved_cache(
 fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_tokens() {
     use std::collections::BTreeSet;
     use wick::engine::generate::{generate, GenerateOptions};
-    for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next", "tiny_granitemoehybrid"] {
+    for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next", "tiny_granitemoehybrid", "tiny_nemotron_h"] {
         let dir = golden(name);
         let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();

@@ -171,6 +171,8 @@ pub struct ModelSpec {
     pub final_layernorm: Option<(&'static str, bool)>,
     /// the final RMSNorm's name (`model.norm`; LFM2: `model.embedding_norm`)
     pub final_norm: &'static str,
+    /// the embedding's name (`model.embed_tokens`; Nemotron-H: `backbone.embeddings`)
+    pub embed: &'static str,
     /// per layer, `Some(n)`: a recurrent layer whose cache holds `n` arrays (an `ArraysCache`)
     pub recurrent: Vec<Option<usize>>,
     pub lm_head_bias: bool,
@@ -195,6 +197,7 @@ impl ModelSpec {
             logits_scale: None,
             final_layernorm: None,
             final_norm: "model.norm",
+            embed: "model.embed_tokens",
             recurrent: vec![None; n_layers],
             lm_head_bias: false,
             prefix: "",
@@ -214,7 +217,7 @@ impl BaseArgs {
             let (dim, eps) = (self.hidden_size, self.rms_norm_eps);
             Norm::Rms(RmsNorm::load_shifted(ld, &name(spec.final_norm), dim, eps, spec.norm_shift)?)
         };
-        let embed_tokens = Embedding::load(ld, &name("model.embed_tokens"), self.vocab_size, self.hidden_size)?;
+        let embed_tokens = Embedding::load(ld, &name(spec.embed), self.vocab_size, self.hidden_size)?;
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {

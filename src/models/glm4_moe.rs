@@ -73,20 +73,21 @@ impl SelfAttention for Attention {
     }
 }
 
-/// The router (`MoEGate`): never quantized, a weight and the score correction bias.
-struct Gate {
-    weight: Tensor,
-    e_score_correction_bias: Tensor,
-    top_k: usize,
-    n_group: usize,
-    topk_group: usize,
-    norm_topk_prob: bool,
-    routed_scaling_factor: f64,
+/// The router (`MoEGate`, DeepSeek's, also Nemotron-H's): never quantized, a weight and the
+/// score correction bias.
+pub struct Gate {
+    pub weight: Tensor,
+    pub e_score_correction_bias: Tensor,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f64,
 }
 
 impl Gate {
     /// The chosen experts (…, k) and their weights (…, k, f32) for `x` (…, dim).
-    fn route(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn route(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let logits = x.broadcast_matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
         let orig = candle_nn::ops::sigmoid(&logits.to_dtype(DType::F32)?)?;
         let mut scores = orig.broadcast_add(&self.e_score_correction_bias.to_dtype(DType::F32)?)?;

@@ -153,6 +153,8 @@ pub enum Activation {
     /// `zero` and `eps` are 0 and ε on the model's device (a decode step captured into a CUDA
     /// graph copies nothing from the host)
     XieLu { ap: f64, an: f64, beta: f64, zero: Tensor, eps: Tensor },
+    /// `relu(x)²` (Nemotron-H)
+    Relu2,
 }
 
 impl Activation {
@@ -174,6 +176,7 @@ impl Activation {
         Ok(match self {
             Self::Gelu => x.gelu()?,
             Self::GeluErf => x.gelu_erf()?,
+            Self::Relu2 => x.relu()?.sqr()?,
             Self::XieLu { ap, an, beta, zero, eps } => {
                 let linear = (x * *beta)?;
                 let pos = ((x.sqr()? * *ap)? + &linear)?;

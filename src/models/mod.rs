@@ -28,6 +28,7 @@ pub mod ministral3;
 pub mod mistral3;
 pub mod mixtral;
 pub mod mlp;
+pub mod nemotron_h;
 pub mod olmo2;
 pub mod olmo3;
 pub mod olmoe;
@@ -220,6 +221,10 @@ macro_rules! by_model_type {
                 use self::glm4_moe as $arch;
                 $body
             }
+            "nemotron_h" => {
+                use self::nemotron_h as $arch;
+                $body
+            }
             "granitemoehybrid" => {
                 use self::granitemoehybrid as $arch;
                 $body
@@ -342,6 +347,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "glm4_moe",
     "granitemoe",
     "granitemoehybrid",
+    "nemotron_h",
     "ernie4_5_moe",
     "phimoe",
     "llama4",
@@ -401,6 +407,7 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
         }
         "gpt_oss" if path.ends_with("router") => eight_bit,
         "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
+        "nemotron_h" if path.ends_with("mixer.gate") => LayerQuant::Float,
         "gemma4_text" if path.ends_with("router.proj") => eight_bit,
         "granitemoe" | "granite" if granite::eight_bit(path) => eight_bit,
         "granitemoehybrid" if path.ends_with("router.layer") => eight_bit,

@@ -40,6 +40,8 @@ pub struct Mamba2 {
     dims: Mamba2Dims,
     /// (lo, hi) of the step sizes
     time_step_limit: (f64, f64),
+    /// the gated norm per group of heads (Nemotron-H), else over the whole inner size (Granite)
+    pub norm_per_group: bool,
 }
 
 impl Mamba2 {
@@ -70,6 +72,7 @@ impl Mamba2 {
             out_proj: Linear::load(ld, &format!("{p}.out_proj"), inner, dim, proj_bias)?,
             dims,
             time_step_limit,
+            norm_per_group: false,
         })
     }
 }
@@ -140,6 +143,9 @@ impl SelfAttention for Mamba2 {
         cache.advance_by(s);
         let y = (y.to_dtype(x.dtype())? + xs.broadcast_mul(&self.d.reshape((heads, 1))?)?)?;
         let y = (candle_nn::ops::silu(&gate)? * y.reshape((bs, s, inner))?)?;
+        if self.norm_per_group {
+            return self.norm.forward_grouped(&y, groups);
+        }
         self.norm.forward(&y)
     }
 

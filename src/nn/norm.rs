@@ -39,6 +39,16 @@ impl RmsNorm {
         Ok(Self { weight: (weight + shift)?, eps: eps as f32, shift: 0.0 })
     }
 
+    /// Normalizes `x` over groups of `groups` equal parts of its last axis, then scales by the
+    /// weight (Nemotron-H's gated norm; with one group the same as [`Self::forward`]).
+    pub fn forward_grouped(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let last = dims.pop().unwrap_or(0);
+        let grouped = x.reshape([dims.as_slice(), &[groups, last / groups.max(1)]].concat())?;
+        let n = rms_normalize(&grouped, self.eps as f64)?.reshape(x.dims())?;
+        Ok(n.broadcast_mul(&(self.weight.to_dtype(x.dtype())? + self.shift)?)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() || self.weight.track_op() {
             // training: candle's fused kernel has no backward; the same formula in tensor ops

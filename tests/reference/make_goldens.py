@@ -474,6 +474,25 @@ TINY_CONFIGS = {
         rms_norm_eps=1e-6, num_local_experts=0, num_experts_per_tok=0, mamba_n_heads=4, mamba_d_head=16,
         mamba_proj_bias=True, mamba_d_state=8, mamba_d_conv=3, mamba_n_groups=1, mamba_conv_bias=False,
         mlp_bias=True, position_embedding_type="nope", time_step_limit=[0.01, 10.0], tie_word_embeddings=False),
+    # Nemotron-H: attention (no positions) before the first Mamba-2 block (2 groups: a per-group
+    # gated norm), a ReLU² MLP block, and an expert block with the grouped sigmoid router, its
+    # correction bias, scaling, a latent projection and a shared expert
+    "tiny_nemotron_h": dict(model_type="nemotron_h", vocab_size=128, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=256, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        attention_bias=False, mamba_num_heads=8, mamba_head_dim=8, mamba_proj_bias=False, ssm_state_size=16,
+        conv_kernel=4, n_groups=2, mlp_bias=False, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
+        hybrid_override_pattern="*M-EM", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=64, n_shared_experts=1, moe_latent_size=32, n_group=2,
+        topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, time_step_limit=[0.0, 1000.0]),
+    # Nemotron-H, held out: the pattern by block names starting with MLP blocks, one group, biases,
+    # experts without groups, latent space or shared expert, default step-size limits
+    "tiny_nemotron_h_b": dict(model_type="nemotron_h", vocab_size=128, hidden_size=64, intermediate_size=96,
+        max_position_embeddings=256, num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+        mamba_num_heads=4, mamba_head_dim=16, mamba_proj_bias=True, ssm_state_size=8, conv_kernel=3, n_groups=1,
+        mlp_bias=True, layer_norm_epsilon=1e-6, use_bias=True, use_conv_bias=False,
+        layers_block_type=["mlp", "mamba", "moe", "attention", "mamba", "mlp"], n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0),
 }
 
 # Wrappers whose mlx_lm arguments fill defaults into the config they are given: their golden
@@ -500,8 +519,8 @@ def randomize(params):
             params[k] = params[k] + mx.random.normal(params[k].shape) * 0.3  # apertus's xIELU scalars
         elif k.endswith(("router.scale", "per_expert_scale", "layer_scalar")):
             params[k] = mx.random.normal(params[k].shape) * 0.2 + 1.0
-        elif k.endswith("mlp.gate.weight") and params[k].ndim == 2 and not mx.any(params[k]).item():
-            params[k] = mx.random.normal(params[k].shape) * 0.125  # glm4_moe's router starts at zeros
+        elif k.endswith(("mlp.gate.weight", "mixer.gate.weight")) and params[k].ndim == 2 and not mx.any(params[k]).item():
+            params[k] = mx.random.normal(params[k].shape) * 0.125  # glm4_moe's, nemotron_h's routers start at zeros
     return params
 
 
