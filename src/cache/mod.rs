@@ -171,6 +171,23 @@ impl KvCache {
         self.offset += n;
     }
 
+    /// `x` (B, L, …), the next `L` positions' inputs of a recurrent layer, with the positions
+    /// that are a row's left padding zeroed (mlx_lm's `create_ssm_mask`), so that they leave
+    /// the state as it was; `x` as it is outside padded batches.
+    pub fn zero_padding(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(pad) = &self.left_padding else { return Ok(x.clone()) };
+        let (offset, l) = (self.offset, x.dim(1)?);
+        if pad.iter().all(|&p| p <= offset) {
+            return Ok(x.clone());
+        }
+        let keep: Vec<f32> =
+            pad.iter().flat_map(|&p| (0..l).map(move |t| if offset + t >= p { 1.0 } else { 0.0 })).collect();
+        let mut shape = vec![pad.len(), l];
+        shape.extend(std::iter::repeat_n(1, x.rank() - 2));
+        let keep = Tensor::from_vec(keep, shape, x.device())?.to_dtype(x.dtype())?;
+        Ok(x.broadcast_mul(&keep)?)
+    }
+
     /// Whether this is a recurrent layer's state ([`KvCache::arrays`]).
     pub fn is_arrays(&self) -> bool {
         matches!(self.store, Store::Arrays(_))

@@ -134,28 +134,12 @@ impl ShortConv {
     }
 }
 
-/// Zeros the positions of `x` (B, L, …) that are a row's left padding, from the cache's record
-/// (mlx_lm's `create_ssm_mask`); `x` as it is outside padded batches.
-pub fn mask_padding(x: &Tensor, cache: &KvCache) -> Result<Tensor> {
-    let Some(pad) = cache.left_padding() else { return Ok(x.clone()) };
-    let (offset, l) = (cache.offset(), x.dim(1)?);
-    if pad.iter().all(|&p| p <= offset) {
-        return Ok(x.clone());
-    }
-    let keep: Vec<f32> =
-        pad.iter().flat_map(|&p| (0..l).map(move |t| if offset + t >= p { 1.0 } else { 0.0 })).collect();
-    let mut shape = vec![pad.len(), l];
-    shape.extend(std::iter::repeat_n(1, x.rank() - 2));
-    let keep = Tensor::from_vec(keep, shape, x.device())?.to_dtype(x.dtype())?;
-    Ok(x.broadcast_mul(&keep)?)
-}
-
 impl SelfAttention for ShortConv {
     fn forward(&self, x: &Normed, _rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let bcx = self.in_proj.forward(&x.tensor()?)?;
         let h = self.hidden;
         let (b, c, xx) = (bcx.narrow(D::Minus1, 0, h)?, bcx.narrow(D::Minus1, h, h)?, bcx.narrow(D::Minus1, 2 * h, h)?);
-        let bx = mask_padding(&(b * xx)?, cache)?;
+        let bx = cache.zero_padding(&(b * xx)?)?;
         let (conv, state) = self.conv.forward(&bx, cache.array(0))?;
         cache.set_array(0, state)?;
         cache.advance_by(bx.dim(1)?);

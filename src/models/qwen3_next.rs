@@ -13,9 +13,9 @@
 
 use super::attention::{Heads, QkNorms, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
-use super::lfm2::mask_padding;
 use super::mlp::{FeedForward, Mlp};
 use super::qwen2_moe::SparseMoeBlock;
+use super::ssm::softplus;
 use super::switch::stack_mlp_experts;
 use crate::cache::KvCache;
 use crate::io::Weights;
@@ -215,11 +215,6 @@ impl GatedDeltaNet {
     }
 }
 
-/// `log(1 + eˣ)`, as `max(x, 0) + log1p(e^{−|x|})`.
-fn softplus(x: &Tensor) -> Result<Tensor> {
-    Ok((x.relu()? + ((x.abs()?.neg()?.exp()? + 1.0)?.log()?))?)
-}
-
 impl SelfAttention for GatedDeltaNet {
     fn forward(&self, x: &Normed, _rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let x = x.tensor()?;
@@ -227,7 +222,7 @@ impl SelfAttention for GatedDeltaNet {
         let (hk, dk, hv, dv) = (self.hk, self.dk, self.hv, self.dv);
         let [mixed, z, b_, a] = self.project(&x)?;
         let beta = candle_nn::ops::sigmoid(&b_)?;
-        let mixed = mask_padding(&mixed, cache)?;
+        let mixed = cache.zero_padding(&mixed)?;
         let (conv, state) = self.conv1d.forward(&mixed, cache.array(0))?;
         cache.set_array(0, state)?;
         let conv = candle_nn::ops::silu(&conv)?;

@@ -13,7 +13,6 @@
 //! by a few 1e-6).
 
 use super::attention::SelfAttention;
-use super::lfm2::mask_padding;
 use crate::cache::KvCache;
 use crate::nn::{CausalConv1d, Linear, Loader, Normed, RmsNorm, RopeTables};
 use anyhow::{bail, Result};
@@ -127,7 +126,7 @@ impl SelfAttention for Mamba2 {
         let conv_dim = inner + 2 * groups * state;
         let proj = self.in_proj.forward(&x)?;
         let gate = proj.narrow(2, 0, inner)?;
-        let xbc = mask_padding(&proj.narrow(2, inner, conv_dim)?, cache)?;
+        let xbc = cache.zero_padding(&proj.narrow(2, inner, conv_dim)?)?;
         let dt = proj.narrow(2, inner + conv_dim, heads)?;
         let (conv, conv_state) = self.conv1d.forward(&xbc, cache.array(0))?;
         cache.set_array(0, conv_state)?;
