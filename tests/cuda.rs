@@ -698,6 +698,11 @@ fn cuda_graph_decode_equals_eager_for_every_architecture() {
         "tiny_apertus",
         "tiny_hunyuan_v1_dense",
         "tiny_mistral3_llama",
+        "tiny_mixtral",
+        "tiny_qwen3_moe",
+        "tiny_qwen2_moe",
+        "tiny_olmoe",
+        "tiny_granitemoe",
     ];
     let rotating = ["tiny_mistral_swa", "tiny_gemma3", "tiny_olmo3", "tiny_exaone4", "tiny_cohere2", "tiny_gemma3_vlm"];
     for name in replayed.iter().chain(&rotating) {

@@ -117,12 +117,12 @@ impl ExpertWeights {
     }
 }
 
-/// Whether the device form may run in models: only with `WICK_MOE_DEVICE_ROUTING=1` until its
-/// kernels have run on a GPU (`tests/cuda.rs`); otherwise every call groups its rows on the
-/// host and mixture-of-experts decode steps stay out of CUDA graphs. Read once per process.
+/// Whether the device form may run in models: `WICK_MOE_DEVICE_ROUTING=0` groups every call's
+/// rows on the host (and so keeps mixture-of-experts decode steps out of CUDA graphs), for
+/// comparisons. Read once per process.
 pub fn device_routing() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("WICK_MOE_DEVICE_ROUTING").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("WICK_MOE_DEVICE_ROUTING").map_or(true, |v| v != "0"))
 }
 
 impl ExpertWeights {
