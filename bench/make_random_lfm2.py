@@ -10,6 +10,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_random_q4_model import write_tokenizer  # noqa: E402
+
 if len(sys.argv) < 2:
     sys.exit(__doc__)
 out = sys.argv[1]
@@ -27,11 +30,5 @@ m.set_dtype(dtype)
 m, q = quantize_model(m, cfg, group_size=64, bits=4)
 mx.save_safetensors(os.path.join(out, "model.safetensors"), dict(tree_flatten(m.parameters())), metadata={"format": "mlx"})
 json.dump(q, open(os.path.join(out, "config.json"), "w"), indent=1)
-vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
-tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-       "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-       "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}
-json.dump(tok, open(os.path.join(out, "tokenizer.json"), "w"))
-json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t1", "bos_token": "t2", "unk_token": "t0"},
-          open(os.path.join(out, "tokenizer_config.json"), "w"))
+write_tokenizer(out, cfg["vocab_size"])
 print("wrote", out)

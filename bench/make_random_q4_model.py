@@ -138,6 +138,17 @@ def write_safetensors(path, items):
     os.replace(path + ".part", path)
 
 
+def write_tokenizer(out, vocab_size):
+    """A word-level tokenizer over the whole vocabulary (`t0` … `t{n-1}`) into `out`."""
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}
+    json.dump(tok, open(os.path.join(out, "tokenizer.json"), "w"))
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t1", "bos_token": "t2", "unk_token": "t0"},
+              open(os.path.join(out, "tokenizer_config.json"), "w"))
+
+
 def main(out, shape):
     c = SHAPES[shape]
     os.makedirs(out, exist_ok=True)
@@ -147,13 +158,7 @@ def main(out, shape):
     cfg.update(c)
     cfg["quantization_config"] = cfg["quantization"]
     write_safetensors(os.path.join(out, "model.safetensors"), tensors(c))
-    vocab = {f"t{i}": i for i in range(c["vocab_size"])}
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}
-    json.dump(tok, open(os.path.join(out, "tokenizer.json"), "w"))
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t1", "bos_token": "t2", "unk_token": "t0"},
-              open(os.path.join(out, "tokenizer_config.json"), "w"))
+    write_tokenizer(out, c["vocab_size"])
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
     print("wrote", out)
 

@@ -75,12 +75,7 @@ impl ModelArgs {
 /// model the `shared_mlp` as `mlp`; a tied model's `lm_head` dropped.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     super::drop_unused(weights, args.tie_word_embeddings);
-    let names: Vec<String> = weights.names().map(str::to_string).collect();
-    for k in &names {
-        if k.contains("conv1d.weight") && weights.shape(k)?.last() != Some(&1) {
-            weights.transpose(k, 1, 2)?;
-        }
-    }
+    crate::nn::conv1d_weights_to_mlx(weights)?;
     for l in 0..args.base.num_hidden_layers {
         let p = format!("model.layers.{l}");
         if args.use_moe() && weights.contains(&format!("{p}.block_sparse_moe.input_linear.weight")) {

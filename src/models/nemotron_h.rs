@@ -124,12 +124,7 @@ impl ModelArgs {
 /// per-expert `up_proj` / `down_proj` into `switch_mlp.fc1` / `fc2`.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
     weights.sanitize(|k| (!k.starts_with("mtp.")).then(|| k.to_string()));
-    let names: Vec<String> = weights.names().map(str::to_string).collect();
-    for k in &names {
-        if k.contains("conv1d.weight") && weights.shape(k)?.last() != Some(&1) {
-            weights.transpose(k, 1, 2)?;
-        }
-    }
+    crate::nn::conv1d_weights_to_mlx(weights)?;
     let layers = args.pattern()?.len();
     if let Some(e) = args.n_routed_experts {
         stack_experts(

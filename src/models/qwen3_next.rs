@@ -92,15 +92,9 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
 /// 1), and the zero-centred norms (the layers', the final one, q/k) shifted by 1: always, or
 /// (`always` false: Qwen3.5) only when a convolution was in Hugging Face's layout.
 pub fn convs_and_norms_to_mlx(weights: &mut Weights, always: bool) -> Result<()> {
-    let names: Vec<String> = weights.names().map(str::to_string).collect();
-    let mut hf_layout = false;
-    for k in &names {
-        if k.contains("conv1d.weight") && weights.shape(k)?.last() != Some(&1) {
-            weights.transpose(k, 1, 2)?;
-            hf_layout = true;
-        }
-    }
+    let hf_layout = crate::nn::conv1d_weights_to_mlx(weights)?;
     if always || hf_layout {
+        let names: Vec<String> = weights.names().map(str::to_string).collect();
         let shifted = [
             ".input_layernorm.weight",
             ".post_attention_layernorm.weight",
@@ -130,7 +124,8 @@ pub struct GatedDeltaNet {
     proj: Projections,
     conv1d: CausalConv1d,
     dt_bias: Tensor,
-    a_log: Tensor,
+    /// −exp(A_log), f32
+    a: Tensor,
     norm: RmsNorm,
     out_proj: Linear,
     /// (key heads, key head dim, value heads, value head dim)
@@ -173,7 +168,7 @@ impl GatedDeltaNet {
             proj,
             conv1d: CausalConv1d::load(ld, &format!("{p}.conv1d"), conv_dim, args.linear_conv_kernel_dim, false)?,
             dt_bias: ld.tensor(&format!("{p}.dt_bias"), &[hv])?,
-            a_log: ld.tensor(&format!("{p}.A_log"), &[hv])?.to_dtype(DType::F32)?,
+            a: ld.tensor(&format!("{p}.A_log"), &[hv])?.to_dtype(DType::F32)?.exp()?.neg()?,
             norm: RmsNorm::load(ld, &format!("{p}.norm"), dv, args.base.rms_norm_eps)?,
             out_proj: lin("out_proj", value_dim, dim)?,
             hk,
@@ -235,7 +230,7 @@ impl SelfAttention for GatedDeltaNet {
         let q = (rms_normalize(&q, eps)? * (1.0 / dk as f64))?;
         let k = (rms_normalize(&k, eps)? * (1.0 / (dk as f64).sqrt()))?;
         let a_dt = softplus(&a.broadcast_add(&self.dt_bias)?)?.to_dtype(DType::F32)?;
-        let g = a_dt.broadcast_mul(&self.a_log.exp()?)?.neg()?.exp()?;
+        let g = a_dt.broadcast_mul(&self.a)?.exp()?;
         let (y, state) = gated_delta_update(&q, &k, &v, &g, &beta, cache.array(1))?;
         cache.set_array(1, state)?;
         cache.advance_by(s);

@@ -32,7 +32,8 @@ pub struct Mamba2 {
     in_proj: Linear,
     conv1d: CausalConv1d,
     dt_bias: Tensor,
-    a_log: Tensor,
+    /// −exp(A_log) (the exponential in A_log's dtype, as mlx_lm), f32
+    a: Tensor,
     d: Tensor,
     norm: RmsNorm,
     out_proj: Linear,
@@ -65,7 +66,7 @@ impl Mamba2 {
             in_proj: Linear::load(ld, &format!("{p}.in_proj"), dim, inner + conv_dim + heads, proj_bias)?,
             conv1d: CausalConv1d::load(ld, &format!("{p}.conv1d"), conv_dim, kernel, conv_bias)?,
             dt_bias: ld.tensor(&format!("{p}.dt_bias"), &[heads])?.to_dtype(DType::F32)?,
-            a_log: ld.tensor(&format!("{p}.A_log"), &[heads])?,
+            a: ld.tensor(&format!("{p}.A_log"), &[heads])?.exp()?.to_dtype(DType::F32)?.neg()?,
             d: ld.tensor(&format!("{p}.D"), &[heads])?,
             norm: RmsNorm::load(ld, &format!("{p}.norm"), inner, eps)?,
             out_proj: Linear::load(ld, &format!("{p}.out_proj"), inner, dim, proj_bias)?,
@@ -136,8 +137,7 @@ impl SelfAttention for Mamba2 {
         let c = xbc.narrow(2, inner + groups * state, groups * state)?.reshape((bs, s, groups, state))?;
         let (lo, hi) = self.time_step_limit;
         let dt = softplus(&dt.to_dtype(DType::F32)?.broadcast_add(&self.dt_bias)?)?.clamp(lo, hi)?;
-        let a = self.a_log.exp()?.to_dtype(DType::F32)?.neg()?;
-        let (y, new_state) = ssm_update(&xs, &b, &c, &dt, &a, cache.array(1))?;
+        let (y, new_state) = ssm_update(&xs, &b, &c, &dt, &self.a, cache.array(1))?;
         cache.set_array(1, new_state)?;
         cache.advance_by(s);
         let y = (y.to_dtype(x.dtype())? + xs.broadcast_mul(&self.d.reshape((heads, 1))?)?)?;

@@ -3,8 +3,23 @@
 //! `kernel - 1` inputs of the one before (the layer's conv state).
 
 use super::Loader;
+use crate::io::Weights;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+
+/// Every `conv1d.weight` still in Hugging Face's layout (channels, 1, kernel) in mlx's
+/// (channels, kernel, 1), as the recurrent families' `sanitize`s do; whether there was one.
+pub fn conv1d_weights_to_mlx(weights: &mut Weights) -> Result<bool> {
+    let names: Vec<String> = weights.names().filter(|k| k.contains("conv1d.weight")).map(str::to_string).collect();
+    let mut any = false;
+    for k in &names {
+        if weights.shape(k)?.last() != Some(&1) {
+            weights.transpose(k, 1, 2)?;
+            any = true;
+        }
+    }
+    Ok(any)
+}
 
 #[derive(Debug, Clone)]
 pub struct CausalConv1d {

@@ -12,7 +12,7 @@ mod rope;
 mod switch;
 
 pub use crate::ops::rope::RopeTables;
-pub use conv::CausalConv1d;
+pub use conv::{conv1d_weights_to_mlx, CausalConv1d};
 pub use embedding::Embedding;
 pub use linear::{fused_qkv, fused_swiglu, Linear};
 pub use loader::Loader;
