@@ -6,7 +6,8 @@ the speed. Needs only numpy (it runs on the GPU machine, which has no mlx unless
 packed codes are random u32 words, scales and biases random bf16 values of a realistic size, and
 the tokenizer is a word-level one over the whole vocabulary (benchmarks feed random ids).
 
-Usage: python3 bench/make_random_q4_model.py OUT SHAPE   (SHAPE: one of SHAPES below)
+Usage: python3 bench/make_random_q4_model.py OUT SHAPE   (SHAPE: one of SHAPES below, or
+deepseek_v2_lite_mla: DeepSeek-V2-Lite's shape in deepseek_v3's absorbed-MLA layout)
 """
 import json
 import os
@@ -29,6 +30,19 @@ SHAPES = {
                         num_experts_per_tok=4, sliding_window=128, vocab_size=201088,
                         rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
                                           original_max_position_embeddings=4096)),
+    # latent attention (#13): DeepSeek-V2-Lite as published (deepseek_v2: kv_b_proj, a per-head
+    # cache) and the same shape as an absorbed-MLA model (deepseek_v3's layout: embed_q /
+    # unembed_out, a latent cache)
+    "deepseek_v2_lite": dict(model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+                             routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                             qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+                             num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, vocab_size=102400,
+                             max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000.0,
+                             rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                               beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+                             tie_word_embeddings=False),
     # a small MoE for the CPU
     "moe_small": dict(model_type="qwen3_moe", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=8,
@@ -89,6 +103,35 @@ def tensors(c):
         return out
 
     mt = c.get("model_type", "llama")
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        out = qlinear("model.embed_tokens", c["vocab_size"], h) + ones("model.norm.weight")
+        out += qlinear("lm_head", c["vocab_size"], h)
+        nh, r, dn, dr, dv = (c["num_attention_heads"], c["kv_lora_rank"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
+                             c["v_head_dim"])
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            a = f"{p}.self_attn"
+            out += ones(f"{p}.input_layernorm.weight") + ones(f"{p}.post_attention_layernorm.weight")
+            out += qlinear(f"{a}.q_proj", nh * (dn + dr), h) + qlinear(f"{a}.kv_a_proj_with_mqa", r + dr, h)
+            out += vec(f"{a}.kv_a_layernorm.weight", r)
+            if mt == "deepseek_v2":
+                out += qlinear(f"{a}.kv_b_proj", nh * (dn + dv), r)
+            else:
+                out += qlinear(f"{a}.embed_q", r, dn, nh) + qlinear(f"{a}.unembed_out", dv, r, nh)
+            out += qlinear(f"{a}.o_proj", h, nh * dv)
+            if i < c["first_k_dense_replace"]:
+                for name, (o, n) in {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}.items():
+                    out += qlinear(f"{p}.mlp.{name}", o, n)
+                continue
+            e, ie = c["n_routed_experts"], c["moe_intermediate_size"]
+            out += [(f"{p}.mlp.gate.weight", "BF16", (e, h), lambda e=e: bf16(rng.normal(0, 0.02, (e, h))))]
+            if mt == "deepseek_v3":
+                out += vec(f"{p}.mlp.gate.e_score_correction_bias", e, -0.01, 0.01)
+            out += experts(f"{p}.mlp.switch_mlp", e, ie)
+            se = ie * c["n_shared_experts"]
+            for name, (o, n) in {"gate_proj": (se, h), "up_proj": (se, h), "down_proj": (h, se)}.items():
+                out += qlinear(f"{p}.mlp.shared_experts.{name}", o, n)
+        return out
     if mt in ("qwen3_moe", "gpt_oss"):
         out = qlinear("model.embed_tokens", c["vocab_size"], h) + ones("model.norm.weight")
         out += qlinear("lm_head", c["vocab_size"], h)
@@ -150,7 +193,10 @@ def write_tokenizer(out, vocab_size):
 
 
 def main(out, shape):
-    c = SHAPES[shape]
+    if shape == "deepseek_v2_lite_mla":
+        c = dict(SHAPES["deepseek_v2_lite"], model_type="deepseek_v3", topk_method="noaux_tc", norm_topk_prob=False)
+    else:
+        c = SHAPES[shape]
     os.makedirs(out, exist_ok=True)
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, rope_theta=500000.0,
                max_position_embeddings=131072, hidden_act="silu", torch_dtype="bfloat16",
@@ -164,6 +210,6 @@ def main(out, shape):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[2] not in SHAPES:
+    if len(sys.argv) != 3 or sys.argv[2] not in list(SHAPES) + ["deepseek_v2_lite_mla"]:
         sys.exit(__doc__)
     main(sys.argv[1], sys.argv[2])

@@ -959,6 +959,42 @@ fn cuda_lora_gradients_match_mlx_lm() {
     common::lora_gradients_match_mlx_lm(&dev);
 }
 
+/// Latent attention on the GPU: every golden position's logits as mlx_lm's in f32, from the whole
+/// sequence (prompt chunks expand the latents) and from chunked prefill then one-token steps
+/// (decode absorbed into latent space: the per-head quantized matmuls of `embed_q` /
+/// `unembed_out`, attention over the latent cache).
+#[test]
+fn cuda_latent_attention_matches_mlx_lm() {
+    let Some(dev) = cuda() else { return };
+    for name in ["tiny_deepseek_v3", "tiny_deepseek_v3_b", "tiny_deepseek_v2", "tiny_glm4_moe_lite", "tiny_mistral4"] {
+        for (sub, tol) in [("", 1e-3), ("q4", 2e-3)] {
+            let dir = common::golden(name).join(sub);
+            let inputs: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(common::golden(name).join("inputs.json")).unwrap())
+                    .unwrap();
+            let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let gold = common::load_f32(&dir.join("logits.safetensors"));
+            let m = wick::engine::load_model(&dir, Some(DType::F32), &dev).unwrap();
+            let run = |chunks: &[(usize, usize)]| -> Vec<f32> {
+                let mut cache = m.model.make_cache(None);
+                let mut out = vec![];
+                for &(a, b) in chunks {
+                    let x = Tensor::new(&ids[a..b], &dev).unwrap().unsqueeze(0).unwrap();
+                    let y = m.model.forward(&x, &mut cache, false).unwrap();
+                    out.extend(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+                out
+            };
+            let d = common::max_abs_diff(&run(&[(0, ids.len())]), &gold["full"].1);
+            assert!(d < tol, "{name}/{sub}: CUDA logits differ from mlx_lm's by {d}");
+            let mut chunks = vec![(0, 24), (24, 40), (40, 56)];
+            chunks.extend((56..ids.len()).map(|t| (t, t + 1)));
+            let d = common::max_abs_diff(&run(&chunks), &gold["cached"].1);
+            assert!(d < tol, "{name}/{sub}: CUDA cached decode differs from mlx_lm's by {d}");
+        }
+    }
+}
+
 /// Architectures on the GPU: mixtures of experts (the gathered matmul reading one expert of a
 /// stacked weight, quantized or not; gpt-oss's mxfp4 experts) and the dense families' own parts
 /// (NoPE layers, q/k norms after RoPE, post-norms, LayerNorms, xIELU, query scaling): the

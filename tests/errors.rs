@@ -396,3 +396,27 @@ fn moe_missing_expert_tensor_in_the_per_expert_layout() {
     assert!(err.contains("model.layers.1.mlp.experts.5.up_proj.weight") && err.contains("8 experts"), "{err}");
     assert!(err.contains(t.path().to_str().unwrap()), "{err}");
 }
+
+/// A latent-attention model whose config.json disagrees with its tensors: the error names the
+/// tensor, its shape and the config fields that size it.
+#[test]
+fn latent_attention_ranks_that_do_not_match_the_tensors() {
+    for (field, value, tensor, fields) in [
+        ("kv_lora_rank", 48, "kv_a_proj_with_mqa.weight", "kv_lora_rank 48 + qk_rope_head_dim 16"),
+        ("v_head_dim", 16, "unembed_out.weight", "v_head_dim 16"),
+        ("q_lora_rank", 24, "q_a_proj.weight", "q_lora_rank 24"),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(golden("tiny_deepseek_v3").join(f), t.path().join(f)).unwrap();
+        }
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(default_model().join(f), t.path().join(f)).unwrap();
+        }
+        edit_config(t.path(), |c| {
+            c.insert(field.into(), value.into());
+        });
+        let err = fails(&["generate", "--model", t.path().to_str().unwrap(), "-m", "1"]);
+        assert!(err.contains(tensor) && err.contains(fields), "{field}: {err}");
+    }
+}

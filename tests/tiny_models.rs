@@ -244,6 +244,35 @@ fn tiny_nemotron_h_blocks_match_mlx_lm() {
     check("tiny_nemotron_h_b");
 }
 
+/// Multi-head latent attention: the latent cache, prompt chunks through the expanded keys, decode
+/// steps absorbed into latent space; DeepSeek-V3 routing (sigmoid + correction bias, group limit,
+/// renormalized top-k, shared experts); held out: one q_proj, biases, plain RoPE, top-1 every
+/// second layer, `kimi_k2` remapped.
+#[test]
+fn tiny_deepseek_v3_latent_attention_grouped_routing_match_mlx_lm() {
+    check("tiny_deepseek_v3");
+    check("tiny_deepseek_v3_b");
+}
+
+/// DeepSeek-V2: the latents expanded by `kv_b_proj` into a per-head cache, softmax routing with
+/// `group_limited_greedy` (held out: plain top-k, one q_proj, factor-1 yarn, biases).
+#[test]
+fn tiny_deepseek_v2_expanded_latents_softmax_routing_match_mlx_lm() {
+    check("tiny_deepseek_v2");
+    check("tiny_deepseek_v2_b");
+}
+
+/// The other MLA families: Kimi K2.5's wrapper, GLM-4.7-Flash (latent norms at rms_norm_eps,
+/// base 1e6), Mistral Small 4 bare and inside mistral3 (softmax router as a quantizable linear
+/// layer, position-scaled queries, tied head, non-traditional RoPE).
+#[test]
+fn tiny_kimi_glm_lite_mistral4_latent_attention_match_mlx_lm() {
+    check("tiny_kimi_k25");
+    check("tiny_glm4_moe_lite");
+    check("tiny_mistral4");
+    check("tiny_mistral3_mistral4");
+}
+
 #[test]
 fn tiny_helium_traditional_rope_qkv_bias_match_mlx_lm() {
     check("tiny_helium");
@@ -419,6 +448,177 @@ fn tiny_granitemoe_fused_hf_layout_loads_the_same() {
     check_folder("tiny_granitemoe", dir.path(), 1e-4);
 }
 
+/// A latent-attention golden model in Hugging Face's layout: `kv_b_proj` whole (each head's key
+/// rows, then its value rows; mlx_lm's sanitize splits it into `embed_q` / `unembed_out`), the
+/// experts one by one (`fused`: Mistral 4's `experts.gate_up_proj` / `experts.down_proj`), and
+/// the `junk` tensors the sanitize drops.
+fn mla_hf_layout(name: &str, fused: bool, junk: &[&str]) -> tempfile::TempDir {
+    let src = golden(name);
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "logits.safetensors", "greedy.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut out = std::collections::HashMap::new();
+    let names: Vec<String> = w.keys().cloned().collect();
+    for k in names {
+        let Some(v) = w.remove(&k) else { continue };
+        if let Some(p) = k.strip_suffix(".embed_q.weight") {
+            let (h, r, _) = v.dims3().unwrap();
+            let wv = w.remove(&format!("{p}.unembed_out.weight")).unwrap();
+            let kv_b = Tensor::cat(&[&v.transpose(1, 2).unwrap(), &wv], 1).unwrap();
+            let rows = kv_b.dim(1).unwrap();
+            out.insert(format!("{p}.kv_b_proj.weight"), kv_b.reshape((h * rows, r)).unwrap());
+        } else if let Some(p) = k.strip_suffix(".unembed_out.weight") {
+            let wk = w.remove(&format!("{p}.embed_q.weight")).unwrap();
+            let (h, r, _) = wk.dims3().unwrap();
+            let kv_b = Tensor::cat(&[&wk.transpose(1, 2).unwrap(), &v], 1).unwrap();
+            let rows = kv_b.dim(1).unwrap();
+            out.insert(format!("{p}.kv_b_proj.weight"), kv_b.reshape((h * rows, r)).unwrap());
+        } else if let Some((head, tail)) = k.split_once(".switch_mlp.") {
+            let proj = tail.strip_suffix(".weight").unwrap();
+            match (fused, proj) {
+                (false, _) => per_expert(head, proj, &v, &mut out),
+                (true, "down_proj") => {
+                    out.insert(format!("{head}.experts.down_proj"), v);
+                }
+                (true, _) => {
+                    let other = if proj == "gate_proj" { "up_proj" } else { "gate_proj" };
+                    let Some(o) = w.remove(&format!("{head}.switch_mlp.{other}.weight")) else { continue };
+                    let (g, u) = if proj == "gate_proj" { (v, o) } else { (o, v) };
+                    out.insert(format!("{head}.experts.gate_up_proj"), Tensor::cat(&[g, u], 1).unwrap());
+                }
+            }
+        } else {
+            out.insert(k, v);
+        }
+    }
+    for j in junk {
+        out.insert(j.to_string(), Tensor::zeros(4, DType::F16, &Device::Cpu).unwrap());
+    }
+    candle_core::safetensors::save(&out, tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+/// Hugging Face's layout of each latent-attention family (whole `kv_b_proj`, experts one by one
+/// or fused, multi-token-prediction layers, rotary frequencies, FP8 activation scales, a vision
+/// tower) loads as mlx_lm's sanitize leaves it: the same logits.
+#[test]
+fn latent_attention_hf_layouts_load_the_same() {
+    let cases: [(&str, bool, &[&str]); 5] = [
+        (
+            "tiny_deepseek_v3",
+            false,
+            &["model.layers.61.mlp.gate.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"],
+        ),
+        ("tiny_glm4_moe_lite", false, &["model.layers.3.eh_proj.weight", "model.layers.3.self_attn.kv_b_proj.weight"]),
+        ("tiny_mistral4", true, &["model.layers.0.self_attn.q_a_proj.activation_scale"]),
+        ("tiny_kimi_k25", false, &["vision_tower.patch_embed.weight", "mm_projector.proj.0.weight"]),
+        ("tiny_mistral3_mistral4", true, &["vision_tower.patch_conv.weight", "multi_modal_projector.norm.weight"]),
+    ];
+    for (name, fused, junk) in cases {
+        let dir = mla_hf_layout(name, fused, junk);
+        check_folder(name, dir.path(), 1e-4);
+    }
+}
+
+/// Stores the tensors `names` of the checkpoint in `dir` as FP8 (e4m3) with inverse scales
+/// `{name}_scale_inv` (per 128 × 128 block of a matrix when `blocks`, else one per leading slice:
+/// a scalar for a matrix, one per expert), as DeepSeek and Mistral publish them, and marks
+/// config.json's `quantization_config` as FP8.
+fn to_fp8(dir: &std::path::Path, names: &[(&str, bool)]) {
+    let path = dir.join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for &(name, blocks) in names {
+        let t = w.remove(name).unwrap_or_else(|| panic!("{name}")).to_dtype(DType::F32).unwrap();
+        let scale = if blocks {
+            let (r, c) = t.dims2().unwrap();
+            let (br, bc) = (r.div_ceil(128), c.div_ceil(128));
+            let mut s = vec![0f32; br * bc];
+            let v: Vec<Vec<f32>> = t.to_vec2().unwrap();
+            for (i, row) in v.iter().enumerate() {
+                for (j, x) in row.iter().enumerate() {
+                    let k = (i / 128) * bc + j / 128;
+                    s[k] = s[k].max(x.abs() / 448.0);
+                }
+            }
+            Tensor::from_vec(s, (br, bc), &Device::Cpu).unwrap()
+        } else {
+            let lead = if t.rank() == 3 { t.dim(0).unwrap() } else { 1 };
+            let m = t.abs().unwrap().reshape((lead, ())).unwrap().max(1).unwrap();
+            let m = (m / 448.0).unwrap();
+            if t.rank() == 3 {
+                m.reshape((lead, 1, 1)).unwrap()
+            } else {
+                m.reshape(()).unwrap()
+            }
+        };
+        let full = if blocks {
+            let (r, c) = t.dims2().unwrap();
+            let (br, bc) = scale.dims2().unwrap();
+            let e = scale.reshape((br, 1, bc, 1)).unwrap().broadcast_as((br, 128, bc, 128)).unwrap();
+            e.reshape((br * 128, bc * 128)).unwrap().narrow(0, 0, r).unwrap().narrow(1, 0, c).unwrap()
+        } else {
+            scale.broadcast_as(t.shape()).unwrap()
+        };
+        let q = t.div(&full).unwrap().to_dtype(DType::F8E4M3).unwrap();
+        w.insert(name.to_string(), q);
+        w.insert(format!("{name}_scale_inv"), scale);
+    }
+    candle_core::safetensors::save(&w, &path).unwrap();
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+}
+
+/// FP8 checkpoints (DeepSeek-V3's 128 × 128 block scales; Mistral 4's scalar and per-expert ones
+/// on fused experts) load with the logits mlx_lm computes from the same files.
+#[test]
+fn latent_attention_fp8_checkpoints_load_as_mlx_lm_loads_them() {
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("tiny_deepseek_v3").join("inputs.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    type Case<'a> = (&'a str, bool, &'a [(&'a str, bool)]);
+    let cases: [Case; 2] = [
+        (
+            "tiny_deepseek_v3",
+            false,
+            &[
+                ("model.layers.0.self_attn.q_b_proj.weight", true),
+                ("model.layers.1.self_attn.kv_b_proj.weight", true),
+                ("model.layers.2.mlp.experts.3.down_proj.weight", true),
+                ("model.layers.0.mlp.up_proj.weight", true),
+            ],
+        ),
+        (
+            "tiny_mistral4",
+            true,
+            &[
+                ("model.layers.0.self_attn.o_proj.weight", false),
+                ("model.layers.1.mlp.experts.gate_up_proj", false),
+                ("model.layers.2.self_attn.kv_b_proj.weight", true),
+            ],
+        ),
+    ];
+    for (name, fused, fp8) in cases {
+        let dir = mla_hf_layout(name, fused, &[]);
+        to_fp8(dir.path(), fp8);
+        let want: Vec<Vec<f32>> = mlx_oracle("logits", dir.path(), std::path::Path::new("-"), &ids, 0);
+        let want: Vec<f32> = want.concat();
+        let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).unwrap();
+        let mut cache = m.model.make_cache(None);
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-4, "{name}: FP8 checkpoint logits differ from mlx_lm's by {d}");
+        // and they are not the float model's (the FP8 rounding shows)
+        let gold = load_f32(&golden(name).join("logits.safetensors"));
+        assert!(max_abs_diff(&got, &gold["full"].1) > 1e-4, "{name}: no FP8 rounding visible");
+    }
+}
+
 /// `wick convert -q` of each tiny model writes the same tensors, byte for byte, as mlx_lm's
 /// `quantize_model` made from the same float16 weights (stacked experts included), and the
 /// same `quantization` block.
@@ -515,6 +715,10 @@ fn every_dense_architecture_offers_a_graph_step() {
         ("tiny_mistral3_llama", true),
         ("tiny_gemma3_vlm", true),
         ("tiny_lfm2", false),
+        // latent attention's decode step has no CUDA-graph kernel yet
+        ("tiny_deepseek_v3", false),
+        ("tiny_deepseek_v2", false),
+        ("tiny_mistral4", false),
     ];
     for (name, graphable) in table {
         let m = load_model(&golden(name), Some(DType::F32), &Device::Cpu).unwrap();
@@ -619,6 +823,49 @@ fn continue_from_saved_cache(
     (got, classes)
 }
 
+/// Greedy tokens of `model` after `prompt` through `generate`.
+fn greedy_tokens(
+    model: &dyn wick::models::LanguageModel,
+    prompt: &[u32],
+    opts: &wick::engine::generate::GenerateOptions,
+) -> Vec<u32> {
+    let mut got = vec![];
+    wick::engine::generate::generate(model, prompt, opts, &Default::default(), |t| {
+        got.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    got
+}
+
+/// The golden prompt as the middle row of a left-padded batch with a longer and a shorter one:
+/// that row's tokens.
+fn batch_row_tokens(model: &dyn wick::models::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let prompts = vec![(1..30).collect::<Vec<u32>>(), prompt.to_vec(), vec![5, 9, 2]];
+    let opts = wick::engine::generate::GenerateOptions { max_tokens: n, ..Default::default() };
+    let out = wick::engine::batch::batch_generate(model, &prompts, &opts, &Default::default(), |_| {}).unwrap();
+    out.tokens[1].clone()
+}
+
+/// Speculative decoding's tokens (3 drafted at a time by `draft`) and whether a draft was
+/// rejected.
+fn speculative_tokens(
+    model: &dyn wick::models::LanguageModel,
+    draft: &dyn wick::models::LanguageModel,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, bool) {
+    let opts = wick::engine::generate::GenerateOptions { max_tokens: n, ..Default::default() };
+    let mut got = vec![];
+    let stats =
+        wick::engine::speculative::speculative_generate(model, draft, prompt, &opts, 3, &Default::default(), |t, _| {
+            got.push(t);
+            Ok(true)
+        })
+        .unwrap();
+    (got, stats.drafted > stats.accepted)
+}
+
 /// Recurrent hybrids (LFM2's conv states, Qwen3-Next's conv and delta-rule states, in
 /// ArraysCaches) through the engine: mlx_lm's greedy tokens with the prompt prefilled 7 tokens at
 /// a time, continued from a prompt cache saved and reloaded (mlx_lm's ArraysCache entries), as
@@ -626,53 +873,125 @@ fn continue_from_saved_cache(
 /// decoding, whose rejected drafts roll the states back.
 #[test]
 fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_tokens() {
-    use std::collections::BTreeSet;
-    use wick::engine::generate::{generate, GenerateOptions};
+    use wick::engine::generate::GenerateOptions;
     for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next", "tiny_granitemoehybrid", "tiny_nemotron_h"] {
         let dir = golden(name);
         let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
         let model = m.model.as_ref();
-        let no_eos = BTreeSet::new();
         let opts = GenerateOptions { max_tokens: want.len(), prefill_step_size: 7, ..Default::default() };
-        let mut got = vec![];
-        generate(model, &prompt, &opts, &no_eos, |t| {
-            got.push(t);
-            Ok(true)
-        })
-        .unwrap();
-        assert_eq!(got, want, "{name}: prefill in steps of 7");
+        assert_eq!(greedy_tokens(model, &prompt, &opts), want, "{name}: prefill in steps of 7");
 
         let (got, classes) = continue_from_saved_cache(model, &prompt, 3, &opts);
         assert!(classes.contains(&"ArraysCache") && classes.contains(&"KVCache"), "{name}: {classes:?}");
         assert_eq!(got, want, "{name}: continued from a saved prompt cache");
 
-        let prompts = vec![(1..30).collect::<Vec<u32>>(), prompt.clone(), vec![5, 9, 2]];
-        let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
-        let out = wick::engine::batch::batch_generate(model, &prompts, &opts, &no_eos, |_| {}).unwrap();
-        assert_eq!(out.tokens[1], want, "{name}: batch row of the golden prompt");
+        assert_eq!(batch_row_tokens(model, &prompt, want.len()), want, "{name}: batch row of the golden prompt");
 
         // speculative decoding: rejected drafts roll the recurrent states back (drafting with
         // the 4-bit model, mostly accepted, and with another architecture, mostly rejected)
         for draft_dir in [dir.join("q4"), golden(if name == "tiny_lfm2" { "tiny_qwen3_next" } else { "tiny_lfm2" })] {
             let draft = load_model(&draft_dir, Some(DType::F32), &Device::Cpu).unwrap();
-            let mut got = vec![];
-            let stats = wick::engine::speculative::speculative_generate(
-                model,
-                draft.model.as_ref(),
-                &prompt,
-                &opts,
-                3,
-                &no_eos,
-                |t, _| {
-                    got.push(t);
-                    Ok(true)
-                },
-            )
-            .unwrap();
+            let (got, rejected) = speculative_tokens(model, draft.model.as_ref(), &prompt, want.len());
             assert_eq!(got, want, "{name}: speculative decoding drafting with {}", draft_dir.display());
-            assert!(stats.drafted > stats.accepted || draft_dir.ends_with("q4"), "{name}: no draft rejected");
+            assert!(rejected || draft_dir.ends_with("q4"), "{name}: no draft rejected");
         }
+    }
+}
+
+/// mlx_lm run by tests/mlx_oracle.py: `save` prefills `ids` into `model`'s cache and writes it to
+/// `file`; `continue` loads `file` and gives the `n` greedy tokens after `ids`; `logits` gives the
+/// logits of `ids` (flattened).
+fn mlx_oracle<T: serde::de::DeserializeOwned + Default>(
+    mode: &str,
+    model: &std::path::Path,
+    file: &std::path::Path,
+    ids: &[u32],
+    n: usize,
+) -> T {
+    let ids: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
+    let py = std::process::Command::new("python3")
+        .arg(root().join("tests/mlx_oracle.py"))
+        .args([mode, model.to_str().unwrap(), file.to_str().unwrap(), &ids.join(",")])
+        .arg(n.to_string())
+        .output()
+        .expect("python3 with mlx and mlx-lm (tests/requirements.txt)");
+    assert!(py.status.success(), "mlx_lm failed: {}", String::from_utf8_lossy(&py.stderr));
+    if mode == "save" {
+        return T::default();
+    }
+    serde_json::from_slice(&py.stdout).unwrap()
+}
+
+/// Latent-attention models (the latent cache of deepseek_v3 and mistral4, deepseek_v2's expanded
+/// one) through the engine, each giving mlx_lm's greedy tokens: prefill 7 tokens at a time
+/// (prompt chunks expand the cached latents), a prompt cache saved and reloaded, a cache written
+/// by mlx_lm continued by wick and one written by wick continued by mlx_lm, a row of a
+/// left-padded batch (absorbed decode with padding masked), speculative decoding with the 4-bit
+/// model as the draft. A quantized latent cache (`--kv-bits 8`, which mlx_lm cannot run for
+/// these models) keeps the first greedy tokens.
+#[test]
+fn latent_attention_through_prompt_caches_both_ways_batch_and_speculative_gives_mlx_lms_tokens() {
+    use wick::engine::generate::{GenerateOptions, KvQuant};
+    for name in ["tiny_deepseek_v3", "tiny_mistral4", "tiny_deepseek_v2"] {
+        let dir = golden(name);
+        let (prompt, want) = golden_greedy(&dir);
+        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let model = m.model.as_ref();
+        let opts = GenerateOptions { max_tokens: want.len(), prefill_step_size: 7, ..Default::default() };
+        assert_eq!(greedy_tokens(model, &prompt, &opts), want, "{name}: prefill in steps of 7");
+
+        let (got, classes) = continue_from_saved_cache(model, &prompt, 3, &opts);
+        assert!(classes.iter().all(|c| *c == "KVCache"), "{name}: {classes:?}");
+        assert_eq!(got, want, "{name}: continued from a saved prompt cache");
+
+        // mlx_lm's cache file continued by wick, and wick's continued by mlx_lm
+        let tmp = tempfile::tempdir().unwrap();
+        let theirs = tmp.path().join("theirs.safetensors");
+        mlx_oracle::<Vec<u32>>("save", &dir, &theirs, &prompt[..5], 0);
+        let mut cache = wick::engine::prompt_cache::load(&theirs, DType::F32, &Device::Cpu).unwrap().cache;
+        let mut sampler = wick::engine::sample::Sampler::new(Default::default()).unwrap();
+        let mut got = vec![];
+        let no_eos = Default::default();
+        wick::engine::generate::generate_with_cache(
+            model,
+            &prompt[5..],
+            &mut cache,
+            &mut sampler,
+            &opts,
+            &no_eos,
+            true,
+            |t| {
+                got.push(t);
+                Ok(true)
+            },
+        )
+        .unwrap();
+        assert_eq!(got, want, "{name}: mlx_lm's prompt cache continued by wick");
+        let ours = tmp.path().join("ours.safetensors");
+        let mut cache = model.make_cache(None);
+        wick::engine::generate::prefill(model, &prompt[..5], &mut cache, 512).unwrap();
+        wick::engine::prompt_cache::save(&ours, &cache, &Default::default()).unwrap();
+        assert_eq!(
+            mlx_oracle::<Vec<u32>>("continue", &dir, &ours, &prompt[5..], want.len()),
+            want,
+            "{name}: wick's prompt cache continued by mlx_lm"
+        );
+
+        assert_eq!(batch_row_tokens(model, &prompt, want.len()), want, "{name}: batch row of the golden prompt");
+        let draft = load_model(&dir.join("q4"), Some(DType::F32), &Device::Cpu).unwrap();
+        let (got, _) = speculative_tokens(model, draft.model.as_ref(), &prompt, want.len());
+        assert_eq!(got, want, "{name}: speculative decoding");
+    }
+    // the quantized cache (RoPE keys of 32, so that groups of 32 fit)
+    for name in ["tiny_deepseek_v3_b", "tiny_deepseek_v2_b"] {
+        let dir = golden(name);
+        let (prompt, want) = golden_greedy(&dir);
+        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let params = wick::quant::QuantParams::new(8, 32, "test").unwrap();
+        let kv_quant = Some(KvQuant { params, start: 0 });
+        let opts = GenerateOptions { max_tokens: want.len(), kv_quant, ..Default::default() };
+        assert_eq!(greedy_tokens(m.model.as_ref(), &prompt, &opts)[..8], want[..8], "{name}: 8-bit latent cache");
     }
 }
 

@@ -207,6 +207,23 @@ impl KvCache {
         }
     }
 
+    /// Bytes one more position takes in this cache, per batch row (keys and values, or their
+    /// quantized parts; 0 for a recurrent layer's fixed-size state, or before anything is
+    /// stored).
+    pub fn bytes_per_position(&self) -> usize {
+        let per = |ts: &[&Tensor]| -> usize {
+            ts.iter()
+                .map(|t| t.dims().iter().skip(3).product::<usize>() * t.dim(1).unwrap_or(0) * t.dtype().size_in_bytes())
+                .sum()
+        };
+        match &self.store {
+            Store::Standard(s) => s.buffers().map_or(0, |(k, v)| per(&[k, v])),
+            Store::Rotating(r) => r.buffers().map_or(0, |(k, v)| per(&[k, v])),
+            Store::Quantized(q) => per(&q.parts()),
+            Store::Arrays(_) => 0,
+        }
+    }
+
     /// The standard store, when that is what this cache is.
     fn standard(&self) -> Option<&Standard> {
         match &self.store {

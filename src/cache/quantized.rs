@@ -52,6 +52,11 @@ pub struct Quantized {
 }
 
 impl Quantized {
+    /// The keys' then the values' packed codes, scales and biases.
+    pub fn parts(&self) -> Vec<&Tensor> {
+        self.keys.parts().into_iter().chain(self.values.parts()).collect()
+    }
+
     /// The keys and values of a standard cache's buffers, quantized (mlx_lm's `to_quantized`).
     pub fn from_buffers(k: &Tensor, v: &Tensor, params: QuantParams) -> Result<Self> {
         Ok(Self {

@@ -69,6 +69,11 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     };
     println!("Running warmup..");
     bench()?;
+    // what one more token costs in the KV cache (mlx_lm's cache holds the same tensors)
+    let mut cache = model.make_cache(None);
+    crate::engine::generate::prefill(model, &prompts[0][..1.min(a.prompt_tokens)], &mut cache, 1)?;
+    let per_token: usize = cache.iter().map(|c| c.bytes_per_position()).sum();
+    println!("KV cache: {per_token} bytes per token ({} layers)", cache.len());
     println!(
         "Timing with prompt_tokens={}, generation_tokens={}, batch_size={}.",
         a.prompt_tokens, a.generation_tokens, a.batch_size

@@ -56,10 +56,12 @@ fn quantizable_layers(weights: &Weights) -> Result<Vec<String>> {
     let mut out = vec![];
     for name in weights.names() {
         if let Some(path) = name.strip_suffix(".weight") {
-            // matrices, and stacked expert matrices (mlx_lm's SwitchLinear)
+            // matrices, stacked expert matrices (mlx_lm's SwitchLinear) and per-head ones (its
+            // MultiLinear: latent attention's embed_q / unembed_out)
             let rank = weights.shape(name)?.len();
             let experts = path.contains("switch_mlp") || path.contains(".experts.");
-            let quantizable = rank == 2 || (rank == 3 && experts);
+            let per_head = path.ends_with("self_attn.embed_q") || path.ends_with("self_attn.unembed_out");
+            let quantizable = rank == 2 || (rank == 3 && (experts || per_head));
             if quantizable && weights.dtype(name)?.is_float() && !path.contains("norm") {
                 out.push(path.to_string());
             }
@@ -207,7 +209,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
             }
         }
         let t = match target {
-            Some(dt) if t.dtype().is_float() => t.to_dtype(dt)?,
+            Some(dt) if t.dtype().is_float() && !crate::models::keeps_dtype(&model_type, name) => t.to_dtype(dt)?,
             _ => t,
         };
         if let (Some(q), true) = (&opts.quantize, is_layer) {

@@ -19,6 +19,9 @@ enum Source {
     Stack(Vec<Source>),
     /// a tensor changed by `op` (read whole, then changed)
     Derived { of: Box<Source>, op: Derive },
+    /// an FP8 (e4m3) weight times its scales, in bf16: per 128 × 128 block (DeepSeek's
+    /// `weight_scale_inv`) or broadcast (a scalar, one per expert)
+    Fp8 { weight: Box<Source>, scale: Box<Source> },
 }
 
 /// How a [`Source::Derived`] tensor comes from its source.
@@ -35,6 +38,8 @@ enum Derive {
     BytesAsWords,
     /// 1 added to every value, in the stored dtype (a zero-centred norm weight)
     AddOne,
+    /// the first axis (n, …) seen as (parts, n / parts, …)
+    SplitFirst { parts: usize },
 }
 
 struct Shard {
@@ -127,7 +132,10 @@ impl Weights {
         let Some(first) = parts.first() else { bail!("stacking `{name}`: no tensors to stack") };
         let (shape, dtype) = (self.shape(first)?, self.dtype(first)?);
         for p in parts {
-            if self.shape(p)? != shape || self.dtype(p)? != dtype {
+            // float parts of different dtypes are promoted, as mx.stack does (one FP8 expert
+            // dequantized to bf16 among float16 ones)
+            let same = self.dtype(p)? == dtype || (self.dtype(p)?.is_float() && dtype.is_float());
+            if self.shape(p)? != shape || !same {
                 bail!(
                     "stacking `{name}` in {}: `{p}` has shape {:?} ({:?}), but `{first}` has {shape:?} ({dtype:?})",
                     self.dir.display(),
@@ -190,6 +198,40 @@ impl Weights {
         Ok(())
     }
 
+    /// Splits the tensor `name` along `axis` into consecutive parts of the given lengths, named as
+    /// given (mlx's `mx.split` at indices in a `sanitize`); the lengths must cover the axis.
+    pub fn split_sizes(&mut self, name: &str, axis: usize, parts: &[(String, usize)]) -> Result<()> {
+        let shape = self.shape(name)?;
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        if shape.get(axis) != Some(&total) {
+            bail!(
+                "tensor `{name}` in {}: axis {axis} of shape {shape:?} does not split into parts of {:?}",
+                self.dir.display(),
+                parts.iter().map(|p| p.1).collect::<Vec<_>>()
+            );
+        }
+        let src = self.index.remove(name).expect("shape read above");
+        let mut start = 0;
+        for (part, len) in parts {
+            let op = Derive::Narrow { axis, start, len: *len };
+            self.index.insert(part.clone(), Source::Derived { of: Box::new(src.clone()), op });
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// Sees the first axis (n, …) of the tensor `name` as (parts, n / parts, …) (a reshape in a
+    /// `sanitize`).
+    pub fn split_first(&mut self, name: &str, parts: usize) -> Result<()> {
+        let shape = self.shape(name)?;
+        if shape.is_empty() || parts == 0 || shape[0] % parts != 0 {
+            bail!("tensor `{name}` in {}: shape {shape:?} has no first axis of {parts} parts", self.dir.display());
+        }
+        let src = self.index.remove(name).expect("shape read above");
+        self.index.insert(name.to_string(), Source::Derived { of: Box::new(src), op: Derive::SplitFirst { parts } });
+        Ok(())
+    }
+
     /// Reads the u8 tensor `name` (…, g, 4·w) as u32 words (…, g·w), little-endian (mlx's
     /// `view(uint32).flatten(-2)` of packed blocks).
     pub fn bytes_as_words(&mut self, name: &str) -> Result<()> {
@@ -199,6 +241,30 @@ impl Weights {
         }
         let src = self.index.remove(name).expect("shape read above");
         self.index.insert(name.to_string(), Source::Derived { of: Box::new(src), op: Derive::BytesAsWords });
+        Ok(())
+    }
+
+    /// The FP8 (e4m3, stored as bytes) tensor `name` dequantized with the scales `scale` (gone
+    /// under their own name): per 128 × 128 block when `scale` is (⌈rows/128⌉, ⌈cols/128⌉) and
+    /// the weight is a matrix, else broadcast (a scalar, one per expert); the result in bf16, as
+    /// mlx_lm's sanitize dequantizes DeepSeek's and Mistral's FP8 checkpoints.
+    pub fn dequantize_fp8(&mut self, name: &str, scale: &str) -> Result<()> {
+        let (shape, sshape) = (self.shape(name)?, self.shape(scale)?);
+        if self.dtype(name)? != DType::U8 {
+            bail!("tensor `{name}` in {} has FP8 scales `{scale}` but is not FP8", self.dir.display());
+        }
+        let blocks = shape.len() == 2 && sshape == [shape[0].div_ceil(FP8_BLOCK), shape[1].div_ceil(FP8_BLOCK)];
+        let broadcasts =
+            sshape.len() <= shape.len() && sshape.iter().rev().zip(shape.iter().rev()).all(|(&s, &w)| s == 1 || s == w);
+        if !blocks && !broadcasts {
+            bail!(
+                "tensor `{scale}` in {}: FP8 scales of shape {sshape:?} fit neither 128×128 blocks nor the shape {shape:?} of `{name}`",
+                self.dir.display()
+            );
+        }
+        let weight = Box::new(self.index.remove(name).expect("shape read above"));
+        let scale = Box::new(self.index.remove(scale).expect("shape read above"));
+        self.index.insert(name.to_string(), Source::Fp8 { weight, scale });
         Ok(())
     }
 
@@ -245,7 +311,7 @@ impl Weights {
         match src {
             Source::File { shard, .. } => &self.shards[*shard].path,
             Source::Stack(parts) => self.location(&parts[0]),
-            Source::Derived { of, .. } => self.location(of),
+            Source::Derived { of, .. } | Source::Fp8 { weight: of, .. } => self.location(of),
         }
     }
 
@@ -287,6 +353,10 @@ impl Weights {
                     Derive::Transpose { a, b } => shape.swap(a, b),
                     Derive::Every { axis, start, step } => shape[axis] = (shape[axis] - start).div_ceil(step),
                     Derive::AddOne => {}
+                    Derive::SplitFirst { parts } => {
+                        shape[0] /= parts;
+                        shape.insert(0, parts);
+                    }
                     Derive::BytesAsWords => {
                         let words = shape.pop().expect("checked") / 4;
                         *shape.last_mut().expect("checked") *= words;
@@ -294,6 +364,7 @@ impl Weights {
                 }
                 shape
             }
+            Source::Fp8 { weight, .. } => self.source_shape(weight)?,
             file => self.view(file)?.0.shape().to_vec(),
         })
     }
@@ -305,8 +376,14 @@ impl Weights {
 
     fn source_dtype(&self, src: &Source) -> Result<DType> {
         match src {
-            Source::Stack(parts) => self.source_dtype(&parts[0]),
+            Source::Stack(parts) => {
+                let first = self.source_dtype(&parts[0])?;
+                let mixed =
+                    parts.iter().map(|p| self.source_dtype(p)).collect::<Result<Vec<_>>>()?.iter().any(|&d| d != first);
+                Ok(if mixed { DType::F32 } else { first })
+            }
             Source::Derived { op: Derive::BytesAsWords, .. } => Ok(DType::U32),
+            Source::Fp8 { .. } => Ok(DType::BF16),
             Source::Derived { of, .. } => self.source_dtype(of),
             file => {
                 let (v, p) = self.view(file)?;
@@ -330,7 +407,10 @@ impl Weights {
             // unified memory, no host staging copy)
             Source::File { .. } => Tensor::from_raw_buffer(self.view(src)?.0.data(), dtype, shape, device)?,
             // the parts' bytes one after another: the stacked tensor's layout
-            Source::Stack(parts) if parts.iter().all(|p| matches!(p, Source::File { .. } | Source::Stack(_))) => {
+            Source::Stack(parts)
+                if parts.iter().all(|p| matches!(p, Source::File { .. } | Source::Stack(_)))
+                    && parts.iter().all(|p| self.source_dtype(p).is_ok_and(|d| d == dtype)) =>
+            {
                 let mut bytes = Vec::new();
                 self.append_bytes(parts, &mut bytes)?;
                 Tensor::from_raw_buffer(&bytes, dtype, shape, device)?
@@ -338,7 +418,11 @@ impl Weights {
             Source::Stack(parts) => {
                 let parts = parts
                     .iter()
-                    .map(|p| self.read(p, dtype, &self.source_shape(p)?, &Device::Cpu))
+                    .map(|p| {
+                        Ok(self
+                            .read(p, self.source_dtype(p)?, &self.source_shape(p)?, &Device::Cpu)?
+                            .to_dtype(dtype)?)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&parts, 0)?.to_device(device)?
             }
@@ -348,6 +432,7 @@ impl Weights {
                     Derive::Narrow { axis, start, len } => whole.narrow(axis, start, len)?,
                     Derive::Transpose { a, b } => whole.transpose(a, b)?,
                     Derive::AddOne => (whole + 1.0)?,
+                    Derive::SplitFirst { .. } => whole.reshape(shape)?,
                     Derive::Every { axis, start, step } => {
                         let idx: Vec<u32> = (start..whole.dim(axis)?).step_by(step).map(|i| i as u32).collect();
                         whole.index_select(&Tensor::new(idx, &Device::Cpu)?, axis)?
@@ -361,6 +446,11 @@ impl Weights {
                 };
                 t.contiguous()?.to_device(device)?
             }
+            Source::Fp8 { weight, scale } => {
+                let w = self.read(weight, DType::U8, shape, &Device::Cpu)?;
+                let s = self.read(scale, self.source_dtype(scale)?, &self.source_shape(scale)?, &Device::Cpu)?;
+                fp8_dequantize(&w, &s.to_dtype(DType::F32)?)?.to_device(device)?
+            }
         })
     }
 
@@ -368,7 +458,7 @@ impl Weights {
         for p in parts {
             match p {
                 Source::Stack(inner) => self.append_bytes(inner, out)?,
-                Source::Derived { .. } => bail!("a stack of derived tensors is read part by part"),
+                Source::Derived { .. } | Source::Fp8 { .. } => bail!("a stack of derived tensors is read part by part"),
                 file => out.extend_from_slice(self.view(file)?.0.data()),
             }
         }
@@ -402,6 +492,44 @@ impl Weights {
     }
 }
 
+/// The side of the square blocks DeepSeek's FP8 checkpoints scale.
+const FP8_BLOCK: usize = 128;
+
+/// `w` (FP8 e4m3 bytes) times `s` (f32: per 128 × 128 block of a matrix, or broadcast), in bf16:
+/// `bf16(f32(e4m3) · s)`, mlx's arithmetic.
+fn fp8_dequantize(w: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let bytes: Vec<u8> = w.flatten_all()?.to_vec1()?;
+    let table: Vec<f32> = (0..=255u8).map(e4m3).collect();
+    let vals: Vec<f32> = bytes.iter().map(|&b| table[b as usize]).collect();
+    let w = Tensor::from_vec(vals, w.shape(), &Device::Cpu)?;
+    let (dims, sdims) = (w.dims().to_vec(), s.dims().to_vec());
+    let blocked =
+        dims.len() == 2 && sdims.len() == 2 && sdims != [1, 1] && (sdims[0] != dims[0] || sdims[1] != dims[1]);
+    let out = if blocked {
+        // each scale over its block: repeat rows and columns 128 times, cut to the weight
+        let (r, c) = s.dims2()?;
+        let s = s.reshape((r, 1, c, 1))?.broadcast_as((r, FP8_BLOCK, c, FP8_BLOCK))?;
+        let s = s.reshape((r * FP8_BLOCK, c * FP8_BLOCK))?.narrow(0, 0, dims[0])?.narrow(1, 0, dims[1])?;
+        (w * s.contiguous()?)?
+    } else {
+        w.broadcast_mul(s)?
+    };
+    Ok(out.to_dtype(DType::BF16)?)
+}
+
+/// The value of an FP8 e4m3 ("fn": no infinities) byte: sign, 4 exponent bits (bias 7), 3
+/// mantissa bits; all exponent and mantissa bits set is NaN.
+fn e4m3(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((b >> 3) & 0xf, b & 0x7);
+    let v = match (e, m) {
+        (0xf, 0x7) => f32::NAN,
+        (0, _) => m as f32 / 8.0 * 2f32.powi(-6),
+        _ => (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7),
+    };
+    sign * v
+}
+
 fn st_dtype(d: safetensors::Dtype) -> Result<DType> {
     use safetensors::Dtype as S;
     Ok(match d {
@@ -410,6 +538,8 @@ fn st_dtype(d: safetensors::Dtype) -> Result<DType> {
         S::BF16 => DType::BF16,
         S::U32 => DType::U32,
         S::U8 => DType::U8,
+        // FP8 weights are read as their bytes (mlx loads them as uint8), dequantized by a sanitize
+        S::F8_E4M3 => DType::U8,
         S::I64 => DType::I64,
         S::F64 => DType::F64,
         other => bail!("unsupported tensor dtype {other:?}"),

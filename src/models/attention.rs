@@ -166,6 +166,24 @@ impl Heads {
     }
 }
 
+/// Each batch row's positions for this call's `l` tokens (rows × l, row-major): from the cache's
+/// offset on, a left-padded row's counted from after its padding (its padding at 0).
+pub fn row_positions(cache: &KvCache, rows: usize, l: usize) -> Vec<usize> {
+    let (offset, pad) = (cache.offset(), cache.left_padding());
+    (0..rows)
+        .flat_map(|b| {
+            let pad = pad.map_or(0, |p| p[b]);
+            (0..l).map(move |i| (offset + i).saturating_sub(pad))
+        })
+        .collect()
+}
+
+/// `1 + β · ln(1 + ⌊p / original⌋)`: Llama 4's query scale at position `p`, as Mistral's models
+/// apply it (ministral3, mistral4).
+pub fn llama4_query_scale(p: usize, beta: f64, original: f64) -> f32 {
+    (1.0 + beta * (1.0 + (p as f64 / original).floor()).ln()) as f32
+}
+
 /// Where an attention layer's per-head q/k RMSNorms run.
 #[derive(Clone, Copy)]
 pub enum QkNorms<'a> {

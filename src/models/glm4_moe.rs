@@ -9,14 +9,15 @@
 
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
+use super::deepseek_v3::{DeepseekMoe, Router};
 use super::llama;
-use super::mlp::{DenseMlp, FeedForward, Mlp};
-use super::switch::{combine, stack_mlp_experts, top_k, Activation, SwitchGlu};
+use super::mlp::{FeedForward, Mlp};
+use super::switch::stack_mlp_experts;
 use crate::cache::KvCache;
 use crate::io::Weights;
-use crate::nn::{Branch, Linear, Loader, Normed, RmsNorm, Rope, RopeTables};
+use crate::nn::{Linear, Loader, Normed, RmsNorm, Rope, RopeTables};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,74 +74,8 @@ impl SelfAttention for Attention {
     }
 }
 
-/// The router (`MoEGate`, DeepSeek's, also Nemotron-H's): never quantized, a weight and the
-/// score correction bias.
-pub struct Gate {
-    pub weight: Tensor,
-    pub e_score_correction_bias: Tensor,
-    pub top_k: usize,
-    pub n_group: usize,
-    pub topk_group: usize,
-    pub norm_topk_prob: bool,
-    pub routed_scaling_factor: f64,
-}
-
-impl Gate {
-    /// The chosen experts (…, k) and their weights (…, k, f32) for `x` (…, dim).
-    pub fn route(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let logits = x.broadcast_matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
-        let orig = candle_nn::ops::sigmoid(&logits.to_dtype(DType::F32)?)?;
-        let mut scores = orig.broadcast_add(&self.e_score_correction_bias.to_dtype(DType::F32)?)?;
-        if self.n_group > 1 {
-            // zero every group but the `topk_group` whose two best scores sum highest
-            let mut grouped = scores.dims().to_vec();
-            let e = grouped.pop().expect("scores have an expert axis");
-            grouped.extend([self.n_group, e / self.n_group]);
-            let g = scores.reshape(grouped)?;
-            let (_, best2) = top_k(&g, 2)?;
-            let group_scores = best2.sum(D::Minus1)?;
-            let rank = group_scores.arg_sort_last_dim(true)?.arg_sort_last_dim(true)?;
-            let drop = (self.n_group - self.topk_group) as f64;
-            let keep = rank.to_dtype(DType::F32)?.ge(drop)?.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
-            scores = g.broadcast_mul(&keep)?.flatten_from(D::Minus2)?;
-        }
-        let (inds, _) = top_k(&scores, self.top_k)?;
-        let mut w = orig.contiguous()?.gather(&inds, D::Minus1)?;
-        if self.top_k > 1 && self.norm_topk_prob {
-            w = w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?;
-        }
-        Ok((inds, (w * self.routed_scaling_factor)?))
-    }
-}
-
-struct MoE {
-    gate: Gate,
-    switch_mlp: SwitchGlu,
-    shared_experts: Option<Mlp>,
-}
-
-impl FeedForward for MoE {
-    fn branch<'a>(&'a self, x: &Normed) -> Result<Branch<'a>> {
-        let x = x.tensor()?;
-        let (inds, w) = self.gate.route(&x)?;
-        let mut y = combine(&self.switch_mlp.forward(&x, &inds)?, &w)?;
-        if let Some(s) = &self.shared_experts {
-            y = (y + s.forward_tensor(&x)?)?;
-        }
-        Ok(Branch::Tensor(y))
-    }
-
-    /// Not captured: the group limit's comparison uploads its bound from the host at every step.
-    fn graphable(&self) -> bool {
-        false
-    }
-}
-
 pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
     let a = &args.base;
-    if let Some(e) = args.n_routed_experts {
-        super::switch::check_top_k(args.num_experts_per_tok, e, "num_experts_per_tok")?;
-    }
     if args.topk_method.as_deref().is_some_and(|m| m != "noaux_tc") {
         bail!(
             "config.json: topk_method `{}` is not supported (only noaux_tc)",
@@ -162,30 +97,19 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
             let m = format!("{p}.mlp");
             let mlp: Box<dyn FeedForward> = match args.n_routed_experts {
                 Some(e) if l >= args.first_k_dense_replace => {
-                    if !e.is_multiple_of(args.n_group.max(1)) || args.topk_group > args.n_group {
-                        bail!(
-                            "config.json: {e} experts cannot form n_group {} groups of which topk_group {} are kept",
-                            args.n_group,
-                            args.topk_group
-                        );
-                    }
-                    let gate = Gate {
-                        weight: ld.tensor(&format!("{m}.gate.weight"), &[e, dim])?,
-                        e_score_correction_bias: ld.tensor(&format!("{m}.gate.e_score_correction_bias"), &[e])?,
-                        top_k: args.num_experts_per_tok,
-                        n_group: args.n_group,
-                        topk_group: args.topk_group,
-                        norm_topk_prob: args.norm_topk_prob,
-                        routed_scaling_factor: args.routed_scaling_factor,
-                    };
-                    let hidden = args.moe_intermediate_size;
-                    let switch_mlp =
-                        SwitchGlu::load(ld, &format!("{m}.switch_mlp"), e, dim, hidden, false, Activation::Swiglu)?;
-                    let shared_experts = args
-                        .n_shared_experts
-                        .map(|n| Mlp::load(ld, &format!("{m}.shared_experts"), dim, hidden * n, false))
-                        .transpose()?;
-                    Box::new(MoE { gate, switch_mlp, shared_experts })
+                    let gate = Router::sigmoid(
+                        ld,
+                        &m,
+                        e,
+                        dim,
+                        args.num_experts_per_tok,
+                        args.n_group,
+                        args.topk_group,
+                        args.norm_topk_prob,
+                        args.routed_scaling_factor,
+                    )?;
+                    let (hidden, shared) = (args.moe_intermediate_size, args.n_shared_experts);
+                    Box::new(DeepseekMoe::load(ld, &m, gate, e, dim, hidden, shared)?)
                 }
                 _ => Box::new(Mlp::load(ld, &m, dim, a.intermediate_size, false)?),
             };

@@ -7,7 +7,7 @@
 //! score scales the expert's input, plus a shared expert; the others a dense SwiGLU MLP. Reads
 //! like mlx_lm's `models/llama4.py`.
 
-use super::attention::{Heads, SelfAttention};
+use super::attention::{row_positions, Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
 use super::mlp::{DenseMlp, FeedForward, Mlp};
@@ -113,7 +113,6 @@ impl SelfAttention for Attention {
         let (b, l, _) = q.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, l, n, h.head_dim))?.transpose(1, 2)?) };
         let (mut q, mut k, v) = (split(q, h.n_heads)?, split(k, h.n_kv_heads)?, split(v, h.n_kv_heads)?);
-        let offset = cache.offset();
         if let QkNorm::BeforeRope(eps) = self.qk_norm {
             (q, k) = (rms_normalize(&q, eps)?, rms_normalize(&k, eps)?);
         }
@@ -125,10 +124,11 @@ impl SelfAttention for Attention {
             (q, k) = (rms_normalize(&q, eps)?, rms_normalize(&k, eps)?);
         }
         if let (false, Some((attn_scale, floor_scale))) = (self.use_rope, self.temperature) {
-            let scales: Vec<f32> = (0..l)
-                .map(|t| (1.0 + attn_scale * (((offset + t + 1) as f64 / floor_scale).floor() + 1.0).ln()) as f32)
+            let scales: Vec<f32> = row_positions(cache, b, l)
+                .into_iter()
+                .map(|p| (1.0 + attn_scale * (((p + 1) as f64 / floor_scale).floor() + 1.0).ln()) as f32)
                 .collect();
-            let scales = Tensor::from_vec(scales, (l, 1), q.device())?.to_dtype(q.dtype())?;
+            let scales = Tensor::from_vec(scales, (b, 1, l, 1), q.device())?.to_dtype(q.dtype())?;
             q = q.broadcast_mul(&scales)?;
         }
         let mut mask = cache.mask(l);

@@ -4,7 +4,7 @@
 //! `1 + β · ln(1 + ⌊p / original_max_position_embeddings⌋)`. Sliding-window layers where
 //! `layer_types` says. Reads like mlx_lm's `models/ministral3.py`.
 
-use super::attention::{Heads, SelfAttention};
+use super::attention::{llama4_query_scale, row_positions, Heads, SelfAttention};
 use super::decoder::{DecoderModel, ModelSpec, PreNormBlock};
 use super::llama;
 use super::mlp::Mlp;
@@ -44,27 +44,12 @@ struct Attention {
     original: f64,
 }
 
-impl Attention {
-    /// `1 + β · ln(1 + ⌊p / original⌋)` for each row's positions `p` (rows, L, 1): a left-padded
-    /// row's positions start after its padding.
-    fn scales(&self, rows: usize, l: usize, cache: &KvCache) -> Result<Vec<f32>> {
-        let offset = cache.offset() as f64;
-        let pad = cache.left_padding();
-        Ok((0..rows)
-            .flat_map(|b| {
-                let start = offset - pad.map_or(0.0, |p| p[b] as f64);
-                (0..l).map(move |i| (start + i as f64).max(0.0))
-            })
-            .map(|p| (1.0 + self.beta * (1.0 + (p / self.original).floor()).ln()) as f32)
-            .collect())
-    }
-}
-
 impl SelfAttention for Attention {
     fn forward(&self, x: &Normed, rope: &RopeTables, cache: &mut KvCache) -> Result<Tensor> {
         let [q, k, v] = self.llama.project(x)?;
         let (b, l, _) = q.dims3()?;
-        let s = Tensor::from_vec(self.scales(b, l, cache)?, (b, l, 1), q.device())?.to_dtype(q.dtype())?;
+        let scales = row_positions(cache, b, l).into_iter().map(|p| llama4_query_scale(p, self.beta, self.original));
+        let s = Tensor::from_iter(scales, q.device())?.reshape((b, l, 1))?.to_dtype(q.dtype())?;
         let q = q.broadcast_mul(&s)?;
         self.llama.heads().attend([q, k, v], None, rope, cache)
     }

@@ -5,6 +5,8 @@ pub mod attention;
 pub mod checkpoint;
 pub mod cohere2;
 pub mod decoder;
+pub mod deepseek_v2;
+pub mod deepseek_v3;
 pub mod ernie4_5_moe;
 pub mod exaone4;
 pub mod gemma2;
@@ -13,6 +15,7 @@ pub mod gemma3_text;
 pub mod gemma4_text;
 pub mod glm4;
 pub mod glm4_moe;
+pub mod glm4_moe_lite;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granitemoe;
@@ -20,13 +23,16 @@ pub mod granitemoehybrid;
 pub mod helium;
 pub mod hunyuan_v1_dense;
 pub mod internlm3;
+pub mod kimi_k25;
 pub mod lfm2;
 pub mod llama;
 pub mod llama4;
 pub mod llama4_text;
 pub mod ministral3;
 pub mod mistral3;
+pub mod mistral4;
 pub mod mixtral;
+pub mod mla;
 pub mod mlp;
 pub mod nemotron_h;
 pub mod olmo2;
@@ -321,6 +327,26 @@ macro_rules! by_model_type {
                 use self::mistral3 as $arch;
                 $body
             }
+            "deepseek_v2" => {
+                use self::deepseek_v2 as $arch;
+                $body
+            }
+            "deepseek_v3" | "kimi_k2" | "joyai_llm_flash" => {
+                use self::deepseek_v3 as $arch;
+                $body
+            }
+            "kimi_k25" => {
+                use self::kimi_k25 as $arch;
+                $body
+            }
+            "glm4_moe_lite" => {
+                use self::glm4_moe_lite as $arch;
+                $body
+            }
+            "mistral4" => {
+                use self::mistral4 as $arch;
+                $body
+            }
             _ => $other,
         }
     };
@@ -371,6 +397,13 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "ministral3",
     "mistral3",
     "llava",
+    "deepseek_v2",
+    "deepseek_v3",
+    "kimi_k2",
+    "joyai_llm_flash",
+    "kimi_k25",
+    "glm4_moe_lite",
+    "mistral4",
 ];
 
 /// Applies the `sanitize` of `config`'s architecture to `weights` (what `mlx_lm.convert` does
@@ -406,13 +439,25 @@ pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
             eight_bit
         }
         "gpt_oss" if path.ends_with("router") => eight_bit,
-        "glm4_moe" if path.ends_with("mlp.gate") => LayerQuant::Float,
+        "glm4_moe" | "deepseek_v2" | "deepseek_v3" | "kimi_k2" | "joyai_llm_flash" | "kimi_k25" | "glm4_moe_lite"
+            if path.ends_with("mlp.gate") =>
+        {
+            LayerQuant::Float
+        }
         "nemotron_h" if path.ends_with("mixer.gate") => LayerQuant::Float,
         "gemma4_text" if path.ends_with("router.proj") => eight_bit,
         "granitemoe" | "granite" if granite::eight_bit(path) => eight_bit,
         "granitemoehybrid" if path.ends_with("router.layer") => eight_bit,
         _ => LayerQuant::Uniform,
     }
+}
+
+/// Whether the tensor `name` of a `model_type` model keeps its stored dtype when `convert` casts
+/// the weights (mlx_lm's `Model.cast_predicate`: DeepSeek-style routers' score correction bias
+/// stays f32).
+pub fn keeps_dtype(model_type: &str, name: &str) -> bool {
+    matches!(model_type, "glm4_moe" | "deepseek_v3" | "kimi_k2" | "joyai_llm_flash" | "kimi_k25" | "glm4_moe_lite")
+        && name.contains("e_score_correction_bias")
 }
 
 /// A loaded model with its config.

@@ -9,7 +9,7 @@
 
 use super::attention::{Heads, SelfAttention};
 use super::decoder::{BaseArgs, DecoderModel, Layer, ModelSpec, Residual};
-use super::glm4_moe::Gate;
+use super::deepseek_v3::Router;
 use super::llama::Attention;
 use super::mlp::{Activation, FeedForward, UngatedMlp};
 use super::ssm::{Mamba2, Mamba2Dims};
@@ -142,7 +142,7 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
 /// The expert block: the router's experts (ReLU² MLPs, optionally in a latent space) and the
 /// shared experts.
 struct Experts {
-    gate: Gate,
+    gate: Router,
     fc1: SwitchLinear,
     fc2: SwitchLinear,
     /// (into the latent space, out of it)
@@ -264,15 +264,17 @@ pub fn load(args: &ModelArgs, ld: &Loader) -> Result<DecoderModel> {
                 super::switch::check_top_k(k, e, "num_experts_per_tok")?;
                 let hidden = need(args.moe_intermediate_size, "moe_intermediate_size")?;
                 let de = args.moe_latent_size.unwrap_or(dim);
-                let gate = Gate {
-                    weight: ld.tensor(&format!("{m}.gate.weight"), &[e, dim])?,
-                    e_score_correction_bias: ld.tensor(&format!("{m}.gate.e_score_correction_bias"), &[e])?,
-                    top_k: k,
-                    n_group: args.n_group.unwrap_or(1),
-                    topk_group: args.topk_group.unwrap_or(1),
-                    norm_topk_prob: args.norm_topk_prob.unwrap_or(false),
-                    routed_scaling_factor: args.routed_scaling_factor.unwrap_or(1.0),
-                };
+                let gate = Router::sigmoid(
+                    ld,
+                    &m,
+                    e,
+                    dim,
+                    k,
+                    args.n_group.unwrap_or(1),
+                    args.topk_group.unwrap_or(1),
+                    args.norm_topk_prob.unwrap_or(false),
+                    args.routed_scaling_factor.unwrap_or(1.0),
+                )?;
                 let latent = match args.moe_latent_size {
                     Some(ls) => Some((
                         Linear::load(ld, &format!("{m}.fc1_latent_proj"), dim, ls, args.mlp_bias)?,

@@ -28,6 +28,10 @@ impl QuantSpec {
             let default = QuantParams::new(4, 32, path)?;
             return Ok(Some(Self { default, mode: "mxfp4".into(), layers: BTreeMap::new() }));
         }
+        // FP8 checkpoints (DeepSeek, Kimi, Mistral): dequantized by the architecture's sanitize
+        if block.get("quant_method").and_then(|m| m.as_str()) == Some("fp8") && !block.contains_key("bits") {
+            return Ok(None);
+        }
         let mode = block.get("mode").and_then(|m| m.as_str()).unwrap_or("affine").to_string();
         if mode != "affine" && mode != "mxfp4" {
             bail!("{path}: quantization mode `{mode}` is not supported (supported: affine, mxfp4)");

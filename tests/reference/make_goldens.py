@@ -493,11 +493,89 @@ TINY_CONFIGS = {
         layers_block_type=["mlp", "mamba", "moe", "attention", "mamba", "mlp"], n_routed_experts=8,
         num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, norm_topk_prob=False,
         routed_scaling_factor=1.0),
+    # MLA (latent cache, absorbed decode) with a low-rank query, yarn (mscale != mscale_all_dim), a
+    # large eps (so the latent norms' fixed 1e-6 shows), DeepSeek-V3 routing (sigmoid + bias,
+    # 2 of 4 groups, renormalized top-3), a shared expert, layer 0 dense
+    "tiny_deepseek_v3": dict(model_type="deepseek_v3", vocab_size=128, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=3,
+        moe_layer_freq=1, first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=0.05,
+        rope_theta=10000.0, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+            beta_fast=32, beta_slow=1, mscale=0.9, mscale_all_dim=0.7),
+        attention_bias=False, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True),
+    # DeepSeek-V3, held out: one q_proj, attention biases, plain RoPE, top-1 routing without groups
+    # or renormalization, no shared expert, MoE every 2nd layer (kimi_k2 is remapped to it)
+    "tiny_deepseek_v3_b": dict(model_type="kimi_k2", vocab_size=128, hidden_size=64, intermediate_size=64,
+        moe_intermediate_size=32, num_hidden_layers=5, num_attention_heads=2, num_key_value_heads=2,
+        n_shared_experts=None, n_routed_experts=4, routed_scaling_factor=1.5, kv_lora_rank=32, q_lora_rank=None,
+        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, n_group=1, topk_group=1, num_experts_per_tok=1,
+        moe_layer_freq=2, first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=50000.0, rope_scaling=None, attention_bias=True, topk_method="noaux_tc", norm_topk_prob=True),
+    # DeepSeek-V2: no absorption (kv_b_proj, per-head cache), softmax routing limited to the 2 of 4
+    # groups with the best max score, shared experts, always-yarn RoPE
+    "tiny_deepseek_v2": dict(model_type="deepseek_v2", vocab_size=128, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=2, n_routed_experts=8, routed_scaling_factor=2.0, kv_lora_rank=64, q_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=3,
+        moe_layer_freq=1, first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_theta=10000.0, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+            beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+        attention_bias=False, topk_method="group_limited_greedy"),
+    # DeepSeek-V2-Lite's layout, held out: one q_proj, plain top-k ("greedy"), factor-1 yarn
+    "tiny_deepseek_v2_b": dict(model_type="deepseek_v2", vocab_size=128, hidden_size=64, intermediate_size=64,
+        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=1.0, kv_lora_rank=32, q_lora_rank=None,
+        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, num_experts_per_tok=2,
+        moe_layer_freq=1, first_k_dense_replace=0, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_theta=10000.0, rope_scaling=dict(type="yarn", factor=1.0, original_max_position_embeddings=64),
+        attention_bias=True, topk_method="greedy"),
+    # Kimi K2.5: deepseek_v3's text model under language_model. (vision config ignored)
+    "tiny_kimi_k25": dict(model_type="kimi_k25", vision_config=dict(hidden_size=16), text_config=dict(
+        model_type="kimi_k2", vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=8, routed_scaling_factor=2.827, kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=16,
+        qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1, num_experts_per_tok=2, moe_layer_freq=1,
+        first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=50000.0,
+        rope_scaling=dict(type="yarn", factor=32.0, original_max_position_embeddings=16, beta_fast=1,
+            beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+        topk_method="noaux_tc", norm_topk_prob=True, tie_word_embeddings=False)),
+    # GLM-4.7-Flash: the latent norms at rms_norm_eps (large, so it shows), RoPE base 1e6 by default,
+    # wide nope / v heads, groups, an MTP layer's config entry
+    "tiny_glm4_moe_lite": dict(model_type="glm4_moe_lite", vocab_size=128, hidden_size=64,
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=1.8,
+        kv_lora_rank=64, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=64, v_head_dim=64, n_group=2,
+        topk_group=1, num_experts_per_tok=3, moe_layer_freq=1, first_k_dense_replace=1,
+        max_position_embeddings=256, rms_norm_eps=0.05, rope_scaling=None, attention_bias=False,
+        topk_method="noaux_tc", norm_topk_prob=True, num_nextn_predict_layers=1, partial_rotary_factor=1.0),
+    # Mistral Small 4 (bare): rope_parameters yarn, position-scaled queries (original 8, so the
+    # scale steps inside the prompt), softmax router as a linear layer with 2 of 4 groups
+    "tiny_mistral4": dict(model_type="mistral4", vocab_size=128, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=1e-5, attention_bias=False,
+        tie_word_embeddings=False, norm_topk_prob=True, rope_interleave=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+            original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0, mscale=0.9,
+            mscale_all_dim=0.7, llama_4_scaling_beta=0.1)),
+    # Mistral 4 inside mistral3, held out: non-traditional RoPE, tied head, one q_proj, top-1
+    # renormalized, no groups, MoE from layer 0
+    "tiny_mistral3_mistral4": dict(model_type="mistral3", vision_config=dict(hidden_size=16), text_config=dict(
+        model_type="mistral4", vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=None,
+        n_routed_experts=4, routed_scaling_factor=1.0, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
+        qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1, num_experts_per_tok=1,
+        first_k_dense_replace=0, max_position_embeddings=256, rms_norm_eps=1e-5, attention_bias=False,
+        tie_word_embeddings=True, norm_topk_prob=True, rope_interleave=False,
+        rope_parameters=dict(rope_type="default", rope_theta=100000.0, original_max_position_embeddings=16,
+            llama_4_scaling_beta=0.2))),
 }
 
 # Wrappers whose mlx_lm arguments fill defaults into the config they are given: their golden
 # config.json is the config as written above, so that wick's own defaults are what fills it.
-TINY_AS_WRITTEN = {"tiny_mistral3", "tiny_mistral3_llama", "tiny_gemma3_vlm", "tiny_qwen3_5", "tiny_qwen3_5_moe"}
+TINY_AS_WRITTEN = {"tiny_mistral3", "tiny_mistral3_llama", "tiny_mistral3_mistral4", "tiny_kimi_k25", "tiny_gemma3_vlm", "tiny_qwen3_5", "tiny_qwen3_5_moe"}
 
 # Seeds whose routing gaps (the k-th vs the (k+1)-th router value over the 72 golden tokens) are
 # at least 1e-4 in f32 and in the 4-bit model, so that rounding never flips an expert choice;

@@ -200,6 +200,42 @@ pub fn attention_with_sinks(
     matmul_attention(q, k, v, scale, &mask, None, Some(sinks))
 }
 
+/// The decode step of multi-head latent attention, over a latent cache whose one "head" serves
+/// every query head: query head `h` scores key `j` as
+/// `scale · (q_lat[h] · latent[j] + q_pe[h] · k_pe[j])` and takes the softmax-weighted sum of
+/// the latents. `q_lat` (B, H, 1, r) is the query already absorbed into latent space, `q_pe`
+/// (B, H, 1, dr) its RoPE part; `latent` (B, 1, S, r) and `k_pe` (B, 1, S, dr) are the cache's
+/// keys and values. Returns (B, H, 1, r). The heads are the rows of one matmul per batch row, so
+/// no per-head keys or values are ever formed.
+pub fn latent_attention(
+    q_lat: &Tensor,
+    q_pe: &Tensor,
+    latent: &Tensor,
+    k_pe: &Tensor,
+    scale: f64,
+    mask: MaskSpec,
+) -> Result<Tensor> {
+    let (b, h, l, r) = q_lat.dims4()?;
+    let dr = q_pe.dim(3)?;
+    if l != 1 || latent.dim(1)? != 1 || k_pe.dim(1)? != 1 {
+        anyhow::bail!("latent attention: one query position over one latent head (got {l} and {})", latent.dim(1)?);
+    }
+    let t = latent.dim(2)?;
+    if mask.pos.is_some() || mask.chunk.is_some() || mask.window.is_some_and(|w| w < t) {
+        anyhow::bail!("latent attention has no CUDA-graph, chunked or windowed decode step");
+    }
+    let q = q_lat.reshape((b, 1, h, r))?;
+    let qp = q_pe.reshape((b, 1, h, dr))?;
+    let scores = (q.matmul(&latent.t()?)?.to_dtype(DType::F32)? + qp.matmul(&k_pe.t()?)?.to_dtype(DType::F32)?)?;
+    let scores = (scores * scale)?;
+    let scores = match mask.left_padding {
+        Some(_) => scores.broadcast_add(&causal_mask(h, 1, t, &mask, q.device())?)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(latent.dtype())?;
+    Ok(probs.matmul(&latent.contiguous()?)?.reshape((b, h, 1, r))?)
+}
+
 /// Attention through matmul, mask and softmax (in f32), optionally soft-capped and with sinks.
 fn matmul_attention(
     q: &Tensor,
