@@ -43,6 +43,14 @@ SHAPES = {
                              rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
                                                beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
                              tie_word_embeddings=False),
+    # a small latent-attention MoE for the CPU (deepseek_v3's layout)
+    "mla_small": dict(model_type="deepseek_v3", hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
+                      n_routed_experts=16, routed_scaling_factor=1.0, kv_lora_rank=256, q_lora_rank=None,
+                      qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, topk_method="noaux_tc", n_group=1,
+                      topk_group=1, num_experts_per_tok=4, moe_layer_freq=1, first_k_dense_replace=1,
+                      norm_topk_prob=True, vocab_size=32000, max_position_embeddings=163840, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False),
     # a small MoE for the CPU
     "moe_small": dict(model_type="qwen3_moe", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=8,

@@ -4,6 +4,8 @@ mlx_lm.load loads it, its sanitize included).
 
 Usage:
   mlx_oracle.py logits MODEL - IDS              print the logits of IDS (one forward pass) as JSON
+  mlx_oracle.py greedy MODEL MAX_KV IDS N       print the N greedy tokens after IDS with a cache
+                                                rotating at MAX_KV positions (--max-kv-size)
   mlx_oracle.py save MODEL FILE IDS       prefill IDS into MODEL's cache and save it as a
                                                 prompt cache file (mlx_lm.cache_prompt's format)
   mlx_oracle.py continue MODEL FILE IDS N load the prompt cache FILE and print, as JSON, the
@@ -30,6 +32,10 @@ def main():
                           model.parameters()))
     if mode == "logits":
         print(json.dumps(model(mx.array(ids)[None])[0].tolist()))
+    elif mode == "greedy":
+        cache = make_prompt_cache(model, max_kv_size=int(path))
+        out = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=int(sys.argv[5]), prompt_cache=cache)]
+        print(json.dumps(out))
     elif mode == "save":
         cache = make_prompt_cache(model)
         for _ in generate_step(mx.array(ids), model, max_tokens=0, prompt_cache=cache):

@@ -928,8 +928,9 @@ fn mlx_oracle<T: serde::de::DeserializeOwned + Default>(
 /// (prompt chunks expand the cached latents), a prompt cache saved and reloaded, a cache written
 /// by mlx_lm continued by wick and one written by wick continued by mlx_lm, a row of a
 /// left-padded batch (absorbed decode with padding masked), speculative decoding with the 4-bit
-/// model as the draft. A quantized latent cache (`--kv-bits 8`, which mlx_lm cannot run for
-/// these models) keeps the first greedy tokens.
+/// model as the draft; with a cache rotating at 16 positions, mlx_lm's tokens with its rotating
+/// cache. A quantized latent cache (`--kv-bits 8`, which mlx_lm cannot run for these models)
+/// keeps the first greedy tokens.
 #[test]
 fn latent_attention_through_prompt_caches_both_ways_batch_and_speculative_gives_mlx_lms_tokens() {
     use wick::engine::generate::{GenerateOptions, KvQuant};
@@ -982,6 +983,16 @@ fn latent_attention_through_prompt_caches_both_ways_batch_and_speculative_gives_
         let draft = load_model(&dir.join("q4"), Some(DType::F32), &Device::Cpu).unwrap();
         let (got, _) = speculative_tokens(model, draft.model.as_ref(), &prompt, want.len());
         assert_eq!(got, want, "{name}: speculative decoding");
+    }
+    // a cache rotating at 16 positions (--max-kv-size), as mlx_lm's RotatingKVCache
+    for name in ["tiny_deepseek_v3", "tiny_deepseek_v2"] {
+        let dir = golden(name);
+        let (prompt, want) = golden_greedy(&dir);
+        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let opts = GenerateOptions { max_tokens: want.len(), max_kv_size: Some(16), ..Default::default() };
+        let theirs: Vec<u32> = mlx_oracle("greedy", &dir, std::path::Path::new("16"), &prompt, want.len());
+        assert_eq!(greedy_tokens(m.model.as_ref(), &prompt, &opts), theirs, "{name}: --max-kv-size 16");
+        assert_ne!(theirs, want, "{name}: the rotation changes nothing");
     }
     // the quantized cache (RoPE keys of 32, so that groups of 32 fit)
     for name in ["tiny_deepseek_v3_b", "tiny_deepseek_v2_b"] {
@@ -1071,13 +1082,14 @@ fn recurrent_hybrid_next_turn_reuses_the_previous_turns_state_in_the_server() {
 }
 
 /// The server's model loop with a mixture-of-experts model (gpt_oss: sinks, sliding layers,
-/// so its requests run one after another; qwen3_moe, batched with a prefix cache): concurrent
+/// so its requests run one after another; qwen3_moe and the latent-attention deepseek_v3 and
+/// mistral4, batched with a prefix cache of latents; recurrent hybrids): concurrent
 /// greedy requests of the golden prompt, each continuing a shared prefix, give mlx_lm's tokens.
 #[test]
 fn moe_models_through_the_server_scheduler_give_mlx_lms_tokens() {
     use std::collections::BTreeSet;
     use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
-    for name in ["tiny_qwen3_moe", "tiny_gpt_oss", "tiny_lfm2", "tiny_qwen3_next"] {
+    for name in ["tiny_qwen3_moe", "tiny_gpt_oss", "tiny_lfm2", "tiny_qwen3_next", "tiny_deepseek_v3", "tiny_mistral4"] {
         let dir = golden(name);
         let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
