@@ -619,6 +619,74 @@ fn latent_attention_fp8_checkpoints_load_as_mlx_lm_loads_them() {
     }
 }
 
+/// Stores the (out × in) matrices `names` of the checkpoint in `dir` as compressed-tensors'
+/// symmetric int4 (`weight_packed` i32 words, element j of a word in bits 4j.., offset by 8;
+/// `weight_scale` per 32 inputs; `weight_shape`), as Kimi K2.5 ships its experts, and marks
+/// config.json's `quantization_config` so.
+fn to_compressed_int4(dir: &std::path::Path, names: &[&str]) {
+    let path = dir.join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for name in names {
+        let t = w.remove(*name).unwrap_or_else(|| panic!("{name}")).to_dtype(DType::F32).unwrap();
+        let (rows, cols) = t.dims2().unwrap();
+        let v: Vec<Vec<f32>> = t.to_vec2().unwrap();
+        let (mut words, mut scales) = (vec![0i32; rows * cols / 8], vec![0f32; rows * cols / 32]);
+        for (r, row) in v.iter().enumerate() {
+            for g in 0..cols / 32 {
+                let group = &row[g * 32..(g + 1) * 32];
+                let s = half::bf16::from_f32(group.iter().fold(0f32, |m, x| m.max(x.abs())) / 7.0).to_f32();
+                scales[r * cols / 32 + g] = s;
+                for (j, x) in group.iter().enumerate() {
+                    let q = ((x / s).round().clamp(-8.0, 7.0) as i32 + 8) as u32;
+                    let c = g * 32 + j;
+                    words[r * cols / 8 + c / 8] |= (q << (4 * (c % 8))) as i32;
+                }
+            }
+        }
+        let base = name.strip_suffix("weight").unwrap();
+        let dev = &Device::Cpu;
+        w.insert(format!("{base}weight_packed"), Tensor::from_vec(words, (rows, cols / 8), dev).unwrap());
+        let scales = Tensor::from_vec(scales, (rows, cols / 32), dev).unwrap().to_dtype(DType::BF16).unwrap();
+        w.insert(format!("{base}weight_scale"), scales);
+        w.insert(format!("{base}weight_shape"), Tensor::new(&[rows as i32, cols as i32], dev).unwrap());
+    }
+    candle_core::safetensors::save(&w, &path).unwrap();
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 32, "symmetric": true}}}});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+}
+
+/// A compressed-tensors int4 checkpoint (Kimi K2.5's experts, the rest float) loads with the
+/// logits mlx_lm computes from the same files.
+#[test]
+fn latent_attention_compressed_int4_experts_load_as_mlx_lm_loads_them() {
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("tiny_kimi_k25").join("inputs.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let dir = mla_hf_layout("tiny_kimi_k25", false, &[]);
+    let experts: Vec<String> = (1..3)
+        .flat_map(|l| {
+            (0..8).flat_map(move |e| {
+                ["gate_proj", "up_proj", "down_proj"]
+                    .map(|p| format!("language_model.model.layers.{l}.mlp.experts.{e}.{p}.weight"))
+            })
+        })
+        .collect();
+    to_compressed_int4(dir.path(), &experts.iter().map(String::as_str).collect::<Vec<_>>());
+    let want: Vec<Vec<f32>> = mlx_oracle("logits", dir.path(), std::path::Path::new("-"), &ids, 0);
+    let want: Vec<f32> = want.concat();
+    let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).unwrap();
+    let mut cache = m.model.make_cache(None);
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-4, "compressed int4 checkpoint logits differ from mlx_lm's by {d}");
+    let gold = load_f32(&golden("tiny_kimi_k25").join("logits.safetensors"));
+    assert!(max_abs_diff(&got, &gold["full"].1) > 1e-3, "no int4 rounding visible");
+}
+
 /// `wick convert -q` of each tiny model writes the same tensors, byte for byte, as mlx_lm's
 /// `quantize_model` made from the same float16 weights (stacked experts included), and the
 /// same `quantization` block.
@@ -1089,7 +1157,8 @@ fn recurrent_hybrid_next_turn_reuses_the_previous_turns_state_in_the_server() {
 fn moe_models_through_the_server_scheduler_give_mlx_lms_tokens() {
     use std::collections::BTreeSet;
     use wick::server::scheduler::{Event, Job, Scheduler, SchedulerConfig};
-    for name in ["tiny_qwen3_moe", "tiny_gpt_oss", "tiny_lfm2", "tiny_qwen3_next", "tiny_deepseek_v3", "tiny_mistral4"] {
+    for name in ["tiny_qwen3_moe", "tiny_gpt_oss", "tiny_lfm2", "tiny_qwen3_next", "tiny_deepseek_v3", "tiny_mistral4"]
+    {
         let dir = golden(name);
         let (prompt, want) = golden_greedy(&dir);
         let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();

@@ -40,6 +40,8 @@ enum Derive {
     AddOne,
     /// the first axis (n, …) seen as (parts, n / parts, …)
     SplitFirst { parts: usize },
+    /// every value times this factor, in the stored dtype
+    Times(f32),
 }
 
 struct Shard {
@@ -290,6 +292,14 @@ impl Weights {
         Ok(())
     }
 
+    /// Adds the tensor `to`: the tensor `from` times `factor`, in its stored dtype (mlx's
+    /// `-8 * scales` of compressed-tensors' int4 weights in a `sanitize`).
+    pub fn add_scaled(&mut self, from: &str, to: &str, factor: f32) -> Result<()> {
+        let src = self.source(from)?.clone();
+        self.index.insert(to.to_string(), Source::Derived { of: Box::new(src), op: Derive::Times(factor) });
+        Ok(())
+    }
+
     /// Renames the tensor `from` to `to`.
     pub fn rename(&mut self, from: &str, to: &str) -> Result<()> {
         let src = self
@@ -352,7 +362,7 @@ impl Weights {
                     Derive::Narrow { axis, len, .. } => shape[axis] = len,
                     Derive::Transpose { a, b } => shape.swap(a, b),
                     Derive::Every { axis, start, step } => shape[axis] = (shape[axis] - start).div_ceil(step),
-                    Derive::AddOne => {}
+                    Derive::AddOne | Derive::Times(_) => {}
                     Derive::SplitFirst { parts } => {
                         shape[0] /= parts;
                         shape.insert(0, parts);
@@ -432,6 +442,7 @@ impl Weights {
                     Derive::Narrow { axis, start, len } => whole.narrow(axis, start, len)?,
                     Derive::Transpose { a, b } => whole.transpose(a, b)?,
                     Derive::AddOne => (whole + 1.0)?,
+                    Derive::Times(f) => (whole * f as f64)?,
                     Derive::SplitFirst { .. } => whole.reshape(shape)?,
                     Derive::Every { axis, start, step } => {
                         let idx: Vec<u32> = (start..whole.dim(axis)?).step_by(step).map(|i| i as u32).collect();
@@ -540,6 +551,9 @@ fn st_dtype(d: safetensors::Dtype) -> Result<DType> {
         S::U8 => DType::U8,
         // FP8 weights are read as their bytes (mlx loads them as uint8), dequantized by a sanitize
         S::F8_E4M3 => DType::U8,
+        // int32 tensors are read as their bits: compressed-tensors' packed int4 words, which a
+        // sanitize takes as mlx's u32 words (`view(uint32)`)
+        S::I32 => DType::U32,
         S::I64 => DType::I64,
         S::F64 => DType::F64,
         other => bail!("unsupported tensor dtype {other:?}"),

@@ -108,7 +108,8 @@ pub enum Family {
     Mistral4,
 }
 
-/// Dequantizes FP8 weights (`weight_scale_inv`), stacks Hugging Face's per-expert weights into
+/// Takes compressed-tensors' int4 weights as mlx's affine ones, dequantizes FP8 weights
+/// (`weight_scale_inv`), stacks Hugging Face's per-expert weights into
 /// `mlp.switch_mlp`, splits `kv_b_proj` into `embed_q` / `unembed_out`, and drops the multi-token-prediction layer (`model.layers.61`,
 /// mlx_lm's fixed index) and rotary frequencies.
 pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
@@ -118,11 +119,17 @@ pub fn sanitize(args: &ModelArgs, weights: &mut Weights) -> Result<()> {
 /// [`sanitize`] as each family's own does it (glm4_moe_lite drops every layer from
 /// `num_hidden_layers` on; mistral4 drops none).
 pub fn sanitize_family(args: &ModelArgs, weights: &mut Weights, family: Family) -> Result<()> {
-    if let Some(k) = weights.names().find(|k| k.ends_with("weight_packed")) {
-        bail!(
-            "tensor `{k}` in {}: compressed-tensors int4 checkpoints are not supported yet; use an mlx conversion",
-            weights.dir.display()
-        );
+    // compressed-tensors' int4 (`weight_packed` i32 words, `weight_scale`, `weight_shape`): mlx's
+    // affine 4-bit, the unsigned codes offset by 8 (biases = -8 · scales)
+    let shapes: Vec<String> = weights.names().filter(|k| k.ends_with("weight_shape")).map(String::from).collect();
+    for k in &shapes {
+        let base = k.strip_suffix("weight_shape").expect("filtered");
+        weights.rename(&format!("{base}weight_packed"), &format!("{base}weight"))?;
+        weights.rename(&format!("{base}weight_scale"), &format!("{base}scales"))?;
+        weights.add_scaled(&format!("{base}scales"), &format!("{base}biases"), -8.0)?;
+    }
+    if !shapes.is_empty() {
+        weights.sanitize(|n| (!n.ends_with("weight_shape")).then(|| n.to_string()));
     }
     // FP8 weights with their inverse scales (`….weight_scale_inv`; Mistral's fused experts:
     // `experts.gate_up_proj_scale_inv`) dequantized to bf16

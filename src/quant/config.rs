@@ -28,6 +28,18 @@ impl QuantSpec {
             let default = QuantParams::new(4, 32, path)?;
             return Ok(Some(Self { default, mode: "mxfp4".into(), layers: BTreeMap::new() }));
         }
+        // compressed-tensors' packed int4 (Kimi K2-Thinking / K2.5): affine 4-bit in groups of 32
+        // once the architecture's sanitize has renamed its tensors (mlx_lm's mapping)
+        if block.get("quant_method").and_then(|m| m.as_str()) == Some("compressed-tensors")
+            && !block.contains_key("bits")
+        {
+            let format = block.get("format").and_then(|f| f.as_str()).unwrap_or("");
+            if format != "pack-quantized" {
+                bail!("{path}: compressed-tensors format `{format}` is not supported (only pack-quantized int4)");
+            }
+            let default = QuantParams::new(4, 32, path)?;
+            return Ok(Some(Self { default, mode: "affine".into(), layers: BTreeMap::new() }));
+        }
         // FP8 checkpoints (DeepSeek, Kimi, Mistral): dequantized by the architecture's sanitize
         if block.get("quant_method").and_then(|m| m.as_str()) == Some("fp8") && !block.contains_key("bits") {
             return Ok(None);
