@@ -9,6 +9,7 @@ use crate::ops::gather_mm::ExpertWeights;
 use crate::ops::qmatmul::QuantizedWeight;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct MultiLinear {
@@ -16,6 +17,9 @@ pub struct MultiLinear {
     heads: usize,
     in_dim: usize,
     out_dim: usize,
+    /// the last head ids routed rows took ((B, heads, L) of `h`), kept so that a decode step
+    /// uploads none (an upload from the host waits for the device on CUDA)
+    ids: Arc<Mutex<Option<Tensor>>>,
 }
 
 impl MultiLinear {
@@ -25,7 +29,7 @@ impl MultiLinear {
             Some(p) => ExpertWeights::Quantized(ld.quantized_experts(prefix, heads, out_dim, in_dim, p)?),
             None => ExpertWeights::Dense(ld.matrix(&format!("{prefix}.weight"), &[heads, out_dim, in_dim])?),
         };
-        Ok(Self { weight, heads, in_dim, out_dim })
+        Ok(Self { weight, heads, in_dim, out_dim, ids: Arc::default() })
     }
 
     /// `x W_hᵀ` (mlx's `transpose=True`): `x` (B, heads or 1, L, in) → (B, heads, L, out). A
@@ -51,14 +55,22 @@ impl MultiLinear {
             // each head's rows through its own weight: the heads routed like experts
             _ => {
                 let rows = x.contiguous()?.reshape((b * h * l, i))?;
-                let ids = Tensor::arange(0u32, h as u32, x.device())?
-                    .reshape((1, h, 1))?
-                    .broadcast_as((b, h, l))?
-                    .contiguous()?;
-                let y = self.weight.gather_rows(&rows, &ids, 1)?.to_dtype(x.dtype())?;
+                let y = self.weight.gather_rows(&rows, &self.head_ids(b, l, x.device())?, 1)?.to_dtype(x.dtype())?;
                 Ok(y.reshape((b, h, l, o))?)
             }
         }
+    }
+
+    /// The head of each routed row of a (B, heads, L) input: `h` for row (b, h, l).
+    fn head_ids(&self, b: usize, l: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let mut last = self.ids.lock().map_err(|_| anyhow::anyhow!("multi-head linear layer: a thread panicked"))?;
+        if let Some(ids) = last.as_ref().filter(|t| t.dims() == [b, self.heads, l] && t.device().same_device(device)) {
+            return Ok(ids.clone());
+        }
+        let h = self.heads;
+        let ids = Tensor::arange(0u32, h as u32, device)?.reshape((1, h, 1))?.broadcast_as((b, h, l))?.contiguous()?;
+        *last = Some(ids.clone());
+        Ok(ids)
     }
 
     /// `x W_h` (mlx's `transpose=False`, contracting over `out`): `x` (B, heads or 1, S, out) →
