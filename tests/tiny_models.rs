@@ -862,7 +862,6 @@ fn continue_from_saved_cache(
     step: usize,
     opts: &wick::engine::generate::GenerateOptions,
 ) -> (Vec<u32>, Vec<&'static str>) {
-    use wick::engine::sample::Sampler;
     let mut cache = model.make_cache(None);
     wick::engine::generate::prefill(model, &prompt[..5], &mut cache, step).unwrap();
     let file = tempfile::tempdir().unwrap();
@@ -871,24 +870,25 @@ fn continue_from_saved_cache(
     let loaded = wick::engine::prompt_cache::load(&path, DType::F32, &Device::Cpu).unwrap();
     let classes = loaded.cache.iter().map(|c| c.kind().class_name()).collect();
     let mut cache = loaded.cache;
-    let mut sampler = Sampler::new(Default::default()).unwrap();
+    (continue_cache(model, &prompt[5..], &mut cache, opts), classes)
+}
+
+/// Greedy tokens after `rest` from `cache` (a prompt cache's continuation).
+fn continue_cache(
+    model: &dyn wick::models::LanguageModel,
+    rest: &[u32],
+    cache: &mut [wick::cache::KvCache],
+    opts: &wick::engine::generate::GenerateOptions,
+) -> Vec<u32> {
+    let mut sampler = wick::engine::sample::Sampler::new(Default::default()).unwrap();
     let mut got = vec![];
     let no_eos = Default::default();
-    wick::engine::generate::generate_with_cache(
-        model,
-        &prompt[5..],
-        &mut cache,
-        &mut sampler,
-        opts,
-        &no_eos,
-        true,
-        |t| {
-            got.push(t);
-            Ok(true)
-        },
-    )
+    wick::engine::generate::generate_with_cache(model, rest, cache, &mut sampler, opts, &no_eos, true, |t| {
+        got.push(t);
+        Ok(true)
+    })
     .unwrap();
-    (got, classes)
+    got
 }
 
 /// Greedy tokens of `model` after `prompt` through `generate`.
@@ -934,6 +934,24 @@ fn speculative_tokens(
     (got, stats.drafted > stats.accepted)
 }
 
+/// Golden `name` (f32) through the engine's first two forms, each giving mlx_lm's greedy tokens:
+/// the prompt prefilled 7 tokens at a time, and continued from a prompt cache of its first 5
+/// tokens saved and reloaded. Gives the folder, the prompt, the tokens, the model and the
+/// reloaded cache's layer classes.
+fn prefill_and_saved_cache_give_mlx_lms_tokens(
+    name: &str,
+) -> (std::path::PathBuf, Vec<u32>, Vec<u32>, wick::models::LoadedModel, Vec<&'static str>) {
+    use wick::engine::generate::GenerateOptions;
+    let dir = golden(name);
+    let (prompt, want) = golden_greedy(&dir);
+    let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let opts = GenerateOptions { max_tokens: want.len(), prefill_step_size: 7, ..Default::default() };
+    assert_eq!(greedy_tokens(m.model.as_ref(), &prompt, &opts), want, "{name}: prefill in steps of 7");
+    let (got, classes) = continue_from_saved_cache(m.model.as_ref(), &prompt, 3, &opts);
+    assert_eq!(got, want, "{name}: continued from a saved prompt cache");
+    (dir, prompt, want, m, classes)
+}
+
 /// Recurrent hybrids (LFM2's conv states, Qwen3-Next's conv and delta-rule states, in
 /// ArraysCaches) through the engine: mlx_lm's greedy tokens with the prompt prefilled 7 tokens at
 /// a time, continued from a prompt cache saved and reloaded (mlx_lm's ArraysCache entries), as
@@ -941,18 +959,10 @@ fn speculative_tokens(
 /// decoding, whose rejected drafts roll the states back.
 #[test]
 fn recurrent_hybrid_through_prefill_chunks_prompt_cache_and_batch_gives_mlx_lms_tokens() {
-    use wick::engine::generate::GenerateOptions;
     for name in ["tiny_lfm2", "tiny_lfm2_idxs", "tiny_qwen3_next", "tiny_granitemoehybrid", "tiny_nemotron_h"] {
-        let dir = golden(name);
-        let (prompt, want) = golden_greedy(&dir);
-        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let (dir, prompt, want, m, classes) = prefill_and_saved_cache_give_mlx_lms_tokens(name);
         let model = m.model.as_ref();
-        let opts = GenerateOptions { max_tokens: want.len(), prefill_step_size: 7, ..Default::default() };
-        assert_eq!(greedy_tokens(model, &prompt, &opts), want, "{name}: prefill in steps of 7");
-
-        let (got, classes) = continue_from_saved_cache(model, &prompt, 3, &opts);
         assert!(classes.contains(&"ArraysCache") && classes.contains(&"KVCache"), "{name}: {classes:?}");
-        assert_eq!(got, want, "{name}: continued from a saved prompt cache");
 
         assert_eq!(batch_row_tokens(model, &prompt, want.len()), want, "{name}: batch row of the golden prompt");
 
@@ -1003,39 +1013,17 @@ fn mlx_oracle<T: serde::de::DeserializeOwned + Default>(
 fn latent_attention_through_prompt_caches_both_ways_batch_and_speculative_gives_mlx_lms_tokens() {
     use wick::engine::generate::{GenerateOptions, KvQuant};
     for name in ["tiny_deepseek_v3", "tiny_mistral4", "tiny_deepseek_v2"] {
-        let dir = golden(name);
-        let (prompt, want) = golden_greedy(&dir);
-        let m = load_model(&dir, Some(DType::F32), &Device::Cpu).unwrap();
+        let (dir, prompt, want, m, classes) = prefill_and_saved_cache_give_mlx_lms_tokens(name);
         let model = m.model.as_ref();
-        let opts = GenerateOptions { max_tokens: want.len(), prefill_step_size: 7, ..Default::default() };
-        assert_eq!(greedy_tokens(model, &prompt, &opts), want, "{name}: prefill in steps of 7");
-
-        let (got, classes) = continue_from_saved_cache(model, &prompt, 3, &opts);
         assert!(classes.iter().all(|c| *c == "KVCache"), "{name}: {classes:?}");
-        assert_eq!(got, want, "{name}: continued from a saved prompt cache");
+        let opts = GenerateOptions { max_tokens: want.len(), ..Default::default() };
 
         // mlx_lm's cache file continued by wick, and wick's continued by mlx_lm
         let tmp = tempfile::tempdir().unwrap();
         let theirs = tmp.path().join("theirs.safetensors");
         mlx_oracle::<Vec<u32>>("save", &dir, &theirs, &prompt[..5], 0);
         let mut cache = wick::engine::prompt_cache::load(&theirs, DType::F32, &Device::Cpu).unwrap().cache;
-        let mut sampler = wick::engine::sample::Sampler::new(Default::default()).unwrap();
-        let mut got = vec![];
-        let no_eos = Default::default();
-        wick::engine::generate::generate_with_cache(
-            model,
-            &prompt[5..],
-            &mut cache,
-            &mut sampler,
-            &opts,
-            &no_eos,
-            true,
-            |t| {
-                got.push(t);
-                Ok(true)
-            },
-        )
-        .unwrap();
+        let got = continue_cache(model, &prompt[5..], &mut cache, &opts);
         assert_eq!(got, want, "{name}: mlx_lm's prompt cache continued by wick");
         let ours = tmp.path().join("ours.safetensors");
         let mut cache = model.make_cache(None);
