@@ -687,6 +687,44 @@ fn latent_attention_compressed_int4_experts_load_as_mlx_lm_loads_them() {
     assert!(max_abs_diff(&got, &gold["full"].1) > 1e-3, "no int4 rounding visible");
 }
 
+/// An older MLX conversion of a latent-attention model: `kv_b_proj` quantized whole (4-bit,
+/// group 32, by mx.quantize's rule) instead of `embed_q` / `unembed_out`. It loads as mlx_lm's
+/// sanitize leaves it (dequantized, split, quantized again along the new axes): the logits mlx_lm
+/// computes from the same files.
+#[test]
+fn latent_attention_old_mlx_conversion_with_a_quantized_kv_b_proj_loads_as_mlx_lm_loads_it() {
+    let name = "tiny_deepseek_v3";
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden(name).join("inputs.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let float = candle_core::safetensors::load(golden(name).join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut q4 = candle_core::safetensors::load(golden(name).join("q4/model.safetensors"), &Device::Cpu).unwrap();
+    let params = wick::quant::QuantParams::new(4, 32, "test").unwrap();
+    for l in 0..3 {
+        let p = format!("model.layers.{l}.self_attn");
+        let wk = &float[&format!("{p}.embed_q.weight")];
+        let (h, r, _) = wk.dims3().unwrap();
+        let kv_b = Tensor::cat(&[&wk.transpose(1, 2).unwrap(), &float[&format!("{p}.unembed_out.weight")]], 1).unwrap();
+        let rows = kv_b.dim(1).unwrap();
+        let (w, sc, b) = wick::quant::quantize_tensor(&kv_b.reshape((h * rows, r)).unwrap(), params).unwrap();
+        for (n, t) in [("weight", w), ("scales", sc), ("biases", b)] {
+            q4.remove(&format!("{p}.embed_q.{n}"));
+            q4.remove(&format!("{p}.unembed_out.{n}"));
+            q4.insert(format!("{p}.kv_b_proj.{n}"), t);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(golden(name).join("q4/config.json"), tmp.path().join("config.json")).unwrap();
+    candle_core::safetensors::save(&q4, tmp.path().join("model.safetensors")).unwrap();
+    let want: Vec<Vec<f32>> = mlx_oracle("logits", tmp.path(), std::path::Path::new("-"), &ids, 0);
+    let m = load_model(tmp.path(), Some(DType::F32), &Device::Cpu).unwrap();
+    let mut cache = m.model.make_cache(None);
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let d = max_abs_diff(&got, &want.concat());
+    assert!(d < 1e-4, "old MLX conversion's logits differ from mlx_lm's by {d}");
+}
+
 /// `wick convert -q` of each tiny model writes the same tensors, byte for byte, as mlx_lm's
 /// `quantize_model` made from the same float16 weights (stacked experts included), and the
 /// same `quantization` block.

@@ -19,6 +19,8 @@ enum Source {
     Stack(Vec<Source>),
     /// a tensor changed by `op` (read whole, then changed)
     Derived { of: Box<Source>, op: Derive },
+    /// a tensor computed by a `sanitize` (held on the CPU)
+    Memory(Tensor),
     /// an FP8 (e4m3) weight times its scales, in bf16: per 128 × 128 block (DeepSeek's
     /// `weight_scale_inv`) or broadcast (a scalar, one per expert)
     Fp8 { weight: Box<Source>, scale: Box<Source> },
@@ -300,6 +302,18 @@ impl Weights {
         Ok(())
     }
 
+    /// Adds (or replaces) the tensor `name` with `t`, computed by a `sanitize` (mlx_lm's
+    /// `weights[name] = …` of a new array).
+    pub fn insert(&mut self, name: &str, t: Tensor) -> Result<()> {
+        self.index.insert(name.to_string(), Source::Memory(t.to_device(&Device::Cpu)?.contiguous()?));
+        Ok(())
+    }
+
+    /// Removes the tensor `name` (gone from the model's weights).
+    pub fn remove(&mut self, name: &str) {
+        self.index.remove(name);
+    }
+
     /// Renames the tensor `from` to `to`.
     pub fn rename(&mut self, from: &str, to: &str) -> Result<()> {
         let src = self
@@ -322,6 +336,7 @@ impl Weights {
             Source::File { shard, .. } => &self.shards[*shard].path,
             Source::Stack(parts) => self.location(&parts[0]),
             Source::Derived { of, .. } | Source::Fp8 { weight: of, .. } => self.location(of),
+            Source::Memory(_) => &self.dir,
         }
     }
 
@@ -375,6 +390,7 @@ impl Weights {
                 shape
             }
             Source::Fp8 { weight, .. } => self.source_shape(weight)?,
+            Source::Memory(t) => t.dims().to_vec(),
             file => self.view(file)?.0.shape().to_vec(),
         })
     }
@@ -394,6 +410,7 @@ impl Weights {
             }
             Source::Derived { op: Derive::BytesAsWords, .. } => Ok(DType::U32),
             Source::Fp8 { .. } => Ok(DType::BF16),
+            Source::Memory(t) => Ok(t.dtype()),
             Source::Derived { of, .. } => self.source_dtype(of),
             file => {
                 let (v, p) = self.view(file)?;
@@ -457,6 +474,7 @@ impl Weights {
                 };
                 t.contiguous()?.to_device(device)?
             }
+            Source::Memory(t) => t.to_device(device)?,
             Source::Fp8 { weight, scale } => {
                 let w = self.read(weight, DType::U8, shape, &Device::Cpu)?;
                 let s = self.read(scale, self.source_dtype(scale)?, &self.source_shape(scale)?, &Device::Cpu)?;
@@ -469,7 +487,9 @@ impl Weights {
         for p in parts {
             match p {
                 Source::Stack(inner) => self.append_bytes(inner, out)?,
-                Source::Derived { .. } | Source::Fp8 { .. } => bail!("a stack of derived tensors is read part by part"),
+                Source::Derived { .. } | Source::Fp8 { .. } | Source::Memory(_) => {
+                    bail!("a stack of derived tensors is read part by part")
+                }
                 file => out.extend_from_slice(self.view(file)?.0.data()),
             }
         }

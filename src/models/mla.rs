@@ -210,6 +210,45 @@ impl SelfAttention for MlaAttention {
     }
 }
 
+/// An older MLX conversion's quantized `{p}.kv_b_proj` (affine, heads·(nope + v) × r): as mlx_lm's
+/// sanitize, dequantized, split into the per-head key (transposed) and value parts, and each
+/// quantized again with the same bits and group size along its own last axis (lossy: the
+/// groups now run along another axis).
+fn requantize_kv_b(weights: &mut Weights, p: &str, d: &MlaDims) -> Result<()> {
+    let (h, dn, dv, r) = (d.heads, d.qk_nope_head_dim, d.v_head_dim, d.kv_lora_rank);
+    let cpu = candle_core::Device::Cpu;
+    let part = |n: &str| weights.raw(&format!("{p}.kv_b_proj.{n}"), &cpu);
+    let (w, scales, biases) = (part("weight")?, part("scales")?, part("biases")?);
+    let (rows, words) = w.dims2()?;
+    let groups = scales.dim(1)?;
+    if rows != h * (dn + dv) || words * 32 % r != 0 || groups == 0 || r % groups != 0 {
+        bail!(
+            "quantized `{p}.kv_b_proj.weight` is [{rows}, {words}] u32 with {groups} scale groups per row, but config.json's num_attention_heads {h} × (qk_nope_head_dim {dn} + v_head_dim {dv}) and kv_lora_rank {r} make it [{}, r·bits/32]",
+            h * (dn + dv)
+        );
+    }
+    let params = crate::quant::QuantParams::new(words * 32 / r, r / groups, &format!("layer `{p}.kv_b_proj`"))?;
+    let v = crate::ops::qmatmul::dequantize_tensor(&w, &scales, &biases, params)?.reshape((h, dn + dv, r))?;
+    let wk = v.narrow(1, 0, dn)?.transpose(1, 2)?.contiguous()?; // (H, r, nope)
+    let wv = v.narrow(1, dn, dv)?.contiguous()?; // (H, v, r)
+    for (name, t, last) in [("embed_q", wk, dn), ("unembed_out", wv, r)] {
+        if last % params.group_size != 0 {
+            bail!(
+                "`{p}.kv_b_proj` is quantized in groups of {}, which do not divide the {last} inputs of its `{name}` part",
+                params.group_size
+            );
+        }
+        let (packed, s, b) = crate::quant::quantize_tensor(&t, params)?;
+        weights.insert(&format!("{p}.{name}.weight"), packed)?;
+        weights.insert(&format!("{p}.{name}.scales"), s)?;
+        weights.insert(&format!("{p}.{name}.biases"), b)?;
+    }
+    for n in ["weight", "scales", "biases"] {
+        weights.remove(&format!("{p}.kv_b_proj.{n}"));
+    }
+    Ok(())
+}
+
 /// Fails, naming the tensor and the config fields (`fields`) that size it, unless the leading
 /// dimensions of the layer `{prefix}.weight` (its rows, the same packed or not) are `want`; a
 /// missing tensor is left to the loader's own error.
@@ -237,12 +276,10 @@ pub fn split_kv_b(weights: &mut Weights, p: &str, d: &MlaDims) -> Result<()> {
     if !weights.contains(&kv_b) {
         return Ok(());
     }
-    if weights.contains(&format!("{p}.kv_b_proj.scales")) {
-        bail!(
-            "`{p}.kv_b_proj` is quantized (an older MLX conversion); convert the original float checkpoint with `wick convert` instead"
-        );
-    }
     let (h, dn, dv, r) = (d.heads, d.qk_nope_head_dim, d.v_head_dim, d.kv_lora_rank);
+    if weights.contains(&format!("{p}.kv_b_proj.scales")) {
+        return requantize_kv_b(weights, p, d);
+    }
     let shape = weights.shape(&kv_b)?;
     if shape != [h * (dn + dv), r] {
         bail!(
