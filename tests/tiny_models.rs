@@ -714,7 +714,11 @@ fn latent_attention_old_mlx_conversion_with_a_quantized_kv_b_proj_loads_as_mlx_l
         }
     }
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(golden(name).join("q4/config.json"), tmp.path().join("config.json")).unwrap();
+    // a per-layer entry for it, as mixed recipes write (v_b_proj layers get more bits)
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden(name).join("q4/config.json")).unwrap()).unwrap();
+    cfg["quantization"]["model.layers.0.self_attn.kv_b_proj"] = serde_json::json!({"group_size": 32, "bits": 4});
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     candle_core::safetensors::save(&q4, tmp.path().join("model.safetensors")).unwrap();
     let want: Vec<Vec<f32>> = mlx_oracle("logits", tmp.path(), std::path::Path::new("-"), &ids, 0);
     let m = load_model(tmp.path(), Some(DType::F32), &Device::Cpu).unwrap();

@@ -60,6 +60,8 @@ pub struct Weights {
     shards: Vec<Shard>,
     /// sanitized name → where its data is
     index: BTreeMap<String, Source>,
+    /// names a `sanitize` consumed into others ([`Weights::remove`])
+    consumed: std::collections::BTreeSet<String>,
     pub dir: PathBuf,
 }
 
@@ -67,7 +69,8 @@ impl Weights {
     /// Maps every safetensors file of `dir`, validating headers and sizes.
     pub fn open(dir: &Path) -> Result<Self> {
         let files = weight_files(dir)?;
-        let mut w = Self { shards: vec![], index: BTreeMap::new(), dir: dir.to_path_buf() };
+        let mut w =
+            Self { shards: vec![], index: BTreeMap::new(), consumed: Default::default(), dir: dir.to_path_buf() };
         for path in &files {
             w.add_file(path)?;
         }
@@ -77,7 +80,7 @@ impl Weights {
     /// The tensors of one safetensors file (an adapter file).
     pub fn open_file(path: &Path) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let mut w = Self { shards: vec![], index: BTreeMap::new(), dir };
+        let mut w = Self { shards: vec![], index: BTreeMap::new(), consumed: Default::default(), dir };
         w.add_file(path)?;
         Ok(w)
     }
@@ -309,9 +312,17 @@ impl Weights {
         Ok(())
     }
 
-    /// Removes the tensor `name` (gone from the model's weights).
+    /// Removes the tensor `name`, consumed into others by a `sanitize` ([`Weights::was_consumed`]).
     pub fn remove(&mut self, name: &str) {
-        self.index.remove(name);
+        if self.index.remove(name).is_some() {
+            self.consumed.insert(name.to_string());
+        }
+    }
+
+    /// Whether a `sanitize` consumed the tensor `name` into others (a quantization block may
+    /// still name its layer, as mlx_lm's loader allows).
+    pub fn was_consumed(&self, name: &str) -> bool {
+        self.consumed.contains(name)
     }
 
     /// Renames the tensor `from` to `to`.

@@ -507,7 +507,11 @@ pub fn load_model_adapted(
                 weights.add_file(&a.dir.join(crate::nn::lora::ADAPTER_WEIGHTS))?;
             }
             if let Some(q) = &quant {
-                let known = |p: &str| weights.contains(&format!("{p}.weight"));
+                // a layer its sanitize consumed into others (a quantized kv_b_proj) may be named
+                let known = |p: &str| {
+                    let w = format!("{p}.weight");
+                    weights.contains(&w) || weights.was_consumed(&w)
+                };
                 q.check_layers_exist(&known, &config.path.display().to_string())?;
             }
             let ld =
