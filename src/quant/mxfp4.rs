@@ -32,6 +32,18 @@ fn encode(v: f32) -> u32 {
     best as u32 | if neg { 8 } else { 0 }
 }
 
+/// `⌈log2 s⌉` of a positive finite `s`, exactly (from its bits: a float `log2` rounds a value just
+/// above a power of two down onto it).
+fn ceil_log2(s: f32) -> i32 {
+    let bits = s.to_bits();
+    let (exp, mantissa) = ((bits >> 23) & 0xff, bits & 0x7f_ffff);
+    if exp == 0 {
+        // subnormal: s = mantissa · 2^-149
+        return 32 - (mantissa - 1).leading_zeros() as i32 - 149;
+    }
+    exp as i32 - 127 + (mantissa != 0) as i32
+}
+
 /// `mx.quantize(w, 32, 4, mode="mxfp4")` of `rows × cols` values: (packed words, scales).
 pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<(Vec<u32>, Vec<u8>)> {
     if !cols.is_multiple_of(GROUP) || w.len() != rows * cols {
@@ -41,7 +53,7 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<(Vec<u32>, Vec<u8
     let mut scales = vec![0u8; rows * cols / GROUP];
     for (g, (block, s)) in w.chunks(GROUP).zip(scales.iter_mut()).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let e = if amax == 0.0 { 0 } else { ((amax / 6.0).log2().ceil() as i32).clamp(-127, 127) };
+        let e = if amax == 0.0 { 0 } else { ceil_log2(amax / 6.0).clamp(-127, 127) };
         *s = (e + 127) as u8;
         let scale = scale_of(*s);
         for (j, v) in block.iter().enumerate() {
@@ -92,4 +104,24 @@ pub fn quantize_tensor(w: &candle_core::Tensor) -> Result<(candle_core::Tensor, 
         Tensor::from_vec(packed, shape(cols / 8), w.device())?,
         Tensor::from_vec(scales, shape(cols / GROUP), w.device())?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The group's power of two is `⌈log2(max|x| / 6)⌉` exactly, as mlx takes it: a maximum one
+    /// ulp above `6 · 2^5` needs `2^6` (a float log2 would round to 5).
+    #[test]
+    fn the_scale_exponent_is_the_exact_ceiling() {
+        assert_eq!(ceil_log2(32.0), 5);
+        assert_eq!(ceil_log2(f32::from_bits(32f32.to_bits() + 1)), 6);
+        assert_eq!(ceil_log2(0.75), 0);
+        assert_eq!(ceil_log2(f32::from_bits(1)), -149);
+        assert_eq!(ceil_log2(f32::from_bits(3)), -147);
+        let mut w = vec![0f32; 32];
+        w[0] = f32::from_bits((6f32 * 32.0).to_bits() + 1);
+        let (_, scales) = quantize(&w, 1, 32).unwrap();
+        assert_eq!(scales, vec![127 + 6]);
+    }
 }
