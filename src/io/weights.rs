@@ -21,9 +21,9 @@ enum Source {
     Derived { of: Box<Source>, op: Derive },
     /// a tensor computed by a `sanitize` (held on the CPU)
     Memory(Tensor),
-    /// an FP8 (e4m3) weight times its scales, in bf16: per 128 × 128 block (DeepSeek's
-    /// `weight_scale_inv`) or broadcast (a scalar, one per expert)
-    Fp8 { weight: Box<Source>, scale: Box<Source> },
+    /// an FP8 (e4m3) weight times its scales, in bf16: per 128 × 128 block (`blocks`:
+    /// DeepSeek's `weight_scale_inv`) or broadcast (a scalar, one per expert)
+    Fp8 { weight: Box<Source>, scale: Box<Source>, blocks: bool },
 }
 
 /// How a [`Source::Derived`] tensor comes from its source.
@@ -252,9 +252,10 @@ impl Weights {
     }
 
     /// The FP8 (e4m3, stored as bytes) tensor `name` dequantized with the scales `scale` (gone
-    /// under their own name): per 128 × 128 block when `scale` is (⌈rows/128⌉, ⌈cols/128⌉) and
-    /// the weight is a matrix, else broadcast (a scalar, one per expert); the result in bf16, as
-    /// mlx_lm's sanitize dequantizes DeepSeek's and Mistral's FP8 checkpoints.
+    /// under their own name): broadcast when `scale` broadcasts to the weight (a scalar, one per
+    /// expert or row), else per 128 × 128 block when it is (⌈rows/128⌉, ⌈cols/128⌉) and the weight
+    /// a matrix (where both fit, they agree); the result in bf16, as mlx_lm's sanitize
+    /// dequantizes DeepSeek's and Mistral's FP8 checkpoints.
     pub fn dequantize_fp8(&mut self, name: &str, scale: &str) -> Result<()> {
         let (shape, sshape) = (self.shape(name)?, self.shape(scale)?);
         if self.dtype(name)? != DType::U8 {
@@ -271,7 +272,7 @@ impl Weights {
         }
         let weight = Box::new(self.index.remove(name).expect("shape read above"));
         let scale = Box::new(self.index.remove(scale).expect("shape read above"));
-        self.index.insert(name.to_string(), Source::Fp8 { weight, scale });
+        self.index.insert(name.to_string(), Source::Fp8 { weight, scale, blocks: !broadcasts });
         Ok(())
     }
 
@@ -486,10 +487,10 @@ impl Weights {
                 t.contiguous()?.to_device(device)?
             }
             Source::Memory(t) => t.to_device(device)?,
-            Source::Fp8 { weight, scale } => {
+            Source::Fp8 { weight, scale, blocks } => {
                 let w = self.read(weight, DType::U8, shape, &Device::Cpu)?;
                 let s = self.read(scale, self.source_dtype(scale)?, &self.source_shape(scale)?, &Device::Cpu)?;
-                fp8_dequantize(&w, &s.to_dtype(DType::F32)?)?.to_device(device)?
+                fp8_dequantize(&w, &s.to_dtype(DType::F32)?, *blocks)?.to_device(device)?
             }
         })
     }
@@ -537,17 +538,15 @@ impl Weights {
 /// The side of the square blocks DeepSeek's FP8 checkpoints scale.
 const FP8_BLOCK: usize = 128;
 
-/// `w` (FP8 e4m3 bytes) times `s` (f32: per 128 × 128 block of a matrix, or broadcast), in bf16:
-/// `bf16(f32(e4m3) · s)`, mlx's arithmetic.
-fn fp8_dequantize(w: &Tensor, s: &Tensor) -> Result<Tensor> {
+/// `w` (FP8 e4m3 bytes) times `s` (f32: per 128 × 128 block of a matrix with `blocks`, else
+/// broadcast), in bf16: `bf16(f32(e4m3) · s)`, mlx's arithmetic.
+fn fp8_dequantize(w: &Tensor, s: &Tensor, blocks: bool) -> Result<Tensor> {
     let bytes: Vec<u8> = w.flatten_all()?.to_vec1()?;
     let table: Vec<f32> = (0..=255u8).map(e4m3).collect();
     let vals: Vec<f32> = bytes.iter().map(|&b| table[b as usize]).collect();
     let w = Tensor::from_vec(vals, w.shape(), &Device::Cpu)?;
-    let (dims, sdims) = (w.dims().to_vec(), s.dims().to_vec());
-    let blocked =
-        dims.len() == 2 && sdims.len() == 2 && sdims != [1, 1] && (sdims[0] != dims[0] || sdims[1] != dims[1]);
-    let out = if blocked {
+    let dims = w.dims().to_vec();
+    let out = if blocks {
         // each scale over its block: repeat rows and columns 128 times, cut to the weight
         let (r, c) = s.dims2()?;
         let s = s.reshape((r, 1, c, 1))?.broadcast_as((r, FP8_BLOCK, c, FP8_BLOCK))?;
