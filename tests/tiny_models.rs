@@ -39,6 +39,25 @@ fn check_greedy(dir: &std::path::Path) {
     assert_eq!(got, want, "{}: greedy tokens differ from mlx_lm's", dir.display());
 }
 
+/// The golden token ids of tiny model `name` (`inputs.json`).
+fn golden_ids(name: &str) -> Vec<u32> {
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden(name).join("inputs.json")).unwrap()).unwrap();
+    inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// wick's logits of `ids` from the model folder `dir` (f32, one forward pass), and their largest
+/// difference from the logits mlx_lm computes from the same files (tests/mlx_oracle.py).
+fn logits_against_mlx_lm(dir: &std::path::Path, ids: &[u32]) -> (Vec<f32>, f32) {
+    let want: Vec<Vec<f32>> = mlx_oracle("logits", dir, std::path::Path::new("-"), ids, 0);
+    let m = load_model(dir, Some(DType::F32), &Device::Cpu).unwrap();
+    let mut cache = m.model.make_cache(None);
+    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let d = max_abs_diff(&got, &want.concat());
+    (got, d)
+}
+
 fn check_folder(name: &str, dir: &std::path::Path, tol: f32) {
     let inputs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden(name).join("inputs.json")).unwrap()).unwrap();
@@ -576,10 +595,7 @@ fn to_fp8(dir: &std::path::Path, names: &[(&str, bool)]) {
 /// on fused experts) load with the logits mlx_lm computes from the same files.
 #[test]
 fn latent_attention_fp8_checkpoints_load_as_mlx_lm_loads_them() {
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("tiny_deepseek_v3").join("inputs.json")).unwrap())
-            .unwrap();
-    let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let ids = golden_ids("tiny_deepseek_v3");
     type Case<'a> = (&'a str, bool, &'a [(&'a str, bool)]);
     let cases: [Case; 2] = [
         (
@@ -605,13 +621,7 @@ fn latent_attention_fp8_checkpoints_load_as_mlx_lm_loads_them() {
     for (name, fused, fp8) in cases {
         let dir = mla_hf_layout(name, fused, &[]);
         to_fp8(dir.path(), fp8);
-        let want: Vec<Vec<f32>> = mlx_oracle("logits", dir.path(), std::path::Path::new("-"), &ids, 0);
-        let want: Vec<f32> = want.concat();
-        let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).unwrap();
-        let mut cache = m.model.make_cache(None);
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let (got, d) = logits_against_mlx_lm(dir.path(), &ids);
         assert!(d < 1e-4, "{name}: FP8 checkpoint logits differ from mlx_lm's by {d}");
         // and they are not the float model's (the FP8 rounding shows)
         let gold = load_f32(&golden(name).join("logits.safetensors"));
@@ -662,9 +672,7 @@ fn to_compressed_int4(dir: &std::path::Path, names: &[&str]) {
 /// logits mlx_lm computes from the same files.
 #[test]
 fn latent_attention_compressed_int4_experts_load_as_mlx_lm_loads_them() {
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("tiny_kimi_k25").join("inputs.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let ids = golden_ids("tiny_kimi_k25");
     let dir = mla_hf_layout("tiny_kimi_k25", false, &[]);
     let experts: Vec<String> = (1..3)
         .flat_map(|l| {
@@ -675,13 +683,7 @@ fn latent_attention_compressed_int4_experts_load_as_mlx_lm_loads_them() {
         })
         .collect();
     to_compressed_int4(dir.path(), &experts.iter().map(String::as_str).collect::<Vec<_>>());
-    let want: Vec<Vec<f32>> = mlx_oracle("logits", dir.path(), std::path::Path::new("-"), &ids, 0);
-    let want: Vec<f32> = want.concat();
-    let m = load_model(dir.path(), Some(DType::F32), &Device::Cpu).unwrap();
-    let mut cache = m.model.make_cache(None);
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let d = max_abs_diff(&got, &want);
+    let (got, d) = logits_against_mlx_lm(dir.path(), &ids);
     assert!(d < 1e-4, "compressed int4 checkpoint logits differ from mlx_lm's by {d}");
     let gold = load_f32(&golden("tiny_kimi_k25").join("logits.safetensors"));
     assert!(max_abs_diff(&got, &gold["full"].1) > 1e-3, "no int4 rounding visible");
@@ -694,9 +696,7 @@ fn latent_attention_compressed_int4_experts_load_as_mlx_lm_loads_them() {
 #[test]
 fn latent_attention_old_mlx_conversion_with_a_quantized_kv_b_proj_loads_as_mlx_lm_loads_it() {
     let name = "tiny_deepseek_v3";
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden(name).join("inputs.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = inputs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let ids = golden_ids(name);
     let float = candle_core::safetensors::load(golden(name).join("model.safetensors"), &Device::Cpu).unwrap();
     let mut q4 = candle_core::safetensors::load(golden(name).join("q4/model.safetensors"), &Device::Cpu).unwrap();
     let params = wick::quant::QuantParams::new(4, 32, "test").unwrap();
@@ -720,12 +720,7 @@ fn latent_attention_old_mlx_conversion_with_a_quantized_kv_b_proj_loads_as_mlx_l
     cfg["quantization"]["model.layers.0.self_attn.kv_b_proj"] = serde_json::json!({"group_size": 32, "bits": 4});
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     candle_core::safetensors::save(&q4, tmp.path().join("model.safetensors")).unwrap();
-    let want: Vec<Vec<f32>> = mlx_oracle("logits", tmp.path(), std::path::Path::new("-"), &ids, 0);
-    let m = load_model(tmp.path(), Some(DType::F32), &Device::Cpu).unwrap();
-    let mut cache = m.model.make_cache(None);
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let got: Vec<f32> = m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let d = max_abs_diff(&got, &want.concat());
+    let (_, d) = logits_against_mlx_lm(tmp.path(), &ids);
     assert!(d < 1e-4, "old MLX conversion's logits differ from mlx_lm's by {d}");
 }
 
