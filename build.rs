@@ -1,7 +1,8 @@
 //! With the `cuda` feature, compiles wick's CUDA kernels (one source per op under src/ops/: the
-//! quantized matmul, attention, residual add + RMSNorm, SwiGLU, greedy decoding's argmax) with
-//! nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90, the H100/H200) plus PTX for
-//! compute_80, which the driver JIT-compiles on any other GPU of compute capability 8.0 or newer.
+//! quantized matmuls, affine and float modes, attention, residual add + RMSNorm, SwiGLU, greedy
+//! decoding's argmax) with nvcc, each into one fatbin: SASS for `CUDA_COMPUTE_CAP` (default 90,
+//! the H100/H200) plus PTX for compute_80, which the driver JIT-compiles on any other GPU of
+//! compute capability 8.0 or newer.
 //! Without the feature nothing is built and no CUDA toolchain is needed.
 
 use std::path::PathBuf;
@@ -9,8 +10,9 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    const SOURCES: [(&str, &str); 5] = [
+    const SOURCES: [(&str, &str); 6] = [
         ("src/ops/qmatmul/affine.cu", "affine"),
+        ("src/ops/qmatmul/fp.cu", "fp"),
         ("src/ops/attention/attention.cu", "attention"),
         ("src/ops/norm/norm.cu", "norm"),
         ("src/ops/swiglu/swiglu.cu", "swiglu"),

@@ -6,8 +6,10 @@ the speed. Needs only numpy (it runs on the GPU machine, which has no mlx unless
 packed codes are random u32 words, scales and biases random bf16 values of a realistic size, and
 the tokenizer is a word-level one over the whole vocabulary (benchmarks feed random ids).
 
-Usage: python3 bench/make_random_q4_model.py OUT SHAPE   (SHAPE: one of SHAPES below, or
-deepseek_v2_lite_mla: DeepSeek-V2-Lite's shape in deepseek_v3's absorbed-MLA layout)
+Usage: python3 bench/make_random_q4_model.py OUT SHAPE [MODE]   (SHAPE: one of SHAPES below, or
+deepseek_v2_lite_mla: DeepSeek-V2-Lite's shape in deepseek_v3's absorbed-MLA layout; MODE: affine
+(default, 4-bit group 64) or one of mlx's float modes mxfp4 / nvfp4 / mxfp8 (u8 scales of a
+realistic size, no biases))
 """
 import json
 import os
@@ -58,6 +60,9 @@ SHAPES = {
                       norm_topk_prob=True, vocab_size=32000, tie_word_embeddings=False),
 }
 BITS, GROUP = 4, 64
+MODE = "affine"
+# (group size, bits) of the float modes
+FP_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 
 
 def bf16(a):
@@ -82,6 +87,17 @@ def tensors(c):
     def qlinear(prefix, out_f, in_f, experts=None):
         g = in_f // GROUP
         lead = (experts,) if experts else ()
+        if MODE in FP_MODES:
+            gs, bits = FP_MODES[MODE]
+            g, w = in_f // gs, lead + (out_f, in_f * bits // 32)
+            # mxfp8 codes without E4M3's NaN (0x7f / 0xff); scales near 2^-8 (E8M0 119..121, or
+            # E4M3 subnormals of nvfp4)
+            mask = np.uint32(0x77777777 if MODE == "mxfp8" else 0xFFFFFFFF)
+            lo, hi = (4, 12) if MODE == "nvfp4" else (119, 122)
+            return [
+                (prefix + ".weight", "U32", w, lambda: words(w) & mask),
+                (prefix + ".scales", "U8", lead + (out_f, g), lambda: rng.integers(lo, hi, lead + (out_f, g), dtype=np.uint8)),
+            ]
         return [
             (prefix + ".weight", "U32", lead + (out_f, in_f * BITS // 32), lambda: words(lead + (out_f, in_f * BITS // 32))),
             (prefix + ".scales", "BF16", lead + (out_f, g), lambda: bf16(rng.uniform(0.002, 0.004, lead + (out_f, g)))),
@@ -173,7 +189,7 @@ def tensors(c):
 
 def write_safetensors(path, items):
     """Streams tensors into one safetensors file (header first, then each tensor as it is made)."""
-    size = {"U32": 4, "BF16": 2}
+    size = {"U32": 4, "BF16": 2, "U8": 1}
     header, off = {"__metadata__": {"format": "mlx"}}, 0
     for name, dt, shape, _ in items:
         n = int(np.prod(shape)) * size[dt]
@@ -209,6 +225,9 @@ def main(out, shape):
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, rope_theta=500000.0,
                max_position_embeddings=131072, hidden_act="silu", torch_dtype="bfloat16",
                quantization=dict(group_size=GROUP, bits=BITS, mode="affine"))
+    if MODE in FP_MODES:
+        gs, bits = FP_MODES[MODE]
+        cfg["quantization"] = dict(group_size=gs, bits=bits, mode=MODE)
     cfg.update(c)
     cfg["quantization_config"] = cfg["quantization"]
     write_safetensors(os.path.join(out, "model.safetensors"), tensors(c))
@@ -218,6 +237,9 @@ def main(out, shape):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[2] not in list(SHAPES) + ["deepseek_v2_lite_mla"]:
+    if len(sys.argv) not in (3, 4) or sys.argv[2] not in list(SHAPES) + ["deepseek_v2_lite_mla"]:
+        sys.exit(__doc__)
+    MODE = sys.argv[3] if len(sys.argv) == 4 else "affine"
+    if MODE not in ["affine"] + list(FP_MODES):
         sys.exit(__doc__)
     main(sys.argv[1], sys.argv[2])

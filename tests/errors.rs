@@ -160,7 +160,6 @@ fn quantized_copy(dst: &Path) {
     let opts = wick::convert::ConvertOptions {
         quantize: Some(wick::convert::QuantizeOptions {
             params: wick::quant::QuantParams::new(4, 32, "test").unwrap(),
-            mode: "affine".into(),
             recipe: None,
         }),
         ..Default::default()
@@ -312,6 +311,48 @@ fn convert_refuses_an_existing_output_without_force_and_bad_recipes() {
         "7",
     ]);
     assert!(err.contains("bits = 7"), "{err}");
+    // a float mode with a group size mlx does not allow: mlx's refusal, word for word
+    let o4 = t.path().join("o4");
+    let err = fails(&[
+        "convert",
+        "--hf-path",
+        src.to_str().unwrap(),
+        "--mlx-path",
+        o4.to_str().unwrap(),
+        "-q",
+        "--q-mode",
+        "nvfp4",
+        "--q-group-size",
+        "32",
+    ]);
+    assert!(err.contains("[quantize] nvfp4 quantization requires group size 16 but got 32."), "{err}");
+    let err = fails(&[
+        "convert",
+        "--hf-path",
+        src.to_str().unwrap(),
+        "--mlx-path",
+        o4.to_str().unwrap(),
+        "-q",
+        "--q-mode",
+        "mxfp8",
+        "--q-bits",
+        "4",
+    ]);
+    assert!(err.contains("[quantize] mxfp8 quantization requires bits to be 8 but got 4."), "{err}");
+    let err = fails(&[
+        "convert",
+        "--hf-path",
+        src.to_str().unwrap(),
+        "--mlx-path",
+        o4.to_str().unwrap(),
+        "-q",
+        "--q-mode",
+        "mxfp4",
+        "--quant-predicate",
+        "mixed_3_6",
+    ]);
+    assert!(err.contains("Quant predicates only support 'affine' quantization."), "{err}");
+    assert!(!o4.exists(), "no output for a refused mode");
     assert!(!t.path().join("o2").exists() && !t.path().join("o3").exists(), "no half-written output");
     // with --force the existing folder is replaced by a complete one
     let ok = wick()

@@ -134,7 +134,6 @@ fn default_model_fifty_steps_follow_mlx_lm_loss_curve() {
     let opts = wick::convert::ConvertOptions {
         quantize: Some(wick::convert::QuantizeOptions {
             params: wick::quant::QuantParams::new(4, 64, "test").unwrap(),
-            mode: "affine".into(),
             recipe: None,
         }),
         ..Default::default()

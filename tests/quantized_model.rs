@@ -1,26 +1,31 @@
 //! `wick convert -q` against `mlx_lm.convert -q` on the default model: every tensor
 //! byte-identical, the same quantization block; and greedy tokens on the 4- and 8-bit folders
-//! identical to mlx_lm's on its folders (same bytes, so the same model).
+//! identical to mlx_lm's on its folders (same bytes, so the same model); the same for
+//! `--q-mode mxfp4 | nvfp4 | mxfp8`.
 
 mod common;
 
 use candle_core::{DType, Device};
 use common::*;
 use wick::convert::{convert, ConvertOptions, QuantizeOptions};
-use wick::quant::QuantParams;
+use wick::quant::{Mode, QuantParams};
 
 fn goldens() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(golden("smollm2_quantized.json")).unwrap()).unwrap()
+    read_golden("smollm2_quantized.json")
+}
+
+fn read_golden(file: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(golden(file)).unwrap()).unwrap()
 }
 
 fn options(args: &serde_json::Value) -> ConvertOptions {
-    let bits = args.get("q_bits").and_then(|v| v.as_u64()).unwrap_or(4) as usize;
-    let gs = args.get("q_group_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize;
+    let bits = args.get("q_bits").and_then(|v| v.as_u64()).map(|b| b as usize);
+    let gs = args.get("q_group_size").and_then(|v| v.as_u64()).map(|g| g as usize);
+    let mode = Mode::parse(args.get("q_mode").and_then(|v| v.as_str()).unwrap_or("affine")).unwrap();
     ConvertOptions {
         dtype: args.get("dtype").and_then(|v| v.as_str()).map(|d| wick::backend::device::parse_dtype(d).unwrap()),
         quantize: Some(QuantizeOptions {
-            params: QuantParams::new(bits, gs, "test").unwrap(),
-            mode: "affine".into(),
+            params: QuantParams::with_mode(mode, gs, bits, "test").unwrap(),
             recipe: args.get("quant_predicate").and_then(|v| v.as_str()).map(String::from),
         }),
         ..Default::default()
@@ -31,6 +36,7 @@ fn tensor_sha(t: &candle_core::Tensor) -> String {
     use sha2::Digest;
     let t = t.flatten_all().unwrap();
     let bytes: Vec<u8> = match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>().unwrap(),
         DType::U32 => t.to_vec1::<u32>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::F32 => t.to_vec1::<f32>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -40,8 +46,7 @@ fn tensor_sha(t: &candle_core::Tensor) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn convert_like_mlx(name: &str, tmp: &std::path::Path) -> std::path::PathBuf {
-    let g = goldens();
+fn convert_like_mlx(g: &serde_json::Value, name: &str, tmp: &std::path::Path) -> std::path::PathBuf {
     let out = tmp.join(name);
     convert(&default_model(), &out, &options(&g[name]["convert_args"])).unwrap();
     out
@@ -49,10 +54,22 @@ fn convert_like_mlx(name: &str, tmp: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn convert_q_output_is_byte_identical_to_mlx_lm() {
-    let g = goldens();
+    check_conversions(&goldens());
+}
+
+/// `--q-mode mxfp4 | nvfp4 | mxfp8` of the default model: byte-identical with mlx_lm.convert, and
+/// mlx_lm's greedy tokens on its folders.
+#[test]
+fn float_mode_conversions_match_mlx_lm() {
+    let g = read_golden("smollm2_quantized_modes.json");
+    check_conversions(&g);
+    check_greedy(&g, &["mxfp4", "nvfp4", "mxfp8"]);
+}
+
+fn check_conversions(g: &serde_json::Value) {
     let tmp = tempfile::tempdir().unwrap();
     for (name, want) in g.as_object().unwrap() {
-        let out = convert_like_mlx(name, tmp.path());
+        let out = convert_like_mlx(g, name, tmp.path());
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["quantization"], want["quantization"], "{name}: quantization block");
@@ -76,12 +93,15 @@ fn convert_q_output_is_byte_identical_to_mlx_lm() {
 
 #[test]
 fn greedy_tokens_on_4_and_8_bit_match_mlx_lm() {
-    let g = goldens();
+    check_greedy(&goldens(), &["q4g64", "q8g64"]);
+}
+
+fn check_greedy(g: &serde_json::Value, names: &[&str]) {
     let prompts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden("smollm2_greedy.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["q4g64", "q8g64"] {
-        let out = convert_like_mlx(name, tmp.path());
+    for &name in names {
+        let out = convert_like_mlx(g, name, tmp.path());
         let m = wick::engine::load_model(&out, Some(DType::F32), &Device::Cpu).unwrap();
         let model = m.model.as_ref();
         for (i, c) in prompts["cases"].as_array().unwrap().iter().enumerate() {

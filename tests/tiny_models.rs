@@ -1246,7 +1246,82 @@ fn tiny_gpt_oss_mxfp4_experts_match_mlx_lm() {
     check_greedy(&dir);
 }
 
-/// `crate::quant::mxfp4::quantize` of the float16 expert weights writes what `mx.quantize(…,
+/// A model quantized by mlx_lm's `quantize_model` in a float mode (`folder`: the mode, or
+/// `nvfp4_global` with one global scale per expert): logits and greedy tokens as mlx_lm's; and,
+/// without a global scale (which mlx_lm.convert never writes), `wick convert -q --q-mode` of the
+/// float16 model writes mlx_lm's tensors and quantization block byte for byte.
+fn check_mode_folder(name: &str, folder: &str) {
+    let dir = golden(name).join(folder);
+    check_folder(name, &dir, 1e-3);
+    check_greedy(&dir);
+    if folder.ends_with("_global") {
+        return;
+    }
+    let mode = wick::quant::Mode::parse(folder).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let params = wick::quant::QuantParams::with_mode(mode, None, None, "test").unwrap();
+    let opts = wick::convert::ConvertOptions {
+        quantize: Some(wick::convert::QuantizeOptions { params, recipe: None }),
+        ..Default::default()
+    };
+    let out = wick::convert::convert(&golden(name), &tmp.path().join("out"), &opts).unwrap();
+    let want = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let got = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<_> = want.keys().collect();
+    names.sort();
+    let mut got_names: Vec<_> = got.keys().collect();
+    got_names.sort();
+    assert_eq!(got_names, names, "{name} {folder}: tensor names");
+    for k in names {
+        let (a, b) = (&got[k], &want[k]);
+        assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()), "{name} {folder}: {k}");
+        let bytes = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let same = match a.dtype() {
+            DType::U32 => {
+                a.flatten_all().unwrap().to_vec1::<u32>().unwrap() == b.flatten_all().unwrap().to_vec1::<u32>().unwrap()
+            }
+            _ => bytes(a).iter().zip(bytes(b)).all(|(x, y)| x.to_bits() == y.to_bits()),
+        };
+        assert!(same, "{name} {folder}: `{k}` differs from mlx_lm's");
+    }
+    let cfg = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(cfg(&out)["quantization"], cfg(&dir)["quantization"], "{name} {folder}: quantization block");
+}
+
+/// Qwen3 (dense, tied embeddings: the embedding quantized too) in mxfp4, nvfp4 and mxfp8.
+#[test]
+fn tiny_qwen3_in_float_modes_matches_mlx_lm() {
+    for f in ["mxfp4", "nvfp4", "mxfp8"] {
+        check_mode_folder("tiny_qwen3", f);
+    }
+}
+
+/// Qwen3-MoE in the float modes: the experts through the gathered matmul, the router at mlx_lm's
+/// affine 8 bits beside them; nvfp4 with per-expert global scales, which mlx runs on the GPU only.
+#[test]
+fn tiny_qwen3_moe_in_float_modes_matches_mlx_lm() {
+    for f in ["mxfp4", "nvfp4", "mxfp8", "nvfp4_global"] {
+        check_mode_folder("tiny_qwen3_moe", f);
+    }
+}
+
+/// gpt-oss wholly in nvfp4 and mxfp8 (attention with sinks, biases, the router at affine 8 bits).
+#[test]
+fn tiny_gpt_oss_in_float_modes_matches_mlx_lm() {
+    for f in ["nvfp4", "mxfp8"] {
+        check_mode_folder("tiny_gpt_oss", f);
+    }
+}
+
+/// DeepSeek-V3 in mxfp4: the latent attention's per-head `embed_q` / `unembed_out` in the mode.
+#[test]
+fn tiny_deepseek_v3_in_mxfp4_matches_mlx_lm() {
+    check_mode_folder("tiny_deepseek_v3", "mxfp4");
+}
+
+/// `quant::fp::quantize_tensor` of the float16 expert weights writes what `mx.quantize(…,
 /// mode="mxfp4")` wrote, byte for byte.
 #[test]
 fn mxfp4_quantization_is_bit_exact_with_mlx() {
@@ -1256,7 +1331,7 @@ fn mxfp4_quantization_is_bit_exact_with_mlx() {
     let mut n = 0;
     for (k, w) in &f {
         let Some(layer) = k.strip_suffix(".weight").filter(|l| l.contains(".experts.")) else { continue };
-        let (packed, scales) = wick::quant::mxfp4::quantize_tensor(w).unwrap();
+        let (packed, scales) = wick::quant::fp::quantize_tensor(w, wick::quant::Mode::Mxfp4, None).unwrap();
         let want_p: Vec<u32> = q[k].flatten_all().unwrap().to_vec1().unwrap();
         let want_s: Vec<u8> = q[&format!("{layer}.scales")].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(packed.flatten_all().unwrap().to_vec1::<u32>().unwrap(), want_p, "{k}");

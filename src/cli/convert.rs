@@ -3,7 +3,7 @@
 //! cast (`--dtype`), quantized (`-q`) or dequantized (`-d`).
 
 use crate::convert::{convert, ConvertOptions, QuantizeOptions, QUANT_RECIPES};
-use crate::quant::QuantParams;
+use crate::quant::{Mode, QuantParams};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 /// Quantization flags shared by `convert` and `quantize`.
 #[derive(Args, Debug, Clone)]
 pub struct QuantFlags {
-    /// Bits per weight (2, 3, 4, 5, 6, 8); default 4
+    /// Bits per weight (affine: 2, 3, 4, 5, 6, 8; mxfp4 / nvfp4: 4; mxfp8: 8); default: the mode's
     #[arg(long)]
     pub q_bits: Option<usize>,
-    /// Group size (32, 64, 128); default 64
+    /// Group size (affine: 32, 64, 128; mxfp4 / mxfp8: 32; nvfp4: 16); default: the mode's (affine 64)
     #[arg(long)]
     pub q_group_size: Option<usize>,
-    /// Quantization mode
-    #[arg(long, default_value = "affine")]
+    /// Quantization mode: affine, mxfp4, nvfp4 or mxfp8
+    #[arg(long, default_value = "affine", value_parser = ["affine", "mxfp4", "nvfp4", "mxfp8"])]
     pub q_mode: String,
     /// Mixed-precision recipe: mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6
     #[arg(long)]
@@ -39,18 +39,20 @@ impl QuantFlags {
             .map(crate::backend::device::parse_dtype)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-        if self.q_mode != "affine" {
-            bail!("--q-mode {}: only affine quantization is supported", self.q_mode);
-        }
+        let mode = Mode::parse(&self.q_mode).map_err(|e| anyhow::anyhow!("--q-mode: {e}"))?;
         if let Some(r) = &self.quant_predicate {
             if !QUANT_RECIPES.contains(&r.as_str()) {
                 bail!("--quant-predicate {r}: expected one of {}", QUANT_RECIPES.join(", "));
             }
+            if mode != Mode::Affine {
+                bail!(
+                    "--quant-predicate {r} with --q-mode {mode}: Quant predicates only support 'affine' quantization."
+                );
+            }
         }
         let quantize = if quantize {
-            let params =
-                QuantParams::new(self.q_bits.unwrap_or(4), self.q_group_size.unwrap_or(64), "--q-bits/--q-group-size")?;
-            Some(QuantizeOptions { params, mode: self.q_mode.clone(), recipe: self.quant_predicate.clone() })
+            let params = QuantParams::with_mode(mode, self.q_group_size, self.q_bits, "--q-group-size/--q-bits")?;
+            Some(QuantizeOptions { params, recipe: self.quant_predicate.clone() })
         } else {
             if self.q_bits.is_some() || self.q_group_size.is_some() || self.quant_predicate.is_some() {
                 bail!("--q-bits, --q-group-size and --quant-predicate need -q/--quantize");

@@ -8,7 +8,7 @@ pub mod gguf;
 use crate::io::output::{copy_tokenizer_files, AtomicFolder};
 use crate::io::{ConfigFile, Weights};
 use crate::models::LayerQuant;
-use crate::quant::{affine, QuantParams, QuantSpec};
+use crate::quant::{affine, fp, Mode, QuantParams, QuantSpec};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,8 +21,8 @@ pub const QUANT_RECIPES: [&str; 4] = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mi
 /// How to quantize.
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
+    /// the uniform bits, group size and mode
     pub params: QuantParams,
-    pub mode: String,
     /// a mixed recipe name, or `None` for uniform quantization
     pub recipe: Option<String>,
 }
@@ -90,6 +90,26 @@ fn mixed_params(
     QuantParams::new(bits, group_size, &format!("layer `{path}`"))
 }
 
+/// The bits, group size and mode a layer the config does not list was stored with, read off its
+/// tensors as mlx_lm's `infer_quant_config` does: u8 scales are the float mode whose bits times
+/// group size fit (64 nvfp4, 128 mxfp4, 256 mxfp8); float scales are affine with the global bits.
+fn stored_params(spec: &QuantSpec, packed: &Tensor, scales: &Tensor, path: &str) -> Result<QuantParams> {
+    let width = packed.dim(candle_core::D::Minus1)?;
+    let groups = scales.dim(candle_core::D::Minus1)?.max(1);
+    let what = format!("layer `{path}`");
+    if scales.dtype() == DType::U8 {
+        let fits = |m: &Mode| m.is_fp() && m.defaults().0 * m.defaults().1 == width * 32 / groups;
+        return match Mode::ALL.iter().find(|m| fits(m)) {
+            Some(&m) => QuantParams::with_mode(m, None, None, &what),
+            None => {
+                bail!("Cannot infer the quantization mode of {path}: u8 scales of {groups} groups for {width} words")
+            }
+        };
+    }
+    let in_dim = width * 32 / spec.default.bits;
+    QuantParams::new(spec.default.bits, in_dim / groups, &what)
+}
+
 fn dtype_of_config(cfg: &ConfigFile) -> Option<DType> {
     cfg.value
         .get("torch_dtype")
@@ -110,13 +130,6 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
     let spec = QuantSpec::from_config(&cfg.value, &cfg.path.display().to_string())?;
     if opts.quantize.is_some() && spec.is_some() {
         bail!("{} is already quantized; dequantize it first (-d) or convert the float original", src.display());
-    }
-    if opts.dequantize && spec.as_ref().is_some_and(|s| s.mode != "affine") {
-        bail!(
-            "{}: -d/--dequantize reads affine quantization only; this model is quantized in mode `{}`",
-            cfg.path.display(),
-            spec.as_ref().map_or("", |s| s.mode.as_str())
-        );
     }
     let mut weights = Weights::open(src)?;
     let model_type = cfg.model_type()?.to_string();
@@ -148,7 +161,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         }
         qblock.insert("group_size".into(), json!(q.params.group_size));
         qblock.insert("bits".into(), json!(q.params.bits));
-        qblock.insert("mode".into(), json!(q.mode));
+        qblock.insert("mode".into(), json!(q.params.mode.name()));
     }
 
     let names: Vec<String> = weights.names().map(String::from).collect();
@@ -178,8 +191,9 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
         }
         // already-quantized layers: dequantize or copy
         if let Some(spec) = &spec {
-            if name.ends_with(".scales") || name.ends_with(".biases") {
-                let base = &name[..name.len() - 7];
+            let part = [".scales", ".biases", ".global_scale"].into_iter().find(|p| name.ends_with(p));
+            if let Some(part) = part {
+                let base = &name[..name.len() - part.len()];
                 if opts.dequantize
                     && weights.contains(&format!("{base}.weight"))
                     && weights.dtype(&format!("{base}.weight"))? == DType::U32
@@ -190,19 +204,26 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
             }
             if name.ends_with(".weight") && t.dtype() == DType::U32 && opts.dequantize {
                 let scales = weights.raw(&format!("{path}.scales"), &dev)?;
-                let biases = weights.raw(&format!("{path}.biases"), &dev)?;
                 let p = match spec.layers.get(path) {
                     Some(Some(p)) => *p,
-                    _ => {
-                        let in_dim = t.dim(candle_core::D::Minus1)? * 32 / spec.default.bits;
-                        let groups = scales.dim(candle_core::D::Minus1)?.max(1);
-                        QuantParams::new(spec.default.bits, in_dim / groups, &format!("layer `{path}`"))?
+                    _ => stored_params(spec, &t, &scales, path)?,
+                };
+                let d = if p.mode.is_fp() {
+                    // mx.dequantize of u8 scales gives bfloat16 (mlx_lm casts before, not after)
+                    let gname = format!("{path}.global_scale");
+                    let global = match weights.contains(&gname) {
+                        true => Some(weights.raw(&gname, &dev)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                        false => None,
+                    };
+                    fp::dequantize_tensor(&t, &scales, p.mode, DType::BF16, global.as_deref())?
+                } else {
+                    let biases = weights.raw(&format!("{path}.biases"), &dev)?;
+                    let d = crate::ops::qmatmul::dequantize_tensor(&t, &scales, &biases, p)?;
+                    match target {
+                        Some(dt) => d.to_dtype(dt)?,
+                        None => d,
                     }
                 };
-                let mut d = crate::ops::qmatmul::dequantize_tensor(&t, &scales, &biases, p)?;
-                if let Some(dt) = target {
-                    d = d.to_dtype(dt)?;
-                }
                 tensors.push((name.clone(), d));
                 bar.inc(1);
                 continue;
@@ -233,16 +254,23 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<PathBuf>
                         p.group_size
                     );
                 }
-                let (pk, s, b) = affine::quantize_tensor(&t, p)?;
                 if q.recipe.is_some() {
-                    qblock
-                        .insert(path.to_string(), json!({"group_size": p.group_size, "bits": p.bits, "mode": q.mode}));
+                    let entry = json!({"group_size": p.group_size, "bits": p.bits, "mode": p.mode.name()});
+                    qblock.insert(path.to_string(), entry);
                 } else if own.is_some() {
+                    // the architecture's dict as it gives it: affine, no `mode`
                     qblock.insert(path.to_string(), json!({"group_size": p.group_size, "bits": p.bits}));
                 }
-                tensors.push((format!("{path}.weight"), pk));
-                tensors.push((format!("{path}.scales"), s));
-                tensors.push((format!("{path}.biases"), b));
+                if p.mode.is_fp() {
+                    let (pk, s) = fp::quantize_tensor(&t, p.mode, None)?;
+                    tensors.push((format!("{path}.weight"), pk));
+                    tensors.push((format!("{path}.scales"), s));
+                } else {
+                    let (pk, s, b) = affine::quantize_tensor(&t, p)?;
+                    tensors.push((format!("{path}.weight"), pk));
+                    tensors.push((format!("{path}.scales"), s));
+                    tensors.push((format!("{path}.biases"), b));
+                }
                 bar.inc(1);
                 continue;
             }

@@ -55,7 +55,15 @@ pub fn fuse_layer(
     let weight = format!("{prefix}.weight");
     let a_shape = adapters.weights().shape(&format!("{prefix}.lora_a"))?;
     let quantized = weights.dtype(&weight)? == DType::U32;
-    let store = if quantized { weights.dtype(&format!("{prefix}.scales"))? } else { weights.dtype(&weight)? };
+    // a quantized weight is fused in its scales' dtype; u8 scales (the float modes) in bfloat16,
+    // what mx.dequantize gives for them
+    let store = match quantized {
+        true => match weights.dtype(&format!("{prefix}.scales"))? {
+            DType::U8 => DType::BF16,
+            d => d,
+        },
+        false => weights.dtype(&weight)?,
+    };
     let ld =
         Loader { weights, dtype: store, act_dtype: DType::F32, device: Device::Cpu, quant, adapters: Some(adapters) };
     if let [experts, _, in_dim] = a_shape[..] {
@@ -78,6 +86,7 @@ pub fn fuse_layer(
         Linear::Quantized { weight: q, .. } => {
             vec![(weight, q.packed), (format!("{prefix}.scales"), q.scales), (format!("{prefix}.biases"), q.biases)]
         }
+        Linear::Fp { weight: q, .. } => vec![(weight, q.packed), (format!("{prefix}.scales"), q.scales)],
         Linear::Lora(_) => unreachable!("fuse returns a plain layer"),
     })
 }

@@ -156,8 +156,7 @@ impl FeedForward for MlpBlock {
         Ok(Branch::Tensor(combine(&self.experts.forward(&x, &inds)?, &softmax(&logits)?)?))
     }
 
-    /// Not captured: the clamped SwiGLU uploads its limits from the host at every step (and `mxfp4`
-    /// experts, as published, route on the host).
+    /// Not captured: the clamped SwiGLU uploads its limits from the host at every step.
     fn graphable(&self) -> bool {
         false
     }

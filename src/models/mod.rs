@@ -430,7 +430,7 @@ pub enum LayerQuant {
 
 /// [`LayerQuant`] of the layer at `path` in a `model_type` model.
 pub fn layer_quant(model_type: &str, path: &str) -> LayerQuant {
-    let eight_bit = LayerQuant::Params(crate::quant::QuantParams { bits: 8, group_size: 64 });
+    let eight_bit = LayerQuant::Params(crate::quant::QuantParams::affine(8, 64));
     match model_type {
         "qwen3_moe" if path.ends_with("mlp.gate") => eight_bit,
         "qwen3_next" | "qwen3_5" | "qwen3_5_moe"

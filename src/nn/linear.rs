@@ -5,16 +5,17 @@ use super::norm::Normed;
 use super::Loader;
 use crate::nn::lora::LoraLinear;
 use crate::ops::dense_matmul::dense_matmul;
-use crate::ops::qmatmul::QuantizedWeight;
+use crate::ops::qmatmul::{FpWeight, QuantizedWeight};
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor};
 
-/// A linear layer `y = x Wᵀ + b`, dense or MLX-affine-quantized, or one of those with a LoRA /
-/// DoRA adapter.
+/// A linear layer `y = x Wᵀ + b`, dense, MLX-affine-quantized or quantized in one of mlx's float
+/// modes, or one of those with a LoRA / DoRA adapter.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense { weight: Tensor, bias: Option<Tensor> },
     Quantized { weight: QuantizedWeight, bias: Option<Tensor> },
+    Fp { weight: FpWeight, bias: Option<Tensor> },
     Lora(Box<LoraLinear>),
 }
 
@@ -27,7 +28,11 @@ impl Linear {
                 a.check_trainable_quantized(prefix)?;
             }
             let bias = if bias { Some(ld.frozen_tensor(&bias_name, &[out_dim])?) } else { None };
-            Linear::Quantized { weight: ld.quantized(prefix, out_dim, in_dim, params)?, bias }
+            if params.mode.is_fp() {
+                Linear::Fp { weight: ld.fp(prefix, &[], out_dim, in_dim, params)?, bias }
+            } else {
+                Linear::Quantized { weight: ld.quantized(prefix, out_dim, in_dim, params)?, bias }
+            }
         } else {
             let bias = if bias { Some(ld.tensor(&bias_name, &[out_dim])?) } else { None };
             Linear::Dense { weight: ld.matrix(&format!("{prefix}.weight"), &[out_dim, in_dim])?, bias }
@@ -54,13 +59,14 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => dense_matmul(x, weight),
             Linear::Quantized { weight, .. } => weight.matmul(x),
+            Linear::Fp { weight, .. } => weight.matmul(x),
             Linear::Lora(l) => l.base.forward_no_bias(x),
         }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
-            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } | Linear::Fp { bias, .. } => bias.as_ref(),
             Linear::Lora(l) => l.base.bias(),
         }
     }
@@ -70,15 +76,18 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => Ok(weight.to_dtype(dtype)?),
             Linear::Quantized { weight, .. } => Ok(weight.dequantize()?.to_dtype(dtype)?),
+            Linear::Fp { weight, .. } => Ok(weight.dequantize(dtype)?.to_dtype(dtype)?),
             Linear::Lora(l) => l.base.dense_weight(dtype),
         }
     }
 
-    /// The dtype the (base) weight is stored in: a quantized weight's scales' dtype.
+    /// The dtype the (base) weight is stored in: an affine-quantized weight's scales' dtype; a
+    /// float mode's bfloat16 (what `mx.dequantize` gives for u8 scales).
     pub fn weight_dtype(&self) -> DType {
         match self {
             Linear::Dense { weight, .. } => weight.dtype(),
             Linear::Quantized { weight, .. } => weight.scales.dtype(),
+            Linear::Fp { .. } => DType::BF16,
             Linear::Lora(l) => l.base.weight_dtype(),
         }
     }
@@ -89,6 +98,9 @@ impl Linear {
 /// A deferred norm's input ([`Normed::Deferred`]) always takes it: [`RmsNorm::forward_branch`]
 /// deferred it for these weights.
 pub fn fused_qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<Option<[Tensor; 3]>> {
+    if let (Normed::Plain(x), Some([qw, kw, vw])) = (x, fp_weights(&[q, k, v]).as_deref()) {
+        return FpWeight::fused_qkv(x, qw, kw, vw);
+    }
     let Some([qw, kw, vw]) = quantized_weights(&[q, k, v]).map(|w| [w[0], w[1], w[2]]) else { return Ok(None) };
     match x {
         Normed::Plain(x) => crate::ops::qmatmul::fused_qkv(x, qw, kw, vw),
@@ -102,6 +114,9 @@ pub fn fused_qkv(x: &Normed, q: &Linear, k: &Linear, v: &Linear) -> Result<Optio
 /// projections and the activation separately.
 /// A deferred norm's input takes it as [`fused_qkv`]'s.
 pub fn fused_swiglu(x: &Normed, gate: &Linear, up: &Linear) -> Result<Option<Tensor>> {
+    if let (Normed::Plain(x), Some([g, u])) = (x, fp_weights(&[gate, up]).as_deref()) {
+        return FpWeight::fused_swiglu(x, g, u);
+    }
     let Some([g, u]) = quantized_weights(&[gate, up]).map(|w| [w[0], w[1]]) else { return Ok(None) };
     match x {
         Normed::Plain(x) => crate::ops::qmatmul::fused_swiglu(x, g, u),
@@ -126,6 +141,16 @@ pub(super) fn quantized_weights<'a>(ls: &[&'a Linear]) -> Option<Vec<&'a Quantiz
     ls.iter()
         .map(|l| match l {
             Linear::Quantized { weight, bias: None } => Some(weight),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The weights of bias-free layers quantized in a float mode, or `None`.
+fn fp_weights<'a>(ls: &[&'a Linear]) -> Option<Vec<&'a FpWeight>> {
+    ls.iter()
+        .map(|l| match l {
+            Linear::Fp { weight, bias: None } => Some(weight),
             _ => None,
         })
         .collect()

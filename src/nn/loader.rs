@@ -2,8 +2,8 @@
 
 use crate::io::Weights;
 use crate::nn::lora::Adapters;
-use crate::ops::qmatmul::{Mxfp4Weight, QuantizedWeight};
-use crate::quant::{QuantParams, QuantSpec};
+use crate::ops::qmatmul::{FpWeight, QuantizedWeight};
+use crate::quant::{Mode, QuantParams, QuantSpec};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -82,7 +82,20 @@ impl Loader<'_> {
                         "layer `{prefix}`: packed weight rows of {width} u32 words and {groups} scale groups do not fit {in_dim} inputs for any bits / group size"
                     );
                 }
-                Ok(Some(QuantParams::new(width * 32 / in_dim, in_dim / groups, &format!("layer `{prefix}`"))?))
+                let (bits, group_size) = (width * 32 / in_dim, in_dim / groups);
+                let what = format!("layer `{prefix}`");
+                if w.dtype(&scales)? != DType::U8 {
+                    return Ok(Some(QuantParams::new(bits, group_size, &what)?));
+                }
+                // u8 scales: the one float mode with these bits and group size (mlx_lm's
+                // `infer_quant_config`)
+                let mode = Mode::ALL.into_iter().find(|m| m.is_fp() && m.defaults() == (group_size, bits));
+                match mode {
+                    Some(m) => Ok(Some(QuantParams::with_mode(m, None, None, &what)?)),
+                    None => anyhow::bail!(
+                        "Cannot infer the quantization mode of {prefix}: {bits} bits with group size {group_size}."
+                    ),
+                }
             }
         }
     }
@@ -111,36 +124,62 @@ impl Loader<'_> {
         self.quantized_stack(prefix, &[experts], out_dim, in_dim, params)
     }
 
-    /// The two tensors of a stack of `experts` `mxfp4` matrices (`.weight` u32, `.scales` u8),
-    /// validated; `out_dim` and `in_dim` are one expert's.
-    pub fn mxfp4_experts(&self, prefix: &str, experts: usize, out_dim: usize, in_dim: usize) -> Result<Mxfp4Weight> {
+    /// A matrix (`lead` empty) or a stack of them in a float mode (`params.mode`): `.weight`
+    /// u32 and `.scales` u8, validated, and nvfp4's `.global_scale` (one f32 per matrix) where
+    /// the file has one; `out_dim` and `in_dim` are one matrix's.
+    pub fn fp(
+        &self,
+        prefix: &str,
+        lead: &[usize],
+        out_dim: usize,
+        in_dim: usize,
+        params: QuantParams,
+    ) -> Result<FpWeight> {
         let w = self.weights;
-        let group = crate::quant::mxfp4::GROUP;
-        if !in_dim.is_multiple_of(group) {
-            bail!("layer `{prefix}`: input dimension {in_dim} is not divisible by mxfp4's group of {group}");
+        let mode = params.mode;
+        if !in_dim.is_multiple_of(params.group_size) {
+            bail!(
+                "layer `{prefix}`: input dimension {in_dim} is not divisible by {mode}'s group of {}",
+                params.group_size
+            );
         }
-        for (part, dtype, last) in [("weight", DType::U32, in_dim / 8), ("scales", DType::U8, in_dim / group)] {
+        let parts =
+            [("weight", DType::U32, in_dim * params.bits / 32), ("scales", DType::U8, in_dim / params.group_size)];
+        for (part, dtype, last) in parts {
             let name = format!("{prefix}.{part}");
+            if !w.contains(&name) {
+                bail!("layer `{prefix}` is quantized in mode {mode} according to config.json, but `{name}` is missing from the weights");
+            }
             let (shape, stored) = (w.shape(&name)?, w.dtype(&name)?);
-            let want = [experts, out_dim, last];
+            let want = [lead, &[out_dim, last]].concat();
             if shape != want || stored != dtype {
                 bail!(
-                    "layer `{prefix}`: mxfp4 `{name}` is {stored:?} {shape:?}, expected {dtype:?} {want:?} ({experts} experts of {out_dim}×{in_dim})"
+                    "layer `{prefix}`: {mode} `{name}` is {stored:?} {shape:?}, expected {dtype:?} {want:?} ({lead:?} × {out_dim}×{in_dim} in groups of {})",
+                    params.group_size
                 );
             }
         }
-        Ok(Mxfp4Weight {
+        let gname = format!("{prefix}.global_scale");
+        let global_scale = if w.contains(&gname) {
+            if mode != Mode::Nvfp4 {
+                bail!("layer `{prefix}`: `{gname}` is given, but a global scale exists in nvfp4 mode only (this layer is {mode})");
+            }
+            let shape = w.shape(&gname)?;
+            if shape != lead && !(lead.is_empty() && shape == [1]) {
+                bail!("layer `{prefix}`: `{gname}` has shape {shape:?}, expected one value per matrix {lead:?}");
+            }
+            Some(w.get(&gname, &shape, DType::F32, &self.device)?.reshape(lead)?)
+        } else {
+            None
+        };
+        Ok(FpWeight {
+            mode,
             packed: w.raw(&format!("{prefix}.weight"), &self.device)?,
             scales: w.raw(&format!("{prefix}.scales"), &self.device)?,
+            global_scale,
             out_dim,
             in_dim,
         })
-    }
-
-    /// Whether the layer at `prefix` is stored in mlx's `mxfp4` mode (u8 scales).
-    pub fn is_mxfp4(&self, prefix: &str) -> Result<bool> {
-        let scales = format!("{prefix}.scales");
-        Ok(self.weights.contains(&scales) && self.weights.dtype(&scales)? == DType::U8)
     }
 
     fn quantized_stack(
@@ -160,8 +199,8 @@ impl Loader<'_> {
                 params.group_size
             );
         }
-        if self.is_mxfp4(prefix)? {
-            bail!("layer `{prefix}` is quantized in mlx's mxfp4 mode, which wick reads for expert layers only so far");
+        if params.mode.is_fp() {
+            bail!("layer `{prefix}` is quantized in mode {}, which this layer does not read", params.mode);
         }
         let wshape = w.shape(&wname)?;
         if w.dtype(&wname)? != DType::U32 {

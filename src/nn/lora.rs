@@ -544,7 +544,8 @@ impl LoraLinear {
 
     /// The layer with the adapter folded into its weight, as mlx_lm's `fuse` computes it: the
     /// base weight in `store` (its dtype in the file; a quantized weight is dequantized in its
-    /// scales' dtype), plus the update cast to it; DoRA then rescales each row to `m`, which
+    /// scales' dtype, one in a float mode in bfloat16 as `mx.dequantize` gives it), plus the
+    /// update cast to it; DoRA then rescales each row to `m`, which
     /// makes the result f32 as in mlx. A quantized base is re-quantized with its own bits and
     /// group size unless `dequantize`.
     pub fn fuse(&self, dequantize: bool, store: DType) -> Result<Linear> {
@@ -566,6 +567,10 @@ impl LoraLinear {
                 let (packed, scales, biases) = crate::quant::quantize_tensor(&fused, weight.params)?;
                 let q = crate::ops::qmatmul::QuantizedWeight { packed, scales, biases, ..weight.clone() };
                 Ok(Linear::Quantized { weight: q, bias })
+            }
+            Linear::Fp { weight, .. } if !dequantize => {
+                let (packed, scales) = crate::quant::fp::quantize_tensor(&fused, weight.mode, None)?;
+                Ok(Linear::Fp { weight: crate::ops::qmatmul::FpWeight { packed, scales, ..weight.clone() }, bias })
             }
             _ => Ok(Linear::Dense { weight: fused, bias }),
         }

@@ -6,7 +6,7 @@
 
 use super::Loader;
 use crate::ops::gather_mm::ExpertWeights;
-use crate::ops::qmatmul::QuantizedWeight;
+use crate::ops::qmatmul::{FpWeight, QuantizedWeight};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ pub struct MultiLinear {
 impl MultiLinear {
     pub fn load(ld: &Loader, prefix: &str, in_dim: usize, out_dim: usize, heads: usize) -> Result<Self> {
         let weight = match ld.quant_params(prefix, in_dim)? {
-            Some(_) if ld.is_mxfp4(prefix)? => ExpertWeights::Mxfp4(ld.mxfp4_experts(prefix, heads, out_dim, in_dim)?),
+            Some(p) if p.mode.is_fp() => ExpertWeights::Fp(ld.fp(prefix, &[heads], out_dim, in_dim, p)?),
             Some(p) => ExpertWeights::Quantized(ld.quantized_experts(prefix, heads, out_dim, in_dim, p)?),
             None => ExpertWeights::Dense(ld.matrix(&format!("{prefix}.weight"), &[heads, out_dim, in_dim])?),
         };
@@ -52,8 +52,20 @@ impl MultiLinear {
                 let y = whole.matmul(&x.squeeze(1)?)?.to_dtype(x.dtype())?; // (B, L, heads·out)
                 Ok(y.reshape((b, l, h, o))?.transpose(1, 2)?)
             }
-            // each head's rows through its own weight: the heads routed like experts
+            ExpertWeights::Fp(w) if hx == 1 && w.global_scale.is_none() => {
+                let whole = FpWeight {
+                    packed: w.packed.flatten_to(1)?,
+                    scales: w.scales.flatten_to(1)?,
+                    out_dim: h * o,
+                    ..w.clone()
+                };
+                let y = whole.matmul(&x.squeeze(1)?)?.to_dtype(x.dtype())?;
+                Ok(y.reshape((b, l, h, o))?.transpose(1, 2)?)
+            }
+            // each head's rows through its own weight: the heads routed like experts (a shared
+            // input repeated for each head)
             _ => {
+                let x = x.broadcast_as((b, h, l, i))?;
                 let rows = x.contiguous()?.reshape((b * h * l, i))?;
                 let y = self.weight.gather_rows(&rows, &self.head_ids(b, l, x.device())?, 1)?.to_dtype(x.dtype())?;
                 Ok(y.reshape((b, h, l, o))?)
@@ -86,7 +98,7 @@ impl MultiLinear {
         Ok(match &self.weight {
             ExpertWeights::Dense(w) => w.to_dtype(dtype)?,
             ExpertWeights::Quantized(q) => q.dequantize_in(dtype)?,
-            ExpertWeights::Mxfp4(q) => q.dequantize(dtype)?,
+            ExpertWeights::Fp(q) => q.dequantize(dtype)?.to_dtype(dtype)?,
         })
     }
 

@@ -24,9 +24,7 @@ impl SwitchLinear {
             a.check_trainable_quantized(prefix)?;
         }
         let weight = match params {
-            Some(_) if ld.is_mxfp4(prefix)? => {
-                ExpertWeights::Mxfp4(ld.mxfp4_experts(prefix, experts, out_dim, in_dim)?)
-            }
+            Some(p) if p.mode.is_fp() => ExpertWeights::Fp(ld.fp(prefix, &[experts], out_dim, in_dim, p)?),
             Some(p) => ExpertWeights::Quantized(ld.quantized_experts(prefix, experts, out_dim, in_dim, p)?),
             None => ExpertWeights::Dense(ld.matrix(&format!("{prefix}.weight"), &[experts, out_dim, in_dim])?),
         };
@@ -110,7 +108,7 @@ impl SwitchLinear {
         let w = match &self.weight {
             ExpertWeights::Quantized(q) => q.dequantize_in(store)?,
             ExpertWeights::Dense(w) => w.to_dtype(store)?,
-            ExpertWeights::Mxfp4(q) => q.dequantize(store)?,
+            ExpertWeights::Fp(q) => q.dequantize(store)?.to_dtype(store)?,
         };
         let fused = (w + l.delta()?.to_dtype(store)?)?;
         Ok(Some(match &self.weight {
@@ -118,10 +116,7 @@ impl SwitchLinear {
                 let (packed, scales, biases) = crate::quant::quantize_tensor(&fused, q.params)?;
                 vec![("weight", packed), ("scales", scales), ("biases", biases)]
             }
-            ExpertWeights::Mxfp4(_) if !dequantize => {
-                let (packed, scales) = crate::quant::mxfp4::quantize_tensor(&fused)?;
-                vec![("weight", packed), ("scales", scales)]
-            }
+            ExpertWeights::Fp(q) if !dequantize => q.requantize(&fused)?,
             _ => vec![("weight", fused)],
         }))
     }

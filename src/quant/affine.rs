@@ -3,6 +3,7 @@
 //! little-endian bit stream (value `j` at bits `j·bits .. (j+1)·bits`) stored in u32 words, so
 //! 3-, 5- and 6-bit values straddle words exactly as MLX packs them.
 
+use super::Mode;
 use anyhow::{bail, Result};
 
 /// Bits MLX's affine mode supports.
@@ -10,15 +11,34 @@ pub const SUPPORTED_BITS: [usize; 6] = [2, 3, 4, 5, 6, 8];
 /// Group sizes MLX's affine mode supports.
 pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
 
-/// One layer's quantization parameters.
+/// One layer's quantization parameters: bits, group size and mode (see [`Mode`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantParams {
     pub bits: usize,
     pub group_size: usize,
+    pub mode: Mode,
 }
 
 impl QuantParams {
-    /// Checks that MLX supports this combination; `what` names the layer or flag for the error.
+    /// Affine bits and group size, unchecked (an architecture's fixed choice).
+    pub const fn affine(bits: usize, group_size: usize) -> Self {
+        Self { bits, group_size, mode: Mode::Affine }
+    }
+
+    /// `mode` with the given or the mode's default group size and bits, checked as mlx checks
+    /// them (its refusal, after `what`: the layer or flag).
+    pub fn with_mode(mode: Mode, group_size: Option<usize>, bits: Option<usize>, what: &str) -> Result<Self> {
+        let (g, b) = mode.defaults();
+        let (group_size, bits) = (group_size.unwrap_or(g), bits.unwrap_or(b));
+        if mode == Mode::Affine {
+            return Self::new(bits, group_size, what);
+        }
+        mode.check(group_size, bits, "quantize").map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        Ok(Self { bits, group_size, mode })
+    }
+
+    /// Checks that MLX's affine mode supports this combination; `what` names the layer or flag
+    /// for the error.
     pub fn new(bits: usize, group_size: usize, what: &str) -> Result<Self> {
         if !SUPPORTED_BITS.contains(&bits) {
             bail!(
@@ -28,7 +48,7 @@ impl QuantParams {
         if !SUPPORTED_GROUP_SIZES.contains(&group_size) {
             bail!("{what}: group_size = {group_size} is not supported by MLX affine quantization (expected 32, 64 or 128)");
         }
-        Ok(Self { bits, group_size })
+        Ok(Self { bits, group_size, mode: Mode::Affine })
     }
 
     /// Number of u32 words of one packed row of `in_dim` values.

@@ -1,16 +1,18 @@
 //! config.json's `quantization` (or `quantization_config`) block, as mlx_lm writes and reads it:
-//! global `bits` and `group_size` (and `mode`), plus per-layer entries keyed by the layer's path —
-//! a dict with its own `bits`/`group_size`, or `false` for a layer kept in float.
+//! global `bits`, `group_size` and `mode`, plus per-layer entries keyed by the layer's path — a
+//! dict with its own `bits` / `group_size` / `mode` (a dict without `mode` is affine, as mlx's
+//! `to_quantized` defaults it), `true` for the global ones, or `false` for a layer kept in float.
 
 use super::affine::QuantParams;
+use super::Mode;
 use anyhow::{bail, Result};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 pub struct QuantSpec {
+    /// the global bits, group size and mode
     pub default: QuantParams,
-    pub mode: String,
     /// per-layer overrides: `Some(params)` or `None` (kept in float)
     pub layers: BTreeMap<String, Option<QuantParams>>,
 }
@@ -24,9 +26,10 @@ impl QuantSpec {
             Some(_) => bail!("{path}: `quantization` must be an object"),
         };
         // the original checkpoints' `quantization_config` (mlx_lm maps it to its own block)
-        if block.get("quant_method").and_then(|m| m.as_str()) == Some("mxfp4") && !block.contains_key("bits") {
-            let default = QuantParams::new(4, 32, path)?;
-            return Ok(Some(Self { default, mode: "mxfp4".into(), layers: BTreeMap::new() }));
+        let method = block.get("quant_method").and_then(|m| m.as_str());
+        if let (Some(m @ ("mxfp4" | "mxfp8")), false) = (method, block.contains_key("bits")) {
+            let default = QuantParams::with_mode(Mode::parse(m)?, None, None, path)?;
+            return Ok(Some(Self { default, layers: BTreeMap::new() }));
         }
         // compressed-tensors' packed int4 (Kimi K2-Thinking / K2.5): affine 4-bit in groups of 32
         // once the architecture's sanitize has renamed its tensors (mlx_lm's mapping)
@@ -38,21 +41,17 @@ impl QuantSpec {
                 bail!("{path}: compressed-tensors format `{format}` is not supported (only pack-quantized int4)");
             }
             let default = QuantParams::new(4, 32, path)?;
-            return Ok(Some(Self { default, mode: "affine".into(), layers: BTreeMap::new() }));
+            return Ok(Some(Self { default, layers: BTreeMap::new() }));
         }
         // FP8 checkpoints (DeepSeek, Kimi, Mistral): dequantized by the architecture's sanitize
         if block.get("quant_method").and_then(|m| m.as_str()) == Some("fp8") && !block.contains_key("bits") {
             return Ok(None);
         }
-        let mode = block.get("mode").and_then(|m| m.as_str()).unwrap_or("affine").to_string();
-        if mode != "affine" && mode != "mxfp4" {
-            bail!("{path}: quantization mode `{mode}` is not supported (supported: affine, mxfp4)");
-        }
-        let default = params_of(block, &format!("{path}: quantization"))?;
+        let default = params_of(block, &format!("{path}: quantization"), true)?;
         let mut layers = BTreeMap::new();
         for (k, v) in block {
             match (k.as_str(), v) {
-                ("bits" | "group_size" | "mode" | "quant_method", _) => {}
+                ("bits" | "group_size" | "mode" | "quant_method" | "global_scale", _) => {}
                 (_, Value::Bool(false)) => {
                     layers.insert(k.clone(), None);
                 }
@@ -60,13 +59,13 @@ impl QuantSpec {
                     layers.insert(k.clone(), Some(default));
                 }
                 (_, Value::Object(m)) => {
-                    let p = params_of(m, &format!("{path}: quantization override for layer `{k}`"))?;
+                    let p = params_of(m, &format!("{path}: quantization override for layer `{k}`"), false)?;
                     layers.insert(k.clone(), Some(p));
                 }
                 _ => {}
             }
         }
-        Ok(Some(Self { default, mode, layers }))
+        Ok(Some(Self { default, layers }))
     }
 
     /// Overrides that name a layer the model does not have (a clear error, naming it).
@@ -78,37 +77,26 @@ impl QuantSpec {
         }
         Ok(())
     }
-
-    /// The JSON block mlx_lm writes.
-    pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("group_size".into(), self.default.group_size.into());
-        m.insert("bits".into(), self.default.bits.into());
-        m.insert("mode".into(), self.mode.clone().into());
-        for (k, v) in &self.layers {
-            match v {
-                None => m.insert(k.clone(), Value::Bool(false)),
-                Some(p) => {
-                    let mut o = Map::new();
-                    o.insert("group_size".into(), p.group_size.into());
-                    o.insert("bits".into(), p.bits.into());
-                    m.insert(k.clone(), Value::Object(o))
-                }
-            };
-        }
-        Value::Object(m)
-    }
 }
 
-fn params_of(m: &Map<String, Value>, what: &str) -> Result<QuantParams> {
-    let get = |k: &str| -> Result<usize> {
+/// Bits, group size and mode of a block (`required`: the global one, where mlx_lm needs both
+/// numbers; a layer's entry takes its mode's defaults for a missing one).
+fn params_of(m: &Map<String, Value>, what: &str, required: bool) -> Result<QuantParams> {
+    let get = |k: &str| -> Result<Option<usize>> {
         match m.get(k) {
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| anyhow::anyhow!("{what}: `{k}` must be a positive integer")),
-            None => bail!("{what}: missing `{k}`"),
+            Some(v) => Ok(Some(
+                v.as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| anyhow::anyhow!("{what}: `{k}` must be a positive integer"))?,
+            )),
+            None if required => bail!("{what}: missing `{k}`"),
+            None => Ok(None),
         }
     };
-    QuantParams::new(get("bits")?, get("group_size")?, what)
+    let mode = match m.get("mode") {
+        None | Some(Value::Null) => Mode::Affine,
+        Some(Value::String(s)) => Mode::parse(s).map_err(|e| anyhow::anyhow!("{what}: `mode`: {e}"))?,
+        Some(_) => bail!("{what}: `mode` must be a string (affine, mxfp4, nvfp4 or mxfp8)"),
+    };
+    QuantParams::with_mode(mode, get("group_size")?, get("bits")?, what)
 }

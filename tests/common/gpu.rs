@@ -216,11 +216,7 @@ fn convert_4bit_g64(src: &std::path::Path, dir: &std::path::Path) -> std::path::
     let out = dir.join("q4");
     let opts = ConvertOptions {
         dtype: None,
-        quantize: Some(QuantizeOptions {
-            params: QuantParams::new(4, 64, "test").unwrap(),
-            mode: "affine".into(),
-            recipe: None,
-        }),
+        quantize: Some(QuantizeOptions { params: QuantParams::new(4, 64, "test").unwrap(), recipe: None }),
         ..Default::default()
     };
     convert(src, &out, &opts).unwrap();

@@ -641,6 +641,57 @@ def tiny_mxfp4(model_class, args_class, cfg, params, d, ids):
     json.dump(tiny_greedy(model, ids), open(os.path.join(md, "greedy.json"), "w"))
 
 
+# Models also written by mlx_lm's quantize_model in its float modes (every layer it quantizes in
+# that mode, the architecture's own predicate kept: e.g. qwen3_moe's router at affine 8 bits),
+# from the float16 weights, under `<mode>/` (`nvfp4_global/`: nvfp4 with one global scale per
+# expert on the switch layers, mlx_lm's `global_scale=True`).
+TINY_MODES = {
+    "tiny_qwen3": ["mxfp4", "nvfp4", "mxfp8"],
+    "tiny_qwen3_moe": ["mxfp4", "nvfp4", "mxfp8", "nvfp4_global"],
+    "tiny_gpt_oss": ["nvfp4", "mxfp8"],
+    "tiny_deepseek_v3": ["mxfp4"],
+}
+
+
+def tiny_mode(model_class, args_class, cfg, params, d, ids, folder):
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model
+
+    mode, global_scale = folder.split("_")[0], folder.endswith("_global")
+    model = model_class(args_class.from_dict(cfg))
+    model.load_weights(list(params.items()))
+    model, qcfg = quantize_model(model, cfg, None, None, mode=mode, global_scale=global_scale)
+    md = os.path.join(d, folder)
+    os.makedirs(md, exist_ok=True)
+    mx.save_safetensors(os.path.join(md, "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    json.dump(qcfg, open(os.path.join(md, "config.json"), "w"), indent=1)
+    if global_scale:
+        # mlx's gather_qmm takes a global scale on the GPU only: the reference runs the experts
+        # dequantized by mx.dequantize (each with its global scale, which the CPU does take)
+        dequantize_global_experts(model)
+    to_f32(model)
+    save_f32(os.path.join(md, "logits.safetensors"), tiny_logits(model, ids))
+    json.dump(tiny_greedy(model, ids), open(os.path.join(md, "greedy.json"), "w"))
+
+
+def dequantize_global_experts(model):
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    swaps = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedSwitchLinear) and m.global_scale is not None:
+            w = mx.stack([mx.dequantize(m.weight[e], m.scales[e], None, group_size=m.group_size, bits=m.bits,
+                                        mode=m.mode, global_scale=m.global_scale[e])
+                          for e in range(m.weight.shape[0])])
+            lin = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+            lin.weight = w
+            if "bias" in m:
+                lin.bias = m.bias
+            swaps.append((name, lin))
+    model.update_modules(__import__("mlx.utils", fromlist=["tree_unflatten"]).tree_unflatten(swaps))
+
+
 def tiny_greedy(model, ids):
     """32 greedy tokens after the first 8 golden ids, by mlx_lm's generate_step (f32)."""
     from mlx_lm.generate import generate_step
@@ -699,6 +750,8 @@ def tiny_models():
         json.dump(tiny_greedy(model, ids), open(os.path.join(qd, "greedy.json"), "w"))
         if name in TINY_MXFP4:
             tiny_mxfp4(model_class, args_class, cfg, params, d, ids)
+        for folder in TINY_MODES.get(name, []):
+            tiny_mode(model_class, args_class, cfg, params, d, ids, folder)
         print(f"{name}: {sum(v.size for v in params.values())} params")
 
 
@@ -743,6 +796,105 @@ def quant_vectors():
     json.dump({"mlx_version": mx.__version__, "cases": cases},
               open(os.path.join(GOLDEN, "quant_vectors.json"), "w"), indent=1)
     print(f"quant vectors: {len(cases)} cases")
+
+
+QUANT_MODE_DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def quant_mode_inputs(rng, dt):
+    """Matrices that reach every rule of mlx's float modes: normal values at scales from 1e-3 to
+    1e3, a per-group log-uniform scale, values on the E2M1 grid times powers of two (exact ties),
+    and rows of zeros, -0.0, E2M1 / E4M3 ties, maxima one ulp around 6·2^k and 448·2^k, and
+    magnitudes near the dtype's limits."""
+    big, small = (1e4, 1e-6) if dt == "float16" else (1e30, 1e-30)
+    out = {}
+    w = rng.standard_normal((16, 256)).astype(np.float32)
+    w *= np.array([1e-3, 1e-2, 1.0, 1e2, 1e3, 1.0, 1.0, 1.0] * 2, dtype=np.float32)[:, None]
+    w[5] = 0.0
+    w[6] = -0.0
+    grid = np.array([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, -.25, -.75, -2.5, -5, -6], np.float32)
+    w[7] = np.resize(grid, 256) * 2.0 ** rng.integers(-3, 4, 256)
+    w[8] = np.resize(np.array([448, 1.0625, 1.1875, -3 * 2.0 ** -10, 2.0 ** -10, 240, 232], np.float32), 256)
+    w[9] = np.resize(np.array([6 * 32, np.nextafter(np.float32(6 * 32), np.float32(1e9)), 1, -2], np.float32), 256)
+    w[10] = rng.standard_normal(256) * big
+    w[11] = rng.standard_normal(256) * small
+    w[12] = rng.standard_normal(256) * np.repeat(10.0 ** rng.uniform(-3, 3, 16), 16)
+    out["mixed"] = w
+    out["normal"] = (rng.standard_normal((8, 512)) * 0.05).astype(np.float32)
+    return out
+
+
+def quant_modes():
+    """mx.quantize / mx.dequantize in the float modes (mxfp4, nvfp4 with and without a global
+    scale, mxfp8) on matrices of three dtypes, dequantized into three dtypes; and mlx's refusal
+    for every mode × group size × bits it does not allow."""
+    rng = np.random.default_rng(23)
+    inputs, cases = {}, []
+    for dt in QUANT_MODE_DTYPES:
+        for key, w in quant_mode_inputs(rng, dt).items():
+            wm = mx.array(w).astype(getattr(mx, dt))
+            name = f"{dt}_{key}"
+            inputs[name] = wm
+            for mode, gs, bits in [("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8), ("nvfp4_global", 16, 4)]:
+                kw = {}
+                if mode == "nvfp4_global":
+                    kw["global_scale"] = mx.max(mx.abs(wm)).astype(mx.float32)
+                m = mode.split("_")[0]
+                q, sc = mx.quantize(wm, group_size=gs, bits=bits, mode=m, **kw)
+                case = {"input": name, "mode": mode, "packed_sha256": sha(q), "scales_sha256": sha(sc),
+                        "packed_head": np.array(q).reshape(-1)[:4].tolist(),
+                        "scales_head": np.array(sc).reshape(-1)[:8].tolist()}
+                if kw:
+                    case["global_scale"] = float(kw["global_scale"].item())
+                for odt in QUANT_MODE_DTYPES:
+                    deq = mx.dequantize(q, sc, None, group_size=gs, bits=bits, mode=m, dtype=getattr(mx, odt), **kw)
+                    case[f"dequantized_{odt}_sha256"] = sha(deq)
+                    case[f"dequantized_{odt}_dtype"] = str(deq.dtype)
+                cases.append(case)
+    errors = []
+    w = mx.zeros((4, 128))
+    for mode in ["affine", "mxfp4", "nvfp4", "mxfp8"]:
+        for gs in [16, 32, 64, 128]:
+            for bits in [2, 3, 4, 5, 6, 7, 8]:
+                try:
+                    mx.quantize(w, group_size=gs, bits=bits, mode=mode)
+                except ValueError as e:
+                    errors.append({"mode": mode, "group_size": gs, "bits": bits, "error": str(e)})
+    mx.save_safetensors(os.path.join(GOLDEN, "quant_modes_inputs.safetensors"), inputs)
+    json.dump({"mlx_version": mx.__version__, "cases": cases, "errors": errors},
+              open(os.path.join(GOLDEN, "quant_modes.json"), "w"), indent=1)
+    print(f"quant modes: {len(cases)} cases, {len(errors)} refusals")
+
+
+QUANT_MODE_MODELS = ["mxfp4", "nvfp4", "mxfp8"]
+
+
+def quant_mode_models():
+    """mlx_lm.convert -q --q-mode of the default model in each float mode: per-tensor hashes, the
+    quantization block, and greedy tokens (f32 activations) on the golden prompts."""
+    import shutil
+    import tempfile
+
+    from mlx_lm import convert, load
+
+    g = json.load(open(os.path.join(GOLDEN, "smollm2_greedy.json")))
+    out = {}
+    tmp = tempfile.mkdtemp()
+    for mode in QUANT_MODE_MODELS:
+        path = os.path.join(tmp, mode)
+        convert(MODEL, path, quantize=True, q_mode=mode)
+        weights = mx.load(os.path.join(path, "model.safetensors"))
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        model, tok = load(path)
+        to_f32(model)
+        out[mode] = {"convert_args": {"q_mode": mode}, "quantization": cfg["quantization"],
+                     "quantization_config": cfg.get("quantization_config"),
+                     "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha(v)}
+                                 for k, v in sorted(weights.items())},
+                     "greedy_f32": [greedy(model, c["prompt_ids"], N_GREEDY) for c in g["cases"]]}
+        print(mode, [tok.decode(t) for t in out[mode]["greedy_f32"][:2]])
+    shutil.rmtree(tmp)
+    json.dump(out, open(os.path.join(GOLDEN, "smollm2_quantized_modes.json"), "w"), indent=1)
 
 
 QUANT_MODELS = {
@@ -1874,7 +2026,7 @@ ONLY_NAMES = set()
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "max_kv", "chat", "sampling",
+    ap.add_argument("--only", choices=["foundation", "gguf", "tiny", "quant", "quant_models", "quant_modes", "quant_mode_models", "max_kv", "chat", "sampling",
                                          "kv_quant", "prompt_cache", "perplexity", "adapters", "lora_grads", "lora_train", "lora_run_default", "gguf_tiny"],
                     default=None)
     ap.add_argument("--names", nargs="*", default=None, help="with --only tiny: only these tiny models")
@@ -1884,7 +2036,8 @@ def main():
     os.makedirs(GOLDEN, exist_ok=True)
     mx.set_default_device(mx.cpu)
     jobs = {"tiny": tiny_models, "gguf": gguf_import, "foundation": foundation, "quant": quant_vectors,
-            "quant_models": quant_models, "max_kv": max_kv, "chat": chat, "sampling": sampling,
+            "quant_models": quant_models, "quant_modes": quant_modes, "quant_mode_models": quant_mode_models,
+            "max_kv": max_kv, "chat": chat, "sampling": sampling,
             "kv_quant": kv_quant, "prompt_cache": prompt_cache, "perplexity": perplexity,
             "adapters": adapters, "lora_grads": lora_grads, "lora_train": lora_train,
             "lora_run_default": lora_run_default, "gguf_tiny": gguf_tiny}

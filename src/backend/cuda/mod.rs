@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 pub enum Module {
     /// src/ops/qmatmul/affine.cu
     Affine,
+    /// src/ops/qmatmul/fp.cu
+    Fp,
     /// src/ops/attention/attention.cu
     Attention,
     /// src/ops/norm/norm.cu
@@ -33,6 +35,7 @@ impl Module {
     fn image(self) -> &'static [u8] {
         match self {
             Module::Affine => include_bytes!(concat!(env!("OUT_DIR"), "/affine.fatbin")),
+            Module::Fp => include_bytes!(concat!(env!("OUT_DIR"), "/fp.fatbin")),
             Module::Attention => include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
             Module::Norm => include_bytes!(concat!(env!("OUT_DIR"), "/norm.fatbin")),
             Module::Swiglu => include_bytes!(concat!(env!("OUT_DIR"), "/swiglu.fatbin")),

@@ -1,6 +1,6 @@
 //! The gathered matmuls of mixture-of-experts layers (mlx's `gather_mm` / `gather_qmm`): row `i`
 //! of the input is multiplied by the weight of expert `ids[i]`, one of a stack of `E` weights
-//! (`E × out × in`, dense, affine-quantized or mxfp4). Two forms:
+//! (`E × out × in`, dense, affine-quantized or in a float mode). Two forms:
 //! - grouped ([`Routing`], [`ExpertWeights::gather_matmul`]): the rows are grouped by expert
 //!   on the host (the expert ids are read back once per layer), then one matmul per chosen
 //!   expert with the plain matmul ops (its weights a view into the stack on the CPU, a copy on
@@ -16,7 +16,7 @@
 pub mod cuda;
 
 use crate::ops::dense_matmul::dense_matmul;
-use crate::ops::qmatmul::{Mxfp4Weight, QuantizedWeight};
+use crate::ops::qmatmul::{FpWeight, QuantizedWeight};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -103,7 +103,7 @@ impl Routing {
 pub enum ExpertWeights {
     Dense(Tensor),
     Quantized(QuantizedWeight),
-    Mxfp4(Mxfp4Weight),
+    Fp(FpWeight),
 }
 
 impl ExpertWeights {
@@ -112,10 +112,16 @@ impl ExpertWeights {
         match self {
             Self::Dense(w) => routing.per_expert(x, |e, rows| dense_matmul(rows, &w.get(e)?)),
             Self::Quantized(w) => routing.per_expert(x, |e, rows| expert(w, e)?.matmul(rows)),
-            Self::Mxfp4(w) => routing.per_expert(x, |e, rows| mxfp4_expert(w, e)?.matmul(rows)),
+            Self::Fp(w) => routing.per_expert(x, |e, rows| w.get(e)?.matmul(rows)),
         }
     }
 }
+
+/// Up to this many routed rows a float-mode stack runs the gathered decode kernel on CUDA or
+/// Metal (as many as a decode step routes on the device, so a captured step never groups on the
+/// host); more rows (prefill) are grouped per expert, each expert's matmul reading its weight once.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+const FP_GATHERED_ROWS: usize = DEVICE_ROUTED_ROWS;
 
 /// Whether the device form may run in models: `WICK_MOE_DEVICE_ROUTING=0` groups every call's
 /// rows on the host (and so keeps mixture-of-experts decode steps out of CUDA graphs), for
@@ -132,7 +138,13 @@ impl ExpertWeights {
         if device.is_cuda() {
             self.routes_on_cuda()
         } else {
-            device_routing() && !device.is_cpu() && matches!(self, Self::Dense(_))
+            device_routing()
+                && !device.is_cpu()
+                && match self {
+                    Self::Dense(_) => true,
+                    Self::Fp(_) => cfg!(feature = "metal") && device.is_metal(),
+                    Self::Quantized(_) => false,
+                }
         }
     }
 
@@ -142,7 +154,7 @@ impl ExpertWeights {
             && match self {
                 Self::Dense(_) => true,
                 Self::Quantized(_) => cfg!(feature = "cuda"),
-                Self::Mxfp4(_) => false,
+                Self::Fp(_) => cfg!(feature = "cuda"),
             }
     }
 
@@ -158,6 +170,14 @@ impl ExpertWeights {
         match self {
             #[cfg(feature = "cuda")]
             Self::Quantized(w) if x.device().is_cuda() => gathered_qmm(x, &[w], &ids, xdiv),
+            #[cfg(feature = "cuda")]
+            Self::Fp(w) if x.device().is_cuda() && rows <= FP_GATHERED_ROWS => {
+                crate::ops::qmatmul::fp_cuda::gather_rows(x, w, &ids, xdiv)
+            }
+            #[cfg(feature = "metal")]
+            Self::Fp(w) if x.device().is_metal() && rows <= FP_GATHERED_ROWS => {
+                crate::ops::qmatmul::fp_metal::gather_rows(x, w, &ids, xdiv)
+            }
             Self::Dense(w) if !x.device().is_cpu() => {
                 let xin = x.dim(D::Minus1)?;
                 let xr = x.unsqueeze(1)?.broadcast_as((x.dim(0)?, xdiv, xin))?.reshape((rows, 1, xin))?;
@@ -195,7 +215,7 @@ impl ExpertWeights {
         Ok(match self {
             Self::Dense(w) => w.dim(0)?,
             Self::Quantized(w) => w.packed.dim(0)?,
-            Self::Mxfp4(w) => w.packed.dim(0)?,
+            Self::Fp(w) => w.packed.dim(0)?,
         })
     }
 }
@@ -249,11 +269,6 @@ fn gathered_qmm(x: &Tensor, ws: &[&QuantizedWeight], ids: &Tensor, xdiv: usize) 
     let xin = crate::ops::qmatmul::kernel_input(x, w.scales.dtype())?;
     let op = GatherQmm { ws: ws.iter().map(|w| (*w).clone()).collect(), xdiv };
     Ok(xin.apply_op2_no_bwd(ids, &op)?.to_dtype(x.dtype())?)
-}
-
-/// Expert `e` of a stacked `mxfp4` weight: views of its packed rows and scales.
-pub fn mxfp4_expert(w: &Mxfp4Weight, e: usize) -> Result<Mxfp4Weight> {
-    Ok(Mxfp4Weight { packed: w.packed.get(e)?, scales: w.scales.get(e)?, ..w.clone() })
 }
 
 /// Expert `e` of a stacked quantized weight: views of its packed rows, scales and biases on the

@@ -7,12 +7,18 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod fp;
+#[cfg(feature = "cuda")]
+pub mod fp_cuda;
+#[cfg(any(feature = "cuda", feature = "metal"))]
+mod fp_gpu;
+#[cfg(feature = "metal")]
+pub mod fp_metal;
 #[cfg(feature = "metal")]
 pub mod metal;
-mod mxfp4;
 mod weight;
 
-pub use mxfp4::Mxfp4Weight;
+pub use fp::FpWeight;
 pub use weight::QuantizedWeight;
 
 #[cfg(any(feature = "cuda", feature = "metal"))]
@@ -30,7 +36,10 @@ struct QMatMul {
 }
 
 /// The contiguous CPU data of a weight part, borrowed from its storage guard.
-fn cpu_data<'a, T: candle_core::WithDType>(st: &'a candle_core::Storage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn cpu_data<'a, T: candle_core::WithDType>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
     let cpu = match st {
         candle_core::Storage::Cpu(c) => c,
         _ => candle_core::bail!("quantized weight is not on the CPU"),
