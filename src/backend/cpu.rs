@@ -861,6 +861,112 @@ pub mod simd {
         }
         s
     }
+
+    /// Σ_g scales[g] · Σ_{j ∈ g} x_j · code_j over a row of mlx's float-mode codes: E2M1 nibbles
+    /// (`fp8 == false`, 8 a word) or E4M3 bytes (4 a word), `wpg` words per group of one scale.
+    /// `x` holds one value per code.
+    #[inline]
+    pub fn dot_fp_row(x: &[f32], words: &[u32], scales: &[f32], wpg: usize, fp8: bool) -> f32 {
+        let per = if fp8 { 4 } else { 8 };
+        assert!(x.len() >= words.len() * per && scales.len() * wpg >= words.len(), "dot_fp_row: short row");
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        if wpg.is_multiple_of(2) {
+            // SAFETY: the lengths were checked above; the target has AVX2 and FMA.
+            return unsafe {
+                if fp8 {
+                    x86_fp::dot_e4m3_row(x.as_ptr(), words.as_ptr(), scales.as_ptr(), words.len(), wpg)
+                } else {
+                    x86_fp::dot_e2m1_row(x.as_ptr(), words.as_ptr(), scales.as_ptr(), words.len(), wpg)
+                }
+            };
+        }
+        let mut total = 0f32;
+        for (g, (ws, &sc)) in words.chunks(wpg).zip(scales).enumerate() {
+            let mut acc = 0f32;
+            for (w, &word) in ws.iter().enumerate() {
+                let xs = &x[(g * wpg + w) * per..];
+                for j in 0..per {
+                    let v = if fp8 {
+                        crate::quant::fp::e4m3((word >> (8 * j)) as u8)
+                    } else {
+                        crate::quant::fp::E2M1[((word >> (4 * j)) & 15) as usize]
+                    };
+                    acc += xs[j] * v;
+                }
+            }
+            total += acc * sc;
+        }
+        total
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    mod x86_fp {
+        use super::x86::hsum;
+        use std::arch::x86_64::*;
+
+        /// [`super::dot_fp_row`] of E2M1 codes: each word's 8 nibbles spread over the lanes, the
+        /// magnitude looked up in a register (`permutevar8x32`), the sign bit moved onto the float's.
+        #[inline(always)]
+        pub unsafe fn dot_e2m1_row(x: *const f32, words: *const u32, scales: *const f32, n: usize, wpg: usize) -> f32 {
+            let lut = _mm256_setr_ps(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0);
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let (m7, m8) = (_mm256_set1_epi32(7), _mm256_set1_epi32(8));
+            let decode = |w: u32| -> __m256 {
+                let v = _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts);
+                let mag = _mm256_permutevar8x32_ps(lut, _mm256_and_si256(v, m7));
+                let sign = _mm256_slli_epi32(_mm256_and_si256(v, m8), 28);
+                _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(mag), sign))
+            };
+            let mut total = _mm256_setzero_ps();
+            let mut i = 0;
+            let mut g = 0;
+            while i < n {
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let end = i + wpg;
+                while i < end {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8 * i)), decode(*words.add(i)), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8 * i + 8)), decode(*words.add(i + 1)), a1);
+                    i += 2;
+                }
+                total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(*scales.add(g)), total);
+                g += 1;
+            }
+            hsum(total)
+        }
+
+        /// [`super::dot_fp_row`] of E4M3 codes: two words' 8 bytes widened to lanes, normal codes
+        /// rebuilt as f32 bits, subnormals (exponent 0) as m · 2^-9.
+        #[inline(always)]
+        pub unsafe fn dot_e4m3_row(x: *const f32, words: *const u32, scales: *const f32, n: usize, wpg: usize) -> f32 {
+            let (m7f, m80, seven) = (_mm256_set1_epi32(0x7f), _mm256_set1_epi32(0x80), _mm256_set1_epi32(7));
+            let bias = _mm256_set1_epi32(120 << 23);
+            let sub = _mm256_set1_ps(1.0 / 512.0);
+            let decode = |p: *const u32| -> __m256 {
+                let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+                let em = _mm256_and_si256(b, m7f);
+                let normal = _mm256_add_epi32(_mm256_slli_epi32(em, 20), bias);
+                let subn = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(em), sub));
+                let is_normal = _mm256_cmpgt_epi32(em, seven);
+                let mag = _mm256_blendv_epi8(subn, normal, is_normal);
+                let sign = _mm256_slli_epi32(_mm256_and_si256(b, m80), 24);
+                _mm256_castsi256_ps(_mm256_or_si256(mag, sign))
+            };
+            let mut total = _mm256_setzero_ps();
+            let mut i = 0;
+            let mut g = 0;
+            while i < n {
+                let mut acc = _mm256_setzero_ps();
+                let end = i + wpg;
+                while i < end {
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(4 * i)), decode(words.add(i)), acc);
+                    i += 2;
+                }
+                total = _mm256_fmadd_ps(acc, _mm256_set1_ps(*scales.add(g)), total);
+                g += 1;
+            }
+            hsum(total)
+        }
+    }
 }
 
 /// A weight matrix of `n` rows × `k` columns that can be read as f32.

@@ -5,7 +5,7 @@
 //! `fp_cuda.rs`) and longer inputs through a dequantized copy and cuBLAS; on other devices the
 //! weight is dequantized and multiplied densely.
 
-use crate::backend::cpu::{matmul_f32, Elem, WeightRows};
+use crate::backend::cpu::{matmul_f32, WeightRows};
 use crate::quant::{fp, Mode};
 use anyhow::{bail, Result};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
@@ -153,11 +153,16 @@ impl WeightRows for FpRows<'_> {
     type Prep = ();
     fn prepare(&self, _xs: &[f32], _m: usize) {}
     fn row_dots(&self, r: usize, xs: &[f32], m: usize, _prep: &(), scratch: &mut Vec<f32>, out: &mut [f32]) {
-        let k = self.k;
-        scratch.resize(k, 0.0);
-        self.rows_f32(r, 1, scratch);
+        let (k, mode) = (self.k, self.mode);
+        let (words, groups) = (k / fp::per_word(mode), k / fp::group(mode));
+        // the row's scales as f32, then per input row one pass over its codes
+        scratch.clear();
+        scratch
+            .extend(self.scales[r * groups..(r + 1) * groups].iter().map(|&s| fp::scale_value(mode, s) * self.factor));
+        let row = &self.packed[r * words..(r + 1) * words];
+        let wpg = fp::group(mode) / fp::per_word(mode);
         for (i, o) in out.iter_mut().enumerate().take(m) {
-            *o = f32::dot(&xs[i * k..(i + 1) * k], scratch);
+            *o = crate::backend::cpu::simd::dot_fp_row(&xs[i * k..(i + 1) * k], row, scratch, wpg, mode == Mode::Mxfp8);
         }
     }
     fn rows_f32(&self, r0: usize, cnt: usize, dst: &mut [f32]) {
