@@ -30,7 +30,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::gpu::{self, dense_reference, max_abs_diff, quantized, rel_err, to_dev};
+use common::gpu::{
+    self, dense_reference, fp_bits, fp_to_dev, fp_tolerance, fp_weight, max_abs_diff, quantized, rel_err, to_dev,
+    FP_DECADES, FP_MODES,
+};
 use rand::{Rng, SeedableRng};
 use wick::quant::QuantParams;
 
@@ -1071,80 +1074,6 @@ fn cuda_imported_gemma_runs_in_its_default_dtype() {
     assert!(d < 0.25, "bfloat16 logits differ from float32's by {d}");
 }
 
-/// A random float-mode weight for the CUDA tests: `lead × n × k` values of random normal rows
-/// each scaled by 10^[lo, hi) (`decades`; tiny rows give subnormal and underflowing scales:
-/// nvfp4's E4M3 subnormals, mx scales that f16 rounds to zero; mxfp8 keeps negative zeros),
-/// quantized on the CPU with `quant::fp::quantize_tensor`; nvfp4 with `global` per matrix
-/// global scales (`quantize_experts_global`, or one `max|W|` for a single matrix).
-fn fp_weight(
-    mode: wick::quant::Mode,
-    global: bool,
-    lead: Option<usize>,
-    (n, k): (usize, usize),
-    decades: (f32, f32),
-    rng: &mut rand::rngs::StdRng,
-) -> wick::ops::qmatmul::FpWeight {
-    use wick::quant::fp;
-    let mats = lead.unwrap_or(1);
-    let row_scales: Vec<f32> = (0..mats * n).map(|_| 10f32.powf(rng.random_range(decades.0..decades.1))).collect();
-    let w = Tensor::randn(0f32, 1.0, (mats * n, k), &Device::Cpu)
-        .unwrap()
-        .broadcast_mul(&Tensor::from_vec(row_scales, (mats * n, 1), &Device::Cpu).unwrap())
-        .unwrap();
-    let w = match lead {
-        Some(e) => w.reshape((e, n, k)).unwrap(),
-        None => w,
-    };
-    let (packed, scales, global_scale) = match (global, lead) {
-        (false, _) => {
-            let (p, s) = fp::quantize_tensor(&w, mode, None).unwrap();
-            (p, s, None)
-        }
-        (true, Some(_)) => {
-            let (p, s, g) = fp::quantize_experts_global(&w).unwrap();
-            (p, s, Some(g))
-        }
-        (true, None) => {
-            let g = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let (p, s) = fp::quantize_tensor(&w, mode, Some(g)).unwrap();
-            (p, s, Some(Tensor::new(g, &Device::Cpu).unwrap()))
-        }
-    };
-    wick::ops::qmatmul::FpWeight { mode, packed, scales, global_scale, out_dim: n, in_dim: k }
-}
-
-fn fp_to_dev(w: &wick::ops::qmatmul::FpWeight, dev: &Device) -> wick::ops::qmatmul::FpWeight {
-    wick::ops::qmatmul::FpWeight {
-        packed: w.packed.to_device(dev).unwrap(),
-        scales: w.scales.to_device(dev).unwrap(),
-        global_scale: w.global_scale.as_ref().map(|g| g.to_device(dev).unwrap()),
-        ..w.clone()
-    }
-}
-
-/// The row scales of the matmul tests' weights (powers of ten): small enough that f16 results
-/// stay finite.
-const FP_DECADES: (f32, f32) = (-3.0, 1.0);
-
-/// The float modes (and nvfp4 with a global scale) under test.
-const FP_MODES: [(wick::quant::Mode, bool); 4] = [
-    (wick::quant::Mode::Mxfp4, false),
-    (wick::quant::Mode::Nvfp4, false),
-    (wick::quant::Mode::Nvfp4, true),
-    (wick::quant::Mode::Mxfp8, false),
-];
-
-/// The relative error the float-mode decode kernels may have against the CPU's f32 matmul of
-/// the same (rounded) inputs: the f32 sums in another order, or the result rounded to f16 /
-/// bf16.
-fn fp_tolerance(dtype: DType) -> f32 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
-        _ => 1e-2,
-    }
-}
-
 /// The float-mode decode kernels (`wick_fpmv_*`: mxfp4, nvfp4 with and without a global scale,
 /// mxfp8) against the CPU's `FpWeight::matmul` in f32 of the same inputs: f32 / f16 / bf16
 /// activations, 1, 2, 3 and 8 input rows (and 11: two launches), shapes whose rows end
@@ -1235,13 +1164,6 @@ fn cuda_fp_matmul_matches_the_cpu() {
         assert_eq!(max_abs_diff(&got, &want), 0.0, "{mode} global {global} unaligned weight dequantized");
     }
     eprintln!("{cases} fp matmul cases");
-}
-
-/// The f32 bits of each value of `t` (f16 / bf16 values convert exactly), signed zeros and
-/// NaN payloads included.
-fn fp_bits(t: &Tensor) -> Vec<u32> {
-    let v: Vec<f32> = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The float-mode dequantize kernels (`wick_fp_dequant_*`) equal the CPU's

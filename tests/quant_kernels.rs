@@ -219,3 +219,20 @@ fn float_mode_matmul_matches_dequantize_then_matmul() {
         }
     }
 }
+
+/// The explicit-SIMD float-mode row dot (AVX2 builds) equals the portable one (what other
+/// targets run) up to f32 summation order, for every code.
+#[test]
+fn float_mode_row_dot_simd_equals_portable() {
+    use rand::{Rng, SeedableRng};
+    use wick::backend::cpu::simd::{dot_fp_row, dot_fp_row_portable};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for (fp8, wpg) in [(false, 4), (false, 2), (true, 8)] {
+        let words: Vec<u32> = (0..160).map(|_| rng.random::<u32>() & if fp8 { 0xf7f7_f7f7 } else { !0 }).collect();
+        let per = if fp8 { 4 } else { 8 };
+        let x: Vec<f32> = (0..160 * per).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let scales: Vec<f32> = (0..160 / wpg).map(|_| rng.random_range(0.01..2.0)).collect();
+        let (a, b) = (dot_fp_row(&x, &words, &scales, wpg, fp8), dot_fp_row_portable(&x, &words, &scales, wpg, fp8));
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "fp8 {fp8} wpg {wpg}: {a} vs {b}");
+    }
+}

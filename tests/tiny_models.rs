@@ -1290,6 +1290,31 @@ fn check_mode_folder(name: &str, folder: &str) {
     assert_eq!(cfg(&out)["quantization"], cfg(&dir)["quantization"], "{name} {folder}: quantization block");
 }
 
+/// `wick convert -d` of a folder in each float mode: every quantized layer comes out dense in
+/// bfloat16 (mx.dequantize's dtype for u8 scales), exactly the mode's values, so the model's
+/// logits are still mlx_lm's for the quantized folder; no scales or quantization block remain.
+#[test]
+fn float_mode_folders_dequantize_to_the_same_model() {
+    for f in ["mxfp4", "nvfp4", "mxfp8"] {
+        let src = golden("tiny_qwen3").join(f);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("dense");
+        let opts = wick::convert::ConvertOptions { dequantize: true, ..Default::default() };
+        wick::convert::convert(&src, &out, &opts).unwrap();
+        let w = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(w.keys().all(|k| !k.ends_with(".scales")), "{f}: scales left behind");
+        assert_eq!(w["model.layers.0.self_attn.q_proj.weight"].dtype(), DType::BF16, "{f}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert!(cfg.get("quantization").is_none(), "{f}: quantization block left behind");
+        for name in ["logits.safetensors", "greedy.json"] {
+            std::fs::copy(src.join(name), out.join(name)).unwrap();
+        }
+        check_folder("tiny_qwen3", &out, 1e-3);
+        check_greedy(&out);
+    }
+}
+
 /// Qwen3 (dense, tied embeddings: the embedding quantized too) in mxfp4, nvfp4 and mxfp8.
 #[test]
 fn tiny_qwen3_in_float_modes_matches_mlx_lm() {

@@ -880,18 +880,25 @@ pub mod simd {
                 }
             };
         }
+        dot_fp_row_portable(x, words, scales, wpg, fp8)
+    }
+
+    /// [`dot_fp_row`] without explicit SIMD (what targets without AVX2 run; also the reference
+    /// the SIMD form is tested against).
+    pub fn dot_fp_row_portable(x: &[f32], words: &[u32], scales: &[f32], wpg: usize, fp8: bool) -> f32 {
+        let per = if fp8 { 4 } else { 8 };
         let mut total = 0f32;
         for (g, (ws, &sc)) in words.chunks(wpg).zip(scales).enumerate() {
             let mut acc = 0f32;
             for (w, &word) in ws.iter().enumerate() {
                 let xs = &x[(g * wpg + w) * per..];
-                for j in 0..per {
+                for (j, &xv) in xs.iter().take(per).enumerate() {
                     let v = if fp8 {
                         crate::quant::fp::e4m3((word >> (8 * j)) as u8)
                     } else {
                         crate::quant::fp::E2M1[((word >> (4 * j)) & 15) as usize]
                     };
-                    acc += xs[j] * v;
+                    acc += xv * v;
                 }
             }
             total += acc * sc;

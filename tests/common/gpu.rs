@@ -286,3 +286,84 @@ pub fn random_llama_4bit(dir: &std::path::Path, hidden: usize, ffn: usize, layer
     candle_core::safetensors::save(&tensors, dense.join("model.safetensors")).unwrap();
     convert_4bit_g64(&dense, dir)
 }
+
+/// A random float-mode weight for the GPU tests: `lead × n × k` values of random normal rows
+/// each scaled by 10^[lo, hi) (`decades`; tiny rows give subnormal and underflowing scales:
+/// nvfp4's E4M3 subnormals, mx scales that f16 rounds to zero; mxfp8 keeps negative zeros),
+/// quantized on the CPU with `quant::fp::quantize_tensor`; nvfp4 with `global` per matrix
+/// global scales (`quantize_experts_global`, or one `max|W|` for a single matrix).
+pub fn fp_weight(
+    mode: wick::quant::Mode,
+    global: bool,
+    lead: Option<usize>,
+    (n, k): (usize, usize),
+    decades: (f32, f32),
+    rng: &mut rand::rngs::StdRng,
+) -> wick::ops::qmatmul::FpWeight {
+    use wick::quant::fp;
+    let mats = lead.unwrap_or(1);
+    let row_scales: Vec<f32> = (0..mats * n).map(|_| 10f32.powf(rng.random_range(decades.0..decades.1))).collect();
+    let w = Tensor::randn(0f32, 1.0, (mats * n, k), &Device::Cpu)
+        .unwrap()
+        .broadcast_mul(&Tensor::from_vec(row_scales, (mats * n, 1), &Device::Cpu).unwrap())
+        .unwrap();
+    let w = match lead {
+        Some(e) => w.reshape((e, n, k)).unwrap(),
+        None => w,
+    };
+    let (packed, scales, global_scale) = match (global, lead) {
+        (false, _) => {
+            let (p, s) = fp::quantize_tensor(&w, mode, None).unwrap();
+            (p, s, None)
+        }
+        (true, Some(_)) => {
+            let (p, s, g) = fp::quantize_experts_global(&w).unwrap();
+            (p, s, Some(g))
+        }
+        (true, None) => {
+            let g = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let (p, s) = fp::quantize_tensor(&w, mode, Some(g)).unwrap();
+            (p, s, Some(Tensor::new(g, &Device::Cpu).unwrap()))
+        }
+    };
+    wick::ops::qmatmul::FpWeight { mode, packed, scales, global_scale, out_dim: n, in_dim: k }
+}
+
+pub fn fp_to_dev(w: &wick::ops::qmatmul::FpWeight, dev: &Device) -> wick::ops::qmatmul::FpWeight {
+    wick::ops::qmatmul::FpWeight {
+        packed: w.packed.to_device(dev).unwrap(),
+        scales: w.scales.to_device(dev).unwrap(),
+        global_scale: w.global_scale.as_ref().map(|g| g.to_device(dev).unwrap()),
+        ..w.clone()
+    }
+}
+
+/// The row scales of the matmul tests' weights (powers of ten): small enough that f16 results
+/// stay finite.
+pub const FP_DECADES: (f32, f32) = (-3.0, 1.0);
+
+/// The float modes (and nvfp4 with a global scale) under test.
+pub const FP_MODES: [(wick::quant::Mode, bool); 4] = [
+    (wick::quant::Mode::Mxfp4, false),
+    (wick::quant::Mode::Nvfp4, false),
+    (wick::quant::Mode::Nvfp4, true),
+    (wick::quant::Mode::Mxfp8, false),
+];
+
+/// The relative error the float-mode decode kernels may have against the CPU's f32 matmul of
+/// the same (rounded) inputs: the f32 sums in another order, or the result rounded to f16 /
+/// bf16.
+pub fn fp_tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 1e-2,
+    }
+}
+
+/// The f32 bits of each value of `t` (f16 / bf16 values convert exactly), signed zeros and
+/// NaN payloads included.
+pub fn fp_bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
