@@ -144,6 +144,19 @@ pub fn scale_value(mode: Mode, s: u8) -> f32 {
     }
 }
 
+/// How a group's values are divided by its scale before encoding.
+#[derive(Clone, Copy)]
+enum Divide {
+    /// nvfp4: by the E4M3 scale's value `d`, then times the global factor
+    Nv { d: f32, factor: Option<f32> },
+    /// an mx scale of a non-finite group: by zero
+    Zero,
+    /// an mx scale of an all-zero group
+    One,
+    /// an mx scale `2^e` (given as f64: `e` may be below f32's normal range)
+    Pow(f64),
+}
+
 /// `mx.quantize(w, mode=…)` of `rows × cols` values of dtype D (given as f32, with `round` D's
 /// rounding; `f32_input`: D is f32), with nvfp4's optional global scale: (packed words, scales).
 pub fn quantize(
@@ -171,41 +184,43 @@ pub fn quantize(
     let factor = global.map(|g| NV_RANGE / g);
     for (gi, (block, s)) in w.chunks(gs).zip(scales.iter_mut()).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| if m.is_nan() || v.is_nan() { f32::NAN } else { m.max(v.abs()) });
-        // the divisor of each value, or None: every value over a zero / non-finite scale
-        let divide: Box<dyn Fn(f32) -> f32> = match mode {
+        // how each value of the group becomes a code's value
+        let divide = match mode {
             Mode::Nvfp4 => {
                 let s0 = round(amax / 6.0);
-                let sc = match factor {
+                *s = match factor {
+                    _ if !s0.is_finite() => 0x7e,
                     Some(f) => to_e4m3(s0 * f),
                     None => to_e4m3(s0),
                 };
-                *s = if s0.is_finite() { sc } else { 0x7e };
-                let d = e4m3(*s);
-                match factor {
-                    Some(f) => Box::new(move |x| round(x / d) * f),
-                    None => Box::new(move |x| round(x / d)),
-                }
+                Divide::Nv { d: e4m3(*s), factor }
             }
             _ => {
                 let m = if mode == Mode::Mxfp8 { 448.0 } else { 6.0 };
                 let s0 = round(amax / m);
                 if !s0.is_finite() {
                     *s = if f32_input { 128 } else { 0 };
-                    Box::new(|x| x / 0.0)
+                    Divide::Zero
                 } else if s0 == 0.0 {
                     *s = 127;
-                    Box::new(|x| x)
+                    Divide::One
                 } else {
                     let e = ceil_log2(s0);
                     *s = (e + 127).rem_euclid(256) as u8;
-                    let p = pow2(e);
-                    Box::new(move |x| round((x as f64 / p) as f32))
+                    Divide::Pow(pow2(e))
                 }
             }
         };
         for (j, &x) in block.iter().enumerate() {
             let i = gi * gs + j;
-            packed[i / per] |= encode(mode, divide(x)) << (nbits * (i % per));
+            let v = match divide {
+                Divide::Nv { d, factor: Some(f) } => round(x / d) * f,
+                Divide::Nv { d, factor: None } => round(x / d),
+                Divide::Zero => x / 0.0,
+                Divide::One => x,
+                Divide::Pow(p) => round((x as f64 / p) as f32),
+            };
+            packed[i / per] |= encode(mode, v) << (nbits * (i % per));
         }
     }
     Ok((packed, scales))
