@@ -14,16 +14,16 @@
 //! packed codes); the weight's parts travel inside the op and are borrowed from their storage
 //! at the launch.
 
-use super::fp_gpu::{chunked, kernel_dtype, matrices, mode_name, out_dims, prepared, row_slices};
+use super::fp_gpu::{self, chunked, kernel_dtype, matrices, mode_name, prepared, row_slices};
 use super::FpWeight;
 use crate::backend::cuda::Launch;
 use crate::ops::qmatmul::cuda::{rows_launch, x_view};
 use crate::quant::fp;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{DType, Layout, Shape, Tensor, WithDType};
 
 /// Up to this many input rows the decode kernel runs; more rows dequantize and use cuBLAS.
 pub const DECODE_ROWS: usize = 8;
@@ -154,29 +154,29 @@ impl candle_core::CustomOp1 for FpMatMul {
     }
 }
 
+/// The CUDA backend for `fp_gpu`'s entry points.
+struct Backend;
+
+impl fp_gpu::FpDevice for Backend {
+    const NAME: &'static str = "CUDA";
+    const MAX_ROUTED_ROWS: usize = 65535;
+    fn is(device: &candle_core::Device) -> bool {
+        device.is_cuda()
+    }
+    fn matmul_op(x: &Tensor, w: FpWeight) -> Result<Tensor> {
+        Ok(x.apply_op1_no_bwd(&FpMatMul { w })?)
+    }
+    fn dequantize_op(w: &FpWeight, dtype: DType) -> Result<Tensor> {
+        Ok(w.packed.apply_op1_no_bwd(&FpDequantize { w: w.clone(), dtype })?)
+    }
+    fn gather_op(x: &Tensor, ids: &Tensor, w: FpWeight, experts: usize, xdiv: usize) -> Result<Tensor> {
+        Ok(x.apply_op2_no_bwd(ids, &FpGather { w, experts, xdiv })?)
+    }
+}
+
 /// `x Wᵀ` for x (…, in) with at most [`DECODE_ROWS`] rows, on CUDA.
 pub fn matmul(x: &Tensor, w: &FpWeight) -> Result<Tensor> {
-    let mode = w.mode;
-    if !x.device().is_cuda() {
-        bail!("{mode} matmul on CUDA: the input is not on a CUDA device");
-    }
-    let k = x.dim(D::Minus1)?;
-    if k != w.in_dim {
-        bail!("{mode} matmul: input has {k} features, the weight expects {}", w.in_dim);
-    }
-    let mats = matrices(w)?;
-    if mats != 1 {
-        bail!("{mode} matmul: the weight is a stack of {mats} matrices, not one");
-    }
-    if x.elem_count() == 0 || w.out_dim == 0 {
-        return Ok(Tensor::zeros(out_dims(x, w.out_dim), x.dtype(), x.device())?);
-    }
-    if !chunked(k) {
-        return crate::ops::dense_matmul::dense_matmul(x, &dequantize(w, x.dtype())?.to_dtype(x.dtype())?);
-    }
-    let xin = super::kernel_input(x, kernel_dtype(x.dtype()))?;
-    let y = xin.apply_op1_no_bwd(&FpMatMul { w: prepared(w, true)? })?;
-    Ok(y.to_dtype(x.dtype())?)
+    fp_gpu::matmul::<Backend>(x, w)
 }
 
 /// `mx.dequantize` on the device, as an op on the packed codes (contiguous): the scales and
@@ -247,24 +247,7 @@ impl candle_core::CustomOp1 for FpDequantize {
 
 /// `mx.dequantize` of the weight on its CUDA device, in `dtype` (f32 with a global scale).
 pub fn dequantize(w: &FpWeight, dtype: DType) -> Result<Tensor> {
-    let mode = w.mode;
-    if !w.packed.device().is_cuda() {
-        bail!("{mode} dequantize on CUDA: the weight is not on a CUDA device");
-    }
-    let mats = matrices(w)?;
-    let out_dtype = if w.global_scale.is_some() { DType::F32 } else { dtype };
-    let mut dims = w.packed.dims().to_vec();
-    match dims.last_mut() {
-        Some(l) => *l *= fp::per_word(mode),
-        None => bail!("{mode} dequantize: packed codes must have at least one dimension"),
-    }
-    if mats == 0 || w.packed.elem_count() == 0 {
-        return Ok(Tensor::zeros(dims, out_dtype, w.packed.device())?);
-    }
-    let w = prepared(w, false)?;
-    let kdt = if w.global_scale.is_some() { DType::F32 } else { kernel_dtype(dtype) };
-    let out = w.packed.apply_op1_no_bwd(&FpDequantize { w: w.clone(), dtype: kdt })?;
-    Ok(if out.dtype() == out_dtype { out } else { out.to_dtype(out_dtype)? })
+    fp_gpu::dequantize::<Backend>(w, dtype)
 }
 
 /// The gathered matmul on the device, an op on (x, ids): routed row `r` of the result is
@@ -350,36 +333,7 @@ impl candle_core::CustomOp2 for FpGather {
 /// (`ids` u32 on the device). A routed row whose id is outside the stack comes out NaN (the
 /// ids are never read back to check them).
 pub fn gather_rows(x: &Tensor, w: &FpWeight, ids: &Tensor, xdiv: usize) -> Result<Tensor> {
-    let mode = w.mode;
-    if !x.device().is_cuda() {
-        bail!("gathered {mode} matmul on CUDA: the input is not on a CUDA device");
-    }
-    let experts = matrices(w)?;
-    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_device(x.device())?.contiguous()?;
-    let rows = ids.dim(0)?;
-    let (tokens, k) = x.dims2()?;
-    if k != w.in_dim {
-        bail!("gathered {mode} matmul: input has {k} features, the experts expect {}", w.in_dim);
-    }
-    if xdiv == 0 || tokens * xdiv != rows {
-        bail!("gathered {mode} matmul: {tokens} input rows for {rows} routed rows ({xdiv} per input row)");
-    }
-    if rows > 65535 || experts > i32::MAX as usize {
-        bail!("gathered {mode} matmul on CUDA: {rows} routed rows of {experts} experts are too many for one launch");
-    }
-    if rows == 0 || w.out_dim == 0 {
-        return Ok(Tensor::zeros((rows, w.out_dim), x.dtype(), x.device())?);
-    }
-    if !chunked(k) {
-        // the chosen matrices of the dense stack, one batched matmul
-        let dense = dequantize(w, x.dtype())?.to_dtype(x.dtype())?.reshape((experts, w.out_dim, k))?;
-        let xr = x.unsqueeze(1)?.broadcast_as((tokens, xdiv, k))?.reshape((rows, 1, k))?;
-        let ws = dense.index_select(&ids, 0)?.transpose(1, 2)?;
-        return Ok(xr.matmul(&ws)?.squeeze(1)?);
-    }
-    let xin = super::kernel_input(x, kernel_dtype(x.dtype()))?;
-    let op = FpGather { w: prepared(w, true)?, experts, xdiv };
-    Ok(xin.apply_op2_no_bwd(&ids, &op)?.to_dtype(x.dtype())?)
+    fp_gpu::gather_rows::<Backend>(x, w, ids, xdiv)
 }
 
 /// Whether the one-row fused kernels take these weights: single matrices of one mode and input

@@ -17,14 +17,14 @@
 //!
 //! Type-checked for aarch64-apple-darwin; never run here (docs/metal.md).
 
-use super::fp_gpu::{chunked, kernel_dtype, matrices, mode_name, out_dims, prepared, row_slices};
+use super::fp_gpu::{self, mode_name, row_slices};
 use super::FpWeight;
 use crate::backend::metal::{dtype_suffix, pipeline, Source};
 use crate::backend::GpuStorage;
 use crate::quant::fp;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{DType, Layout, MetalDevice, MetalStorage, Shape, Tensor, D};
+use candle_core::{DType, Layout, MetalDevice, MetalStorage, Shape, Tensor};
 use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline};
 use objc2_metal::MTLSize;
 
@@ -70,14 +70,6 @@ struct DequantDims {
     units: u32,
     per_mat: u32,
     has_global: i32,
-}
-
-/// An input the decode kernels take: in `dtype`, contiguous from offset 0 of its buffer, so that
-/// their vector loads are aligned.
-fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    let x = x.to_dtype(dtype)?;
-    // (`copy` would keep the layout, offset included: a narrowed row needs its own buffer)
-    Ok(if x.is_contiguous() && x.layout().start_offset() == 0 { x } else { x.force_contiguous()? })
 }
 
 /// A kernel argument: a buffer and the byte offset of the part's first element.
@@ -225,29 +217,29 @@ impl candle_core::CustomOp1 for FpMatMul {
     }
 }
 
+/// The Metal backend for `fp_gpu`'s entry points.
+struct Backend;
+
+impl fp_gpu::FpDevice for Backend {
+    const NAME: &'static str = "Metal";
+    const MAX_ROUTED_ROWS: usize = u32::MAX as usize;
+    fn is(device: &candle_core::Device) -> bool {
+        device.is_metal()
+    }
+    fn matmul_op(x: &Tensor, w: FpWeight) -> Result<Tensor> {
+        Ok(x.apply_op1_no_bwd(&FpMatMul { w })?)
+    }
+    fn dequantize_op(w: &FpWeight, dtype: DType) -> Result<Tensor> {
+        Ok(w.packed.apply_op1_no_bwd(&FpDequantize { w: w.clone(), dtype })?)
+    }
+    fn gather_op(x: &Tensor, ids: &Tensor, w: FpWeight, experts: usize, xdiv: usize) -> Result<Tensor> {
+        Ok(x.apply_op2_no_bwd(ids, &FpGather { w, experts, xdiv })?)
+    }
+}
+
 /// `x Wᵀ` for x (…, in) with at most [`DECODE_ROWS`] rows, on Metal (more rows run in slices).
 pub fn matmul(x: &Tensor, w: &FpWeight) -> Result<Tensor> {
-    let mode = w.mode;
-    if !x.device().is_metal() {
-        bail!("{mode} matmul on Metal: the input is not on a Metal device");
-    }
-    let k = x.dim(D::Minus1)?;
-    if k != w.in_dim {
-        bail!("{mode} matmul: input has {k} features, the weight expects {}", w.in_dim);
-    }
-    let mats = matrices(w)?;
-    if mats != 1 {
-        bail!("{mode} matmul: the weight is a stack of {mats} matrices, not one");
-    }
-    if x.elem_count() == 0 || w.out_dim == 0 {
-        return Ok(Tensor::zeros(out_dims(x, w.out_dim), x.dtype(), x.device())?);
-    }
-    if !chunked(k) {
-        return crate::ops::dense_matmul::dense_matmul(x, &dequantize(w, x.dtype())?.to_dtype(x.dtype())?);
-    }
-    let xin = kernel_input(x, kernel_dtype(x.dtype()))?;
-    let y = xin.apply_op1_no_bwd(&FpMatMul { w: prepared(w, true)? })?;
-    Ok(y.to_dtype(x.dtype())?)
+    fp_gpu::matmul::<Backend>(x, w)
 }
 
 /// `mx.dequantize` on the device, as an op on the packed codes (contiguous): the scales and
@@ -308,24 +300,7 @@ impl candle_core::CustomOp1 for FpDequantize {
 
 /// `mx.dequantize` of the weight on its Metal device, in `dtype` (f32 with a global scale).
 pub fn dequantize(w: &FpWeight, dtype: DType) -> Result<Tensor> {
-    let mode = w.mode;
-    if !w.packed.device().is_metal() {
-        bail!("{mode} dequantize on Metal: the weight is not on a Metal device");
-    }
-    let mats = matrices(w)?;
-    let out_dtype = if w.global_scale.is_some() { DType::F32 } else { dtype };
-    let mut dims = w.packed.dims().to_vec();
-    match dims.last_mut() {
-        Some(l) => *l *= fp::per_word(mode),
-        None => bail!("{mode} dequantize: packed codes must have at least one dimension"),
-    }
-    if mats == 0 || w.packed.elem_count() == 0 {
-        return Ok(Tensor::zeros(dims, out_dtype, w.packed.device())?);
-    }
-    let w = prepared(w, false)?;
-    let kdt = if w.global_scale.is_some() { DType::F32 } else { kernel_dtype(dtype) };
-    let out = w.packed.apply_op1_no_bwd(&FpDequantize { w: w.clone(), dtype: kdt })?;
-    Ok(if out.dtype() == out_dtype { out } else { out.to_dtype(out_dtype)? })
+    fp_gpu::dequantize::<Backend>(w, dtype)
 }
 
 /// The gathered matmul on the device, an op on (x, ids): routed row `r` of the result is
@@ -412,34 +387,5 @@ impl candle_core::CustomOp2 for FpGather {
 /// (`ids` u32 on the device). A routed row whose id is outside the stack comes out NaN (the
 /// ids are never read back to check them).
 pub fn gather_rows(x: &Tensor, w: &FpWeight, ids: &Tensor, xdiv: usize) -> Result<Tensor> {
-    let mode = w.mode;
-    if !x.device().is_metal() {
-        bail!("gathered {mode} matmul on Metal: the input is not on a Metal device");
-    }
-    let experts = matrices(w)?;
-    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_device(x.device())?.contiguous()?;
-    let rows = ids.dim(0)?;
-    let (tokens, k) = x.dims2()?;
-    if k != w.in_dim {
-        bail!("gathered {mode} matmul: input has {k} features, the experts expect {}", w.in_dim);
-    }
-    if xdiv == 0 || tokens * xdiv != rows {
-        bail!("gathered {mode} matmul: {tokens} input rows for {rows} routed rows ({xdiv} per input row)");
-    }
-    if rows > u32::MAX as usize || experts > i32::MAX as usize || xdiv > i32::MAX as usize {
-        bail!("gathered {mode} matmul on Metal: {rows} routed rows of {experts} experts are too many for one launch");
-    }
-    if rows == 0 || w.out_dim == 0 {
-        return Ok(Tensor::zeros((rows, w.out_dim), x.dtype(), x.device())?);
-    }
-    if !chunked(k) {
-        // the chosen matrices of the dense stack, one batched matmul
-        let dense = dequantize(w, x.dtype())?.to_dtype(x.dtype())?.reshape((experts, w.out_dim, k))?;
-        let xr = x.unsqueeze(1)?.broadcast_as((tokens, xdiv, k))?.reshape((rows, 1, k))?;
-        let ws = dense.index_select(&ids, 0)?.transpose(1, 2)?;
-        return Ok(xr.matmul(&ws)?.squeeze(1)?);
-    }
-    let xin = kernel_input(x, kernel_dtype(x.dtype()))?;
-    let op = FpGather { w: prepared(w, true)?, experts, xdiv };
-    Ok(xin.apply_op2_no_bwd(&ids, &op)?.to_dtype(x.dtype())?)
+    fp_gpu::gather_rows::<Backend>(x, w, ids, xdiv)
 }

@@ -200,9 +200,9 @@ pub(crate) fn with_parts<S: GpuStorage, R>(
     f(&parts)
 }
 
-/// An input the CUDA kernels take: in the scales' dtype (the model's), contiguous from offset 0
+/// An input the GPU kernels take: in the scales' dtype (the model's), contiguous from offset 0
 /// of its storage, so that their 16-byte loads are aligned.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "metal"))]
 pub(crate) fn kernel_input(x: &Tensor, dtype: DType) -> Result<Tensor> {
     let x = x.to_dtype(dtype)?;
     // (`copy` would keep the layout, offset included: a narrowed row needs its own storage)
