@@ -191,42 +191,19 @@ impl CustomOp1 for FpMatMul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims();
         let (k, n) = (self.w.in_dim, self.w.out_dim);
         let m = l.shape().elem_count() / k;
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
-        let xs: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[start..end].to_vec(),
-            CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-            CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-            _ => candle_core::bail!("quantized matmul: input must be f32, f16 or bf16"),
-        };
+        let xs = super::cpu_input(s, l)?;
         let (pst, pl) = self.w.packed.storage_and_layout();
         let (sst, sl) = self.w.scales.storage_and_layout();
         let packed: &[u32] = super::cpu_data(&pst, pl)?;
         let scales: &[u8] = super::cpu_data(&sst, sl)?;
         let rows = FpRows { mode: self.w.mode, packed, scales, factor: self.factor, n, k };
-        let y = matmul_f32(&rows, &xs, m);
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = n;
-        let storage = match s.dtype() {
-            DType::F32 => CpuStorage::F32(y),
-            DType::F16 => CpuStorage::F16(y.iter().map(|&v| half::f16::from_f32(v)).collect()),
-            _ => CpuStorage::BF16(y.iter().map(|&v| half::bf16::from_f32(v)).collect()),
-        };
-        Ok((storage, Shape::from(out_dims)))
+        Ok(super::cpu_output(matmul_f32(&rows, &xs, m), s.dtype(), l, n))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dL/dx = dL/dy · W
-        let w = self.w.dequantize(grad_res.dtype()).map_err(candle_core::Error::wrap)?.to_dtype(grad_res.dtype())?;
-        let dims = grad_res.dims().to_vec();
-        let n = *dims.last().unwrap();
-        let gx = grad_res.reshape((grad_res.elem_count() / n, n))?.matmul(&w)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.w.in_dim;
-        Ok(Some(gx.reshape(out)?))
+        let w = self.w.dequantize(grad_res.dtype()).map_err(candle_core::Error::wrap)?;
+        Ok(Some(super::input_grad(grad_res, &w)?))
     }
 }

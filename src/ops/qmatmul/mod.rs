@@ -90,19 +90,9 @@ impl CustomOp1 for QMatMul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims();
         self.check_features(l)?;
-        let k = self.w.in_dim;
-        let m = l.shape().elem_count() / k.max(1);
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
-        let xs: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[start..end].to_vec(),
-            CpuStorage::F16(v) => to_f32(&v[start..end]),
-            CpuStorage::BF16(v) => to_f32(&v[start..end]),
-            _ => candle_core::bail!("quantized matmul: input must be f32, f16 or bf16"),
-        };
+        let m = l.shape().elem_count() / self.w.in_dim.max(1);
+        let xs = cpu_input(s, l)?;
         let (pst, pl) = self.w.packed.storage_and_layout();
         let (sst, sl) = self.w.scales.storage_and_layout();
         let (bst, bl) = self.w.biases.storage_and_layout();
@@ -113,14 +103,7 @@ impl CustomOp1 for QMatMul {
             DType::BF16 => run::<bf16>(&self.w, packed, cpu_data(&sst, sl)?, cpu_data(&bst, bl)?, &xs, m),
             d => candle_core::bail!("quantized matmul: scales of dtype {d:?} are not supported"),
         };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = self.w.out_dim;
-        let storage = match s.dtype() {
-            DType::F32 => CpuStorage::F32(y),
-            DType::F16 => CpuStorage::F16(y.iter().map(|&v| f16::from_f32(v)).collect()),
-            _ => CpuStorage::BF16(y.iter().map(|&v| bf16::from_f32(v)).collect()),
-        };
-        Ok((storage, Shape::from(out_dims)))
+        Ok(cpu_output(y, s.dtype(), l, self.w.out_dim))
     }
 
     #[cfg(feature = "cuda")]
@@ -144,16 +127,46 @@ impl CustomOp1 for QMatMul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dL/dx = dL/dy · W
-        let w = self.w.dequantize().map_err(candle_core::Error::wrap)?.to_dtype(grad_res.dtype())?;
-        let dims = grad_res.dims().to_vec();
-        let n = *dims.last().unwrap();
-        let rows = grad_res.elem_count() / n;
-        let gx = grad_res.reshape((rows, n))?.matmul(&w)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.w.in_dim;
-        Ok(Some(gx.reshape(out)?))
+        let w = self.w.dequantize().map_err(candle_core::Error::wrap)?;
+        Ok(Some(input_grad(grad_res, &w)?))
     }
+}
+
+/// The contiguous input of a CPU quantized matmul as f32 values.
+pub(crate) fn cpu_input(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::F16(v) => to_f32(&v[start..end]),
+        CpuStorage::BF16(v) => to_f32(&v[start..end]),
+        _ => candle_core::bail!("quantized matmul: input must be f32, f16 or bf16"),
+    })
+}
+
+/// A CPU quantized matmul's f32 result `y` as storage of the input's `dtype`, shaped as the
+/// input (layout `l`) with `n` outputs in the last axis.
+pub(crate) fn cpu_output(y: Vec<f32>, dtype: DType, l: &Layout, n: usize) -> (CpuStorage, Shape) {
+    let mut dims = l.shape().dims().to_vec();
+    *dims.last_mut().expect("a matmul input has a feature axis") = n;
+    let storage = match dtype {
+        DType::F32 => CpuStorage::F32(y),
+        DType::F16 => CpuStorage::F16(y.iter().map(|&v| f16::from_f32(v)).collect()),
+        _ => CpuStorage::BF16(y.iter().map(|&v| bf16::from_f32(v)).collect()),
+    };
+    (storage, Shape::from(dims))
+}
+
+/// The gradient of `x Wᵀ` with respect to `x`: `dL/dy · W` for the dense `W` (out × in),
+/// shaped as `x`.
+pub(crate) fn input_grad(grad_res: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let w = w.to_dtype(grad_res.dtype())?;
+    let mut dims = grad_res.dims().to_vec();
+    let n = *dims.last().expect("a matmul output has a feature axis");
+    let gx = grad_res.reshape((grad_res.elem_count() / n, n))?.matmul(&w)?;
+    *dims.last_mut().expect("a matmul output has a feature axis") = w.dim(1)?;
+    gx.reshape(dims)
 }
 
 /// The three parts of a quantized weight on one GPU device (storage `S`: CUDA or Metal), with
