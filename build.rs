@@ -23,6 +23,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=src/backend/cuda/common.cuh");
     println!("cargo:rerun-if-changed=src/ops/qmatmul/affine_chunk.h");
+    println!("cargo:rerun-if-changed=src/ops/qmatmul/decode_rows.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -9,6 +9,7 @@
 
 #include "../../backend/cuda/common.cuh"
 #include "affine_chunk.h"
+#include "decode_rows.cuh"
 
 typedef __half f16;
 typedef __nv_bfloat16 bf16;
@@ -39,20 +40,6 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint3
 template <int BITS>
 __device__ __forceinline__ void unpack32(const uint32_t (&w)[BITS], float (&q)[32]) {
     wick_unpack32<BITS>(w, q);
-}
-
-// 32 consecutive activations as floats (16-byte loads; the chunk start is 64-byte aligned
-// relative to the row, and the launcher checks the base alignment).
-template <typename T>
-__device__ __forceinline__ void load_x32(const T* __restrict__ p, float (&x)[32]) {
-    constexpr int PER = 16 / sizeof(T);
-#pragma unroll
-    for (int i = 0; i < 32 / PER; ++i) {
-        const uint4 v = load_after_wait(reinterpret_cast<const uint4*>(p) + i);
-        const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-        for (int j = 0; j < PER; ++j) x[i * PER + j] = to_f32(e[j]);
-    }
 }
 
 // One output row of y (m x n) = x (m x k) . W^T for m <= MM input rows (decode and small
@@ -172,12 +159,6 @@ __device__ __forceinline__ void qmv_two_rows(const uint32_t* __restrict__ w0, co
         acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
     }
 }
-
-__device__ __forceinline__ int warp_row() { return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; }
-
-// Output rows per warp: two for one input row (they share the input chunk), else one.
-template <int MM>
-__device__ __forceinline__ int first_row() { return warp_row() * (MM == 1 ? 2 : 1); }
 
 // The output rows one warp owns, from `row` of W (n rows): for one input row, `row` and
 // `row + 1` (an odd last row is computed twice and written once), else `row` for all MM inputs.

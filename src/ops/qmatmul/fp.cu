@@ -26,6 +26,7 @@
 
 #include "../../backend/cuda/common.cuh"
 #include <cuda_fp8.h>
+#include "decode_rows.cuh"
 
 typedef __half f16;
 typedef __nv_bfloat16 bf16;
@@ -182,21 +183,6 @@ __device__ __forceinline__ void load_scales(const uint8_t* __restrict__ sr, int 
     for (int g = 0; g < Fmt<MODE>::GROUPS; ++g) s[g] = scale_value<MODE>(__ldg(sr + c * Fmt<MODE>::GROUPS + g)) * factor;
 }
 
-// 32 consecutive activations as floats (16-byte loads after the wait: an earlier kernel wrote
-// them; the chunk start is 64-byte aligned relative to the row, and the launcher passes rows
-// from offset 0 of their storage).
-template <typename T>
-__device__ __forceinline__ void load_x32(const T* __restrict__ p, float (&x)[32]) {
-    constexpr int PER = 16 / sizeof(T);
-#pragma unroll
-    for (int i = 0; i < 32 / PER; ++i) {
-        const uint4 v = load_after_wait(reinterpret_cast<const uint4*>(p) + i);
-        const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-        for (int j = 0; j < PER; ++j) x[i * PER + j] = to_f32(e[j]);
-    }
-}
-
 // One chunk's contribution to an output: per group, the dot product of its inputs and codes,
 // back in value units, times the group's scale.
 template <int MODE>
@@ -310,12 +296,6 @@ __device__ __forceinline__ void fpmv_two_rows(const uint32_t* __restrict__ w0, c
         acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
     }
 }
-
-__device__ __forceinline__ int warp_row() { return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; }
-
-// The first output row of this warp: two rows per warp for one input row, else one.
-template <int MM>
-__device__ __forceinline__ int first_row() { return warp_row() * (MM == 1 ? 2 : 1); }
 
 // Rows `row` and `row + 1` of y = x . W^T for one input row (an odd last row is computed twice
 // and written once).
